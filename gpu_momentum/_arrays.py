@@ -1,0 +1,114 @@
+"""Checks on the arrays of an update, shared by every backend.
+
+Arrays are described through `__array_interface__` / `__cuda_array_interface__`, so NumPy,
+CuPy, Numba device arrays and PyTorch CUDA tensors are all checked the same way, before
+anything is written.
+"""
+
+import dataclasses
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def state_dtype(param_dtype):
+    """The velocity's dtype: float32 for half-precision parameters, else the param dtype."""
+    param_dtype = np.dtype(param_dtype)
+    return np.dtype(np.float32) if param_dtype.itemsize < 4 else param_dtype
+
+
+def type_name(obj):
+    cls = type(obj)
+    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    name: str
+    on_device: bool
+    shape: tuple
+    dtype: np.dtype
+    address: int
+    nbytes: int
+    readonly: bool
+    contiguous: bool
+
+
+def describe(name, array):
+    """ArrayInfo of `array`, or TypeError naming `name` when it is not an array."""
+    iface = getattr(array, "__cuda_array_interface__", None)
+    on_device = iface is not None
+    if iface is None:
+        iface = getattr(array, "__array_interface__", None)
+    if iface is None or isinstance(array, np.generic):
+        raise TypeError(f"{name} must be a NumPy array or a CUDA array "
+                        f"(cupy.ndarray, numba device array), got {type_name(array)}")
+    shape = tuple(iface["shape"])
+    dtype = np.dtype(iface["typestr"])
+    address, readonly = iface["data"]
+    strides = iface.get("strides")
+    size = int(np.prod(shape, dtype=np.int64))
+    contiguous = strides is None or size <= 1 or strides == _c_strides(shape, dtype.itemsize)
+    return ArrayInfo(name, on_device, shape, dtype, address or 0, size * dtype.itemsize,
+                     bool(readonly), contiguous)
+
+
+def _c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= max(extent, 1)
+    return tuple(reversed(strides))
+
+
+def check_param(info, supported_dtypes, backend_name):
+    if info.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{info.name} has dtype {info.dtype}; gpu-momentum updates "
+                        f"floating-point parameters only (float16, float32, float64)")
+    if info.dtype not in supported_dtypes:
+        names = ", ".join(str(d) for d in supported_dtypes)
+        raise TypeError(f"backend {backend_name!r} does not support {info.name} dtype "
+                        f"{info.dtype} (supported: {names})")
+    _check_layout(info)
+    if info.readonly:
+        raise ValueError(f"{info.name} is read-only; the update writes it in place")
+
+
+def check_update(param, grad, velocity, supported_dtypes, backend_name):
+    """Validates the three ArrayInfos of one update against each other."""
+    check_param(param, supported_dtypes, backend_name)
+    for other in (grad, velocity):
+        if other.on_device != param.on_device:
+            where = lambda info: "GPU memory" if info.on_device else "host memory"
+            raise TypeError(f"{other.name} is in {where(other)} but {param.name} is in "
+                            f"{where(param)}; all arrays of an update must live together")
+    if grad.dtype != param.dtype:
+        raise TypeError(f"grad has dtype {grad.dtype} but param has dtype {param.dtype}; "
+                        f"they must match")
+    expected = state_dtype(param.dtype)
+    if velocity.dtype != expected:
+        raise TypeError(f"velocity has dtype {velocity.dtype}; parameters of dtype "
+                        f"{param.dtype} need a {expected} velocity")
+    for other in (grad, velocity):
+        if other.shape != param.shape:
+            raise ValueError(f"{other.name} has shape {other.shape} but param has shape "
+                             f"{param.shape}; they must match")
+        _check_layout(other)
+    if velocity.readonly:
+        raise ValueError("velocity is read-only; the update writes it in place")
+    for a, b in ((grad, param), (velocity, param), (velocity, grad)):
+        if _overlap(a, b):
+            raise ValueError(f"{a.name} overlaps {b.name} in memory; the update needs "
+                             f"three separate buffers")
+
+
+def _check_layout(info):
+    if not info.contiguous:
+        raise ValueError(f"{info.name} is not C-contiguous; the fused update runs over "
+                         f"one contiguous buffer (make a contiguous copy first)")
+
+
+def _overlap(a, b):
+    return (a.nbytes > 0 and b.nbytes > 0 and a.address < b.address + b.nbytes
+            and b.address < a.address + a.nbytes)

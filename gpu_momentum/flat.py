@@ -1,0 +1,83 @@
+"""FlatParams: many arrays (a model's layers) packed into one contiguous buffer."""
+
+import numpy as np
+
+from ._arrays import SUPPORTED_DTYPES, describe, type_name
+from ._backends import select_backend
+
+SEGMENT_ALIGNMENT_BYTES = 16  # one 128-bit vector: every segment can use vector loads
+
+
+class FlatParams:
+    """One flat parameter buffer and one gradient buffer of the same layout.
+
+    `data` and `grad` are 1-D buffers; `params` and `grads` are views into them shaped like
+    the packed arrays (the model works on these views and writes gradients into `grads`).
+    Segment i lives at `data[offsets[i]:offsets[i] + sizes[i]]` and starts on a 16-byte
+    boundary; the padding between segments stays zero, so the update leaves it zero.
+    """
+
+    def __init__(self, data, grad, shapes, offsets):
+        self.data = data
+        self.grad = grad
+        self.shapes = [tuple(s) for s in shapes]
+        self.offsets = [int(o) for o in offsets]
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+        self.params = self._views(data)
+        self.grads = self._views(grad)
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        """Packs copies of `arrays` (all NumPy or all CuPy, one floating dtype).
+
+        The buffers are allocated by the backend that owns the arrays; the gradient buffer
+        starts at zero.
+        """
+        if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__iter__"):
+            raise TypeError(f"arrays must be a list of arrays, got {type_name(arrays)}")
+        arrays = list(arrays)
+        if not arrays:
+            raise ValueError("arrays must hold at least one array, got an empty list")
+        infos = [describe(f"arrays[{i}]", a) for i, a in enumerate(arrays)]
+        dtypes = sorted({str(info.dtype) for info in infos})
+        if len(dtypes) > 1:
+            raise TypeError(f"arrays have mixed dtypes {dtypes}; a flat buffer holds one "
+                            f"dtype (use one FlatParams per dtype)")
+        dtype = infos[0].dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"arrays have dtype {dtype}; gpu-momentum updates "
+                            f"floating-point parameters only (float16, float32, float64)")
+        backend = select_backend(None, arrays[0])
+        for i, array in enumerate(arrays):
+            if not backend.owns(array):
+                raise TypeError(f"arrays[{i}] is a {type_name(array)} but arrays[0] is a "
+                                f"{type_name(arrays[0])}; pack arrays of one kind")
+
+        align = max(1, SEGMENT_ALIGNMENT_BYTES // dtype.itemsize)
+        offsets, end = [], 0
+        for info in infos:
+            offset = _round_up(end, align)
+            offsets.append(offset)
+            end = offset + info.nbytes // dtype.itemsize
+        total = _round_up(end, align)
+
+        data, grad = backend.zeros(total, dtype), backend.zeros(total, dtype)
+        flat = cls(data, grad, [info.shape for info in infos], offsets)
+        for view, array in zip(flat.params, arrays):
+            view[...] = array
+        return flat
+
+    def _views(self, buffer):
+        return [buffer[o:o + n].reshape(s)
+                for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __repr__(self):
+        return (f"FlatParams({len(self)} segments, {self.data.size} elements, "
+                f"dtype={self.data.dtype})")
+
+
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple

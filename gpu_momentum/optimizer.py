@@ -1,0 +1,147 @@
+"""The public update: `momentum_step` (stateless) and `MomentumSGD` (owns the velocity)."""
+
+import numbers
+
+
+from ._arrays import check_param, check_update, describe, state_dtype, type_name
+from ._backends import select_backend
+from ._hyperparams import Hyperparameters, _flag
+from .flat import FlatParams
+
+STATE_FORMAT = 1
+
+
+def _run_step(backend, param, grad, velocity, hyper, first_step):
+    check_update(describe("param", param), describe("grad", grad),
+                 describe("velocity", velocity), backend.dtypes, backend.name)
+    backend.step(param, grad, velocity, hyper,
+                 fresh_velocity=first_step or hyper.momentum == 0)
+
+
+def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
+                  weight_decay=0.0, nesterov=False, maximize=False, style="classic",
+                  first_step=False, backend=None):
+    """One fused in-place momentum update of `param` and `velocity`.
+
+    With g' = (-grad if maximize else grad) + weight_decay * param:
+
+    - style="classic" (Sutskever et al. 2013, Keras): velocity = momentum*velocity - lr*g',
+      then param += velocity (nesterov: param += momentum*velocity - lr*g').
+    - style="torch" (torch.optim.SGD, Optax): velocity = momentum*velocity
+      + (1 - dampening)*g', then param -= lr*velocity (nesterov: param -= lr*(g'
+      + momentum*velocity)).
+
+    first_step=True (and momentum == 0) means the old velocity is not read: classic starts
+    from velocity 0, torch sets velocity = g' without dampening, as PyTorch does on its
+    first step. Arrays are contiguous, of one shape, with grad of param's dtype and a
+    velocity of param's dtype (float32 for float16 params). backend=None picks the best
+    backend for the arrays' type. Every argument is checked before anything is written.
+    """
+    hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                            style)
+    first_step = _flag("first_step", first_step)
+    _run_step(select_backend(backend, param), param, grad, velocity, hyper, first_step)
+
+
+class MomentumSGD:
+    """Momentum SGD over one flat parameter buffer, one fused kernel launch per step.
+
+    Formulas as in `momentum_step` (style="classic" by default; style="torch" tracks
+    torch.optim.SGD step for step). The velocity starts at zero and the first `step()` does
+    not read it (torch style sets it to the gradient, skipping dampening, as PyTorch does).
+
+    params: a FlatParams (then `step()` without arguments uses its gradient buffer) or one
+    contiguous array. lr, momentum, dampening, weight_decay, nesterov and maximize may be
+    changed between steps (schedules); each change is validated and costs no recompile.
+    """
+
+    def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, maximize=False, style="classic", backend="auto"):
+        self._hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov,
+                                      maximize, style)
+        self.flat = params if isinstance(params, FlatParams) else None
+        self.param = params.data if self.flat is not None else params
+        self._backend = select_backend(backend, self.param)
+        info = describe("params", self.param)
+        check_param(info, self._backend.dtypes, self._backend.name)
+        self.velocity = self._backend.zeros(info.shape, state_dtype(info.dtype))
+        self.step_count = 0
+
+    @property
+    def backend(self):
+        """Name of the backend running the updates."""
+        return self._backend.name
+
+    @property
+    def style(self):
+        return self._hyper.style
+
+    def _set(self, **change):
+        self._hyper = self._hyper.replace(**change)
+
+    lr = property(lambda self: self._hyper.lr, lambda self, v: self._set(lr=v))
+    momentum = property(lambda self: self._hyper.momentum,
+                        lambda self, v: self._set(momentum=v))
+    dampening = property(lambda self: self._hyper.dampening,
+                         lambda self, v: self._set(dampening=v))
+    weight_decay = property(lambda self: self._hyper.weight_decay,
+                            lambda self, v: self._set(weight_decay=v))
+    nesterov = property(lambda self: self._hyper.nesterov,
+                        lambda self, v: self._set(nesterov=v))
+    maximize = property(lambda self: self._hyper.maximize,
+                        lambda self, v: self._set(maximize=v))
+
+    def step(self, grad=None):
+        """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)."""
+        if grad is None:
+            if self.flat is None:
+                raise TypeError("grad is None, but params is a single array: pass grad "
+                                "(only FlatParams carry their own gradient buffer)")
+            grad = self.flat.grad
+        _run_step(self._backend, self.param, grad, self.velocity, self._hyper,
+                  first_step=self.step_count == 0)
+        self.step_count += 1
+
+    def state_dict(self):
+        """A plain dict: format version, hyperparameters, step count and a velocity copy."""
+        return {"format": STATE_FORMAT, **self._hyper.as_dict(),
+                "step_count": self.step_count, "velocity": self._backend.copy(self.velocity)}
+
+    def load_state_dict(self, state):
+        """Restores `state_dict()` output; validates everything before changing anything."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type_name(state)}")
+        expected = set(self.state_dict_keys())
+        if set(state) != expected:
+            raise ValueError(f"state has keys {sorted(state)}, expected {sorted(expected)}")
+        if state["format"] != STATE_FORMAT:
+            raise ValueError(f"Invalid format value: {state['format']!r} (this version "
+                             f"reads format {STATE_FORMAT})")
+        hyper = Hyperparameters(**{k: state[k] for k in Hyperparameters.__dataclass_fields__})
+        if hyper.style != self.style:
+            raise ValueError(f"Invalid style value: {hyper.style!r} (this optimizer uses "
+                             f"style {self.style!r}; velocities of the two styles differ)")
+        step_count = state["step_count"]
+        if (isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral)
+                or step_count < 0):
+            raise ValueError(f"Invalid step_count value: {step_count!r} (step_count must "
+                             f"be an integer >= 0)")
+        velocity = state["velocity"]
+        describe("velocity", velocity)
+        velocity = self._backend.asarray(velocity)
+        have, want = describe("velocity", velocity), describe("velocity", self.velocity)
+        if (have.shape, have.dtype) != (want.shape, want.dtype):
+            raise ValueError(f"velocity has shape {have.shape} and dtype {have.dtype}; "
+                             f"this optimizer needs shape {want.shape}, dtype {want.dtype}")
+        self.velocity[...] = velocity
+        self._hyper = hyper
+        self.step_count = int(step_count)
+
+    @staticmethod
+    def state_dict_keys():
+        return ("format", *Hyperparameters.__dataclass_fields__, "step_count", "velocity")
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in self._hyper.as_dict().items())
+        return (f"MomentumSGD({fields}, backend={self.backend!r}, "
+                f"step_count={self.step_count})")

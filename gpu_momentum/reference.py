@@ -1,0 +1,42 @@
+"""The specification: a plain NumPy implementation of both update styles.
+
+Every backend is tested against `reference_step` in float64. With `dtype=np.float32` it
+computes in float32 with the kernels' operation order, which the host-compiled CUDA C
+kernel must match bit for bit.
+"""
+
+import numpy as np
+
+
+def reference_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
+                   weight_decay=0.0, nesterov=False, maximize=False, style="classic",
+                   first_step=False, dtype=np.float64):
+    """Returns (new_param, new_velocity) as new arrays of `dtype`; inputs are not modified.
+
+    g' = (-g if maximize else g) + weight_decay * p
+    classic: v = mu*v - lr*g';  p = p + v           (nesterov: p = p + mu*v - lr*g')
+    torch:   v = mu*v + (1 - dampening)*g';  p = p - lr*v   (nesterov: p - lr*(g' + mu*v))
+    On the first step, and whenever momentum is 0, the old velocity is not read: classic
+    starts from v = 0, torch sets v = g' (PyTorch skips dampening there).
+    """
+    scalar = np.dtype(dtype).type
+    p = np.array(param, dtype=dtype).reshape(-1)
+    g = np.array(grad, dtype=dtype).reshape(-1)
+    v = np.array(velocity, dtype=dtype).reshape(-1)
+    lr, mu, wd = scalar(lr), scalar(momentum), scalar(weight_decay)
+    grad_coeff = scalar(1) - scalar(dampening)
+    fresh_velocity = first_step or momentum == 0
+
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + wd * p
+    if style == "classic":
+        v = -lr * g if fresh_velocity else mu * v - lr * g
+        p = p + (mu * v - lr * g) if nesterov else p + v
+    elif style == "torch":
+        v = g.copy() if fresh_velocity else mu * v + grad_coeff * g
+        p = p - lr * (g + mu * v) if nesterov else p - lr * v
+    else:
+        raise ValueError(f"Invalid style value: {style!r}")
+    return p, v
