@@ -1,0 +1,36 @@
+"""How the shared tests reach each backend: array conversion and availability.
+
+Each harness moves NumPy arrays to the backend's memory and back. A backend that CI can
+run on a CPU-only machine (`runs_in_ci`) fails instead of skipping when CI=true and it is
+unavailable: a skip must never hide missing tooling there.
+"""
+
+import os
+
+import numpy as np
+
+import gpu_momentum
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+class CpuHarness:
+    name = "cpu"
+    on_device = False
+    runs_in_ci = True
+    dtypes = (np.float32, np.float64)
+
+    def from_numpy(self, array):
+        return np.array(array, copy=True)
+
+    def to_numpy(self, array):
+        return np.array(array, copy=True)
+
+
+HARNESSES = [CpuHarness()]
+
+
+def unavailable_reason(harness):
+    if harness.name in gpu_momentum.available_backends():
+        return None
+    return f"backend {harness.name!r} is not available on this machine"
