@@ -1,9 +1,11 @@
 """Backend registry and choice. Each backend is a thin adapter around its kernel module.
 
 A backend provides: `name`, `dtypes`, `unavailable_reason()` (None when usable),
-`owns(array)`, `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (for loading
-state), `to_numpy(array)` and `step(param, grad, velocity, hyper, fresh_velocity)`, which
-runs the fused kernel on arrays that `gpu_momentum._arrays.check_update` has accepted.
+`owns(array)`, `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own
+arrays to own arrays, for loading state and the demo), `to_numpy(array)`, `synchronize()`
+(waits for queued work, for timing) and `step(param, grad, velocity, hyper,
+fresh_velocity)`, which runs the fused kernel on arrays that
+`gpu_momentum._arrays.check_update` has accepted.
 """
 
 import functools
@@ -40,6 +42,9 @@ class CpuBackend:
 
     def to_numpy(self, array):
         return np.asarray(array)
+
+    def synchronize(self):
+        pass
 
     def step(self, param, grad, velocity, hyper, fresh_velocity):
         from .kernels.cpu import momentum_step_cpu

@@ -1,6 +1,14 @@
-import pytest
+import os
+import tempfile
 
-from harness import HARNESSES, IN_CI, unavailable_reason
+# Numba's on-disk cache is keyed on the kernel's own file, not on kernels/elementwise.py
+# that it inlines: a fresh cache per run keeps an edit of the maths from being masked by a
+# stale compiled kernel. Set before numba is first imported.
+os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="gpu-momentum-numba-"))
+
+import pytest  # noqa: E402
+
+from harness import HARNESSES, IN_CI, unavailable_reason  # noqa: E402
 
 
 def pytest_configure(config):
