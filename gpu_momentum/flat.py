@@ -33,7 +33,10 @@ class FlatParams:
         The buffers are allocated by the backend that owns the arrays; the gradient buffer
         starts at zero.
         """
-        if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__iter__"):
+        single_array = (hasattr(arrays, "__array_interface__")
+                        or hasattr(arrays, "__cuda_array_interface__"))
+        if single_array or isinstance(arrays, (str, bytes)) or not hasattr(arrays,
+                                                                           "__iter__"):
             raise TypeError(f"arrays must be a list of arrays, got {type_name(arrays)}")
         arrays = list(arrays)
         if not arrays:

@@ -14,8 +14,7 @@ STATE_FORMAT = 1
 def _run_step(backend, param, grad, velocity, hyper, first_step):
     check_update(describe("param", param), describe("grad", grad),
                  describe("velocity", velocity), backend.dtypes, backend.name)
-    backend.step(param, grad, velocity, hyper,
-                 fresh_velocity=first_step or hyper.momentum == 0)
+    backend.step(param, grad, velocity, hyper, fresh_velocity=first_step)
 
 
 def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
@@ -31,9 +30,10 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
       + (1 - dampening)*g', then param -= lr*velocity (nesterov: param -= lr*(g'
       + momentum*velocity)).
 
-    first_step=True (and momentum == 0) means the old velocity is not read: classic starts
-    from velocity 0, torch sets velocity = g' without dampening, as PyTorch does on its
-    first step. Arrays are contiguous, of one shape, with grad of param's dtype and a
+    first_step=True means the old velocity is not read (it may be uninitialised): classic
+    starts from velocity 0, torch sets velocity = g' without dampening, as PyTorch does on
+    its first step. Torch style with momentum 0 is param -= lr*g' and leaves the velocity
+    as it is, as PyTorch leaves its momentum buffer. Arrays are contiguous, of one shape, with grad of param's dtype and a
     velocity of param's dtype (float32 for float16 params). backend=None picks the best
     backend for the arrays' type. Every argument is checked before anything is written.
     """
@@ -48,7 +48,9 @@ class MomentumSGD:
 
     Formulas as in `momentum_step` (style="classic" by default; style="torch" tracks
     torch.optim.SGD step for step). The velocity starts at zero and the first `step()` does
-    not read it (torch style sets it to the gradient, skipping dampening, as PyTorch does).
+    not read it: classic starts from 0, torch style sets it to the gradient, skipping
+    dampening. In torch style that first step is the first one with momentum > 0, since
+    PyTorch creates its momentum buffer only then.
 
     params: a FlatParams (then `step()` without arguments uses its gradient buffer) or one
     contiguous array. lr, momentum, dampening, weight_decay, nesterov and maximize may be
@@ -65,6 +67,7 @@ class MomentumSGD:
         info = describe("params", self.param)
         check_param(info, self._backend.dtypes, self._backend.name)
         self.velocity = self._backend.zeros(info.shape, state_dtype(info.dtype))
+        self.velocity_initialized = False
         self.step_count = 0
 
     @property
@@ -99,13 +102,17 @@ class MomentumSGD:
                                 "(only FlatParams carry their own gradient buffer)")
             grad = self.flat.grad
         _run_step(self._backend, self.param, grad, self.velocity, self._hyper,
-                  first_step=self.step_count == 0)
+                  first_step=not self.velocity_initialized)
+        if self.style == "classic" or self.momentum != 0:
+            self.velocity_initialized = True
         self.step_count += 1
 
     def state_dict(self):
         """A plain dict: format version, hyperparameters, step count and a velocity copy."""
         return {"format": STATE_FORMAT, **self._hyper.as_dict(),
-                "step_count": self.step_count, "velocity": self._backend.copy(self.velocity)}
+                "step_count": self.step_count,
+                "velocity_initialized": self.velocity_initialized,
+                "velocity": self._backend.copy(self.velocity)}
 
     def load_state_dict(self, state):
         """Restores `state_dict()` output; validates everything before changing anything."""
@@ -126,6 +133,7 @@ class MomentumSGD:
                 or step_count < 0):
             raise ValueError(f"Invalid step_count value: {step_count!r} (step_count must "
                              f"be an integer >= 0)")
+        velocity_initialized = _flag("velocity_initialized", state["velocity_initialized"])
         velocity = state["velocity"]
         describe("velocity", velocity)
         velocity = self._backend.asarray(velocity)
@@ -136,10 +144,12 @@ class MomentumSGD:
         self.velocity[...] = velocity
         self._hyper = hyper
         self.step_count = int(step_count)
+        self.velocity_initialized = velocity_initialized
 
     @staticmethod
     def state_dict_keys():
-        return ("format", *Hyperparameters.__dataclass_fields__, "step_count", "velocity")
+        return ("format", *Hyperparameters.__dataclass_fields__, "step_count",
+                "velocity_initialized", "velocity")
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self._hyper.as_dict().items())

@@ -16,8 +16,9 @@ def reference_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     g' = (-g if maximize else g) + weight_decay * p
     classic: v = mu*v - lr*g';  p = p + v           (nesterov: p = p + mu*v - lr*g')
     torch:   v = mu*v + (1 - dampening)*g';  p = p - lr*v   (nesterov: p - lr*(g' + mu*v))
-    On the first step, and whenever momentum is 0, the old velocity is not read: classic
-    starts from v = 0, torch sets v = g' (PyTorch skips dampening there).
+    On the first step the old velocity is not read: classic starts from v = 0, torch sets
+    v = g' (PyTorch skips dampening there). Torch style with momentum 0 is p = p - lr*g'
+    and leaves v as it is, as PyTorch leaves its momentum buffer.
     """
     scalar = np.dtype(dtype).type
     p = np.array(param, dtype=dtype).reshape(-1)
@@ -25,17 +26,18 @@ def reference_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     v = np.array(velocity, dtype=dtype).reshape(-1)
     lr, mu, wd = scalar(lr), scalar(momentum), scalar(weight_decay)
     grad_coeff = scalar(1) - scalar(dampening)
-    fresh_velocity = first_step or momentum == 0
 
     if maximize:
         g = -g
     if weight_decay != 0:
         g = g + wd * p
     if style == "classic":
-        v = -lr * g if fresh_velocity else mu * v - lr * g
+        v = -lr * g if first_step else mu * v - lr * g
         p = p + (mu * v - lr * g) if nesterov else p + v
+    elif style == "torch" and momentum == 0:
+        p = p - lr * g
     elif style == "torch":
-        v = g.copy() if fresh_velocity else mu * v + grad_coeff * g
+        v = g.copy() if first_step else mu * v + grad_coeff * g
         p = p - lr * (g + mu * v) if nesterov else p - lr * v
     else:
         raise ValueError(f"Invalid style value: {style!r}")

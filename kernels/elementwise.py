@@ -19,7 +19,9 @@ def momentum_update(p, g, v, lr, momentum, grad_coeff, weight_decay,
     """Returns (new_param, new_velocity) for one element.
 
     grad_coeff is (1 - dampening) for the torch style; classic ignores it.
-    fresh_velocity: the velocity is not read (first step, or momentum == 0).
+    fresh_velocity: the velocity does not exist yet and is not read.
+    Torch style with momentum 0 leaves the velocity as it is, as PyTorch leaves its
+    momentum buffer, so a schedule that later raises momentum resumes from it.
     """
     if maximize:
         g = -g
@@ -34,6 +36,8 @@ def momentum_update(p, g, v, lr, momentum, grad_coeff, weight_decay,
             p = p + (momentum * v - lr * g)
         else:
             p = p + v
+    elif momentum == 0:
+        p = p - lr * g
     else:
         if fresh_velocity:
             v = g

@@ -5,13 +5,26 @@ run on a CPU-only machine (`runs_in_ci`) fails instead of skipping when CI=true 
 unavailable: a skip must never hide missing tooling there.
 """
 
+import importlib
 import os
 
 import numpy as np
+import pytest
 
 import gpu_momentum
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(module_name):
+    """Imports a test tool; skips with the reason where it is missing, fails in CI."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        reason = f"{module_name} is not installed ({error})"
+        if IN_CI:
+            pytest.fail(f"{reason}, and CI must run this test (CI=true)", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
 
 
 class CpuHarness:
