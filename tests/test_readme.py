@@ -1,0 +1,29 @@
+"""The README's examples run, and the first one prints what the plain Python loop prints."""
+
+import contextlib
+import io
+import pathlib
+import re
+
+README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+EXAMPLES = re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def _printed(code):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    return out.getvalue()
+
+
+def test_x_squared_example_prints_what_the_plain_loop_prints():
+    plain, library = EXAMPLES[0], EXAMPLES[1]
+    assert "gpu_momentum" not in plain and "MomentumSGD" in library
+    expected = _printed(plain)
+    assert len(expected.splitlines()) == 10
+    assert _printed(library) == expected
+
+
+def test_every_example_runs():
+    for code in EXAMPLES:
+        _printed(code)
