@@ -1,9 +1,10 @@
 """gpu-momentum: the momentum-SGD update in one fused pass over a flat parameter buffer."""
 
 from ._backends import BackendUnavailableError, available_backends
+from .checkpoint import CheckpointError
 from .flat import FlatParams
 from .optimizer import MomentumSGD, momentum_step
 
 __version__ = "0.1.0"
 __all__ = ["momentum_step", "MomentumSGD", "FlatParams", "available_backends",
-           "BackendUnavailableError", "__version__"]
+           "BackendUnavailableError", "CheckpointError", "__version__"]

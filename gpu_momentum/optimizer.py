@@ -116,6 +116,19 @@ class MomentumSGD:
 
     def load_state_dict(self, state):
         """Restores `state_dict()` output; validates everything before changing anything."""
+        self._restore(state)
+
+    def save(self, path):
+        """Writes a checkpoint atomically (see `gpu_momentum.checkpoint`)."""
+        from .checkpoint import save_checkpoint
+        save_checkpoint(self, path)
+
+    def load(self, path):
+        """Restores params and state from `save(path)`, all or nothing."""
+        from .checkpoint import load_checkpoint
+        load_checkpoint(self, path)
+
+    def _restore(self, state, param=None):
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type_name(state)}")
         expected = set(self.state_dict_keys())
@@ -134,17 +147,26 @@ class MomentumSGD:
             raise ValueError(f"Invalid step_count value: {step_count!r} (step_count must "
                              f"be an integer >= 0)")
         velocity_initialized = _flag("velocity_initialized", state["velocity_initialized"])
-        velocity = state["velocity"]
-        describe("velocity", velocity)
-        velocity = self._backend.asarray(velocity)
-        have, want = describe("velocity", velocity), describe("velocity", self.velocity)
-        if (have.shape, have.dtype) != (want.shape, want.dtype):
-            raise ValueError(f"velocity has shape {have.shape} and dtype {have.dtype}; "
-                             f"this optimizer needs shape {want.shape}, dtype {want.dtype}")
+        velocity = self._like("velocity", state["velocity"], self.velocity)
+        if param is not None:
+            param = self._like("param", param, self.param)
+        # Everything is checked: from here on nothing can fail half way.
         self.velocity[...] = velocity
+        if param is not None:
+            self.param[...] = param
         self._hyper = hyper
         self.step_count = int(step_count)
         self.velocity_initialized = velocity_initialized
+
+    def _like(self, name, array, target):
+        """`array` in this backend's memory, checked to have `target`'s shape and dtype."""
+        describe(name, array)
+        array = self._backend.asarray(array)
+        have, want = describe(name, array), describe(name, target)
+        if (have.shape, have.dtype) != (want.shape, want.dtype):
+            raise ValueError(f"{name} has shape {have.shape} and dtype {have.dtype}; "
+                             f"this optimizer needs shape {want.shape}, dtype {want.dtype}")
+        return array
 
     @staticmethod
     def state_dict_keys():

@@ -1,0 +1,110 @@
+"""Checkpoints of a MomentumSGD: one `.npz` file, written atomically, read without pickle.
+
+The file is NumPy's `.npz` (a zip of `.npy` arrays) holding three arrays:
+
+- `param`, `velocity`: the flat buffers, in host memory, of the optimizer's dtypes;
+- `meta`: UTF-8 JSON as uint8 bytes: `format` ("gpu-momentum checkpoint"), `version` (1),
+  `state` (the `state_dict()` without its velocity: hyperparameters, style, step count,
+  whether the velocity is initialised), `layout` (segment `shapes` and `offsets` of the
+  FlatParams, or null for a single array) and `sha256` of each array's bytes.
+
+Loading uses `allow_pickle=False`: a checkpoint can never execute code. Any backend loads
+what any backend saved.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT_NAME = "gpu-momentum checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, corrupted, or does not fit the optimizer."""
+
+
+def _sha256(array):
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _layout(optimizer):
+    flat = optimizer.flat
+    if flat is None:
+        return None
+    return {"shapes": [list(s) for s in flat.shapes], "offsets": flat.offsets}
+
+
+def save_checkpoint(optimizer, path):
+    """Writes `optimizer`'s params and state to `path`; a crash leaves the old file intact."""
+    backend = optimizer._backend
+    state = optimizer.state_dict()
+    arrays = {"param": backend.to_numpy(optimizer.param),
+              "velocity": backend.to_numpy(state.pop("velocity"))}
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "state": state,
+            "layout": _layout(optimizer),
+            "sha256": {name: _sha256(a) for name, a in arrays.items()}}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # makes the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def _read(path):
+    try:
+        with np.load(path, allow_pickle=False) as file:
+            arrays = {name: file[name] for name in file.files}
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile,
+            UnicodeDecodeError, AttributeError) as error:
+        raise CheckpointError(f"checkpoint {path!s} is truncated, corrupted or not a "
+                              f"gpu-momentum checkpoint ({error})") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path!s} is not a gpu-momentum checkpoint")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path!s} has format version "
+                              f"{meta.get('version')!r}; this version of gpu-momentum "
+                              f"reads version {FORMAT_VERSION}")
+    if set(arrays) != set(meta.get("sha256", {})):
+        raise CheckpointError(f"checkpoint {path!s} holds arrays {sorted(arrays)}, its "
+                              f"header lists {sorted(meta.get('sha256', {}))}")
+    for name, array in arrays.items():
+        if _sha256(array) != meta["sha256"][name]:
+            raise CheckpointError(f"checkpoint {path!s} is corrupted: the checksum of "
+                                  f"{name} does not match")
+    return meta, arrays
+
+
+def load_checkpoint(optimizer, path):
+    """Restores params and state saved by `save_checkpoint`, all or nothing."""
+    meta, arrays = _read(path)
+    if meta["layout"] != _layout(optimizer):
+        raise CheckpointError(f"checkpoint {path!s} has layout {meta['layout']}, this "
+                              f"optimizer has {_layout(optimizer)}")
+    state = {**meta["state"], "velocity": arrays["velocity"]}
+    try:
+        optimizer._restore(state, param=arrays["param"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path!s} does not fit this optimizer: "
+                              f"{error}") from error
