@@ -5,7 +5,8 @@ CuPy, Numba device arrays and PyTorch CUDA tensors are all checked the same way,
 anything is written.
 """
 
-import dataclasses
+import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,8 +24,7 @@ def type_name(obj):
     return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
 
 
-@dataclasses.dataclass(frozen=True)
-class ArrayInfo:
+class ArrayInfo(NamedTuple):
     name: str
     on_device: bool
     shape: tuple
@@ -48,8 +48,9 @@ def describe(name, array):
     dtype = np.dtype(iface["typestr"])
     address, readonly = iface["data"]
     strides = iface.get("strides")
-    size = int(np.prod(shape, dtype=np.int64))
-    contiguous = strides is None or size <= 1 or strides == _c_strides(shape, dtype.itemsize)
+    size = math.prod(shape)
+    contiguous = (strides is None or size <= 1
+                  or tuple(strides) == _c_strides(shape, dtype.itemsize))
     return ArrayInfo(name, on_device, shape, dtype, address or 0, size * dtype.itemsize,
                      bool(readonly), contiguous)
 

@@ -3,9 +3,14 @@
 A backend provides: `name`, `dtypes`, `unavailable_reason()` (None when usable),
 `owns(array)`, `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own
 arrays to own arrays, for loading state and the demo), `to_numpy(array)`, `synchronize()`
-(waits for queued work, for timing) and `step(param, grad, velocity, hyper,
-fresh_velocity)`, which runs the fused kernel on arrays that
-`gpu_momentum._arrays.check_update` has accepted.
+(waits for queued work, for timing), and two updates over arrays that
+`gpu_momentum._arrays.check_update` has accepted:
+
+- `step(param, grad, velocity, hyper, fresh_velocity, inv_grad_scale)`: the fused kernel;
+- `step_skipping_nonfinite(param, grad, velocity, hyper, inv_grad_scale, counters)`: the
+  same, unless the scaled gradient holds a NaN or inf; `counters` (int64[4] in the
+  backend's memory, indexed as in `kernels.elementwise`) gives the first-step flag and
+  counts taken and skipped steps, all without waiting for the device.
 """
 
 import functools
@@ -46,15 +51,21 @@ class CpuBackend:
     def synchronize(self):
         pass
 
-    def step(self, param, grad, velocity, hyper, fresh_velocity):
+    def step(self, param, grad, velocity, hyper, fresh_velocity, inv_grad_scale):
         from .kernels.cpu import momentum_step_cpu
 
-        scalar = param.dtype.type
-        momentum_step_cpu(
+        momentum_step_cpu(param.reshape(-1), grad.reshape(-1), velocity.reshape(-1),
+                          *hyper.kernel_scalars(param.dtype, inv_grad_scale),
+                          *hyper.kernel_flags(), fresh_velocity)
+
+    def step_skipping_nonfinite(self, param, grad, velocity, hyper, inv_grad_scale,
+                                counters):
+        from .kernels.cpu import momentum_step_skipping_nonfinite_cpu
+
+        momentum_step_skipping_nonfinite_cpu(
             param.reshape(-1), grad.reshape(-1), velocity.reshape(-1),
-            scalar(hyper.lr), scalar(hyper.momentum), scalar(1) - scalar(hyper.dampening),
-            scalar(hyper.weight_decay), hyper.style == "classic", hyper.nesterov,
-            hyper.maximize, fresh_velocity)
+            *hyper.kernel_scalars(param.dtype, inv_grad_scale), *hyper.kernel_flags(),
+            hyper.initializes_velocity, counters)
 
 
 _BACKENDS = {"cpu": CpuBackend()}

@@ -4,6 +4,8 @@ import dataclasses
 import math
 import numbers
 
+import numpy as np
+
 STYLES = ("classic", "torch")
 
 
@@ -21,6 +23,14 @@ def _flag(name, value):
     if not isinstance(value, bool) and type(value).__name__ != "bool_":
         raise TypeError(_invalid(name, value, "True or False"))
     return bool(value)
+
+
+def inverse_grad_scale(grad_scale):
+    """1 / grad_scale, after checking that grad_scale is a finite number > 0."""
+    grad_scale = _real("grad_scale", grad_scale)
+    if not (math.isfinite(grad_scale) and grad_scale > 0):
+        raise ValueError(_invalid("grad_scale", grad_scale, "finite and > 0"))
+    return 1.0 / grad_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,22 @@ class Hyperparameters:
         if self.nesterov and self.style == "torch" and self.dampening != 0:
             raise ValueError(f"Invalid nesterov value: True (torch-style nesterov needs "
                              f"dampening == 0, got dampening={self.dampening!r})")
+
+    @property
+    def initializes_velocity(self):
+        """Whether a step writes the velocity (torch style with momentum 0 leaves it)."""
+        return self.style == "classic" or self.momentum != 0
+
+    def kernel_scalars(self, compute_dtype, inv_grad_scale=1.0):
+        """(lr, momentum, grad_coeff, weight_decay, inv_grad_scale) in the compute dtype,
+        in the order every kernel takes them; grad_coeff is 1 - dampening."""
+        scalar = np.dtype(compute_dtype).type
+        return (scalar(self.lr), scalar(self.momentum), scalar(1) - scalar(self.dampening),
+                scalar(self.weight_decay), scalar(inv_grad_scale))
+
+    def kernel_flags(self):
+        """(classic, nesterov, maximize), in the order every kernel takes them."""
+        return self.style == "classic", self.nesterov, self.maximize
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -2,27 +2,38 @@
 
 import numbers
 
+import numpy as np
 
 from ._arrays import check_param, check_update, describe, state_dtype, type_name
 from ._backends import select_backend
-from ._hyperparams import Hyperparameters, _flag
+from ._hyperparams import Hyperparameters, _flag, inverse_grad_scale
 from .flat import FlatParams
+from .kernels.elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
+                                  VELOCITY_INITIALIZED)
 
 STATE_FORMAT = 1
 
 
-def _run_step(backend, param, grad, velocity, hyper, first_step):
+def _check_arrays(backend, param, grad, velocity):
     check_update(describe("param", param), describe("grad", grad),
                  describe("velocity", velocity), backend.dtypes, backend.name)
-    backend.step(param, grad, velocity, hyper, fresh_velocity=first_step)
+
+
+def _count(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"Invalid {name} value: {value!r} ({name} must be an integer "
+                         f">= 0)")
+    return int(value)
 
 
 def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
                   weight_decay=0.0, nesterov=False, maximize=False, style="classic",
-                  first_step=False, backend=None):
+                  first_step=False, grad_scale=1.0, backend=None):
     """One fused in-place momentum update of `param` and `velocity`.
 
-    With g' = (-grad if maximize else grad) + weight_decay * param:
+    With g = grad / grad_scale (computed as grad * (1 / grad_scale); grad_scale is the
+    loss scale of mixed-precision training, 1 by default) and
+    g' = (-g if maximize else g) + weight_decay * param:
 
     - style="classic" (Sutskever et al. 2013, Keras): velocity = momentum*velocity - lr*g',
       then param += velocity (nesterov: param += momentum*velocity - lr*g').
@@ -40,7 +51,10 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov, maximize,
                             style)
     first_step = _flag("first_step", first_step)
-    _run_step(select_backend(backend, param), param, grad, velocity, hyper, first_step)
+    inv_grad_scale = inverse_grad_scale(grad_scale)
+    backend = select_backend(backend, param)
+    _check_arrays(backend, param, grad, velocity)
+    backend.step(param, grad, velocity, hyper, first_step, inv_grad_scale)
 
 
 class MomentumSGD:
@@ -55,20 +69,49 @@ class MomentumSGD:
     params: a FlatParams (then `step()` without arguments uses its gradient buffer) or one
     contiguous array. lr, momentum, dampening, weight_decay, nesterov and maximize may be
     changed between steps (schedules); each change is validated and costs no recompile.
+
+    skip_nonfinite=True: a step whose (scaled) gradient holds a NaN or inf changes neither
+    params nor velocity, does not count in `step_count` (a skipped first step leaves the
+    next one first), and counts in `skipped_steps`; `last_step_skipped` tells. The check
+    and the skip run in the backend's memory without waiting for the device; reading
+    those counters then waits for it.
     """
 
     def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, maximize=False, style="classic", backend="auto"):
+                 nesterov=False, maximize=False, style="classic", skip_nonfinite=False,
+                 backend="auto"):
         self._hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov,
                                       maximize, style)
+        self.skip_nonfinite = _flag("skip_nonfinite", skip_nonfinite)
         self.flat = params if isinstance(params, FlatParams) else None
         self.param = params.data if self.flat is not None else params
         self._backend = select_backend(backend, self.param)
         info = describe("params", self.param)
         check_param(info, self._backend.dtypes, self._backend.name)
         self.velocity = self._backend.zeros(info.shape, state_dtype(info.dtype))
-        self.velocity_initialized = False
-        self.step_count = 0
+        self._counters = self._new_counters(0, False, 0)
+
+    def _new_counters(self, step_count, velocity_initialized, skipped_steps):
+        counters = np.array([0] * 4, np.int64)
+        counters[[STEP_COUNT, VELOCITY_INITIALIZED, SKIPPED_STEPS]] = (
+            step_count, velocity_initialized, skipped_steps)
+        return self._backend.asarray(counters) if self.skip_nonfinite else counters
+
+    def _counter(self, index):
+        counters = self._counters
+        if self.skip_nonfinite:
+            counters = self._backend.to_numpy(counters)
+        return int(counters[index])
+
+    step_count = property(lambda self: self._counter(STEP_COUNT),
+                          doc="Steps taken (skipped steps not counted).")
+    velocity_initialized = property(
+        lambda self: bool(self._counter(VELOCITY_INITIALIZED)),
+        doc="Whether a step has written the velocity (the next step is not a first step).")
+    skipped_steps = property(lambda self: self._counter(SKIPPED_STEPS),
+                             doc="Steps skipped for a non-finite gradient.")
+    last_step_skipped = property(lambda self: bool(self._counter(LAST_STEP_SKIPPED)),
+                                 doc="Whether the latest step was skipped.")
 
     @property
     def backend(self):
@@ -94,24 +137,32 @@ class MomentumSGD:
     maximize = property(lambda self: self._hyper.maximize,
                         lambda self, v: self._set(maximize=v))
 
-    def step(self, grad=None):
-        """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)."""
+    def step(self, grad=None, *, grad_scale=1.0):
+        """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
+        divided by `grad_scale` (the loss scale, inside the same fused pass)."""
+        inv_grad_scale = inverse_grad_scale(grad_scale)
         if grad is None:
             if self.flat is None:
                 raise TypeError("grad is None, but params is a single array: pass grad "
                                 "(only FlatParams carry their own gradient buffer)")
             grad = self.flat.grad
-        _run_step(self._backend, self.param, grad, self.velocity, self._hyper,
-                  first_step=not self.velocity_initialized)
-        if self.style == "classic" or self.momentum != 0:
-            self.velocity_initialized = True
-        self.step_count += 1
+        backend, hyper, counters = self._backend, self._hyper, self._counters
+        _check_arrays(backend, self.param, grad, self.velocity)
+        if self.skip_nonfinite:
+            backend.step_skipping_nonfinite(self.param, grad, self.velocity, hyper,
+                                            inv_grad_scale, counters)
+            return
+        backend.step(self.param, grad, self.velocity, hyper,
+                     not counters[VELOCITY_INITIALIZED], inv_grad_scale)
+        counters[STEP_COUNT] += 1
+        counters[VELOCITY_INITIALIZED] |= hyper.initializes_velocity
 
     def state_dict(self):
         """A plain dict: format version, hyperparameters, step count and a velocity copy."""
         return {"format": STATE_FORMAT, **self._hyper.as_dict(),
                 "step_count": self.step_count,
                 "velocity_initialized": self.velocity_initialized,
+                "skipped_steps": self.skipped_steps,
                 "velocity": self._backend.copy(self.velocity)}
 
     def load_state_dict(self, state):
@@ -141,12 +192,10 @@ class MomentumSGD:
         if hyper.style != self.style:
             raise ValueError(f"Invalid style value: {hyper.style!r} (this optimizer uses "
                              f"style {self.style!r}; velocities of the two styles differ)")
-        step_count = state["step_count"]
-        if (isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral)
-                or step_count < 0):
-            raise ValueError(f"Invalid step_count value: {step_count!r} (step_count must "
-                             f"be an integer >= 0)")
-        velocity_initialized = _flag("velocity_initialized", state["velocity_initialized"])
+        counters = self._new_counters(
+            _count("step_count", state["step_count"]),
+            _flag("velocity_initialized", state["velocity_initialized"]),
+            _count("skipped_steps", state["skipped_steps"]))
         velocity = self._like("velocity", state["velocity"], self.velocity)
         if param is not None:
             param = self._like("param", param, self.param)
@@ -155,8 +204,7 @@ class MomentumSGD:
         if param is not None:
             self.param[...] = param
         self._hyper = hyper
-        self.step_count = int(step_count)
-        self.velocity_initialized = velocity_initialized
+        self._counters = counters
 
     def _like(self, name, array, target):
         """`array` in this backend's memory, checked to have `target`'s shape and dtype."""
@@ -171,7 +219,7 @@ class MomentumSGD:
     @staticmethod
     def state_dict_keys():
         return ("format", *Hyperparameters.__dataclass_fields__, "step_count",
-                "velocity_initialized", "velocity")
+                "velocity_initialized", "skipped_steps", "velocity")
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self._hyper.as_dict().items())

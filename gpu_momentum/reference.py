@@ -10,10 +10,10 @@ import numpy as np
 
 def reference_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
                    weight_decay=0.0, nesterov=False, maximize=False, style="classic",
-                   first_step=False, dtype=np.float64):
+                   first_step=False, grad_scale=1.0, dtype=np.float64):
     """Returns (new_param, new_velocity) as new arrays of `dtype`; inputs are not modified.
 
-    g' = (-g if maximize else g) + weight_decay * p
+    g = grad * (1 / grad_scale);  g' = (-g if maximize else g) + weight_decay * p
     classic: v = mu*v - lr*g';  p = p + v           (nesterov: p = p + mu*v - lr*g')
     torch:   v = mu*v + (1 - dampening)*g';  p = p - lr*v   (nesterov: p - lr*(g' + mu*v))
     On the first step the old velocity is not read: classic starts from v = 0, torch sets
@@ -27,6 +27,7 @@ def reference_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     lr, mu, wd = scalar(lr), scalar(momentum), scalar(weight_decay)
     grad_coeff = scalar(1) - scalar(dampening)
 
+    g = g * scalar(1.0 / grad_scale)
     if maximize:
         g = -g
     if weight_decay != 0:

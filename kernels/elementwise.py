@@ -14,15 +14,22 @@ arithmetic.
 import numba
 
 
-def momentum_update(p, g, v, lr, momentum, grad_coeff, weight_decay,
+# Step counters, an int64[4] array in the backend's memory when the optimizer skips steps
+# with non-finite gradients: the kernels keep them there, so no step waits for the host.
+STEP_COUNT, VELOCITY_INITIALIZED, SKIPPED_STEPS, LAST_STEP_SKIPPED = range(4)
+
+
+def momentum_update(p, g, v, lr, momentum, grad_coeff, weight_decay, inv_grad_scale,
                     classic, nesterov, maximize, fresh_velocity):
     """Returns (new_param, new_velocity) for one element.
 
+    inv_grad_scale is 1 / loss scale (exactly 1 without loss scaling).
     grad_coeff is (1 - dampening) for the torch style; classic ignores it.
     fresh_velocity: the velocity does not exist yet and is not read.
     Torch style with momentum 0 leaves the velocity as it is, as PyTorch leaves its
     momentum buffer, so a schedule that later raises momentum resumes from it.
     """
+    g = g * inv_grad_scale
     if maximize:
         g = -g
     if weight_decay != 0:

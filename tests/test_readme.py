@@ -24,6 +24,7 @@ def test_x_squared_example_prints_what_the_plain_loop_prints():
     assert _printed(library) == expected
 
 
-def test_every_example_runs():
+def test_every_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may write files
     for code in EXAMPLES:
         _printed(code)
