@@ -44,9 +44,11 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     first_step=True means the old velocity is not read (it may be uninitialised): classic
     starts from velocity 0, torch sets velocity = g' without dampening, as PyTorch does on
     its first step. Torch style with momentum 0 is param -= lr*g' and leaves the velocity
-    as it is, as PyTorch leaves its momentum buffer. Arrays are contiguous, of one shape, with grad of param's dtype and a
-    velocity of param's dtype (float32 for float16 params). backend=None picks the best
-    backend for the arrays' type. Every argument is checked before anything is written.
+    as it is, as PyTorch leaves its momentum buffer.
+
+    Arrays are contiguous, of one shape, with grad of param's dtype and a velocity of
+    param's dtype (float32 for float16 params). backend=None picks the best backend for the
+    arrays' type. Every argument is checked before anything is written.
     """
     hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov, maximize,
                             style)
