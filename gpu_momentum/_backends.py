@@ -68,7 +68,55 @@ class CpuBackend:
             hyper.initializes_velocity, counters)
 
 
-_BACKENDS = {"cpu": CpuBackend()}
+class CupyBackend:
+    """CUDA C kernels through CuPy: CuPy arrays, or any `__cuda_array_interface__` array
+    that cupy.asarray takes without a copy. `step` only queues work on CuPy's current
+    stream."""
+
+    name = "cupy"
+    dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+    def unavailable_reason(self):
+        try:
+            import cupy
+        except Exception as error:  # a broken CUDA install fails with more than ImportError
+            return f"CuPy cannot be imported ({type(error).__name__}: {error})"
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError as error:
+            return f"CUDA has no usable device ({error})"
+        return None if count else "no CUDA device is present"
+
+    def owns(self, array):
+        return hasattr(array, "__cuda_array_interface__")
+
+    def zeros(self, shape, dtype):
+        import cupy
+        return cupy.zeros(shape, dtype)
+
+    def copy(self, array):
+        import cupy
+        return cupy.array(array, copy=True)
+
+    def asarray(self, array):
+        import cupy
+        return cupy.asarray(array)
+
+    def to_numpy(self, array):
+        import cupy
+        return cupy.asnumpy(array)
+
+    def synchronize(self):
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+
+    def step(self, param, grad, velocity, hyper, fresh_velocity):
+        from .kernels.cupy_kernels import momentum_step_cupy
+
+        momentum_step_cupy(param, grad, velocity, hyper, fresh_velocity)
+
+
+_BACKENDS = {"cpu": CpuBackend(), "cupy": CupyBackend()}
 
 
 def _registered(name):

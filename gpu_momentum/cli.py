@@ -10,6 +10,8 @@ def main(argv=None):
 
     from .demo import add_demo_command
     add_demo_command(commands)
+    from .compile_kernels import add_compile_command
+    add_compile_command(commands)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -2,7 +2,7 @@
 
 `momentum_update` is plain Python so that every Numba target compiles the same body:
 the CPU kernel (`kernels.cpu`) and the CUDA kernel (`kernels.numba_cuda`) both call it, so
-the two cannot drift apart. The CUDA C kernel (`kernels/momentum.cuh`) follows the same
+the two cannot drift apart. The CUDA C kernel (`kernels/momentum.cu`) follows the same
 operation order, and `gpu_momentum.reference` is the float64 specification all of them are
 tested against.
 

@@ -27,6 +27,13 @@ def require(module_name):
         pytest.skip(reason, allow_module_level=True)
 
 
+def missing_tool(reason):
+    """A tool a CPU-only test needs is absent: skip with the reason, fail in CI."""
+    if IN_CI:
+        pytest.fail(f"{reason}, and CI must run this test (CI=true)", pytrace=False)
+    pytest.skip(reason)
+
+
 class CpuHarness:
     name = "cpu"
     on_device = False
@@ -40,7 +47,22 @@ class CpuHarness:
         return np.array(array, copy=True)
 
 
-HARNESSES = [CpuHarness()]
+class CupyHarness:
+    name = "cupy"
+    on_device = True
+    runs_in_ci = False  # needs a GPU; tests/test_cuda_*.py prove the kernel without one
+    dtypes = (np.float16, np.float32, np.float64)
+
+    def from_numpy(self, array):
+        import cupy
+        return cupy.array(array)
+
+    def to_numpy(self, array):
+        import cupy
+        return cupy.asnumpy(array)
+
+
+HARNESSES = [CpuHarness(), CupyHarness()]
 
 
 def unavailable_reason(harness):

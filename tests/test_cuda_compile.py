@@ -1,0 +1,151 @@
+"""The cupy backend's CUDA C module, compiled without a GPU: NVRTC, ptxas and the SASS.
+
+Everything here compiles `module_source()` with `module_options()`, the very text and
+options `kernels.cupy_kernels` gives CuPy's RawModule, for sm_80 (A100) and sm_90 (H100).
+"""
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from gpu_momentum.cli import main
+from gpu_momentum.kernels import cupy_kernels
+from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, CUPY_ADDED_OPTIONS, ENTRY_POINTS,
+                                              FLAGS, MIN_BLOCKS_PER_SM, compile_module,
+                                              find_tool, module_options, module_source,
+                                              name_expressions, sass)
+from harness import missing_tool, require
+
+ARCHS = ("sm_80", "sm_90")
+REGISTERS_PER_SM = 65536  # sm_80 and sm_90
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def module(request):
+    require("cuda.bindings.nvrtc")
+    return compile_module(request.param)
+
+
+@pytest.fixture(scope="module")
+def tools():
+    found = {name: find_tool(name) for name in ("cuobjdump", "nvdisasm")}
+    for name, path in found.items():
+        if path is None:
+            missing_tool(f"{name} was not found (pip install nvidia-cuda-{name})")
+    return found
+
+
+def test_rawmodule_receives_the_compiled_source_and_options(monkeypatch):
+    cupy = require("cupy")
+    received = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            received.update(kwargs)
+
+    monkeypatch.setattr(cupy, "RawModule", Recorder)
+    monkeypatch.setattr(cupy.cuda, "Device", lambda device_id: _NoDevice())
+    cupy_kernels._module.cache_clear()
+    try:
+        cupy_kernels._module(0)
+    finally:
+        cupy_kernels._module.cache_clear()
+    assert received == {"code": module_source(), "options": module_options(),
+                        "name_expressions": name_expressions()}
+
+
+class _NoDevice:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_source_carries_the_settings_python_launches_with():
+    source = module_source()
+    assert f"#define GM_BLOCK_SIZE {BLOCK_SIZE}\n" in source
+    assert f"#define GM_MIN_BLOCKS_PER_SM {MIN_BLOCKS_PER_SM}\n" in source
+    for name, bit in FLAGS.items():
+        assert f"#define GM_FLAG_{name} {bit}u\n" in source
+        assert f"GM_FLAG_{name}" in source.split("#include <cuda_fp16.h>")[1]
+    assert sorted(FLAGS.values()) == [1 << i for i in range(len(FLAGS))]
+    assert "--fmad=false" in module_options()
+
+
+def test_every_entry_point_compiles_without_spills(module):
+    assert set(module.kernels) == set(name_expressions())
+    for expression, kernel in module.kernels.items():
+        assert kernel.spill_store_bytes == kernel.spill_load_bytes == 0, (
+            f"{expression} spills on {module.arch}:\n{module.log}")
+        assert kernel.stack_frame_bytes == 0, f"{expression} uses local memory"
+
+
+def test_registers_allow_the_resident_blocks_launch_bounds_promise(module):
+    limit = REGISTERS_PER_SM // (BLOCK_SIZE * MIN_BLOCKS_PER_SM)
+    for expression, kernel in module.kernels.items():
+        assert 0 < kernel.registers <= limit, (expression, kernel.registers)
+
+
+def test_cupy_flush_to_zero_is_part_of_the_compile(module):
+    assert CUPY_ADDED_OPTIONS == ("-ftz=true",)
+    assert "mul.rn.ftz.f32" in module.ptx or "mul.ftz.f32" in module.ptx
+    assert "fma.rn" not in module.ptx, "--fmad=false must keep multiplies and adds apart"
+
+
+@pytest.mark.parametrize("dtype", list(ENTRY_POINTS), ids=lambda d: d.name)
+def test_vector_body_uses_128_bit_loads_and_stores(module, tools, dtype):
+    kernel = module.kernels[ENTRY_POINTS[dtype].name_expression]
+    code = sass(module, kernel.lowered_name)
+    assert f"Function : {kernel.lowered_name}" in code
+    instructions = [line.split("*/", 1)[-1] for line in code.splitlines()]
+    loads = sum("LDG.E.128" in line for line in instructions)
+    stores = sum("STG.E.128" in line for line in instructions)
+    velocity_words = 2 if dtype == np.float16 else 1  # 8 float velocities: 32 bytes
+    assert loads >= 2 + velocity_words, code  # param, grad (read-only), velocity
+    assert stores >= 1 + velocity_words, code
+
+
+def test_ptx_assembles_with_the_ptxas_on_path(module, tmp_path):
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        missing_tool("ptxas is not on PATH (install the CUDA toolkit's compiler)")
+    ptx = tmp_path / "momentum.ptx"
+    ptx.write_text(module.ptx)
+    done = subprocess.run([ptxas, "-v", f"-arch={module.arch}", "-o",
+                           str(tmp_path / "momentum.cubin"), str(ptx)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for kernel in module.kernels.values():
+        assert f"Compiling entry function '{kernel.lowered_name}'" in done.stderr
+
+
+def test_compile_command_writes_cubin_and_ptx_and_reports_spills(tmp_path, capsys, tools):
+    require("cuda.bindings.nvrtc")
+    assert main(["compile", "--arch", "sm_90", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    cubin = tmp_path / "out" / "momentum.sm_90.cubin"
+    ptx = tmp_path / "out" / "momentum.sm_90.ptx"
+    assert cubin.read_bytes() == compile_module("sm_90").cubin
+    assert ".target sm_90" in ptx.read_text()
+    for expression, kernel in compile_module("sm_90").kernels.items():
+        line = next(line for line in out.splitlines() if line.startswith(expression + " "))
+        assert line.split()[1:5] == [str(kernel.registers), "0", "B", "0"], line
+        assert kernel.lowered_name in line
+    dumped = subprocess.run([tools["cuobjdump"], "-elf", str(cubin)], capture_output=True,
+                            text=True, check=True).stdout
+    assert all(k.lowered_name in dumped for k in compile_module("sm_90").kernels.values())
+
+
+@pytest.mark.parametrize("arch, message", [("sm_52", r"supports sm_75"),
+                                           ("hopper", r"look like 'sm_90'")])
+def test_compile_command_rejects_unknown_archs(tmp_path, capsys, arch, message):
+    require("cuda.bindings.nvrtc")
+    assert main(["compile", "--arch", arch, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"Invalid arch value: {arch!r}" in err
+    assert re.search(message, err), err
+    assert not list(tmp_path.iterdir())
