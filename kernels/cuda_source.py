@@ -74,9 +74,10 @@ def cuda_include_dir():
 
 @functools.cache
 def module_source():
-    """The exact CUDA C text of the module: settings as #defines, then kernels/momentum.cu."""
+    """The exact CUDA C text of the module: settings as #defines, then momentum.cu."""
     settings = [f"#define GM_BLOCK_SIZE {BLOCK_SIZE}",
-                f"#define GM_MIN_BLOCKS_PER_SM {MIN_BLOCKS_PER_SM}"]
+                f"#define GM_MIN_BLOCKS_PER_SM {MIN_BLOCKS_PER_SM}",
+                f"#define GM_VECTOR_BYTES {VECTOR_BYTES}"]
     settings += [f"#define GM_FLAG_{name} {bit}u" for name, bit in FLAGS.items()]
     body = importlib.resources.files(__package__).joinpath("momentum.cu").read_text()
     return "\n".join(settings) + "\n" + body
@@ -160,11 +161,12 @@ def supported_archs():
 
 
 @functools.cache
-def compile_module(arch):
+def compile_module(arch, options=None):
     """Compiles module_source() with module_options() for `arch` ("sm_90") with NVRTC.
 
-    The options are RawModule's plus what CuPy adds itself, the architecture, and ptxas -v
-    for the resource report; this is the code a device of that architecture runs.
+    The options are RawModule's plus what CuPy adds itself (or `options`, a tuple), the
+    architecture, and ptxas -v for the resource report: the code a device of that
+    architecture runs.
     """
     if not isinstance(arch, str) or not re.fullmatch(r"sm_\d+[af]?", arch):
         raise ValueError(f"Invalid arch value: {arch!r} (arch must look like 'sm_90')")
@@ -173,8 +175,9 @@ def compile_module(arch):
                          f"{'.'.join(map(str, nvrtc_version()))} supports "
                          f"{', '.join(supported_archs())})")
     nvrtc = _nvrtc()
-    options = [*module_options(), *CUPY_ADDED_OPTIONS, f"--gpu-architecture={arch}",
-               "-Xptxas=-v"]
+    if options is None:
+        options = (*module_options(), *CUPY_ADDED_OPTIONS)
+    options = [*options, f"--gpu-architecture={arch}", "-Xptxas=-v"]
     program = _check(nvrtc.nvrtcCreateProgram(module_source().encode(), b"momentum.cu", 0,
                                               [], []), "create program")
     try:

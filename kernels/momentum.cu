@@ -11,12 +11,12 @@
 //   T* param                  n elements, updated in place
 //   const T* grad             n elements
 //   V* velocity               n elements, updated in place (read and written as flags say)
-//   long long n               element count; 64-bit, as buffers over 2**31 elements are normal
+//   long long n               element count (buffers over 2**31 elements are normal)
 //   C lr, C momentum          learning rate, momentum
 //   C grad_coeff              1 - dampening (torch style; classic ignores it)
 //   C weight_decay            only read with GM_FLAG_WEIGHT_DECAY
 //   unsigned flags            GM_FLAG_* bits, the same for every element of a launch
-// Launch: GM_BLOCK_SIZE threads per block, any grid size (grid-stride loops).
+// Launch: at most GM_BLOCK_SIZE threads per block, any grid size (grid-stride loops).
 //
 // The maths follows kernels/elementwise.py operation for operation (and no FMA contraction:
 // the options carry --fmad=false), so it matches gpu_momentum.reference bit for bit.
@@ -96,19 +96,17 @@ struct alignas(16) Pack {
     T x[W];
 };
 
-constexpr int GM_VECTOR_BYTES = 16;
-
+// Elements per 128-bit word. A function, not a static member: NVRTC would emit the member
+// as a global variable.
 template <typename T>
-struct Vector {
-    static constexpr int width = GM_VECTOR_BYTES / sizeof(T);
-};
+__host__ __device__ constexpr int vector_width() { return GM_VECTOR_BYTES / sizeof(T); }
 
 template <typename T, typename V, typename C>
 __device__ __forceinline__ void update_vector(T* __restrict__ param,
                                               const T* __restrict__ grad,
                                               V* __restrict__ velocity, long long i,
                                               const Hyper<C>& h) {
-    constexpr int W = Vector<T>::width;
+    constexpr int W = vector_width<T>();
     using PT = Pack<T, W>;
     using PV = Pack<V, W>;
     PT p = *reinterpret_cast<const PT*>(param + i);
@@ -154,7 +152,7 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
               typename gm::Types<T>::compute lr, typename gm::Types<T>::compute momentum,
               typename gm::Types<T>::compute grad_coeff,
               typename gm::Types<T>::compute weight_decay, unsigned flags) {
-    constexpr int W = gm::Vector<T>::width;
+    constexpr int W = gm::vector_width<T>();
     const auto h = gm::load_hyper(lr, momentum, grad_coeff, weight_decay, flags);
     const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;

@@ -14,9 +14,9 @@ import pytest
 from gpu_momentum.cli import main
 from gpu_momentum.kernels import cupy_kernels
 from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, CUPY_ADDED_OPTIONS, ENTRY_POINTS,
-                                              FLAGS, MIN_BLOCKS_PER_SM, compile_module,
-                                              find_tool, module_options, module_source,
-                                              name_expressions, sass)
+                                              FLAGS, MIN_BLOCKS_PER_SM, VECTOR_BYTES,
+                                              compile_module, find_tool, module_options,
+                                              module_source, name_expressions, sass)
 from harness import missing_tool, require
 
 ARCHS = ("sm_80", "sm_90")
@@ -65,10 +65,22 @@ class _NoDevice:
         return False
 
 
+def test_cupys_own_option_assembly_builds_the_same_code(module):
+    """RawModule's compiler adds CuPy's include paths and --std=c++17 to our options
+    (CuPy internals, checked here so that a CuPy upgrade that changes them is noticed);
+    they must not change a byte of the cubin."""
+    core = require("cupy._core.core")
+    assembled = tuple(core.assemble_cupy_compiler_options(module_options()))
+    assert set(module_options()) <= set(assembled)
+    theirs = compile_module(module.arch, assembled + CUPY_ADDED_OPTIONS)
+    assert theirs.cubin == module.cubin
+
+
 def test_source_carries_the_settings_python_launches_with():
     source = module_source()
     assert f"#define GM_BLOCK_SIZE {BLOCK_SIZE}\n" in source
     assert f"#define GM_MIN_BLOCKS_PER_SM {MIN_BLOCKS_PER_SM}\n" in source
+    assert f"#define GM_VECTOR_BYTES {VECTOR_BYTES}\n" in source
     for name, bit in FLAGS.items():
         assert f"#define GM_FLAG_{name} {bit}u\n" in source
         assert f"GM_FLAG_{name}" in source.split("#include <cuda_fp16.h>")[1]
@@ -82,6 +94,8 @@ def test_every_entry_point_compiles_without_spills(module):
         assert kernel.spill_store_bytes == kernel.spill_load_bytes == 0, (
             f"{expression} spills on {module.arch}:\n{module.log}")
         assert kernel.stack_frame_bytes == 0, f"{expression} uses local memory"
+    globals_ = [int(n) for n in re.findall(r"(\d+) bytes gmem", module.log)]
+    assert not any(globals_), f"the module holds global variables:\n{module.log}"
 
 
 def test_registers_allow_the_resident_blocks_launch_bounds_promise(module):

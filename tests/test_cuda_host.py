@@ -10,7 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from configs import CONFIGS, STEPS, hyper_at, problem
+from bitwise import SIZES, assert_bitwise, same_precision_step, start
+from configs import CONFIGS, hyper_at
 from gpu_momentum._hyperparams import Hyperparameters
 from gpu_momentum.kernels.cuda_source import BLOCK_SIZE, FLAGS, vector_width
 from gpu_momentum.kernels.cupy_kernels import (grid_size, kernel_flags, launch_plan,
@@ -19,9 +20,7 @@ from gpu_momentum.reference import reference_step
 from host_kernel import (GUARD_BYTE, HostKernel, build_library, build_sanitized_driver,
                          view_at)
 
-HOST_SIZES = (0, 1, 3, 5, 1023, 278011)
 DTYPES = [np.float16, np.float32, np.float64]
-_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 @pytest.fixture(scope="session")
@@ -29,36 +28,8 @@ def kernel(tmp_path_factory):
     return HostKernel(build_library(tmp_path_factory.mktemp("cuda-host")))
 
 
-def same_precision_step(param, grad, velocity, **hyper):
-    """The reference in the kernel's precision: float16 params are stored in float16 and
-    computed in float32, like the kernel's __half entry point."""
-    if param.dtype != np.float16:
-        return reference_step(param, grad, velocity, dtype=param.dtype, **hyper)
-    p, v = reference_step(param.astype(np.float32), grad.astype(np.float32), velocity,
-                          dtype=np.float32, **hyper)
-    return p.astype(np.float16), v
-
-
-def assert_bitwise(actual, expected, what):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    uint = _UINT[actual.dtype.itemsize]
-    mismatch = np.flatnonzero(actual.view(uint) != expected.reshape(-1).view(uint))
-    assert mismatch.size == 0, (f"{what}: {mismatch.size} elements differ, first at "
-                                f"{mismatch[0]}: {actual[mismatch[0]]!r} != "
-                                f"{expected.reshape(-1)[mismatch[0]]!r}")
-
-
-def start(size, dtype):
-    """Params, per-step gradients and a NaN velocity: the first step must not read it."""
-    param, grads = problem(size)
-    velocity_dtype = np.float32 if dtype == np.float16 else dtype
-    return (param.astype(dtype), [g.astype(dtype) for g in grads],
-            np.full(size, np.nan, velocity_dtype))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("size", HOST_SIZES)
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_host_kernel_matches_reference_bitwise(kernel, config, size, dtype):
     param, grads, velocity = start(size, dtype)
@@ -100,7 +71,8 @@ MISALIGNED_CONFIGS = [CONFIGS[4], CONFIGS[6], CONFIGS[11], CONFIGS[14]]
 # float64 elements cannot start 4 or 12 bytes past a boundary: see
 # test_element_misaligned_arrays_are_rejected.
 OFFSETS = [pytest.param(dtype, offset, id=f"{np.dtype(dtype).name}-{offset}B")
-           for dtype in DTYPES for offset in (4, 8, 12) if offset % np.dtype(dtype).itemsize == 0]
+           for dtype in DTYPES for offset in (4, 8, 12)
+           if offset % np.dtype(dtype).itemsize == 0]
 
 
 @pytest.mark.parametrize("max_blocks", [1, 10**6])

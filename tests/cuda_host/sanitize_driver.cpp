@@ -79,8 +79,9 @@ struct Case {
                         auto scalar = run(n, offset, g_apart, 0, flags, grid, seed);
                         *launches += 2;
                         if (vector != scalar) {
-                            std::printf("%s: n=%lld offset=%zu flags=%u grid=%u: vector and "
-                                        "scalar paths differ\n", name, n, offset, flags, grid);
+                            std::printf("%s: n=%lld offset=%zu flags=%u grid=%u: vector "
+                                        "and scalar paths differ\n", name, n, offset, flags,
+                                        grid);
                             ++failures;
                         }
                     }
