@@ -110,10 +110,17 @@ class CupyBackend:
         import cupy
         cupy.cuda.get_current_stream().synchronize()
 
-    def step(self, param, grad, velocity, hyper, fresh_velocity):
+    def step(self, param, grad, velocity, hyper, fresh_velocity, inv_grad_scale):
         from .kernels.cupy_kernels import momentum_step_cupy
 
-        momentum_step_cupy(param, grad, velocity, hyper, fresh_velocity)
+        momentum_step_cupy(param, grad, velocity, hyper, fresh_velocity, inv_grad_scale)
+
+    def step_skipping_nonfinite(self, param, grad, velocity, hyper, inv_grad_scale,
+                                counters):
+        from .kernels.cupy_kernels import momentum_step_skipping_nonfinite_cupy
+
+        momentum_step_skipping_nonfinite_cupy(param, grad, velocity, hyper, inv_grad_scale,
+                                              counters)
 
 
 _BACKENDS = {"cpu": CpuBackend(), "cupy": CupyBackend()}

@@ -16,6 +16,8 @@ import tempfile
 
 import numpy as np
 
+from . import elementwise
+
 BLOCK_SIZE = 256  # threads per block; the kernel's __launch_bounds__
 # __launch_bounds__ holds ptxas to 65536 / (256 * 6) = 42 registers: 6 resident blocks, 1536
 # threads per SM (75% of sm_80/sm_90), each with three 128-bit loads in flight, which keeps
@@ -33,26 +35,38 @@ FLAGS = {
     "WEIGHT_DECAY": 8,
     "FRESH_VELOCITY": 16,  # the velocity does not exist yet: not read
     "KEEP_VELOCITY": 32,  # torch style, momentum 0: velocity neither read nor written
+    "COUNTERS": 64,  # skip and first-step flag come from the counters in device memory
 }
+
+# Slots of the int64[4] step counters, shared with the other backends.
+COUNTERS = {name: getattr(elementwise, name) for name in
+            ("STEP_COUNT", "VELOCITY_INITIALIZED", "SKIPPED_STEPS", "LAST_STEP_SKIPPED")}
 
 
 @dataclasses.dataclass(frozen=True)
 class EntryPoint:
-    name_expression: str
+    """The kernels of one parameter dtype and their C types."""
+
     param_ctype: str
     velocity_ctype: str
     compute_ctype: str
     compute_dtype: np.dtype
 
+    @property
+    def name_expression(self):  # the update
+        return f"momentum_step<{self.param_ctype}>"
+
+    @property
+    def check_expression(self):  # the non-finite gradient check
+        return f"find_nonfinite<{self.param_ctype}>"
+
 
 ENTRY_POINTS = {
-    np.dtype(np.float32): EntryPoint("momentum_step<float>", "float", "float", "float",
-                                     np.dtype(np.float32)),
-    np.dtype(np.float64): EntryPoint("momentum_step<double>", "double", "double", "double",
-                                     np.dtype(np.float64)),
-    np.dtype(np.float16): EntryPoint("momentum_step<__half>", "__half", "float", "float",
-                                     np.dtype(np.float32)),
+    np.dtype(np.float32): EntryPoint("float", "float", "float", np.dtype(np.float32)),
+    np.dtype(np.float64): EntryPoint("double", "double", "double", np.dtype(np.float64)),
+    np.dtype(np.float16): EntryPoint("__half", "float", "float", np.dtype(np.float32)),
 }
+FINISH_EXPRESSION = "finish_step"  # counts a step taken or skipped
 
 # What RawModule appends to the options it is given (CuPy's compiler adds -ftz=true after
 # user options, and NVRTC keeps the last of repeated options). Only float32 subnormals
@@ -79,6 +93,7 @@ def module_source():
                 f"#define GM_MIN_BLOCKS_PER_SM {MIN_BLOCKS_PER_SM}",
                 f"#define GM_VECTOR_BYTES {VECTOR_BYTES}"]
     settings += [f"#define GM_FLAG_{name} {bit}u" for name, bit in FLAGS.items()]
+    settings += [f"#define GM_COUNTER_{name} {slot}" for name, slot in COUNTERS.items()]
     body = importlib.resources.files(__package__).joinpath("momentum.cu").read_text()
     return "\n".join(settings) + "\n" + body
 
@@ -98,7 +113,10 @@ def module_options():
 
 
 def name_expressions():
-    return [entry.name_expression for entry in ENTRY_POINTS.values()]
+    """Every kernel of the module, as RawModule's name_expressions."""
+    expressions = [e.name_expression for e in ENTRY_POINTS.values()]
+    expressions += [e.check_expression for e in ENTRY_POINTS.values()]
+    return [*expressions, FINISH_EXPRESSION]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,11 +3,11 @@
 // text that kernels/cuda_source.py builds, which prepends the GM_* #defines used below; the
 // same text is compiled for the CPU by the tests (tests/cuda_host/shim.h).
 //
-// Entry points, listed as NVRTC name expressions: momentum_step<T> for T = float, double and
-// __half. Storage type T, velocity type V (float for __half, else T), compute type C (double
-// for double, else float: __half is stored, never computed with).
+// Entry points, listed as NVRTC name expressions, for T = float, double and __half: storage
+// type T, velocity type V (float for __half, else T), compute type C (double for double,
+// else float: __half is stored, never computed with).
 //
-// Kernel arguments, in order:
+// momentum_step<T>: the update. Arguments, in order:
 //   T* param                  n elements, updated in place
 //   const T* grad             n elements
 //   V* velocity               n elements, updated in place (read and written as flags say)
@@ -15,15 +15,24 @@
 //   C lr, C momentum          learning rate, momentum
 //   C grad_coeff              1 - dampening (torch style; classic ignores it)
 //   C weight_decay            only read with GM_FLAG_WEIGHT_DECAY
+//   C inv_grad_scale          1 / loss scale; exactly 1 without loss scaling
 //   unsigned flags            GM_FLAG_* bits, the same for every element of a launch
+//   const long long* counters with GM_FLAG_COUNTERS, the step counters in device memory
+//                             (GM_COUNTER_* slots): the step does nothing when
+//                             LAST_STEP_SKIPPED is set, and is a first step when
+//                             VELOCITY_INITIALIZED is not; otherwise unused (may be null)
+// Skipping steps with a non-finite gradient, all on the stream, no host round trip:
+//   counters[LAST_STEP_SKIPPED] = 0 (a memset), find_nonfinite<T>(grad, n, inv_grad_scale,
+//   counters) sets it when a scaled gradient element is NaN or inf, momentum_step<T> with
+//   GM_FLAG_COUNTERS, then finish_step(counters, initializes_velocity) counts the step.
 // Launch: at most GM_BLOCK_SIZE threads per block, any grid size (grid-stride loops).
 //
 // The maths follows kernels/elementwise.py operation for operation (and no FMA contraction:
 // the options carry --fmad=false), so it matches gpu_momentum.reference bit for bit.
 //
-// Seam for later per-step inputs (a gradient scale factor, a device-side skip flag, a
-// per-group hyperparameter table): they become arguments after `flags` and are folded into
-// the Hyper<C> each thread builds once in load_hyper; the element update reads only Hyper.
+// Seam for later per-step inputs (a per-group hyperparameter table, say): they become
+// arguments after `counters` and are folded into the Hyper<C> each thread builds once in
+// load_hyper; the element update reads only Hyper.
 
 #include <cuda_fp16.h>
 
@@ -44,7 +53,7 @@ __device__ __forceinline__ void store(__half& out, float x) { out = __float2half
 
 template <typename C>
 struct Hyper {
-    C lr, momentum, grad_coeff, weight_decay;
+    C lr, momentum, grad_coeff, weight_decay, inv_grad_scale;
     unsigned flags;
     __device__ __forceinline__ bool has(unsigned flag) const { return (flags & flag) != 0; }
     // The old velocity is read unless it does not exist yet (first step) or torch style
@@ -54,16 +63,31 @@ struct Hyper {
     }
 };
 
+// Whether this launch runs (false: a non-finite gradient skips the step) and, from the
+// counters or the flags, whether it is a first step.
 template <typename C>
-__device__ __forceinline__ Hyper<C> load_hyper(C lr, C momentum, C grad_coeff,
-                                               C weight_decay, unsigned flags) {
-    return Hyper<C>{lr, momentum, grad_coeff, weight_decay, flags};
+__device__ __forceinline__ bool load_hyper(Hyper<C>& h, C lr, C momentum, C grad_coeff,
+                                           C weight_decay, C inv_grad_scale, unsigned flags,
+                                           const long long* counters) {
+    if (flags & GM_FLAG_COUNTERS) {
+        if (counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) return false;
+        flags &= ~GM_FLAG_FRESH_VELOCITY;
+        if (counters[GM_COUNTER_VELOCITY_INITIALIZED] == 0) flags |= GM_FLAG_FRESH_VELOCITY;
+    }
+    h = Hyper<C>{lr, momentum, grad_coeff, weight_decay, inv_grad_scale, flags};
+    return true;
 }
+
+// NaN and inf give NaN; every finite x gives exactly 0. Needs no math header, on the GPU
+// or in the host build.
+template <typename C>
+__device__ __forceinline__ bool finite(C x) { return x - x == C(0); }
 
 // One element, in registers. The flags are uniform across the launch, so every branch
 // goes the same way in every thread of a warp.
 template <typename C>
 __device__ __forceinline__ void update(C& p, C g, C& v, const Hyper<C>& h) {
+    g = g * h.inv_grad_scale;
     if (h.has(GM_FLAG_MAXIMIZE)) g = -g;
     if (h.has(GM_FLAG_WEIGHT_DECAY)) g = g + h.weight_decay * p;
     if (h.has(GM_FLAG_CLASSIC)) {
@@ -151,9 +175,15 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
               typename gm::Types<T>::velocity* __restrict__ velocity, long long n,
               typename gm::Types<T>::compute lr, typename gm::Types<T>::compute momentum,
               typename gm::Types<T>::compute grad_coeff,
-              typename gm::Types<T>::compute weight_decay, unsigned flags) {
+              typename gm::Types<T>::compute weight_decay,
+              typename gm::Types<T>::compute inv_grad_scale, unsigned flags,
+              const long long* __restrict__ counters) {
     constexpr int W = gm::vector_width<T>();
-    const auto h = gm::load_hyper(lr, momentum, grad_coeff, weight_decay, flags);
+    gm::Hyper<typename gm::Types<T>::compute> h;
+    if (!gm::load_hyper(h, lr, momentum, grad_coeff, weight_decay, inv_grad_scale, flags,
+                        counters)) {
+        return;
+    }
     const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
 
@@ -174,5 +204,51 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
 #pragma unroll 1
     for (long long i = start + vectors * W + thread; i < n; i += stride) {
         gm::update_element(param, grad, velocity, i, h);
+    }
+}
+
+// Sets counters[GM_COUNTER_LAST_STEP_SKIPPED] when grad * inv_grad_scale (in the compute
+// type, as the update computes it) holds a NaN or inf anywhere; never clears it.
+template <typename T>
+__global__ void __launch_bounds__(GM_BLOCK_SIZE, GM_MIN_BLOCKS_PER_SM)
+find_nonfinite(const T* __restrict__ grad, long long n,
+               typename gm::Types<T>::compute inv_grad_scale,
+               long long* __restrict__ counters) {
+    using C = typename gm::Types<T>::compute;
+    constexpr int W = gm::vector_width<T>();
+    using PT = gm::Pack<T, W>;
+    const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+
+    const long long start = gm::vector_start(grad, grad, grad, n);
+    const long long vectors = (n - start) / W;
+    bool all_finite = true;
+#pragma unroll 1
+    for (long long i = thread; i < vectors; i += stride) {
+        const PT g = *reinterpret_cast<const PT*>(grad + start + i * W);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            all_finite &= gm::finite(gm::to_compute(g.x[k]) * inv_grad_scale);
+        }
+    }
+#pragma unroll 1
+    for (long long i = thread; i < start; i += stride) {
+        all_finite &= gm::finite(gm::to_compute(grad[i]) * inv_grad_scale);
+    }
+#pragma unroll 1
+    for (long long i = start + vectors * W + thread; i < n; i += stride) {
+        all_finite &= gm::finite(gm::to_compute(grad[i]) * inv_grad_scale);
+    }
+    // Every writer stores the same 1, so the race between threads is harmless.
+    if (!all_finite) counters[GM_COUNTER_LAST_STEP_SKIPPED] = 1;
+}
+
+// One thread, after momentum_step: counts the step as taken or skipped.
+__global__ void finish_step(long long* counters, unsigned initializes_velocity) {
+    if (counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) {
+        counters[GM_COUNTER_SKIPPED_STEPS] += 1;
+    } else {
+        counters[GM_COUNTER_STEP_COUNT] += 1;
+        if (initializes_velocity) counters[GM_COUNTER_VELOCITY_INITIALIZED] = 1;
     }
 }

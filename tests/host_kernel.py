@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_momentum._hyperparams import Hyperparameters
-from gpu_momentum.kernels.cuda_source import ENTRY_POINTS, cuda_include_dir, module_source
+from gpu_momentum._hyperparams import Hyperparameters, inverse_grad_scale
+from gpu_momentum.kernels.cuda_source import (COUNTERS, ENTRY_POINTS, FINISH_EXPRESSION,
+                                              cuda_include_dir, module_source)
 from gpu_momentum.kernels.cupy_kernels import launch_plan
 from harness import missing_tool
 
@@ -47,13 +48,22 @@ def launchers_source(module_path):
     for dtype, entry in ENTRY_POINTS.items():
         t, v, c = entry.param_ctype, entry.velocity_ctype, entry.compute_ctype
         lines.append(
-            f'extern "C" void gm_launch_{dtype.name}(unsigned grid, unsigned block, '
+            f'extern "C" void gm_update_{dtype.name}(unsigned grid, unsigned block, '
             f"void* param, const void* grad, void* velocity, long long n, {c} lr, "
-            f"{c} momentum, {c} grad_coeff, {c} weight_decay, unsigned flags) {{\n"
+            f"{c} momentum, {c} grad_coeff, {c} weight_decay, {c} inv_grad_scale, "
+            f"unsigned flags, const long long* counters) {{\n"
             f"    gm_host_launch(grid, block, &{entry.name_expression}, "
             f"static_cast<{t}*>(param), static_cast<const {t}*>(grad), "
             f"static_cast<{v}*>(velocity), n, lr, momentum, grad_coeff, weight_decay, "
-            f"flags);\n}}")
+            f"inv_grad_scale, flags, counters);\n}}")
+        lines.append(
+            f'extern "C" void gm_check_{dtype.name}(unsigned grid, unsigned block, '
+            f"const void* grad, long long n, {c} inv_grad_scale, long long* counters) {{\n"
+            f"    gm_host_launch(grid, block, &{entry.check_expression}, "
+            f"static_cast<const {t}*>(grad), n, inv_grad_scale, counters);\n}}")
+    lines.append(
+        'extern "C" void gm_finish(long long* counters, unsigned initializes_velocity) {\n'
+        f"    gm_host_launch(1, 1, &{FINISH_EXPRESSION}, counters, initializes_velocity);\n}}")
     return "\n".join(lines) + "\n"
 
 
@@ -86,30 +96,57 @@ def build_sanitized_driver(directory):
 
 
 class HostKernel:
-    """momentum_step<T> on the CPU, over NumPy arrays, launched like the cupy backend."""
+    """The kernels on the CPU, over NumPy arrays, launched like the cupy backend's."""
 
     def __init__(self, library_path):
         self.library = ctypes.CDLL(str(library_path))
+        pointer, n, flags = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_uint
         for dtype, entry in ENTRY_POINTS.items():
             scalar = ctypes.c_double if entry.compute_ctype == "double" else ctypes.c_float
-            function = getattr(self.library, f"gm_launch_{dtype.name}")
-            function.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p,
-                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong,
-                                 scalar, scalar, scalar, scalar, ctypes.c_uint]
-            function.restype = None
+            self._declare(f"gm_update_{dtype.name}", flags, flags, pointer, pointer, pointer,
+                          n, scalar, scalar, scalar, scalar, scalar, flags, pointer)
+            self._declare(f"gm_check_{dtype.name}", flags, flags, pointer, n, scalar,
+                          pointer)
+        self._declare("gm_finish", pointer, flags)
 
-    def step(self, param, grad, velocity, *, first_step=False, max_blocks=4, **hyper):
+    def _declare(self, name, *argtypes):
+        function = getattr(self.library, name)
+        function.argtypes = argtypes
+        function.restype = None
+
+    def _plan(self, param, grad, velocity, hyper, first_step, grad_scale, max_blocks,
+              counters):
+        arrays = (param, grad, velocity)
+        plan = launch_plan(param.dtype, param.size, [a.ctypes.data for a in arrays],
+                           Hyperparameters(**hyper), first_step,
+                           inverse_grad_scale(grad_scale), max_blocks, counters)
+        scalars = [float(s) for s in plan.scalars[:-1]]
+        return plan, [a.ctypes.data for a in arrays], scalars, int(plan.scalars[-1])
+
+    def step(self, param, grad, velocity, *, first_step=False, grad_scale=1.0, max_blocks=4,
+             **hyper):
         """In place, like momentum_step; `max_blocks` stands in for the device's limit
         (small, so that the grid-stride loops go round)."""
-        hyper = Hyperparameters(**hyper)
-        arrays = (param, grad, velocity)
-        plan = launch_plan(param.dtype, param.size, [a.ctypes.data for a in arrays], hyper,
-                           first_step, max_blocks)
+        plan, pointers, scalars, flags = self._plan(param, grad, velocity, hyper, first_step,
+                                                    grad_scale, max_blocks, False)
         if plan.grid:
-            function = getattr(self.library, f"gm_launch_{param.dtype.name}")
-            *scalars, flags = plan.scalars
-            function(plan.grid, plan.block, *(a.ctypes.data for a in arrays), int(plan.n),
-                     *(float(s) for s in scalars), int(flags))
+            getattr(self.library, f"gm_update_{param.dtype.name}")(
+                plan.grid, plan.block, *pointers, int(plan.n), *scalars, flags, None)
+
+    def step_skipping_nonfinite(self, param, grad, velocity, counters, *, grad_scale=1.0,
+                                max_blocks=4, **hyper):
+        """The cupy backend's four operations, with `counters` an int64[4] NumPy array."""
+        plan, pointers, scalars, flags = self._plan(param, grad, velocity, hyper, False,
+                                                    grad_scale, max_blocks, True)
+        counters[COUNTERS["LAST_STEP_SKIPPED"]] = 0
+        if plan.grid:
+            getattr(self.library, f"gm_check_{param.dtype.name}")(
+                plan.grid, plan.block, pointers[1], int(plan.n), scalars[4],
+                counters.ctypes.data)
+            getattr(self.library, f"gm_update_{param.dtype.name}")(
+                plan.grid, plan.block, *pointers, int(plan.n), *scalars, flags,
+                counters.ctypes.data)
+        self.library.gm_finish(counters.ctypes.data, int(plan.initializes_velocity))
 
 
 GUARD_BYTE = 0xAB

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from gpu_momentum.cli import main
-from gpu_momentum.kernels import cupy_kernels
-from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, CUPY_ADDED_OPTIONS, ENTRY_POINTS,
+from gpu_momentum.kernels import cupy_kernels, elementwise
+from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, COUNTERS, CUPY_ADDED_OPTIONS,
+                                              ENTRY_POINTS, FINISH_EXPRESSION,
                                               FLAGS, MIN_BLOCKS_PER_SM, VECTOR_BYTES,
                                               compile_module, find_tool, module_options,
                                               module_source, name_expressions, sass)
@@ -81,15 +82,23 @@ def test_source_carries_the_settings_python_launches_with():
     assert f"#define GM_BLOCK_SIZE {BLOCK_SIZE}\n" in source
     assert f"#define GM_MIN_BLOCKS_PER_SM {MIN_BLOCKS_PER_SM}\n" in source
     assert f"#define GM_VECTOR_BYTES {VECTOR_BYTES}\n" in source
+    body = source.split("#include <cuda_fp16.h>")[1]
     for name, bit in FLAGS.items():
         assert f"#define GM_FLAG_{name} {bit}u\n" in source
-        assert f"GM_FLAG_{name}" in source.split("#include <cuda_fp16.h>")[1]
+        assert f"GM_FLAG_{name}" in body
     assert sorted(FLAGS.values()) == [1 << i for i in range(len(FLAGS))]
+    for name, slot in COUNTERS.items():
+        assert f"#define GM_COUNTER_{name} {slot}\n" in source
+        assert slot == getattr(elementwise, name)
+    assert {f"GM_COUNTER_{name}" for name in COUNTERS} <= set(re.findall(r"GM_COUNTER_\w+",
+                                                                          body))
     assert "--fmad=false" in module_options()
 
 
 def test_every_entry_point_compiles_without_spills(module):
     assert set(module.kernels) == set(name_expressions())
+    assert len(module.kernels) == 2 * len(ENTRY_POINTS) + 1  # update, check; finish
+    assert module.kernels[FINISH_EXPRESSION].registers > 0
     for expression, kernel in module.kernels.items():
         assert kernel.spill_store_bytes == kernel.spill_load_bytes == 0, (
             f"{expression} spills on {module.arch}:\n{module.log}")
@@ -121,6 +130,8 @@ def test_vector_body_uses_128_bit_loads_and_stores(module, tools, dtype):
     velocity_words = 2 if dtype == np.float16 else 1  # 8 float velocities: 32 bytes
     assert loads >= 2 + velocity_words, code  # param, grad (read-only), velocity
     assert stores >= 1 + velocity_words, code
+    check = module.kernels[ENTRY_POINTS[dtype].check_expression]
+    assert "LDG.E.128" in sass(module, check.lowered_name)
 
 
 def test_ptx_assembles_with_the_ptxas_on_path(module, tmp_path):

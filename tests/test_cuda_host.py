@@ -14,8 +14,9 @@ from bitwise import SIZES, assert_bitwise, same_precision_step, start
 from configs import CONFIGS, hyper_at
 from gpu_momentum._hyperparams import Hyperparameters
 from gpu_momentum.kernels.cuda_source import BLOCK_SIZE, FLAGS, vector_width
-from gpu_momentum.kernels.cupy_kernels import (grid_size, kernel_flags, launch_plan,
-                                               scalar_arguments)
+from gpu_momentum.kernels.cupy_kernels import grid_size, kernel_flags, launch_plan
+from gpu_momentum.kernels.elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
+                                              VELOCITY_INITIALIZED)
 from gpu_momentum.reference import reference_step
 from host_kernel import (GUARD_BYTE, HostKernel, build_library, build_sanitized_driver,
                          view_at)
@@ -63,6 +64,65 @@ def test_float16_error_is_bounded_by_the_same_precision_reference(kernel, config
     assert np.abs(param.astype(np.float64) - exact_p).max() <= 2 * bound
     v_bound = np.abs(same_v.astype(np.float64) - exact_v).max()
     assert np.abs(velocity.astype(np.float64) - exact_v).max() <= 2 * v_bound
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_grad_scale_divides_the_gradient_bitwise(kernel, config, dtype):
+    """grad * (1 / grad_scale) first, in the compute dtype, as the reference does."""
+    param, grads, velocity = start(1023, dtype)
+    p, v = param.copy(), velocity.copy()
+    for step, grad in enumerate(grads):
+        hyper = hyper_at(config, step)
+        scaled = (grad.astype(np.float64) * 3).astype(dtype)
+        kernel.step(p, scaled, v, first_step=step == 0, grad_scale=3.0, **hyper)
+        param, velocity = same_precision_step(param, scaled, velocity, first_step=step == 0,
+                                              grad_scale=3.0, **hyper)
+        assert_bitwise(p, param, f"param after step {step + 1}")
+        assert_bitwise(v, velocity, f"velocity after step {step + 1}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("style", ["classic", "torch"])
+def test_nonfinite_gradients_skip_the_step_on_the_device(kernel, style, dtype):
+    """The skipping path's four operations: a poisoned step changes only the counters; a
+    skipped first step leaves the next one first (the NaN velocity is never read)."""
+    param, grads, velocity = start(4099, dtype)
+    p, v = param.copy(), velocity.copy()
+    counters = np.zeros(4, np.int64)
+    poisoned = {0: (0, np.nan), 1: (4098, np.inf), 3: (2047, -np.inf)}
+    hyper = {"lr": 0.1, "momentum": 0.9, "style": style}
+    taken = 0
+    for step, grad in enumerate(grads):
+        if step in poisoned:
+            where, value = poisoned[step]
+            grad = grad.copy()
+            grad[where] = value
+        before = p.tobytes(), v.tobytes()
+        kernel.step_skipping_nonfinite(p, grad, v, counters, **hyper)
+        if step in poisoned:
+            assert (p.tobytes(), v.tobytes()) == before
+        else:
+            param, velocity = same_precision_step(param, grad, velocity,
+                                                  first_step=taken == 0, **hyper)
+            taken += 1
+            assert_bitwise(p, param, f"param after step {step + 1}")
+            assert_bitwise(v, velocity, f"velocity after step {step + 1}")
+        assert counters[LAST_STEP_SKIPPED] == (step in poisoned)
+        assert counters[STEP_COUNT] == taken
+        assert counters[SKIPPED_STEPS] == step + 1 - taken
+        assert counters[VELOCITY_INITIALIZED] == (taken > 0)
+
+
+def test_skipping_counts_overflow_when_unscaling_and_keeps_torch_momentum_0_first(kernel):
+    p, v = np.ones(9, np.float32), np.full(9, np.nan, np.float32)
+    counters = np.zeros(4, np.int64)
+    kernel.step_skipping_nonfinite(p, np.full(9, 3e38, np.float32), v, counters, lr=0.1,
+                                   grad_scale=0.1)  # 3e39 is inf in float32
+    assert list(counters) == [0, 0, 1, 1] and (p == 1).all()
+    kernel.step_skipping_nonfinite(p, np.ones(9, np.float32), v, counters, lr=0.5,
+                                   momentum=0.0, style="torch")
+    assert list(counters) == [1, 0, 1, 0] and (p == 0.5).all() and np.isnan(v).all()
 
 
 MISALIGNED_CONFIGS = [CONFIGS[4], CONFIGS[6], CONFIGS[11], CONFIGS[14]]
@@ -152,6 +212,8 @@ def test_flags_encode_every_variant():
     keep = Hyperparameters(lr=0.1, momentum=0.0, style="torch")
     assert kernel_flags(keep, True) == kernel_flags(keep, False) == FLAGS["KEEP_VELOCITY"]
     assert kernel_flags(Hyperparameters(lr=0.1, momentum=0.0), False) == FLAGS["CLASSIC"]
+    assert kernel_flags(Hyperparameters(lr=0.1), False, counters=True) == (
+        FLAGS["CLASSIC"] | FLAGS["COUNTERS"])
 
 
 @pytest.mark.parametrize("dtype, compute", [(np.float16, np.float32),
@@ -160,10 +222,11 @@ def test_flags_encode_every_variant():
 def test_scalars_are_in_the_compute_dtype(dtype, compute):
     hyper = Hyperparameters(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=1e-4,
                             style="torch")
-    *scalars, flags = scalar_arguments(dtype, hyper, False)
-    assert [type(s) for s in scalars] == [compute] * 4
-    assert scalars[2] == compute(1) - compute(0.3)
-    assert type(flags) is np.uint32
+    plan = launch_plan(dtype, 8, [0, 16, 32], hyper, False, 0.25, 10)
+    *scalars, flags = plan.scalars
+    assert [type(s) for s in scalars] == [compute] * 5
+    assert scalars[2] == compute(1) - compute(0.3) and scalars[4] == 0.25
+    assert type(flags) is np.uint32 and type(plan.initializes_velocity) is np.uint32
 
 
 def test_grid_covers_the_buffer_up_to_one_wave():
@@ -173,6 +236,6 @@ def test_grid_covers_the_buffer_up_to_one_wave():
     assert grid_size(4 * BLOCK_SIZE + 1, np.float32, 1056) == 2
     assert grid_size(2**31 + 5, np.float32, 1056) == 1056
     plan = launch_plan(np.float32, 2**31 + 5, [0, 16, 32], Hyperparameters(lr=0.1), False,
-                       1056)
+                       1.0, 1056)
     assert type(plan.n) is np.int64 and plan.n == 2**31 + 5
     assert vector_width(np.float16) == 8 and vector_width(np.float64) == 2

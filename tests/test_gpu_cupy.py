@@ -115,13 +115,14 @@ extern "C" __global__ void spin(unsigned long long nanoseconds) {
 """
 
 
-def test_step_queues_work_without_synchronising_or_allocating(cupy):
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_step_queues_work_without_synchronising_or_allocating(cupy, skip_nonfinite):
     param = cupy.zeros(1 << 20, np.float32)
     grad = cupy.ones(1 << 20, np.float32)
-    opt = gm.MomentumSGD(param, lr=0.1, momentum=0.9)
+    opt = gm.MomentumSGD(param, lr=0.1, momentum=0.9, skip_nonfinite=skip_nonfinite)
     opt.step(grad)  # compiles the module and works out the launch limit
     cupy.cuda.get_current_stream().synchronize()
-    compiled = cupy_kernels._kernel.cache_info().currsize
+    compiled = cupy_kernels._kernels.cache_info().currsize
     pool = cupy.get_default_memory_pool()
     used = pool.used_bytes()
 
@@ -133,12 +134,13 @@ def test_step_queues_work_without_synchronising_or_allocating(cupy):
         opt.step(grad)
     assert not stream.done, "step() waited for the GPU"
     assert pool.used_bytes() == used, "step() allocated device memory"
-    assert cupy_kernels._kernel.cache_info().currsize == compiled
+    assert cupy_kernels._kernels.cache_info().currsize == compiled
     stream.synchronize()
     velocity = np.float32(-0.1)
     for lr in (np.float32(0.1), np.float32(0.05), np.float32(0.02)):
         velocity = np.float32(0.9) * velocity - lr * np.float32(1)
     np.testing.assert_array_equal(cupy.asnumpy(opt.velocity[:3]), velocity)
+    assert (opt.step_count, opt.skipped_steps) == (4, 0)
 
 
 def test_cuda_array_interface_arrays_are_taken_without_a_copy(cupy):

@@ -1,4 +1,4 @@
-// The host-compiled kernel under AddressSanitizer and UBSan: every entry point over odd
+// The host-compiled kernels under AddressSanitizer and UBSan: every entry point over odd
 // sizes, every element-aligned start within a 16-byte word, every flag combination and a
 // few grid sizes. Each array sits in an allocation of exactly its own size, so a read or
 // write past its end stops the run; UBSan stops it on a misaligned vector access. Each
@@ -8,6 +8,7 @@
 // Built by tests/host_kernel.py: g++ -include shim.h -DGM_MODULE_SOURCE="<module source>".
 #include GM_MODULE_SOURCE
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <new>
@@ -52,15 +53,27 @@ struct Case {
             g.at<T>()[i] = from_float<T>(uniform(rng));
             v.at<V>()[i] = static_cast<V>(uniform(rng));
         }
+        // Velocity initialised, step not skipped: read when GM_FLAG_COUNTERS is set.
+        const long long counters[4] = {0, 1, 0, 0};
         gm_host_launch(grid, 32u, &momentum_step<T>, p.at<T>(),
                        static_cast<const T*>(g.at<T>()), v.at<V>(), n, C(0.05), C(0.9),
-                       C(0.7), C(0.01), flags);
+                       C(0.7), C(0.01), C(0.5), flags, counters);
         std::vector<unsigned char> out(n * (sizeof(T) + sizeof(V)));
         if (n > 0) {
             std::memcpy(out.data(), p.at<T>(), n * sizeof(T));
             std::memcpy(out.data() + n * sizeof(T), v.at<V>(), n * sizeof(V));
         }
         return out;
+    }
+
+    // find_nonfinite over a gradient at `offset`, finite or with one NaN at `bad`.
+    static long long check(long long n, size_t offset, long long bad, unsigned grid) {
+        Buffer g(offset, n * sizeof(T));
+        for (long long i = 0; i < n; ++i) g.at<T>()[i] = from_float<T>(i == bad ? NAN : 1.0f);
+        long long counters[4] = {0, 0, 0, 0};
+        gm_host_launch(grid, 32u, &find_nonfinite<T>, static_cast<const T*>(g.at<T>()), n,
+                       C(0.5), counters);
+        return counters[GM_COUNTER_LAST_STEP_SKIPPED];
     }
 
     static int all(const char* name, long long* launches) {
@@ -72,7 +85,16 @@ struct Case {
                 // the same element index then sits at a proportionally larger offset.
                 const size_t v_offset = offset * sizeof(V) / sizeof(T) % 16;
                 const size_t g_apart = (offset + sizeof(T)) % 16;
-                for (unsigned flags = 0; flags < 64; ++flags) {
+                for (long long bad : {-1LL, 0LL, n / 2, n - 1}) {
+                    const long long found = check(n, offset, bad, 3);
+                    *launches += 1;
+                    if (found != (bad >= 0 && bad < n)) {
+                        std::printf("%s: n=%lld offset=%zu NaN at %lld: found=%lld\n", name,
+                                    n, offset, bad, found);
+                        ++failures;
+                    }
+                }
+                for (unsigned flags = 0; flags < 2 * GM_FLAG_COUNTERS; ++flags) {
                     for (unsigned grid : {1u, 3u}) {
                         const unsigned seed = static_cast<unsigned>(n * 131 + offset);
                         auto vector = run(n, offset, offset, v_offset, flags, grid, seed);
