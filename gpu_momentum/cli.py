@@ -10,6 +10,8 @@ def main(argv=None):
 
     from .demo import add_demo_command
     add_demo_command(commands)
+    from .bench.command import add_bench_command
+    add_bench_command(commands)
 
     args = parser.parse_args(argv)
     return args.run(args)
