@@ -189,8 +189,15 @@ def plot(result, path):
 
     rows = result["results"]
     dtypes = sorted({r["dtype"] for r in rows}) or ["float32"]
-    names = sorted({r["name"] for r in rows})
-    colors = dict(zip(names, plt.get_cmap("tab20").colors * 2))
+    kinds = {r["name"]: r["kind"] for r in rows}
+    names = sorted(kinds, key=lambda name: (KINDS.index(kinds[name]), name))
+    lines = [n for n in names if kinds[n] != "roofline"]
+    rooflines = [n for n in names if kinds[n] == "roofline"]
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    of_record = {r["roofline"] for r in rows}
+    colors = {**dict(zip(lines, palette)),
+              **{n: "black" if n in of_record else "gray" for n in rooflines}}
+    both_devices = len({r["device"] for r in rows}) > 1
     many = sorted({r["workload"] for r in rows} - {"flat"})
     columns = 2 if many else 1
     figure, axes = plt.subplots(len(dtypes), columns, squeeze=False,
@@ -208,9 +215,11 @@ def plot(result, path):
             sweep.plot([r["n"] for r in line], [r["gbps"] for r in line],
                        linestyle="--" if dashed else "-", marker="" if dashed else "o",
                        markersize=3, linewidth=2.2 if kind == "backend" else 1.4,
-                       color="black" if name == line[0]["roofline"] else colors[name],
-                       label=name)
+                       zorder=3 if kind == "backend" else 2,
+                       color=colors[name], label=name)
         sweep.set_xscale("log", base=2)
+        if both_devices:  # GPU and CPU bandwidths differ a hundredfold
+            sweep.set_yscale("log")
         sweep.set_xlabel("elements in the buffer")
         sweep.set_ylabel("GB/s (bytes each row moves per element)")
         sweep.set_title(f"one flat buffer, {dtype}")
@@ -226,14 +235,17 @@ def plot(result, path):
 
 
 def _bars(ax, rows, workloads, colors):
-    labels, values, shades = [], [], []
+    labels, values, shades, hatches = [], [], [], []
     for workload in workloads:
         for row in sorted((r for r in rows if r["workload"] == workload),
                           key=lambda r: r["gbps"]):
             labels.append(f"{workload}: {row['name']}")
             values.append(row["gbps"])
             shades.append(colors[row["name"]])
-    ax.barh(range(len(values)), values, color=shades)
+            hatches.append("//" if row["kind"] == "roofline" else "")
+    bars = ax.barh(range(len(values)), values, color=shades)
+    for bar, hatch in zip(bars, hatches):
+        bar.set_hatch(hatch)
     ax.set_yticks(range(len(values)), labels, fontsize=7)
     ax.set_xlabel("GB/s")
     ax.set_title("many tensors: one flat buffer vs per tensor")

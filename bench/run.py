@@ -66,6 +66,10 @@ def make_problem(n, dtype, shapes=None, seed=0):
 
 def set_threads(threads):
     """Numba and torch (when present) both use `threads` threads; returns what they use."""
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"Invalid threads value: {threads} (Numba started with "
+                         f"{numba.config.NUMBA_NUM_THREADS}; set NUMBA_NUM_THREADS to "
+                         f"allow more)")
     numba.set_num_threads(threads)
     used = {"numba": numba.get_num_threads()}
     torch = sys.modules.get("torch")
@@ -130,10 +134,10 @@ def run(options, progress=None):
     """Measures everything; returns the result dict (rows without derived ratios)."""
     candidates, absent = discover(options.devices)
     threads = set_threads(options.threads)
-    gpu = sys.modules.get(f"{__package__}.gpu") if "cuda" in options.devices else None
     gpu_used = any(c.device == "cuda" for c in candidates)
     limits = {"cpu": available_host_bytes()}
     if gpu_used:
+        from . import gpu
         limits["cuda"] = gpu.free_bytes()
 
     todo = list(problems(options))

@@ -14,10 +14,13 @@ import pytest
 from gpu_momentum.bench import candidates, command, gpu, report
 from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_bytes,
                                         summarize, update_bytes)
-from gpu_momentum.bench.run import Options, fits, make_problem, run
+from gpu_momentum.bench.run import Options, fits, make_problem, run, set_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
+GPU_REASON = gpu.unavailable_reason()
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(GPU_REASON is not None,
+                                                 reason=f"no GPU: {GPU_REASON}")]
 
 
 @pytest.mark.parametrize("dtype, velocity, update, stream, copy", [
@@ -170,6 +173,11 @@ def test_memory_cap():
     assert fits("cuda", 2**30, "float16", {"cuda": 28 * GIB}) is not None  # 24 > 0.8*28
 
 
+def test_more_threads_than_numba_has_is_refused():
+    with pytest.raises(ValueError, match="Invalid threads value"):
+        set_threads(numba.config.NUMBA_NUM_THREADS + 1)
+
+
 def test_sizes_and_quick_defaults():
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
@@ -191,19 +199,20 @@ SMALL = make_problem(1000, "float32")
 TENSORS = make_problem(3 * 4 + 5 + 7 * 2, "float32", shapes=[(3, 4), (5,), (7, 2)])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 @pytest.mark.parametrize("problem", [SMALL, TENSORS], ids=["flat", "tensors"])
-def test_every_update_candidate_does_the_same_update(problem):
+def test_every_update_candidate_does_the_same_update(problem, device):
     """Backends and peers all apply three momentum steps to the same data: none is faked."""
     p, v = problem.p0.astype(np.float64), np.zeros(problem.n)
     for _ in range(3):
         v = candidates.MOMENTUM * v - candidates.LR * problem.g0
         p = p + v
-    found, _ = candidates.discover(("cpu",))
+    found, _ = candidates.discover((device,))
     updates = [c for c in found if c.kind != "roofline"]
     assert {c.kind for c in updates} == {"backend", "peer"}
     for candidate in updates:
         built = candidate.build(problem)
-        for _ in range(3 if candidate.name.startswith(("gpu-momentum", "numpy")) else 2):
+        for _ in range(2 if candidate.name.startswith("torch") else 3):
             built.step()  # torch's build already took its first step
         got = np.concatenate([a.reshape(-1) for a in built.params()])
         np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-6, err_msg=candidate.name)
@@ -232,7 +241,7 @@ def test_absent_torch_is_listed_never_faked(monkeypatch):
 def test_gpu_peers_are_measured_or_listed_with_a_reason():
     found, absent = candidates.discover(("cpu", "cuda"))
     gpu_names = {candidates.CUPY_PEER, candidates.ROOFLINES["cuda"]}
-    reason = gpu.unavailable_reason()
+    reason = GPU_REASON
     if reason is None:
         assert gpu_names <= {c.name for c in found}
     else:
@@ -287,3 +296,22 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
                      and r["workload"] == row["workload"] and r["dtype"] == row["dtype"]}
             assert set(row["speedup"]) == peers and peers
     assert plot_path.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"no GPU: {GPU_REASON}")
+def test_quick_gpu_run_times_every_gpu_candidate(tmp_path):
+    json_path = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-progress", "--devices", "cuda",
+         "--json", str(json_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(json_path.read_text())
+    report.check_schema(result)
+    assert result["machine"]["gpu"]["name"] == result["device"]
+    rows = result["results"]
+    assert rows and all(r["device"] == "cuda" for r in rows)
+    roofline = candidates.ROOFLINES["cuda"]
+    assert {candidates.CUPY_PEER, roofline} <= {r["name"] for r in rows}
+    for row in rows:
+        assert row["roofline"] == roofline and row["roofline_fraction"] is not None
