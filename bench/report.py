@@ -93,8 +93,10 @@ def slug(device):
 def result_name(result):
     if result["machine"].get("gpu"):
         return "gpu-" + slug(result["device"])
-    threads = result["machine"]["threads"]["numba"]
-    return f"cpu-{slug(result['machine']['processor'])}-{threads}threads"
+    machine = result["machine"]
+    name = f"cpu-{slug(machine['processor'])}-{machine['cores']}cores"
+    threads = machine["threads"]["numba"]
+    return name if threads == machine["cores"] else f"{name}-{threads}threads"
 
 
 # ---- the table ----
@@ -121,8 +123,13 @@ def _columns(header, lines):
 
 def table(result):
     """The readable summary: one block per workload and dtype."""
-    out = [f"gpu-momentum bench on {result['device']}  "
-           f"(threads: {result['machine']['threads']})", ""]
+    machine = result["machine"]
+    out = [f"gpu-momentum bench on {result['device']}  (threads: {machine['threads']})"]
+    others = machine.get("other_processes_cpu")
+    if others is not None and others > 0.05:
+        out.append(f"note: other processes used {others:.0%} of the CPU time during the "
+                   f"run; CPU timings are skewed")
+    out.append("")
     blocks = {}
     for row in result["results"]:
         blocks.setdefault((row["workload"], row["dtype"]), []).append(row)

@@ -79,6 +79,29 @@ def set_threads(threads):
     return used
 
 
+def cpu_usage():
+    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process), or None
+    where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(t) for t in stat.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = ticks
+    own = os.times()
+    return (own.elapsed, (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"),
+            own.user + own.system)
+
+
+def other_processes_cpu(before, after):
+    """Share of the machine's CPU time that other processes used during the run: their
+    work competes with the benchmark's threads and skews CPU timings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    wall, busy, own = (b - a for a, b in zip(before, after))
+    return round(max(0.0, busy - own) / (wall * os.cpu_count()), 3)
+
+
 def threading_layer():
     """Numba's threading layer ("omp", "tbb", "workqueue"), once a parallel kernel ran."""
     try:
@@ -132,6 +155,7 @@ def fits(device, n, dtype, limits):
 
 def run(options, progress=None):
     """Measures everything; returns the result dict (rows without derived ratios)."""
+    usage_before = cpu_usage()
     candidates, absent = discover(options.devices)
     threads = set_threads(options.threads)
     gpu_used = any(c.device == "cuda" for c in candidates)
@@ -180,6 +204,7 @@ def run(options, progress=None):
                "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
                                    / 2**30, 1),
                "threading_layer": threading_layer(),
+               "other_processes_cpu": other_processes_cpu(usage_before, cpu_usage()),
                "environment": {k: v for k, v in sorted(os.environ.items())
                                if k.startswith(THREADING_VARIABLES)},
                "gpu": gpu.describe() if gpu_used else None}

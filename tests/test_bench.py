@@ -89,7 +89,8 @@ def _row(name, kind, median, n=2**26, bytes_per_element=20, roofline="R", **extr
 
 
 def _result(rows):
-    return {"machine": {"processor": "Test CPU", "threads": {"numba": 2}, "gpu": None},
+    return {"machine": {"processor": "Test CPU", "cores": 2, "threads": {"numba": 2},
+                        "gpu": None},
             "device": "cpu: Test CPU (2 threads)", "versions": {}, "results": rows,
             "absent": [], "skipped": []}
 
@@ -159,7 +160,9 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_result_names_carry_the_device():
     result = _result([])
-    assert report.result_name(result) == "cpu-test-cpu-2threads"
+    assert report.result_name(result) == "cpu-test-cpu-2cores"
+    result["machine"]["threads"]["numba"] = 1
+    assert report.result_name(result) == "cpu-test-cpu-2cores-1threads"
     result["machine"]["gpu"] = {"name": "NVIDIA H100 80GB HBM3"}
     result["device"] = "NVIDIA H100 80GB HBM3"
     assert report.result_name(result) == "gpu-nvidia-h100-80gb-hbm3"
