@@ -22,6 +22,9 @@ from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 LR, MOMENTUM = 0.01, 0.9
 ROOFLINES = {"cpu": "roofline: stream 3R+2W (cpu)", "cuda": "roofline: D2D copy (cuda)"}
 CUPY_PEER = "cupy expressions (cuda)"
+# A naive update holds params, grads and velocity, plus up to three temporaries while
+# evaluating `beta*v - lr*g` (the old velocity lives until the new one is bound).
+NAIVE_ARRAYS = 6
 TORCH_VARIANTS = (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}),
                   ("fused", {"fused": True}))
 
@@ -79,6 +82,7 @@ class Candidate:
     build: Callable
     bytes_per_element: Callable
     timer: object
+    arrays: int  # buffers of the problem's size it holds at its peak, for the memory cap
 
     @property
     def roofline(self):
@@ -115,7 +119,7 @@ def library_candidate(name, timer):
 
     device = "cpu" if name == "cpu" else "cuda"
     return Candidate(f"gpu-momentum {name}", "backend", device, build,
-                     lambda dtype: update_bytes(dtype, state_dtype(dtype)), timer)
+                     lambda dtype: update_bytes(dtype, state_dtype(dtype)), timer, arrays=4)
 
 
 def naive_builder(to_device, to_numpy):
@@ -197,7 +201,7 @@ def torch_candidates(absent, devices, gpu, gpu_reason):
     found = []
     if "cpu" in devices:
         found += [Candidate(name, "peer", "cpu", torch_builder(torch, "cpu", options),
-                            update_bytes, HostTimer())
+                            update_bytes, HostTimer(), arrays=3)
                   for name, (_, options) in zip(names["cpu"], TORCH_VARIANTS)]
     if "cuda" in devices:
         if gpu is None:
@@ -208,7 +212,7 @@ def torch_candidates(absent, devices, gpu, gpu_reason):
             reason = None
             timer = gpu.TorchEventTimer(torch)
             found += [Candidate(name, "peer", "cuda", torch_builder(torch, "cuda", options),
-                                update_bytes, timer)
+                                update_bytes, timer, arrays=3)
                       for name, (_, options) in zip(names["cuda"], TORCH_VARIANTS)]
         if reason is not None:
             absent += [Absent(name, "peer", reason) for name in names["cuda"]]
@@ -244,9 +248,9 @@ def discover(devices=("cpu", "cuda")):
     if "cpu" in devices:
         found += [
             Candidate("numpy naive (cpu)", "peer", "cpu", naive_builder(np.array, np.array),
-                      update_bytes, HostTimer()),
+                      update_bytes, HostTimer(), arrays=NAIVE_ARRAYS),
             Candidate("numpy out= (cpu)", "peer", "cpu", numpy_out_builder, update_bytes,
-                      HostTimer()),
+                      HostTimer(), arrays=4),
         ]
     found += torch_candidates(absent, devices, gpu, gpu_reason)
     if gpu is not None:
@@ -257,8 +261,8 @@ def discover(devices=("cpu", "cuda")):
     if "cpu" in devices:
         found += [
             Candidate(ROOFLINES["cpu"], "roofline", "cpu", stream_builder, stream_bytes,
-                      HostTimer()),
+                      HostTimer(), arrays=3),
             Candidate("numpy copyto (cpu)", "roofline", "cpu", copyto_builder, copy_bytes,
-                      HostTimer()),
+                      HostTimer(), arrays=2),
         ]
     return found, absent

@@ -53,9 +53,10 @@ def add_arguments(parser):
                         default=len(os.sched_getaffinity(0)),
                         help="CPU threads for Numba and torch (default: all cores)")
     parser.add_argument("--samples", type=positive(int),
-                        help="samples per measurement (default 25)")
+                        help="samples per candidate and size (default 25)")
     parser.add_argument("--max-time", type=positive(float), metavar="SECONDS",
-                        help="time per measurement before taking fewer samples (default 3)")
+                        help="seconds per candidate and size before taking fewer samples "
+                             "(default 3)")
     parser.add_argument("--json", metavar="PATH", help="write every row and the setup here")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against size")
     parser.add_argument("--save", metavar="DIR",

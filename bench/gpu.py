@@ -6,7 +6,8 @@ beyond `unavailable_reason`.
 
 import sys
 
-from .candidates import CUPY_PEER, ROOFLINES, Built, Candidate, naive_builder
+from .candidates import (CUPY_PEER, NAIVE_ARRAYS, ROOFLINES, Built, Candidate,
+                         naive_builder)
 from .measure import copy_bytes, update_bytes
 
 
@@ -79,10 +80,10 @@ def candidates():
     import cupy
 
     return [
-        Candidate(CUPY_PEER, "peer", "cuda", naive_builder(cupy.asarray, cupy.asnumpy), update_bytes,
-                  CupyEventTimer()),
+        Candidate(CUPY_PEER, "peer", "cuda", naive_builder(cupy.asarray, cupy.asnumpy),
+                  update_bytes, CupyEventTimer(), arrays=NAIVE_ARRAYS),
         Candidate(ROOFLINES["cuda"], "roofline", "cuda", d2d_copy_builder, copy_bytes,
-                  CupyEventTimer()),
+                  CupyEventTimer(), arrays=2),
     ]
 
 

@@ -21,9 +21,9 @@ WORKLOADS = {
     "resnet50": resnet50_shapes,
     "transformer": transformer_shapes,
 }
-# Peak arrays of one size alive at once: the two host originals, plus the hungriest
-# candidate (a naive NumPy/CuPy update holds params, grads, velocity and three temporaries).
-HOST_ARRAYS, DEVICE_ARRAYS, HEADROOM = 8, 6, 0.8
+# p0 and g0 stay on the host while a problem's candidates run; 20% of free memory is left
+# for everything else.
+HOST_ORIGINALS, HEADROOM = 2, 0.8
 # Settings that change how the threaded runtimes behave, recorded with the results.
 THREADING_VARIABLES = ("OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_", "CUDA_")
 
@@ -142,15 +142,35 @@ def problems(options):
             yield workload, dtype, n, shapes
 
 
-def fits(device, n, dtype, limits):
-    """None when `n` elements of `dtype` fit the device's memory, else why not."""
-    count = HOST_ARRAYS if device == "cpu" else DEVICE_ARRAYS
-    need = count * array_bytes(n, dtype)
-    have = limits[device]
-    if need <= HEADROOM * have:
-        return None
-    return (f"needs about {need / 2**30:.1f} GiB ({count} arrays), {device} has "
-            f"{have / 2**30:.1f} GiB available (using at most {HEADROOM:.0%})")
+def memory_needed(group, n, dtype):
+    """Bytes per device while every candidate of `group` holds its buffers at once."""
+    per_array = array_bytes(n, dtype)
+    need = {"cpu": HOST_ORIGINALS * per_array}
+    for candidate in group:
+        need[candidate.device] = need.get(candidate.device, 0) + candidate.arrays * per_array
+    return need
+
+
+def shortfall(group, n, dtype, limits):
+    """None when `group` fits in free memory at once, else why not."""
+    for device, need in memory_needed(group, n, dtype).items():
+        if need > HEADROOM * limits[device]:
+            return (f"needs about {need / 2**30:.1f} GiB of {device} memory, "
+                    f"{limits[device] / 2**30:.1f} GiB available (using at most "
+                    f"{HEADROOM:.0%})")
+    return None
+
+
+def groups(candidates, n, dtype, limits):
+    """The candidates in order, cut into runs that fit in memory together (each alone
+    fits): a group is measured in turns, and the fewer groups the better ratios hold."""
+    found = []
+    for candidate in candidates:
+        if found and shortfall(found[-1] + [candidate], n, dtype, limits) is None:
+            found[-1].append(candidate)
+        else:
+            found.append([candidate])
+    return found
 
 
 def run(options, progress=None):
@@ -168,34 +188,43 @@ def run(options, progress=None):
     rows, skipped = [], []
     if progress is not None:
         progress.reset(total=len(todo) * len(candidates))
+
+    def skip(candidate, point, reason):
+        skipped.append({**describe(candidate, *point), "reason": reason})
+        if progress is not None:
+            progress.update()
+
     for workload, dtype, n, shapes in todo:
-        tensors = 1 if shapes is None else len(shapes)
-        reason = fits("cpu", n, dtype, limits)
-        problem = None if reason else make_problem(n, dtype, shapes)
+        point = (workload, 1 if shapes is None else len(shapes), str(np.dtype(dtype)), n)
+        runnable = []
         for candidate in candidates:
-            if progress is not None:
-                progress.set_postfix_str(f"{workload} {dtype} n={n:,} {candidate.name}")
-            why = reason or (fits(candidate.device, n, dtype, limits)
-                             if candidate.device != "cpu" else None)
-            row = {"name": candidate.name, "kind": candidate.kind,
-                   "device": candidate.device, "workload": workload, "tensors": tensors,
-                   "dtype": str(np.dtype(dtype)), "n": n}
-            if why is None:
-                try:
-                    built = candidate.build(problem)
-                except Unsupported as error:
-                    why = str(error)
-            if why is not None:
-                skipped.append({**row, "reason": why})
+            reason = shortfall([candidate], n, dtype, limits)
+            if reason is None:
+                runnable.append(candidate)
             else:
-                seconds, calls = measure(built.step, candidate.timer, options.sampling)
-                del built
-                rows.append(summary_row(row, candidate, seconds, calls))
-            gc.collect()
-            if candidate.device == "cuda":
-                gpu.release_memory()
+                skip(candidate, point, reason)
+        problem = make_problem(n, dtype, shapes) if runnable else None
+        for group in groups(runnable, n, dtype, limits):
+            built = []
+            for candidate in group:
+                try:
+                    built.append((candidate, candidate.build(problem)))
+                except Unsupported as error:
+                    skip(candidate, point, str(error))
             if progress is not None:
-                progress.update()
+                progress.set_postfix_str(f"{workload} {dtype} n={n:,}: "
+                                         f"{len(built)} candidates in turn")
+            measured = measure([b.step for _, b in built], [c.timer for c, _ in built],
+                               options.sampling)
+            for (candidate, _), (seconds, calls) in zip(built, measured):
+                rows.append(summary_row(describe(candidate, *point), candidate, seconds,
+                                        calls))
+                if progress is not None:
+                    progress.update()
+            del built, measured
+            gc.collect()
+            if any(c.device == "cuda" for c in group):
+                gpu.release_memory()
         del problem
         gc.collect()
 
@@ -213,6 +242,11 @@ def run(options, progress=None):
     return {"machine": machine, "device": device, "versions": versions(),
             "results": rows, "absent": [dataclasses.asdict(a) for a in absent],
             "skipped": skipped}
+
+
+def describe(candidate, workload, tensors, dtype, n):
+    return {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
+            "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
 
 
 def summary_row(row, candidate, seconds, calls):

@@ -14,7 +14,8 @@ import pytest
 from gpu_momentum.bench import candidates, command, gpu, report
 from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_bytes,
                                         summarize, update_bytes)
-from gpu_momentum.bench.run import Options, fits, make_problem, run, set_threads
+from gpu_momentum.bench.run import (Options, groups, make_problem, memory_needed, run,
+                                    set_threads, shortfall)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -53,31 +54,60 @@ def test_summarize_rejects_no_samples():
 class FixedTimer:
     """Runs the calls and reports `seconds` per call, to test the sampling plan."""
 
-    def __init__(self, seconds):
-        self.seconds, self.calls = seconds, []
+    def __init__(self, seconds, log=None):
+        self.seconds, self.calls, self.log = seconds, [], log
 
     def time(self, step, calls):
         self.calls.append(calls)
+        if self.log is not None:
+            self.log.append(("timed", calls))
         for _ in range(calls):
             step()
         return self.seconds
 
 
 @pytest.mark.parametrize("per_call, max_time, samples, calls", [
-    (1e-4, 0.01, 10, 10),  # 10 calls reach 1 ms per sample; 10 samples fill 10 ms
-    (1e-4, 1.0, 25, 10),  # capped at `samples`
+    (1e-3, 0.01, 10, 1),  # 1 call reaches 1 ms per sample; 10 samples fill 10 ms
+    (1e-4, 1.0, 25, 10),  # 10 calls per sample, samples capped at `samples`
     (0.5, 1.0, 5, 1),  # slow calls: one per sample, never under `min_samples`
 ])
 def test_measure_plans_calls_and_samples(per_call, max_time, samples, calls):
     steps = []
     timer = FixedTimer(per_call)
     sampling = Sampling(samples=25, min_samples=5, warmup_calls=3, warmup_s=0,
-                        min_sample_s=1e-3, max_time_s=max_time)
-    seconds, used = measure(lambda: steps.append(1), timer, sampling)
+                        min_sample_s=1e-3, max_time_s=max_time, rounds=1, rewarm_s=0)
+    [(seconds, used)] = measure([lambda: steps.append(1)], [timer], sampling)
     assert used == calls
     assert seconds == [per_call] * samples
     assert timer.calls == [1] + [calls] * samples
     assert len(steps) == 3 + 1 + calls * samples
+
+
+def test_measure_takes_turns_in_rounds():
+    log = []
+    fast, slow = FixedTimer(1e-4, log), FixedTimer(1e-2, log)
+    sampling = Sampling(samples=7, min_samples=7, warmup_calls=1, warmup_s=0,
+                        min_sample_s=1e-3, max_time_s=10, rounds=3, rewarm_s=1e-3)
+    found = measure([lambda: log.append("fast"), lambda: log.append("slow")],
+                    [fast, slow], sampling)
+    assert found == [([1e-4] * 7, 10), ([1e-2] * 7, 1)]
+    warm_up_and_estimate = ["fast", ("timed", 1), "fast", "slow", ("timed", 1), "slow"]
+    assert log[:6] == warm_up_and_estimate
+    owner = {"fast": "fast", ("timed", 10): "fast", "slow": "slow", ("timed", 1): "slow"}
+    turns = []  # [candidate, samples in its turn, calls in its turn]
+    for entry in log[6:]:
+        if not turns or turns[-1][0] != owner[entry]:
+            turns.append([owner[entry], 0, 0])
+        turns[-1][1 if isinstance(entry, tuple) else 2] += 1
+    # 7 samples over 3 rounds: 2, 2, 3; the fast step re-warms (>= 1 call) before each
+    # turn, the step slower than rewarm_s does not (its only call is the timed one)
+    assert [(name, n) for name, n, _ in turns] == [("fast", 2), ("slow", 2)] * 2 + [
+        ("fast", 3), ("slow", 3)]
+    for name, samples, calls in turns:
+        if name == "fast":
+            assert calls > samples * 10
+        else:
+            assert calls == samples
 
 
 def _row(name, kind, median, n=2**26, bytes_per_element=20, roofline="R", **extra):
@@ -168,12 +198,25 @@ def test_result_names_carry_the_device():
     assert report.result_name(result) == "gpu-nvidia-h100-80gb-hbm3"
 
 
-def test_memory_cap():
-    assert fits("cpu", 2**20, "float32", {"cpu": 24 * GIB}) is None
-    reason = fits("cpu", 2**30, "float64", {"cpu": 24 * GIB})
-    assert "needs about 64.0 GiB" in reason and "24.0 GiB available" in reason
+def _candidate(name, device, arrays):
+    return candidates.Candidate(name, "peer", device, None, update_bytes, None, arrays)
+
+
+def test_memory_cap_and_groups():
+    host = [_candidate(f"c{i}", "cpu", arrays) for i, arrays in enumerate((4, 6, 3, 3))]
+    assert shortfall(host, 2**20, "float32", {"cpu": 24 * GIB}) is None
+    assert [len(g) for g in groups(host, 2**20, "float32", {"cpu": 24 * GIB})] == [4]
+    # 2**28 float32 = 1 GiB per array; with the two originals: 2 + 4 + 6 = 12 GiB, then 3+3
+    assert [[c.name for c in g] for g in groups(host, 2**28, "float32", {"cpu": 16 * GIB})
+            ] == [["c0", "c1"], ["c2", "c3"]]
+    reason = shortfall(host[:1], 2**30, "float64", {"cpu": 24 * GIB})
+    assert "needs about 48.0 GiB of cpu memory, 24.0 GiB available" in reason
     # float16 params keep a float32 velocity: arrays are counted at the wider dtype
-    assert fits("cuda", 2**30, "float16", {"cuda": 28 * GIB}) is not None  # 24 > 0.8*28
+    gpu_one = [_candidate("g", "cuda", 6)]
+    need = memory_needed(gpu_one, 2**30, "float16")
+    assert need == {"cpu": 2 * 4 * GIB, "cuda": 6 * 4 * GIB}
+    assert "of cuda memory" in shortfall(gpu_one, 2**30, "float16",
+                                         {"cpu": 64 * GIB, "cuda": 28 * GIB})
 
 
 def test_more_threads_than_numba_has_is_refused():
