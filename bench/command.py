@@ -60,7 +60,7 @@ def add_arguments(parser):
     parser.add_argument("--json", metavar="PATH", help="write every row and the setup here")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against size")
     parser.add_argument("--save", metavar="DIR",
-                        help="write DIR/<device>.json and DIR/<device>.png")
+                        help="write DIR/<device>.json, .png and .txt (the table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -96,31 +96,42 @@ def run_bench(args):
     from .run import run
 
     options = options_from(args)
+    # Fail now, not after minutes of measuring.
     try:
         from tqdm import tqdm
+        if args.plot or args.save:
+            import matplotlib  # noqa: F401
     except ImportError as error:
         raise SystemExit(f"gpu-momentum bench needs tqdm and matplotlib: pip install "
                          f"'gpu-momentum[bench]' ({error})")
+    for path in (args.json, args.plot):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"cannot write {path!r}: folder {folder!r} does not exist")
     with tqdm(total=0, unit="run", disable=args.no_progress or None,
               file=sys.stderr) as progress:
         result = run(options, progress)
     used = dataclasses.asdict(options)
     used["quick"] = args.quick
     report.finish(result, used)
-    print(report.table(result))
+    table = report.table(result)
+    print(table)
 
     paths = []
     if args.save:
         os.makedirs(args.save, exist_ok=True)
         base = os.path.join(args.save, report.result_name(result))
-        paths += [("json", base + ".json"), ("plot", base + ".png")]
+        paths += [("json", base + ".json"), ("plot", base + ".png"), ("table", base + ".txt")]
     paths += [(kind, path) for kind, path in (("json", args.json), ("plot", args.plot))
               if path]
     for kind, path in paths:
         if kind == "json":
             report.write_json(result, path)
-        else:
+        elif kind == "plot":
             report.plot(result, path)
+        else:
+            with open(path, "w", encoding="utf-8") as out:
+                out.write(table + "\n")
         print(f"wrote {path}")
     return 0
 

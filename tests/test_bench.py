@@ -318,7 +318,7 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
     json_path, plot_path = tmp_path / "quick.json", tmp_path / "quick.png"
     done = subprocess.run(
         [sys.executable, "-m", "gpu_momentum", "bench", "--quick", "--no-progress",
-         "--json", str(json_path), "--plot", str(plot_path)],
+         "--json", str(json_path), "--plot", str(plot_path), "--save", str(tmp_path / "s")],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "speed-up (peer time / backend time)" in done.stdout
@@ -342,6 +342,10 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
                      and r["workload"] == row["workload"] and r["dtype"] == row["dtype"]}
             assert set(row["speedup"]) == peers and peers
     assert plot_path.read_bytes().startswith(b"\x89PNG")
+    saved = tmp_path / "s" / report.result_name(result)
+    assert json.loads(saved.with_suffix(".json").read_text()) == result
+    assert saved.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert saved.with_suffix(".txt").read_text() in done.stdout
 
 
 @pytest.mark.gpu
@@ -361,3 +365,12 @@ def test_quick_gpu_run_times_every_gpu_candidate(tmp_path):
     assert {candidates.CUPY_PEER, roofline} <= {r["name"] for r in rows}
     for row in rows:
         assert row["roofline"] == roofline and row["roofline_fraction"] is not None
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n in os.listdir(os.path.join(ROOT, "bench", "results")) if n.endswith(".json")))
+def test_committed_results_keep_the_json_shape(name):
+    with open(os.path.join(ROOT, "bench", "results", name), encoding="utf-8") as file:
+        result = json.load(file)
+    report.check_schema(result)
+    assert name == report.result_name(result) + ".json"
