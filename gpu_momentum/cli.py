@@ -12,6 +12,8 @@ def main(argv=None):
     add_demo_command(commands)
     from .compile_kernels import add_compile_command
     add_compile_command(commands)
+    from .bench.command import add_bench_command
+    add_bench_command(commands)
 
     args = parser.parse_args(argv)
     return args.run(args)

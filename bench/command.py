@@ -1,0 +1,142 @@
+"""`gpu-momentum bench` (also `python -m bench` in a checkout): throughput of every backend
+beside NumPy, torch.optim.SGD and CuPy, and beside the memory roofline measured in the
+same run."""
+
+import argparse
+import os
+import sys
+
+FULL = {"sizes": list(range(16, 29)), "workloads": ["resnet50", "transformer"],
+        "samples": 25, "max_time": 3.0}
+QUICK = {"sizes": [16, 18, 20, 22], "workloads": ["resnet50"], "samples": 5,
+         "max_time": 0.25}
+
+
+def log2_sizes(text):
+    """'20' -> [20]; '16:28' -> [16, ..., 28] (exponents of two)."""
+    low, _, high = text.partition(":")
+    try:
+        low, high = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Invalid size value: {text!r} (give a power-of-two "
+                                         f"exponent such as 20, or a range such as 16:28)")
+    if not 0 <= low <= high <= 40:
+        raise argparse.ArgumentTypeError(f"Invalid size value: {text!r} (exponents must "
+                                         f"satisfy 0 <= low <= high <= 40)")
+    return list(range(low, high + 1))
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"Invalid value: {text!r} (must be > 0)")
+        return value
+    return parse
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a short run: sizes 2**{QUICK['sizes']}, the ResNet-50 list, "
+                             f"{QUICK['samples']} samples (under a minute on 2 cores)")
+    parser.add_argument("--sizes", type=log2_sizes, nargs="+", metavar="LOG2",
+                        help="exponents of two, or ranges LOW:HIGH (default 16:28; "
+                             "capped by free host and device memory)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"],
+                        choices=["float16", "float32", "float64"])
+    parser.add_argument("--workloads", nargs="*", choices=["resnet50", "transformer"],
+                        help="many-tensor workloads (default: both; none: leave them out)")
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"],
+                        choices=["cpu", "cuda"],
+                        help="where to run (default both; cuda needs CuPy and a GPU)")
+    parser.add_argument("--threads", type=positive(int),
+                        default=len(os.sched_getaffinity(0)),
+                        help="CPU threads for Numba and torch (default: all cores)")
+    parser.add_argument("--samples", type=positive(int),
+                        help="samples per candidate and size (default 25)")
+    parser.add_argument("--max-time", type=positive(float), metavar="SECONDS",
+                        help="seconds per candidate and size before taking fewer samples "
+                             "(default 3)")
+    parser.add_argument("--json", metavar="PATH", help="write every row and the setup here")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against size")
+    parser.add_argument("--save", metavar="DIR",
+                        help="write DIR/<device>.json, .png and .txt (the table)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_bench_command(commands):
+    parser = commands.add_parser("bench", help="throughput against NumPy, torch, CuPy and "
+                                               "the memory roofline", description=__doc__)
+    add_arguments(parser)
+    parser.set_defaults(run=run_bench)
+
+
+def options_from(args):
+    """The run's Options, with --quick choosing the defaults not given explicitly."""
+    from .measure import Sampling
+    from .run import Options
+
+    preset = QUICK if args.quick else FULL
+    sizes = sorted({e for group in (args.sizes or [preset["sizes"]]) for e in group})
+    workloads = preset["workloads"] if args.workloads is None else args.workloads
+    sampling = Sampling(samples=args.samples or preset["samples"],
+                        min_samples=min(5, args.samples or 5),
+                        warmup_s=0.02 if args.quick else 0.2,
+                        max_time_s=args.max_time or preset["max_time"])
+    return Options(sizes=tuple(2**e for e in sizes), dtypes=tuple(args.dtypes),
+                   workloads=tuple(dict.fromkeys(workloads)),
+                   devices=tuple(dict.fromkeys(args.devices)), threads=args.threads,
+                   sampling=sampling)
+
+
+def run_bench(args):
+    import dataclasses
+
+    from . import report
+    from .run import run
+
+    options = options_from(args)
+    # Fail now, not after minutes of measuring.
+    try:
+        from tqdm import tqdm
+        if args.plot or args.save:
+            import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise SystemExit(f"gpu-momentum bench needs tqdm and matplotlib: pip install "
+                         f"'gpu-momentum[bench]' ({error})")
+    for path in (args.json, args.plot):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"cannot write {path!r}: folder {folder!r} does not exist")
+    with tqdm(total=0, unit="run", disable=args.no_progress or None,
+              file=sys.stderr) as progress:
+        result = run(options, progress)
+    used = dataclasses.asdict(options)
+    used["quick"] = args.quick
+    report.finish(result, used)
+    table = report.table(result)
+    print(table)
+
+    paths = []
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        base = os.path.join(args.save, report.result_name(result))
+        paths += [("json", base + ".json"), ("plot", base + ".png"), ("table", base + ".txt")]
+    paths += [(kind, path) for kind, path in (("json", args.json), ("plot", args.plot))
+              if path]
+    for kind, path in paths:
+        if kind == "json":
+            report.write_json(result, path)
+        elif kind == "plot":
+            report.plot(result, path)
+        else:
+            with open(path, "w", encoding="utf-8") as out:
+                out.write(table + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    add_arguments(parser)
+    return run_bench(parser.parse_args(argv))

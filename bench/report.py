@@ -1,0 +1,259 @@
+"""What a run yields: ratios between rows, the issue's targets, the table, JSON and plot."""
+
+import json
+import re
+
+TARGET_N = 2**26
+# (what, backend row, compared with, goal): "speedup" is the peer's time over the
+# backend's, "roofline" the backend's fraction of the memory roofline.
+TARGETS = (
+    ("cpu >= 4x NumPy as users write it", "gpu-momentum cpu", "numpy naive (cpu)", 4.0),
+    ("cpu >= torch fused SGD on the CPU", "gpu-momentum cpu", "torch SGD fused (cpu)", 1.0),
+    ("cupy >= 90% of the D2D copy roofline", "gpu-momentum cupy", "roofline", 0.9),
+    ("cupy >= torch fused SGD on the GPU", "gpu-momentum cupy", "torch SGD fused (cuda)", 1.0),
+    ("numba-cuda within 10% of cupy", "gpu-momentum numba-cuda", "gpu-momentum cupy", 0.9),
+)
+REQUIRED_ROW_KEYS = ("name", "kind", "dtype", "n", "median_s", "p25_s", "p75_s",
+                     "bytes_per_element", "gbps", "roofline_fraction")
+KINDS = ("backend", "peer", "roofline")
+
+
+def _point(row):
+    return row["workload"], row["dtype"], row["n"]
+
+
+def add_ratios(result):
+    """Sets each row's roofline_fraction and, on backend rows, the speed-up over each peer
+    (peer time / backend time) measured at the same workload, dtype and size."""
+    by_point = {}
+    for row in result["results"]:
+        by_point.setdefault(_point(row), {})[row["name"]] = row
+    for row in result["results"]:
+        same = by_point[_point(row)]
+        roofline = same.get(row["roofline"])
+        row["roofline_fraction"] = row["gbps"] / roofline["gbps"] if roofline else None
+        if row["kind"] == "backend":
+            row["speedup"] = {name: peer["median_s"] / row["median_s"]
+                              for name, peer in same.items() if peer["kind"] == "peer"}
+    return result
+
+
+def targets(result):
+    """The project's performance targets at 2**26 float32 elements, as measured."""
+    rows = {(r["name"], r["workload"], r["dtype"], r["n"]): r for r in result["results"]}
+    found = []
+    for what, backend, other, goal in TARGETS:
+        row = rows.get((backend, "flat", "float32", TARGET_N))
+        value = None
+        if row is not None and other == "roofline":
+            value = row["roofline_fraction"]
+        elif row is not None:
+            peer = rows.get((other, "flat", "float32", TARGET_N))
+            value = peer["median_s"] / row["median_s"] if peer else None
+        found.append({"target": what, "n": TARGET_N, "dtype": "float32", "goal": goal,
+                      "value": value, "met": None if value is None else value >= goal})
+    return found
+
+
+def finish(result, options):
+    """The complete result: rows with ratios, the targets, and the options used."""
+    add_ratios(result)
+    result["options"] = options
+    result["targets"] = targets(result)
+    return result
+
+
+def write_json(result, path):
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(result, out, indent=1)
+        out.write("\n")
+
+
+def check_schema(result):
+    """Raises ValueError naming the first part of `result` that breaks the JSON shape."""
+    for key in ("machine", "device", "versions", "results"):
+        if key not in result:
+            raise ValueError(f"result lacks {key!r}")
+    for i, row in enumerate(result["results"]):
+        missing = [k for k in REQUIRED_ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"results[{i}] lacks {missing}")
+        if row["kind"] not in KINDS:
+            raise ValueError(f"results[{i}] has kind {row['kind']!r}, not one of {KINDS}")
+        if not row["p25_s"] <= row["median_s"] <= row["p75_s"]:
+            raise ValueError(f"results[{i}] percentiles are out of order")
+
+
+def slug(device):
+    """A file name part from a device description: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-
+    80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def result_name(result):
+    if result["machine"].get("gpu"):
+        return "gpu-" + slug(result["device"])
+    machine = result["machine"]
+    name = f"cpu-{slug(machine['processor'])}-{machine['cores']}cores"
+    threads = machine["threads"]["numba"]
+    return name if threads == machine["cores"] else f"{name}-{threads}threads"
+
+
+# ---- the table ----
+
+def size_label(n):
+    return f"2**{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n / 1e6:.1f}M"
+
+
+def seconds_label(seconds):
+    for unit, scale in (("s", 1), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _columns(header, lines):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(header), line(["-" * w for w in widths])] + [line(c) for c in lines]
+
+
+def table(result):
+    """The readable summary: one block per workload and dtype."""
+    machine = result["machine"]
+    out = [f"gpu-momentum bench on {result['device']}  (threads: {machine['threads']})"]
+    others = machine.get("other_processes_cpu")
+    if others is not None and others > 0.05:
+        out.append(f"note: other processes used {others:.0%} of the CPU time during the "
+                   f"run; CPU timings are skewed")
+    out.append("")
+    blocks = {}
+    for row in result["results"]:
+        blocks.setdefault((row["workload"], row["dtype"]), []).append(row)
+    for (workload, dtype), rows in blocks.items():
+        tensors = rows[0]["tensors"]
+        out.append(f"{workload} ({tensors} tensor{'s' * (tensors > 1)}), {dtype}:")
+        lines = []
+        for row in rows:
+            fraction = row["roofline_fraction"]
+            lines.append([size_label(row["n"]), row["name"],
+                          seconds_label(row["median_s"]),
+                          f"{seconds_label(row['p25_s'])} .. {seconds_label(row['p75_s'])}",
+                          f"{row['elements_per_s'] / 1e9:.2f}", f"{row['gbps']:.1f}",
+                          row["bytes_per_element"],
+                          "-" if fraction is None else f"{fraction:.0%}"])
+        out += _columns(["n", "name", "median", "p25 .. p75", "Gelem/s", "GB/s", "B/elem",
+                         "of roofline"], lines)
+        out += [""] + speedup_lines(rows) + [""]
+    out += target_lines(result)
+    not_run = [f"  {a['name']}: {a['reason']}" for a in result["absent"]]
+    reasons = {}
+    for s in result["skipped"]:
+        reasons.setdefault((s["name"], s["reason"]), []).append(
+            f"{s['workload']} {s['dtype']} {size_label(s['n'])}")
+    not_run += [f"  {name} at {', '.join(where)}: {reason}"
+                for (name, reason), where in reasons.items()]
+    if not_run:
+        out += ["", "Not measured:"] + not_run
+    return "\n".join(out)
+
+
+def speedup_lines(rows):
+    """Speed-up of each backend over each peer, one line per pair, one column per size."""
+    sizes = sorted({row["n"] for row in rows})
+    pairs = {}
+    for row in rows:
+        for peer, ratio in row.get("speedup", {}).items():
+            pairs.setdefault((row["name"], peer), {})[row["n"]] = f"{ratio:.2f}x"
+    if not pairs:
+        return []
+    lines = [[backend, f"vs {peer}"] + [ratios.get(n, "-") for n in sizes]
+             for (backend, peer), ratios in pairs.items()]
+    return (["speed-up (peer time / backend time):"]
+            + _columns(["backend", "peer"] + [size_label(n) for n in sizes], lines))
+
+
+def target_lines(result):
+    lines = [[t["target"], f"{t['value']:.2f}" if t["value"] is not None else "-",
+              f">= {t['goal']:g}",
+              {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
+             for t in result["targets"]]
+    return [f"Targets at {size_label(TARGET_N)} float32 elements (ratios):"] + _columns(
+        ["target", "measured", "goal", ""], lines)
+
+
+# ---- the plot ----
+
+def plot(result, path):
+    """GB/s against size per dtype (one line per backend/peer, rooflines dashed), and the
+    many-tensor workloads as bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    dtypes = sorted({r["dtype"] for r in rows}) or ["float32"]
+    kinds = {r["name"]: r["kind"] for r in rows}
+    names = sorted(kinds, key=lambda name: (KINDS.index(kinds[name]), name))
+    lines = [n for n in names if kinds[n] != "roofline"]
+    rooflines = [n for n in names if kinds[n] == "roofline"]
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    of_record = {r["roofline"] for r in rows}
+    colors = {**dict(zip(lines, palette)),
+              **{n: "black" if n in of_record else "gray" for n in rooflines}}
+    both_devices = len({r["device"] for r in rows}) > 1
+    many = sorted({r["workload"] for r in rows} - {"flat"})
+    columns = 2 if many else 1
+    figure, axes = plt.subplots(len(dtypes), columns, squeeze=False,
+                                figsize=(8 + 5 * (columns - 1), 5.5 * len(dtypes)),
+                                gridspec_kw={"width_ratios": [8, 5][:columns]})
+    for i, dtype in enumerate(dtypes):
+        sweep = axes[i][0]
+        for name in names:
+            line = sorted((r for r in rows if r["name"] == name and r["dtype"] == dtype
+                           and r["workload"] == "flat"), key=lambda r: r["n"])
+            if not line:
+                continue
+            kind = line[0]["kind"]
+            dashed = kind == "roofline"
+            sweep.plot([r["n"] for r in line], [r["gbps"] for r in line],
+                       linestyle="--" if dashed else "-", marker="" if dashed else "o",
+                       markersize=3, linewidth=2.2 if kind == "backend" else 1.4,
+                       zorder=3 if kind == "backend" else 2,
+                       color=colors[name], label=name)
+        sweep.set_xscale("log", base=2)
+        if both_devices:  # GPU and CPU bandwidths differ a hundredfold
+            sweep.set_yscale("log")
+        sweep.set_xlabel("elements in the buffer")
+        sweep.set_ylabel("GB/s (bytes each row moves per element)")
+        sweep.set_title(f"one flat buffer, {dtype}")
+        sweep.grid(True, which="major", alpha=0.3)
+        sweep.legend(fontsize=7, loc="best")
+        if many:
+            _bars(axes[i][1], [r for r in rows if r["dtype"] == dtype
+                               and r["workload"] != "flat"], many, colors)
+    figure.suptitle(f"gpu-momentum bench: {result['device']}", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _bars(ax, rows, workloads, colors):
+    labels, values, shades, hatches = [], [], [], []
+    for workload in workloads:
+        for row in sorted((r for r in rows if r["workload"] == workload),
+                          key=lambda r: r["gbps"]):
+            labels.append(f"{workload}: {row['name']}")
+            values.append(row["gbps"])
+            shades.append(colors[row["name"]])
+            hatches.append("//" if row["kind"] == "roofline" else "")
+    bars = ax.barh(range(len(values)), values, color=shades)
+    for bar, hatch in zip(bars, hatches):
+        bar.set_hatch(hatch)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.set_xlabel("GB/s")
+    ax.set_title("many tensors: one flat buffer vs per tensor")
+    ax.grid(True, axis="x", alpha=0.3)

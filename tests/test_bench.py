@@ -1,0 +1,376 @@
+"""The benchmark's own logic: byte counts, statistics, ratios, JSON shape, absent peers, the
+plot, and a real `--quick` run. No test asserts a timing."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from gpu_momentum.bench import candidates, command, gpu, report
+from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_bytes,
+                                        summarize, update_bytes)
+from gpu_momentum.bench.run import (Options, groups, make_problem, memory_needed, run,
+                                    set_threads, shortfall)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2**30
+GPU_REASON = gpu.unavailable_reason()
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(GPU_REASON is not None,
+                                                 reason=f"no GPU: {GPU_REASON}")]
+
+
+@pytest.mark.parametrize("dtype, velocity, update, stream, copy", [
+    ("float32", "float32", 20, 20, 8),
+    ("float64", "float64", 40, 40, 16),
+    ("float16", "float32", 14, 10, 4),  # the library keeps a float32 velocity
+    ("float16", "float16", 10, 10, 4),  # torch and NumPy keep it in the param dtype
+])
+def test_bytes_per_element(dtype, velocity, update, stream, copy):
+    assert update_bytes(dtype, velocity) == update
+    assert stream_bytes(dtype) == stream
+    assert copy_bytes(dtype) == copy
+
+
+def test_update_bytes_defaults_to_the_param_dtype():
+    assert update_bytes(np.float32) == 20
+
+
+def test_summarize_gives_median_and_quartiles():
+    assert summarize([9, 1, 5, 3, 7, 2, 8, 4, 6]) == (5.0, 3.0, 7.0)
+    assert summarize([1.0, 2.0]) == (1.5, 1.25, 1.75)
+    assert summarize([0.25]) == (0.25, 0.25, 0.25)
+
+
+def test_summarize_rejects_no_samples():
+    with pytest.raises(ValueError, match="at least one sample"):
+        summarize([])
+
+
+class FixedTimer:
+    """Runs the calls and reports `seconds` per call, to test the sampling plan."""
+
+    def __init__(self, seconds, log=None):
+        self.seconds, self.calls, self.log = seconds, [], log
+
+    def time(self, step, calls):
+        self.calls.append(calls)
+        if self.log is not None:
+            self.log.append(("timed", calls))
+        for _ in range(calls):
+            step()
+        return self.seconds
+
+
+@pytest.mark.parametrize("per_call, max_time, samples, calls", [
+    (1e-3, 0.01, 10, 1),  # 1 call reaches 1 ms per sample; 10 samples fill 10 ms
+    (1e-4, 1.0, 25, 10),  # 10 calls per sample, samples capped at `samples`
+    (0.5, 1.0, 5, 1),  # slow calls: one per sample, never under `min_samples`
+])
+def test_measure_plans_calls_and_samples(per_call, max_time, samples, calls):
+    steps = []
+    timer = FixedTimer(per_call)
+    sampling = Sampling(samples=25, min_samples=5, warmup_calls=3, warmup_s=0,
+                        min_sample_s=1e-3, max_time_s=max_time, rounds=1, rewarm_s=0)
+    [(seconds, used)] = measure([lambda: steps.append(1)], [timer], sampling)
+    assert used == calls
+    assert seconds == [per_call] * samples
+    assert timer.calls == [1] + [calls] * samples
+    assert len(steps) == 3 + 1 + calls * samples
+
+
+def test_measure_takes_turns_in_rounds():
+    log = []
+    fast, slow = FixedTimer(1e-4, log), FixedTimer(1e-2, log)
+    sampling = Sampling(samples=7, min_samples=7, warmup_calls=1, warmup_s=0,
+                        min_sample_s=1e-3, max_time_s=10, rounds=3, rewarm_s=1e-3)
+    found = measure([lambda: log.append("fast"), lambda: log.append("slow")],
+                    [fast, slow], sampling)
+    assert found == [([1e-4] * 7, 10), ([1e-2] * 7, 1)]
+    warm_up_and_estimate = ["fast", ("timed", 1), "fast", "slow", ("timed", 1), "slow"]
+    assert log[:6] == warm_up_and_estimate
+    owner = {"fast": "fast", ("timed", 10): "fast", "slow": "slow", ("timed", 1): "slow"}
+    turns = []  # [candidate, samples in its turn, calls in its turn]
+    for entry in log[6:]:
+        if not turns or turns[-1][0] != owner[entry]:
+            turns.append([owner[entry], 0, 0])
+        turns[-1][1 if isinstance(entry, tuple) else 2] += 1
+    # 7 samples over 3 rounds: 2, 2, 3; the fast step re-warms (>= 1 call) before each
+    # turn, the step slower than rewarm_s does not (its only call is the timed one)
+    assert [(name, n) for name, n, _ in turns] == [("fast", 2), ("slow", 2)] * 2 + [
+        ("fast", 3), ("slow", 3)]
+    for name, samples, calls in turns:
+        if name == "fast":
+            assert calls > samples * 10
+        else:
+            assert calls == samples
+
+
+def _row(name, kind, median, n=2**26, bytes_per_element=20, roofline="R", **extra):
+    return {"name": name, "kind": kind, "device": "cpu", "workload": "flat", "tensors": 1,
+            "dtype": "float32", "n": n, "median_s": median, "p25_s": median * 0.9,
+            "p75_s": median * 1.1, "bytes_per_element": bytes_per_element,
+            "gbps": n * bytes_per_element / median / 1e9, "elements_per_s": n / median,
+            "samples": 5, "calls_per_sample": 1, "roofline": roofline, **extra}
+
+
+def _result(rows):
+    return {"machine": {"processor": "Test CPU", "cores": 2, "threads": {"numba": 2},
+                        "gpu": None},
+            "device": "cpu: Test CPU (2 threads)", "versions": {}, "results": rows,
+            "absent": [], "skipped": []}
+
+
+def test_ratios_compare_rows_at_the_same_point_only():
+    result = _result([
+        _row("gpu-momentum cpu", "backend", 0.05),
+        _row("numpy naive (cpu)", "peer", 0.25),
+        _row("torch SGD fused (cpu)", "peer", 0.04),
+        _row("R", "roofline", 0.04),
+        _row("numpy copyto (cpu)", "roofline", 0.01, bytes_per_element=8),
+        _row("numpy naive (cpu)", "peer", 1.0, n=2**20),  # another size: not compared
+    ])
+    report.add_ratios(result)
+    backend, naive, fused, roofline, copy, other = result["results"]
+    assert backend["speedup"] == pytest.approx({"numpy naive (cpu)": 5.0,
+                                                "torch SGD fused (cpu)": 0.8})
+    assert backend["roofline_fraction"] == pytest.approx(0.8)
+    assert roofline["roofline_fraction"] == 1.0
+    assert copy["roofline_fraction"] == pytest.approx(8 / 0.01 / (20 / 0.04))
+    assert "speedup" not in naive
+    assert other["roofline_fraction"] is None  # no roofline measured at 2**20
+
+
+def test_targets_report_met_missed_and_unmeasured():
+    result = _result([
+        _row("gpu-momentum cpu", "backend", 0.05),
+        _row("numpy naive (cpu)", "peer", 0.25),
+        _row("torch SGD fused (cpu)", "peer", 0.04),
+        _row("R", "roofline", 0.04),
+    ])
+    report.add_ratios(result)
+    found = {t["target"]: t for t in report.targets(result)}
+    assert found["cpu >= 4x NumPy as users write it"]["value"] == pytest.approx(5.0)
+    assert found["cpu >= 4x NumPy as users write it"]["met"] is True
+    assert found["cpu >= torch fused SGD on the CPU"]["met"] is False
+    assert found["numba-cuda within 10% of cupy"]["met"] is None
+    assert "MISSED" in report.table({**result, "targets": report.targets(result)})
+
+
+def test_check_schema_rejects_broken_results():
+    good = report.add_ratios(_result([_row("R", "roofline", 0.04)]))
+    report.check_schema(good)
+    with pytest.raises(ValueError, match="lacks 'versions'"):
+        report.check_schema({k: v for k, v in good.items() if k != "versions"})
+    with pytest.raises(ValueError, match=r"results\[0\] lacks \['gbps'\]"):
+        report.check_schema({**good, "results": [
+            {k: v for k, v in good["results"][0].items() if k != "gbps"}]})
+    with pytest.raises(ValueError, match="kind 'other'"):
+        report.check_schema({**good, "results": [{**good["results"][0], "kind": "other"}]})
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = []
+    for n in (2**16, 2**18, 2**20):
+        rows += [_row("gpu-momentum cpu", "backend", 1e-9 * n, n=n),
+                 _row("numpy naive (cpu)", "peer", 5e-9 * n, n=n),
+                 _row("R", "roofline", 0.9e-9 * n, n=n)]
+    rows += [{**_row("gpu-momentum cpu", "backend", 0.02, n=25_557_032),
+              "workload": "resnet50", "tensors": 161}]
+    result = report.add_ratios(_result(rows))
+    path = tmp_path / "bench.png"
+    report.plot(result, path)
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+def test_result_names_carry_the_device():
+    result = _result([])
+    assert report.result_name(result) == "cpu-test-cpu-2cores"
+    result["machine"]["threads"]["numba"] = 1
+    assert report.result_name(result) == "cpu-test-cpu-2cores-1threads"
+    result["machine"]["gpu"] = {"name": "NVIDIA H100 80GB HBM3"}
+    result["device"] = "NVIDIA H100 80GB HBM3"
+    assert report.result_name(result) == "gpu-nvidia-h100-80gb-hbm3"
+
+
+def _candidate(name, device, arrays):
+    return candidates.Candidate(name, "peer", device, None, update_bytes, None, arrays)
+
+
+def test_memory_cap_and_groups():
+    host = [_candidate(f"c{i}", "cpu", arrays) for i, arrays in enumerate((4, 6, 3, 3))]
+    assert shortfall(host, 2**20, "float32", {"cpu": 24 * GIB}) is None
+    assert [len(g) for g in groups(host, 2**20, "float32", {"cpu": 24 * GIB})] == [4]
+    # 2**28 float32 = 1 GiB per array; with the two originals: 2 + 4 + 6 = 12 GiB, then 3+3
+    assert [[c.name for c in g] for g in groups(host, 2**28, "float32", {"cpu": 16 * GIB})
+            ] == [["c0", "c1"], ["c2", "c3"]]
+    reason = shortfall(host[:1], 2**30, "float64", {"cpu": 24 * GIB})
+    assert "needs about 48.0 GiB of cpu memory, 24.0 GiB available" in reason
+    # float16 params keep a float32 velocity: arrays are counted at the wider dtype
+    gpu_one = [_candidate("g", "cuda", 6)]
+    need = memory_needed(gpu_one, 2**30, "float16")
+    assert need == {"cpu": 2 * 4 * GIB, "cuda": 6 * 4 * GIB}
+    assert "of cuda memory" in shortfall(gpu_one, 2**30, "float16",
+                                         {"cpu": 64 * GIB, "cuda": 28 * GIB})
+
+
+def test_more_threads_than_numba_has_is_refused():
+    with pytest.raises(ValueError, match="Invalid threads value"):
+        set_threads(numba.config.NUMBA_NUM_THREADS + 1)
+
+
+def test_sizes_and_quick_defaults():
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.log2_sizes("16:18") == [16, 17, 18]
+    assert command.log2_sizes("20") == [20]
+    for bad in ("x", "18:16", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="Invalid size value"):
+            command.log2_sizes(bad)
+    quick = command.options_from(parser.parse_args(["--quick"]))
+    assert quick.sizes == tuple(2**e for e in command.QUICK["sizes"])
+    assert quick.workloads == ("resnet50",) and quick.sampling.samples == 5
+    args = parser.parse_args(["--sizes", "20:21", "26", "--workloads"])
+    full = command.options_from(args)
+    assert full.sizes == (2**20, 2**21, 2**26) and full.workloads == ()
+    assert full.sampling.samples == 25
+
+
+SMALL = make_problem(1000, "float32")
+TENSORS = make_problem(3 * 4 + 5 + 7 * 2, "float32", shapes=[(3, 4), (5,), (7, 2)])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+@pytest.mark.parametrize("problem", [SMALL, TENSORS], ids=["flat", "tensors"])
+def test_every_update_candidate_does_the_same_update(problem, device):
+    """Backends and peers all apply three momentum steps to the same data: none is faked."""
+    p, v = problem.p0.astype(np.float64), np.zeros(problem.n)
+    for _ in range(3):
+        v = candidates.MOMENTUM * v - candidates.LR * problem.g0
+        p = p + v
+    found, _ = candidates.discover((device,))
+    updates = [c for c in found if c.kind != "roofline"]
+    assert {c.kind for c in updates} == {"backend", "peer"}
+    for candidate in updates:
+        built = candidate.build(problem)
+        for _ in range(2 if candidate.name.startswith("torch") else 3):
+            built.step()  # torch's build already took its first step
+        got = np.concatenate([a.reshape(-1) for a in built.params()])
+        np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-6, err_msg=candidate.name)
+
+
+def _tiny_options(dtype):
+    return Options(sizes=(2**10,), dtypes=(dtype,), workloads=(), devices=("cpu",),
+                   threads=numba.get_num_threads(),  # leaves the process's setting alone
+                   sampling=Sampling(samples=2, min_samples=2, warmup_s=0, max_time_s=0.01))
+
+
+def test_absent_torch_is_listed_never_faked(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    options = _tiny_options("float32")
+    result = report.finish(run(options), {})
+    report.check_schema(result)
+    names = {row["name"] for row in result["results"]}
+    assert not any("torch" in name for name in names)
+    assert {"gpu-momentum cpu", "numpy naive (cpu)", candidates.ROOFLINES["cpu"]} <= names
+    absent = {a["name"]: a["reason"] for a in result["absent"]}
+    for variant in ("for-loop", "foreach", "fused"):
+        assert "torch is not installed" in absent[f"torch SGD {variant} (cpu)"]
+    assert "torch SGD fused (cpu)" not in result["results"][0]["speedup"]
+
+
+def test_gpu_peers_are_measured_or_listed_with_a_reason():
+    found, absent = candidates.discover(("cpu", "cuda"))
+    gpu_names = {candidates.CUPY_PEER, candidates.ROOFLINES["cuda"]}
+    reason = GPU_REASON
+    if reason is None:
+        assert gpu_names <= {c.name for c in found}
+    else:
+        assert {a.name: a.reason for a in absent if a.name in gpu_names} == dict.fromkeys(
+            gpu_names, reason)
+        assert not any(c.device == "cuda" for c in found)
+
+
+def test_unsupported_dtype_is_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    result = run(_tiny_options("float16"))
+    skipped = {s["name"]: s["reason"] for s in result["skipped"]}
+    assert "has no float16" in skipped["gpu-momentum cpu"]
+    rows = {r["name"]: r for r in result["results"]}
+    assert rows["numpy naive (cpu)"]["bytes_per_element"] == 10
+    assert rows[candidates.ROOFLINES["cpu"]]["dtype"] == "float16"
+
+
+def test_python_m_bench_help():
+    done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "--json" in done.stdout
+
+
+def test_quick_run_writes_valid_json_and_plot(tmp_path):
+    """`gpu-momentum bench --quick` end to end, in its own process (numba before torch)."""
+    json_path, plot_path = tmp_path / "quick.json", tmp_path / "quick.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "gpu_momentum", "bench", "--quick", "--no-progress",
+         "--json", str(json_path), "--plot", str(plot_path), "--save", str(tmp_path / "s")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "speed-up (peer time / backend time)" in done.stdout
+    result = json.loads(json_path.read_text())
+    report.check_schema(result)
+    assert result["options"]["quick"] is True
+    assert result["machine"]["threads"]["numba"] >= 1
+    assert result["versions"]["numpy"] == np.__version__
+    rows = result["results"]
+    assert {r["workload"] for r in rows} == {"flat", "resnet50"}
+    measured = {r["name"] for r in rows}
+    absent = {a["name"] for a in result["absent"]}
+    for name in ("torch SGD for-loop (cpu)", "torch SGD foreach (cpu)",
+                 "torch SGD fused (cpu)"):
+        assert name in measured | absent
+    for row in rows:
+        if row["kind"] == "roofline" and row["name"] == row["roofline"]:
+            assert row["roofline_fraction"] == 1.0
+        if row["kind"] == "backend":
+            peers = {r["name"] for r in rows if r["kind"] == "peer" and r["n"] == row["n"]
+                     and r["workload"] == row["workload"] and r["dtype"] == row["dtype"]}
+            assert set(row["speedup"]) == peers and peers
+    assert plot_path.read_bytes().startswith(b"\x89PNG")
+    saved = tmp_path / "s" / report.result_name(result)
+    assert json.loads(saved.with_suffix(".json").read_text()) == result
+    assert saved.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert saved.with_suffix(".txt").read_text() in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"no GPU: {GPU_REASON}")
+def test_quick_gpu_run_times_every_gpu_candidate(tmp_path):
+    json_path = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-progress", "--devices", "cuda",
+         "--json", str(json_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(json_path.read_text())
+    report.check_schema(result)
+    assert result["machine"]["gpu"]["name"] == result["device"]
+    rows = result["results"]
+    assert rows and all(r["device"] == "cuda" for r in rows)
+    roofline = candidates.ROOFLINES["cuda"]
+    assert {candidates.CUPY_PEER, roofline} <= {r["name"] for r in rows}
+    for row in rows:
+        assert row["roofline"] == roofline and row["roofline_fraction"] is not None
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n in os.listdir(os.path.join(ROOT, "bench", "results")) if n.endswith(".json")))
+def test_committed_results_keep_the_json_shape(name):
+    with open(os.path.join(ROOT, "bench", "results", name), encoding="utf-8") as file:
+        result = json.load(file)
+    report.check_schema(result)
+    assert name == report.result_name(result) + ".json"
