@@ -9,10 +9,11 @@ fresh_velocity)`, which runs the fused kernel on arrays that
 """
 
 import functools
+import importlib.util
 
 import numpy as np
 
-from ._arrays import type_name
+from ._arrays import SUPPORTED_DTYPES, type_name
 
 BACKEND_NAMES = ("cupy", "numba-cuda", "cpu")  # best first
 
@@ -57,7 +58,70 @@ class CpuBackend:
             hyper.maximize, fresh_velocity)
 
 
-_BACKENDS = {"cpu": CpuBackend()}
+class NumbaCudaBackend:
+    name = "numba-cuda"
+    dtypes = SUPPORTED_DTYPES  # float16 params are computed in float32
+
+    def unavailable_reason(self):
+        if importlib.util.find_spec("numba_cuda") is None:
+            return "the numba-cuda package is not installed"
+        from numba import cuda
+
+        if not cuda.is_available():
+            return f"Numba finds no usable CUDA GPU ({cuda.cuda_error()})"
+        return None
+
+    def owns(self, array):
+        # Numba device arrays (also the CUDA simulator's, which wrap host memory) and
+        # anything exporting __cuda_array_interface__: CuPy arrays, PyTorch CUDA tensors.
+        return _is_numba_array(array) or hasattr(array, "__cuda_array_interface__")
+
+    def zeros(self, shape, dtype):
+        from numba import cuda
+        from numba.cuda.cudadrv.driver import device_memset
+
+        array = cuda.device_array(shape, dtype)
+        if array.size:
+            device_memset(array, 0, array.nbytes)
+        return array
+
+    def copy(self, array):
+        from numba import cuda
+
+        array = self.asarray(array)
+        out = cuda.device_array(array.shape, array.dtype)
+        out.copy_to_device(array)
+        return out
+
+    def asarray(self, array):
+        from numba import cuda
+
+        if self.owns(array):
+            return array if _is_numba_array(array) else cuda.as_cuda_array(array)
+        return cuda.to_device(np.ascontiguousarray(array))
+
+    def to_numpy(self, array):
+        return self.asarray(array).copy_to_host()
+
+    def synchronize(self):
+        from numba import cuda
+
+        cuda.synchronize()
+
+    def step(self, param, grad, velocity, hyper, fresh_velocity):
+        from .kernels.numba_cuda import momentum_step_numba_cuda
+
+        momentum_step_numba_cuda(
+            param, grad, velocity, hyper.lr, hyper.momentum, hyper.dampening,
+            hyper.weight_decay, hyper.style == "classic", hyper.nesterov, hyper.maximize,
+            fresh_velocity)
+
+
+def _is_numba_array(array):
+    return getattr(array, "__cuda_ndarray__", False)
+
+
+_BACKENDS = {"cpu": CpuBackend(), "numba-cuda": NumbaCudaBackend()}
 
 
 def _registered(name):
