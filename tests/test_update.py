@@ -18,6 +18,8 @@ def _assert_close(actual, expected, what, step):
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_momentum_step_matches_reference(backend, config, size):
+    if backend.size_limit(size) is not None:
+        pytest.skip(backend.size_limit(size))
     param, grads = problem(size)
     velocity = np.zeros(size)
     p, v = backend.from_numpy(param), backend.from_numpy(velocity)
