@@ -68,7 +68,8 @@ class NumbaCudaBackend:
         from numba import cuda
 
         if not cuda.is_available():
-            return f"Numba finds no usable CUDA GPU ({cuda.cuda_error()})"
+            why = " ".join(str(cuda.cuda_error()).split())
+            return f"Numba finds no usable CUDA GPU ({why})"
         return None
 
     def owns(self, array):
@@ -101,6 +102,8 @@ class NumbaCudaBackend:
         return cuda.to_device(np.ascontiguousarray(array))
 
     def to_numpy(self, array):
+        if not self.owns(array):
+            return np.asarray(array)
         return self.asarray(array).copy_to_host()
 
     def synchronize(self):

@@ -32,7 +32,7 @@ momentum_update_cuda = cuda.jit(device=True, inline="always")(momentum_update)
 
 THREADS_PER_BLOCK = 256
 # The CUDA simulator runs each thread of a block as a Python thread, one block after the
-# other: one small block keeps it quick, and the grid-stride loop still covers any size.
+# other: two small blocks keep it quick and still stride across blocks for any size.
 SIMULATOR_THREADS_PER_BLOCK = 32
 SIMULATOR_BLOCKS = 2
 
@@ -84,13 +84,12 @@ def momentum_step_numba_cuda(param, grad, velocity, lr, momentum, dampening, wei
                              classic, nesterov, maximize, fresh_velocity):
     """Queues the update on param's stream and returns without waiting for it.
 
-    The hyperparameters (Python floats) are cast to the compute dtype, the velocity's, and
-    grad_coeff = 1 - dampening is formed in it, as the CPU kernel does.
-
-    The arrays are Numba device arrays or `__cuda_array_interface__` arrays, contiguous,
+    The arrays are Numba device arrays or `__cuda_array_interface__` arrays, already
     checked by `gpu_momentum._arrays.check_update`. param's stream is the one its exporter
     named, or the one a Numba array is bound to (by default Numba's default stream), so
-    the update runs after the work queued there that produced the gradient.
+    the update runs after the work queued there that produced the gradient. The
+    hyperparameters (Python floats) are cast to the compute dtype, the velocity's, and
+    grad_coeff = 1 - dampening is formed in it, as the CPU backend does.
     """
     param, grad, velocity = _numba_array(param), _numba_array(grad), _numba_array(velocity)
     if param.size == 0:
