@@ -38,7 +38,9 @@ class ArrayInfo(NamedTuple):
 def describe(name, array):
     """ArrayInfo of `array`, or TypeError naming `name` when it is not an array."""
     iface = getattr(array, "__cuda_array_interface__", None)
-    on_device = iface is not None
+    # Numba device arrays say so with __cuda_ndarray__; under the CUDA simulator they wrap
+    # host memory and describe it with __array_interface__ only.
+    on_device = iface is not None or bool(getattr(array, "__cuda_ndarray__", False))
     if iface is None:
         iface = getattr(array, "__array_interface__", None)
     if iface is None or isinstance(array, np.generic):

@@ -1,7 +1,9 @@
 """Backend registry and choice. Each backend is a thin adapter around its kernel module.
 
 A backend provides: `name`, `dtypes`, `unavailable_reason()` (None when usable),
-`owns(array)`, `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own
+`owns(array)` (can update it), `native(array)` (it is this backend's own array type, which
+wins the automatic choice: a Numba array goes to numba-cuda even though CuPy can take it
+too), `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own
 arrays to own arrays, for loading state and the demo), `to_numpy(array)`, `synchronize()`
 (waits for queued work, for timing), and two updates over arrays that
 `gpu_momentum._arrays.check_update` has accepted:
@@ -14,10 +16,11 @@ arrays to own arrays, for loading state and the demo), `to_numpy(array)`, `synch
 """
 
 import functools
+import importlib.util
 
 import numpy as np
 
-from ._arrays import type_name
+from ._arrays import SUPPORTED_DTYPES, type_name
 
 BACKEND_NAMES = ("cupy", "numba-cuda", "cpu")  # best first
 
@@ -35,6 +38,8 @@ class CpuBackend:
 
     def owns(self, array):
         return isinstance(array, np.ndarray)
+
+    native = owns
 
     def zeros(self, shape, dtype):
         return np.zeros(shape, dtype)
@@ -90,6 +95,9 @@ class CupyBackend:
     def owns(self, array):
         return hasattr(array, "__cuda_array_interface__")
 
+    def native(self, array):
+        return type(array).__module__.split(".")[0] == "cupy"
+
     def zeros(self, shape, dtype):
         import cupy
         return cupy.zeros(shape, dtype)
@@ -123,7 +131,81 @@ class CupyBackend:
                                               counters)
 
 
-_BACKENDS = {"cpu": CpuBackend(), "cupy": CupyBackend()}
+class NumbaCudaBackend:
+    name = "numba-cuda"
+    dtypes = SUPPORTED_DTYPES  # float16 params are computed in float32
+
+    def unavailable_reason(self):
+        if importlib.util.find_spec("numba_cuda") is None:
+            return "the numba-cuda package is not installed"
+        from numba import cuda
+
+        if not cuda.is_available():
+            why = " ".join(str(cuda.cuda_error()).split())
+            return f"Numba finds no usable CUDA GPU ({why})"
+        return None
+
+    def owns(self, array):
+        # Numba device arrays (also the CUDA simulator's, which wrap host memory) and
+        # anything exporting __cuda_array_interface__: CuPy arrays, PyTorch CUDA tensors.
+        return _is_numba_array(array) or hasattr(array, "__cuda_array_interface__")
+
+    def native(self, array):
+        return _is_numba_array(array)
+
+    def zeros(self, shape, dtype):
+        from numba import cuda
+        from numba.cuda.cudadrv.driver import device_memset
+
+        array = cuda.device_array(shape, dtype)
+        if array.size:
+            device_memset(array, 0, array.nbytes)
+        return array
+
+    def copy(self, array):
+        from numba import cuda
+
+        array = self.asarray(array)
+        out = cuda.device_array(array.shape, array.dtype)
+        out.copy_to_device(array)
+        return out
+
+    def asarray(self, array):
+        from numba import cuda
+
+        if self.owns(array):
+            return array if _is_numba_array(array) else cuda.as_cuda_array(array)
+        return cuda.to_device(np.asarray(array, order="C"))
+
+    def to_numpy(self, array):
+        if not self.owns(array):
+            return np.asarray(array)
+        return self.asarray(array).copy_to_host()
+
+    def synchronize(self):
+        from numba import cuda
+
+        cuda.synchronize()
+
+    def step(self, param, grad, velocity, hyper, fresh_velocity, inv_grad_scale):
+        from .kernels.numba_cuda import momentum_step_numba_cuda
+
+        momentum_step_numba_cuda(param, grad, velocity, hyper, fresh_velocity,
+                                 inv_grad_scale)
+
+    def step_skipping_nonfinite(self, param, grad, velocity, hyper, inv_grad_scale,
+                                counters):
+        from .kernels.numba_cuda import momentum_step_skipping_nonfinite_numba_cuda
+
+        momentum_step_skipping_nonfinite_numba_cuda(param, grad, velocity, hyper,
+                                                    inv_grad_scale, counters)
+
+
+def _is_numba_array(array):
+    return getattr(array, "__cuda_ndarray__", False)
+
+
+_BACKENDS = {"cpu": CpuBackend(), "cupy": CupyBackend(), "numba-cuda": NumbaCudaBackend()}
 
 
 def _registered(name):
@@ -156,11 +238,16 @@ def backend_named(name):
 
 
 def select_backend(name, param):
-    """Explicit choice wins; otherwise the best available backend that owns `param`."""
+    """Explicit choice wins; otherwise the available backend whose own array type `param`
+    is, else the best available backend that can update it."""
     if name is None or name == "auto":
-        for candidate in available_backends():
-            if _registered(candidate).owns(param):
-                return _registered(candidate)
+        owners = [_registered(candidate) for candidate in available_backends()
+                  if _registered(candidate).owns(param)]
+        for backend in owners:
+            if backend.native(param):
+                return backend
+        if owners:
+            return owners[0]
         raise TypeError(f"no available backend takes param of type {type_name(param)} "
                         f"(available: {available_backends()})")
     backend = backend_named(name)

@@ -1,6 +1,14 @@
 import os
 import tempfile
 
+from cuda_driver import cuda_device_count
+
+# Without a GPU the numba-cuda backend runs its tests in Numba's CUDA simulator, so CPU-only
+# machines and CI check it too; with one it runs on the hardware. NUMBA_ENABLE_CUDASIM set
+# by hand wins. Numba reads it once, on its first import.
+if cuda_device_count() == 0:
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 # Numba's on-disk cache is keyed on the kernel's own file, not on kernels/elementwise.py
 # that it inlines: a fresh cache per run keeps an edit of the maths from being masked by a
 # stale compiled kernel. Set before numba is first imported.

@@ -14,6 +14,15 @@ import pytest
 import gpu_momentum
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SIMULATED_MAX_SIZE = 4099
+
+
+def library_env():
+    """The environment for a subprocess that runs the library as users run it: with the
+    real numba-cuda, not the CUDA simulator conftest.py may have switched on for the test
+    process (the simulator would make numba-cuda look available and run the demo and the
+    benchmark in it, thousands of times slower)."""
+    return {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
 
 
 def require(module_name):
@@ -38,7 +47,13 @@ class CpuHarness:
     name = "cpu"
     on_device = False
     runs_in_ci = True
+    simulated = False
+    contracts_fma = False  # a * b + c rounds twice, as in the reference
     dtypes = (np.float32, np.float64)
+
+    def size_limit(self, size):
+        """Why `size` elements are not run here, or None."""
+        return None
 
     def from_numpy(self, array):
         return np.array(array, copy=True)
@@ -51,7 +66,10 @@ class CupyHarness:
     name = "cupy"
     on_device = True
     runs_in_ci = False  # needs a GPU; tests/test_cuda_*.py prove the kernel without one
+    simulated = False
+    contracts_fma = False  # compiled with --fmad=false
     dtypes = (np.float16, np.float32, np.float64)
+    size_limit = CpuHarness.size_limit
 
     def from_numpy(self, array):
         import cupy
@@ -62,7 +80,47 @@ class CupyHarness:
         return cupy.asnumpy(array)
 
 
-HARNESSES = [CpuHarness(), CupyHarness()]
+
+class NumbaCudaHarness:
+    name = "numba-cuda"
+    on_device = True
+    runs_in_ci = True  # on CPU-only machines under the CUDA simulator (see conftest.py)
+    dtypes = (np.float16, np.float32, np.float64)
+
+    @property
+    def simulated(self):
+        from numba.core import config
+
+        return bool(config.ENABLE_CUDASIM)
+
+    @property
+    def contracts_fma(self):
+        # NVVM fuses a * b + c into one rounding and numba-cuda has no switch to stop it;
+        # the simulator computes with NumPy scalars, as the reference does.
+        return not self.simulated
+
+    def size_limit(self, size):
+        """Why `size` elements are not run here, or None."""
+        # The simulator runs every GPU thread as a Python thread, ~40 us per element: the
+        # table's 278011-element case would take ~20 minutes. At 1023 elements its grid of
+        # 2 blocks of 32 threads already makes 16 grid-stride rounds with a ragged end.
+        if self.simulated and size > SIMULATED_MAX_SIZE:
+            return (f"{size} elements take minutes in the CUDA simulator (limit "
+                    f"{SIMULATED_MAX_SIZE}); real GPUs run this size")
+        return None
+
+    def from_numpy(self, array):
+        from numba import cuda
+
+        return cuda.to_device(np.asarray(array, order="C"))
+
+    def to_numpy(self, array):
+        if isinstance(array, np.ndarray):
+            return np.array(array, copy=True)
+        return array.copy_to_host()
+
+
+HARNESSES = [CpuHarness(), CupyHarness(), NumbaCudaHarness()]
 
 
 def unavailable_reason(harness):

@@ -16,6 +16,7 @@ from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_by
                                         summarize, update_bytes)
 from gpu_momentum.bench.run import (Options, groups, make_problem, memory_needed, run,
                                     set_threads, shortfall)
+from harness import library_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -308,7 +309,7 @@ def test_unsupported_dtype_is_skipped_with_the_reason(monkeypatch):
 
 def test_python_m_bench_help():
     done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+                          env=library_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout and "--json" in done.stdout
 
@@ -319,7 +320,7 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "gpu_momentum", "bench", "--quick", "--no-progress",
          "--json", str(json_path), "--plot", str(plot_path), "--save", str(tmp_path / "s")],
-        cwd=ROOT, capture_output=True, text=True, timeout=240)
+        cwd=ROOT, env=library_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "speed-up (peer time / backend time)" in done.stdout
     result = json.loads(json_path.read_text())
@@ -354,7 +355,8 @@ def test_quick_gpu_run_times_every_gpu_candidate(tmp_path):
     json_path = tmp_path / "gpu.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--no-progress", "--devices", "cuda",
-         "--json", str(json_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "--json", str(json_path)], cwd=ROOT, env=library_env(), capture_output=True,
+        text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(json_path.read_text())
     report.check_schema(result)

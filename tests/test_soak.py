@@ -21,9 +21,10 @@ def _device_pool_bytes(backend):
 
 
 def _skip_simulated(backend):
-    if getattr(backend, "simulated", False):
-        pytest.skip("the CUDA simulator runs Python per thread: its speed and memory say "
-                    "nothing about the backend; soak runs on the CPU and on real GPUs")
+    if backend.simulated:
+        pytest.skip("the CUDA simulator runs Python per thread: its speed, memory and "
+                    "determinism say nothing about the backend; these run on the CPU and "
+                    "on real GPUs")
 
 
 @pytest.mark.parametrize("skip_nonfinite", [False, True])
@@ -82,6 +83,8 @@ def test_200_large_steps_match_the_same_precision_reference(backend):
 
 
 def test_runs_are_bitwise_deterministic(backend):
+    _skip_simulated(backend)
+
     def run():
         param, grads = problem(278011)
         opt = gm.MomentumSGD(backend.from_numpy(param), lr=0.05, momentum=0.9,

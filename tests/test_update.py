@@ -18,6 +18,8 @@ def _assert_close(actual, expected, what, step):
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_momentum_step_matches_reference(backend, config, size):
+    if backend.size_limit(size) is not None:
+        pytest.skip(backend.size_limit(size))
     param, grads = problem(size)
     velocity = np.zeros(size)
     p, v = backend.from_numpy(param), backend.from_numpy(velocity)
@@ -62,8 +64,13 @@ def test_first_classic_step_is_p_minus_lr_g(backend, dtype, weight_decay):
     opt.step(backend.from_numpy(grad))
     lr, wd = dtype(0.1), dtype(weight_decay)
     g = grad + wd * param if weight_decay else grad
-    np.testing.assert_array_equal(backend.to_numpy(p), param + (-lr * g))
-    np.testing.assert_array_equal(backend.to_numpy(opt.velocity), -lr * g)
+    if backend.contracts_fma:  # g and p + v may each be one fused multiply-add
+        rtol = 2 * np.finfo(dtype).eps
+        np.testing.assert_allclose(backend.to_numpy(p), param + (-lr * g), rtol=rtol)
+        np.testing.assert_allclose(backend.to_numpy(opt.velocity), -lr * g, rtol=rtol)
+    else:
+        np.testing.assert_array_equal(backend.to_numpy(p), param + (-lr * g))
+        np.testing.assert_array_equal(backend.to_numpy(opt.velocity), -lr * g)
 
 
 def test_float32_tracks_float64_reference(backend):

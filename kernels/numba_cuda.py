@@ -1,0 +1,201 @@
+"""Numba CUDA kernels: the fused update as one grid-stride pass over the flat buffers.
+
+momentum_step_kernel's arguments, in order:
+  param, grad   1-D contiguous float16/float32/float64 device arrays (param updated in place)
+  velocity      1-D contiguous device array of the compute dtype (float32 for float16
+                params, else the param dtype), updated in place
+  lr, momentum, grad_coeff, weight_decay, inv_grad_scale
+                scalars of the compute dtype (grad_coeff = 1 - dampening,
+                inv_grad_scale = 1 / loss scale)
+  classic, nesterov, maximize, fresh_velocity
+                booleans; see `kernels.elementwise.momentum_update`
+Hyperparameters are arguments, not compile-time constants: a schedule changing lr or
+momentum reuses the compiled kernel. One kernel is compiled per dtype combination.
+momentum_step_counted_kernel takes the step counters instead of fresh_velocity; see
+momentum_step_skipping_nonfinite_numba_cuda.
+"""
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, types
+from numba.core import config
+from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
+
+from .elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
+                          VELOCITY_INITIALIZED, momentum_update)
+
+PARAM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+# The CPU kernel compiles the same Python function with numba.njit. Here it becomes a CUDA
+# device function with inline="always": Numba inlines its IR into the kernel, so the kernel
+# compiles as one unit for whichever compute capability is asked for, and
+# `cuda.compile_ptx(..., cc=(9, 0))` works on a machine without a GPU. A device function
+# compiled on its own (inline="never") is built for the current device, which needs one.
+momentum_update_cuda = cuda.jit(device=True, inline="always")(momentum_update)
+
+THREADS_PER_BLOCK = 256
+# The CUDA simulator runs each thread of a block as a Python thread, one block after the
+# other: two small blocks keep it quick and still stride across blocks for any size.
+SIMULATOR_THREADS_PER_BLOCK = 32
+SIMULATOR_BLOCKS = 2
+
+
+@cuda.jit(device=True, inline="always")
+def _update_all(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
+                inv_grad_scale, classic, nesterov, maximize, fresh_velocity):
+    # float16 is widened to float32 before any arithmetic (Numba's fp16 arithmetic calls
+    # out to library functions) and rounded to nearest once, on the store.
+    compute = velocity.dtype.type
+    # param.size is 64-bit, so i is too: buffers past 2**31 elements index correctly.
+    for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
+        param[i], velocity[i] = momentum_update_cuda(
+            compute(param[i]), compute(grad[i]), velocity[i], lr, momentum, grad_coeff,
+            weight_decay, inv_grad_scale, classic, nesterov, maximize, fresh_velocity)
+
+
+@cuda.jit(cache=True)
+def momentum_step_kernel(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
+                         inv_grad_scale, classic, nesterov, maximize, fresh_velocity):
+    _update_all(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
+                inv_grad_scale, classic, nesterov, maximize, fresh_velocity)
+
+
+# Skipping steps with a non-finite gradient takes four launches on the stream and no host
+# round trip, as the CUDA C kernels do: clear LAST_STEP_SKIPPED, set it where a scaled
+# gradient element is NaN or inf, update unless it is set (first step when the counters
+# say the velocity is not initialized yet), count the step.
+@cuda.jit(cache=True)
+def begin_step_kernel(counters):
+    if cuda.grid(1) == 0:
+        counters[LAST_STEP_SKIPPED] = 0
+
+
+@cuda.jit(cache=True)
+def find_nonfinite_kernel(grad, velocity, inv_grad_scale, counters):
+    # Checked as the update computes it: widened to the velocity's (compute) dtype first.
+    compute = velocity.dtype.type
+    for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
+        if not math.isfinite(compute(grad[i]) * inv_grad_scale):
+            # Every writer stores the same 1: the race between threads is harmless.
+            counters[LAST_STEP_SKIPPED] = 1
+
+
+@cuda.jit(cache=True)
+def momentum_step_counted_kernel(param, grad, velocity, lr, momentum, grad_coeff,
+                                 weight_decay, inv_grad_scale, classic, nesterov, maximize,
+                                 counters):
+    if counters[LAST_STEP_SKIPPED] == 0:
+        _update_all(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
+                    inv_grad_scale, classic, nesterov, maximize,
+                    counters[VELOCITY_INITIALIZED] == 0)
+
+
+@cuda.jit(cache=True)
+def finish_step_kernel(counters, initializes_velocity):
+    if cuda.grid(1) == 0:
+        if counters[LAST_STEP_SKIPPED] != 0:
+            counters[SKIPPED_STEPS] += 1
+        else:
+            counters[STEP_COUNT] += 1
+            if initializes_velocity:
+                counters[VELOCITY_INITIALIZED] = 1
+
+
+@functools.cache
+def _launch_limits(device_id):
+    """(threads per block, blocks that fill the device): more blocks would only queue."""
+    device = cuda.get_current_device()
+    blocks_per_sm = device.MAX_THREADS_PER_MULTI_PROCESSOR // THREADS_PER_BLOCK
+    return THREADS_PER_BLOCK, device.MULTIPROCESSOR_COUNT * blocks_per_sm
+
+
+def launch_config(size):
+    """(blocks, threads) for `size` elements on the current device; blocks >= 1."""
+    if config.ENABLE_CUDASIM:
+        threads, most_blocks = SIMULATOR_THREADS_PER_BLOCK, SIMULATOR_BLOCKS
+    else:
+        threads, most_blocks = _launch_limits(cuda.get_current_device().id)
+    return max(1, min(most_blocks, -(-size // threads))), threads
+
+
+def _numba_array(array):
+    """A Numba device array (a zero-copy view of a `__cuda_array_interface__` array).
+
+    `sync=False`: the view records the stream the array was exported on (CuPy's or
+    PyTorch's current stream) instead of waiting for it; the update is queued there.
+    """
+    return array if is_cuda_ndarray(array) else cuda.as_cuda_array(array, sync=False)
+
+
+def _flat(array):
+    return array if array.ndim == 1 else array.reshape(array.size)
+
+
+def _launch(param, grad, velocity, hyper, inv_grad_scale):
+    """Numba views of the arrays, the kernel scalars, and (blocks, threads, stream)."""
+    param, grad, velocity = (_flat(_numba_array(a)) for a in (param, grad, velocity))
+    scalars = hyper.kernel_scalars(velocity.dtype, inv_grad_scale)
+    blocks, threads = launch_config(param.size)
+    return (param, grad, velocity), scalars, (blocks, threads, param.stream)
+
+
+def momentum_step_numba_cuda(param, grad, velocity, hyper, fresh_velocity, inv_grad_scale):
+    """Queues the update on param's stream and returns without waiting for it.
+
+    The arrays are Numba device arrays or `__cuda_array_interface__` arrays, already
+    checked by `gpu_momentum._arrays.check_update`. param's stream is the one its exporter
+    named, or the one a Numba array is bound to (by default Numba's default stream), so
+    the update runs after the work queued there that produced the gradient. The scalars
+    are cast to the compute dtype, the velocity's, as the CPU backend casts them.
+    """
+    arrays, scalars, launch = _launch(param, grad, velocity, hyper, inv_grad_scale)
+    if arrays[0].size:
+        momentum_step_kernel[launch](*arrays, *scalars, *hyper.kernel_flags(),
+                                     fresh_velocity)
+
+
+def momentum_step_skipping_nonfinite_numba_cuda(param, grad, velocity, hyper,
+                                                inv_grad_scale, counters):
+    """As momentum_step_numba_cuda, unless the scaled gradient holds a NaN or inf;
+    `counters` (a device int64[4], slots as in kernels.elementwise) decide the first step
+    and count taken and skipped steps. Four launches on param's stream, no waiting."""
+    arrays, scalars, launch = _launch(param, grad, velocity, hyper, inv_grad_scale)
+    counters = _numba_array(counters)
+    stream = launch[2]
+    begin_step_kernel[1, 1, stream](counters)
+    if arrays[0].size:
+        find_nonfinite_kernel[launch](arrays[1], arrays[2], scalars[4], counters)
+        momentum_step_counted_kernel[launch](*arrays, *scalars, *hyper.kernel_flags(),
+                                             counters)
+    finish_step_kernel[1, 1, stream](counters, hyper.initializes_velocity)
+
+
+def kernel_signatures(param_dtype):
+    """{name: (kernel, argument types)} of every kernel for 1-D contiguous params of
+    `param_dtype`."""
+    from numba.np.numpy_support import from_dtype
+
+    param_dtype = np.dtype(param_dtype)
+    compute = from_dtype(np.dtype(np.float64) if param_dtype.itemsize == 8 else
+                         np.dtype(np.float32))
+    param = types.Array(from_dtype(param_dtype), 1, "C")
+    velocity = types.Array(compute, 1, "C")
+    counters = types.Array(types.int64, 1, "C")
+    arrays_and_scalars = (param, param, velocity, *[compute] * 5, *[types.boolean] * 3)
+    return {
+        "momentum_step": (momentum_step_kernel, (*arrays_and_scalars, types.boolean)),
+        "momentum_step_counted": (momentum_step_counted_kernel,
+                                  (*arrays_and_scalars, counters)),
+        "find_nonfinite": (find_nonfinite_kernel, (param, velocity, compute, counters)),
+    }
+
+
+def compile_ptx(param_dtype, cc):
+    """{kernel name: PTX} for `param_dtype` params at compute capability `cc`, e.g. (9, 0).
+
+    Needs the numba-cuda compiler (NVVM), not a GPU, and not the simulator.
+    """
+    return {name: cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
+            for name, (kernel, signature) in kernel_signatures(param_dtype).items()}

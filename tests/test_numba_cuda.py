@@ -1,0 +1,227 @@
+"""The numba-cuda backend beyond the shared table: half and single precision against
+same-precision models, FlatParams of Numba arrays, a step that neither allocates nor
+waits, and the compiled kernel's PTX (registers, no spills) for sm_80 and sm_90.
+
+On a machine without a GPU these run in Numba's CUDA simulator (see conftest.py), except
+the PTX checks, which use the real numba-cuda compiler in a subprocess: compiling needs no
+GPU.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpu_momentum as gm
+from configs import CONFIGS, hyper_at, problem
+from cuda_driver import cuda_device_count
+from gpu_momentum.reference import reference_step
+from harness import IN_CI, NumbaCudaHarness, library_env, unavailable_reason
+
+CCS = ((8, 0), (9, 0))
+
+
+@pytest.fixture
+def harness():
+    harness = NumbaCudaHarness()
+    reason = unavailable_reason(harness)
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(f"{reason}, and CI must run it (CI=true)")
+        pytest.skip(reason)
+    return harness
+
+
+def _same_precision_model(param, grads, config):
+    """The kernel's arithmetic on the host: float32 maths and velocity, param stored in
+    its own dtype (rounded to nearest) after every step."""
+    p, v = param, np.zeros(param.size, np.float32)
+    for step, grad in enumerate(grads):
+        p32, v = reference_step(p, grad, v, first_step=step == 0, dtype=np.float32,
+                                **hyper_at(config, step))
+        p = p32.astype(param.dtype)
+    return p, v
+
+
+@pytest.mark.parametrize("size", [1023, 278011])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_low_precision_tracks_same_precision_model(harness, config, dtype, size):
+    if harness.size_limit(size) is not None:
+        pytest.skip(harness.size_limit(size))
+    param64, grads64 = problem(size)
+    param, grads = param64.astype(dtype), [g.astype(dtype) for g in grads64]
+    p = harness.from_numpy(param)
+    v = harness.from_numpy(np.zeros(size, np.float32))
+    for step, grad in enumerate(grads):
+        gm.momentum_step(p, harness.from_numpy(grad), v, first_step=step == 0,
+                         backend="numba-cuda", **hyper_at(config, step))
+    model_p, model_v = _same_precision_model(param, grads, config)
+    exact_p, exact_v = param.astype(np.float64), np.zeros(size)
+    for step, grad in enumerate(grads):
+        exact_p, exact_v = reference_step(exact_p, grad, exact_v, first_step=step == 0,
+                                          **hyper_at(config, step))
+    got_p, got_v = harness.to_numpy(p), harness.to_numpy(v)
+    assert got_p.dtype == dtype and got_v.dtype == np.float32
+    if harness.simulated:
+        # The simulator runs the Python maths with NumPy scalars: the model's exact steps.
+        assert got_p.tobytes() == model_p.tobytes()
+        assert got_v.tobytes() == model_v.tobytes()
+    # On a GPU, contraction into FMAs may round differently: bound the error against
+    # float64 by twice the model's own error (a bit of slack for all-exact cases).
+    for got, model, exact in ((got_p, model_p, exact_p), (got_v, model_v, exact_v)):
+        model_error = np.abs(model.astype(np.float64) - exact).max()
+        got_error = np.abs(got.astype(np.float64) - exact).max()
+        assert got_error <= 2 * model_error + np.finfo(dtype).eps
+
+
+def test_float16_params_get_a_float32_velocity(harness):
+    param, grads = problem(1023, steps=3)
+    p = harness.from_numpy(param.astype(np.float16))
+    opt = gm.MomentumSGD(p, lr=0.05, momentum=0.9, style="torch", backend="numba-cuda")
+    assert np.dtype(opt.velocity.dtype) == np.float32
+    for grad in grads:
+        opt.step(harness.from_numpy(grad.astype(np.float16)))
+    model_p, model_v = _same_precision_model(
+        param.astype(np.float16), [g.astype(np.float16) for g in grads],
+        {"lr": 0.05, "momentum": 0.9, "style": "torch"})
+    np.testing.assert_array_max_ulp(harness.to_numpy(p), model_p, maxulp=1)
+    np.testing.assert_allclose(harness.to_numpy(opt.velocity), model_v, rtol=1e-6)
+
+
+def test_flat_params_of_numba_arrays(harness):
+    shapes = [(3, 5), (7,), (2, 2, 3)]
+    rng = np.random.default_rng(1)
+    layers = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    flat = gm.FlatParams.from_arrays([harness.from_numpy(a) for a in layers])
+    assert gm.MomentumSGD(flat, lr=0.1).backend == "numba-cuda"
+    opt = gm.MomentumSGD(flat, lr=0.1, momentum=0.9)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    for view, grad in zip(flat.grads, grads):
+        view[...] = harness.from_numpy(grad)
+    opt.step()
+    data = harness.to_numpy(flat.data)
+    for offset, layer, grad in zip(flat.offsets, layers, grads):
+        expected = layer + -np.float32(0.1) * grad
+        np.testing.assert_array_equal(data[offset:offset + layer.size], expected.ravel())
+    padding = np.ones(data.size, bool)
+    for offset, layer in zip(flat.offsets, layers):
+        padding[offset:offset + layer.size] = False
+    assert not data[padding].any()
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_step_neither_allocates_nor_waits(harness, monkeypatch, skip_nonfinite):
+    from numba import cuda
+
+    p, g, v = (harness.from_numpy(np.full(1023, x)) for x in (1.0, 2.0, 0.0))
+    opt = gm.MomentumSGD(p, lr=0.5, backend="numba-cuda", skip_nonfinite=skip_nonfinite)
+    opt.step(g)  # compiles the kernel first
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("step() allocated device memory or waited for the GPU")
+
+    for name in ("synchronize", "to_device", "device_array", "device_array_like"):
+        monkeypatch.setattr(cuda, name, forbidden)
+    monkeypatch.setattr(type(cuda.default_stream()), "synchronize", forbidden)
+    monkeypatch.setattr(type(cuda.current_context()), "memalloc", forbidden)
+    opt.step(g)
+    gm.momentum_step(p, g, v, lr=0.5, backend="numba-cuda")
+    monkeypatch.undo()
+    # p: 1 -> 0 (v = -1) -> -1.9 (v = 0.9 * -1 - 1) -> -2.9 (from the zero velocity v)
+    np.testing.assert_allclose(harness.to_numpy(p), -2.9, rtol=1e-12)
+    np.testing.assert_allclose(harness.to_numpy(opt.velocity), -1.9, rtol=1e-12)
+    np.testing.assert_array_equal(harness.to_numpy(v), -1.0)
+
+
+def test_launch_grid_comes_from_the_device(harness):
+    from numba import cuda
+
+    from gpu_momentum.kernels.numba_cuda import launch_config
+
+    threads_small = launch_config(1)
+    assert threads_small[0] == 1
+    blocks, threads = launch_config(2**40)
+    assert launch_config(2**40) == (blocks, threads)
+    if harness.simulated:
+        assert blocks * threads <= 64  # every simulated thread is a Python thread
+    else:
+        device = cuda.get_current_device()
+        assert blocks * threads == (device.MULTIPROCESSOR_COUNT
+                                    * device.MAX_THREADS_PER_MULTI_PROCESSOR)
+    assert launch_config(3 * threads + 1) == (min(blocks, 4), threads)
+
+
+def _require_tool(name):
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not on PATH (CUDA toolkit); it checks the kernel's spills"
+        if IN_CI:
+            pytest.fail(f"{message}, and CI must run this check (CI=true)")
+        pytest.skip(message)
+    return path
+
+
+_PTX_SCRIPT = """
+import sys
+from gpu_momentum.kernels.numba_cuda import PARAM_DTYPES, compile_ptx
+out = sys.argv[1]
+for dtype in PARAM_DTYPES:
+    for cc in {ccs!r}:
+        for kernel, ptx in compile_ptx(dtype, cc).items():
+            path = f"{{out}}/{{dtype}}-{{kernel}}-sm_{{cc[0]}}{{cc[1]}}.ptx"
+            with open(path, "w") as f:
+                f.write(ptx)
+            print(path)
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel_ptx(tmp_path_factory):
+    """{(dtype name, cc): PTX path}, compiled by the real numba-cuda compiler, no GPU."""
+    out = tmp_path_factory.mktemp("ptx")
+    result = subprocess.run([sys.executable, "-c", _PTX_SCRIPT.format(ccs=CCS), str(out)],
+                            env=library_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    paths = result.stdout.split()
+    assert len(paths) == 3 * 3 * len(CCS)  # dtypes x kernels x archs
+    return paths
+
+
+def test_ptx_for_sm80_and_sm90_has_no_spills(kernel_ptx, tmp_path):
+    ptxas = _require_tool("ptxas")
+    for path in kernel_ptx:
+        arch = re.search(r"sm_\d+", path).group()
+        ptx = open(path).read()
+        assert f".target {arch}" in ptx
+        assert "call" not in re.sub(r"//.*", "", ptx), f"{path}: the kernel calls out"
+        result = subprocess.run([ptxas, "-v", f"-arch={arch}", path,
+                                 "-o", str(tmp_path / "kernel.cubin")],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        report = result.stderr + result.stdout
+        assert re.search(r"Used \d+ registers", report), report
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+        assert spills == [("0", "0")], f"{path}: {report}"
+
+
+def test_listed_only_where_a_gpu_is(tmp_path):
+    """Outside the simulator, numba-cuda is available exactly when the driver sees a GPU."""
+    script = ("import gpu_momentum as gm, numpy as np\n"
+              "listed = 'numba-cuda' in gm.available_backends()\n"
+              "print(listed)\n"
+              "if not listed:\n"
+              "    try:\n"
+              "        gm.MomentumSGD(np.zeros(2), lr=0.1, backend='numba-cuda')\n"
+              "    except gm.BackendUnavailableError as e:\n"
+              "        print(e)\n")
+    result = subprocess.run([sys.executable, "-c", script], env=library_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout.splitlines()[0] == "True"
+    assert listed == (cuda_device_count() > 0)
+    if not listed:
+        assert "backend 'numba-cuda' is not available on this machine" in result.stdout
