@@ -113,7 +113,7 @@ def library_candidate(name, timer):
         layers = [backend.asarray(t) for t in problem.tensors(problem.p0)]
         flat = FlatParams.from_arrays(layers)
         for view, grad in zip(flat.grads, problem.tensors(problem.g0)):
-            view[...] = backend.asarray(grad)
+            backend.assign(view, grad)
         opt = MomentumSGD(flat, lr=LR, momentum=MOMENTUM, backend=name)
         return Built(opt.step, lambda: [backend.to_numpy(p) for p in flat.params])
 

@@ -1,7 +1,9 @@
 """Backend registry and choice. Each backend is a thin adapter around its kernel module.
 
 A backend provides: `name`, `dtypes`, `unavailable_reason()` (None when usable),
-`owns(array)` (can update it), `native(array)` (it is this backend's own array type, which
+`assign(target, source)` (copies
+`source`, host or own memory, into `target` of the same shape and dtype), `owns(array)`
+(can update it), `native(array)` (it is this backend's own array type, which
 wins the automatic choice: a Numba array goes to numba-cuda even though CuPy can take it
 too), `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own
 arrays to own arrays, for loading state and the demo), `to_numpy(array)`, `synchronize()`
@@ -52,6 +54,9 @@ class CpuBackend:
 
     def to_numpy(self, array):
         return np.asarray(array)
+
+    def assign(self, target, source):
+        target[...] = source
 
     def synchronize(self):
         pass
@@ -113,6 +118,10 @@ class CupyBackend:
     def to_numpy(self, array):
         import cupy
         return cupy.asnumpy(array)
+
+    def assign(self, target, source):
+        import cupy
+        cupy.asarray(target)[...] = cupy.asarray(source)
 
     def synchronize(self):
         import cupy
@@ -181,6 +190,14 @@ class NumbaCudaBackend:
         if not self.owns(array):
             return np.asarray(array)
         return self.asarray(array).copy_to_host()
+
+    def assign(self, target, source):
+        # Real (not simulated) Numba device arrays take no `[...] =`; copy_to_device
+        # refuses empty arrays whose strides differ, though there is nothing to copy.
+        target = self.asarray(target)
+        if target.size:
+            target.copy_to_device(self.asarray(source) if self.owns(source)
+                                  else np.asarray(source))
 
     def synchronize(self):
         from numba import cuda

@@ -40,7 +40,7 @@ def run_demo(args):
     layers = [backend.asarray(rng.standard_normal(s, dtype=np.float32))
               for s in resnet50_shapes()]
     flat = FlatParams.from_arrays(layers)
-    flat.grad[...] = backend.asarray(rng.standard_normal(flat.data.size, dtype=np.float32))
+    backend.assign(flat.grad, rng.standard_normal(flat.data.size, dtype=np.float32))
     opt = MomentumSGD(flat, lr=0.01, momentum=0.9, backend=name)
     opt.step()  # compiles the kernel for this dtype
     backend.synchronize()

@@ -67,7 +67,7 @@ class FlatParams:
         data, grad = backend.zeros(total, dtype), backend.zeros(total, dtype)
         flat = cls(data, grad, [info.shape for info in infos], offsets)
         for view, array in zip(flat.params, arrays):
-            view[...] = array
+            backend.assign(view, array)
         return flat
 
     def _views(self, buffer):

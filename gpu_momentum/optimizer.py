@@ -202,9 +202,9 @@ class MomentumSGD:
         if param is not None:
             param = self._like("param", param, self.param)
         # Everything is checked: from here on nothing can fail half way.
-        self.velocity[...] = velocity
+        self._backend.assign(self.velocity, velocity)
         if param is not None:
-            self.param[...] = param
+            self._backend.assign(self.param, param)
         self._hyper = hyper
         self._counters = counters
 

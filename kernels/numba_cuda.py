@@ -107,8 +107,20 @@ def finish_step_kernel(counters, initializes_velocity):
 def _launch_limits(device_id):
     """(threads per block, blocks that fill the device): more blocks would only queue."""
     device = cuda.get_current_device()
-    blocks_per_sm = device.MAX_THREADS_PER_MULTI_PROCESSOR // THREADS_PER_BLOCK
+    blocks_per_sm = threads_per_multiprocessor(device) // THREADS_PER_BLOCK
     return THREADS_PER_BLOCK, device.MULTIPROCESSOR_COUNT * blocks_per_sm
+
+
+def threads_per_multiprocessor(device):
+    """The device's resident-thread limit per multiprocessor."""
+    # numba-cuda names device attributes after its driver binding: the ctypes one spells
+    # it MULTI_PROCESSOR, cuda-bindings (numba-cuda 0.30 on a GPU) MULTIPROCESSOR.
+    for name in ("MAX_THREADS_PER_MULTIPROCESSOR", "MAX_THREADS_PER_MULTI_PROCESSOR"):
+        try:
+            return getattr(device, name)
+        except AttributeError:
+            continue
+    raise AttributeError(f"{device} reports no resident-thread limit per multiprocessor")
 
 
 def launch_config(size):

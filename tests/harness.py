@@ -43,17 +43,25 @@ def missing_tool(reason):
     pytest.skip(reason)
 
 
-class CpuHarness:
-    name = "cpu"
-    on_device = False
-    runs_in_ci = True
+class Harness:
     simulated = False
     contracts_fma = False  # a * b + c rounds twice, as in the reference
-    dtypes = (np.float32, np.float64)
 
     def size_limit(self, size):
         """Why `size` elements are not run here, or None."""
         return None
+
+    def assign(self, target, array):
+        """Writes the NumPy `array` into `target`, in the backend's memory, in place."""
+        array = self.from_numpy(np.asarray(array, dtype=target.dtype))
+        gpu_momentum._backends.backend_named(self.name).assign(target, array)
+
+
+class CpuHarness(Harness):
+    name = "cpu"
+    on_device = False
+    runs_in_ci = True
+    dtypes = (np.float32, np.float64)
 
     def from_numpy(self, array):
         return np.array(array, copy=True)
@@ -62,14 +70,11 @@ class CpuHarness:
         return np.array(array, copy=True)
 
 
-class CupyHarness:
+class CupyHarness(Harness):
     name = "cupy"
     on_device = True
     runs_in_ci = False  # needs a GPU; tests/test_cuda_*.py prove the kernel without one
-    simulated = False
-    contracts_fma = False  # compiled with --fmad=false
-    dtypes = (np.float16, np.float32, np.float64)
-    size_limit = CpuHarness.size_limit
+    dtypes = (np.float16, np.float32, np.float64)  # compiled with --fmad=false: no FMAs
 
     def from_numpy(self, array):
         import cupy
@@ -81,7 +86,7 @@ class CupyHarness:
 
 
 
-class NumbaCudaHarness:
+class NumbaCudaHarness(Harness):
     name = "numba-cuda"
     on_device = True
     runs_in_ci = True  # on CPU-only machines under the CUDA simulator (see conftest.py)

@@ -23,7 +23,7 @@ def _model(backend, seed=0, shapes=SHAPES, dtype=np.float64, **hyper):
 
 def _train(backend, flat, opt, grads):
     for grad in grads:
-        flat.grad[...] = backend.from_numpy(grad)
+        backend.assign(flat.grad, grad)
         opt.step()
 
 

@@ -71,7 +71,7 @@ def test_nonfinite_steps_are_skipped_and_leave_no_trace(backend, style, value):
                          skip_nonfinite=True, backend=backend.name)
     # Garbage in the velocity: a skipped first step must leave the next one first, so the
     # velocity is never read before a step has written it.
-    opt.velocity[...] = backend.from_numpy(np.full(1023, np.nan))
+    backend.assign(opt.velocity, np.full(1023, np.nan))
     velocity = np.zeros_like(param)
     poisoned_steps = {0: 0, 1: 1022, 3: 511}
     taken = 0

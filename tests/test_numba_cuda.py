@@ -101,7 +101,7 @@ def test_flat_params_of_numba_arrays(harness):
     opt = gm.MomentumSGD(flat, lr=0.1, momentum=0.9)
     grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     for view, grad in zip(flat.grads, grads):
-        view[...] = harness.from_numpy(grad)
+        harness.assign(view, grad)
     opt.step()
     data = harness.to_numpy(flat.data)
     for offset, layer, grad in zip(flat.offsets, layers, grads):
@@ -140,7 +140,7 @@ def test_step_neither_allocates_nor_waits(harness, monkeypatch, skip_nonfinite):
 def test_launch_grid_comes_from_the_device(harness):
     from numba import cuda
 
-    from gpu_momentum.kernels.numba_cuda import launch_config
+    from gpu_momentum.kernels.numba_cuda import launch_config, threads_per_multiprocessor
 
     threads_small = launch_config(1)
     assert threads_small[0] == 1
@@ -151,7 +151,7 @@ def test_launch_grid_comes_from_the_device(harness):
     else:
         device = cuda.get_current_device()
         assert blocks * threads == (device.MULTIPROCESSOR_COUNT
-                                    * device.MAX_THREADS_PER_MULTI_PROCESSOR)
+                                    * threads_per_multiprocessor(device))
     assert launch_config(3 * threads + 1) == (min(blocks, 4), threads)
 
 
