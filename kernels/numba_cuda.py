@@ -135,8 +135,10 @@ def launch_config(size):
 def _numba_array(array):
     """A Numba device array (a zero-copy view of a `__cuda_array_interface__` array).
 
-    `sync=False`: the view records the stream the array was exported on (CuPy's or
-    PyTorch's current stream) instead of waiting for it; the update is queued there.
+    `sync=False`: the view records the stream the array was exported on (CuPy names its
+    current stream) instead of waiting for it, and the update is queued there. An
+    exporter that names none (PyTorch's interface is version 2, without streams) leaves
+    Numba's default stream, the legacy default stream that torch's default stream is.
     """
     return array if is_cuda_ndarray(array) else cuda.as_cuda_array(array, sync=False)
 
@@ -158,8 +160,9 @@ def momentum_step_numba_cuda(param, grad, velocity, hyper, fresh_velocity, inv_g
 
     The arrays are Numba device arrays or `__cuda_array_interface__` arrays, already
     checked by `gpu_momentum._arrays.check_update`. param's stream is the one its exporter
-    named, or the one a Numba array is bound to (by default Numba's default stream), so
-    the update runs after the work queued there that produced the gradient. The scalars
+    named, or the one a Numba array is bound to, else Numba's default stream, so the
+    update runs after the work queued there that produced the gradient (see
+    _numba_array for PyTorch tensors). The scalars
     are cast to the compute dtype, the velocity's, as the CPU backend casts them.
     """
     arrays, scalars, launch = _launch(param, grad, velocity, hyper, inv_grad_scale)

@@ -1,5 +1,5 @@
 """numba-cuda on a real GPU: buffers past 2**31 elements, CuPy / PyTorch / bare
-`__cuda_array_interface__` arrays without copies on their own streams, a step that returns
+`__cuda_array_interface__` arrays without copies on the streams they name, a step that returns
 before the GPU is done, one compile per dtype, and the on-disk kernel cache.
 
 Every configuration and dtype against the reference runs on the hardware through
@@ -114,8 +114,9 @@ def _check_foreign_arrays(p, g, v, to_host, stream_done, synchronize):
     spin[1, 1](1)
     gm.momentum_step(p, g, v, lr=0.5, first_step=True, backend="numba-cuda")
     synchronize()
-    stream_ptr = p.__cuda_array_interface__["stream"]
-    spin[1, 1, cuda.external_stream(stream_ptr)](500)
+    # No "stream" in the interface (PyTorch's version 2 has none): Numba's default stream.
+    exported = p.__cuda_array_interface__.get("stream")
+    spin[1, 1, cuda.external_stream(exported) if exported else cuda.default_stream()](500)
     g[...] = 3.0
     gm.momentum_step(p, g, v, lr=0.5, first_step=True, backend="numba-cuda")
     assert not stream_done(), "step() waited for the arrays' stream"
@@ -139,17 +140,19 @@ def test_cupy_arrays_on_cupy_current_stream_without_copies():
     assert p.data.ptr == address
 
 
-def test_torch_tensors_on_torch_current_stream_without_copies():
+def test_torch_tensors_on_the_default_stream_without_copies():
+    """PyTorch's __cuda_array_interface__ names no stream, so the update is queued on
+    Numba's default stream: the legacy default stream, torch's default stream too."""
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     if not torch.cuda.is_available():
         pytest.skip("this PyTorch build has no CUDA")
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        p = torch.ones(4099, device="cuda")
-        g = torch.full((4099,), 2.0, device="cuda")
-        v = torch.zeros(4099, device="cuda")
-        _check_foreign_arrays(p, g, v, lambda t: t.cpu().numpy(), stream.query,
-                              stream.synchronize)
+    p = torch.ones(4099, device="cuda")
+    g = torch.full((4099,), 2.0, device="cuda")
+    v = torch.zeros(4099, device="cuda")
+    address = p.data_ptr()
+    _check_foreign_arrays(p, g, v, lambda t: t.cpu().numpy(),
+                          torch.cuda.default_stream().query, torch.cuda.synchronize)
+    assert p.data_ptr() == address
 
 
 class _BareCudaArray:

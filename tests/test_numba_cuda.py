@@ -89,7 +89,9 @@ def test_float16_params_get_a_float32_velocity(harness):
         param.astype(np.float16), [g.astype(np.float16) for g in grads],
         {"lr": 0.05, "momentum": 0.9, "style": "torch"})
     np.testing.assert_array_max_ulp(harness.to_numpy(p), model_p, maxulp=1)
-    np.testing.assert_allclose(harness.to_numpy(opt.velocity), model_v, rtol=1e-6)
+    # With FMAs a velocity near zero after cancellation is off by an ulp of its terms.
+    atol = 4 * np.finfo(np.float32).eps * np.abs(model_v).max() if harness.contracts_fma else 0
+    np.testing.assert_allclose(harness.to_numpy(opt.velocity), model_v, rtol=1e-6, atol=atol)
 
 
 def test_flat_params_of_numba_arrays(harness):
