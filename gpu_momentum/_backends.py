@@ -152,7 +152,9 @@ class NumbaCudaBackend:
         if not cuda.is_available():
             why = " ".join(str(cuda.cuda_error()).split())
             return f"Numba finds no usable CUDA GPU ({why})"
-        return None
+        from .kernels.numba_cuda import compiler_problem
+
+        return compiler_problem()
 
     def owns(self, array):
         # Numba device arrays (also the CUDA simulator's, which wrap host memory) and

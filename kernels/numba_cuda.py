@@ -103,6 +103,32 @@ def finish_step_kernel(counters, initializes_velocity):
                 counters[VELOCITY_INITIALIZED] = 1
 
 
+def _no_op():
+    pass
+
+
+def compiler_problem():
+    """None when numba-cuda compiles kernels here, else why it cannot.
+
+    Seen on a GPU machine: numba-cuda 0.30.4 with numpy 2.5, which dropped `np.row_stack`
+    that numba-cuda still names; every compile failed. Checked once, with a kernel that
+    does nothing, so such a machine lists numba-cuda as unavailable, with this reason,
+    instead of failing at the first step.
+    """
+    try:
+        cuda.compile_ptx(_no_op, (), cc=(8, 0))
+    except Exception as error:  # whatever breaks inside Numba
+        return (f"numba-cuda {_version('numba-cuda')} cannot compile kernels with numpy "
+                f"{np.__version__} ({type(error).__name__}: {error})")
+    return None
+
+
+def _version(distribution):
+    from importlib.metadata import version
+
+    return version(distribution)
+
+
 @functools.cache
 def _launch_limits(device_id):
     """(threads per block, blocks that fill the device): more blocks would only queue."""

@@ -227,3 +227,21 @@ def test_listed_only_where_a_gpu_is(tmp_path):
     assert listed == (cuda_device_count() > 0)
     if not listed:
         assert "backend 'numba-cuda' is not available on this machine" in result.stdout
+
+
+def test_a_compiler_that_cannot_compile_makes_the_backend_unavailable():
+    """Outside the simulator a broken numba-cuda (seen: numba-cuda 0.30.4 with numpy 2.5)
+    is reported by name and version, not found at the first step."""
+    script = ("from gpu_momentum.kernels import numba_cuda\n"
+              "print(numba_cuda.compiler_problem())\n"
+              "def broken(*args, **kwargs):\n"
+              "    raise AttributeError(\"module 'numpy' has no attribute 'row_stack'\")\n"
+              "numba_cuda.cuda.compile_ptx = broken\n"
+              "print(numba_cuda.compiler_problem())\n")
+    result = subprocess.run([sys.executable, "-c", script], env=library_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    working, broken = result.stdout.splitlines()
+    assert working == "None"
+    assert broken.startswith("numba-cuda 0.") and "cannot compile kernels with numpy" in broken
+    assert "row_stack" in broken
