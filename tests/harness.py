@@ -44,6 +44,9 @@ def missing_tool(reason):
 
 
 class Harness:
+    """What every harness shares; each one adds name, on_device, runs_in_ci, dtypes,
+    from_numpy and to_numpy."""
+
     simulated = False
     contracts_fma = False  # a * b + c rounds twice, as in the reference
 
@@ -83,7 +86,6 @@ class CupyHarness(Harness):
     def to_numpy(self, array):
         import cupy
         return cupy.asnumpy(array)
-
 
 
 class NumbaCudaHarness(Harness):
