@@ -1,12 +1,11 @@
 """Backend registry and choice. Each backend is a thin adapter around its kernel module.
 
 A backend provides: `name`, `dtypes`, `unavailable_reason()` (None when usable),
-`assign(target, source)` (copies
-`source`, host or own memory, into `target` of the same shape and dtype), `owns(array)`
-(can update it), `native(array)` (it is this backend's own array type, which
-wins the automatic choice: a Numba array goes to numba-cuda even though CuPy can take it
-too), `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own
-arrays to own arrays, for loading state and the demo), `to_numpy(array)`, `synchronize()`
+`owns(array)` (can update it), `native(array)` (it is this backend's own array type, which
+wins the automatic choice: a Numba array goes to numba-cuda although CuPy takes it too),
+`zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own arrays to own arrays,
+for loading state and the demo), `assign(target, source)` (copies host or own memory into
+`target`, of the same shape and dtype, in place), `to_numpy(array)`, `synchronize()`
 (waits for queued work, for timing), and two updates over arrays that
 `gpu_momentum._arrays.check_update` has accepted:
 
@@ -262,11 +261,8 @@ def select_backend(name, param):
     if name is None or name == "auto":
         owners = [_registered(candidate) for candidate in available_backends()
                   if _registered(candidate).owns(param)]
-        for backend in owners:
-            if backend.native(param):
-                return backend
         if owners:
-            return owners[0]
+            return next((b for b in owners if b.native(param)), owners[0])
         raise TypeError(f"no available backend takes param of type {type_name(param)} "
                         f"(available: {available_backends()})")
     backend = backend_named(name)
