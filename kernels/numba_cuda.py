@@ -17,6 +17,7 @@ momentum_step_skipping_nonfinite_numba_cuda.
 
 import functools
 import math
+from importlib.metadata import version
 
 import numpy as np
 from numba import cuda, types
@@ -120,15 +121,9 @@ def compiler_problem():
     try:
         cuda.compile_ptx(_no_op, (), cc=(8, 0))
     except Exception as error:  # whatever breaks inside Numba
-        return (f"numba-cuda {_version('numba-cuda')} cannot compile kernels with numpy "
+        return (f"numba-cuda {version('numba-cuda')} cannot compile kernels with numpy "
                 f"{np.__version__} ({type(error).__name__}: {error})")
     return None
-
-
-def _version(distribution):
-    from importlib.metadata import version
-
-    return version(distribution)
 
 
 @functools.cache

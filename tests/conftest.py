@@ -16,7 +16,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="gpu-momentum-n
 
 import pytest  # noqa: E402
 
-from harness import HARNESSES, IN_CI, unavailable_reason  # noqa: E402
+from harness import HARNESSES, usable  # noqa: E402
 
 
 def pytest_configure(config):
@@ -27,10 +27,4 @@ def pytest_configure(config):
 @pytest.fixture(params=HARNESSES, ids=lambda h: h.name)
 def backend(request):
     """A harness for each backend; every shared test runs once per backend."""
-    harness = request.param
-    reason = unavailable_reason(harness)
-    if reason is not None:
-        if IN_CI and harness.runs_in_ci:
-            pytest.fail(f"{reason}, and CI must run it (CI=true)")
-        pytest.skip(reason)
-    return harness
+    return usable(request.param)

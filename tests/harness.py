@@ -134,3 +134,14 @@ def unavailable_reason(harness):
     if harness.name in gpu_momentum.available_backends():
         return None
     return f"backend {harness.name!r} is not available on this machine"
+
+
+def usable(harness):
+    """`harness`, or a skip saying why its backend is unavailable (a failure in CI for a
+    backend that CI can run)."""
+    reason = unavailable_reason(harness)
+    if reason is not None:
+        if IN_CI and harness.runs_in_ci:
+            pytest.fail(f"{reason}, and CI must run it (CI=true)")
+        pytest.skip(reason)
+    return harness

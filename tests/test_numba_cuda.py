@@ -19,20 +19,14 @@ import gpu_momentum as gm
 from configs import CONFIGS, hyper_at, problem
 from cuda_driver import cuda_device_count
 from gpu_momentum.reference import reference_step
-from harness import IN_CI, NumbaCudaHarness, library_env, unavailable_reason
+from harness import NumbaCudaHarness, library_env, missing_tool, usable
 
 CCS = ((8, 0), (9, 0))
 
 
 @pytest.fixture
 def harness():
-    harness = NumbaCudaHarness()
-    reason = unavailable_reason(harness)
-    if reason is not None:
-        if IN_CI:
-            pytest.fail(f"{reason}, and CI must run it (CI=true)")
-        pytest.skip(reason)
-    return harness
+    return usable(NumbaCudaHarness())
 
 
 def _same_precision_model(param, grads, config):
@@ -160,10 +154,7 @@ def test_launch_grid_comes_from_the_device(harness):
 def _require_tool(name):
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not on PATH (CUDA toolkit); it checks the kernel's spills"
-        if IN_CI:
-            pytest.fail(f"{message}, and CI must run this check (CI=true)")
-        pytest.skip(message)
+        missing_tool(f"{name} is not on PATH (CUDA toolkit); it checks the kernel's spills")
     return path
 
 
@@ -220,13 +211,11 @@ def test_listed_only_where_a_gpu_is(tmp_path):
               "        gm.MomentumSGD(np.zeros(2), lr=0.1, backend='numba-cuda')\n"
               "    except gm.BackendUnavailableError as e:\n"
               "        print(e)\n")
-    result = subprocess.run([sys.executable, "-c", script], env=library_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    listed = result.stdout.splitlines()[0] == "True"
+    out = _run_as_users_do(script)
+    listed = out.splitlines()[0] == "True"
     assert listed == (cuda_device_count() > 0)
     if not listed:
-        assert "backend 'numba-cuda' is not available on this machine" in result.stdout
+        assert "backend 'numba-cuda' is not available on this machine" in out
 
 
 def test_a_compiler_that_cannot_compile_makes_the_backend_unavailable():
@@ -238,10 +227,15 @@ def test_a_compiler_that_cannot_compile_makes_the_backend_unavailable():
               "    raise AttributeError(\"module 'numpy' has no attribute 'row_stack'\")\n"
               "numba_cuda.cuda.compile_ptx = broken\n"
               "print(numba_cuda.compiler_problem())\n")
-    result = subprocess.run([sys.executable, "-c", script], env=library_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    working, broken = result.stdout.splitlines()
+    working, broken = _run_as_users_do(script).splitlines()
     assert working == "None"
     assert broken.startswith("numba-cuda 0.") and "cannot compile kernels with numpy" in broken
     assert "row_stack" in broken
+
+
+def _run_as_users_do(script):
+    """stdout of `script` in a fresh interpreter with the real numba-cuda (no simulator)."""
+    result = subprocess.run([sys.executable, "-c", script], env=library_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
