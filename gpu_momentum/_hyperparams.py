@@ -44,12 +44,14 @@ class Hyperparameters:
     nesterov: bool = False
     maximize: bool = False
     style: str = "classic"
+    l1: float = 0.0
+    decoupled_weight_decay: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
-        for name in ("lr", "momentum", "dampening", "weight_decay"):
+        for name in ("lr", "momentum", "dampening", "weight_decay", "l1"):
             set_(name, _real(name, getattr(self, name)))
-        for name in ("nesterov", "maximize"):
+        for name in ("nesterov", "maximize", "decoupled_weight_decay"):
             set_(name, _flag(name, getattr(self, name)))
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(_invalid("lr", self.lr, "finite and >= 0"))
@@ -59,6 +61,8 @@ class Hyperparameters:
             raise ValueError(_invalid("dampening", self.dampening, "in [0, 1]"))
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(_invalid("weight_decay", self.weight_decay, "finite and >= 0"))
+        if not (math.isfinite(self.l1) and self.l1 >= 0):
+            raise ValueError(_invalid("l1", self.l1, "finite and >= 0"))
         if not isinstance(self.style, str) or self.style not in STYLES:
             raise ValueError(_invalid("style", self.style, f"one of {STYLES}"))
         if self.nesterov and self.momentum == 0:

@@ -17,7 +17,7 @@ class FlatParams:
     boundary; the padding between segments stays zero, so the update leaves it zero.
     """
 
-    def __init__(self, data, grad, shapes, offsets):
+    def __init__(self, data, grad, shapes, offsets, names=None):
         self.data = data
         self.grad = grad
         self.shapes = [tuple(s) for s in shapes]
@@ -25,12 +25,14 @@ class FlatParams:
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.params = self._views(data)
         self.grads = self._views(grad)
+        self.names = _check_names(names, len(self.shapes))
 
     @classmethod
-    def from_arrays(cls, arrays):
+    def from_arrays(cls, arrays, names=None):
         """Packs copies of `arrays` (all NumPy or all CuPy, one floating dtype).
 
-        The buffers are allocated by the backend that owns the arrays; the gradient buffer
+        names: optional distinct strings, one per array (layer names), by which parameter
+        groups may name segments. The buffers are allocated by the backend that owns the arrays; the gradient buffer
         starts at zero.
         """
         single_array = (hasattr(arrays, "__array_interface__")
@@ -41,6 +43,7 @@ class FlatParams:
         arrays = list(arrays)
         if not arrays:
             raise ValueError("arrays must hold at least one array, got an empty list")
+        _check_names(names, len(arrays))
         infos = [describe(f"arrays[{i}]", a) for i, a in enumerate(arrays)]
         dtypes = sorted({str(info.dtype) for info in infos})
         if len(dtypes) > 1:
@@ -65,7 +68,7 @@ class FlatParams:
         total = _round_up(end, align)
 
         data, grad = backend.zeros(total, dtype), backend.zeros(total, dtype)
-        flat = cls(data, grad, [info.shape for info in infos], offsets)
+        flat = cls(data, grad, [info.shape for info in infos], offsets, names)
         for view, array in zip(flat.params, arrays):
             backend.assign(view, array)
         return flat
@@ -80,6 +83,23 @@ class FlatParams:
     def __repr__(self):
         return (f"FlatParams({len(self)} segments, {self.data.size} elements, "
                 f"dtype={self.data.dtype})")
+
+
+def _check_names(names, count):
+    """`names` as a list, or None; distinct strings, one per segment."""
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"Invalid names value: {names!r} (names must be a list of strings)")
+    names = list(names)
+    if len(names) != count or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"Invalid names value: {names!r} (names must be {count} "
+                         f"non-empty strings, one per array)")
+    if len(set(names)) != count:
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"Invalid names value: {twice!r} is given twice (names must be "
+                         f"distinct)")
+    return names
 
 
 def _round_up(value, multiple):

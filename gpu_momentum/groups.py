@@ -1,0 +1,113 @@
+"""Parameter groups: per-segment hyperparameters, resolved into what one launch needs.
+
+A group names segments of a FlatParams (by index, or by the names given to
+`FlatParams.from_arrays(..., names=...)`) and overrides any of GROUP_OPTIONS; segments no
+group names form group 0, which takes the optimizer's own hyperparameters. style and
+maximize (and decoupled_weight_decay) stay the optimizer's: they are one per launch.
+
+The kernels see the result as contiguous ranges of the flat buffer: range r covers
+[range_ends[r - 1], range_ends[r]) (from 0 for r = 0) and is updated with the
+hyperparameters of group range_groups[r]. A segment's range runs to the next segment's
+offset, so the zero padding after it goes with it (and stays zero under any group).
+Neighbouring segments of one group share one range, so a model whose groups are a few
+contiguous blocks of layers costs the kernels a few ranges, whatever the segment count.
+"""
+
+import dataclasses
+import numbers
+
+import numpy as np
+
+GROUP_OPTIONS = ("lr", "momentum", "dampening", "weight_decay", "l1", "nesterov")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    hypers: tuple  # Hyperparameters of each group; [0] is the optimizer's own
+    segment_groups: tuple  # the group of each segment
+    range_ends: np.ndarray  # int64[R], increasing, range_ends[-1] == buffer size
+    range_groups: np.ndarray  # int32[R]
+
+
+def resolve_groups(groups, defaults, offsets, total, names=None):
+    """The GroupPlan of `groups` (a list of dicts, or None for one group) over segments
+    starting at `offsets` of a `total`-element buffer; `defaults` is a Hyperparameters.
+
+    Raises ValueError or TypeError naming the group and the option before anything is
+    built: unknown options, segments that do not exist, segments in two groups, values
+    Hyperparameters rejects.
+    """
+    groups = [] if groups is None else groups
+    if isinstance(groups, (dict, str, bytes)) or not isinstance(groups, (list, tuple)):
+        raise TypeError(f"groups must be a list of dicts, got {type(groups).__name__}")
+    segment_groups = [0] * len(offsets)
+    owner = {}
+    hypers = [defaults]
+    for number, group in enumerate(groups):
+        where = f"groups[{number}]"
+        if not isinstance(group, dict):
+            raise TypeError(f"{where} must be a dict, got {type(group).__name__}")
+        unknown = sorted(set(group) - {"params", *GROUP_OPTIONS}, key=str)
+        if unknown:
+            raise ValueError(f"{where} has unknown option {unknown[0]!r} (a group takes "
+                             f"'params' and any of {GROUP_OPTIONS})")
+        for segment in _segments(where, group.get("params"), len(offsets), names):
+            if segment in owner:
+                other = "it twice" if owner[segment] == number else \
+                    f"groups[{owner[segment]}] too"
+                raise ValueError(f"Invalid params value in {where}: segment "
+                                 f"{_describe(segment, names)} is named by {other}; a "
+                                 f"segment belongs to one group")
+            owner[segment] = number
+            segment_groups[segment] = number + 1
+        overrides = {k: v for k, v in group.items() if k != "params"}
+        try:
+            hypers.append(defaults.replace(**overrides))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
+
+    ends, range_groups = [], []
+    for segment, group in enumerate(segment_groups):
+        end = offsets[segment + 1] if segment + 1 < len(offsets) else total
+        if range_groups and range_groups[-1] == group:
+            ends[-1] = end
+        else:
+            ends.append(end)
+            range_groups.append(group)
+    return GroupPlan(tuple(hypers), tuple(segment_groups), np.array(ends, np.int64),
+                     np.array(range_groups, np.int32))
+
+
+def _segments(where, params, count, names):
+    """The segment indices a group's "params" names."""
+    if params is None:
+        raise ValueError(f"{where} has no 'params' (the segments it applies to)")
+    if isinstance(params, (str, bytes, numbers.Integral)) or not isinstance(
+            params, (list, tuple)):
+        raise TypeError(f"Invalid params value in {where}: {params!r} (params must be a "
+                        f"list of segment indices or names)")
+    if not params:
+        raise ValueError(f"Invalid params value in {where}: [] (a group names at least "
+                         f"one segment)")
+    segments = []
+    for item in params:
+        if isinstance(item, str):
+            if names is None or item not in names:
+                known = "the FlatParams has no names" if names is None else \
+                    f"names are {names}"
+                raise ValueError(f"Invalid params value in {where}: no segment is named "
+                                 f"{item!r} ({known})")
+            segments.append(names.index(item))
+        elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
+            if not 0 <= item < count:
+                raise ValueError(f"Invalid params value in {where}: segment {item} does "
+                                 f"not exist (the FlatParams has {count} segments)")
+            segments.append(int(item))
+        else:
+            raise TypeError(f"Invalid params value in {where}: {item!r} (a segment index "
+                            f"or name)")
+    return segments
+
+
+def _describe(segment, names):
+    return f"{segment} ({names[segment]!r})" if names is not None else str(segment)
