@@ -6,14 +6,17 @@ wins the automatic choice: a Numba array goes to numba-cuda although CuPy takes 
 `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own arrays to own arrays,
 for loading state and the demo), `assign(target, source)` (copies host or own memory into
 `target`, of the same shape and dtype, in place), `to_numpy(array)`, `synchronize()`
-(waits for queued work, for timing), and two updates over arrays that
-`gpu_momentum._arrays.check_update` has accepted:
+(waits for queued work, for timing), `device_table(table, param)` (a
+`gpu_momentum.groups.UpdateTable` copied into the memory where `param`'s update runs,
+queued on its stream) and the update over arrays that `gpu_momentum._arrays.check_update`
+has accepted:
 
-- `step(param, grad, velocity, hyper, fresh_velocity, inv_grad_scale)`: the fused kernel;
-- `step_skipping_nonfinite(param, grad, velocity, hyper, inv_grad_scale, counters)`: the
-  same, unless the scaled gradient holds a NaN or inf; `counters` (int64[4] in the
-  backend's memory, indexed as in `kernels.elementwise`) gives the first-step flag and
-  counts taken and skipped steps, all without waiting for the device.
+- `step(param, grad, velocity, table, inv_grad_scale, counters=None)`: the fused update of
+  every group in one kernel launch, with a table from `device_table`. With `counters`
+  (int64[VELOCITY_INITIALIZED + groups] in the backend's memory, slots as in
+  `kernels.elementwise`) a step whose scaled gradient holds a NaN or inf changes nothing
+  but the counters, and the counters give each group's first-step flag and count taken
+  and skipped steps, all without waiting for the device.
 """
 
 import functools
@@ -60,21 +63,21 @@ class CpuBackend:
     def synchronize(self):
         pass
 
-    def step(self, param, grad, velocity, hyper, fresh_velocity, inv_grad_scale):
-        from .kernels.cpu import momentum_step_cpu
+    def device_table(self, table, param):
+        return table
 
-        momentum_step_cpu(param.reshape(-1), grad.reshape(-1), velocity.reshape(-1),
-                          *hyper.kernel_scalars(param.dtype, inv_grad_scale),
-                          *hyper.kernel_flags(), fresh_velocity)
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
+        from .kernels.cpu import momentum_step_cpu, momentum_step_skipping_nonfinite_cpu
 
-    def step_skipping_nonfinite(self, param, grad, velocity, hyper, inv_grad_scale,
-                                counters):
-        from .kernels.cpu import momentum_step_skipping_nonfinite_cpu
+        kernel = (momentum_step_cpu if counters is None else
+                  momentum_step_skipping_nonfinite_cpu)
+        kernel(param.reshape(-1), grad.reshape(-1), velocity.reshape(-1), table.scalars,
+               table.group_flags, table.range_ends, table.range_groups,
+               table.scalars.dtype.type(inv_grad_scale), table.launch_flags,
+               _NO_COUNTERS if counters is None else counters)
 
-        momentum_step_skipping_nonfinite_cpu(
-            param.reshape(-1), grad.reshape(-1), velocity.reshape(-1),
-            *hyper.kernel_scalars(param.dtype, inv_grad_scale), *hyper.kernel_flags(),
-            hyper.initializes_velocity, counters)
+
+_NO_COUNTERS = np.zeros(0, np.int64)
 
 
 class CupyBackend:
@@ -126,17 +129,14 @@ class CupyBackend:
         import cupy
         cupy.cuda.get_current_stream().synchronize()
 
-    def step(self, param, grad, velocity, hyper, fresh_velocity, inv_grad_scale):
+    def device_table(self, table, param):
+        import cupy
+        return table.on(cupy.asarray)
+
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
         from .kernels.cupy_kernels import momentum_step_cupy
 
-        momentum_step_cupy(param, grad, velocity, hyper, fresh_velocity, inv_grad_scale)
-
-    def step_skipping_nonfinite(self, param, grad, velocity, hyper, inv_grad_scale,
-                                counters):
-        from .kernels.cupy_kernels import momentum_step_skipping_nonfinite_cupy
-
-        momentum_step_skipping_nonfinite_cupy(param, grad, velocity, hyper, inv_grad_scale,
-                                              counters)
+        momentum_step_cupy(param, grad, velocity, table, inv_grad_scale, counters)
 
 
 class NumbaCudaBackend:
@@ -205,18 +205,15 @@ class NumbaCudaBackend:
 
         cuda.synchronize()
 
-    def step(self, param, grad, velocity, hyper, fresh_velocity, inv_grad_scale):
+    def device_table(self, table, param):
+        from .kernels.numba_cuda import upload_table
+
+        return upload_table(table, param)
+
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
         from .kernels.numba_cuda import momentum_step_numba_cuda
 
-        momentum_step_numba_cuda(param, grad, velocity, hyper, fresh_velocity,
-                                 inv_grad_scale)
-
-    def step_skipping_nonfinite(self, param, grad, velocity, hyper, inv_grad_scale,
-                                counters):
-        from .kernels.numba_cuda import momentum_step_skipping_nonfinite_numba_cuda
-
-        momentum_step_skipping_nonfinite_numba_cuda(param, grad, velocity, hyper,
-                                                    inv_grad_scale, counters)
+        momentum_step_numba_cuda(param, grad, velocity, table, inv_grad_scale, counters)
 
 
 def _is_numba_array(array):

@@ -77,16 +77,33 @@ class Hyperparameters:
         """Whether a step writes the velocity (torch style with momentum 0 leaves it)."""
         return self.style == "classic" or self.momentum != 0
 
-    def kernel_scalars(self, compute_dtype, inv_grad_scale=1.0):
-        """(lr, momentum, grad_coeff, weight_decay, inv_grad_scale) in the compute dtype,
-        in the order every kernel takes them; grad_coeff is 1 - dampening."""
+    def group_row(self, compute_dtype):
+        """This group's row of the kernels' scalar table (columns as in
+        kernels.elementwise), in the compute dtype. The host folds the two kinds of weight
+        decay into WEIGHT_DECAY (coupled) and DECAY (decoupled, 1 - lr * weight_decay)."""
         scalar = np.dtype(compute_dtype).type
-        return (scalar(self.lr), scalar(self.momentum), scalar(1) - scalar(self.dampening),
-                scalar(self.weight_decay), scalar(inv_grad_scale))
+        lr, weight_decay = scalar(self.lr), scalar(self.weight_decay)
+        decoupled = self.decoupled_weight_decay and self.weight_decay != 0
+        return (lr, scalar(self.momentum), scalar(1) - scalar(self.dampening),
+                scalar(0) if decoupled else weight_decay, scalar(self.l1),
+                scalar(1) - lr * weight_decay if decoupled else scalar(1))
 
-    def kernel_flags(self):
-        """(classic, nesterov, maximize), in the order every kernel takes them."""
-        return self.style == "classic", self.nesterov, self.maximize
+    def group_flags(self, velocity_initialized):
+        """This group's flag bits (kernels.elementwise.FLAGS) for a step whose velocity
+        exists already or not."""
+        from .kernels.elementwise import FRESH_VELOCITY, KEEP_VELOCITY, NESTEROV
+
+        bits = NESTEROV if self.nesterov else 0
+        if not self.initializes_velocity:
+            return bits | KEEP_VELOCITY
+        return bits if velocity_initialized else bits | FRESH_VELOCITY
+
+    def launch_flags(self):
+        """The launch-wide flag bits: style and maximize, one per launch."""
+        from .kernels.elementwise import CLASSIC, MAXIMIZE
+
+        return (CLASSIC if self.style == "classic" else 0) | (MAXIMIZE if self.maximize
+                                                               else 0)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -3,10 +3,11 @@
 The file is NumPy's `.npz` (a zip of `.npy` arrays) holding three arrays:
 
 - `param`, `velocity`: the flat buffers, in host memory, of the optimizer's dtypes;
-- `meta`: UTF-8 JSON as uint8 bytes: `format` ("gpu-momentum checkpoint"), `version` (1),
-  `state` (the `state_dict()` without its velocity: hyperparameters, style, step count,
-  whether the velocity is initialised), `layout` (segment `shapes` and `offsets` of the
-  FlatParams, or null for a single array) and `sha256` of each array's bytes.
+- `meta`: UTF-8 JSON as uint8 bytes: `format` ("gpu-momentum checkpoint"), `version` (2),
+  `state` (the `state_dict()` without its velocity: hyperparameters, parameter groups,
+  style, step count, whether each group's velocity is initialised), `layout` (segment
+  `shapes`, `offsets` and `names` of the FlatParams, or null for a single array) and
+  `sha256` of each array's bytes.
 
 Loading uses `allow_pickle=False`: a checkpoint can never execute code. Any backend loads
 what any backend saved.
@@ -21,7 +22,7 @@ import zipfile
 import numpy as np
 
 FORMAT_NAME = "gpu-momentum checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parameter groups, l1, decoupled weight decay, names
 
 
 class CheckpointError(ValueError):
@@ -36,7 +37,8 @@ def _layout(optimizer):
     flat = optimizer.flat
     if flat is None:
         return None
-    return {"shapes": [list(s) for s in flat.shapes], "offsets": flat.offsets}
+    return {"shapes": [list(s) for s in flat.shapes], "offsets": flat.offsets,
+            "names": flat.names}
 
 
 def save_checkpoint(optimizer, path):

@@ -22,6 +22,44 @@ GROUP_OPTIONS = ("lr", "momentum", "dampening", "weight_decay", "l1", "nesterov"
 
 
 @dataclasses.dataclass(frozen=True)
+class UpdateTable:
+    """What one launch reads besides the arrays (layout in kernels.elementwise): host NumPy
+    arrays from `update_table`, or the same in a backend's memory (`on`)."""
+
+    scalars: object  # [groups, GROUP_COLUMNS] of the compute dtype
+    group_flags: object  # uint32[groups]
+    range_ends: object  # int64[ranges], increasing, the last is the element count
+    range_groups: object  # int32[ranges]
+    launch_flags: int  # CLASSIC | MAXIMIZE; backends add COUNTERS
+
+    @property
+    def group_count(self):
+        return len(self.group_flags)
+
+    def on(self, asarray):
+        """This table with its arrays passed through `asarray` (a backend's upload)."""
+        return dataclasses.replace(
+            self, **{name: asarray(getattr(self, name)) for name in ARRAY_FIELDS})
+
+
+ARRAY_FIELDS = ("scalars", "group_flags", "range_ends", "range_groups")
+
+
+def update_table(hypers, velocity_initialized, compute_dtype, range_ends=None,
+                 range_groups=None, size=None):
+    """The UpdateTable of groups with Hyperparameters `hypers` (style and maximize are the
+    first's) and per-group `velocity_initialized` flags, over the ranges of a GroupPlan,
+    or over one range of `size` elements for a single group."""
+    if range_ends is None:
+        range_ends, range_groups = np.array([size], np.int64), np.zeros(1, np.int32)
+    scalars = np.array([h.group_row(compute_dtype) for h in hypers],
+                       np.dtype(compute_dtype)).reshape(len(hypers), -1)
+    flags = np.array([h.group_flags(initialized)
+                      for h, initialized in zip(hypers, velocity_initialized)], np.uint32)
+    return UpdateTable(scalars, flags, range_ends, range_groups, hypers[0].launch_flags())
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupPlan:
     hypers: tuple  # Hyperparameters of each group; [0] is the optimizer's own
     segment_groups: tuple  # the group of each segment

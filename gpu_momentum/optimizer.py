@@ -1,5 +1,6 @@
 """The public update: `momentum_step` (stateless) and `MomentumSGD` (owns the velocity)."""
 
+import collections.abc
 import numbers
 
 import numpy as np
@@ -8,10 +9,11 @@ from ._arrays import check_param, check_update, describe, state_dtype, type_name
 from ._backends import select_backend
 from ._hyperparams import Hyperparameters, _flag, inverse_grad_scale
 from .flat import FlatParams
+from .groups import GROUP_OPTIONS, resolve_groups, update_table
 from .kernels.elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
                                   VELOCITY_INITIALIZED)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 def _check_arrays(backend, param, grad, velocity):
@@ -27,19 +29,23 @@ def _count(name, value):
 
 
 def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
-                  weight_decay=0.0, nesterov=False, maximize=False, style="classic",
-                  first_step=False, grad_scale=1.0, backend=None):
+                  weight_decay=0.0, l1=0.0, nesterov=False, maximize=False,
+                  style="classic", decoupled_weight_decay=False, first_step=False,
+                  grad_scale=1.0, backend=None):
     """One fused in-place momentum update of `param` and `velocity`.
 
     With g = grad / grad_scale (computed as grad * (1 / grad_scale); grad_scale is the
     loss scale of mixed-precision training, 1 by default) and
-    g' = (-g if maximize else g) + weight_decay * param:
+    g' = (-g if maximize else g) + weight_decay * param + l1 * sign(param) (sign(0) = 0):
 
     - style="classic" (Sutskever et al. 2013, Keras): velocity = momentum*velocity - lr*g',
       then param += velocity (nesterov: param += momentum*velocity - lr*g').
     - style="torch" (torch.optim.SGD, Optax): velocity = momentum*velocity
       + (1 - dampening)*g', then param -= lr*velocity (nesterov: param -= lr*(g'
       + momentum*velocity)).
+
+    decoupled_weight_decay=True (SGDW, as AdamW and Keras decay weights): g' has no
+    weight_decay * param term; instead param *= 1 - lr*weight_decay before the update.
 
     first_step=True means the old velocity is not read (it may be uninitialised): classic
     starts from velocity 0, torch sets velocity = g' without dampening, as PyTorch does on
@@ -48,15 +54,57 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
 
     Arrays are contiguous, of one shape, with grad of param's dtype and a velocity of
     param's dtype (float32 for float16 params). backend=None picks the best backend for the
-    arrays' type. Every argument is checked before anything is written.
+    arrays' type. Every argument is checked before anything is written. On a GPU backend
+    each call copies its few hyperparameters to the device (MomentumSGD keeps them there).
     """
     hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                            style)
+                            style, l1, decoupled_weight_decay)
     first_step = _flag("first_step", first_step)
     inv_grad_scale = inverse_grad_scale(grad_scale)
     backend = select_backend(backend, param)
     _check_arrays(backend, param, grad, velocity)
-    backend.step(param, grad, velocity, hyper, first_step, inv_grad_scale)
+    table = update_table([hyper], [not first_step], state_dtype(describe("param", param)
+                                                                .dtype), size=_size(param))
+    backend.step(param, grad, velocity, backend.device_table(table, param),
+                 inv_grad_scale)
+
+
+def _size(array):
+    return int(np.prod(describe("array", array).shape, dtype=np.int64))
+
+
+class ParamGroup(collections.abc.MutableMapping):
+    """One parameter group of a MomentumSGD, as in `torch.optim`: `group["lr"] = 0.01`
+    changes it for the next step (validated on assignment; no recompile). "params" (the
+    segments it covers) is fixed; its keys are "params" and GROUP_OPTIONS."""
+
+    def __init__(self, optimizer, index, params):
+        self._optimizer, self._index, self._params = optimizer, index, tuple(params)
+
+    def __getitem__(self, key):
+        if key == "params":
+            return list(self._params)
+        if key not in GROUP_OPTIONS:
+            raise KeyError(key)
+        return getattr(self._optimizer._hypers[self._index], key)
+
+    def __setitem__(self, key, value):
+        if key not in GROUP_OPTIONS:
+            raise KeyError(f"{key!r} cannot be set on a parameter group (settable: "
+                           f"{GROUP_OPTIONS})")
+        self._optimizer._set(self._index, **{key: value})
+
+    def __delitem__(self, key):
+        raise TypeError("options of a parameter group cannot be deleted")
+
+    def __iter__(self):
+        return iter(("params", *GROUP_OPTIONS))
+
+    def __len__(self):
+        return 1 + len(GROUP_OPTIONS)
+
+    def __repr__(self):
+        return repr(dict(self))
 
 
 class MomentumSGD:
@@ -66,11 +114,21 @@ class MomentumSGD:
     torch.optim.SGD step for step). The velocity starts at zero and the first `step()` does
     not read it: classic starts from 0, torch style sets it to the gradient, skipping
     dampening. In torch style that first step is the first one with momentum > 0, since
-    PyTorch creates its momentum buffer only then.
+    PyTorch creates its momentum buffer only then; with groups, each group has its own.
 
     params: a FlatParams (then `step()` without arguments uses its gradient buffer) or one
-    contiguous array. lr, momentum, dampening, weight_decay, nesterov and maximize may be
-    changed between steps (schedules); each change is validated and costs no recompile.
+    contiguous array (one segment, index 0). lr, momentum, dampening, weight_decay, l1,
+    nesterov and maximize may be changed between steps (schedules); each change is
+    validated and costs no recompile.
+
+    groups: per-layer hyperparameters, as torch.optim's parameter groups: a list of dicts,
+    each with "params" (a list of FlatParams segment indices, or of the names given to
+    `FlatParams.from_arrays(..., names=...)`) and overrides of any of lr, momentum,
+    dampening, weight_decay, l1 and nesterov. A segment belongs to at most one group;
+    segments no group names use the optimizer's own hyperparameters (`opt.lr`, ...), which
+    are also the defaults of every group's missing options. `param_groups[i]` is groups[i],
+    settable like torch's. style, maximize and decoupled_weight_decay are the optimizer's.
+    Still one kernel launch per step, whatever the number of groups.
 
     skip_nonfinite=True: a step whose (scaled) gradient holds a NaN or inf changes neither
     params nor velocity, does not count in `step_count` (a skipped first step leaves the
@@ -80,40 +138,55 @@ class MomentumSGD:
     """
 
     def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, maximize=False, style="classic", skip_nonfinite=False,
+                 l1=0.0, nesterov=False, maximize=False, style="classic",
+                 decoupled_weight_decay=False, groups=None, skip_nonfinite=False,
                  backend="auto"):
-        self._hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov,
-                                      maximize, style)
+        defaults = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov,
+                                   maximize, style, l1, decoupled_weight_decay)
         self.skip_nonfinite = _flag("skip_nonfinite", skip_nonfinite)
         self.flat = params if isinstance(params, FlatParams) else None
         self.param = params.data if self.flat is not None else params
         self._backend = select_backend(backend, self.param)
         info = describe("params", self.param)
         check_param(info, self._backend.dtypes, self._backend.name)
+        self._plan = self._resolve(groups, defaults)
+        self._group_params = [list(g["params"]) for g in (groups or [])]
+        self._hypers = list(self._plan.hypers)
         self.velocity = self._backend.zeros(info.shape, state_dtype(info.dtype))
-        self._counters = self._new_counters(0, False, 0)
+        self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
+        self._table = None  # the update table in the backend's memory; None: out of date
+
+    def _resolve(self, groups, defaults):
+        size = _size(self.param)
+        if self.flat is None:
+            return resolve_groups(groups, defaults, [0], size)
+        return resolve_groups(groups, defaults, self.flat.offsets, size, self.flat.names)
 
     def _new_counters(self, step_count, velocity_initialized, skipped_steps):
-        counters = np.array([0] * 4, np.int64)
-        counters[[STEP_COUNT, VELOCITY_INITIALIZED, SKIPPED_STEPS]] = (
-            step_count, velocity_initialized, skipped_steps)
+        counters = np.zeros(VELOCITY_INITIALIZED + len(velocity_initialized), np.int64)
+        counters[[STEP_COUNT, SKIPPED_STEPS]] = step_count, skipped_steps
+        counters[VELOCITY_INITIALIZED:] = velocity_initialized
         return self._backend.asarray(counters) if self.skip_nonfinite else counters
 
-    def _counter(self, index):
+    def _host_counters(self):
         counters = self._counters
-        if self.skip_nonfinite:
-            counters = self._backend.to_numpy(counters)
-        return int(counters[index])
+        return self._backend.to_numpy(counters) if self.skip_nonfinite else counters
+
+    def _counter(self, index):
+        return int(self._host_counters()[index])
 
     step_count = property(lambda self: self._counter(STEP_COUNT),
                           doc="Steps taken (skipped steps not counted).")
-    velocity_initialized = property(
-        lambda self: bool(self._counter(VELOCITY_INITIALIZED)),
-        doc="Whether a step has written the velocity (the next step is not a first step).")
     skipped_steps = property(lambda self: self._counter(SKIPPED_STEPS),
                              doc="Steps skipped for a non-finite gradient.")
     last_step_skipped = property(lambda self: bool(self._counter(LAST_STEP_SKIPPED)),
                                  doc="Whether the latest step was skipped.")
+
+    @property
+    def velocity_initialized(self):
+        """Whether steps have written every group's velocity (the next step is no group's
+        first step)."""
+        return bool(self._host_counters()[VELOCITY_INITIALIZED:].all())
 
     @property
     def backend(self):
@@ -122,22 +195,48 @@ class MomentumSGD:
 
     @property
     def style(self):
-        return self._hyper.style
+        return self._hypers[0].style
 
-    def _set(self, **change):
-        self._hyper = self._hyper.replace(**change)
+    @property
+    def decoupled_weight_decay(self):
+        return self._hypers[0].decoupled_weight_decay
 
-    lr = property(lambda self: self._hyper.lr, lambda self, v: self._set(lr=v))
-    momentum = property(lambda self: self._hyper.momentum,
-                        lambda self, v: self._set(momentum=v))
-    dampening = property(lambda self: self._hyper.dampening,
-                         lambda self, v: self._set(dampening=v))
-    weight_decay = property(lambda self: self._hyper.weight_decay,
-                            lambda self, v: self._set(weight_decay=v))
-    nesterov = property(lambda self: self._hyper.nesterov,
-                        lambda self, v: self._set(nesterov=v))
-    maximize = property(lambda self: self._hyper.maximize,
-                        lambda self, v: self._set(maximize=v))
+    @property
+    def param_groups(self):
+        """One ParamGroup per entry of the constructor's `groups`, in order."""
+        return [ParamGroup(self, index + 1, params)
+                for index, params in enumerate(self._group_params)]
+
+    def _set(self, group, **change):
+        hyper = self._hypers[group].replace(**change)
+        if group == 0 and "maximize" in change:  # one per launch: every group follows
+            self._hypers = [h.replace(maximize=hyper.maximize) for h in self._hypers]
+        self._hypers[group] = hyper
+        self._table = None
+
+    def _default(name):
+        return property(lambda self: getattr(self._hypers[0], name),
+                        lambda self, value: self._set(0, **{name: value}),
+                        doc=f"{name} of the segments no group names.")
+
+    lr = _default("lr")
+    momentum = _default("momentum")
+    dampening = _default("dampening")
+    weight_decay = _default("weight_decay")
+    l1 = _default("l1")
+    nesterov = _default("nesterov")
+    maximize = _default("maximize")
+    del _default
+
+    def _device_table(self):
+        if self._table is None:
+            # With skip_nonfinite the kernels read first steps from the device counters.
+            initialized = ([True] * len(self._hypers) if self.skip_nonfinite else
+                           self._counters[VELOCITY_INITIALIZED:])
+            table = update_table(self._hypers, initialized, self.velocity.dtype,
+                                 self._plan.range_ends, self._plan.range_groups)
+            self._table = self._backend.device_table(table, self.param)
+        return self._table
 
     def step(self, grad=None, *, grad_scale=1.0):
         """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
@@ -148,23 +247,31 @@ class MomentumSGD:
                 raise TypeError("grad is None, but params is a single array: pass grad "
                                 "(only FlatParams carry their own gradient buffer)")
             grad = self.flat.grad
-        backend, hyper, counters = self._backend, self._hyper, self._counters
+        backend, counters = self._backend, self._counters
         _check_arrays(backend, self.param, grad, self.velocity)
+        table = self._device_table()
         if self.skip_nonfinite:
-            backend.step_skipping_nonfinite(self.param, grad, self.velocity, hyper,
-                                            inv_grad_scale, counters)
+            backend.step(self.param, grad, self.velocity, table, inv_grad_scale, counters)
             return
-        backend.step(self.param, grad, self.velocity, hyper,
-                     not counters[VELOCITY_INITIALIZED], inv_grad_scale)
+        backend.step(self.param, grad, self.velocity, table, inv_grad_scale)
         counters[STEP_COUNT] += 1
-        counters[VELOCITY_INITIALIZED] |= hyper.initializes_velocity
+        initialized = counters[VELOCITY_INITIALIZED:]
+        now = initialized | [h.initializes_velocity for h in self._hypers]
+        if (now != initialized).any():  # a group's first step: its flags change
+            initialized[:] = now
+            self._table = None
 
     def state_dict(self):
-        """A plain dict: format version, hyperparameters, step count and a velocity copy."""
-        return {"format": STATE_FORMAT, **self._hyper.as_dict(),
-                "step_count": self.step_count,
-                "velocity_initialized": self.velocity_initialized,
-                "skipped_steps": self.skipped_steps,
+        """A plain dict: format version, the optimizer's hyperparameters, its groups (each
+        with "params" as given and every option), step count, whether each group's
+        velocity is initialized (the optimizer's own first, then one per group) and a
+        velocity copy."""
+        counters = self._host_counters()
+        return {"format": STATE_FORMAT, **self._hypers[0].as_dict(),
+                "groups": [dict(group) for group in self.param_groups],
+                "step_count": int(counters[STEP_COUNT]),
+                "velocity_initialized": [bool(c) for c in counters[VELOCITY_INITIALIZED:]],
+                "skipped_steps": int(counters[SKIPPED_STEPS]),
                 "velocity": self._backend.copy(self.velocity)}
 
     def load_state_dict(self, state):
@@ -190,13 +297,26 @@ class MomentumSGD:
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"Invalid format value: {state['format']!r} (this version "
                              f"reads format {STATE_FORMAT})")
-        hyper = Hyperparameters(**{k: state[k] for k in Hyperparameters.__dataclass_fields__})
-        if hyper.style != self.style:
-            raise ValueError(f"Invalid style value: {hyper.style!r} (this optimizer uses "
+        defaults = Hyperparameters(
+            **{k: state[k] for k in Hyperparameters.__dataclass_fields__})
+        if defaults.style != self.style:
+            raise ValueError(f"Invalid style value: {defaults.style!r} (this optimizer uses "
                              f"style {self.style!r}; velocities of the two styles differ)")
+        if not isinstance(state["groups"], list):
+            raise TypeError(f"Invalid groups value: {state['groups']!r} (a list of dicts)")
+        plan = self._resolve(state["groups"], defaults)
+        if plan.segment_groups != self._plan.segment_groups:
+            raise ValueError(f"Invalid groups value: the state's groups cover segments "
+                             f"{plan.segment_groups}, this optimizer's "
+                             f"{self._plan.segment_groups} (group of each segment)")
+        initialized = state["velocity_initialized"]
+        if not isinstance(initialized, list) or len(initialized) != len(plan.hypers):
+            raise ValueError(f"Invalid velocity_initialized value: {initialized!r} (a list "
+                             f"of {len(plan.hypers)} bools: the optimizer's, then each "
+                             f"group's)")
         counters = self._new_counters(
             _count("step_count", state["step_count"]),
-            _flag("velocity_initialized", state["velocity_initialized"]),
+            [_flag("velocity_initialized", flag) for flag in initialized],
             _count("skipped_steps", state["skipped_steps"]))
         velocity = self._like("velocity", state["velocity"], self.velocity)
         if param is not None:
@@ -205,8 +325,9 @@ class MomentumSGD:
         self._backend.assign(self.velocity, velocity)
         if param is not None:
             self._backend.assign(self.param, param)
-        self._hyper = hyper
+        self._hypers = list(plan.hypers)
         self._counters = counters
+        self._table = None
 
     def _like(self, name, array, target):
         """`array` in this backend's memory, checked to have `target`'s shape and dtype."""
@@ -220,10 +341,11 @@ class MomentumSGD:
 
     @staticmethod
     def state_dict_keys():
-        return ("format", *Hyperparameters.__dataclass_fields__, "step_count",
+        return ("format", *Hyperparameters.__dataclass_fields__, "groups", "step_count",
                 "velocity_initialized", "skipped_steps", "velocity")
 
     def __repr__(self):
-        fields = ", ".join(f"{k}={v!r}" for k, v in self._hyper.as_dict().items())
-        return (f"MomentumSGD({fields}, backend={self.backend!r}, "
+        fields = ", ".join(f"{k}={v!r}" for k, v in self._hypers[0].as_dict().items())
+        groups = f", groups={len(self._group_params)}" if self._group_params else ""
+        return (f"MomentumSGD({fields}{groups}, backend={self.backend!r}, "
                 f"step_count={self.step_count})")

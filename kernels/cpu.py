@@ -1,30 +1,65 @@
-"""CPU fallback: the fused update as one parallel Numba loop over the flat buffers."""
+"""CPU fallback: the fused update as one parallel Numba loop over the flat buffers.
+
+Arguments are those of every kernel (layout in kernels.elementwise): the arrays, the
+group table and ranges of a `gpu_momentum.groups.UpdateTable`, inv_grad_scale, the
+launch flags and the step counters.
+"""
 
 import math
 
 import numba
 
-from .elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
-                          VELOCITY_INITIALIZED, momentum_update_cpu)
+from .elementwise import (CLASSIC, COUNTERS, DECAY, FRESH_VELOCITY, GRAD_COEFF, L1,
+                          LAST_STEP_SKIPPED, LR, MAXIMIZE, MOMENTUM, NESTEROV,
+                          SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED, WEIGHT_DECAY,
+                          KEEP_VELOCITY, find_range_cpu, momentum_update_cpu)
+
+# Elements per parallel task: each task finds its first range by binary search, then runs
+# one loop per range piece with the group's scalars in locals, which LLVM vectorizes.
+CHUNK = 1 << 16
 
 
 @numba.njit(parallel=True, cache=True)
-def momentum_step_cpu(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
-                      inv_grad_scale, classic, nesterov, maximize, fresh_velocity):
-    """In place over 1-D contiguous float32/float64 arrays; scalars in the arrays' dtype."""
-    for i in numba.prange(param.size):
-        param[i], velocity[i] = momentum_update_cpu(
-            param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay,
-            inv_grad_scale, classic, nesterov, maximize, fresh_velocity)
+def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
+                      range_groups, inv_grad_scale, launch_flags, counters):
+    """In place over 1-D contiguous float32/float64 arrays; scalars in the arrays' dtype.
+    With COUNTERS in launch_flags a group's first step is read from `counters`, else from
+    its FRESH_VELOCITY flag."""
+    classic = launch_flags & CLASSIC != 0
+    maximize = launch_flags & MAXIMIZE != 0
+    counted = launch_flags & COUNTERS != 0
+    n = param.size
+    for chunk in numba.prange((n + CHUNK - 1) // CHUNK):
+        start = chunk * CHUNK
+        stop = min(n, start + CHUNK)
+        r = find_range_cpu(range_ends, start)
+        while start < stop:
+            end = min(stop, range_ends[r])
+            k = range_groups[r]
+            lr, momentum, grad_coeff = scalars[k, LR], scalars[k, MOMENTUM], \
+                scalars[k, GRAD_COEFF]
+            weight_decay, l1, decay = scalars[k, WEIGHT_DECAY], scalars[k, L1], \
+                scalars[k, DECAY]
+            nesterov = group_flags[k] & NESTEROV != 0
+            if counted:
+                fresh = counters[VELOCITY_INITIALIZED + k] == 0
+            else:
+                fresh = group_flags[k] & FRESH_VELOCITY != 0
+            for i in range(start, end):
+                param[i], velocity[i] = momentum_update_cpu(
+                    param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay,
+                    l1, decay, inv_grad_scale, classic, nesterov, maximize, fresh)
+            start = end
+            r += 1
 
 
 @numba.njit(parallel=True, cache=True)
-def momentum_step_skipping_nonfinite_cpu(param, grad, velocity, lr, momentum, grad_coeff,
-                                         weight_decay, inv_grad_scale, classic, nesterov,
-                                         maximize, initializes_velocity, counters):
+def momentum_step_skipping_nonfinite_cpu(param, grad, velocity, scalars, group_flags,
+                                         range_ends, range_groups, inv_grad_scale,
+                                         launch_flags, counters):
     """As momentum_step_cpu, unless a scaled gradient element is NaN or inf: then nothing
-    but the skip counters changes. The first-step flag comes from `counters`, so a skipped
-    first step leaves the next one first."""
+    but the skip counters changes. First steps come from `counters`, so a skipped first
+    step leaves the next one first."""
     nonfinite = 0
     for i in numba.prange(grad.size):
         if not math.isfinite(grad[i] * inv_grad_scale):
@@ -33,10 +68,10 @@ def momentum_step_skipping_nonfinite_cpu(param, grad, velocity, lr, momentum, gr
         counters[SKIPPED_STEPS] += 1
         counters[LAST_STEP_SKIPPED] = 1
         return
-    momentum_step_cpu(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
-                      inv_grad_scale, classic, nesterov, maximize,
-                      counters[VELOCITY_INITIALIZED] == 0)
+    momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
+                      range_groups, inv_grad_scale, launch_flags | COUNTERS, counters)
     counters[STEP_COUNT] += 1
     counters[LAST_STEP_SKIPPED] = 0
-    if initializes_velocity:
-        counters[VELOCITY_INITIALIZED] = 1
+    for k in range(group_flags.size):
+        if group_flags[k] & KEEP_VELOCITY == 0:
+            counters[VELOCITY_INITIALIZED + k] = 1
