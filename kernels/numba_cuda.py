@@ -1,18 +1,17 @@
 """Numba CUDA kernels: the fused update as one grid-stride pass over the flat buffers.
 
-momentum_step_kernel's arguments, in order:
+momentum_step_kernel's arguments, in order (layout in kernels.elementwise):
   param, grad   1-D contiguous float16/float32/float64 device arrays (param updated in place)
   velocity      1-D contiguous device array of the compute dtype (float32 for float16
                 params, else the param dtype), updated in place
-  lr, momentum, grad_coeff, weight_decay, inv_grad_scale
-                scalars of the compute dtype (grad_coeff = 1 - dampening,
-                inv_grad_scale = 1 / loss scale)
-  classic, nesterov, maximize, fresh_velocity
-                booleans; see `kernels.elementwise.momentum_update`
-Hyperparameters are arguments, not compile-time constants: a schedule changing lr or
-momentum reuses the compiled kernel. One kernel is compiled per dtype combination.
-momentum_step_counted_kernel takes the step counters instead of fresh_velocity; see
-momentum_step_skipping_nonfinite_numba_cuda.
+  scalars, group_flags, range_ends, range_groups
+                the per-group table and the ranges of a gpu_momentum.groups.UpdateTable,
+                in device memory (scalars of the compute dtype)
+  inv_grad_scale  1 / loss scale, of the compute dtype
+  launch_flags  CLASSIC | MAXIMIZE, and COUNTERS when `counters` decide
+  counters      the step counters (int64); read only with COUNTERS
+Hyperparameters are data, not compile-time constants: a schedule changing lr or momentum
+reuses the compiled kernel. One kernel is compiled per dtype combination.
 """
 
 import functools
@@ -24,49 +23,79 @@ from numba import cuda, types
 from numba.core import config
 from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
-from .elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
-                          VELOCITY_INITIALIZED, momentum_update)
+from .elementwise import (CLASSIC, COUNTERS, DECAY, FRESH_VELOCITY, GRAD_COEFF,
+                          KEEP_VELOCITY, L1, LAST_STEP_SKIPPED, LR, MAXIMIZE, MOMENTUM,
+                          NESTEROV, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED,
+                          WEIGHT_DECAY, find_range, momentum_update)
 
 PARAM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
-# The CPU kernel compiles the same Python function with numba.njit. Here it becomes a CUDA
-# device function with inline="always": Numba inlines its IR into the kernel, so the kernel
-# compiles as one unit for whichever compute capability is asked for, and
+# The CPU kernel compiles the same Python functions with numba.njit. Here they become CUDA
+# device functions with inline="always": Numba inlines their IR into the kernel, so the
+# kernel compiles as one unit for whichever compute capability is asked for, and
 # `cuda.compile_ptx(..., cc=(9, 0))` works on a machine without a GPU. A device function
 # compiled on its own (inline="never") is built for the current device, which needs one.
 momentum_update_cuda = cuda.jit(device=True, inline="always")(momentum_update)
+find_range_cuda = cuda.jit(device=True, inline="always")(find_range)
 
 THREADS_PER_BLOCK = 256
 # The CUDA simulator runs each thread of a block as a Python thread, one block after the
 # other: two small blocks keep it quick and still stride across blocks for any size.
 SIMULATOR_THREADS_PER_BLOCK = 32
 SIMULATOR_BLOCKS = 2
+FINISH_THREADS = 32  # finish_step_kernel's one block, striding over the groups
 
 
 @cuda.jit(device=True, inline="always")
-def _update_all(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
-                inv_grad_scale, classic, nesterov, maximize, fresh_velocity):
+def _group(scalars, group_flags, counters, k, counted):
+    """Group k's (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, fresh)."""
+    if counted:
+        fresh = counters[VELOCITY_INITIALIZED + k] == 0
+    else:
+        fresh = group_flags[k] & FRESH_VELOCITY != 0
+    return (scalars[k, LR], scalars[k, MOMENTUM], scalars[k, GRAD_COEFF],
+            scalars[k, WEIGHT_DECAY], scalars[k, L1], scalars[k, DECAY],
+            group_flags[k] & NESTEROV != 0, fresh)
+
+
+@cuda.jit(device=True, inline="always")
+def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
+                inv_grad_scale, launch_flags, counters):
     # float16 is widened to float32 before any arithmetic (Numba's fp16 arithmetic calls
     # out to library functions) and rounded to nearest once, on the store.
     compute = velocity.dtype.type
+    classic = launch_flags & CLASSIC != 0
+    maximize = launch_flags & MAXIMIZE != 0
+    counted = launch_flags & COUNTERS != 0
+    # Each thread's indices only grow: it looks its range up (binary search) only when
+    # an index passes the current range's end, at most once per range it visits.
+    end = 0
+    lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, fresh = _group(
+        scalars, group_flags, counters, range_groups[0], counted)
     # param.size is 64-bit, so i is too: buffers past 2**31 elements index correctly.
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
+        if i >= end:
+            r = find_range_cuda(range_ends, i)
+            end = range_ends[r]
+            lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, fresh = _group(
+                scalars, group_flags, counters, range_groups[r], counted)
         param[i], velocity[i] = momentum_update_cuda(
             compute(param[i]), compute(grad[i]), velocity[i], lr, momentum, grad_coeff,
-            weight_decay, inv_grad_scale, classic, nesterov, maximize, fresh_velocity)
+            weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize, fresh)
 
 
 @cuda.jit(cache=True)
-def momentum_step_kernel(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
-                         inv_grad_scale, classic, nesterov, maximize, fresh_velocity):
-    _update_all(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
-                inv_grad_scale, classic, nesterov, maximize, fresh_velocity)
+def momentum_step_kernel(param, grad, velocity, scalars, group_flags, range_ends,
+                         range_groups, inv_grad_scale, launch_flags, counters):
+    if launch_flags & COUNTERS == 0 or counters[LAST_STEP_SKIPPED] == 0:
+        _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
+                    inv_grad_scale, launch_flags, counters)
 
 
 # Skipping steps with a non-finite gradient takes four launches on the stream and no host
 # round trip, as the CUDA C kernels do: clear LAST_STEP_SKIPPED, set it where a scaled
-# gradient element is NaN or inf, update unless it is set (first step when the counters
-# say the velocity is not initialized yet), count the step.
+# gradient element is NaN or inf, update unless it is set (each group's first step from
+# the counters), count the step.
 @cuda.jit(cache=True)
 def begin_step_kernel(counters):
     if cuda.grid(1) == 0:
@@ -84,24 +113,20 @@ def find_nonfinite_kernel(grad, velocity, inv_grad_scale, counters):
 
 
 @cuda.jit(cache=True)
-def momentum_step_counted_kernel(param, grad, velocity, lr, momentum, grad_coeff,
-                                 weight_decay, inv_grad_scale, classic, nesterov, maximize,
-                                 counters):
-    if counters[LAST_STEP_SKIPPED] == 0:
-        _update_all(param, grad, velocity, lr, momentum, grad_coeff, weight_decay,
-                    inv_grad_scale, classic, nesterov, maximize,
-                    counters[VELOCITY_INITIALIZED] == 0)
-
-
-@cuda.jit(cache=True)
-def finish_step_kernel(counters, initializes_velocity):
-    if cuda.grid(1) == 0:
-        if counters[LAST_STEP_SKIPPED] != 0:
+def finish_step_kernel(counters, group_flags):
+    """One block: counts the step as taken or skipped; a taken step initializes the
+    velocity of every group that writes it."""
+    thread = cuda.grid(1)
+    skipped = counters[LAST_STEP_SKIPPED] != 0
+    if thread == 0:
+        if skipped:
             counters[SKIPPED_STEPS] += 1
         else:
             counters[STEP_COUNT] += 1
-            if initializes_velocity:
-                counters[VELOCITY_INITIALIZED] = 1
+    if not skipped:
+        for k in range(thread, group_flags.size, cuda.gridsize(1)):
+            if group_flags[k] & KEEP_VELOCITY == 0:
+                counters[VELOCITY_INITIALIZED + k] = 1
 
 
 def _no_op():
@@ -170,44 +195,43 @@ def _flat(array):
     return array if array.ndim == 1 else array.reshape(array.size)
 
 
-def _launch(param, grad, velocity, hyper, inv_grad_scale):
-    """Numba views of the arrays, the kernel scalars, and (blocks, threads, stream)."""
-    param, grad, velocity = (_flat(_numba_array(a)) for a in (param, grad, velocity))
-    scalars = hyper.kernel_scalars(velocity.dtype, inv_grad_scale)
-    blocks, threads = launch_config(param.size)
-    return (param, grad, velocity), scalars, (blocks, threads, param.stream)
+def upload_table(table, param):
+    """`table` (a host UpdateTable) in device memory, copied on param's stream."""
+    stream = _numba_array(param).stream
+    return table.on(lambda array: cuda.to_device(array, stream=stream))
 
 
-def momentum_step_numba_cuda(param, grad, velocity, hyper, fresh_velocity, inv_grad_scale):
+def momentum_step_numba_cuda(param, grad, velocity, table, inv_grad_scale, counters=None):
     """Queues the update on param's stream and returns without waiting for it.
 
     The arrays are Numba device arrays or `__cuda_array_interface__` arrays, already
-    checked by `gpu_momentum._arrays.check_update`. param's stream is the one its exporter
-    named, or the one a Numba array is bound to, else Numba's default stream, so the
-    update runs after the work queued there that produced the gradient (see
-    _numba_array for PyTorch tensors). The scalars
-    are cast to the compute dtype, the velocity's, as the CPU backend casts them.
+    checked by `gpu_momentum._arrays.check_update`; `table` is an UpdateTable in device
+    memory (upload_table). param's stream is the one its exporter named, or the one a
+    Numba array is bound to, else Numba's default stream, so the update runs after the work
+    queued there that produced the gradient (see _numba_array for PyTorch tensors).
+    With `counters` (a device int64 array, slots as in kernels.elementwise) a step whose
+    scaled gradient holds a NaN or inf is skipped: four launches, no waiting.
     """
-    arrays, scalars, launch = _launch(param, grad, velocity, hyper, inv_grad_scale)
-    if arrays[0].size:
-        momentum_step_kernel[launch](*arrays, *scalars, *hyper.kernel_flags(),
-                                     fresh_velocity)
-
-
-def momentum_step_skipping_nonfinite_numba_cuda(param, grad, velocity, hyper,
-                                                inv_grad_scale, counters):
-    """As momentum_step_numba_cuda, unless the scaled gradient holds a NaN or inf;
-    `counters` (a device int64[4], slots as in kernels.elementwise) decide the first step
-    and count taken and skipped steps. Four launches on param's stream, no waiting."""
-    arrays, scalars, launch = _launch(param, grad, velocity, hyper, inv_grad_scale)
-    counters = _numba_array(counters)
-    stream = launch[2]
-    begin_step_kernel[1, 1, stream](counters)
-    if arrays[0].size:
-        find_nonfinite_kernel[launch](arrays[1], arrays[2], scalars[4], counters)
-        momentum_step_counted_kernel[launch](*arrays, *scalars, *hyper.kernel_flags(),
-                                             counters)
-    finish_step_kernel[1, 1, stream](counters, hyper.initializes_velocity)
+    param, grad, velocity = (_flat(_numba_array(a)) for a in (param, grad, velocity))
+    inv_grad_scale = velocity.dtype.type(inv_grad_scale)
+    blocks, threads = launch_config(param.size)
+    stream = param.stream
+    launch_flags = table.launch_flags
+    if counters is None:
+        counters = table.range_ends  # not read without COUNTERS; any int64 array does
+    else:
+        counters = _numba_array(counters)
+        launch_flags |= COUNTERS
+        begin_step_kernel[1, 1, stream](counters)
+    if param.size:
+        if launch_flags & COUNTERS:
+            find_nonfinite_kernel[blocks, threads, stream](grad, velocity, inv_grad_scale,
+                                                          counters)
+        momentum_step_kernel[blocks, threads, stream](
+            param, grad, velocity, table.scalars, table.group_flags, table.range_ends,
+            table.range_groups, inv_grad_scale, launch_flags, counters)
+    if launch_flags & COUNTERS:
+        finish_step_kernel[1, FINISH_THREADS, stream](counters, table.group_flags)
 
 
 def kernel_signatures(param_dtype):
@@ -221,12 +245,14 @@ def kernel_signatures(param_dtype):
     param = types.Array(from_dtype(param_dtype), 1, "C")
     velocity = types.Array(compute, 1, "C")
     counters = types.Array(types.int64, 1, "C")
-    arrays_and_scalars = (param, param, velocity, *[compute] * 5, *[types.boolean] * 3)
+    group_flags = types.Array(types.uint32, 1, "C")
+    table = (types.Array(compute, 2, "C"), group_flags, counters,
+             types.Array(types.int32, 1, "C"))
     return {
-        "momentum_step": (momentum_step_kernel, (*arrays_and_scalars, types.boolean)),
-        "momentum_step_counted": (momentum_step_counted_kernel,
-                                  (*arrays_and_scalars, counters)),
+        "momentum_step": (momentum_step_kernel, (param, param, velocity, *table, compute,
+                                                 types.int64, counters)),
         "find_nonfinite": (find_nonfinite_kernel, (param, velocity, compute, counters)),
+        "finish_step": (finish_step_kernel, (counters, group_flags)),
     }
 
 

@@ -41,12 +41,131 @@ CONFIGS = [
             weight_decay=0.1, maximize=True),
     _config("torch-no-momentum-dampening", "torch", momentum=0.0, dampening=0.5),
     _config("torch-momentum-schedule", "torch", schedule_momentum=True, dampening=0.1),
+    _config("classic-l1", "classic", momentum=0.9, l1=0.01),
+    _config("classic-decoupled-wd", "classic", momentum=0.9, weight_decay=0.1,
+            decoupled_weight_decay=True),
+    _config("torch-nesterov-l1-wd", "torch", momentum=0.9, nesterov=True, l1=0.02,
+            weight_decay=0.01),
+    _config("torch-decoupled-wd-l1-schedule", "torch", schedule_momentum=True,
+            weight_decay=0.1, l1=0.005, decoupled_weight_decay=True),
 ]
+
+
+# Options a MomentumSGD takes only in its constructor (the rest are settable per step).
+CONSTRUCTOR_ONLY = ("style", "decoupled_weight_decay")
 
 
 def hyper_at(config, step):
     """The keyword arguments of step `step` (0-based) of a configuration."""
     return {k: (v[step] if isinstance(v, tuple) else v) for k, v in config.items()}
+
+
+# Parameter groups over one FlatParams of these segments (odd sizes: ranges end inside
+# 16-byte words of the padded buffer only where segments do).
+SEGMENT_SIZES = (1023, 5, 4099, 1, 2048, 33)
+SEGMENT_NAMES = ("stem.w", "stem.b", "block.w", "block.scale", "head.w", "head.b")
+
+
+def _groups(id_, options, groups):
+    return pytest.param({"options": options, "groups": groups}, id=id_)
+
+
+# Each: the optimizer's options and its groups. Steps use LR_SCHEDULE for the optimizer's
+# own lr, and every group's lr is halved from step 3 on (a per-group schedule).
+GROUP_CONFIGS = [
+    _groups("classic-head-lr-l1", {"style": "classic", "momentum": 0.9},
+            [{"params": ["head.w", "head.b"], "lr": 0.01, "l1": 0.001}]),
+    _groups("classic-per-segment", {"style": "classic", "momentum": 0.9,
+                                    "weight_decay": 0.01},
+            [{"params": [i], "lr": 0.01 * (i + 1), "momentum": 0.1 * i,
+              "weight_decay": 0.001 * i} for i in range(len(SEGMENT_SIZES))]),
+    _groups("classic-nesterov-decoupled", {"style": "classic", "momentum": 0.9,
+                                           "weight_decay": 0.1,
+                                           "decoupled_weight_decay": True},
+            [{"params": [0, "block.w"], "nesterov": True, "weight_decay": 0.0},
+             {"params": ["block.scale", 5], "lr": 0.2, "l1": 0.05}]),
+    # momentum 0 leaves the optimizer's own velocity untouched while groups with momentum
+    # take their first step: per-group first steps.
+    _groups("torch-per-group-momentum", {"style": "torch", "momentum": 0.0,
+                                         "dampening": 0.5},
+            [{"params": ["stem.w", "stem.b"], "momentum": 0.9, "nesterov": True,
+              "dampening": 0.0},
+             {"params": ["head.w"], "momentum": 0.5, "l1": 0.01, "weight_decay": 0.01}]),
+    _groups("torch-decoupled-maximize", {"style": "torch", "momentum": 0.9,
+                                         "maximize": True, "weight_decay": 0.05,
+                                         "decoupled_weight_decay": True},
+            [{"params": ["block.w"], "lr": 0.001, "dampening": 0.3}]),
+]
+
+
+# Bad groups (over SEGMENT_NAMES): (id, groups, exception type, message pattern). Checked
+# by resolve_groups, the MomentumSGD constructor, load_state_dict and checkpoints.
+GROUP_ERRORS = [
+    ("not-a-list", {"params": [0]}, TypeError, r"groups must be a list of dicts"),
+    ("not-a-dict", [[0]], TypeError, r"groups\[0\] must be a dict"),
+    ("no-params", [{"lr": 0.1}], ValueError, r"groups\[0\] has no 'params'"),
+    ("empty-params", [{"params": []}], ValueError, r"names at least one segment"),
+    ("params-not-a-list", [{"params": 3}], TypeError, r"params must be a list"),
+    ("unknown-option", [{"params": [0], "betas": 0.9}], ValueError,
+     r"groups\[0\] has unknown option 'betas'"),
+    ("style-per-group", [{"params": [0], "style": "torch"}], ValueError,
+     r"groups\[0\] has unknown option 'style'"),
+    ("decoupled-per-group", [{"params": [0], "decoupled_weight_decay": True}], ValueError,
+     r"groups\[0\] has unknown option 'decoupled_weight_decay'"),
+    ("unknown-name", [{"params": ["tail"]}], ValueError, r"no segment is named 'tail'"),
+    ("index-out-of-range", [{"params": [6]}], ValueError, r"segment 6 does not exist"),
+    ("bool-index", [{"params": [True]}], TypeError, r"a segment index or name"),
+    ("overlapping", [{"params": [2]}, {"params": ["block.w"]}], ValueError,
+     r"groups\[1\]: segment 2 \('block.w'\) is named by groups\[0\] too"),
+    ("twice", [{"params": [1, 1]}], ValueError, r"is named by it twice"),
+    ("bad-lr", [{"params": [0]}, {"params": [1], "lr": -1.0}], ValueError,
+     r"groups\[1\]: Invalid lr value: -1.0"),
+    ("bad-l1", [{"params": [0], "l1": float("nan")}], ValueError,
+     r"groups\[0\]: Invalid l1 value: nan"),
+    ("bad-momentum-type", [{"params": [0], "momentum": "high"}], TypeError,
+     r"groups\[0\]: Invalid momentum value: 'high'"),
+    ("bad-nesterov", [{"params": [0], "momentum": 0.0, "nesterov": True}], ValueError,
+     r"groups\[0\]: Invalid nesterov value"),
+]
+
+
+def group_lr(group, step):
+    """The lr a group (a dict of GROUP_CONFIGS) has at step `step` of the tests."""
+    lr = group.get("lr", LR_SCHEDULE[step])
+    return lr / 2 if step >= 3 else lr
+
+
+def segment_bounds(offsets, total):
+    """[start, end) of each segment's range: to the next segment (padding included)."""
+    return list(zip(offsets, [*offsets[1:], total]))
+
+
+def grouped_reference_step(param, grad, velocity, config, step, initialized,
+                           offsets, step_fn=None, **common):
+    """The reference over a grouped buffer: each segment's range stepped with its group's
+    hyperparameters (first step where its group's velocity is not `initialized`; the list
+    is updated). Returns new (param, velocity); step_fn defaults to reference_step."""
+    from gpu_momentum.reference import reference_step
+
+    step_fn = step_fn or reference_step
+    options, groups = config["options"], config["groups"]
+    owner = {}
+    for number, group in enumerate(groups):
+        for segment in group["params"]:
+            owner[segment if isinstance(segment, int) else
+                  SEGMENT_NAMES.index(segment)] = number + 1
+    group_hyper = [{**options, "lr": LR_SCHEDULE[step]}]
+    group_hyper += [{**options, **{k: v for k, v in g.items() if k != "params"},
+                     "lr": group_lr(g, step)} for g in groups]
+    param, velocity = np.array(param), np.array(velocity)
+    for segment, (start, end) in enumerate(segment_bounds(offsets, param.size)):
+        k = owner.get(segment, 0)
+        p, v = step_fn(param[start:end], grad[start:end], velocity[start:end],
+                       first_step=not initialized[k], **group_hyper[k], **common)
+        param[start:end], velocity[start:end] = p, v
+    for k, hyper in enumerate(group_hyper):
+        initialized[k] |= hyper["style"] == "classic" or hyper.get("momentum", 0.9) != 0
+    return param, velocity
 
 
 def problem(size, steps=STEPS, dtype=np.float64, seed=0):
@@ -72,6 +191,11 @@ HYPER_ERRORS = [
     ("dampening-negative", {"dampening": -0.1}, ValueError, r"dampening.*-0\.1"),
     ("weight-decay-negative", {"weight_decay": -1e-4}, ValueError, r"weight_decay.*-0\.0001"),
     ("weight-decay-inf", {"weight_decay": float("inf")}, ValueError, r"weight_decay.*inf"),
+    ("l1-negative", {"l1": -0.01}, ValueError, r"l1.*-0\.01"),
+    ("l1-nan", {"l1": float("nan")}, ValueError, r"l1.*nan"),
+    ("l1-string", {"l1": "0"}, TypeError, r"l1.*'0'"),
+    ("decoupled-not-bool", {"decoupled_weight_decay": 1}, TypeError,
+     r"decoupled_weight_decay.*1"),
     ("nesterov-no-momentum", {"nesterov": True, "momentum": 0.0}, ValueError,
      r"nesterov.*momentum"),
     ("nesterov-torch-dampening", {"nesterov": True, "style": "torch", "dampening": 0.1},

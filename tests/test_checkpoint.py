@@ -13,11 +13,18 @@ from harness import CpuHarness
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 
 
+NAMES = ["conv", "bias", "head"]
+# The head trains with its own lr, momentum and l1; conv and bias use the defaults.
+GROUPS = [{"params": ["head"], "lr": 0.01, "momentum": 0.5, "l1": 0.001}]
+
+
 def _model(backend, seed=0, shapes=SHAPES, dtype=np.float64, **hyper):
     rng = np.random.default_rng(seed)
     flat = gm.FlatParams.from_arrays(
-        [backend.from_numpy(rng.standard_normal(s).astype(dtype)) for s in shapes])
-    hyper = {"lr": 0.05, "momentum": 0.9, "style": "torch", "dampening": 0.1, **hyper}
+        [backend.from_numpy(rng.standard_normal(s).astype(dtype)) for s in shapes],
+        names=NAMES[:len(shapes)])
+    hyper = {"lr": 0.05, "momentum": 0.9, "style": "torch", "dampening": 0.1,
+             "groups": GROUPS, **hyper}
     return flat, gm.MomentumSGD(flat, backend=backend.name, **hyper)
 
 
@@ -40,13 +47,15 @@ def test_continuing_from_a_checkpoint_is_bitwise_identical(backend, tmp_path):
     flat, opt = _model(backend)
     grads = _grads(flat.data.size, 10)
     _train(backend, flat, opt, grads[:5])
-    opt.lr = 0.02  # a schedule's change must be saved too
+    opt.lr = 0.02  # a schedule's changes must be saved too
+    opt.param_groups[0]["lr"] = 0.004
     opt.save(tmp_path / "ckpt.npz")
     _train(backend, flat, opt, grads[5:])
 
     resumed_flat, resumed = _model(backend, seed=99)  # other params: load replaces them
     resumed.load(tmp_path / "ckpt.npz")
     assert resumed.step_count == 5 and resumed.lr == 0.02
+    assert resumed.param_groups[0]["lr"] == 0.004
     _train(backend, resumed_flat, resumed, grads[5:])
     assert _bits(backend, resumed_flat.data, resumed.velocity) == \
         _bits(backend, flat.data, opt.velocity)
@@ -119,7 +128,7 @@ BAD_FILES = [
     ("truncated", _truncate, r"truncated"),
     ("corrupted", _flip_a_param_byte, r"corrupted"),
     ("checksum", lambda p: _rewrite(p, param=np.zeros(32)), r"checksum of param"),
-    ("version", lambda p: _rewrite(p, _set("version", 2)), r"version 2"),
+    ("version", lambda p: _rewrite(p, _set("version", 1)), r"version 1"),
     ("not-ours", lambda p: _rewrite(p, _set("format", "other")), r"not a gpu-momentum"),
     ("text", lambda p: p.write_text("hello"), r"corrupted"),
     ("pickle", lambda p: np.savez(p, meta=np.array([{"code": 1}], dtype=object)),
@@ -129,6 +138,14 @@ BAD_FILES = [
     ("style", lambda p: _rewrite(p, lambda m: m["state"].__setitem__("style", "classic")),
      r"style"),
     ("lr", lambda p: _rewrite(p, lambda m: m["state"].__setitem__("lr", -1)), r"lr.*-1"),
+    ("group-lr", lambda p: _rewrite(p, lambda m: m["state"]["groups"][0].__setitem__(
+        "lr", -1)), r"groups\[0\]: Invalid lr value: -1"),
+    ("group-params", lambda p: _rewrite(p, lambda m: m["state"]["groups"][0].__setitem__(
+        "params", ["bias"])), r"groups.*cover segments"),
+    ("names", lambda p: _rewrite(p, lambda m: m["layout"].__setitem__(
+        "names", ["a", "b", "c"])), r"layout"),
+    ("velocity-initialized", lambda p: _rewrite(p, lambda m: m["state"].__setitem__(
+        "velocity_initialized", [True])), r"velocity_initialized"),
 ]
 
 

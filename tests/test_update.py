@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import gpu_momentum as gm
-from configs import ARRAY_ERRORS, CONFIGS, HYPER_ERRORS, SIZES, STEPS, hyper_at, problem
+from configs import (ARRAY_ERRORS, CONFIGS, CONSTRUCTOR_ONLY, HYPER_ERRORS, SIZES, STEPS,
+                     hyper_at, problem)
 from gpu_momentum.reference import reference_step
 
 RTOL = ATOL = 1e-12  # float64: the kernels differ from the reference by FMA contraction only
@@ -42,7 +43,7 @@ def test_optimizer_matches_reference(backend, config):
     assert opt.backend == backend.name
     for step, grad in enumerate(grads):
         for name, value in hyper_at(config, step).items():
-            if name != "style":
+            if name not in CONSTRUCTOR_ONLY:
                 setattr(opt, name, value)
         opt.step(backend.from_numpy(grad))
         param, velocity = reference_step(param, grad, velocity, first_step=step == 0,
@@ -142,7 +143,7 @@ def test_bad_hyperparameters_change_nothing(backend, id_, bad, error, pattern):
         gm.MomentumSGD(p, **kwargs)
     assert _snapshot(backend, p, g, v) == before
 
-    settable = {k: x for k, x in bad.items() if k not in ("style", "backend")}
+    settable = {k: x for k, x in bad.items() if k not in (*CONSTRUCTOR_ONLY, "backend")}
     if len(settable) == len(bad) == 1:
         opt = gm.MomentumSGD(p, lr=0.1, backend=backend.name)
         opt.step(g)

@@ -1,0 +1,211 @@
+"""Parameter groups, l1 and decoupled weight decay: the reference maths, the group spec
+(resolve_groups), FlatParams names, and every backend against the reference over the
+shared GROUP_CONFIGS, one launch per step."""
+
+import numpy as np
+import pytest
+
+import gpu_momentum as gm
+from configs import (GROUP_CONFIGS, GROUP_ERRORS, LR_SCHEDULE, SEGMENT_NAMES, SEGMENT_SIZES,
+                     STEPS, group_lr, grouped_reference_step)
+from gpu_momentum._hyperparams import Hyperparameters
+from gpu_momentum.groups import resolve_groups
+from gpu_momentum.reference import reference_step
+from harness import CpuHarness
+
+
+def test_l1_adds_l1_times_the_sign_of_p():
+    p = np.array([2.0, -3.0, 0.0, 0.0])
+    g = np.array([0.5, 0.5, 0.5, -0.0])
+    new_p, v = reference_step(p, g, np.zeros(4), lr=0.1, l1=0.25, first_step=True)
+    np.testing.assert_array_equal(v, -0.1 * (g + np.array([0.25, -0.25, 0.0, 0.0])))
+    np.testing.assert_array_equal(new_p, p + v)
+    # sign(0) = 0 by branches: a -0.0 gradient stays -0.0, as the kernels will leave it
+    assert np.signbit(reference_step(p, g, np.zeros(4), lr=0.0, l1=0.25, style="torch",
+                                     first_step=True)[1][3])
+
+
+@pytest.mark.parametrize("style", ["classic", "torch"])
+def test_decoupled_weight_decay_scales_p_before_the_momentum_update(style):
+    rng = np.random.default_rng(3)
+    p, g = rng.standard_normal(100), rng.standard_normal(100)
+    new_p, v = reference_step(p, g, np.zeros(100), lr=0.1, weight_decay=0.01, style=style,
+                              decoupled_weight_decay=True, first_step=True)
+    plain_p, plain_v = reference_step(p, g, np.zeros(100), lr=0.1, style=style,
+                                      first_step=True)
+    np.testing.assert_array_equal(v, plain_v)  # no weight_decay * p in the gradient
+    decayed = p * (1 - 0.1 * 0.01)
+    expected = decayed + v if style == "classic" else decayed - 0.1 * v
+    np.testing.assert_array_equal(new_p, expected)
+    coupled_p, coupled_v = reference_step(p, g, np.zeros(100), lr=0.1, weight_decay=0.01,
+                                          style=style, first_step=True)
+    assert not np.array_equal(coupled_v, v)
+
+
+@pytest.mark.parametrize("bad, error", [(-0.1, ValueError), (float("nan"), ValueError),
+                                        (float("inf"), ValueError), ("0.1", TypeError)])
+def test_l1_is_validated(bad, error):
+    with pytest.raises(error, match=r"Invalid l1 value"):
+        Hyperparameters(lr=0.1, l1=bad)
+
+
+def test_decoupled_weight_decay_is_a_flag():
+    with pytest.raises(TypeError, match=r"Invalid decoupled_weight_decay value"):
+        Hyperparameters(lr=0.1, decoupled_weight_decay=1)
+
+
+DEFAULTS = Hyperparameters(lr=0.1, momentum=0.9)
+NAMES = ["stem", "block.w", "block.b", "head.w", "head.b"]
+OFFSETS = [0, 16, 48, 52, 100]
+TOTAL = 104
+
+
+def test_groups_become_merged_contiguous_ranges():
+    plan = resolve_groups([{"params": ["head.w", "head.b"], "lr": 0.01},
+                           {"params": [0], "weight_decay": 1e-4, "l1": 1e-5}],
+                          DEFAULTS, OFFSETS, TOTAL, NAMES)
+    assert [h.lr for h in plan.hypers] == [0.1, 0.01, 0.1]
+    assert plan.hypers[2].weight_decay == 1e-4 and plan.hypers[2].l1 == 1e-5
+    assert plan.segment_groups == (2, 0, 0, 1, 1)
+    assert plan.range_ends.tolist() == [16, 52, 104]  # padding goes with its segment
+    assert plan.range_groups.tolist() == [2, 0, 1]
+
+
+def test_no_groups_is_one_range():
+    plan = resolve_groups(None, DEFAULTS, OFFSETS, TOTAL, NAMES)
+    assert plan.hypers == (DEFAULTS,)
+    assert (plan.range_ends.tolist(), plan.range_groups.tolist()) == ([104], [0])
+
+
+def _flat(backend, seed=0):
+    rng = np.random.default_rng(seed)
+    return gm.FlatParams.from_arrays(
+        [backend.from_numpy(rng.standard_normal(size)) for size in SEGMENT_SIZES],
+        names=list(SEGMENT_NAMES))
+
+
+def _bits(backend, *arrays):
+    return [backend.to_numpy(a).tobytes() for a in arrays]
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["", "skip-nonfinite"])
+@pytest.mark.parametrize("config", GROUP_CONFIGS)
+def test_groups_match_reference(backend, config, skip_nonfinite, monkeypatch):
+    """Each segment follows its group's hyperparameters, first step and lr schedule."""
+    flat = _flat(backend)
+    param = backend.to_numpy(flat.data)
+    velocity = np.zeros_like(param)
+    initialized = [False] * (1 + len(config["groups"]))
+    opt = gm.MomentumSGD(flat, lr=LR_SCHEDULE[0], groups=config["groups"],
+                         skip_nonfinite=skip_nonfinite, backend=backend.name,
+                         **config["options"])
+    launches, update = [], opt._backend.step
+    monkeypatch.setattr(opt._backend, "step",
+                        lambda *args, **kw: launches.append(1) or update(*args, **kw))
+    rng = np.random.default_rng(1)
+    for step in range(STEPS):
+        opt.lr = LR_SCHEDULE[step]
+        for group, spec in zip(opt.param_groups, config["groups"]):
+            group["lr"] = group_lr(spec, step)
+        grad = rng.standard_normal(param.size)
+        backend.assign(flat.grad, grad)
+        opt.step()
+        param, velocity = grouped_reference_step(param, grad, velocity, config, step,
+                                                 initialized, flat.offsets)
+        for name, actual, expected in (("param", flat.data, param),
+                                       ("velocity", opt.velocity, velocity)):
+            np.testing.assert_allclose(backend.to_numpy(actual), expected, rtol=1e-12,
+                                       atol=1e-12, err_msg=f"{name} after step {step + 1}")
+    assert len(launches) == STEPS  # one backend update per step, whatever the groups
+    assert opt.step_count == STEPS
+    assert opt.state_dict()["velocity_initialized"] == initialized
+
+
+@pytest.mark.parametrize("id_, groups, error, pattern", GROUP_ERRORS,
+                         ids=[e[0] for e in GROUP_ERRORS])
+def test_bad_groups_are_named_and_change_nothing(backend, id_, groups, error, pattern):
+    flat = _flat(backend)
+    before = _bits(backend, flat.data, flat.grad)
+    with pytest.raises(error, match=pattern):
+        resolve_groups(groups, DEFAULTS, flat.offsets, flat.data.size, flat.names)
+    with pytest.raises(error, match=pattern):
+        gm.MomentumSGD(flat, lr=0.1, groups=groups, backend=backend.name)
+    assert _bits(backend, flat.data, flat.grad) == before
+
+
+@pytest.mark.parametrize("key, value, error, pattern", [
+    ("lr", -0.5, ValueError, r"Invalid lr value: -0.5"),
+    ("momentum", 1.0, ValueError, r"Invalid momentum value: 1.0"),
+    ("l1", "x", TypeError, r"Invalid l1 value: 'x'"),
+    ("nesterov", True, ValueError, r"nesterov needs momentum > 0"),
+    ("params", [0], KeyError, r"'params' cannot be set"),
+    ("maximize", True, KeyError, r"'maximize' cannot be set"),
+])
+def test_a_bad_group_setting_changes_nothing(backend, key, value, error, pattern):
+    flat = _flat(backend)
+    opt = gm.MomentumSGD(flat, lr=0.1, groups=[{"params": ["head.w"], "momentum": 0.0}],
+                         backend=backend.name)
+    opt.step()
+    state = opt.state_dict()
+    before = _bits(backend, flat.data, opt.velocity)
+    with pytest.raises(error, match=pattern):
+        opt.param_groups[0][key] = value
+    assert _bits(backend, flat.data, opt.velocity) == before
+    after = opt.state_dict()
+    assert {k: v for k, v in after.items() if k != "velocity"} == \
+        {k: v for k, v in state.items() if k != "velocity"}
+
+
+def test_param_groups_read_like_torch():
+    flat = _flat(CpuHarness())
+    opt = gm.MomentumSGD(flat, lr=0.1, weight_decay=0.01, decoupled_weight_decay=True,
+                         groups=[{"params": ["head.w", 5], "lr": 0.01, "l1": 0.001}])
+    group, = opt.param_groups
+    assert dict(group) == {"params": ["head.w", 5], "lr": 0.01, "momentum": 0.9,
+                           "dampening": 0.0, "weight_decay": 0.01, "l1": 0.001,
+                           "nesterov": False}
+    group["lr"] *= 0.5
+    assert opt.param_groups[0]["lr"] == 0.005 and opt.lr == 0.1
+    assert opt.decoupled_weight_decay and "groups=1" in repr(opt)
+
+
+def test_a_group_starts_its_velocity_when_its_momentum_does():
+    """torch style creates a momentum buffer per group on that group's first step with
+    momentum > 0, as torch.optim.SGD does per parameter."""
+    flat = _flat(CpuHarness())
+    opt = gm.MomentumSGD(flat, lr=0.1, momentum=0.0, style="torch",
+                         groups=[{"params": ["head.w"], "momentum": 0.9}])
+    flat.grad[...] = 1.0
+    opt.step()
+    assert opt.state_dict()["velocity_initialized"] == [False, True]
+    assert not opt.velocity_initialized
+    head = slice(flat.offsets[4], flat.offsets[4] + SEGMENT_SIZES[4])
+    np.testing.assert_array_equal(opt.velocity[head], 1.0)  # fresh: v = g
+    assert not opt.velocity[:flat.offsets[4]].any()  # momentum 0: left as it was
+    opt.momentum = 0.5
+    opt.step()
+    np.testing.assert_array_equal(opt.velocity[:SEGMENT_SIZES[0]], 1.0)  # its first step
+    np.testing.assert_array_equal(opt.velocity[head], 1.9)
+    assert opt.velocity_initialized
+
+
+def test_names_need_a_named_flat_params():
+    with pytest.raises(ValueError, match=r"the FlatParams has no names"):
+        resolve_groups([{"params": ["stem"]}], DEFAULTS, OFFSETS, TOTAL)
+
+
+def test_flat_params_keep_their_names():
+    flat = gm.FlatParams.from_arrays([np.zeros(3), np.zeros(2)], names=["w", "b"])
+    assert flat.names == ["w", "b"]
+    assert gm.FlatParams.from_arrays([np.zeros(3)]).names is None
+
+
+@pytest.mark.parametrize("names, error, pattern", [
+    ("wb", TypeError, r"names must be a list of strings"),
+    (["w"], ValueError, r"names must be 2 non-empty strings"),
+    (["w", ""], ValueError, r"names must be 2 non-empty strings"),
+    (["w", "w"], ValueError, r"'w' is given twice"),
+])
+def test_bad_names_are_refused(names, error, pattern):
+    with pytest.raises(error, match=pattern):
+        gm.FlatParams.from_arrays([np.zeros(3), np.zeros(2)], names=names)
