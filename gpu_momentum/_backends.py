@@ -6,10 +6,12 @@ wins the automatic choice: a Numba array goes to numba-cuda although CuPy takes 
 `zeros(shape, dtype)`, `copy(array)`, `asarray(array)` (host or own arrays to own arrays,
 for loading state and the demo), `assign(target, source)` (copies host or own memory into
 `target`, of the same shape and dtype, in place), `to_numpy(array)`, `synchronize()`
-(waits for queued work, for timing), `device_table(table, param)` (a
-`gpu_momentum.groups.UpdateTable` copied into the memory where `param`'s update runs,
-queued on its stream) and the update over arrays that `gpu_momentum._arrays.check_update`
-has accepted:
+(waits for queued work, for timing), `place(param)` (where and in which order param's
+update runs: device and stream, None on the CPU), `device_table(table, param, reuse=None)`
+(a `gpu_momentum.groups.UpdateTable` in the memory where `param`'s update runs, copied
+on its stream without waiting; `reuse`, a table it returned before for the same ranges,
+is overwritten in place instead of allocating) and the update over arrays that
+`gpu_momentum._arrays.check_update` has accepted:
 
 - `step(param, grad, velocity, table, inv_grad_scale, counters=None)`: the fused update of
   every group in one kernel launch, with a table from `device_table`. With `counters`
@@ -19,12 +21,14 @@ has accepted:
   and skipped steps, all without waiting for the device.
 """
 
+import dataclasses
 import functools
 import importlib.util
 
 import numpy as np
 
 from ._arrays import SUPPORTED_DTYPES, type_name
+from .groups import ARRAY_FIELDS
 
 BACKEND_NAMES = ("cupy", "numba-cuda", "cpu")  # best first
 
@@ -63,7 +67,10 @@ class CpuBackend:
     def synchronize(self):
         pass
 
-    def device_table(self, table, param):
+    def place(self, param):
+        return None
+
+    def device_table(self, table, param, reuse=None):
         return table
 
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
@@ -129,9 +136,18 @@ class CupyBackend:
         import cupy
         cupy.cuda.get_current_stream().synchronize()
 
-    def device_table(self, table, param):
+    def place(self, param):
         import cupy
-        return table.on(cupy.asarray)
+        return cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr
+
+    def device_table(self, table, param, reuse=None):
+        import cupy
+        if reuse is None:
+            return table.on(cupy.asarray)
+        stream = cupy.cuda.get_current_stream()
+        reuse.scalars.set(table.scalars, stream)
+        reuse.group_flags.set(table.group_flags, stream)
+        return dataclasses.replace(reuse, launch_flags=table.launch_flags)
 
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
         from .kernels.cupy_kernels import momentum_step_cupy
@@ -205,15 +221,38 @@ class NumbaCudaBackend:
 
         cuda.synchronize()
 
-    def device_table(self, table, param):
+    def place(self, param):
+        from .kernels.numba_cuda import place
+
+        return place(param)
+
+    def device_table(self, table, param, reuse=None):
         from .kernels.numba_cuda import upload_table
 
-        return upload_table(table, param)
+        return upload_table(table, param, reuse)
 
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
         from .kernels.numba_cuda import momentum_step_numba_cuda
 
         momentum_step_numba_cuda(param, grad, velocity, table, inv_grad_scale, counters)
+
+
+_STATELESS_TABLES = {}  # (backend, place, contents) -> device table, oldest first
+STATELESS_TABLES_KEPT = 16
+
+
+def stateless_table(backend, table, param):
+    """`table` in `param`'s memory for a stateless update (`momentum_step`): the latest few
+    stay there, so steps repeating their hyperparameters neither allocate nor copy."""
+    key = (backend.name, backend.place(param), table.launch_flags,
+           *(getattr(table, name).tobytes() for name in ARRAY_FIELDS))
+    device = _STATELESS_TABLES.pop(key, None)
+    if device is None:
+        device = backend.device_table(table, param)
+    _STATELESS_TABLES[key] = device
+    while len(_STATELESS_TABLES) > STATELESS_TABLES_KEPT:
+        del _STATELESS_TABLES[next(iter(_STATELESS_TABLES))]
+    return device
 
 
 def _is_numba_array(array):

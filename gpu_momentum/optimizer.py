@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from ._arrays import check_param, check_update, describe, state_dtype, type_name
-from ._backends import select_backend
+from ._backends import select_backend, stateless_table
 from ._hyperparams import Hyperparameters, _flag, inverse_grad_scale
 from .flat import FlatParams
 from .groups import GROUP_OPTIONS, resolve_groups, update_table
@@ -55,7 +55,7 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     Arrays are contiguous, of one shape, with grad of param's dtype and a velocity of
     param's dtype (float32 for float16 params). backend=None picks the best backend for the
     arrays' type. Every argument is checked before anything is written. On a GPU backend
-    each call copies its few hyperparameters to the device (MomentumSGD keeps them there).
+    the hyperparameters are copied to the device when they differ from recent calls'.
     """
     hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov, maximize,
                             style, l1, decoupled_weight_decay)
@@ -65,7 +65,7 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     _check_arrays(backend, param, grad, velocity)
     table = update_table([hyper], [not first_step], state_dtype(describe("param", param)
                                                                 .dtype), size=_size(param))
-    backend.step(param, grad, velocity, backend.device_table(table, param),
+    backend.step(param, grad, velocity, stateless_table(backend, table, param),
                  inv_grad_scale)
 
 
@@ -154,7 +154,8 @@ class MomentumSGD:
         self._hypers = list(self._plan.hypers)
         self.velocity = self._backend.zeros(info.shape, state_dtype(info.dtype))
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
-        self._table = None  # the update table in the backend's memory; None: out of date
+        self._table = None  # the update table in the backend's memory
+        self._table_stale = True  # hyperparameters or first-step flags changed since
 
     def _resolve(self, groups, defaults):
         size = _size(self.param)
@@ -212,7 +213,7 @@ class MomentumSGD:
         if group == 0 and "maximize" in change:  # one per launch: every group follows
             self._hypers = [h.replace(maximize=hyper.maximize) for h in self._hypers]
         self._hypers[group] = hyper
-        self._table = None
+        self._table_stale = True
 
     def _default(name):
         return property(lambda self: getattr(self._hypers[0], name),
@@ -229,13 +230,14 @@ class MomentumSGD:
     del _default
 
     def _device_table(self):
-        if self._table is None:
+        if self._table_stale:
             # With skip_nonfinite the kernels read first steps from the device counters.
             initialized = ([True] * len(self._hypers) if self.skip_nonfinite else
                            self._counters[VELOCITY_INITIALIZED:])
             table = update_table(self._hypers, initialized, self.velocity.dtype,
                                  self._plan.range_ends, self._plan.range_groups)
-            self._table = self._backend.device_table(table, self.param)
+            self._table = self._backend.device_table(table, self.param, reuse=self._table)
+            self._table_stale = False
         return self._table
 
     def step(self, grad=None, *, grad_scale=1.0):
@@ -259,7 +261,7 @@ class MomentumSGD:
         now = initialized | [h.initializes_velocity for h in self._hypers]
         if (now != initialized).any():  # a group's first step: its flags change
             initialized[:] = now
-            self._table = None
+            self._table_stale = True
 
     def state_dict(self):
         """A plain dict: format version, the optimizer's hyperparameters, its groups (each
@@ -327,7 +329,7 @@ class MomentumSGD:
             self._backend.assign(self.param, param)
         self._hypers = list(plan.hypers)
         self._counters = counters
-        self._table = None
+        self._table_stale = True
 
     def _like(self, name, array, target):
         """`array` in this backend's memory, checked to have `target`'s shape and dtype."""

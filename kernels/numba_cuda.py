@@ -14,6 +14,7 @@ Hyperparameters are data, not compile-time constants: a schedule changing lr or 
 reuses the compiled kernel. One kernel is compiled per dtype combination.
 """
 
+import dataclasses
 import functools
 import math
 from importlib.metadata import version
@@ -195,10 +196,23 @@ def _flat(array):
     return array if array.ndim == 1 else array.reshape(array.size)
 
 
-def upload_table(table, param):
-    """`table` (a host UpdateTable) in device memory, copied on param's stream."""
+def place(param):
+    """(device, stream handle) where param's update runs."""
     stream = _numba_array(param).stream
-    return table.on(lambda array: cuda.to_device(array, stream=stream))
+    device = getattr(cuda.get_current_device(), "id", 0)  # the simulator's has no id
+    handle = getattr(stream, "handle", stream)  # 0: an array bound to no stream
+    return device, getattr(handle, "value", handle)
+
+
+def upload_table(table, param, reuse=None):
+    """`table` (a host UpdateTable) in device memory, copied on param's stream without
+    waiting; into `reuse` (a table this returned before, for the same ranges) if given."""
+    stream = _numba_array(param).stream
+    if reuse is None:
+        return table.on(lambda array: cuda.to_device(array, stream=stream))
+    reuse.scalars.copy_to_device(table.scalars, stream=stream)
+    reuse.group_flags.copy_to_device(table.group_flags, stream=stream)
+    return dataclasses.replace(reuse, launch_flags=table.launch_flags)
 
 
 def momentum_step_numba_cuda(param, grad, velocity, table, inv_grad_scale, counters=None):

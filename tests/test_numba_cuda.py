@@ -116,6 +116,9 @@ def test_step_neither_allocates_nor_waits(harness, monkeypatch, skip_nonfinite):
     p, g, v = (harness.from_numpy(np.full(1023, x)) for x in (1.0, 2.0, 0.0))
     opt = gm.MomentumSGD(p, lr=0.5, backend="numba-cuda", skip_nonfinite=skip_nonfinite)
     opt.step(g)  # compiles the kernel first
+    # momentum_step keeps its recent hyperparameter tables on the device: warm it up too
+    scratch = (harness.from_numpy(np.ones(1023)), harness.from_numpy(np.zeros(1023)))
+    gm.momentum_step(scratch[0], g, scratch[1], lr=0.5, backend="numba-cuda")
 
     def forbidden(*args, **kwargs):
         raise AssertionError("step() allocated device memory or waited for the GPU")
