@@ -144,9 +144,11 @@ class CupyBackend:
         import cupy
         if reuse is None:
             return table.on(cupy.asarray)
-        stream = cupy.cuda.get_current_stream()
-        reuse.scalars.set(table.scalars, stream)
-        reuse.group_flags.set(table.group_flags, stream)
+        # cupy.asarray stages through pinned memory and copies without waiting (a copy
+        # from pageable memory may wait for the stream); the copy into the table keeps its
+        # addresses, as a captured CUDA graph would need.
+        for name in ("scalars", "group_flags"):
+            cupy.copyto(getattr(reuse, name), cupy.asarray(getattr(table, name)))
         return dataclasses.replace(reuse, launch_flags=table.launch_flags)
 
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):

@@ -19,28 +19,28 @@ import numpy as np
 from . import elementwise
 
 BLOCK_SIZE = 256  # threads per block; the kernel's __launch_bounds__
-# __launch_bounds__ holds ptxas to 65536 / (256 * 6) = 42 registers: 6 resident blocks, 1536
-# threads per SM (75% of sm_80/sm_90), each with three 128-bit loads in flight, which keeps
-# far more bytes in flight than the memory system needs. 8 blocks (32 registers) would
-# spill for float64 and float16.
-MIN_BLOCKS_PER_SM = 6
+# __launch_bounds__ holds ptxas to 65536 / (256 * 5) = 51 registers (48 in practice: they
+# are allocated 8 at a time): 5 resident blocks, 1280 threads per SM (62.5% of sm_80/sm_90),
+# each with three 128-bit loads in flight, 60 KiB per SM, still several times what the
+# memory system needs in flight. 6 blocks (40 registers) fitted before parameter groups;
+# the range cursor each thread keeps (range bounds and its group's six scalars) no longer
+# fits there: float64 spills on sm_90. 8 blocks (32 registers) would spill for float64
+# and float16 (and float32 on sm_90).
+MIN_BLOCKS_PER_SM = 5
 VECTOR_BYTES = 16  # one 128-bit load or store
 
-# Bits of the kernel's `flags` argument. Prepended to the source as GM_FLAG_* #defines, so
-# Python and CUDA C cannot disagree.
-FLAGS = {
-    "CLASSIC": 1,
-    "NESTEROV": 2,
-    "MAXIMIZE": 4,
-    "WEIGHT_DECAY": 8,
-    "FRESH_VELOCITY": 16,  # the velocity does not exist yet: not read
-    "KEEP_VELOCITY": 32,  # torch style, momentum 0: velocity neither read nor written
-    "COUNTERS": 64,  # skip and first-step flag come from the counters in device memory
-}
-
-# Slots of the int64[4] step counters, shared with the other backends.
+# Everything the kernel shares with the other backends comes from kernels.elementwise and
+# is prepended to the source as #defines, so Python and CUDA C cannot disagree:
+# GM_FLAG_* bits of `launch_flags` and `group_flags`,
+FLAGS = dict(elementwise.FLAGS)
+# GM_COUNTER_* slots of the step counters (one VELOCITY_INITIALIZED slot per group from
+# GM_COUNTER_VELOCITY_INITIALIZED on),
 COUNTERS = {name: getattr(elementwise, name) for name in
-            ("STEP_COUNT", "VELOCITY_INITIALIZED", "SKIPPED_STEPS", "LAST_STEP_SKIPPED")}
+            ("STEP_COUNT", "SKIPPED_STEPS", "LAST_STEP_SKIPPED", "VELOCITY_INITIALIZED")}
+# and GM_COLUMN_* columns of a row of the group table, GM_GROUP_COLUMNS wide.
+COLUMNS = {name: getattr(elementwise, name) for name in
+           ("LR", "MOMENTUM", "GRAD_COEFF", "WEIGHT_DECAY", "L1", "DECAY")}
+GROUP_COLUMNS = elementwise.GROUP_COLUMNS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ ENTRY_POINTS = {
     np.dtype(np.float64): EntryPoint("double", "double", "double", np.dtype(np.float64)),
     np.dtype(np.float16): EntryPoint("__half", "float", "float", np.dtype(np.float32)),
 }
-FINISH_EXPRESSION = "finish_step"  # counts a step taken or skipped
+FINISH_EXPRESSION = "finish_step"  # counts a step, marks velocities existing
 
 # What RawModule appends to the options it is given (CuPy's compiler adds -ftz=true after
 # user options, and NVRTC keeps the last of repeated options). Only float32 subnormals
@@ -94,6 +94,8 @@ def module_source():
                 f"#define GM_VECTOR_BYTES {VECTOR_BYTES}"]
     settings += [f"#define GM_FLAG_{name} {bit}u" for name, bit in FLAGS.items()]
     settings += [f"#define GM_COUNTER_{name} {slot}" for name, slot in COUNTERS.items()]
+    settings += [f"#define GM_COLUMN_{name} {column}" for name, column in COLUMNS.items()]
+    settings.append(f"#define GM_GROUP_COLUMNS {GROUP_COLUMNS}")
     body = importlib.resources.files(__package__).joinpath("momentum.cu").read_text()
     return "\n".join(settings) + "\n" + body
 

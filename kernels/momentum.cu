@@ -1,6 +1,7 @@
 // The fused momentum-SGD update in CUDA C: one pass reads param, grad and velocity once and
-// writes param and velocity once. CuPy compiles this file (kernels/cupy_kernels.py) from the
-// text that kernels/cuda_source.py builds, which prepends the GM_* #defines used below; the
+// writes param and velocity once, for every parameter group in one launch. CuPy compiles
+// this file (kernels/cupy_kernels.py) from the text that kernels/cuda_source.py builds,
+// which prepends the GM_* #defines used below (generated from kernels/elementwise.py); the
 // same text is compiled for the CPU by the tests (tests/cuda_host/shim.h).
 //
 // Entry points, listed as NVRTC name expressions, for T = float, double and __half: storage
@@ -12,27 +13,39 @@
 //   const T* grad             n elements
 //   V* velocity               n elements, updated in place (read and written as flags say)
 //   long long n               element count (buffers over 2**31 elements are normal)
-//   C lr, C momentum          learning rate, momentum
-//   C grad_coeff              1 - dampening (torch style; classic ignores it)
-//   C weight_decay            only read with GM_FLAG_WEIGHT_DECAY
+//   const C* group_scalars    [groups][GM_GROUP_COLUMNS], row k is group k's scalars
+//                             (GM_COLUMN_* : lr, momentum, grad_coeff = 1 - dampening,
+//                             coupled weight_decay, l1, decoupled decay = 1 - lr * wd or
+//                             exactly 1)
+//   const unsigned* group_flags  [groups], per-group GM_FLAG_* bits (NESTEROV,
+//                             FRESH_VELOCITY, KEEP_VELOCITY)
+//   const long long* range_ends  [range_count], increasing, the last is n: range r is
+//                             [range_ends[r - 1], range_ends[r]) (from 0 for r = 0)
+//   const int* range_groups   [range_count], the group of each range
+//   int range_count           at least 1
 //   C inv_grad_scale          1 / loss scale; exactly 1 without loss scaling
-//   unsigned flags            GM_FLAG_* bits, the same for every element of a launch
+//   unsigned launch_flags     launch-wide GM_FLAG_* bits (CLASSIC, MAXIMIZE, COUNTERS),
+//                             or'ed into every group's flags
 //   const long long* counters with GM_FLAG_COUNTERS, the step counters in device memory
-//                             (GM_COUNTER_* slots): the step does nothing when
-//                             LAST_STEP_SKIPPED is set, and is a first step when
-//                             VELOCITY_INITIALIZED is not; otherwise unused (may be null)
+//                             (GM_COUNTER_* slots, then one per group): the step does
+//                             nothing when LAST_STEP_SKIPPED is set, and group k takes a
+//                             first step when VELOCITY_INITIALIZED + k is 0 (its
+//                             FRESH_VELOCITY bit is ignored); else unused (may be null)
 // Skipping steps with a non-finite gradient, all on the stream, no host round trip:
 //   counters[LAST_STEP_SKIPPED] = 0 (a memset), find_nonfinite<T>(grad, n, inv_grad_scale,
 //   counters) sets it when a scaled gradient element is NaN or inf, momentum_step<T> with
-//   GM_FLAG_COUNTERS, then finish_step(counters, initializes_velocity) counts the step.
+//   GM_FLAG_COUNTERS, then finish_step(counters, group_flags, group_count), one block,
+//   counts the step and marks the groups' velocities as existing.
 // Launch: at most GM_BLOCK_SIZE threads per block, any grid size (grid-stride loops).
 //
 // The maths follows kernels/elementwise.py operation for operation (and no FMA contraction:
 // the options carry --fmad=false), so it matches gpu_momentum.reference bit for bit.
 //
-// Seam for later per-step inputs (a per-group hyperparameter table, say): they become
-// arguments after `counters` and are folded into the Hyper<C> each thread builds once in
-// load_hyper; the element update reads only Hyper.
+// Groups: each thread keeps the hyperparameters of the range its last element was in (a
+// Cursor) and looks them up again (a binary search, then one table row, all cached) only
+// when an element leaves that range, so the element update reads only registers. A thread
+// moves by the grid stride (gridDim.x * blockDim.x vectors): it reloads rarely where ranges
+// (runs of segments of one group) are long against that stride.
 
 #include <cuda_fp16.h>
 
@@ -51,9 +64,10 @@ __device__ __forceinline__ void store(float& out, float x) { out = x; }
 __device__ __forceinline__ void store(double& out, double x) { out = x; }
 __device__ __forceinline__ void store(__half& out, float x) { out = __float2half_rn(x); }
 
+// The hyperparameters of one group, as an element update reads them.
 template <typename C>
 struct Hyper {
-    C lr, momentum, grad_coeff, weight_decay, inv_grad_scale;
+    C lr, momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale;
     unsigned flags;
     __device__ __forceinline__ bool has(unsigned flag) const { return (flags & flag) != 0; }
     // The old velocity is read unless it does not exist yet (first step) or torch style
@@ -63,33 +77,82 @@ struct Hyper {
     }
 };
 
-// Whether this launch runs (false: a non-finite gradient skips the step) and, from the
-// counters or the flags, whether it is a first step.
+// What a launch reads besides the arrays: the kernel's arguments, gathered.
 template <typename C>
-__device__ __forceinline__ bool load_hyper(Hyper<C>& h, C lr, C momentum, C grad_coeff,
-                                           C weight_decay, C inv_grad_scale, unsigned flags,
-                                           const long long* counters) {
-    if (flags & GM_FLAG_COUNTERS) {
-        if (counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) return false;
-        flags &= ~GM_FLAG_FRESH_VELOCITY;
-        if (counters[GM_COUNTER_VELOCITY_INITIALIZED] == 0) flags |= GM_FLAG_FRESH_VELOCITY;
+struct Table {
+    const C* __restrict__ scalars;
+    const unsigned* __restrict__ group_flags;
+    const long long* __restrict__ range_ends;
+    const int* __restrict__ range_groups;
+    int range_count;
+    C inv_grad_scale;
+    unsigned launch_flags;
+    const long long* __restrict__ counters;
+};
+
+// The range [begin, end) a thread is in and its group's hyperparameters. Starts empty, so
+// that the first element looks its range up.
+template <typename C>
+struct Cursor {
+    long long begin = 0, end = 0;
+    Hyper<C> h;
+
+    // Moves to the range holding element i, unless already there. A binary search over all
+    // the range ends, like kernels.elementwise.find_range (the first r with
+    // i < range_ends[r]): it finds i whether the thread's indices go forward or backward.
+    __device__ __forceinline__ void seek(long long i, const Table<C>& t) {
+        if (i >= begin && i < end) return;
+        int low = 0, high = t.range_count - 1;
+        while (low < high) {
+            const int middle = (low + high) >> 1;
+            if (i < t.range_ends[middle]) {
+                high = middle;
+            } else {
+                low = middle + 1;
+            }
+        }
+        begin = low > 0 ? t.range_ends[low - 1] : 0;
+        end = t.range_ends[low];
+        const int k = t.range_groups[low];
+        const C* row = t.scalars + static_cast<long long>(k) * GM_GROUP_COLUMNS;
+        unsigned flags = t.launch_flags | t.group_flags[k];
+        if (flags & GM_FLAG_COUNTERS) {
+            // The device counters, not the host's table, know whether the group's velocity
+            // exists: a skipped first step leaves the next one first.
+            flags &= ~GM_FLAG_FRESH_VELOCITY;
+            if (t.counters[GM_COUNTER_VELOCITY_INITIALIZED + k] == 0) {
+                flags |= GM_FLAG_FRESH_VELOCITY;
+            }
+        }
+        h = Hyper<C>{row[GM_COLUMN_LR], row[GM_COLUMN_MOMENTUM], row[GM_COLUMN_GRAD_COEFF],
+                     row[GM_COLUMN_WEIGHT_DECAY], row[GM_COLUMN_L1], row[GM_COLUMN_DECAY],
+                     t.inv_grad_scale, flags};
     }
-    h = Hyper<C>{lr, momentum, grad_coeff, weight_decay, inv_grad_scale, flags};
-    return true;
-}
+};
 
 // NaN and inf give NaN; every finite x gives exactly 0. Needs no math header, on the GPU
 // or in the host build.
 template <typename C>
 __device__ __forceinline__ bool finite(C x) { return x - x == C(0); }
 
-// One element, in registers. The flags are uniform across the launch, so every branch
-// goes the same way in every thread of a warp.
+// One element, in registers. Launch flags are uniform and group flags change only at range
+// ends, so nearly every warp takes each branch the same way in all its threads. The scalar
+// tests (weight_decay != 0, l1 != 0, decay != 1) are those of kernels/elementwise.py:
+// skipping a term is not the same as adding zero (-0.0 + 0 is +0.0).
 template <typename C>
 __device__ __forceinline__ void update(C& p, C g, C& v, const Hyper<C>& h) {
     g = g * h.inv_grad_scale;
     if (h.has(GM_FLAG_MAXIMIZE)) g = -g;
-    if (h.has(GM_FLAG_WEIGHT_DECAY)) g = g + h.weight_decay * p;
+    if (h.weight_decay != C(0)) g = g + h.weight_decay * p;
+    if (h.l1 != C(0)) {
+        // l1 * sign(p) as branches: where p is 0, g stays bitwise what it was.
+        if (p > C(0)) {
+            g = g + h.l1;
+        } else if (p < C(0)) {
+            g = g - h.l1;
+        }
+    }
+    if (h.decay != C(1)) p = p * h.decay;
     if (h.has(GM_FLAG_CLASSIC)) {
         v = h.has(GM_FLAG_FRESH_VELOCITY) ? -h.lr * g : h.momentum * v - h.lr * g;
         p = h.has(GM_FLAG_NESTEROV) ? p + (h.momentum * v - h.lr * g) : p + v;
@@ -173,17 +236,20 @@ template <typename T>
 __global__ void __launch_bounds__(GM_BLOCK_SIZE, GM_MIN_BLOCKS_PER_SM)
 momentum_step(T* __restrict__ param, const T* __restrict__ grad,
               typename gm::Types<T>::velocity* __restrict__ velocity, long long n,
-              typename gm::Types<T>::compute lr, typename gm::Types<T>::compute momentum,
-              typename gm::Types<T>::compute grad_coeff,
-              typename gm::Types<T>::compute weight_decay,
-              typename gm::Types<T>::compute inv_grad_scale, unsigned flags,
-              const long long* __restrict__ counters) {
+              const typename gm::Types<T>::compute* __restrict__ group_scalars,
+              const unsigned* __restrict__ group_flags,
+              const long long* __restrict__ range_ends,
+              const int* __restrict__ range_groups,
+              int range_count, typename gm::Types<T>::compute inv_grad_scale,
+              unsigned launch_flags, const long long* __restrict__ counters) {
+    using C = typename gm::Types<T>::compute;
     constexpr int W = gm::vector_width<T>();
-    gm::Hyper<typename gm::Types<T>::compute> h;
-    if (!gm::load_hyper(h, lr, momentum, grad_coeff, weight_decay, inv_grad_scale, flags,
-                        counters)) {
-        return;
+    if ((launch_flags & GM_FLAG_COUNTERS) && counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) {
+        return;  // a non-finite gradient: the step changes nothing
     }
+    const gm::Table<C> table{group_scalars, group_flags, range_ends,   range_groups,
+                             range_count,   inv_grad_scale, launch_flags, counters};
+    gm::Cursor<C> cursor;
     const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
 
@@ -193,17 +259,32 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
     // grid-stride loop costs registers (sm_100 and sm_120 then spill).
 #pragma unroll 1
     for (long long i = thread; i < vectors; i += stride) {
-        gm::update_vector(param, grad, velocity, start + i * W, h);
+        const long long first = start + i * W;
+        cursor.seek(first, table);
+        if (first + W <= cursor.end) {
+            gm::update_vector(param, grad, velocity, first, cursor.h);
+        } else {
+            // The word holds a range end: each element with its own group's scalars.
+            // FlatParams segments start on 16-byte words, so only views that do not start
+            // on one get here, once per range end at most.
+#pragma unroll 1
+            for (long long e = first; e < first + W; ++e) {
+                cursor.seek(e, table);
+                gm::update_element(param, grad, velocity, e, cursor.h);
+            }
+        }
     }
     // The scalar head (everything, when the arrays cannot be vectorised together) and tail:
     // fewer than W elements each, not worth unrolled code.
 #pragma unroll 1
     for (long long i = thread; i < start; i += stride) {
-        gm::update_element(param, grad, velocity, i, h);
+        cursor.seek(i, table);
+        gm::update_element(param, grad, velocity, i, cursor.h);
     }
 #pragma unroll 1
     for (long long i = start + vectors * W + thread; i < n; i += stride) {
-        gm::update_element(param, grad, velocity, i, h);
+        cursor.seek(i, table);
+        gm::update_element(param, grad, velocity, i, cursor.h);
     }
 }
 
@@ -243,12 +324,20 @@ find_nonfinite(const T* __restrict__ grad, long long n,
     if (!all_finite) counters[GM_COUNTER_LAST_STEP_SKIPPED] = 1;
 }
 
-// One thread, after momentum_step: counts the step as taken or skipped.
-__global__ void finish_step(long long* counters, unsigned initializes_velocity) {
-    if (counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) {
-        counters[GM_COUNTER_SKIPPED_STEPS] += 1;
-    } else {
-        counters[GM_COUNTER_STEP_COUNT] += 1;
-        if (initializes_velocity) counters[GM_COUNTER_VELOCITY_INITIALIZED] = 1;
+// One block, after momentum_step: thread 0 counts the step as taken or skipped; unless it
+// was skipped, every thread marks the velocities of its groups (k = threadIdx.x, then every
+// blockDim.x-th) as existing, except those of groups that leave the velocity alone. Nothing
+// here writes LAST_STEP_SKIPPED, so the threads read it without a race.
+__global__ void finish_step(long long* __restrict__ counters,
+                            const unsigned* __restrict__ group_flags, int group_count) {
+    const bool skipped = counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0;
+    if (threadIdx.x == 0) {
+        counters[skipped ? GM_COUNTER_SKIPPED_STEPS : GM_COUNTER_STEP_COUNT] += 1;
+    }
+    if (skipped) return;
+    for (int k = threadIdx.x; k < group_count; k += blockDim.x) {
+        if ((group_flags[k] & GM_FLAG_KEEP_VELOCITY) == 0) {
+            counters[GM_COUNTER_VELOCITY_INITIALIZED + k] = 1;
+        }
     }
 }

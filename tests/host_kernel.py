@@ -13,10 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+import gpu_momentum as gm
+from configs import LR_SCHEDULE, SEGMENT_NAMES, SEGMENT_SIZES, group_lr, problem
 from gpu_momentum._hyperparams import Hyperparameters, inverse_grad_scale
-from gpu_momentum.kernels.cuda_source import (COUNTERS, ENTRY_POINTS, FINISH_EXPRESSION,
+from gpu_momentum.groups import ARRAY_FIELDS, resolve_groups, update_table
+from gpu_momentum.kernels.cuda_source import (ENTRY_POINTS, FINISH_EXPRESSION,
                                               cuda_include_dir, module_source)
-from gpu_momentum.kernels.cupy_kernels import launch_plan
+from gpu_momentum.kernels.cupy_kernels import check_counters, launch_plan
+from gpu_momentum.kernels.elementwise import LAST_STEP_SKIPPED
 from harness import missing_tool
 
 SHIM = Path(__file__).parent / "cuda_host" / "shim.h"
@@ -49,21 +53,24 @@ def launchers_source(module_path):
         t, v, c = entry.param_ctype, entry.velocity_ctype, entry.compute_ctype
         lines.append(
             f'extern "C" void gm_update_{dtype.name}(unsigned grid, unsigned block, '
-            f"void* param, const void* grad, void* velocity, long long n, {c} lr, "
-            f"{c} momentum, {c} grad_coeff, {c} weight_decay, {c} inv_grad_scale, "
-            f"unsigned flags, const long long* counters) {{\n"
+            f"void* param, const void* grad, void* velocity, long long n, "
+            f"const {c}* group_scalars, const unsigned* group_flags, "
+            f"const long long* range_ends, const int* range_groups, int range_count, "
+            f"{c} inv_grad_scale, unsigned launch_flags, const long long* counters) {{\n"
             f"    gm_host_launch(grid, block, &{entry.name_expression}, "
             f"static_cast<{t}*>(param), static_cast<const {t}*>(grad), "
-            f"static_cast<{v}*>(velocity), n, lr, momentum, grad_coeff, weight_decay, "
-            f"inv_grad_scale, flags, counters);\n}}")
+            f"static_cast<{v}*>(velocity), n, group_scalars, group_flags, range_ends, "
+            f"range_groups, range_count, inv_grad_scale, launch_flags, counters);\n}}")
         lines.append(
             f'extern "C" void gm_check_{dtype.name}(unsigned grid, unsigned block, '
             f"const void* grad, long long n, {c} inv_grad_scale, long long* counters) {{\n"
             f"    gm_host_launch(grid, block, &{entry.check_expression}, "
             f"static_cast<const {t}*>(grad), n, inv_grad_scale, counters);\n}}")
     lines.append(
-        'extern "C" void gm_finish(long long* counters, unsigned initializes_velocity) {\n'
-        f"    gm_host_launch(1, 1, &{FINISH_EXPRESSION}, counters, initializes_velocity);\n}}")
+        'extern "C" void gm_finish(unsigned block, long long* counters, '
+        "const unsigned* group_flags, int group_count) {\n"
+        f"    gm_host_launch(1, block, &{FINISH_EXPRESSION}, counters, group_flags, "
+        "group_count);\n}")
     return "\n".join(lines) + "\n"
 
 
@@ -95,58 +102,71 @@ def build_sanitized_driver(directory):
                         f'-DGM_MODULE_SOURCE="{module}"'], directory)
 
 
+def single_group_table(dtype, n, first_step=False, **hyper):
+    """The UpdateTable of one group over `n` elements of `dtype` params, from the keyword
+    arguments of Hyperparameters, as momentum_step builds it."""
+    compute = ENTRY_POINTS[np.dtype(dtype)].compute_dtype
+    return update_table([Hyperparameters(**hyper)], [not first_step], compute, size=n)
+
+
 class HostKernel:
     """The kernels on the CPU, over NumPy arrays, launched like the cupy backend's."""
 
     def __init__(self, library_path):
         self.library = ctypes.CDLL(str(library_path))
-        pointer, n, flags = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_uint
+        pointer, n, unsigned, int_ = (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_uint,
+                                      ctypes.c_int)
         for dtype, entry in ENTRY_POINTS.items():
             scalar = ctypes.c_double if entry.compute_ctype == "double" else ctypes.c_float
-            self._declare(f"gm_update_{dtype.name}", flags, flags, pointer, pointer, pointer,
-                          n, scalar, scalar, scalar, scalar, scalar, flags, pointer)
-            self._declare(f"gm_check_{dtype.name}", flags, flags, pointer, n, scalar,
+            self._declare(f"gm_update_{dtype.name}", unsigned, unsigned, pointer, pointer,
+                          pointer, n, pointer, pointer, pointer, pointer, int_, scalar,
+                          unsigned, pointer)
+            self._declare(f"gm_check_{dtype.name}", unsigned, unsigned, pointer, n, scalar,
                           pointer)
-        self._declare("gm_finish", pointer, flags)
+        self._declare("gm_finish", unsigned, pointer, pointer, int_)
 
     def _declare(self, name, *argtypes):
         function = getattr(self.library, name)
         function.argtypes = argtypes
         function.restype = None
 
-    def _plan(self, param, grad, velocity, hyper, first_step, grad_scale, max_blocks,
-              counters):
+    def step(self, param, grad, velocity, table, inv_grad_scale=1.0, counters=None,
+             max_blocks=4):
+        """In place, like the cupy backend's step over a host UpdateTable (NumPy arrays);
+        with `counters` (an int64[VELOCITY_INITIALIZED + groups] NumPy array) its four
+        operations. `max_blocks` stands in for the device's limit (small, so that the
+        grid-stride loops go round)."""
         arrays = (param, grad, velocity)
-        plan = launch_plan(param.dtype, param.size, [a.ctypes.data for a in arrays],
-                           Hyperparameters(**hyper), first_step,
-                           inverse_grad_scale(grad_scale), max_blocks, counters)
-        scalars = [float(s) for s in plan.scalars[:-1]]
-        return plan, [a.ctypes.data for a in arrays], scalars, int(plan.scalars[-1])
-
-    def step(self, param, grad, velocity, *, first_step=False, grad_scale=1.0, max_blocks=4,
-             **hyper):
-        """In place, like momentum_step; `max_blocks` stands in for the device's limit
-        (small, so that the grid-stride loops go round)."""
-        plan, pointers, scalars, flags = self._plan(param, grad, velocity, hyper, first_step,
-                                                    grad_scale, max_blocks, False)
-        if plan.grid:
-            getattr(self.library, f"gm_update_{param.dtype.name}")(
-                plan.grid, plan.block, *pointers, int(plan.n), *scalars, flags, None)
-
-    def step_skipping_nonfinite(self, param, grad, velocity, counters, *, grad_scale=1.0,
-                                max_blocks=4, **hyper):
-        """The cupy backend's four operations, with `counters` an int64[4] NumPy array."""
-        plan, pointers, scalars, flags = self._plan(param, grad, velocity, hyper, False,
-                                                    grad_scale, max_blocks, True)
-        counters[COUNTERS["LAST_STEP_SKIPPED"]] = 0
+        plan = launch_plan(param.dtype, param.size, [a.ctypes.data for a in arrays], table,
+                           inv_grad_scale, max_blocks, counters is not None)
+        table_arrays = [getattr(table, name) for name in ARRAY_FIELDS]
+        assert all(a.flags.c_contiguous for a in (*arrays, *table_arrays))
+        pointers = [a.ctypes.data for a in arrays]
+        table_args = [a.ctypes.data for a in table_arrays] + [int(plan.range_count)]
+        update = getattr(self.library, f"gm_update_{param.dtype.name}")
+        scale, flags = float(plan.inv_grad_scale), int(plan.launch_flags)
+        if counters is None:
+            if plan.grid:
+                update(plan.grid, plan.block, *pointers, int(plan.n), *table_args, scale,
+                       flags, None)
+            return
+        check_counters(counters, table.group_count)
+        counters[LAST_STEP_SKIPPED] = 0
         if plan.grid:
             getattr(self.library, f"gm_check_{param.dtype.name}")(
-                plan.grid, plan.block, pointers[1], int(plan.n), scalars[4],
-                counters.ctypes.data)
-            getattr(self.library, f"gm_update_{param.dtype.name}")(
-                plan.grid, plan.block, *pointers, int(plan.n), *scalars, flags,
-                counters.ctypes.data)
-        self.library.gm_finish(counters.ctypes.data, int(plan.initializes_velocity))
+                plan.grid, plan.block, pointers[1], int(plan.n), scale, counters.ctypes.data)
+            update(plan.grid, plan.block, *pointers, int(plan.n), *table_args, scale, flags,
+                   counters.ctypes.data)
+        self.library.gm_finish(plan.finish_block, counters.ctypes.data,
+                               table.group_flags.ctypes.data, int(plan.group_count))
+
+    def step_hyper(self, param, grad, velocity, *, first_step=False, grad_scale=1.0,
+                   counters=None, max_blocks=4, **hyper):
+        """One group with these hyperparameters, like momentum_step (with `counters`: its
+        first step comes from them, whatever first_step says)."""
+        table = single_group_table(param.dtype, param.size, first_step, **hyper)
+        self.step(param, grad, velocity, table, inverse_grad_scale(grad_scale), counters,
+                  max_blocks)
 
 
 GUARD_BYTE = 0xAB
@@ -163,3 +183,32 @@ def view_at(values, byte_offset):
     view = raw[begin:end].view(values.dtype)
     view[...] = values
     return view, raw, (begin, end)
+
+
+# Parameter groups, for the host and the GPU tests of the kernel.
+
+def grouped_problem(dtype):
+    """(buffer, grads, velocity, offsets) of a FlatParams of SEGMENT_SIZES, its buffer on a
+    16-byte boundary: zero padding between segments, zero gradients there."""
+    param, _ = problem(sum(SEGMENT_SIZES))
+    arrays = np.split(param, np.cumsum(SEGMENT_SIZES)[:-1])
+    flat = gm.FlatParams.from_arrays([a.astype(dtype) for a in arrays],
+                                     names=list(SEGMENT_NAMES))
+    _, grads = problem(flat.data.size, seed=1)
+    padding = np.ones(flat.data.size, bool)
+    for offset, size in zip(flat.offsets, flat.sizes):
+        padding[offset:offset + size] = False
+    grads = [np.where(padding, 0, g).astype(dtype) for g in grads]
+    velocity = np.full(flat.data.size, np.nan, np.float32 if dtype == np.float16 else dtype)
+    return view_at(flat.data, 0)[0], grads, view_at(velocity, 0)[0], flat.offsets
+
+
+def grouped_table(config, step, initialized, offsets, total, dtype):
+    """The UpdateTable of step `step` (per-group lrs as configs.group_lr says)."""
+    options, groups = config["options"], config["groups"]
+    defaults = Hyperparameters(**{**options, "lr": LR_SCHEDULE[step]})
+    groups = [{**g, "lr": group_lr(g, step)} for g in groups]
+    plan = resolve_groups(groups, defaults, offsets, total, list(SEGMENT_NAMES))
+    compute = ENTRY_POINTS[np.dtype(dtype)].compute_dtype
+    return update_table(plan.hypers, initialized, compute, plan.range_ends,
+                        plan.range_groups)

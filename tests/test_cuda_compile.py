@@ -13,11 +13,12 @@ import pytest
 
 from gpu_momentum.cli import main
 from gpu_momentum.kernels import cupy_kernels, elementwise
-from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, COUNTERS, CUPY_ADDED_OPTIONS,
-                                              ENTRY_POINTS, FINISH_EXPRESSION,
-                                              FLAGS, MIN_BLOCKS_PER_SM, VECTOR_BYTES,
-                                              compile_module, find_tool, module_options,
-                                              module_source, name_expressions, sass)
+from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, COLUMNS, COUNTERS,
+                                              CUPY_ADDED_OPTIONS, ENTRY_POINTS,
+                                              FINISH_EXPRESSION, FLAGS, MIN_BLOCKS_PER_SM,
+                                              VECTOR_BYTES, compile_module, find_tool,
+                                              module_options, module_source,
+                                              name_expressions, sass)
 from harness import missing_tool, require
 
 ARCHS = ("sm_80", "sm_90")
@@ -87,11 +88,17 @@ def test_source_carries_the_settings_python_launches_with():
         assert f"#define GM_FLAG_{name} {bit}u\n" in source
         assert f"GM_FLAG_{name}" in body
     assert sorted(FLAGS.values()) == [1 << i for i in range(len(FLAGS))]
+    assert FLAGS == elementwise.FLAGS
     for name, slot in COUNTERS.items():
         assert f"#define GM_COUNTER_{name} {slot}\n" in source
         assert slot == getattr(elementwise, name)
     assert {f"GM_COUNTER_{name}" for name in COUNTERS} <= set(re.findall(r"GM_COUNTER_\w+",
                                                                           body))
+    assert sorted(COLUMNS.values()) == list(range(elementwise.GROUP_COLUMNS))
+    for name, column in COLUMNS.items():
+        assert f"#define GM_COLUMN_{name} {column}\n" in source
+        assert column == getattr(elementwise, name) and f"GM_COLUMN_{name}" in body
+    assert f"#define GM_GROUP_COLUMNS {elementwise.GROUP_COLUMNS}\n" in source
     assert "--fmad=false" in module_options()
 
 

@@ -5,21 +5,25 @@ reference computed in the kernel's precision bit for bit: float32 and float64 di
 float16 against float16 storage with float32 arithmetic.
 """
 
+import dataclasses
 import subprocess
 
 import numpy as np
 import pytest
 
 from bitwise import SIZES, assert_bitwise, same_precision_step, start
-from configs import CONFIGS, hyper_at
+from configs import CONFIGS, GROUP_CONFIGS, grouped_reference_step, hyper_at
 from gpu_momentum._hyperparams import Hyperparameters
-from gpu_momentum.kernels.cuda_source import BLOCK_SIZE, FLAGS, vector_width
-from gpu_momentum.kernels.cupy_kernels import grid_size, kernel_flags, launch_plan
-from gpu_momentum.kernels.elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
+from gpu_momentum.groups import update_table
+from gpu_momentum.kernels.cuda_source import BLOCK_SIZE, ENTRY_POINTS, vector_width
+from gpu_momentum.kernels.cupy_kernels import finish_block, grid_size, launch_plan
+from gpu_momentum.kernels.elementwise import (CLASSIC, COUNTERS, GRAD_COEFF, KEEP_VELOCITY,
+                                              LAST_STEP_SKIPPED, MAXIMIZE, NESTEROV,
+                                              SKIPPED_STEPS, STEP_COUNT,
                                               VELOCITY_INITIALIZED)
 from gpu_momentum.reference import reference_step
 from host_kernel import (GUARD_BYTE, HostKernel, build_library, build_sanitized_driver,
-                         view_at)
+                         grouped_problem, grouped_table, single_group_table, view_at)
 
 DTYPES = [np.float16, np.float32, np.float64]
 
@@ -37,7 +41,7 @@ def test_host_kernel_matches_reference_bitwise(kernel, config, size, dtype):
     p, v = param.copy(), velocity.copy()
     for step, grad in enumerate(grads):
         hyper = hyper_at(config, step)
-        kernel.step(p, grad, v, first_step=step == 0, **hyper)
+        kernel.step_hyper(p, grad, v, first_step=step == 0, **hyper)
         param, velocity = same_precision_step(param, grad, velocity, first_step=step == 0,
                                               **hyper)
         assert_bitwise(p, param, f"param after step {step + 1}")
@@ -51,7 +55,7 @@ def test_float16_error_is_bounded_by_the_same_precision_reference(kernel, config
     exact_p, exact_v = param.astype(np.float64), np.zeros(param.size)
     for step, grad in enumerate(grads):
         hyper = hyper_at(config, step)
-        kernel.step(param, grad, velocity, first_step=step == 0, **hyper)
+        kernel.step_hyper(param, grad, velocity, first_step=step == 0, **hyper)
         exact_p, exact_v = reference_step(exact_p, grad, exact_v, first_step=step == 0,
                                           **hyper)
     # The same-precision reference run alone from the start, as a yardstick.
@@ -75,7 +79,7 @@ def test_grad_scale_divides_the_gradient_bitwise(kernel, config, dtype):
     for step, grad in enumerate(grads):
         hyper = hyper_at(config, step)
         scaled = (grad.astype(np.float64) * 3).astype(dtype)
-        kernel.step(p, scaled, v, first_step=step == 0, grad_scale=3.0, **hyper)
+        kernel.step_hyper(p, scaled, v, first_step=step == 0, grad_scale=3.0, **hyper)
         param, velocity = same_precision_step(param, scaled, velocity, first_step=step == 0,
                                               grad_scale=3.0, **hyper)
         assert_bitwise(p, param, f"param after step {step + 1}")
@@ -99,7 +103,7 @@ def test_nonfinite_gradients_skip_the_step_on_the_device(kernel, style, dtype):
             grad = grad.copy()
             grad[where] = value
         before = p.tobytes(), v.tobytes()
-        kernel.step_skipping_nonfinite(p, grad, v, counters, **hyper)
+        kernel.step_hyper(p, grad, v, counters=counters, **hyper)
         if step in poisoned:
             assert (p.tobytes(), v.tobytes()) == before
         else:
@@ -117,12 +121,30 @@ def test_nonfinite_gradients_skip_the_step_on_the_device(kernel, style, dtype):
 def test_skipping_counts_overflow_when_unscaling_and_keeps_torch_momentum_0_first(kernel):
     p, v = np.ones(9, np.float32), np.full(9, np.nan, np.float32)
     counters = np.zeros(4, np.int64)
-    kernel.step_skipping_nonfinite(p, np.full(9, 3e38, np.float32), v, counters, lr=0.1,
-                                   grad_scale=0.1)  # 3e39 is inf in float32
-    assert list(counters) == [0, 0, 1, 1] and (p == 1).all()
-    kernel.step_skipping_nonfinite(p, np.ones(9, np.float32), v, counters, lr=0.5,
-                                   momentum=0.0, style="torch")
-    assert list(counters) == [1, 0, 1, 0] and (p == 0.5).all() and np.isnan(v).all()
+    kernel.step_hyper(p, np.full(9, 3e38, np.float32), v, counters=counters, lr=0.1,
+                      grad_scale=0.1)  # 3e39 is inf in float32
+    assert list(counters) == [0, 1, 1, 0] and (p == 1).all()
+    kernel.step_hyper(p, np.ones(9, np.float32), v, counters=counters, lr=0.5,
+                      momentum=0.0, style="torch")
+    assert list(counters) == [1, 1, 0, 0] and (p == 0.5).all() and np.isnan(v).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("hyper", [{}, {"l1": 0.25}, {"weight_decay": 0.5},
+                                   {"weight_decay": 0.5, "decoupled_weight_decay": True}],
+                         ids=["plain", "l1", "wd", "decoupled"])
+def test_terms_that_are_zero_are_skipped_not_added(kernel, hyper, dtype):
+    """A -0.0 gradient stays -0.0 where l1 and weight decay add nothing (-0.0 + 0 would be
+    +0.0), as in the reference; l1 acts as branches on the sign of p."""
+    p = np.array([2.0, -3.0, 0.0, -0.0, 0.0, 1.0, 5.0], dtype)
+    g = np.array([0.5, 0.5, -0.0, -0.0, 0.5, -0.0, -0.0], dtype)
+    v = np.full(p.size, np.nan, np.float32 if dtype == np.float16 else dtype)
+    expected = same_precision_step(p, g, v, first_step=True, lr=0.0, style="torch", **hyper)
+    kernel.step_hyper(p, g, v, first_step=True, lr=0.0, style="torch", **hyper)
+    assert_bitwise(p, expected[0], "param")
+    assert_bitwise(v, expected[1], "velocity")
+    coupled = bool(hyper.get("weight_decay")) and not hyper.get("decoupled_weight_decay")
+    assert np.signbit(v[3]) and np.signbit(v[2]) != coupled  # -0.0 + 0.5 * 0.0 is +0.0
 
 
 MISALIGNED_CONFIGS = [CONFIGS[4], CONFIGS[6], CONFIGS[11], CONFIGS[14]]
@@ -149,7 +171,7 @@ def test_views_past_an_aligned_address(kernel, config, dtype, byte_offset, size,
     for step in range(3):
         g[...] = grads[step]
         hyper = hyper_at(config, step)
-        kernel.step(p, g, v, first_step=step == 0, max_blocks=max_blocks, **hyper)
+        kernel.step_hyper(p, g, v, first_step=step == 0, max_blocks=max_blocks, **hyper)
         param, velocity = same_precision_step(param, grads[step], velocity,
                                               first_step=step == 0, **hyper)
         assert_bitwise(p, param, f"param after step {step + 1}")
@@ -167,7 +189,7 @@ def test_arrays_misaligned_against_each_other_take_the_scalar_path(kernel, dtype
                                        view_at(velocity, 8))
     for step in range(3):
         g[...] = grads[step]
-        kernel.step(p, g, v, first_step=step == 0, lr=0.05, momentum=0.9,
+        kernel.step_hyper(p, g, v, first_step=step == 0, lr=0.05, momentum=0.9,
                     weight_decay=0.01, nesterov=True)
         param, velocity = same_precision_step(param, grads[step], velocity,
                                               first_step=step == 0, lr=0.05, momentum=0.9,
@@ -188,7 +210,7 @@ def test_element_misaligned_arrays_are_rejected(kernel, dtype, name, byte_offset
     before = [a.tobytes() for a in arrays.values()]
     with pytest.raises(ValueError, match=rf"{name} starts at address 0x[0-9a-f]+, which "
                                          rf"is not a multiple of its \d-byte element"):
-        kernel.step(*arrays.values(), lr=0.1)
+        kernel.step_hyper(*arrays.values(), lr=0.1)
     assert [a.tobytes() for a in arrays.values()] == before
 
 
@@ -201,32 +223,51 @@ def test_sanitizers_find_nothing(tmp_path):
     assert done.stdout.rstrip().endswith(" launches, 0 failures"), done.stdout
 
 
-def test_flags_encode_every_variant():
-    hyper = Hyperparameters(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True,
-                            maximize=True)
-    assert kernel_flags(hyper, True) == (FLAGS["CLASSIC"] | FLAGS["NESTEROV"]
-                                         | FLAGS["MAXIMIZE"] | FLAGS["WEIGHT_DECAY"]
-                                         | FLAGS["FRESH_VELOCITY"])
-    assert kernel_flags(Hyperparameters(lr=0.1, style="torch"), False) == 0
-    # Torch style without momentum leaves the velocity alone, first step or not.
-    keep = Hyperparameters(lr=0.1, momentum=0.0, style="torch")
-    assert kernel_flags(keep, True) == kernel_flags(keep, False) == FLAGS["KEEP_VELOCITY"]
-    assert kernel_flags(Hyperparameters(lr=0.1, momentum=0.0), False) == FLAGS["CLASSIC"]
-    assert kernel_flags(Hyperparameters(lr=0.1), False, counters=True) == (
-        FLAGS["CLASSIC"] | FLAGS["COUNTERS"])
+def test_launch_flags_are_the_tables_plus_counters():
+    table = single_group_table(np.float32, 8, lr=0.1, momentum=0.9, nesterov=True,
+                               maximize=True)
+    assert table.launch_flags == CLASSIC | MAXIMIZE
+    assert table.group_flags.tolist() == [NESTEROV]
+    plan = launch_plan(np.float32, 8, [0, 16, 32], table, 1.0, 10)
+    assert type(plan.launch_flags) is np.uint32 and plan.launch_flags == CLASSIC | MAXIMIZE
+    counted = launch_plan(np.float32, 8, [0, 16, 32], table, 1.0, 10, counters=True)
+    assert counted.launch_flags == CLASSIC | MAXIMIZE | COUNTERS
+    torch = single_group_table(np.float32, 8, lr=0.1, style="torch", momentum=0.0)
+    assert torch.launch_flags == 0 and torch.group_flags.tolist() == [KEEP_VELOCITY]
 
 
 @pytest.mark.parametrize("dtype, compute", [(np.float16, np.float32),
                                             (np.float32, np.float32),
                                             (np.float64, np.float64)])
 def test_scalars_are_in_the_compute_dtype(dtype, compute):
-    hyper = Hyperparameters(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=1e-4,
-                            style="torch")
-    plan = launch_plan(dtype, 8, [0, 16, 32], hyper, False, 0.25, 10)
-    *scalars, flags = plan.scalars
-    assert [type(s) for s in scalars] == [compute] * 5
-    assert scalars[2] == compute(1) - compute(0.3) and scalars[4] == 0.25
-    assert type(flags) is np.uint32 and type(plan.initializes_velocity) is np.uint32
+    table = single_group_table(dtype, 8, lr=0.1, momentum=0.9, dampening=0.3,
+                               weight_decay=1e-4, style="torch")
+    assert table.scalars.dtype == compute
+    assert table.scalars[0, GRAD_COEFF] == compute(1) - compute(0.3)
+    plan = launch_plan(dtype, 8, [0, 16, 32], table, 0.25, 10)
+    assert type(plan.inv_grad_scale) is compute and plan.inv_grad_scale == 0.25
+    assert type(plan.range_count) is type(plan.group_count) is np.int32
+    other = np.float64 if compute == np.float32 else np.float32
+    wrong = update_table([Hyperparameters(lr=0.1)], [True], other, size=8)
+    with pytest.raises(TypeError, match=rf"scalars are {np.dtype(other).name}, but the "
+                                        rf"kernel computes in {np.dtype(compute).name}"):
+        launch_plan(dtype, 8, [0, 16, 32], wrong, 1.0, 10)
+
+
+@pytest.mark.parametrize("change, error, pattern", [
+    ({"range_ends": np.array([7], np.int64)}, ValueError, r"end at the element count 8"),
+    ({"range_ends": np.array([5, 4, 8], np.int64),
+      "range_groups": np.zeros(3, np.int32)}, ValueError, r"must increase"),
+    ({"range_groups": np.array([1], np.int32)}, ValueError, r"outside 0\.\.0"),
+    ({"range_groups": np.zeros(1, np.int64)}, TypeError, r"range_groups is int64"),
+    ({"scalars": np.zeros((1, 5), np.float32)}, ValueError, r"shape \(1, 5\)"),
+    ({"range_ends": np.zeros(0, np.int64), "range_groups": np.zeros(0, np.int32)},
+     ValueError, r"no ranges"),
+])
+def test_inconsistent_tables_are_refused(change, error, pattern):
+    table = dataclasses.replace(single_group_table(np.float32, 8, lr=0.1), **change)
+    with pytest.raises(error, match=pattern):
+        launch_plan(np.float32, 8, [0, 16, 32], table, 1.0, 10)
 
 
 def test_grid_covers_the_buffer_up_to_one_wave():
@@ -235,7 +276,104 @@ def test_grid_covers_the_buffer_up_to_one_wave():
     assert grid_size(4 * BLOCK_SIZE, np.float32, 1056) == 1
     assert grid_size(4 * BLOCK_SIZE + 1, np.float32, 1056) == 2
     assert grid_size(2**31 + 5, np.float32, 1056) == 1056
-    plan = launch_plan(np.float32, 2**31 + 5, [0, 16, 32], Hyperparameters(lr=0.1), False,
-                       1.0, 1056)
+    plan = launch_plan(np.float32, 2**31 + 5, [0, 16, 32],
+                       single_group_table(np.float32, 2**31 + 5, lr=0.1), 1.0, 1056)
     assert type(plan.n) is np.int64 and plan.n == 2**31 + 5
     assert vector_width(np.float16) == 8 and vector_width(np.float64) == 2
+    assert [finish_block(g) for g in (1, 32, 33, 1000)] == [32, 32, 64, BLOCK_SIZE]
+
+
+# Parameter groups: one launch over a FlatParams buffer, each segment's range with its
+# group's hyperparameters, against the reference stepped segment by segment.
+
+@pytest.mark.parametrize("counted", [False, True], ids=["flags", "counters"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", GROUP_CONFIGS)
+def test_groups_match_the_reference_bitwise(kernel, config, dtype, counted):
+    """Every group in one launch. counters: first steps come from the device counters,
+    and poisoned steps (the first, and one in the middle) change nothing but them."""
+    p, grads, v, offsets = grouped_problem(dtype)
+    assert all(o * p.itemsize % 16 == 0 for o in offsets)
+    param, velocity = p.copy(), v.copy()
+    groups = 1 + len(config["groups"])
+    initialized = [False] * groups
+    counters = np.zeros(VELOCITY_INITIALIZED + groups, np.int64) if counted else None
+    poisoned = {0: 3, 3: offsets[-1]} if counted else {}
+    taken = 0
+    for step, grad in enumerate(grads):
+        # With counters the table says every velocity exists, as MomentumSGD builds it:
+        # the counters must override it.
+        table = grouped_table(config, step, [True] * groups if counted else initialized,
+                              offsets, p.size, dtype)
+        if step in poisoned:
+            grad = grad.copy()
+            grad[poisoned[step]] = np.inf
+            before = p.tobytes(), v.tobytes()
+        kernel.step(p, grad, v, table, counters=counters, max_blocks=3)
+        if step in poisoned:
+            assert (p.tobytes(), v.tobytes()) == before, f"poisoned step {step + 1}"
+        else:
+            param, velocity = grouped_reference_step(
+                param, grad, velocity, config, step, initialized, offsets,
+                step_fn=same_precision_step)
+            taken += 1
+            assert_bitwise(p, param, f"param after step {step + 1}")
+            assert_bitwise(v, velocity, f"velocity after step {step + 1}")
+        if counted:
+            assert counters[LAST_STEP_SKIPPED] == (step in poisoned)
+            assert (counters[STEP_COUNT], counters[SKIPPED_STEPS]) == (taken,
+                                                                      step + 1 - taken)
+            assert counters[VELOCITY_INITIALIZED:].tolist() == [int(i) for i in initialized]
+
+
+# Tiny ranges with odd ends, several inside one 16-byte word, over groups of every kind,
+# then longer ones: with one block of 256 threads each thread takes several vectors.
+TINY_ENDS = [1, 2, 3, 5, 6, 7, 9, 10, 17, 18, 19, 20, 33, 35, 36, 37, 61, 100, 101, 257,
+             258, 400, 513, 600, 601, 777, 998, 1003, 2053, 3001, 4099]
+TINY_GROUPS = {
+    "classic": [{"lr": 0.05, "momentum": 0.9},
+                {"lr": 0.1, "momentum": 0.5, "nesterov": True, "l1": 0.01},
+                {"lr": 0.02, "momentum": 0.0, "weight_decay": 0.1},
+                {"lr": 0.03, "momentum": 0.8, "weight_decay": 0.05,
+                 "decoupled_weight_decay": True}],
+    "torch": [{"lr": 0.05, "momentum": 0.9, "dampening": 0.3},
+              {"lr": 0.1, "momentum": 0.0},  # leaves its velocity alone
+              {"lr": 0.02, "momentum": 0.5, "nesterov": True, "l1": 0.02,
+               "weight_decay": 0.01},
+              {"lr": 0.03, "momentum": 0.7, "weight_decay": 0.1,
+               "decoupled_weight_decay": True}],
+}
+
+
+@pytest.mark.parametrize("max_blocks", [1, 10**6])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("style", ["classic", "torch"])
+def test_range_ends_inside_a_vector_take_each_elements_group(kernel, style, dtype,
+                                                             max_blocks):
+    """Views one element past a 16-byte boundary: words that hold range ends fall back to
+    per-element updates, each element with its own group (forward and, for the head after
+    the body, backward cursor moves); nothing outside the views is touched."""
+    size = TINY_ENDS[-1]
+    ends = np.array(TINY_ENDS, np.int64)
+    owners = np.arange(ends.size, dtype=np.int32) % 4
+    hypers = [{"style": style, **h} for h in TINY_GROUPS[style]]
+    param, grads, velocity = start(size, dtype)
+    views = [view_at(a, a.itemsize) for a in (param, grads[0], velocity)]
+    (p, _, _), (g, _, _), (v, _, _) = views
+    initialized = [False] * 4
+    for step in range(3):
+        g[...] = grads[step]
+        table = update_table([Hyperparameters(**h) for h in hypers], initialized,
+                             ENTRY_POINTS[np.dtype(dtype)].compute_dtype, ends, owners)
+        kernel.step(p, g, v, table, max_blocks=max_blocks)
+        for begin, end, k in zip([0, *ends[:-1]], ends, owners):
+            param[begin:end], velocity[begin:end] = same_precision_step(
+                param[begin:end], grads[step][begin:end], velocity[begin:end],
+                first_step=not initialized[k], **hypers[k])
+        initialized = [Hyperparameters(**h).initializes_velocity or i
+                       for h, i in zip(hypers, initialized)]
+        assert_bitwise(p, param, f"param after step {step + 1}")
+        assert_bitwise(v, velocity, f"velocity after step {step + 1}")
+    for view, raw, (begin, end) in views:
+        outside = np.concatenate([raw[:begin], raw[end:]])
+        assert (outside == GUARD_BYTE).all(), "bytes outside the view were written"

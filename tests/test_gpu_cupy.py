@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 
 import gpu_momentum as gm
-from configs import CONFIGS, hyper_at
-from gpu_momentum.kernels import cupy_kernels
 from bitwise import SIZES, assert_bitwise, same_precision_step, start
+from configs import CONFIGS, GROUP_CONFIGS, grouped_reference_step, hyper_at
+from gpu_momentum._hyperparams import Hyperparameters
+from gpu_momentum.groups import update_table
+from gpu_momentum.kernels import cupy_kernels
+from gpu_momentum.kernels.elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
+                                              VELOCITY_INITIALIZED)
+from host_kernel import grouped_problem, grouped_table
 
 pytestmark = pytest.mark.gpu
 
@@ -42,6 +47,51 @@ def test_cupy_matches_reference_bitwise(cupy, config, size, dtype):
                                               **hyper)
         assert_bitwise(cupy.asnumpy(p), param, f"param after step {step + 1}")
         assert_bitwise(cupy.asnumpy(v), velocity, f"velocity after step {step + 1}")
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["flags", "counters"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", GROUP_CONFIGS)
+def test_cupy_groups_match_reference_bitwise(cupy, config, dtype, counted):
+    """Every group in one launch, as tests/test_cuda_host.py checks it on the host; with
+    counters, poisoned steps change nothing but the counters in device memory."""
+    param, grads, velocity, offsets = grouped_problem(dtype)
+    p, v = cupy.asarray(param), cupy.asarray(velocity)
+    groups = 1 + len(config["groups"])
+    initialized = [False] * groups
+    counters = cupy.zeros(VELOCITY_INITIALIZED + groups, np.int64) if counted else None
+    poisoned = {0: 3, 3: offsets[-1]} if counted else {}
+    taken = 0
+    for step, grad in enumerate(grads):
+        table = grouped_table(config, step, [True] * groups if counted else initialized,
+                              offsets, param.size, dtype)
+        if step in poisoned:
+            grad = grad.copy()
+            grad[poisoned[step]] = np.inf
+        cupy_kernels.momentum_step_cupy(p, cupy.asarray(grad), v, table.on(cupy.asarray),
+                                        1.0, counters)
+        if step not in poisoned:
+            param, velocity = grouped_reference_step(
+                param, grad, velocity, config, step, initialized, offsets,
+                step_fn=same_precision_step)
+            taken += 1
+        assert_bitwise(cupy.asnumpy(p), param, f"param after step {step + 1}")
+        assert_bitwise(cupy.asnumpy(v), velocity, f"velocity after step {step + 1}")
+        if counted:
+            host = cupy.asnumpy(counters)
+            assert host[LAST_STEP_SKIPPED] == (step in poisoned)
+            assert (host[STEP_COUNT], host[SKIPPED_STEPS]) == (taken, step + 1 - taken)
+            assert host[VELOCITY_INITIALIZED:].tolist() == [int(i) for i in initialized]
+
+
+def test_cupy_table_in_another_dtype_is_a_clear_error(cupy):
+    p, g, v = (cupy.ones(8, np.float32), cupy.ones(8, np.float32),
+               cupy.zeros(8, np.float32))
+    table = update_table([Hyperparameters(lr=0.1)], [True], np.float64, size=8)
+    with pytest.raises(TypeError, match=r"scalars are float64, but the kernel computes "
+                                        r"in float32"):
+        cupy_kernels.momentum_step_cupy(p, g, v, table.on(cupy.asarray), 1.0)
+    assert float(p[0]) == 1.0
 
 
 @pytest.mark.parametrize("byte_offset", [4, 8, 12])

@@ -1,9 +1,11 @@
 // The host-compiled kernels under AddressSanitizer and UBSan: every entry point over odd
-// sizes, every element-aligned start within a 16-byte word, every flag combination and a
-// few grid sizes. Each array sits in an allocation of exactly its own size, so a read or
-// write past its end stops the run; UBSan stops it on a misaligned vector access. Each
-// case runs twice, once with the three arrays aligned alike (vector body) and once
-// misaligned against each other (scalar path only): the two must agree bit for bit.
+// sizes, every element-aligned start within a 16-byte word, every flag combination, one
+// group over one range or three groups over ranges with odd ends (words that hold a range
+// end), and a few grid sizes. Each array, the group table's included, sits in an
+// allocation of exactly its own size, so a read or write past its end stops the run; UBSan
+// stops it on a misaligned vector access. Each case runs twice, once with the three arrays
+// aligned alike (vector body) and once misaligned against each other (scalar path only):
+// the two must agree bit for bit.
 //
 // Built by tests/host_kernel.py: g++ -include shim.h -DGM_MODULE_SOURCE="<module source>".
 #include GM_MODULE_SOURCE
@@ -41,10 +43,53 @@ struct Case {
     using V = typename gm::Types<T>::velocity;
     using C = typename gm::Types<T>::compute;
 
+    // The group table of a case: with `grouped`, three groups over ranges cut at odd
+    // places (group r % 3 for range r), whose flags and scalars differ from group 0's;
+    // else group 0 over one range. `flags` holds launch and group bits alike.
+    struct Groups {
+        std::vector<C> scalars;
+        std::vector<unsigned> flags;
+        std::vector<long long> ends;
+        std::vector<int> owners;
+        std::vector<long long> counters;
+
+        Groups(long long n, unsigned bits, bool grouped) {
+            const unsigned group = bits & (GM_FLAG_NESTEROV | GM_FLAG_FRESH_VELOCITY |
+                                           GM_FLAG_KEEP_VELOCITY);
+            const int count = grouped ? 3 : 1;
+            // lr, momentum, grad_coeff, weight_decay, l1, decay of each group.
+            static_assert(GM_GROUP_COLUMNS == 6, "one row per line below");
+            const C rows[3 * GM_GROUP_COLUMNS] = {
+                C(0.05), C(0.9), C(0.7), C(0.01), C(0),    C(1),
+                C(0.1),  C(0.5), C(1),   C(0),    C(0.02), C(1),
+                C(0.02), C(0.8), C(0.9), C(0),    C(0.01), C(0.999)};
+            const unsigned group_bits[3] = {
+                group, group ^ GM_FLAG_NESTEROV ^ GM_FLAG_KEEP_VELOCITY,
+                group ^ GM_FLAG_FRESH_VELOCITY};
+            scalars.assign(rows, rows + count * GM_GROUP_COLUMNS);
+            flags.assign(group_bits, group_bits + count);
+            if (grouped) {
+                for (long long cut : {1LL, 2LL, 5LL, 6LL, 7LL, 11LL, 13LL, n / 2,
+                                      n / 2 + 1}) {
+                    if (cut < n && (ends.empty() || cut > ends.back())) ends.push_back(cut);
+                }
+            }
+            ends.push_back(n);
+            for (size_t r = 0; r < ends.size(); ++r) {
+                owners.push_back(static_cast<int>(r % count));
+            }
+            // Velocity initialised, step not skipped: read with GM_FLAG_COUNTERS, except
+            // group 1's, whose first step the counters decide.
+            counters.assign(GM_COUNTER_VELOCITY_INITIALIZED + count, 0);
+            counters[GM_COUNTER_VELOCITY_INITIALIZED] = 1;
+            if (grouped) counters[GM_COUNTER_VELOCITY_INITIALIZED + 2] = 1;
+        }
+    };
+
     // Runs the kernel on arrays at the given byte offsets; returns param and velocity.
     static std::vector<unsigned char> run(long long n, size_t p_off, size_t g_off,
-                                          size_t v_off, unsigned flags, unsigned grid,
-                                          unsigned seed) {
+                                          size_t v_off, unsigned flags, bool grouped,
+                                          unsigned grid, unsigned seed) {
         Buffer p(p_off, n * sizeof(T)), g(g_off, n * sizeof(T)), v(v_off, n * sizeof(V));
         std::mt19937 rng(seed);
         std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
@@ -53,11 +98,17 @@ struct Case {
             g.at<T>()[i] = from_float<T>(uniform(rng));
             v.at<V>()[i] = static_cast<V>(uniform(rng));
         }
-        // Velocity initialised, step not skipped: read when GM_FLAG_COUNTERS is set.
-        const long long counters[4] = {0, 1, 0, 0};
+        Groups groups(n, flags, grouped);
+        const unsigned launch =
+            flags & (GM_FLAG_CLASSIC | GM_FLAG_MAXIMIZE | GM_FLAG_COUNTERS);
         gm_host_launch(grid, 32u, &momentum_step<T>, p.at<T>(),
-                       static_cast<const T*>(g.at<T>()), v.at<V>(), n, C(0.05), C(0.9),
-                       C(0.7), C(0.01), C(0.5), flags, counters);
+                       static_cast<const T*>(g.at<T>()), v.at<V>(), n,
+                       static_cast<const C*>(groups.scalars.data()),
+                       static_cast<const unsigned*>(groups.flags.data()),
+                       static_cast<const long long*>(groups.ends.data()),
+                       static_cast<const int*>(groups.owners.data()),
+                       static_cast<int>(groups.ends.size()), C(0.5), launch,
+                       static_cast<const long long*>(groups.counters.data()));
         std::vector<unsigned char> out(n * (sizeof(T) + sizeof(V)));
         if (n > 0) {
             std::memcpy(out.data(), p.at<T>(), n * sizeof(T));
@@ -94,17 +145,21 @@ struct Case {
                         ++failures;
                     }
                 }
-                for (unsigned flags = 0; flags < 2 * GM_FLAG_COUNTERS; ++flags) {
-                    for (unsigned grid : {1u, 3u}) {
-                        const unsigned seed = static_cast<unsigned>(n * 131 + offset);
-                        auto vector = run(n, offset, offset, v_offset, flags, grid, seed);
-                        auto scalar = run(n, offset, g_apart, 0, flags, grid, seed);
-                        *launches += 2;
-                        if (vector != scalar) {
-                            std::printf("%s: n=%lld offset=%zu flags=%u grid=%u: vector "
-                                        "and scalar paths differ\n", name, n, offset, flags,
-                                        grid);
-                            ++failures;
+                for (unsigned flags = 0; flags < 2 * GM_FLAG_KEEP_VELOCITY; ++flags) {
+                    for (bool grouped : {false, true}) {
+                        for (unsigned grid : {1u, 3u}) {
+                            const unsigned seed = static_cast<unsigned>(n * 131 + offset);
+                            auto vector = run(n, offset, offset, v_offset, flags, grouped,
+                                              grid, seed);
+                            auto scalar = run(n, offset, g_apart, 0, flags, grouped, grid,
+                                              seed);
+                            *launches += 2;
+                            if (vector != scalar) {
+                                std::printf("%s: n=%lld offset=%zu flags=%u grouped=%d "
+                                            "grid=%u: vector and scalar paths differ\n",
+                                            name, n, offset, flags, grouped, grid);
+                                ++failures;
+                            }
                         }
                     }
                 }
@@ -116,9 +171,34 @@ struct Case {
 
 }  // namespace
 
+// finish_step over `count` groups with one block of 32 threads (several groups per thread
+// past 32): counts, and marks every group's velocity but those of KEEP_VELOCITY groups.
+int finish(int count, bool skipped, long long* launches) {
+    std::vector<unsigned> flags(count);
+    for (int k = 0; k < count; ++k) flags[k] = k % 3 == 1 ? GM_FLAG_KEEP_VELOCITY : 0u;
+    std::vector<long long> counters(GM_COUNTER_VELOCITY_INITIALIZED + count, 0);
+    counters[GM_COUNTER_LAST_STEP_SKIPPED] = skipped;
+    gm_host_launch(1u, 32u, &finish_step, counters.data(),
+                   static_cast<const unsigned*>(flags.data()), count);
+    *launches += 1;
+    bool ok = counters[GM_COUNTER_STEP_COUNT] == !skipped &&
+              counters[GM_COUNTER_SKIPPED_STEPS] == skipped;
+    for (int k = 0; k < count; ++k) {
+        ok &= counters[GM_COUNTER_VELOCITY_INITIALIZED + k] == (!skipped && k % 3 != 1);
+    }
+    if (!ok) {
+        std::printf("finish_step: %d groups, skipped=%d: wrong counters\n", count, skipped);
+    }
+    return ok ? 0 : 1;
+}
+
 int main() {
     long long launches = 0;
-    int failures = Case<float>::all("float", &launches);
+    int failures = 0;
+    for (int count : {1, 3, 32, 70}) {
+        failures += finish(count, false, &launches) + finish(count, true, &launches);
+    }
+    failures += Case<float>::all("float", &launches);
     failures += Case<double>::all("double", &launches);
     failures += Case<__half>::all("__half", &launches);
     std::printf("%lld launches, %d failures\n", launches, failures);
