@@ -20,6 +20,10 @@ from gpu_momentum._backends import BACKEND_NAMES, BackendUnavailableError, backe
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 
 LR, MOMENTUM = 0.01, 0.9
+LIBRARY = "gpu-momentum "
+# The groups comparison: the library over GROUPS equal segments, once with one group (the
+# optimizer's own hyperparameters) and once with each segment its own group.
+GROUPS = 100
 ROOFLINES = {"cpu": "roofline: stream 3R+2W (cpu)", "cuda": "roofline: D2D copy (cuda)"}
 CUPY_PEER = "cupy expressions (cuda)"
 # A naive update holds params, grads and velocity, plus up to three temporaries while
@@ -83,6 +87,7 @@ class Candidate:
     bytes_per_element: Callable
     timer: object
     arrays: int  # buffers of the problem's size it holds at its peak, for the memory cap
+    one_group: str = None  # groups comparison: the 1-group row this one is timed against
 
     @property
     def roofline(self):
@@ -96,15 +101,27 @@ class Absent:
     reason: str
 
 
-def library_candidate(name, timer):
+def group_spec(count):
+    """`count` parameter groups, segment i alone in group i, each with its own lr, momentum
+    and weight decay."""
+    return [{"params": [i], "lr": LR * (1 + i / count),
+             "momentum": MOMENTUM * (1 - i / count / 10), "weight_decay": 1e-4 * (i + 1)}
+            for i in range(count)]
+
+
+def library_candidate(name, timer, groups=1):
     """MomentumSGD (classic style, `v = mu*v - lr*g; p += v`) on backend `name`: the flat
-    workload as one array, the many-tensor workloads packed into one FlatParams."""
+    workload as one array, the many-tensor workloads packed into one FlatParams. With
+    groups > 1 (the groups comparison), a workload of that many tensors, each its own
+    parameter group (`group_spec`), still one launch per step."""
     backend = backend_named(name)
 
     def build(problem):
         if problem.dtype not in backend.dtypes:
             raise Unsupported(f"backend {name!r} has no {problem.dtype} "
                               f"(it takes {[str(d) for d in backend.dtypes]})")
+        if groups > 1 and (problem.shapes is None or len(problem.shapes) != groups):
+            raise Unsupported(f"{groups} groups need a workload of {groups} tensors")
         if problem.shapes is None:
             param = backend.copy(backend.asarray(problem.p0))
             grad = backend.copy(backend.asarray(problem.g0))
@@ -114,12 +131,24 @@ def library_candidate(name, timer):
         flat = FlatParams.from_arrays(layers)
         for view, grad in zip(flat.grads, problem.tensors(problem.g0)):
             backend.assign(view, grad)
-        opt = MomentumSGD(flat, lr=LR, momentum=MOMENTUM, backend=name)
+        opt = MomentumSGD(flat, lr=LR, momentum=MOMENTUM, backend=name,
+                          groups=group_spec(groups) if groups > 1 else None)
         return Built(opt.step, lambda: [backend.to_numpy(p) for p in flat.params])
 
     device = "cpu" if name == "cpu" else "cuda"
-    return Candidate(f"gpu-momentum {name}", "backend", device, build,
-                     lambda dtype: update_bytes(dtype, state_dtype(dtype)), timer, arrays=4)
+    one_group = LIBRARY + name
+    return Candidate(one_group if groups == 1 else f"{one_group} ({groups} groups)",
+                     "backend", device, build,
+                     lambda dtype: update_bytes(dtype, state_dtype(dtype)), timer, arrays=4,
+                     one_group=None if groups == 1 else one_group)
+
+
+def groups_comparison(found):
+    """The library's backends among `found`, each followed by its GROUPS-group variant
+    (timed in turns with it, over the same FlatParams layout); peers and rooflines sit this
+    comparison out."""
+    return [variant for c in found if c.kind == "backend"
+            for variant in (c, library_candidate(c.name[len(LIBRARY):], c.timer, GROUPS))]
 
 
 def naive_builder(to_device, to_numpy):
@@ -235,12 +264,12 @@ def discover(devices=("cpu", "cuda")):
         try:
             backend = backend_named(name)
         except BackendUnavailableError as error:
-            absent.append(Absent(f"gpu-momentum {name}", "backend", str(error)))
+            absent.append(Absent(LIBRARY + name, "backend", str(error)))
             continue
         if device == "cpu":
             found.append(library_candidate(name, HostTimer(backend.synchronize)))
         elif gpu is None:
-            absent.append(Absent(f"gpu-momentum {name}", "backend",
+            absent.append(Absent(LIBRARY + name, "backend",
                                  f"GPU runs are timed with CuPy events: {gpu_reason}"))
         else:
             found.append(library_candidate(name, gpu.CupyEventTimer()))

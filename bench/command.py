@@ -1,14 +1,15 @@
 """`gpu-momentum bench` (also `python -m bench` in a checkout): throughput of every backend
 beside NumPy, torch.optim.SGD and CuPy, and beside the memory roofline measured in the
-same run."""
+same run; and each backend with 100 parameter groups against one group."""
 
 import argparse
 import os
 import sys
 
-FULL = {"sizes": list(range(16, 29)), "workloads": ["resnet50", "transformer"],
-        "samples": 25, "max_time": 3.0}
-QUICK = {"sizes": [16, 18, 20, 22], "workloads": ["resnet50"], "samples": 5,
+WORKLOADS = ["resnet50", "transformer", "groups"]
+FULL = {"sizes": list(range(16, 29)), "workloads": WORKLOADS, "samples": 25,
+        "max_time": 3.0}
+QUICK = {"sizes": [16, 18, 20, 22], "workloads": ["resnet50", "groups"], "samples": 5,
          "max_time": 0.25}
 
 
@@ -37,15 +38,19 @@ def positive(kind):
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
-                        help=f"a short run: sizes 2**{QUICK['sizes']}, the ResNet-50 list, "
+                        help=f"a short run: sizes 2**{QUICK['sizes']}, the ResNet-50 list and "
+                             f"the groups comparison (at 2**{QUICK['sizes'][-1]}), "
                              f"{QUICK['samples']} samples (under a minute on 2 cores)")
     parser.add_argument("--sizes", type=log2_sizes, nargs="+", metavar="LOG2",
                         help="exponents of two, or ranges LOW:HIGH (default 16:28; "
                              "capped by free host and device memory)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"],
                         choices=["float16", "float32", "float64"])
-    parser.add_argument("--workloads", nargs="*", choices=["resnet50", "transformer"],
-                        help="many-tensor workloads (default: both; none: leave them out)")
+    parser.add_argument("--workloads", nargs="*", choices=WORKLOADS,
+                        help="many-tensor workloads (default: all; none: leave them out). "
+                             "groups: the library's backends over 100 equal segments at "
+                             "the largest size (at most 2**26), with 1 and with 100 "
+                             "parameter groups")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"],
                         choices=["cpu", "cuda"],
                         help="where to run (default both; cuda needs CuPy and a GPU)")

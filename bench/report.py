@@ -13,6 +13,8 @@ TARGETS = (
     ("cupy >= torch fused SGD on the GPU", "gpu-momentum cupy", "torch SGD fused (cuda)", 1.0),
     ("numba-cuda within 10% of cupy", "gpu-momentum numba-cuda", "gpu-momentum cupy", 0.9),
 )
+# The groups comparison: 100 groups and 1 group run within 5% of each other.
+GROUPS_WITHIN = 0.05
 REQUIRED_ROW_KEYS = ("name", "kind", "dtype", "n", "median_s", "p25_s", "p75_s",
                      "bytes_per_element", "gbps", "roofline_fraction")
 KINDS = ("backend", "peer", "roofline")
@@ -24,7 +26,9 @@ def _point(row):
 
 def add_ratios(result):
     """Sets each row's roofline_fraction and, on backend rows, the speed-up over each peer
-    (peer time / backend time) measured at the same workload, dtype and size."""
+    (peer time / backend time) measured at the same workload, dtype and size; on the
+    groups comparison's many-group rows, groups_ratio: their time over the time of their
+    one-group row (None where that was not measured)."""
     by_point = {}
     for row in result["results"]:
         by_point.setdefault(_point(row), {})[row["name"]] = row
@@ -35,6 +39,9 @@ def add_ratios(result):
         if row["kind"] == "backend":
             row["speedup"] = {name: peer["median_s"] / row["median_s"]
                               for name, peer in same.items() if peer["kind"] == "peer"}
+        if "one_group" in row:
+            one = same.get(row["one_group"])
+            row["groups_ratio"] = row["median_s"] / one["median_s"] if one else None
     return result
 
 
@@ -147,7 +154,7 @@ def table(result):
                           "-" if fraction is None else f"{fraction:.0%}"])
         out += _columns(["n", "name", "median", "p25 .. p75", "Gelem/s", "GB/s", "B/elem",
                          "of roofline"], lines)
-        out += [""] + speedup_lines(rows) + [""]
+        out += [""] + speedup_lines(rows) + groups_lines(rows) + [""]
     out += target_lines(result)
     not_run = [f"  {a['name']}: {a['reason']}" for a in result["absent"]]
     reasons = {}
@@ -174,6 +181,26 @@ def speedup_lines(rows):
              for (backend, peer), ratios in pairs.items()]
     return (["speed-up (peer time / backend time):"]
             + _columns(["backend", "peer"] + [size_label(n) for n in sizes], lines))
+
+
+def groups_lines(rows):
+    """The groups comparison: time with many parameter groups over time with one group,
+    per backend (each segment of the workload is its own group)."""
+    lines = []
+    for row in rows:
+        if "one_group" not in row:
+            continue
+        ratio = row.get("groups_ratio")
+        verdict = ("not measured" if ratio is None else
+                   "met" if max(ratio, 1 / ratio) <= 1 + GROUPS_WITHIN else "MISSED")
+        lines.append([row["one_group"], size_label(row["n"]),
+                      "-" if ratio is None else f"{ratio:.3f}", verdict])
+    if not lines:
+        return []
+    many = rows[0]["tensors"]
+    return ([f"{many} groups / 1 group (time ratio over the same {many} segments; goal: "
+             f"within {GROUPS_WITHIN:.0%}):"]
+            + _columns(["backend", "n", "ratio", ""], lines))
 
 
 def target_lines(result):

@@ -14,12 +14,25 @@ from gpu_momentum import __version__
 from gpu_momentum._arrays import state_dtype
 from gpu_momentum.shapes import resnet50_shapes, transformer_shapes
 
-from .candidates import Problem, Unsupported, discover
+from .candidates import GROUPS, Problem, Unsupported, discover, groups_comparison
 from .measure import Sampling, measure, summarize
 
+GROUPS_N = 2**26  # the size at which the issue compares 1 and GROUPS parameter groups
+
+
+def groups_shapes(sizes):
+    """The groups comparison's GROUPS segments over the sweep's largest size (at most
+    GROUPS_N), of n // GROUPS elements each, the last taking the rest."""
+    n = max(GROUPS, min(max(sizes), GROUPS_N))
+    size = n // GROUPS
+    return [(size,)] * (GROUPS - 1) + [(n - size * (GROUPS - 1),)]
+
+
+# Each many-tensor workload's shapes, given the sweep's sizes.
 WORKLOADS = {
-    "resnet50": resnet50_shapes,
-    "transformer": transformer_shapes,
+    "resnet50": lambda sizes: resnet50_shapes(),
+    "transformer": lambda sizes: transformer_shapes(),
+    "groups": groups_shapes,
 }
 # p0 and g0 stay on the host while a problem's candidates run; 20% of free memory is left
 # for everything else.
@@ -32,7 +45,7 @@ THREADING_VARIABLES = ("OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_", "CUDA_")
 class Options:
     sizes: tuple  # element counts of the flat sweep
     dtypes: tuple  # numpy dtype names
-    workloads: tuple  # names in WORKLOADS
+    workloads: tuple  # names in WORKLOADS ("groups": the groups comparison)
     devices: tuple  # "cpu", "cuda"
     threads: int
     sampling: Sampling
@@ -137,7 +150,7 @@ def problems(options):
         for n in options.sizes:
             yield "flat", dtype, n, None
         for workload in options.workloads:
-            shapes = WORKLOADS[workload]()
+            shapes = WORKLOADS[workload](options.sizes)
             n = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
             yield workload, dtype, n, shapes
 
@@ -185,9 +198,11 @@ def run(options, progress=None):
         limits["cuda"] = gpu.free_bytes()
 
     todo = list(problems(options))
+    compared = groups_comparison(candidates)
     rows, skipped = [], []
     if progress is not None:
-        progress.reset(total=len(todo) * len(candidates))
+        progress.reset(total=sum(len(compared if p[0] == "groups" else candidates)
+                                 for p in todo))
 
     def skip(candidate, point, reason):
         skipped.append({**describe(candidate, *point), "reason": reason})
@@ -197,7 +212,7 @@ def run(options, progress=None):
     for workload, dtype, n, shapes in todo:
         point = (workload, 1 if shapes is None else len(shapes), str(np.dtype(dtype)), n)
         runnable = []
-        for candidate in candidates:
+        for candidate in compared if workload == "groups" else candidates:
             reason = shortfall([candidate], n, dtype, limits)
             if reason is None:
                 runnable.append(candidate)
@@ -245,8 +260,11 @@ def run(options, progress=None):
 
 
 def describe(candidate, workload, tensors, dtype, n):
-    return {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
-            "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
+    row = {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
+           "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
+    if candidate.one_group is not None:
+        row["one_group"] = candidate.one_group
+    return row
 
 
 def summary_row(row, candidate, seconds, calls):

@@ -45,7 +45,9 @@ def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
                 fresh = counters[VELOCITY_INITIALIZED + k] == 0
             else:
                 fresh = group_flags[k] & FRESH_VELOCITY != 0
-            for i in range(start, end):
+            # Unsigned indices: Numba then drops its negative-index wraparound, which
+            # otherwise keeps LLVM from vectorizing the loop.
+            for i in range(numba.uint64(start), numba.uint64(end)):
                 param[i], velocity[i] = momentum_update_cpu(
                     param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay,
                     l1, decay, inv_grad_scale, classic, nesterov, maximize, fresh)

@@ -2,6 +2,7 @@
 plot, and a real `--quick` run. No test asserts a timing."""
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,8 +15,9 @@ import pytest
 from gpu_momentum.bench import candidates, command, gpu, report
 from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_bytes,
                                         summarize, update_bytes)
-from gpu_momentum.bench.run import (Options, groups, make_problem, memory_needed, run,
-                                    set_threads, shortfall)
+from gpu_momentum.bench.run import (Options, groups, groups_shapes, make_problem,
+                                    memory_needed, problems, run, set_threads, shortfall)
+from gpu_momentum.reference import reference_step
 from harness import library_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +164,35 @@ def test_targets_report_met_missed_and_unmeasured():
     assert "MISSED" in report.table({**result, "targets": report.targets(result)})
 
 
+def test_groups_ratio_and_its_lines():
+    """The groups comparison: the 100-group row's time over its 1-group row's, at the same
+    point only, shown with whether it is within 5%."""
+    result = _result([
+        {**_row("gpu-momentum cpu", "backend", 0.040), "workload": "groups", "tensors": 100},
+        {**_row("gpu-momentum cpu (100 groups)", "backend", 0.041,
+                one_group="gpu-momentum cpu"), "workload": "groups", "tensors": 100},
+        {**_row("gpu-momentum cupy (100 groups)", "backend", 0.001,
+                one_group="gpu-momentum cupy"), "workload": "groups", "tensors": 100},
+        _row("gpu-momentum cpu", "backend", 0.030),  # the flat sweep: not compared
+    ])
+    report.add_ratios(result)
+    one, many, alone, flat = result["results"]
+    assert many["groups_ratio"] == pytest.approx(1.025)
+    assert alone["groups_ratio"] is None and "groups_ratio" not in one | flat
+    table = report.table({**result, "targets": report.targets(result)})
+    assert "100 groups / 1 group (time ratio over the same 100 segments; goal: within 5%)" \
+        in table
+    lines = table.splitlines()
+    assert any(line.split() == ["gpu-momentum", "cpu", "2**26", "1.025", "met"]
+               for line in lines)
+    assert any(line.split() == ["gpu-momentum", "cupy", "2**26", "-", "not", "measured"]
+               for line in lines)
+    many["median_s"] = 0.0375  # faster by more than 5% is out of the goal too
+    report.add_ratios(result)
+    assert ["gpu-momentum", "cpu", "2**26", "0.938", "MISSED"] in [
+        line.split() for line in report.table({**result, "targets": []}).splitlines()]
+
+
 def test_check_schema_rejects_broken_results():
     good = report.add_ratios(_result([_row("R", "roofline", 0.04)]))
     report.check_schema(good)
@@ -235,11 +266,29 @@ def test_sizes_and_quick_defaults():
             command.log2_sizes(bad)
     quick = command.options_from(parser.parse_args(["--quick"]))
     assert quick.sizes == tuple(2**e for e in command.QUICK["sizes"])
-    assert quick.workloads == ("resnet50",) and quick.sampling.samples == 5
+    assert quick.workloads == ("resnet50", "groups") and quick.sampling.samples == 5
     args = parser.parse_args(["--sizes", "20:21", "26", "--workloads"])
     full = command.options_from(args)
     assert full.sizes == (2**20, 2**21, 2**26) and full.workloads == ()
     assert full.sampling.samples == 25
+    assert command.options_from(parser.parse_args([])).workloads == (
+        "resnet50", "transformer", "groups")
+    only = command.options_from(parser.parse_args(["--sizes", "18", "--workloads", "groups"]))
+    assert only.workloads == ("groups",)
+
+
+def test_groups_workload_is_at_the_largest_size_up_to_2_26():
+    def n(sizes):
+        options = Options(sizes=tuple(2**e for e in sizes), dtypes=("float32",),
+                          workloads=("groups",), devices=("cpu",), threads=1,
+                          sampling=Sampling())
+        [*_, (workload, _, n, shapes)] = problems(options)
+        assert workload == "groups" and len(shapes) == candidates.GROUPS
+        assert sum(s for (s,) in shapes) == n and len({s for (s,) in shapes[:-1]}) == 1
+        return n
+    assert n([16, 18, 20]) == 2**20
+    assert n([16, 28]) == 2**26 == n(range(16, 29))
+    assert n([2]) == candidates.GROUPS  # one element per group at least
 
 
 SMALL = make_problem(1000, "float32")
@@ -263,6 +312,52 @@ def test_every_update_candidate_does_the_same_update(problem, device):
             built.step()  # torch's build already took its first step
         got = np.concatenate([a.reshape(-1) for a in built.params()])
         np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-6, err_msg=candidate.name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_groups_candidates_do_the_reference_update(dtype):
+    """The groups comparison's candidates, two steps: one group is the optimizer's own
+    hyperparameters everywhere; 100 groups give each segment its group_spec's, as
+    reference_step applied per segment (odd segment sizes: padding between segments)."""
+    problem = make_problem(sum(s for (s,) in groups_shapes([2**10 + 7])), dtype,
+                           shapes=groups_shapes([2**10 + 7]))
+    found, _ = candidates.discover(("cpu",))
+    one, many = candidates.groups_comparison(found)
+    assert (one.name, many.name) == ("gpu-momentum cpu", "gpu-momentum cpu (100 groups)")
+    assert many.one_group == one.name and one.one_group is None
+    spec = candidates.group_spec(candidates.GROUPS)
+    assert len({(g["lr"], g["momentum"], g["weight_decay"]) for g in spec}) == 100
+    tolerance = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    for candidate, hypers in ((one, [{}] * 100), (many, spec)):
+        built = candidate.build(problem)
+        built.step()
+        built.step()
+        got = built.params()
+        for i, (p, g) in enumerate(zip(problem.tensors(problem.p0),
+                                       problem.tensors(problem.g0))):
+            options = {"lr": candidates.LR, "momentum": candidates.MOMENTUM,
+                       **{k: v for k, v in hypers[i].items() if k != "params"}}
+            v = np.zeros(p.size)
+            for first in (True, False):
+                p, v = reference_step(p, g, v, first_step=first, **options)
+            np.testing.assert_allclose(got[i], p, rtol=tolerance, atol=tolerance,
+                                       err_msg=f"{candidate.name}, segment {i}")
+    with pytest.raises(candidates.Unsupported, match="100 groups need a workload of 100"):
+        many.build(SMALL)
+
+
+def test_groups_run_measures_the_backends_only_and_reports_the_ratio(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    options = dataclasses.replace(_tiny_options("float32"), workloads=("groups",))
+    result = report.finish(run(options), {})
+    report.check_schema(result)
+    compared = [r for r in result["results"] if r["workload"] == "groups"]
+    assert [(r["name"], r["tensors"], r["n"]) for r in compared] == [
+        ("gpu-momentum cpu", 100, 2**10), ("gpu-momentum cpu (100 groups)", 100, 2**10)]
+    assert compared[1]["one_group"] == "gpu-momentum cpu"
+    assert compared[1]["groups_ratio"] == pytest.approx(
+        compared[1]["median_s"] / compared[0]["median_s"])
+    assert "100 groups / 1 group" in report.table(result)
 
 
 def _tiny_options(dtype):
@@ -329,7 +424,7 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
     assert result["machine"]["threads"]["numba"] >= 1
     assert result["versions"]["numpy"] == np.__version__
     rows = result["results"]
-    assert {r["workload"] for r in rows} == {"flat", "resnet50"}
+    assert {r["workload"] for r in rows} == {"flat", "resnet50", "groups"}
     measured = {r["name"] for r in rows}
     absent = {a["name"] for a in result["absent"]}
     for name in ("torch SGD for-loop (cpu)", "torch SGD foreach (cpu)",
@@ -338,10 +433,15 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
     for row in rows:
         if row["kind"] == "roofline" and row["name"] == row["roofline"]:
             assert row["roofline_fraction"] == 1.0
-        if row["kind"] == "backend":
+        if row["kind"] == "backend" and row["workload"] != "groups":
             peers = {r["name"] for r in rows if r["kind"] == "peer" and r["n"] == row["n"]
                      and r["workload"] == row["workload"] and r["dtype"] == row["dtype"]}
             assert set(row["speedup"]) == peers and peers
+    compared = [r for r in rows if r["workload"] == "groups"]
+    assert {r["kind"] for r in compared} == {"backend"} and {r["n"] for r in compared} == {
+        2**22}
+    assert all(r["groups_ratio"] > 0 for r in compared if "one_group" in r)
+    assert "100 groups / 1 group" in done.stdout
     assert plot_path.read_bytes().startswith(b"\x89PNG")
     saved = tmp_path / "s" / report.result_name(result)
     assert json.loads(saved.with_suffix(".json").read_text()) == result
@@ -375,4 +475,6 @@ def test_committed_results_keep_the_json_shape(name):
     with open(os.path.join(ROOT, "bench", "results", name), encoding="utf-8") as file:
         result = json.load(file)
     report.check_schema(result)
-    assert name == report.result_name(result) + ".json"
+    # -groups: a run of the groups comparison alone (`--workloads groups`)
+    assert name in {report.result_name(result) + suffix + ".json"
+                    for suffix in ("", "-groups")}
