@@ -12,11 +12,31 @@ import numba
 from .elementwise import (CLASSIC, COUNTERS, DECAY, FRESH_VELOCITY, GRAD_COEFF, L1,
                           LAST_STEP_SKIPPED, LR, MAXIMIZE, MOMENTUM, NESTEROV,
                           SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED, WEIGHT_DECAY,
-                          KEEP_VELOCITY, find_range_cpu, momentum_update_cpu)
+                          KEEP_VELOCITY, find_range_cpu, momentum_update_cpu,
+                          momentum_update_unregularized_cpu)
 
 # Elements per parallel task: each task finds its first range by binary search, then runs
-# one loop per range piece with the group's scalars in locals, which LLVM vectorizes.
+# one loop per range piece (_update_piece) with its group's values.
 CHUNK = 1 << 16
+
+
+@numba.njit(cache=True)
+def _update_piece(param, grad, velocity, start, end, lr, momentum, grad_coeff, weight_decay,
+                  l1, decay, inv_grad_scale, classic, nesterov, maximize, fresh):
+    """Elements [start, end) of one group. Its own function, with the group's values as
+    arguments, so that LLVM unswitches the loop on them and vectorizes each version;
+    unsigned indices, so that Numba drops its negative-index wraparound; without l1 and
+    decoupled decay, the element maths that compiles them out (see elementwise.py)."""
+    if l1 == 0 and decay == 1:
+        for i in range(start, end):
+            param[i], velocity[i] = momentum_update_unregularized_cpu(
+                param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay, l1,
+                decay, inv_grad_scale, classic, nesterov, maximize, fresh)
+    else:
+        for i in range(start, end):
+            param[i], velocity[i] = momentum_update_cpu(
+                param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay, l1,
+                decay, inv_grad_scale, classic, nesterov, maximize, fresh)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -45,12 +65,9 @@ def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
                 fresh = counters[VELOCITY_INITIALIZED + k] == 0
             else:
                 fresh = group_flags[k] & FRESH_VELOCITY != 0
-            # Unsigned indices: Numba then drops its negative-index wraparound, which
-            # otherwise keeps LLVM from vectorizing the loop.
-            for i in range(numba.uint64(start), numba.uint64(end)):
-                param[i], velocity[i] = momentum_update_cpu(
-                    param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay,
-                    l1, decay, inv_grad_scale, classic, nesterov, maximize, fresh)
+            _update_piece(param, grad, velocity, numba.uint64(start), numba.uint64(end), lr,
+                          momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale,
+                          classic, nesterov, maximize, fresh)
             start = end
             r += 1
 

@@ -47,51 +47,62 @@ FLAGS = {
 CLASSIC, MAXIMIZE, COUNTERS, NESTEROV, FRESH_VELOCITY, KEEP_VELOCITY = FLAGS.values()
 
 
-def momentum_update(p, g, v, lr, momentum, grad_coeff, weight_decay, l1, decay,
-                    inv_grad_scale, classic, nesterov, maximize, fresh_velocity):
-    """Returns (new_param, new_velocity) for one element.
+def _element_update(regularized):
+    """momentum_update, with the l1 and decoupled-decay terms compiled in or (for the CPU
+    loop's common case, regularized=False) out. A constant, not a branch on l1 and decay:
+    LLVM's unswitching gives up on so many loop-invariant branches, and the loop then
+    stays scalar (about 15% slower on 2 cores)."""
 
-    inv_grad_scale is 1 / loss scale (exactly 1 without loss scaling).
-    grad_coeff is (1 - dampening) for the torch style; classic ignores it.
-    l1 * sign(p) is added as branches, so a zero p leaves g bitwise as it is.
-    decay is 1 - lr * weight_decay with decoupled weight decay, else exactly 1.
-    fresh_velocity: the velocity does not exist yet and is not read.
-    Torch style with momentum 0 leaves the velocity as it is, as PyTorch leaves its
-    momentum buffer, so a schedule that later raises momentum resumes from it.
-    """
-    g = g * inv_grad_scale
-    if maximize:
-        g = -g
-    if weight_decay != 0:
-        g = g + weight_decay * p
-    if l1 != 0:
-        if p > 0:
-            g = g + l1
-        elif p < 0:
-            g = g - l1
-    if decay != 1:
-        p = p * decay
-    if classic:
-        if fresh_velocity:
-            v = -lr * g
+    def momentum_update(p, g, v, lr, momentum, grad_coeff, weight_decay, l1, decay,
+                        inv_grad_scale, classic, nesterov, maximize, fresh_velocity):
+        """Returns (new_param, new_velocity) for one element.
+
+        inv_grad_scale is 1 / loss scale (exactly 1 without loss scaling).
+        grad_coeff is (1 - dampening) for the torch style; classic ignores it.
+        l1 * sign(p) is added as branches, so a zero p leaves g bitwise as it is.
+        decay is 1 - lr * weight_decay with decoupled weight decay, else exactly 1.
+        fresh_velocity: the velocity does not exist yet and is not read.
+        Torch style with momentum 0 leaves the velocity as it is, as PyTorch leaves its
+        momentum buffer, so a schedule that later raises momentum resumes from it.
+        """
+        g = g * inv_grad_scale
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if regularized and l1 != 0:
+            if p > 0:
+                g = g + l1
+            elif p < 0:
+                g = g - l1
+        if regularized and decay != 1:
+            p = p * decay
+        if classic:
+            if fresh_velocity:
+                v = -lr * g
+            else:
+                v = momentum * v - lr * g
+            if nesterov:
+                p = p + (momentum * v - lr * g)
+            else:
+                p = p + v
+        elif momentum == 0:
+            p = p - lr * g
         else:
-            v = momentum * v - lr * g
-        if nesterov:
-            p = p + (momentum * v - lr * g)
-        else:
-            p = p + v
-    elif momentum == 0:
-        p = p - lr * g
-    else:
-        if fresh_velocity:
-            v = g
-        else:
-            v = momentum * v + grad_coeff * g
-        if nesterov:
-            p = p - lr * (g + momentum * v)
-        else:
-            p = p - lr * v
-    return p, v
+            if fresh_velocity:
+                v = g
+            else:
+                v = momentum * v + grad_coeff * g
+            if nesterov:
+                p = p - lr * (g + momentum * v)
+            else:
+                p = p - lr * v
+        return p, v
+
+    return momentum_update
+
+
+momentum_update = _element_update(regularized=True)
 
 
 def find_range(range_ends, i):
@@ -107,4 +118,7 @@ def find_range(range_ends, i):
 
 
 momentum_update_cpu = numba.njit(inline="always", cache=True)(momentum_update)
+# Only for l1 == 0 and decay == 1, where it computes bitwise what momentum_update does.
+momentum_update_unregularized_cpu = numba.njit(inline="always", cache=True)(
+    _element_update(regularized=False))
 find_range_cpu = numba.njit(inline="always", cache=True)(find_range)
