@@ -6,6 +6,8 @@ import numbers
 
 import numpy as np
 
+from .kernels.elementwise import CLASSIC, FRESH_VELOCITY, KEEP_VELOCITY, MAXIMIZE, NESTEROV
+
 STYLES = ("classic", "torch")
 
 
@@ -91,8 +93,6 @@ class Hyperparameters:
     def group_flags(self, velocity_initialized):
         """This group's flag bits (kernels.elementwise.FLAGS) for a step whose velocity
         exists already or not."""
-        from .kernels.elementwise import FRESH_VELOCITY, KEEP_VELOCITY, NESTEROV
-
         bits = NESTEROV if self.nesterov else 0
         if not self.initializes_velocity:
             return bits | KEEP_VELOCITY
@@ -100,10 +100,8 @@ class Hyperparameters:
 
     def launch_flags(self):
         """The launch-wide flag bits: style and maximize, one per launch."""
-        from .kernels.elementwise import CLASSIC, MAXIMIZE
-
-        return (CLASSIC if self.style == "classic" else 0) | (MAXIMIZE if self.maximize
-                                                               else 0)
+        classic = CLASSIC if self.style == "classic" else 0
+        return classic | (MAXIMIZE if self.maximize else 0)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -32,8 +32,8 @@ class FlatParams:
         """Packs copies of `arrays` (all NumPy or all CuPy, one floating dtype).
 
         names: optional distinct strings, one per array (layer names), by which parameter
-        groups may name segments. The buffers are allocated by the backend that owns the arrays; the gradient buffer
-        starts at zero.
+        groups may name segments. The buffers are allocated by the backend that owns the
+        arrays; the gradient buffer starts at zero.
         """
         single_array = (hasattr(arrays, "__array_interface__")
                         or hasattr(arrays, "__cuda_array_interface__"))
