@@ -12,31 +12,40 @@ import numba
 from .elementwise import (CLASSIC, COUNTERS, DECAY, FRESH_VELOCITY, GRAD_COEFF, L1,
                           LAST_STEP_SKIPPED, LR, MAXIMIZE, MOMENTUM, NESTEROV,
                           SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED, WEIGHT_DECAY,
-                          KEEP_VELOCITY, find_range_cpu, momentum_update_cpu,
-                          momentum_update_unregularized_cpu)
+                          KEEP_VELOCITY, find_range_cpu, momentum_update_cpu_decay,
+                          momentum_update_cpu_l1, momentum_update_cpu_l1_decay,
+                          momentum_update_cpu_plain)
 
 # Elements per parallel task: each task finds its first range by binary search, then runs
 # one loop per range piece (_update_piece) with its group's values.
 CHUNK = 1 << 16
 
 
-@numba.njit(cache=True)
-def _update_piece(param, grad, velocity, start, end, lr, momentum, grad_coeff, weight_decay,
-                  l1, decay, inv_grad_scale, classic, nesterov, maximize, fresh):
-    """Elements [start, end) of one group. Its own function, with the group's values as
-    arguments, so that LLVM unswitches the loop on them and vectorizes each version;
-    unsigned indices, so that Numba drops its negative-index wraparound; without l1 and
-    decoupled decay, the element maths that compiles them out (see elementwise.py)."""
-    if l1 == 0 and decay == 1:
+def _piece_loop(update, name):
+    """A function updating elements [start, end) of one group with the element function
+    `update`. Each is compiled on its own with the group's values as arguments, so that
+    LLVM unswitches its loop on them and vectorizes each version; unsigned indices, so
+    that Numba drops its negative-index wraparound. `name` keeps Numba's on-disk cache
+    entries of the four apart."""
+
+    def update_piece(param, grad, velocity, start, end, lr, momentum, grad_coeff,
+                     weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+                     fresh):
         for i in range(start, end):
-            param[i], velocity[i] = momentum_update_unregularized_cpu(
+            param[i], velocity[i] = update(
                 param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay, l1,
                 decay, inv_grad_scale, classic, nesterov, maximize, fresh)
-    else:
-        for i in range(start, end):
-            param[i], velocity[i] = momentum_update_cpu(
-                param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay, l1,
-                decay, inv_grad_scale, classic, nesterov, maximize, fresh)
+
+    update_piece.__name__ = update_piece.__qualname__ = name
+    return numba.njit(cache=True)(update_piece)
+
+
+# Per range, the element function without the terms its group leaves out (l1 == 0,
+# decay == 1): bitwise kernels.elementwise.momentum_update there, and vectorized.
+_update_plain = _piece_loop(momentum_update_cpu_plain, "_update_plain")
+_update_l1 = _piece_loop(momentum_update_cpu_l1, "_update_l1")
+_update_decay = _piece_loop(momentum_update_cpu_decay, "_update_decay")
+_update_l1_decay = _piece_loop(momentum_update_cpu_l1_decay, "_update_l1_decay")
 
 
 @numba.njit(parallel=True, cache=True)
@@ -65,9 +74,17 @@ def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
                 fresh = counters[VELOCITY_INITIALIZED + k] == 0
             else:
                 fresh = group_flags[k] & FRESH_VELOCITY != 0
-            _update_piece(param, grad, velocity, numba.uint64(start), numba.uint64(end), lr,
-                          momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale,
-                          classic, nesterov, maximize, fresh)
+            piece = (param, grad, velocity, numba.uint64(start), numba.uint64(end), lr,
+                     momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
+                     nesterov, maximize, fresh)
+            if l1 == 0 and decay == 1:
+                _update_plain(*piece)
+            elif decay == 1:
+                _update_l1(*piece)
+            elif l1 == 0:
+                _update_decay(*piece)
+            else:
+                _update_l1_decay(*piece)
             start = end
             r += 1
 

@@ -47,11 +47,17 @@ FLAGS = {
 CLASSIC, MAXIMIZE, COUNTERS, NESTEROV, FRESH_VELOCITY, KEEP_VELOCITY = FLAGS.values()
 
 
-def _element_update(regularized):
-    """momentum_update, with the l1 and decoupled-decay terms compiled in or (for the CPU
-    loop's common case, regularized=False) out. A constant, not a branch on l1 and decay:
-    LLVM's unswitching gives up on so many loop-invariant branches, and the loop then
-    stays scalar (about 15% slower on 2 cores)."""
+# How an element update compiles the l1 and decoupled-decay terms: NEVER (left out), ALWAYS
+# (applied whatever the value: only for l1 != 0, decay != 1) or CHECKED (as written in the
+# reference: applied when l1 != 0, decay != 1).
+NEVER, ALWAYS, CHECKED = range(3)
+
+
+def _element_update(l1_term=CHECKED, decay_term=CHECKED):
+    """momentum_update with its l1 and decay terms compiled as NEVER, ALWAYS or CHECKED
+    say. The CPU loop picks, per range, the variant that computes bitwise what the
+    CHECKED one does for the group's values: a loop with two more loop-invariant branches
+    is more than LLVM unswitches, and it then stays scalar (25-35% slower on 2 cores)."""
 
     def momentum_update(p, g, v, lr, momentum, grad_coeff, weight_decay, l1, decay,
                         inv_grad_scale, classic, nesterov, maximize, fresh_velocity):
@@ -70,12 +76,12 @@ def _element_update(regularized):
             g = -g
         if weight_decay != 0:
             g = g + weight_decay * p
-        if regularized and l1 != 0:
+        if l1_term == ALWAYS or (l1_term == CHECKED and l1 != 0):
             if p > 0:
                 g = g + l1
             elif p < 0:
                 g = g - l1
-        if regularized and decay != 1:
+        if decay_term == ALWAYS or (decay_term == CHECKED and decay != 1):
             p = p * decay
         if classic:
             if fresh_velocity:
@@ -102,7 +108,7 @@ def _element_update(regularized):
     return momentum_update
 
 
-momentum_update = _element_update(regularized=True)
+momentum_update = _element_update()
 
 
 def find_range(range_ends, i):
@@ -117,8 +123,11 @@ def find_range(range_ends, i):
     return low
 
 
-momentum_update_cpu = numba.njit(inline="always", cache=True)(momentum_update)
-# Only for l1 == 0 and decay == 1, where it computes bitwise what momentum_update does.
-momentum_update_unregularized_cpu = numba.njit(inline="always", cache=True)(
-    _element_update(regularized=False))
+# The CPU element updates for ranges without l1 and decay, with l1 (!= 0), with decay
+# (!= 1) and with both: each bitwise momentum_update there, without its branches on them.
+(momentum_update_cpu_plain, momentum_update_cpu_l1, momentum_update_cpu_decay,
+ momentum_update_cpu_l1_decay) = (
+    numba.njit(inline="always", cache=True)(_element_update(l1_term, decay_term))
+    for l1_term, decay_term in ((NEVER, NEVER), (ALWAYS, NEVER), (NEVER, ALWAYS),
+                                (ALWAYS, ALWAYS)))
 find_range_cpu = numba.njit(inline="always", cache=True)(find_range)
