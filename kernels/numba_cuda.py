@@ -68,15 +68,18 @@ def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_g
     classic = launch_flags & CLASSIC != 0
     maximize = launch_flags & MAXIMIZE != 0
     counted = launch_flags & COUNTERS != 0
-    # Each thread's indices only grow: it looks its range up (binary search) only when
-    # an index passes the current range's end, at most once per range it visits.
-    end = 0
+    # Each thread's indices only grow: it looks its range up only when an index passes
+    # the current range's end; the next range (one load) or else a binary search.
+    r, end = -1, 0
     lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, fresh = _group(
         scalars, group_flags, counters, range_groups[0], counted)
     # param.size is 64-bit, so i is too: buffers past 2**31 elements index correctly.
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         if i >= end:
-            r = find_range_cuda(range_ends, i)
+            if r + 1 < range_ends.size and i < range_ends[r + 1]:
+                r += 1
+            else:
+                r = find_range_cuda(range_ends, i)
             end = range_ends[r]
             lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, fresh = _group(
                 scalars, group_flags, counters, range_groups[r], counted)
