@@ -258,10 +258,11 @@ class MomentumSGD:
         backend.step(self.param, grad, self.velocity, table, inv_grad_scale)
         counters[STEP_COUNT] += 1
         initialized = counters[VELOCITY_INITIALIZED:]
-        now = initialized | [h.initializes_velocity for h in self._hypers]
-        if (now != initialized).any():  # a group's first step: its flags change
-            initialized[:] = now
-            self._table_stale = True
+        if not initialized.all():
+            now = initialized | [h.initializes_velocity for h in self._hypers]
+            if (now != initialized).any():  # a group's first step: its flags change
+                initialized[:] = now
+                self._table_stale = True
 
     def state_dict(self):
         """A plain dict: format version, the optimizer's hyperparameters, its groups (each
