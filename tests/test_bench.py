@@ -16,7 +16,8 @@ from gpu_momentum.bench import candidates, command, gpu, report
 from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_bytes,
                                         summarize, update_bytes)
 from gpu_momentum.bench.run import (Options, groups, groups_shapes, make_problem,
-                                    memory_needed, problems, run, set_threads, shortfall)
+                                    memory_needed, problems, run, sampling_for, set_threads,
+                                    shortfall)
 from gpu_momentum.reference import reference_step
 from harness import library_env
 
@@ -478,3 +479,13 @@ def test_committed_results_keep_the_json_shape(name):
     # -groups: a run of the groups comparison alone (`--workloads groups`)
     assert name in {report.result_name(result) + suffix + ".json"
                     for suffix in ("", "-groups")}
+
+
+def test_the_groups_comparison_alternates_sample_by_sample():
+    """5% between two runs of one kernel is finer than a shared machine's drift over a
+    block of samples: the groups comparison interleaves every sample, after a long
+    warm-up; the other workloads keep their blocks."""
+    sampling = Sampling()
+    grouped = sampling_for("groups", sampling)
+    assert grouped.rounds == sampling.samples and grouped.warmup_s >= 2.0
+    assert sampling_for("flat", sampling) == sampling
