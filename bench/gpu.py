@@ -6,22 +6,17 @@ beyond `unavailable_reason`.
 
 import sys
 
-from .candidates import (CUPY_PEER, NAIVE_ARRAYS, ROOFLINES, Built, Candidate,
-                         naive_builder)
+from gpu_momentum.backends import unavailable_reason as backend_unavailable_reason
+
+from .data import CUPY_EXPRESSIONS, NAIVE_ARRAYS, ROOFLINE_PEERS, Built, Candidate
 from .measure import copy_bytes, update_bytes
+from .peers import naive_builder
 
 
 def unavailable_reason():
-    """None when CuPy sees a CUDA device, else why GPU runs are not possible here."""
-    try:
-        import cupy
-    except ImportError as error:
-        return f"CuPy is not installed ({error})"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError as error:
-        return f"no usable CUDA device ({error})"
-    return None if count > 0 else "no CUDA device"
+    """None when CuPy sees a CUDA device, else why GPU runs are not possible here: the
+    cupy backend's reason (GPU runs are timed with CuPy events)."""
+    return backend_unavailable_reason("cupy")
 
 
 class CupyEventTimer:
@@ -80,10 +75,10 @@ def candidates():
     import cupy
 
     return [
-        Candidate(CUPY_PEER, "peer", "cuda", naive_builder(cupy.asarray, cupy.asnumpy),
-                  update_bytes, CupyEventTimer(), arrays=NAIVE_ARRAYS),
-        Candidate(ROOFLINES["cuda"], "roofline", "cuda", d2d_copy_builder, copy_bytes,
-                  CupyEventTimer(), arrays=2),
+        Candidate("peer", "cuda", naive_builder(cupy.asarray, cupy.asnumpy), update_bytes,
+                  CupyEventTimer(), arrays=NAIVE_ARRAYS, peer=CUPY_EXPRESSIONS),
+        Candidate("roofline", "cuda", d2d_copy_builder, copy_bytes, CupyEventTimer(),
+                  arrays=2, peer=ROOFLINE_PEERS["cuda"]),
     ]
 
 

@@ -3,59 +3,70 @@
 import json
 import re
 
+from .data import KINDS, backend_name
+
 TARGET_N = 2**26
-# (what, backend row, compared with, goal): "speedup" is the peer's time over the
-# backend's, "roofline" the backend's fraction of the memory roofline.
+# (what, the library's backend, compared with, goal). Compared with a row matching those
+# fields at the same point: the ratio is its time over the backend's; "roofline": the
+# backend's fraction of the memory roofline.
 TARGETS = (
-    ("cpu >= 4x NumPy as users write it", "gpu-momentum cpu", "numpy naive (cpu)", 4.0),
-    ("cpu >= torch fused SGD on the CPU", "gpu-momentum cpu", "torch SGD fused (cpu)", 1.0),
-    ("cupy >= 90% of the D2D copy roofline", "gpu-momentum cupy", "roofline", 0.9),
-    ("cupy >= torch fused SGD on the GPU", "gpu-momentum cupy", "torch SGD fused (cuda)", 1.0),
-    ("numba-cuda within 10% of cupy", "gpu-momentum numba-cuda", "gpu-momentum cupy", 0.9),
+    ("cpu >= 4x NumPy as users write it", "cpu",
+     {"peer": "numpy naive", "device": "cpu"}, 4.0),
+    ("cpu >= torch fused SGD on the CPU", "cpu",
+     {"peer": "torch SGD fused", "device": "cpu"}, 1.0),
+    ("cupy >= 90% of the D2D copy roofline", "cupy", "roofline", 0.9),
+    ("cupy >= torch fused SGD on the GPU", "cupy",
+     {"peer": "torch SGD fused", "device": "cuda"}, 1.0),
+    ("numba-cuda within 10% of cupy", "numba-cuda", {"backend": "cupy", "groups": 1}, 0.9),
 )
 # The groups comparison: 100 groups and 1 group run within 5% of each other.
 GROUPS_WITHIN = 0.05
-REQUIRED_ROW_KEYS = ("name", "kind", "dtype", "n", "median_s", "p25_s", "p75_s",
-                     "bytes_per_element", "gbps", "roofline_fraction")
-KINDS = ("backend", "peer", "roofline")
+REQUIRED_ROW_KEYS = ("name", "kind", "backend", "peer", "groups", "dtype", "n", "median_s",
+                     "p25_s", "p75_s", "bytes_per_element", "gbps", "roofline_fraction")
 
 
 def _point(row):
     return row["workload"], row["dtype"], row["n"]
 
 
+def _find(rows, **fields):
+    """The first row whose fields have these values, or None."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in fields.items())), None)
+
+
 def add_ratios(result):
     """Sets each row's roofline_fraction and, on backend rows, the speed-up over each peer
     (peer time / backend time) measured at the same workload, dtype and size; on the
-    groups comparison's many-group rows, groups_ratio: their time over the time of their
-    one-group row (None where that was not measured)."""
+    groups comparison's many-group rows, groups_ratio: their time over the time of the
+    same backend with one group (None where that was not measured)."""
     by_point = {}
     for row in result["results"]:
-        by_point.setdefault(_point(row), {})[row["name"]] = row
+        by_point.setdefault(_point(row), []).append(row)
     for row in result["results"]:
         same = by_point[_point(row)]
-        roofline = same.get(row["roofline"])
+        roofline = _find(same, name=row["roofline"])
         row["roofline_fraction"] = row["gbps"] / roofline["gbps"] if roofline else None
         if row["kind"] == "backend":
-            row["speedup"] = {name: peer["median_s"] / row["median_s"]
-                              for name, peer in same.items() if peer["kind"] == "peer"}
-        if "one_group" in row:
-            one = same.get(row["one_group"])
+            row["speedup"] = {peer["name"]: peer["median_s"] / row["median_s"]
+                              for peer in same if peer["kind"] == "peer"}
+        if row["groups"] > 1:
+            one = _find(same, kind="backend", backend=row["backend"], groups=1)
             row["groups_ratio"] = row["median_s"] / one["median_s"] if one else None
     return result
 
 
 def targets(result):
     """The project's performance targets at 2**26 float32 elements, as measured."""
-    rows = {(r["name"], r["workload"], r["dtype"], r["n"]): r for r in result["results"]}
+    rows = [r for r in result["results"]
+            if (r["workload"], r["dtype"], r["n"]) == ("flat", "float32", TARGET_N)]
     found = []
     for what, backend, other, goal in TARGETS:
-        row = rows.get((backend, "flat", "float32", TARGET_N))
+        row = _find(rows, kind="backend", backend=backend, groups=1)
         value = None
         if row is not None and other == "roofline":
             value = row["roofline_fraction"]
         elif row is not None:
-            peer = rows.get((other, "flat", "float32", TARGET_N))
+            peer = _find(rows, **other)
             value = peer["median_s"] / row["median_s"] if peer else None
         found.append({"target": what, "n": TARGET_N, "dtype": "float32", "goal": goal,
                       "value": value, "met": None if value is None else value >= goal})
@@ -188,12 +199,12 @@ def groups_lines(rows):
     per backend (each segment of the workload is its own group)."""
     lines = []
     for row in rows:
-        if "one_group" not in row:
+        if row["groups"] == 1:
             continue
         ratio = row.get("groups_ratio")
         verdict = ("not measured" if ratio is None else
                    "met" if max(ratio, 1 / ratio) <= 1 + GROUPS_WITHIN else "MISSED")
-        lines.append([row["one_group"], size_label(row["n"]),
+        lines.append([backend_name(row["backend"]), size_label(row["n"]),
                       "-" if ratio is None else f"{ratio:.3f}", verdict])
     if not lines:
         return []

@@ -11,10 +11,11 @@ import numba
 import numpy as np
 
 from gpu_momentum import __version__
-from gpu_momentum._arrays import state_dtype
+from gpu_momentum.arrays import compute_dtype
 from gpu_momentum.shapes import resnet50_shapes, transformer_shapes
 
-from .candidates import GROUPS, Problem, Unsupported, discover, groups_comparison
+from .candidates import discover, groups_comparison
+from .data import GROUPS, Problem, Unsupported
 from .measure import Sampling, measure, summarize
 
 GROUPS_N = 2**26  # the size at which the issue compares 1 and GROUPS parameter groups
@@ -66,7 +67,7 @@ def available_host_bytes():
 def array_bytes(n, dtype):
     """Bytes of one array of the problem, counting the wider of param and velocity."""
     dtype = np.dtype(dtype)
-    return n * max(dtype.itemsize, state_dtype(dtype).itemsize)
+    return n * max(dtype.itemsize, compute_dtype(dtype).itemsize)
 
 
 def make_problem(n, dtype, shapes=None, seed=0):
@@ -270,11 +271,11 @@ def sampling_for(workload, sampling):
 
 
 def describe(candidate, workload, tensors, dtype, n):
-    row = {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
-           "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
-    if candidate.one_group is not None:
-        row["one_group"] = candidate.one_group
-    return row
+    """A row's identity: what it is (by fields: backend, peer, groups) and where."""
+    return {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
+            "backend": candidate.backend, "peer": candidate.peer,
+            "groups": candidate.groups, "workload": workload, "tensors": tensors,
+            "dtype": dtype, "n": n}
 
 
 def summary_row(row, candidate, seconds, calls):

@@ -1,6 +1,6 @@
 """gpu-momentum: the momentum-SGD update in one fused pass over a flat parameter buffer."""
 
-from ._backends import BackendUnavailableError, available_backends
+from .backends import BackendUnavailableError, available_backends
 from .checkpoint import CheckpointError
 from .flat import FlatParams
 from .optimizer import MomentumSGD, momentum_step

@@ -21,6 +21,8 @@ import zipfile
 
 import numpy as np
 
+from .backends import backend_named
+
 FORMAT_NAME = "gpu-momentum checkpoint"
 FORMAT_VERSION = 2  # 2: parameter groups, l1, decoupled weight decay, names
 
@@ -43,7 +45,7 @@ def _layout(optimizer):
 
 def save_checkpoint(optimizer, path):
     """Writes `optimizer`'s params and state to `path`; a crash leaves the old file intact."""
-    backend = optimizer._backend
+    backend = backend_named(optimizer.backend)
     state = optimizer.state_dict()
     arrays = {"param": backend.to_numpy(optimizer.param),
               "velocity": backend.to_numpy(state.pop("velocity"))}
@@ -106,7 +108,7 @@ def load_checkpoint(optimizer, path):
                               f"optimizer has {_layout(optimizer)}")
     state = {**meta["state"], "velocity": arrays["velocity"]}
     try:
-        optimizer._restore(state, param=arrays["param"])
+        optimizer.load_state_dict(state, params=arrays["param"])
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path!s} does not fit this optimizer: "
                               f"{error}") from error

@@ -22,8 +22,8 @@ def add_compile_command(commands):
 
 
 def run_compile(args):
-    from .kernels.cuda_source import (CompileError, compile_module, module_options,
-                                      nvrtc_version)
+    from .kernels.cuda_source import module_options
+    from .kernels.cuda_toolchain import CompileError, compile_module, nvrtc_version
 
     try:
         module = compile_module(args.arch)

@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from ._backends import available_backends, backend_named
+from .backends import available_backends, backend_named
 from .flat import FlatParams
 from .optimizer import MomentumSGD
 from .shapes import resnet50_shapes

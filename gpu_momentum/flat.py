@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from ._arrays import SUPPORTED_DTYPES, describe, type_name
-from ._backends import select_backend
+from .arrays import SUPPORTED_DTYPES, describe, type_name
+from .backends import select_backend
 
 SEGMENT_ALIGNMENT_BYTES = 16  # one 128-bit vector: every segment can use vector loads
 

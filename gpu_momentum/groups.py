@@ -18,31 +18,37 @@ import numbers
 
 import numpy as np
 
+from .kernels.layout import GROUP_COLUMNS
+
 GROUP_OPTIONS = ("lr", "momentum", "dampening", "weight_decay", "l1", "nesterov")
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateTable:
-    """What one launch reads besides the arrays (layout in kernels.elementwise): host NumPy
-    arrays from `update_table`, or the same in a backend's memory (`on`)."""
+    """What one launch reads besides the arrays (layout in kernels.layout): host NumPy
+    arrays from `update_table`, or the same in a backend's memory
+    (`gpu_momentum.backends.contract.device_table`). The kernels take `arrays()` in this
+    order."""
 
     scalars: object  # [groups, GROUP_COLUMNS] of the compute dtype
     group_flags: object  # uint32[groups]
     range_ends: object  # int64[ranges], increasing, the last is the element count
     range_groups: object  # int32[ranges]
-    launch_flags: int  # CLASSIC | MAXIMIZE; backends add COUNTERS
+    launch_flags: int  # CLASSIC | MAXIMIZE; backends add READ_COUNTERS
 
     @property
     def group_count(self):
         return len(self.group_flags)
 
-    def on(self, asarray):
-        """This table with its arrays passed through `asarray` (a backend's upload)."""
-        return dataclasses.replace(
-            self, **{name: asarray(getattr(self, name)) for name in ARRAY_FIELDS})
+    def arrays(self):
+        """(scalars, group_flags, range_ends, range_groups): the kernels' table arguments."""
+        return tuple(getattr(self, name) for name in ARRAY_FIELDS)
 
 
 ARRAY_FIELDS = ("scalars", "group_flags", "range_ends", "range_groups")
+# What changes when a hyperparameter or a group's velocity_initialized does: a reused
+# device table gets these rewritten in place; the ranges are fixed for an optimizer.
+GROUP_FIELDS = ("scalars", "group_flags")
 
 
 def update_table(hypers, velocity_initialized, compute_dtype, range_ends=None,
@@ -53,7 +59,7 @@ def update_table(hypers, velocity_initialized, compute_dtype, range_ends=None,
     if range_ends is None:
         range_ends, range_groups = np.array([size], np.int64), np.zeros(1, np.int32)
     scalars = np.array([h.group_row(compute_dtype) for h in hypers],
-                       np.dtype(compute_dtype)).reshape(len(hypers), -1)
+                       np.dtype(compute_dtype)).reshape(len(hypers), GROUP_COLUMNS)
     flags = np.array([h.group_flags(initialized)
                       for h, initialized in zip(hypers, velocity_initialized)], np.uint32)
     return UpdateTable(scalars, flags, range_ends, range_groups, hypers[0].launch_flags())
@@ -149,3 +155,35 @@ def _segments(where, params, count, names):
 
 def _describe(segment, names):
     return f"{segment} ({names[segment]!r})" if names is not None else str(segment)
+
+
+def check_table(table, n, compute_dtype):
+    """What every kernel assumes of a host UpdateTable over `n` elements computed in
+    `compute_dtype`: raises ValueError or TypeError before it reaches a device."""
+    scalars = table.scalars
+    if scalars.dtype != compute_dtype:
+        raise TypeError(f"the update table's scalars are {scalars.dtype}, but the kernel "
+                        f"computes in {compute_dtype}: build the table with "
+                        f"update_table(..., compute_dtype={compute_dtype.name})")
+    groups, ranges = len(table.group_flags), len(table.range_ends)
+    expected = {"scalars": (scalars.shape, (groups, GROUP_COLUMNS)),
+                "range_groups": (table.range_groups.shape, (ranges,))}
+    for name, (shape, want) in expected.items():
+        if tuple(shape) != want:
+            raise ValueError(f"the update table's {name} has shape {tuple(shape)}, "
+                             f"expected {want}")
+    dtypes = {"group_flags": np.uint32, "range_ends": np.int64, "range_groups": np.int32}
+    for name, dtype in dtypes.items():
+        if getattr(table, name).dtype != dtype:
+            raise TypeError(f"the update table's {name} is {getattr(table, name).dtype}, "
+                            f"expected {np.dtype(dtype)}")
+    if ranges == 0 or groups == 0:
+        raise ValueError("the update table has no ranges or no groups; one group over one "
+                         "range is the least")
+    ends, owners = table.range_ends, table.range_groups
+    if ends[-1] != n or (np.diff(ends) < 0).any() or ends[0] < 0:
+        raise ValueError(f"the update table's ranges must increase and end at the "
+                         f"element count {n}, got range_ends {ends.tolist()}")
+    if ((owners < 0) | (owners >= groups)).any():
+        raise ValueError(f"the update table's range_groups name groups outside "
+                         f"0..{groups - 1}: {owners.tolist()}")

@@ -5,20 +5,15 @@ import numbers
 
 import numpy as np
 
-from ._arrays import check_param, check_update, describe, state_dtype, type_name
-from ._backends import select_backend, stateless_table
-from ._hyperparams import Hyperparameters, _flag, inverse_grad_scale
+from .arrays import check_param, compute_dtype, describe, type_name
+from .backends import check_arrays, device_table, select_backend
 from .flat import FlatParams
-from .groups import GROUP_OPTIONS, resolve_groups, update_table
-from .kernels.elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
-                                  VELOCITY_INITIALIZED)
+from .groups import ARRAY_FIELDS, GROUP_OPTIONS, resolve_groups, update_table
+from .hyperparams import Hyperparameters, flag, inverse_grad_scale
+from .kernels.elementwise import count_step, mark_velocities_initialized
+from .kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT
 
 STATE_FORMAT = 2
-
-
-def _check_arrays(backend, param, grad, velocity):
-    check_update(describe("param", param), describe("grad", grad),
-                 describe("velocity", velocity), backend.dtypes, backend.name)
 
 
 def _count(name, value):
@@ -57,16 +52,36 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     arrays' type. Every argument is checked before anything is written. On a GPU backend
     the hyperparameters are copied to the device when they differ from recent calls'.
     """
-    hyper = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                            style, l1, decoupled_weight_decay)
-    first_step = _flag("first_step", first_step)
+    hyper = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
+                            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                            style=style, l1=l1,
+                            decoupled_weight_decay=decoupled_weight_decay)
+    first_step = flag("first_step", first_step)
     inv_grad_scale = inverse_grad_scale(grad_scale)
     backend = select_backend(backend, param)
-    _check_arrays(backend, param, grad, velocity)
-    table = update_table([hyper], [not first_step], state_dtype(describe("param", param)
-                                                                .dtype), size=_size(param))
-    backend.step(param, grad, velocity, stateless_table(backend, table, param),
+    check_arrays(backend, param, grad, velocity)
+    table = update_table([hyper], [not first_step],
+                         compute_dtype(describe("param", param).dtype), size=_size(param))
+    backend.step(param, grad, velocity, _stateless_table(backend, table, param),
                  inv_grad_scale)
+
+
+_STATELESS_TABLES = {}  # (backend, place, contents) -> device table, oldest first
+STATELESS_TABLES_KEPT = 16
+
+
+def _stateless_table(backend, table, param):
+    """`table` in `param`'s memory for momentum_step: the latest few stay there, so steps
+    repeating their hyperparameters neither allocate nor copy."""
+    key = (backend.name, backend.place(param), table.launch_flags,
+           *(getattr(table, name).tobytes() for name in ARRAY_FIELDS))
+    device = _STATELESS_TABLES.pop(key, None)
+    if device is None:
+        device = device_table(backend, table, param)
+    _STATELESS_TABLES[key] = device
+    while len(_STATELESS_TABLES) > STATELESS_TABLES_KEPT:
+        del _STATELESS_TABLES[next(iter(_STATELESS_TABLES))]
+    return device
 
 
 def _size(array):
@@ -141,9 +156,11 @@ class MomentumSGD:
                  l1=0.0, nesterov=False, maximize=False, style="classic",
                  decoupled_weight_decay=False, groups=None, skip_nonfinite=False,
                  backend="auto"):
-        defaults = Hyperparameters(lr, momentum, dampening, weight_decay, nesterov,
-                                   maximize, style, l1, decoupled_weight_decay)
-        self.skip_nonfinite = _flag("skip_nonfinite", skip_nonfinite)
+        defaults = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
+                                   weight_decay=weight_decay, nesterov=nesterov,
+                                   maximize=maximize, style=style, l1=l1,
+                                   decoupled_weight_decay=decoupled_weight_decay)
+        self._skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
         self.flat = params if isinstance(params, FlatParams) else None
         self.param = params.data if self.flat is not None else params
         self._backend = select_backend(backend, self.param)
@@ -152,7 +169,7 @@ class MomentumSGD:
         self._plan = self._resolve(groups, defaults)
         self._group_params = [list(g["params"]) for g in (groups or [])]
         self._hypers = list(self._plan.hypers)
-        self.velocity = self._backend.zeros(info.shape, state_dtype(info.dtype))
+        self.velocity = self._backend.zeros(info.shape, compute_dtype(info.dtype))
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
         self._table = None  # the update table in the backend's memory
         self._table_stale = True  # hyperparameters or first-step flags changed since
@@ -164,9 +181,9 @@ class MomentumSGD:
         return resolve_groups(groups, defaults, self.flat.offsets, size, self.flat.names)
 
     def _new_counters(self, step_count, velocity_initialized, skipped_steps):
-        counters = np.zeros(VELOCITY_INITIALIZED + len(velocity_initialized), np.int64)
+        counters = np.zeros(GROUP_SLOTS + len(velocity_initialized), np.int64)
         counters[[STEP_COUNT, SKIPPED_STEPS]] = step_count, skipped_steps
-        counters[VELOCITY_INITIALIZED:] = velocity_initialized
+        counters[GROUP_SLOTS:] = velocity_initialized
         return self._backend.asarray(counters) if self.skip_nonfinite else counters
 
     def _host_counters(self):
@@ -187,7 +204,13 @@ class MomentumSGD:
     def velocity_initialized(self):
         """Whether steps have written every group's velocity (the next step is no group's
         first step)."""
-        return bool(self._host_counters()[VELOCITY_INITIALIZED:].all())
+        return bool(self._host_counters()[GROUP_SLOTS:].all())
+
+    @property
+    def skip_nonfinite(self):
+        """Whether steps with a non-finite gradient are skipped (fixed at construction:
+        the counters that decide first steps live in the backend's memory then)."""
+        return self._skip_nonfinite
 
     @property
     def backend(self):
@@ -232,11 +255,12 @@ class MomentumSGD:
     def _device_table(self):
         if self._table_stale:
             # With skip_nonfinite the kernels read first steps from the device counters.
-            initialized = ([True] * len(self._hypers) if self.skip_nonfinite else
-                           self._counters[VELOCITY_INITIALIZED:])
+            initialized = ([True] * len(self._hypers) if self._skip_nonfinite else
+                           self._counters[GROUP_SLOTS:])
             table = update_table(self._hypers, initialized, self.velocity.dtype,
                                  self._plan.range_ends, self._plan.range_groups)
-            self._table = self._backend.device_table(table, self.param, reuse=self._table)
+            self._group_flags = table.group_flags  # in host memory, for the host's counting
+            self._table = device_table(self._backend, table, self.param, reuse=self._table)
             self._table_stale = False
         return self._table
 
@@ -250,18 +274,19 @@ class MomentumSGD:
                                 "(only FlatParams carry their own gradient buffer)")
             grad = self.flat.grad
         backend, counters = self._backend, self._counters
-        _check_arrays(backend, self.param, grad, self.velocity)
+        check_arrays(backend, self.param, grad, self.velocity)
         table = self._device_table()
-        if self.skip_nonfinite:
+        if self._skip_nonfinite:
             backend.step(self.param, grad, self.velocity, table, inv_grad_scale, counters)
             return
         backend.step(self.param, grad, self.velocity, table, inv_grad_scale)
-        counters[STEP_COUNT] += 1
-        initialized = counters[VELOCITY_INITIALIZED:]
+        # The counters stay in host memory: counted here as the kernels count theirs.
+        count_step(counters)
+        initialized = counters[GROUP_SLOTS:]
         if not initialized.all():
-            now = initialized | [h.initializes_velocity for h in self._hypers]
-            if (now != initialized).any():  # a group's first step: its flags change
-                initialized[:] = now
+            before = initialized.copy()
+            mark_velocities_initialized(counters, self._group_flags, 0, 1)
+            if (initialized != before).any():  # a group's first step: its flags change
                 self._table_stale = True
 
     def state_dict(self):
@@ -273,25 +298,14 @@ class MomentumSGD:
         return {"format": STATE_FORMAT, **self._hypers[0].as_dict(),
                 "groups": [dict(group) for group in self.param_groups],
                 "step_count": int(counters[STEP_COUNT]),
-                "velocity_initialized": [bool(c) for c in counters[VELOCITY_INITIALIZED:]],
+                "velocity_initialized": [bool(c) for c in counters[GROUP_SLOTS:]],
                 "skipped_steps": int(counters[SKIPPED_STEPS]),
                 "velocity": self._backend.copy(self.velocity)}
 
-    def load_state_dict(self, state):
-        """Restores `state_dict()` output; validates everything before changing anything."""
-        self._restore(state)
-
-    def save(self, path):
-        """Writes a checkpoint atomically (see `gpu_momentum.checkpoint`)."""
-        from .checkpoint import save_checkpoint
-        save_checkpoint(self, path)
-
-    def load(self, path):
-        """Restores params and state from `save(path)`, all or nothing."""
-        from .checkpoint import load_checkpoint
-        load_checkpoint(self, path)
-
-    def _restore(self, state, param=None):
+    def load_state_dict(self, state, params=None):
+        """Restores `state_dict()` output and, given `params` (an array of the flat
+        buffer's shape and dtype, in host or this backend's memory), the parameters too.
+        Validates everything before changing anything."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type_name(state)}")
         expected = set(self.state_dict_keys())
@@ -319,18 +333,28 @@ class MomentumSGD:
                              f"group's)")
         counters = self._new_counters(
             _count("step_count", state["step_count"]),
-            [_flag("velocity_initialized", flag) for flag in initialized],
+            [flag("velocity_initialized", value) for value in initialized],
             _count("skipped_steps", state["skipped_steps"]))
         velocity = self._like("velocity", state["velocity"], self.velocity)
-        if param is not None:
-            param = self._like("param", param, self.param)
+        if params is not None:
+            params = self._like("params", params, self.param)
         # Everything is checked: from here on nothing can fail half way.
         self._backend.assign(self.velocity, velocity)
-        if param is not None:
-            self._backend.assign(self.param, param)
+        if params is not None:
+            self._backend.assign(self.param, params)
         self._hypers = list(plan.hypers)
         self._counters = counters
         self._table_stale = True
+
+    def save(self, path):
+        """Writes a checkpoint atomically (see `gpu_momentum.checkpoint`)."""
+        from .checkpoint import save_checkpoint
+        save_checkpoint(self, path)
+
+    def load(self, path):
+        """Restores params and state from `save(path)`, all or nothing."""
+        from .checkpoint import load_checkpoint
+        load_checkpoint(self, path)
 
     def _like(self, name, array, target):
         """`array` in this backend's memory, checked to have `target`'s shape and dtype."""

@@ -1,8 +1,8 @@
 // The fused momentum-SGD update in CUDA C: one pass reads param, grad and velocity once and
 // writes param and velocity once, for every parameter group in one launch. CuPy compiles
-// this file (kernels/cupy_kernels.py) from the text that kernels/cuda_source.py builds,
-// which prepends the GM_* #defines used below (generated from kernels/elementwise.py); the
-// same text is compiled for the CPU by the tests (tests/cuda_host/shim.h).
+// this file (gpu_momentum/backends/cupy.py) from the text that kernels/cuda_source.py builds,
+// which prepends the GM_* #defines used below (generated from kernels/layout.py); the same
+// text is compiled for the CPU by the tests (tests/cuda_host/shim.h).
 //
 // Entry points, listed as NVRTC name expressions, for T = float, double and __half: storage
 // type T, velocity type V (float for __half, else T), compute type C (double for double,
@@ -18,24 +18,26 @@
 //                             coupled weight_decay, l1, decoupled decay = 1 - lr * wd or
 //                             exactly 1)
 //   const unsigned* group_flags  [groups], per-group GM_FLAG_* bits (NESTEROV,
-//                             FRESH_VELOCITY, KEEP_VELOCITY)
+//                             VELOCITY_INITIALIZED, KEEP_VELOCITY)
 //   const long long* range_ends  [range_count], increasing, the last is n: range r is
 //                             [range_ends[r - 1], range_ends[r]) (from 0 for r = 0)
 //   const int* range_groups   [range_count], the group of each range
 //   int range_count           at least 1
 //   C inv_grad_scale          1 / loss scale; exactly 1 without loss scaling
-//   unsigned launch_flags     launch-wide GM_FLAG_* bits (CLASSIC, MAXIMIZE, COUNTERS),
-//                             or'ed into every group's flags
-//   const long long* counters with GM_FLAG_COUNTERS, the step counters in device memory
-//                             (GM_COUNTER_* slots, then one per group): the step does
-//                             nothing when LAST_STEP_SKIPPED is set, and group k takes a
-//                             first step when VELOCITY_INITIALIZED + k is 0 (its
-//                             FRESH_VELOCITY bit is ignored); else unused (may be null)
-// Skipping steps with a non-finite gradient, all on the stream, no host round trip:
-//   counters[LAST_STEP_SKIPPED] = 0 (a memset), find_nonfinite<T>(grad, n, inv_grad_scale,
-//   counters) sets it when a scaled gradient element is NaN or inf, momentum_step<T> with
-//   GM_FLAG_COUNTERS, then finish_step(counters, group_flags, group_count), one block,
-//   counts the step and marks the groups' velocities as existing.
+//   unsigned launch_flags     launch-wide GM_FLAG_* bits (CLASSIC, MAXIMIZE,
+//                             READ_COUNTERS), or'ed into every group's flags
+//   const long long* counters with GM_FLAG_READ_COUNTERS, the step counters in device
+//                             memory (GM_COUNTER_* slots, then one per group from
+//                             GM_COUNTER_GROUP_SLOTS): the step does nothing when
+//                             LAST_STEP_SKIPPED is set, and group k's velocity is
+//                             initialized when its slot is not 0 (its VELOCITY_INITIALIZED
+//                             bit is ignored); else unused (may be null)
+// Skipping steps with a non-finite gradient, all on the stream, no host round trip
+// (kernels/cuda_launch.py, step_launches): counters[LAST_STEP_SKIPPED] = 0 (a memset),
+// find_nonfinite<T>(grad, n, inv_grad_scale, counters) sets it when a scaled gradient
+// element is NaN or inf, momentum_step<T> with GM_FLAG_READ_COUNTERS, then
+// finish_step(counters, group_flags, group_count), one block, counts the step and marks
+// the groups' velocities as initialized.
 // Launch: at most GM_BLOCK_SIZE threads per block, any grid size (grid-stride loops).
 //
 // The maths follows kernels/elementwise.py operation for operation (and no FMA contraction:
@@ -72,10 +74,10 @@ struct Hyper {
     C lr, momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale;
     unsigned flags;
     __device__ __forceinline__ bool has(unsigned flag) const { return (flags & flag) != 0; }
-    // The old velocity is read unless it does not exist yet (first step) or torch style
-    // with momentum 0 leaves it untouched.
+    // The old velocity is read when it is initialized (not on the first step), unless
+    // torch style with momentum 0 leaves it untouched.
     __device__ __forceinline__ bool reads_velocity() const {
-        return !has(GM_FLAG_FRESH_VELOCITY | GM_FLAG_KEEP_VELOCITY);
+        return has(GM_FLAG_VELOCITY_INITIALIZED) && !has(GM_FLAG_KEEP_VELOCITY);
     }
 };
 
@@ -125,12 +127,12 @@ struct Cursor {
         const int k = t.range_groups[low];
         const C* row = t.scalars + static_cast<long long>(k) * GM_GROUP_COLUMNS;
         unsigned flags = t.launch_flags | t.group_flags[k];
-        if (flags & GM_FLAG_COUNTERS) {
+        if (flags & GM_FLAG_READ_COUNTERS) {
             // The device counters, not the host's table, know whether the group's velocity
-            // exists: a skipped first step leaves the next one first.
-            flags &= ~GM_FLAG_FRESH_VELOCITY;
-            if (t.counters[GM_COUNTER_VELOCITY_INITIALIZED + k] == 0) {
-                flags |= GM_FLAG_FRESH_VELOCITY;
+            // is initialized: a skipped first step leaves the next one first.
+            flags &= ~GM_FLAG_VELOCITY_INITIALIZED;
+            if (t.counters[GM_COUNTER_GROUP_SLOTS + k] != 0) {
+                flags |= GM_FLAG_VELOCITY_INITIALIZED;
             }
         }
         h = Hyper<C>{row[GM_COLUMN_LR], row[GM_COLUMN_MOMENTUM], row[GM_COLUMN_GRAD_COEFF],
@@ -163,12 +165,12 @@ __device__ __forceinline__ void update(C& p, C g, C& v, const Hyper<C>& h) {
     }
     if (h.decay != C(1)) p = p * h.decay;
     if (h.has(GM_FLAG_CLASSIC)) {
-        v = h.has(GM_FLAG_FRESH_VELOCITY) ? -h.lr * g : h.momentum * v - h.lr * g;
+        v = h.has(GM_FLAG_VELOCITY_INITIALIZED) ? h.momentum * v - h.lr * g : -h.lr * g;
         p = h.has(GM_FLAG_NESTEROV) ? p + (h.momentum * v - h.lr * g) : p + v;
     } else if (h.has(GM_FLAG_KEEP_VELOCITY)) {
         p = p - h.lr * g;
     } else {
-        v = h.has(GM_FLAG_FRESH_VELOCITY) ? g : h.momentum * v + h.grad_coeff * g;
+        v = h.has(GM_FLAG_VELOCITY_INITIALIZED) ? h.momentum * v + h.grad_coeff * g : g;
         p = h.has(GM_FLAG_NESTEROV) ? p - h.lr * (g + h.momentum * v) : p - h.lr * v;
     }
 }
@@ -253,7 +255,8 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
               unsigned launch_flags, const long long* __restrict__ counters) {
     using C = typename gm::Types<T>::compute;
     constexpr int W = gm::vector_width<T>();
-    if ((launch_flags & GM_FLAG_COUNTERS) && counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) {
+    if ((launch_flags & GM_FLAG_READ_COUNTERS) &&
+        counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) {
         return;  // a non-finite gradient: the step changes nothing
     }
     const gm::Table<C> table{group_scalars, group_flags, range_ends,   range_groups,
@@ -335,8 +338,8 @@ find_nonfinite(const T* __restrict__ grad, long long n,
 
 // One block, after momentum_step: thread 0 counts the step as taken or skipped; unless it
 // was skipped, every thread marks the velocities of its groups (k = threadIdx.x, then every
-// blockDim.x-th) as existing, except those of groups that leave the velocity alone. Nothing
-// here writes LAST_STEP_SKIPPED, so the threads read it without a race.
+// blockDim.x-th) as initialized, except those of groups that leave the velocity alone.
+// Nothing here writes LAST_STEP_SKIPPED, so the threads read it without a race.
 __global__ void finish_step(long long* __restrict__ counters,
                             const unsigned* __restrict__ group_flags, int group_count) {
     const bool skipped = counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0;
@@ -346,7 +349,7 @@ __global__ void finish_step(long long* __restrict__ counters,
     if (skipped) return;
     for (int k = threadIdx.x; k < group_count; k += blockDim.x) {
         if ((group_flags[k] & GM_FLAG_KEEP_VELOCITY) == 0) {
-            counters[GM_COUNTER_VELOCITY_INITIALIZED + k] = 1;
+            counters[GM_COUNTER_GROUP_SLOTS + k] = 1;
         }
     }
 }

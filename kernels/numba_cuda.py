@@ -1,43 +1,46 @@
 """Numba CUDA kernels: the fused update as one grid-stride pass over the flat buffers.
 
-momentum_step_kernel's arguments, in order (layout in kernels.elementwise):
+momentum_step_kernel's arguments, in order (layout in kernels.layout):
   param, grad   1-D contiguous float16/float32/float64 device arrays (param updated in place)
   velocity      1-D contiguous device array of the compute dtype (float32 for float16
                 params, else the param dtype), updated in place
   scalars, group_flags, range_ends, range_groups
-                the per-group table and the ranges of a gpu_momentum.groups.UpdateTable,
-                in device memory (scalars of the compute dtype)
+                the four arrays of a gpu_momentum.groups.UpdateTable, in device memory
+                (scalars of the compute dtype)
   inv_grad_scale  1 / loss scale, of the compute dtype
-  launch_flags  CLASSIC | MAXIMIZE, and COUNTERS when `counters` decide
-  counters      the step counters (int64); read only with COUNTERS
+  launch_flags  CLASSIC | MAXIMIZE, and READ_COUNTERS when `counters` decide
+  counters      the step counters (int64); read only with READ_COUNTERS (else empty)
 Hyperparameters are data, not compile-time constants: a schedule changing lr or momentum
-reuses the compiled kernel. One kernel is compiled per dtype combination.
+reuses the compiled kernel. One kernel is compiled per dtype combination. The launches
+of a step are kernels.cuda_launch.step_launches' (gpu_momentum.backends.numba_cuda).
 """
 
-import dataclasses
 import functools
-import math
 from importlib.metadata import version
 
 import numpy as np
 from numba import cuda, types
 from numba.core import config
-from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
-from .elementwise import (CLASSIC, COUNTERS, DECAY, FRESH_VELOCITY, GRAD_COEFF,
-                          KEEP_VELOCITY, L1, LAST_STEP_SKIPPED, LR, MAXIMIZE, MOMENTUM,
-                          NESTEROV, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED,
-                          WEIGHT_DECAY, find_range, momentum_update)
+from .elementwise import (count_step, find_range, group_hyperparameters,
+                          mark_velocities_initialized, momentum_update,
+                          scaled_gradient_is_finite)
+from .layout import CLASSIC, LAST_STEP_SKIPPED, MAXIMIZE, READ_COUNTERS
 
 PARAM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
-# The CPU kernel compiles the same Python functions with numba.njit. Here they become CUDA
+# The CPU kernels compile the same Python functions with numba.njit. Here they become CUDA
 # device functions with inline="always": Numba inlines their IR into the kernel, so the
 # kernel compiles as one unit for whichever compute capability is asked for, and
 # `cuda.compile_ptx(..., cc=(9, 0))` works on a machine without a GPU. A device function
 # compiled on its own (inline="never") is built for the current device, which needs one.
-momentum_update_cuda = cuda.jit(device=True, inline="always")(momentum_update)
-find_range_cuda = cuda.jit(device=True, inline="always")(find_range)
+_inline = cuda.jit(device=True, inline="always")
+momentum_update_cuda = _inline(momentum_update)
+find_range_cuda = _inline(find_range)
+group_hyperparameters_cuda = _inline(group_hyperparameters)
+scaled_gradient_is_finite_cuda = _inline(scaled_gradient_is_finite)
+count_step_cuda = _inline(count_step)
+mark_velocities_initialized_cuda = _inline(mark_velocities_initialized)
 
 THREADS_PER_BLOCK = 256
 # The CUDA simulator runs each thread of a block as a Python thread, one block after the
@@ -48,18 +51,6 @@ FINISH_THREADS = 32  # finish_step_kernel's one block, striding over the groups
 
 
 @cuda.jit(device=True, inline="always")
-def _group(scalars, group_flags, counters, k, counted):
-    """Group k's (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, fresh)."""
-    if counted:
-        fresh = counters[VELOCITY_INITIALIZED + k] == 0
-    else:
-        fresh = group_flags[k] & FRESH_VELOCITY != 0
-    return (scalars[k, LR], scalars[k, MOMENTUM], scalars[k, GRAD_COEFF],
-            scalars[k, WEIGHT_DECAY], scalars[k, L1], scalars[k, DECAY],
-            group_flags[k] & NESTEROV != 0, fresh)
-
-
-@cuda.jit(device=True, inline="always")
 def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
                 inv_grad_scale, launch_flags, counters):
     # float16 is widened to float32 before any arithmetic (Numba's fp16 arithmetic calls
@@ -67,12 +58,13 @@ def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_g
     compute = velocity.dtype.type
     classic = launch_flags & CLASSIC != 0
     maximize = launch_flags & MAXIMIZE != 0
-    counted = launch_flags & COUNTERS != 0
+    read_counters = launch_flags & READ_COUNTERS != 0
     # Each thread's indices only grow: it looks its range up only when an index passes
     # the current range's end; the next range (one load) or else a binary search.
     r, end = -1, 0
-    lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, fresh = _group(
-        scalars, group_flags, counters, range_groups[0], counted)
+    lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, initialized = \
+        group_hyperparameters_cuda(scalars, group_flags, counters, range_groups[0],
+                                   read_counters)
     # param.size is 64-bit, so i is too: buffers past 2**31 elements index correctly.
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         if i >= end:
@@ -81,27 +73,27 @@ def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_g
             else:
                 r = find_range_cuda(range_ends, i)
             end = range_ends[r]
-            lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, fresh = _group(
-                scalars, group_flags, counters, range_groups[r], counted)
+            lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, initialized = \
+                group_hyperparameters_cuda(scalars, group_flags, counters, range_groups[r],
+                                           read_counters)
         param[i], velocity[i] = momentum_update_cuda(
             compute(param[i]), compute(grad[i]), velocity[i], lr, momentum, grad_coeff,
-            weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize, fresh)
+            weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+            initialized)
 
 
 @cuda.jit(cache=True)
 def momentum_step_kernel(param, grad, velocity, scalars, group_flags, range_ends,
                          range_groups, inv_grad_scale, launch_flags, counters):
-    if launch_flags & COUNTERS == 0 or counters[LAST_STEP_SKIPPED] == 0:
+    if launch_flags & READ_COUNTERS == 0 or counters[LAST_STEP_SKIPPED] == 0:
         _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
                     inv_grad_scale, launch_flags, counters)
 
 
-# Skipping steps with a non-finite gradient takes four launches on the stream and no host
-# round trip, as the CUDA C kernels do: clear LAST_STEP_SKIPPED, set it where a scaled
-# gradient element is NaN or inf, update unless it is set (each group's first step from
-# the counters), count the step.
+# Skipping steps with a non-finite gradient: the other three launches of
+# kernels.cuda_launch.step_launches.
 @cuda.jit(cache=True)
-def begin_step_kernel(counters):
+def clear_skip_kernel(counters):
     if cuda.grid(1) == 0:
         counters[LAST_STEP_SKIPPED] = 0
 
@@ -111,7 +103,7 @@ def find_nonfinite_kernel(grad, velocity, inv_grad_scale, counters):
     # Checked as the update computes it: widened to the velocity's (compute) dtype first.
     compute = velocity.dtype.type
     for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
-        if not math.isfinite(compute(grad[i]) * inv_grad_scale):
+        if not scaled_gradient_is_finite_cuda(compute(grad[i]), inv_grad_scale):
             # Every writer stores the same 1: the race between threads is harmless.
             counters[LAST_STEP_SKIPPED] = 1
 
@@ -119,18 +111,14 @@ def find_nonfinite_kernel(grad, velocity, inv_grad_scale, counters):
 @cuda.jit(cache=True)
 def finish_step_kernel(counters, group_flags):
     """One block: counts the step as taken or skipped; a taken step initializes the
-    velocity of every group that writes it."""
+    velocity of every group that writes it. Nothing here writes LAST_STEP_SKIPPED, so the
+    threads read it without a race."""
     thread = cuda.grid(1)
-    skipped = counters[LAST_STEP_SKIPPED] != 0
+    taken = counters[LAST_STEP_SKIPPED] == 0
     if thread == 0:
-        if skipped:
-            counters[SKIPPED_STEPS] += 1
-        else:
-            counters[STEP_COUNT] += 1
-    if not skipped:
-        for k in range(thread, group_flags.size, cuda.gridsize(1)):
-            if group_flags[k] & KEEP_VELOCITY == 0:
-                counters[VELOCITY_INITIALIZED + k] = 1
+        count_step_cuda(counters)
+    if taken:
+        mark_velocities_initialized_cuda(counters, group_flags, thread, cuda.gridsize(1))
 
 
 def _no_op():
@@ -182,73 +170,6 @@ def launch_config(size):
     else:
         threads, most_blocks = _launch_limits(cuda.get_current_device().id)
     return max(1, min(most_blocks, -(-size // threads))), threads
-
-
-def _numba_array(array):
-    """A Numba device array (a zero-copy view of a `__cuda_array_interface__` array).
-
-    `sync=False`: the view records the stream the array was exported on (CuPy names its
-    current stream) instead of waiting for it, and the update is queued there. An
-    exporter that names none (PyTorch's interface is version 2, without streams) leaves
-    Numba's default stream, the legacy default stream that torch's default stream is.
-    """
-    return array if is_cuda_ndarray(array) else cuda.as_cuda_array(array, sync=False)
-
-
-def _flat(array):
-    return array if array.ndim == 1 else array.reshape(array.size)
-
-
-def place(param):
-    """(device, stream handle) where param's update runs."""
-    stream = _numba_array(param).stream
-    device = getattr(cuda.get_current_device(), "id", 0)  # the simulator's has no id
-    handle = getattr(stream, "handle", stream)  # 0: an array bound to no stream
-    return device, getattr(handle, "value", handle)
-
-
-def upload_table(table, param, reuse=None):
-    """`table` (a host UpdateTable) in device memory, copied on param's stream without
-    waiting; into `reuse` (a table this returned before, for the same ranges) if given."""
-    stream = _numba_array(param).stream
-    if reuse is None:
-        return table.on(lambda array: cuda.to_device(array, stream=stream))
-    reuse.scalars.copy_to_device(table.scalars, stream=stream)
-    reuse.group_flags.copy_to_device(table.group_flags, stream=stream)
-    return dataclasses.replace(reuse, launch_flags=table.launch_flags)
-
-
-def momentum_step_numba_cuda(param, grad, velocity, table, inv_grad_scale, counters=None):
-    """Queues the update on param's stream and returns without waiting for it.
-
-    The arrays are Numba device arrays or `__cuda_array_interface__` arrays, already
-    checked by `gpu_momentum._arrays.check_update`; `table` is an UpdateTable in device
-    memory (upload_table). param's stream is the one its exporter named, or the one a
-    Numba array is bound to, else Numba's default stream, so the update runs after the work
-    queued there that produced the gradient (see _numba_array for PyTorch tensors).
-    With `counters` (a device int64 array, slots as in kernels.elementwise) a step whose
-    scaled gradient holds a NaN or inf is skipped: four launches, no waiting.
-    """
-    param, grad, velocity = (_flat(_numba_array(a)) for a in (param, grad, velocity))
-    inv_grad_scale = velocity.dtype.type(inv_grad_scale)
-    blocks, threads = launch_config(param.size)
-    stream = param.stream
-    launch_flags = table.launch_flags
-    if counters is None:
-        counters = table.range_ends  # not read without COUNTERS; any int64 array does
-    else:
-        counters = _numba_array(counters)
-        launch_flags |= COUNTERS
-        begin_step_kernel[1, 1, stream](counters)
-    if param.size:
-        if launch_flags & COUNTERS:
-            find_nonfinite_kernel[blocks, threads, stream](grad, velocity, inv_grad_scale,
-                                                          counters)
-        momentum_step_kernel[blocks, threads, stream](
-            param, grad, velocity, table.scalars, table.group_flags, table.range_ends,
-            table.range_groups, inv_grad_scale, launch_flags, counters)
-    if launch_flags & COUNTERS:
-        finish_step_kernel[1, FINISH_THREADS, stream](counters, table.group_flags)
 
 
 def kernel_signatures(param_dtype):

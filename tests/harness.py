@@ -57,7 +57,7 @@ class Harness:
     def assign(self, target, array):
         """Writes the NumPy `array` into `target`, in the backend's memory, in place."""
         array = self.from_numpy(np.asarray(array, dtype=target.dtype))
-        gpu_momentum._backends.backend_named(self.name).assign(target, array)
+        gpu_momentum.backends.backend_named(self.name).assign(target, array)
 
 
 class CpuHarness(Harness):

@@ -3,7 +3,8 @@
 The exact text CuPy's RawModule compiles (`module_source()`) is built with g++ and
 tests/cuda_host/shim.h force-included; one extern "C" launcher per name expression calls
 the kernel template through the shim's sequential launcher. Launches go through
-`kernels.cupy_kernels.launch_plan`, as the cupy backend's do.
+`kernels.cuda_launch` (launch_plan, step_launches), as the cupy backend's do, after the
+checks the cupy backend's step gets (check_arrays, check_table).
 """
 
 import ctypes
@@ -15,12 +16,13 @@ import numpy as np
 
 import gpu_momentum as gm
 from configs import LR_SCHEDULE, SEGMENT_NAMES, SEGMENT_SIZES, group_lr, problem
-from gpu_momentum._hyperparams import Hyperparameters, inverse_grad_scale
-from gpu_momentum.groups import ARRAY_FIELDS, resolve_groups, update_table
+from gpu_momentum.backends import REGISTRY, check_arrays
+from gpu_momentum.groups import check_table, resolve_groups, update_table
+from gpu_momentum.hyperparams import Hyperparameters, inverse_grad_scale
+from gpu_momentum.kernels.cuda_launch import check_counters, launch_plan, step_launches
 from gpu_momentum.kernels.cuda_source import (ENTRY_POINTS, FINISH_EXPRESSION,
                                               cuda_include_dir, module_source)
-from gpu_momentum.kernels.cupy_kernels import check_counters, launch_plan
-from gpu_momentum.kernels.elementwise import LAST_STEP_SKIPPED
+from gpu_momentum.kernels.layout import LAST_STEP_SKIPPED
 from harness import missing_tool
 
 SHIM = Path(__file__).parent / "cuda_host" / "shim.h"
@@ -57,7 +59,7 @@ def launchers_source(module_path):
             f"const {c}* group_scalars, const unsigned* group_flags, "
             f"const long long* range_ends, const int* range_groups, int range_count, "
             f"{c} inv_grad_scale, unsigned launch_flags, const long long* counters) {{\n"
-            f"    gm_host_launch(grid, block, &{entry.name_expression}, "
+            f"    gm_host_launch(grid, block, &{entry.update_expression}, "
             f"static_cast<{t}*>(param), static_cast<const {t}*>(grad), "
             f"static_cast<{v}*>(velocity), n, group_scalars, group_flags, range_ends, "
             f"range_groups, range_count, inv_grad_scale, launch_flags, counters);\n}}")
@@ -133,32 +135,36 @@ class HostKernel:
     def step(self, param, grad, velocity, table, inv_grad_scale=1.0, counters=None,
              max_blocks=4):
         """In place, like the cupy backend's step over a host UpdateTable (NumPy arrays);
-        with `counters` (an int64[VELOCITY_INITIALIZED + groups] NumPy array) its four
-        operations. `max_blocks` stands in for the device's limit (small, so that the
-        grid-stride loops go round)."""
+        with `counters` (an int64[GROUP_SLOTS + groups] NumPy array) its four launches.
+        `max_blocks` stands in for the device's limit (small, so that the grid-stride
+        loops go round)."""
         arrays = (param, grad, velocity)
-        plan = launch_plan(param.dtype, param.size, [a.ctypes.data for a in arrays], table,
-                           inv_grad_scale, max_blocks, counters is not None)
-        table_arrays = [getattr(table, name) for name in ARRAY_FIELDS]
-        assert all(a.flags.c_contiguous for a in (*arrays, *table_arrays))
+        check_arrays(REGISTRY["cupy"], *arrays)
+        check_table(table, param.size, ENTRY_POINTS[param.dtype].compute_dtype)
+        if counters is not None:
+            check_counters(counters, table.group_count)
+        plan = launch_plan(param.dtype, param.size, table, inv_grad_scale, max_blocks,
+                           counters is not None)
+        assert all(a.flags.c_contiguous for a in (*arrays, *table.arrays()))
         pointers = [a.ctypes.data for a in arrays]
-        table_args = [a.ctypes.data for a in table_arrays] + [int(plan.range_count)]
-        update = getattr(self.library, f"gm_update_{param.dtype.name}")
+        table_args = [a.ctypes.data for a in table.arrays()] + [int(plan.range_count)]
         scale, flags = float(plan.inv_grad_scale), int(plan.launch_flags)
-        if counters is None:
-            if plan.grid:
-                update(plan.grid, plan.block, *pointers, int(plan.n), *table_args, scale,
-                       flags, None)
-            return
-        check_counters(counters, table.group_count)
-        counters[LAST_STEP_SKIPPED] = 0
-        if plan.grid:
-            getattr(self.library, f"gm_check_{param.dtype.name}")(
-                plan.grid, plan.block, pointers[1], int(plan.n), scale, counters.ctypes.data)
-            update(plan.grid, plan.block, *pointers, int(plan.n), *table_args, scale, flags,
-                   counters.ctypes.data)
-        self.library.gm_finish(plan.finish_block, counters.ctypes.data,
-                               table.group_flags.ctypes.data, int(plan.group_count))
+        counters_pointer = None if counters is None else counters.ctypes.data
+        grid, block = plan.grid, plan.block
+        update = getattr(self.library, f"gm_update_{param.dtype.name}")
+        check = getattr(self.library, f"gm_check_{param.dtype.name}")
+        launches = {
+            "clear": lambda: counters.__setitem__(LAST_STEP_SKIPPED, 0),
+            "find_nonfinite": lambda: check(grid, block, pointers[1], int(plan.n), scale,
+                                            counters_pointer),
+            "update": lambda: update(grid, block, *pointers, int(plan.n), *table_args,
+                                     scale, flags, counters_pointer),
+            "finish": lambda: self.library.gm_finish(plan.finish_block, counters_pointer,
+                                                     table.group_flags.ctypes.data,
+                                                     int(plan.group_count)),
+        }
+        for launch in step_launches(grid, counters is not None):
+            launches[launch]()
 
     def step_hyper(self, param, grad, velocity, *, first_step=False, grad_scale=1.0,
                    counters=None, max_blocks=4, **hyper):

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -115,7 +116,16 @@ def test_measure_takes_turns_in_rounds():
 
 
 def _row(name, kind, median, n=2**26, bytes_per_element=20, roofline="R", **extra):
-    return {"name": name, "kind": kind, "device": "cpu", "workload": "flat", "tensors": 1,
+    """A row as the benchmark writes it; its backend, peer and groups fields from `name`
+    ("gpu-momentum cpu (100 groups)", "torch SGD fused (cpu)")."""
+    if kind == "backend":
+        backend, groups = re.fullmatch(r"gpu-momentum (\S+)(?: \((\d+) groups\))?",
+                                       name).groups()
+        fields = {"backend": backend, "peer": None, "groups": int(groups or 1)}
+    else:
+        fields = {"backend": None, "peer": name.split(" (")[0], "groups": 1}
+    return {"name": name, "kind": kind, "device": "cpu", **fields, "workload": "flat",
+            "tensors": 1,
             "dtype": "float32", "n": n, "median_s": median, "p25_s": median * 0.9,
             "p75_s": median * 1.1, "bytes_per_element": bytes_per_element,
             "gbps": n * bytes_per_element / median / 1e9, "elements_per_s": n / median,
@@ -170,10 +180,10 @@ def test_groups_ratio_and_its_lines():
     point only, shown with whether it is within 5%."""
     result = _result([
         {**_row("gpu-momentum cpu", "backend", 0.040), "workload": "groups", "tensors": 100},
-        {**_row("gpu-momentum cpu (100 groups)", "backend", 0.041,
-                one_group="gpu-momentum cpu"), "workload": "groups", "tensors": 100},
-        {**_row("gpu-momentum cupy (100 groups)", "backend", 0.001,
-                one_group="gpu-momentum cupy"), "workload": "groups", "tensors": 100},
+        {**_row("gpu-momentum cpu (100 groups)", "backend", 0.041), "workload": "groups",
+         "tensors": 100},
+        {**_row("gpu-momentum cupy (100 groups)", "backend", 0.001), "workload": "groups",
+         "tensors": 100},
         _row("gpu-momentum cpu", "backend", 0.030),  # the flat sweep: not compared
     ])
     report.add_ratios(result)
@@ -232,7 +242,7 @@ def test_result_names_carry_the_device():
 
 
 def _candidate(name, device, arrays):
-    return candidates.Candidate(name, "peer", device, None, update_bytes, None, arrays)
+    return candidates.Candidate("peer", device, None, update_bytes, None, arrays, peer=name)
 
 
 def test_memory_cap_and_groups():
@@ -240,7 +250,7 @@ def test_memory_cap_and_groups():
     assert shortfall(host, 2**20, "float32", {"cpu": 24 * GIB}) is None
     assert [len(g) for g in groups(host, 2**20, "float32", {"cpu": 24 * GIB})] == [4]
     # 2**28 float32 = 1 GiB per array; with the two originals: 2 + 4 + 6 = 12 GiB, then 3+3
-    assert [[c.name for c in g] for g in groups(host, 2**28, "float32", {"cpu": 16 * GIB})
+    assert [[c.peer for c in g] for g in groups(host, 2**28, "float32", {"cpu": 16 * GIB})
             ] == [["c0", "c1"], ["c2", "c3"]]
     reason = shortfall(host[:1], 2**30, "float64", {"cpu": 24 * GIB})
     assert "needs about 48.0 GiB of cpu memory, 24.0 GiB available" in reason
@@ -325,7 +335,7 @@ def test_groups_candidates_do_the_reference_update(dtype):
     found, _ = candidates.discover(("cpu",))
     one, many = candidates.groups_comparison(found)
     assert (one.name, many.name) == ("gpu-momentum cpu", "gpu-momentum cpu (100 groups)")
-    assert many.one_group == one.name and one.one_group is None
+    assert (many.backend, many.groups) == (one.backend, 100) and one.groups == 1
     spec = candidates.group_spec(candidates.GROUPS)
     assert len({(g["lr"], g["momentum"], g["weight_decay"]) for g in spec}) == 100
     tolerance = {"float32": 1e-5, "float64": 1e-12}[dtype]
@@ -355,7 +365,7 @@ def test_groups_run_measures_the_backends_only_and_reports_the_ratio(monkeypatch
     compared = [r for r in result["results"] if r["workload"] == "groups"]
     assert [(r["name"], r["tensors"], r["n"]) for r in compared] == [
         ("gpu-momentum cpu", 100, 2**10), ("gpu-momentum cpu (100 groups)", 100, 2**10)]
-    assert compared[1]["one_group"] == "gpu-momentum cpu"
+    assert (compared[1]["backend"], compared[1]["groups"]) == ("cpu", 100)
     assert compared[1]["groups_ratio"] == pytest.approx(
         compared[1]["median_s"] / compared[0]["median_s"])
     assert "100 groups / 1 group" in report.table(result)
@@ -441,7 +451,7 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
     compared = [r for r in rows if r["workload"] == "groups"]
     assert {r["kind"] for r in compared} == {"backend"} and {r["n"] for r in compared} == {
         2**22}
-    assert all(r["groups_ratio"] > 0 for r in compared if "one_group" in r)
+    assert all(r["groups_ratio"] > 0 for r in compared if r["groups"] > 1)
     assert "100 groups / 1 group" in done.stdout
     assert plot_path.read_bytes().startswith(b"\x89PNG")
     saved = tmp_path / "s" / report.result_name(result)

@@ -1,7 +1,7 @@
 """The cupy backend's CUDA C module, compiled without a GPU: NVRTC, ptxas and the SASS.
 
 Everything here compiles `module_source()` with `module_options()`, the very text and
-options `kernels.cupy_kernels` gives CuPy's RawModule, for sm_80 (A100) and sm_90 (H100).
+options the cupy backend (gpu_momentum/backends/cupy.py) gives CuPy's RawModule, for sm_80 (A100) and sm_90 (H100).
 """
 
 import re
@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from gpu_momentum.cli import main
-from gpu_momentum.kernels import cupy_kernels, elementwise
-from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, COLUMNS, COUNTERS,
-                                              CUPY_ADDED_OPTIONS, ENTRY_POINTS,
-                                              FINISH_EXPRESSION, FLAGS, MIN_BLOCKS_PER_SM,
-                                              VECTOR_BYTES, compile_module, find_tool,
-                                              module_options, module_source,
-                                              name_expressions, sass)
+from gpu_momentum.backends import cupy as cupy_backend
+from gpu_momentum.kernels import layout
+from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, CUPY_ADDED_OPTIONS, ENTRY_POINTS,
+                                              FINISH_EXPRESSION, MIN_BLOCKS_PER_SM,
+                                              VECTOR_BYTES, module_options, module_source,
+                                              name_expressions)
+from gpu_momentum.kernels.cuda_toolchain import compile_module, find_tool, sass
+from gpu_momentum.kernels.layout import COLUMNS, COUNTERS, FLAGS
 from harness import missing_tool, require
 
 ARCHS = ("sm_80", "sm_90")
@@ -50,11 +51,11 @@ def test_rawmodule_receives_the_compiled_source_and_options(monkeypatch):
 
     monkeypatch.setattr(cupy, "RawModule", Recorder)
     monkeypatch.setattr(cupy.cuda, "Device", lambda device_id: _NoDevice())
-    cupy_kernels._module.cache_clear()
+    cupy_backend._module.cache_clear()
     try:
-        cupy_kernels._module(0)
+        cupy_backend._module(0)
     finally:
-        cupy_kernels._module.cache_clear()
+        cupy_backend._module.cache_clear()
     assert received == {"code": module_source(), "options": module_options(),
                         "name_expressions": name_expressions()}
 
@@ -88,17 +89,16 @@ def test_source_carries_the_settings_python_launches_with():
         assert f"#define GM_FLAG_{name} {bit}u\n" in source
         assert f"GM_FLAG_{name}" in body
     assert sorted(FLAGS.values()) == [1 << i for i in range(len(FLAGS))]
-    assert FLAGS == elementwise.FLAGS
     for name, slot in COUNTERS.items():
         assert f"#define GM_COUNTER_{name} {slot}\n" in source
-        assert slot == getattr(elementwise, name)
+        assert slot == getattr(layout, name)
     assert {f"GM_COUNTER_{name}" for name in COUNTERS} <= set(re.findall(r"GM_COUNTER_\w+",
                                                                           body))
-    assert sorted(COLUMNS.values()) == list(range(elementwise.GROUP_COLUMNS))
+    assert sorted(COLUMNS.values()) == list(range(layout.GROUP_COLUMNS))
     for name, column in COLUMNS.items():
         assert f"#define GM_COLUMN_{name} {column}\n" in source
-        assert column == getattr(elementwise, name) and f"GM_COLUMN_{name}" in body
-    assert f"#define GM_GROUP_COLUMNS {elementwise.GROUP_COLUMNS}\n" in source
+        assert column == getattr(layout, name) and f"GM_COLUMN_{name}" in body
+    assert f"#define GM_GROUP_COLUMNS {layout.GROUP_COLUMNS}\n" in source
     assert "--fmad=false" in module_options()
 
 
@@ -128,7 +128,7 @@ def test_cupy_flush_to_zero_is_part_of_the_compile(module):
 
 @pytest.mark.parametrize("dtype", list(ENTRY_POINTS), ids=lambda d: d.name)
 def test_vector_body_uses_128_bit_loads_and_stores(module, tools, dtype):
-    kernel = module.kernels[ENTRY_POINTS[dtype].name_expression]
+    kernel = module.kernels[ENTRY_POINTS[dtype].update_expression]
     code = sass(module, kernel.lowered_name)
     assert f"Function : {kernel.lowered_name}" in code
     instructions = [line.split("*/", 1)[-1] for line in code.splitlines()]

@@ -13,14 +13,15 @@ import pytest
 
 from bitwise import SIZES, assert_bitwise, same_precision_step, start
 from configs import CONFIGS, GROUP_CONFIGS, grouped_reference_step, hyper_at
-from gpu_momentum._hyperparams import Hyperparameters
+from gpu_momentum.hyperparams import Hyperparameters
 from gpu_momentum.groups import update_table
+from gpu_momentum.groups import check_table
+from gpu_momentum.kernels.cuda_launch import finish_block, grid_size, launch_plan
 from gpu_momentum.kernels.cuda_source import BLOCK_SIZE, ENTRY_POINTS, vector_width
-from gpu_momentum.kernels.cupy_kernels import finish_block, grid_size, launch_plan
-from gpu_momentum.kernels.elementwise import (CLASSIC, COUNTERS, GRAD_COEFF, KEEP_VELOCITY,
-                                              LAST_STEP_SKIPPED, MAXIMIZE, NESTEROV,
-                                              SKIPPED_STEPS, STEP_COUNT,
-                                              VELOCITY_INITIALIZED)
+from gpu_momentum.kernels.layout import (CLASSIC, GRAD_COEFF, GROUP_SLOTS, KEEP_VELOCITY,
+                                         LAST_STEP_SKIPPED, MAXIMIZE, NESTEROV,
+                                         READ_COUNTERS, SKIPPED_STEPS, STEP_COUNT,
+                                         VELOCITY_INITIALIZED)
 from gpu_momentum.reference import reference_step
 from host_kernel import (GUARD_BYTE, HostKernel, build_library, build_sanitized_driver,
                          grouped_problem, grouped_table, single_group_table, view_at)
@@ -115,7 +116,7 @@ def test_nonfinite_gradients_skip_the_step_on_the_device(kernel, style, dtype):
         assert counters[LAST_STEP_SKIPPED] == (step in poisoned)
         assert counters[STEP_COUNT] == taken
         assert counters[SKIPPED_STEPS] == step + 1 - taken
-        assert counters[VELOCITY_INITIALIZED] == (taken > 0)
+        assert counters[GROUP_SLOTS] == (taken > 0)
 
 
 def test_skipping_counts_overflow_when_unscaling_and_keeps_torch_momentum_0_first(kernel):
@@ -227,11 +228,11 @@ def test_launch_flags_are_the_tables_plus_counters():
     table = single_group_table(np.float32, 8, lr=0.1, momentum=0.9, nesterov=True,
                                maximize=True)
     assert table.launch_flags == CLASSIC | MAXIMIZE
-    assert table.group_flags.tolist() == [NESTEROV]
-    plan = launch_plan(np.float32, 8, [0, 16, 32], table, 1.0, 10)
+    assert table.group_flags.tolist() == [NESTEROV | VELOCITY_INITIALIZED]
+    plan = launch_plan(np.float32, 8, table, 1.0, 10)
     assert type(plan.launch_flags) is np.uint32 and plan.launch_flags == CLASSIC | MAXIMIZE
-    counted = launch_plan(np.float32, 8, [0, 16, 32], table, 1.0, 10, counters=True)
-    assert counted.launch_flags == CLASSIC | MAXIMIZE | COUNTERS
+    counted = launch_plan(np.float32, 8, table, 1.0, 10, read_counters=True)
+    assert counted.launch_flags == CLASSIC | MAXIMIZE | READ_COUNTERS
     torch = single_group_table(np.float32, 8, lr=0.1, style="torch", momentum=0.0)
     assert torch.launch_flags == 0 and torch.group_flags.tolist() == [KEEP_VELOCITY]
 
@@ -244,14 +245,14 @@ def test_scalars_are_in_the_compute_dtype(dtype, compute):
                                weight_decay=1e-4, style="torch")
     assert table.scalars.dtype == compute
     assert table.scalars[0, GRAD_COEFF] == compute(1) - compute(0.3)
-    plan = launch_plan(dtype, 8, [0, 16, 32], table, 0.25, 10)
+    plan = launch_plan(dtype, 8, table, 0.25, 10)
     assert type(plan.inv_grad_scale) is compute and plan.inv_grad_scale == 0.25
     assert type(plan.range_count) is type(plan.group_count) is np.int32
     other = np.float64 if compute == np.float32 else np.float32
     wrong = update_table([Hyperparameters(lr=0.1)], [True], other, size=8)
     with pytest.raises(TypeError, match=rf"scalars are {np.dtype(other).name}, but the "
                                         rf"kernel computes in {np.dtype(compute).name}"):
-        launch_plan(dtype, 8, [0, 16, 32], wrong, 1.0, 10)
+        check_table(wrong, 8, np.dtype(compute))
 
 
 @pytest.mark.parametrize("change, error, pattern", [
@@ -267,7 +268,7 @@ def test_scalars_are_in_the_compute_dtype(dtype, compute):
 def test_inconsistent_tables_are_refused(change, error, pattern):
     table = dataclasses.replace(single_group_table(np.float32, 8, lr=0.1), **change)
     with pytest.raises(error, match=pattern):
-        launch_plan(np.float32, 8, [0, 16, 32], table, 1.0, 10)
+        check_table(table, 8, np.dtype(np.float32))
 
 
 def test_grid_covers_the_buffer_up_to_one_wave():
@@ -276,7 +277,7 @@ def test_grid_covers_the_buffer_up_to_one_wave():
     assert grid_size(4 * BLOCK_SIZE, np.float32, 1056) == 1
     assert grid_size(4 * BLOCK_SIZE + 1, np.float32, 1056) == 2
     assert grid_size(2**31 + 5, np.float32, 1056) == 1056
-    plan = launch_plan(np.float32, 2**31 + 5, [0, 16, 32],
+    plan = launch_plan(np.float32, 2**31 + 5,
                        single_group_table(np.float32, 2**31 + 5, lr=0.1), 1.0, 1056)
     assert type(plan.n) is np.int64 and plan.n == 2**31 + 5
     assert vector_width(np.float16) == 8 and vector_width(np.float64) == 2
@@ -297,7 +298,7 @@ def test_groups_match_the_reference_bitwise(kernel, config, dtype, counted):
     param, velocity = p.copy(), v.copy()
     groups = 1 + len(config["groups"])
     initialized = [False] * groups
-    counters = np.zeros(VELOCITY_INITIALIZED + groups, np.int64) if counted else None
+    counters = np.zeros(GROUP_SLOTS + groups, np.int64) if counted else None
     poisoned = {0: 3, 3: offsets[-1]} if counted else {}
     taken = 0
     for step, grad in enumerate(grads):
@@ -323,7 +324,7 @@ def test_groups_match_the_reference_bitwise(kernel, config, dtype, counted):
             assert counters[LAST_STEP_SKIPPED] == (step in poisoned)
             assert (counters[STEP_COUNT], counters[SKIPPED_STEPS]) == (taken,
                                                                       step + 1 - taken)
-            assert counters[VELOCITY_INITIALIZED:].tolist() == [int(i) for i in initialized]
+            assert counters[GROUP_SLOTS:].tolist() == [int(i) for i in initialized]
 
 
 # Tiny ranges with odd ends, several inside one 16-byte word, over groups of every kind,
@@ -370,7 +371,7 @@ def test_range_ends_inside_a_vector_take_each_elements_group(kernel, style, dtyp
             param[begin:end], velocity[begin:end] = same_precision_step(
                 param[begin:end], grads[step][begin:end], velocity[begin:end],
                 first_step=not initialized[k], **hypers[k])
-        initialized = [Hyperparameters(**h).initializes_velocity or i
+        initialized = [not Hyperparameters(**h).keeps_velocity or i
                        for h, i in zip(hypers, initialized)]
         assert_bitwise(p, param, f"param after step {step + 1}")
         assert_bitwise(v, velocity, f"velocity after step {step + 1}")

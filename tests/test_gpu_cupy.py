@@ -12,11 +12,12 @@ import pytest
 import gpu_momentum as gm
 from bitwise import SIZES, assert_bitwise, same_precision_step, start
 from configs import CONFIGS, GROUP_CONFIGS, grouped_reference_step, hyper_at
-from gpu_momentum._hyperparams import Hyperparameters
+from gpu_momentum.hyperparams import Hyperparameters
 from gpu_momentum.groups import update_table
-from gpu_momentum.kernels import cupy_kernels
-from gpu_momentum.kernels.elementwise import (LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT,
-                                              VELOCITY_INITIALIZED)
+from gpu_momentum.backends import cupy as cupy_backend
+from gpu_momentum.backends import device_table
+from gpu_momentum.kernels.layout import (GROUP_SLOTS, LAST_STEP_SKIPPED, SKIPPED_STEPS,
+                                         STEP_COUNT)
 from host_kernel import grouped_problem, grouped_table
 
 pytestmark = pytest.mark.gpu
@@ -27,8 +28,8 @@ DTYPES = [np.float16, np.float32, np.float64]
 @pytest.fixture(scope="module")
 def cupy():
     if "cupy" not in gm.available_backends():
-        from gpu_momentum._backends import _unavailable_reason
-        pytest.skip(f"backend 'cupy' is not available: {_unavailable_reason('cupy')}")
+        from gpu_momentum.backends import unavailable_reason
+        pytest.skip(f"backend 'cupy' is not available: {unavailable_reason('cupy')}")
     import cupy
     return cupy
 
@@ -58,8 +59,9 @@ def test_cupy_groups_match_reference_bitwise(cupy, config, dtype, counted):
     param, grads, velocity, offsets = grouped_problem(dtype)
     p, v = cupy.asarray(param), cupy.asarray(velocity)
     groups = 1 + len(config["groups"])
+    backend = gm.backends.backend_named("cupy")
     initialized = [False] * groups
-    counters = cupy.zeros(VELOCITY_INITIALIZED + groups, np.int64) if counted else None
+    counters = cupy.zeros(GROUP_SLOTS + groups, np.int64) if counted else None
     poisoned = {0: 3, 3: offsets[-1]} if counted else {}
     taken = 0
     for step, grad in enumerate(grads):
@@ -68,8 +70,8 @@ def test_cupy_groups_match_reference_bitwise(cupy, config, dtype, counted):
         if step in poisoned:
             grad = grad.copy()
             grad[poisoned[step]] = np.inf
-        cupy_kernels.momentum_step_cupy(p, cupy.asarray(grad), v, table.on(cupy.asarray),
-                                        1.0, counters)
+        backend.step(p, cupy.asarray(grad), v, device_table(backend, table, p), 1.0,
+                     counters)
         if step not in poisoned:
             param, velocity = grouped_reference_step(
                 param, grad, velocity, config, step, initialized, offsets,
@@ -81,7 +83,7 @@ def test_cupy_groups_match_reference_bitwise(cupy, config, dtype, counted):
             host = cupy.asnumpy(counters)
             assert host[LAST_STEP_SKIPPED] == (step in poisoned)
             assert (host[STEP_COUNT], host[SKIPPED_STEPS]) == (taken, step + 1 - taken)
-            assert host[VELOCITY_INITIALIZED:].tolist() == [int(i) for i in initialized]
+            assert host[GROUP_SLOTS:].tolist() == [int(i) for i in initialized]
 
 
 def test_cupy_table_in_another_dtype_is_a_clear_error(cupy):
@@ -90,7 +92,8 @@ def test_cupy_table_in_another_dtype_is_a_clear_error(cupy):
     table = update_table([Hyperparameters(lr=0.1)], [True], np.float64, size=8)
     with pytest.raises(TypeError, match=r"scalars are float64, but the kernel computes "
                                         r"in float32"):
-        cupy_kernels.momentum_step_cupy(p, g, v, table.on(cupy.asarray), 1.0)
+        backend = gm.backends.backend_named("cupy")
+        backend.step(p, g, v, device_table(backend, table, p), 1.0)
     assert float(p[0]) == 1.0
 
 
@@ -172,7 +175,7 @@ def test_step_queues_work_without_synchronising_or_allocating(cupy, skip_nonfini
     opt = gm.MomentumSGD(param, lr=0.1, momentum=0.9, skip_nonfinite=skip_nonfinite)
     opt.step(grad)  # compiles the module and works out the launch limit
     cupy.cuda.get_current_stream().synchronize()
-    compiled = cupy_kernels._kernels.cache_info().currsize
+    compiled = cupy_backend._kernels.cache_info().currsize
     pool = cupy.get_default_memory_pool()
     used = pool.used_bytes()
 
@@ -184,7 +187,7 @@ def test_step_queues_work_without_synchronising_or_allocating(cupy, skip_nonfini
         opt.step(grad)
     assert not stream.done, "step() waited for the GPU"
     assert pool.used_bytes() == used, "step() allocated device memory"
-    assert cupy_kernels._kernels.cache_info().currsize == compiled
+    assert cupy_backend._kernels.cache_info().currsize == compiled
     stream.synchronize()
     velocity = np.float32(-0.1)
     for lr in (np.float32(0.1), np.float32(0.05), np.float32(0.02)):

@@ -9,7 +9,7 @@ import gpu_momentum as gm
 from configs import (CONFIGS, GROUP_CONFIGS, GROUP_ERRORS, LR_SCHEDULE, SEGMENT_NAMES,
                      SEGMENT_SIZES, STEPS, group_lr, grouped_reference_step, hyper_at,
                      problem)
-from gpu_momentum._hyperparams import Hyperparameters
+from gpu_momentum.hyperparams import Hyperparameters
 from gpu_momentum.groups import resolve_groups
 from gpu_momentum.reference import reference_step
 from harness import CpuHarness
@@ -216,7 +216,7 @@ def test_bad_names_are_refused(names, error, pattern):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_cpu_element_variants_are_the_reference_bitwise(config, dtype):
     """The CPU loop compiles l1 and decoupled decay out where a group has none (see
-    kernels.elementwise._element_update); every variant must still be the reference, bit
+    kernels.cpu._piece_loop); every variant must still be the reference, bit
     for bit, in the parameters' dtype (Numba's CPU code contracts no multiply-adds)."""
     param, grads = problem(1023, dtype=dtype)
     velocity = np.zeros_like(param)

@@ -54,7 +54,7 @@ struct Case {
         std::vector<long long> counters;
 
         Groups(long long n, unsigned bits, bool grouped) {
-            const unsigned group = bits & (GM_FLAG_NESTEROV | GM_FLAG_FRESH_VELOCITY |
+            const unsigned group = bits & (GM_FLAG_NESTEROV | GM_FLAG_VELOCITY_INITIALIZED |
                                            GM_FLAG_KEEP_VELOCITY);
             const int count = grouped ? 3 : 1;
             // lr, momentum, grad_coeff, weight_decay, l1, decay of each group.
@@ -65,7 +65,7 @@ struct Case {
                 C(0.02), C(0.8), C(0.9), C(0),    C(0.01), C(0.999)};
             const unsigned group_bits[3] = {
                 group, group ^ GM_FLAG_NESTEROV ^ GM_FLAG_KEEP_VELOCITY,
-                group ^ GM_FLAG_FRESH_VELOCITY};
+                group ^ GM_FLAG_VELOCITY_INITIALIZED};
             scalars.assign(rows, rows + count * GM_GROUP_COLUMNS);
             flags.assign(group_bits, group_bits + count);
             if (grouped) {
@@ -78,11 +78,11 @@ struct Case {
             for (size_t r = 0; r < ends.size(); ++r) {
                 owners.push_back(static_cast<int>(r % count));
             }
-            // Velocity initialised, step not skipped: read with GM_FLAG_COUNTERS, except
+            // Velocity initialised, step not skipped: read with GM_FLAG_READ_COUNTERS, except
             // group 1's, whose first step the counters decide.
-            counters.assign(GM_COUNTER_VELOCITY_INITIALIZED + count, 0);
-            counters[GM_COUNTER_VELOCITY_INITIALIZED] = 1;
-            if (grouped) counters[GM_COUNTER_VELOCITY_INITIALIZED + 2] = 1;
+            counters.assign(GM_COUNTER_GROUP_SLOTS + count, 0);
+            counters[GM_COUNTER_GROUP_SLOTS] = 1;
+            if (grouped) counters[GM_COUNTER_GROUP_SLOTS + 2] = 1;
         }
     };
 
@@ -100,7 +100,7 @@ struct Case {
         }
         Groups groups(n, flags, grouped);
         const unsigned launch =
-            flags & (GM_FLAG_CLASSIC | GM_FLAG_MAXIMIZE | GM_FLAG_COUNTERS);
+            flags & (GM_FLAG_CLASSIC | GM_FLAG_MAXIMIZE | GM_FLAG_READ_COUNTERS);
         gm_host_launch(grid, 32u, &momentum_step<T>, p.at<T>(),
                        static_cast<const T*>(g.at<T>()), v.at<V>(), n,
                        static_cast<const C*>(groups.scalars.data()),
@@ -176,7 +176,7 @@ struct Case {
 int finish(int count, bool skipped, long long* launches) {
     std::vector<unsigned> flags(count);
     for (int k = 0; k < count; ++k) flags[k] = k % 3 == 1 ? GM_FLAG_KEEP_VELOCITY : 0u;
-    std::vector<long long> counters(GM_COUNTER_VELOCITY_INITIALIZED + count, 0);
+    std::vector<long long> counters(GM_COUNTER_GROUP_SLOTS + count, 0);
     counters[GM_COUNTER_LAST_STEP_SKIPPED] = skipped;
     gm_host_launch(1u, 32u, &finish_step, counters.data(),
                    static_cast<const unsigned*>(flags.data()), count);
@@ -184,7 +184,7 @@ int finish(int count, bool skipped, long long* launches) {
     bool ok = counters[GM_COUNTER_STEP_COUNT] == !skipped &&
               counters[GM_COUNTER_SKIPPED_STEPS] == skipped;
     for (int k = 0; k < count; ++k) {
-        ok &= counters[GM_COUNTER_VELOCITY_INITIALIZED + k] == (!skipped && k % 3 != 1);
+        ok &= counters[GM_COUNTER_GROUP_SLOTS + k] == (!skipped && k % 3 != 1);
     }
     if (!ok) {
         std::printf("finish_step: %d groups, skipped=%d: wrong counters\n", count, skipped);

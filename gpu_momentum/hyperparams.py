@@ -6,7 +6,8 @@ import numbers
 
 import numpy as np
 
-from .kernels.elementwise import CLASSIC, FRESH_VELOCITY, KEEP_VELOCITY, MAXIMIZE, NESTEROV
+from .kernels.layout import (CLASSIC, KEEP_VELOCITY, MAXIMIZE, NESTEROV, VELOCITY_INITIALIZED,
+                             GroupRow)
 
 STYLES = ("classic", "torch")
 
@@ -21,7 +22,8 @@ def _real(name, value):
     return float(value)
 
 
-def _flag(name, value):
+def flag(name, value):
+    """value as a bool, after checking that it is one (a NumPy bool too)."""
     if not isinstance(value, bool) and type(value).__name__ != "bool_":
         raise TypeError(_invalid(name, value, "True or False"))
     return bool(value)
@@ -35,7 +37,7 @@ def inverse_grad_scale(grad_scale):
     return 1.0 / grad_scale
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Hyperparameters:
     """One consistent set of update hyperparameters; invalid combinations cannot exist."""
 
@@ -54,7 +56,7 @@ class Hyperparameters:
         for name in ("lr", "momentum", "dampening", "weight_decay", "l1"):
             set_(name, _real(name, getattr(self, name)))
         for name in ("nesterov", "maximize", "decoupled_weight_decay"):
-            set_(name, _flag(name, getattr(self, name)))
+            set_(name, flag(name, getattr(self, name)))
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(_invalid("lr", self.lr, "finite and >= 0"))
         if not 0 <= self.momentum < 1:
@@ -75,28 +77,31 @@ class Hyperparameters:
                              f"dampening == 0, got dampening={self.dampening!r})")
 
     @property
-    def initializes_velocity(self):
-        """Whether a step writes the velocity (torch style with momentum 0 leaves it)."""
-        return self.style == "classic" or self.momentum != 0
+    def keeps_velocity(self):
+        """Whether a step leaves the velocity alone (torch style with momentum 0, as
+        PyTorch leaves its momentum buffer): it is then neither read nor initialized."""
+        return self.style == "torch" and self.momentum == 0
 
     def group_row(self, compute_dtype):
-        """This group's row of the kernels' scalar table (columns as in
-        kernels.elementwise), in the compute dtype. The host folds the two kinds of weight
-        decay into WEIGHT_DECAY (coupled) and DECAY (decoupled, 1 - lr * weight_decay)."""
+        """This group's row of the kernels' scalar table (kernels.layout.GroupRow), in the
+        compute dtype. The host folds the two kinds of weight decay into weight_decay
+        (coupled) and decay (decoupled, 1 - lr * weight_decay)."""
         scalar = np.dtype(compute_dtype).type
         lr, weight_decay = scalar(self.lr), scalar(self.weight_decay)
         decoupled = self.decoupled_weight_decay and self.weight_decay != 0
-        return (lr, scalar(self.momentum), scalar(1) - scalar(self.dampening),
-                scalar(0) if decoupled else weight_decay, scalar(self.l1),
-                scalar(1) - lr * weight_decay if decoupled else scalar(1))
+        return GroupRow(lr=lr, momentum=scalar(self.momentum),
+                        grad_coeff=scalar(1) - scalar(self.dampening),
+                        weight_decay=scalar(0) if decoupled else weight_decay,
+                        l1=scalar(self.l1),
+                        decay=scalar(1) - lr * weight_decay if decoupled else scalar(1))
 
     def group_flags(self, velocity_initialized):
-        """This group's flag bits (kernels.elementwise.FLAGS) for a step whose velocity
-        exists already or not."""
+        """This group's flag bits (kernels.layout.FLAGS) for a step whose velocity is
+        initialized already or not (its first step)."""
         bits = NESTEROV if self.nesterov else 0
-        if not self.initializes_velocity:
+        if self.keeps_velocity:
             return bits | KEEP_VELOCITY
-        return bits if velocity_initialized else bits | FRESH_VELOCITY
+        return bits | VELOCITY_INITIALIZED if velocity_initialized else bits
 
     def launch_flags(self):
         """The launch-wide flag bits: style and maximize, one per launch."""

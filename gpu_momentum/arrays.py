@@ -13,8 +13,9 @@ import numpy as np
 SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def state_dtype(param_dtype):
-    """The velocity's dtype: float32 for half-precision parameters, else the param dtype."""
+def compute_dtype(param_dtype):
+    """The dtype the update computes in, which is also the velocity's: float32 for
+    half-precision parameters, else the param dtype."""
     param_dtype = np.dtype(param_dtype)
     return np.dtype(np.float32) if param_dtype.itemsize < 4 else param_dtype
 
@@ -78,8 +79,10 @@ def check_param(info, supported_dtypes, backend_name):
         raise ValueError(f"{info.name} is read-only; the update writes it in place")
 
 
-def check_update(param, grad, velocity, supported_dtypes, backend_name):
-    """Validates the three ArrayInfos of one update against each other."""
+def check_update(param, grad, velocity, supported_dtypes, backend_name,
+                 element_aligned=False):
+    """Validates the three ArrayInfos of one update against each other; element_aligned:
+    each array must start on a multiple of its element size (a GPU faults otherwise)."""
     check_param(param, supported_dtypes, backend_name)
     for other in (grad, velocity):
         if other.on_device != param.on_device:
@@ -89,7 +92,7 @@ def check_update(param, grad, velocity, supported_dtypes, backend_name):
     if grad.dtype != param.dtype:
         raise TypeError(f"grad has dtype {grad.dtype} but param has dtype {param.dtype}; "
                         f"they must match")
-    expected = state_dtype(param.dtype)
+    expected = compute_dtype(param.dtype)
     if velocity.dtype != expected:
         raise TypeError(f"velocity has dtype {velocity.dtype}; parameters of dtype "
                         f"{param.dtype} need a {expected} velocity")
@@ -104,6 +107,13 @@ def check_update(param, grad, velocity, supported_dtypes, backend_name):
         if _overlap(a, b):
             raise ValueError(f"{a.name} overlaps {b.name} in memory; the update needs "
                              f"three separate buffers")
+    if element_aligned:
+        for info in (param, grad, velocity):
+            if info.address % info.dtype.itemsize:
+                raise ValueError(
+                    f"{info.name} starts at address {info.address:#x}, which is not a "
+                    f"multiple of its {info.dtype.itemsize}-byte element size; the CUDA "
+                    f"kernels need element-aligned arrays (make an aligned copy)")
 
 
 def _check_layout(info):

@@ -1,0 +1,109 @@
+"""What the benchmark measures and what it records: problems, candidates, absent
+candidates, and the names and constants every part of the benchmark shares."""
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+LR, MOMENTUM = 0.01, 0.9
+LIBRARY = "gpu-momentum"
+# The groups comparison: the library over GROUPS equal segments, once with one group (the
+# optimizer's own hyperparameters) and once with each segment its own group.
+GROUPS = 100
+# The memory roofline of each device (`peer` of its roofline row), and its row's name.
+ROOFLINE_PEERS = {"cpu": "roofline: stream 3R+2W", "cuda": "roofline: D2D copy"}
+ROOFLINES = {device: f"{peer} ({device})" for device, peer in ROOFLINE_PEERS.items()}
+CUPY_EXPRESSIONS = "cupy expressions"
+CUPY_PEER = f"{CUPY_EXPRESSIONS} (cuda)"
+# A naive update holds params, grads and velocity, plus up to three temporaries while
+# evaluating `beta*v - lr*g` (the old velocity lives until the new one is bound).
+NAIVE_ARRAYS = 6
+KINDS = ("backend", "peer", "roofline")
+
+
+class Unsupported(Exception):
+    """This candidate cannot run this dtype or workload; the message says why."""
+
+
+@dataclasses.dataclass
+class Problem:
+    """Host data of one measurement: flat params and grads, and the tensors' shapes.
+
+    shapes is None for the flat workload (one buffer); otherwise p0 and g0 are the tensors
+    of `shapes` laid end to end, which the library packs into a FlatParams and the peers
+    update one tensor at a time.
+    """
+    p0: np.ndarray
+    g0: np.ndarray
+    shapes: list = None
+
+    @property
+    def n(self):
+        return self.p0.size
+
+    @property
+    def dtype(self):
+        return self.p0.dtype
+
+    def tensors(self, flat):
+        """Views of a flat host array shaped like the workload's tensors (or the array)."""
+        if self.shapes is None:
+            return [flat]
+        views, offset = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape, dtype=np.int64))
+            views.append(flat[offset:offset + size].reshape(shape))
+            offset += size
+        return views
+
+
+class Built(NamedTuple):
+    """A candidate ready to time: `step()` runs once; `params()` returns host copies of
+    the arrays it updates, so tests can check that every candidate does the same work."""
+    step: Callable
+    params: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One line of the benchmark. `build(problem)` allocates its buffers and returns a
+    Built (or raises Unsupported); `timer` times the step.
+
+    Rows are told apart by fields, never by their display name: `backend` names the
+    library's backend (kind "backend"), `peer` what a peer or roofline is (kind "peer" or
+    "roofline", e.g. "torch SGD fused"), and `groups` the parameter groups of the groups
+    comparison's many-group variant (1 elsewhere)."""
+    kind: str  # one of KINDS
+    device: str  # "cpu" or "cuda"
+    build: Callable
+    bytes_per_element: Callable
+    timer: object
+    arrays: int  # buffers of the problem's size it holds at its peak, for the memory cap
+    backend: str = None
+    peer: str = None
+    groups: int = 1
+
+    @property
+    def name(self):
+        """The display name: "gpu-momentum cpu", "torch SGD fused (cpu)", ..."""
+        if self.kind == "backend":
+            many = f" ({self.groups} groups)" if self.groups > 1 else ""
+            return f"{backend_name(self.backend)}{many}"
+        return f"{self.peer} ({self.device})"
+
+    @property
+    def roofline(self):
+        return ROOFLINES[self.device]
+
+
+@dataclasses.dataclass(frozen=True)
+class Absent:
+    name: str
+    kind: str
+    reason: str
+
+
+def backend_name(backend):
+    """The display name of the library's `backend`, as Candidate.name gives it."""
+    return f"{LIBRARY} {backend}"

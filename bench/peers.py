@@ -1,0 +1,72 @@
+"""The peers' builders: the update as users write it without this library (NumPy, CuPy,
+torch.optim.SGD), and the CPU memory rooflines. Each takes a Problem and returns a Built."""
+
+import numpy as np
+
+from .data import LR, MOMENTUM, Built, Unsupported
+
+
+def naive_builder(to_device, to_numpy):
+    """`v = beta*v - lr*g; p += v` per tensor, as a user writes it with NumPy or CuPy."""
+    def build(problem):
+        params = [to_device(t) for t in problem.tensors(problem.p0)]
+        grads = [to_device(t) for t in problem.tensors(problem.g0)]
+        velocities = [to_device(np.zeros_like(t)) for t in problem.tensors(problem.p0)]
+
+        def step():
+            for i, (p, g) in enumerate(zip(params, grads)):
+                v = MOMENTUM * velocities[i] - LR * g
+                velocities[i] = v
+                p += v
+        return Built(step, lambda: [to_numpy(p) for p in params])
+    return build
+
+
+def numpy_out_builder(problem):
+    """The same update in place with `out=` and one scratch array per tensor."""
+    params = [t.copy() for t in problem.tensors(problem.p0)]
+    grads = [t.copy() for t in problem.tensors(problem.g0)]
+    velocities = [np.zeros_like(p) for p in params]
+    scratch = [np.empty_like(p) for p in params]
+
+    def step():
+        for p, g, v, tmp in zip(params, grads, velocities, scratch):
+            np.multiply(g, LR, out=tmp)
+            np.multiply(v, MOMENTUM, out=v)
+            np.subtract(v, tmp, out=v)
+            np.add(p, v, out=p)
+    return Built(step, lambda: [p.copy() for p in params])
+
+
+def torch_builder(torch, device, options):
+    """torch.optim.SGD(momentum=0.9) over the workload's tensors, grads already set."""
+    def build(problem):
+        params = []
+        for host, grad in zip(problem.tensors(problem.p0), problem.tensors(problem.g0)):
+            param = torch.nn.Parameter(torch.tensor(host, device=device))
+            param.grad = torch.tensor(grad, device=device)
+            params.append(param)
+        try:
+            opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **options)
+            # Fails here rather than while timing if this variant lacks the dtype; the
+            # first step also creates the velocity, as in training.
+            opt.step()
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+            raise Unsupported(f"torch: {error}") from error
+        return Built(opt.step, lambda: [p.detach().cpu().numpy().copy() for p in params])
+    return build
+
+
+def stream_builder(problem):
+    from gpu_momentum.kernels.roofline import stream_read3_write2
+
+    bits = np.dtype(f"uint{8 * problem.dtype.itemsize}")
+    a, b, c = (x.view(bits) for x in (problem.p0.copy(), np.zeros_like(problem.p0),
+                                       problem.g0.copy()))
+    return Built(lambda: stream_read3_write2(a, b, c),
+                 lambda: [a.view(problem.dtype).copy()])
+
+
+def copyto_builder(problem):
+    src, dst = problem.p0.copy(), np.empty_like(problem.p0)
+    return Built(lambda: np.copyto(dst, src), lambda: [dst.copy()])

@@ -1,0 +1,100 @@
+"""The backend contract: what every backend provides (`Backend`), and what they share.
+
+A backend is one module of this package with one class implementing `Backend`, listed in
+`gpu_momentum.backends.REGISTRY`; its kernels live in the `kernels` package. The optimizer
+and `momentum_step` reach the kernels only through these methods, in this order per step:
+`check_arrays` (every array check, before anything is written), `device_table` (the
+hyperparameters' UpdateTable in the memory where the update runs, copied only when it
+changed), then `step`.
+"""
+
+import dataclasses
+from typing import Hashable, Protocol
+
+import numpy as np
+
+from ..arrays import check_update, compute_dtype, describe
+from ..groups import ARRAY_FIELDS, GROUP_FIELDS, UpdateTable, check_table
+
+
+class Backend(Protocol):
+    name: str
+    dtypes: tuple  # parameter dtypes its kernels update
+    element_aligned: bool  # its kernels need element-aligned arrays (a GPU faults)
+
+    def unavailable_reason(self) -> str | None:
+        """None when the backend can run here, else why not."""
+
+    def owns(self, array) -> bool:
+        """Whether it can update `array` in place (its memory and type)."""
+
+    def native(self, array) -> bool:
+        """Whether `array` is this backend's own array type, which wins the automatic
+        choice: a Numba array goes to numba-cuda although CuPy takes it too."""
+
+    def zeros(self, shape, dtype):
+        """A new zero array in its memory."""
+
+    def copy(self, array):
+        """A copy of one of its arrays, in its memory."""
+
+    def asarray(self, array):
+        """Host or own arrays as its own arrays (for loading state; may wait)."""
+
+    def assign(self, target, source) -> None:
+        """Copies host or own memory into `target` (same shape and dtype), in place."""
+
+    def to_numpy(self, array) -> np.ndarray:
+        """A host copy (waits for queued work)."""
+
+    def synchronize(self) -> None:
+        """Waits for queued work (for timing)."""
+
+    def place(self, param) -> Hashable:
+        """Where and in which order param's update runs: device and stream (None on the
+        CPU)."""
+
+    def upload(self, array, param):
+        """The host NumPy `array` copied into the memory where param's update runs,
+        queued on its stream without waiting for the device."""
+
+    def upload_into(self, target, array, param) -> None:
+        """The host NumPy `array` copied into `target`, an array `upload` returned, in
+        place (same addresses), queued on param's stream without waiting."""
+
+    def step(self, param, grad, velocity, table: UpdateTable, inv_grad_scale,
+             counters=None) -> None:
+        """The fused update of every group in one kernel launch over arrays that
+        `check_arrays` accepted, with a table from `device_table`; queued without waiting
+        for the device.
+
+        counters None: each group's first step comes from its VELOCITY_INITIALIZED flag in
+        the table. Else int64[GROUP_SLOTS + groups] in the backend's memory (slots as in
+        kernels.layout): a step whose scaled gradient holds a NaN or inf changes nothing
+        but the counters, which also say whether each group's velocity is initialized and
+        count taken and skipped steps (kernels.cuda_launch.step_launches).
+        """
+
+
+def check_arrays(backend, param, grad, velocity):
+    """Every check of one update's arrays for `backend`; raises before anything is
+    written."""
+    check_update(describe("param", param), describe("grad", grad),
+                 describe("velocity", velocity), backend.dtypes, backend.name,
+                 backend.element_aligned)
+
+
+def device_table(backend, table, param, reuse=None):
+    """The host UpdateTable `table`, checked against param's size and compute dtype, in
+    the memory where param's update runs. `reuse`, a table this returned before for the
+    same ranges, is overwritten in place instead (same addresses, as a captured CUDA graph
+    needs): only the per-group arrays change."""
+    info = describe("param", param)
+    check_table(table, int(np.prod(info.shape, dtype=np.int64)), compute_dtype(info.dtype))
+    if reuse is None:
+        return dataclasses.replace(
+            table, **{name: backend.upload(getattr(table, name), param)
+                      for name in ARRAY_FIELDS})
+    for name in GROUP_FIELDS:
+        backend.upload_into(getattr(reuse, name), getattr(table, name), param)
+    return dataclasses.replace(reuse, launch_flags=table.launch_flags)

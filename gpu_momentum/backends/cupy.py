@@ -1,0 +1,158 @@
+"""The cupy backend: the CUDA C kernel (kernels/momentum.cu) compiled by CuPy's RawModule,
+over CuPy arrays or any `__cuda_array_interface__` array that cupy.asarray takes without
+a copy. A step queues its launches on CuPy's current stream and returns: no
+synchronisation and no device allocation.
+
+The module is compiled once per device (memoized RawModule) and each dtype's launch limit
+is worked out once per device.
+"""
+
+import functools
+
+import numpy as np
+
+from ..kernels.cuda_launch import check_counters, launch_plan, step_launches
+from ..kernels.cuda_source import (BLOCK_SIZE, ENTRY_POINTS, FINISH_EXPRESSION,
+                                   module_options, module_source, name_expressions)
+from ..kernels.layout import LAST_STEP_SKIPPED
+
+
+class CupyBackend:
+    name = "cupy"
+    dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+    element_aligned = True
+
+    def unavailable_reason(self):
+        try:
+            import cupy
+        except Exception as error:  # a broken CUDA install fails with more than ImportError
+            return f"CuPy cannot be imported ({type(error).__name__}: {error})"
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError as error:
+            return f"CUDA has no usable device ({error})"
+        return None if count else "no CUDA device is present"
+
+    def owns(self, array):
+        return hasattr(array, "__cuda_array_interface__")
+
+    def native(self, array):
+        return type(array).__module__.split(".")[0] == "cupy"
+
+    def zeros(self, shape, dtype):
+        import cupy
+        return cupy.zeros(shape, dtype)
+
+    def copy(self, array):
+        import cupy
+        return cupy.array(array, copy=True)
+
+    def asarray(self, array):
+        import cupy
+        return cupy.asarray(array)
+
+    def to_numpy(self, array):
+        import cupy
+        return cupy.asnumpy(array)
+
+    def assign(self, target, source):
+        import cupy
+        cupy.asarray(target)[...] = cupy.asarray(source)
+
+    def synchronize(self):
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+
+    def place(self, param):
+        import cupy
+        return cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr
+
+    def upload(self, array, param):
+        # cupy.asarray stages through pinned memory and copies without waiting (a copy
+        # from pageable memory may wait for the stream).
+        import cupy
+        return cupy.asarray(array)
+
+    def upload_into(self, target, array, param):
+        import cupy
+        cupy.copyto(target, cupy.asarray(array))
+
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
+        """Queues the step's launches (kernels.cuda_launch.step_launches) on the current
+        stream; the table and counters must be on the current device."""
+        import cupy
+
+        arrays = [cupy.asarray(a) for a in (param, grad, velocity)]
+        named = [*zip(("param", "grad", "velocity"), arrays),
+                 *((f"table.{name}", array) for name, array in
+                   zip(("scalars", "group_flags", "range_ends", "range_groups"),
+                       table.arrays()))]
+        if counters is not None:
+            check_counters(counters, table.group_count)
+            named.append(("counters", counters))
+        device = _on_current_device(named)
+        update, check, finish, max_blocks = _kernels(device, arrays[0].dtype)
+        plan = launch_plan(arrays[0].dtype, arrays[0].size, table, inv_grad_scale,
+                           max_blocks, counters is not None)
+        param, grad, velocity = arrays
+        grid, block = (plan.grid,), (plan.block,)
+        launches = {
+            "clear": lambda: counters[LAST_STEP_SKIPPED:LAST_STEP_SKIPPED + 1].fill(0),
+            "find_nonfinite": lambda: check(grid, block, (grad, plan.n, plan.inv_grad_scale,
+                                                          counters)),
+            "update": lambda: update(grid, block, (
+                param, grad, velocity, plan.n, *table.arrays(), plan.range_count,
+                plan.inv_grad_scale, plan.launch_flags,
+                _no_counters(device) if counters is None else counters)),
+            "finish": lambda: finish((1,), (plan.finish_block,),
+                                     (counters, table.group_flags, plan.group_count)),
+        }
+        for launch in step_launches(plan.grid, counters is not None):
+            launches[launch]()
+
+
+@functools.cache
+def _module(device_id):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=module_source(), options=module_options(),
+                              name_expressions=name_expressions())
+
+
+@functools.cache
+def _kernels(device_id, dtype):
+    """(update, non-finite check, finish_step, max_blocks) of `dtype` on a device."""
+    import cupy
+
+    entry = ENTRY_POINTS[dtype]
+    with cupy.cuda.Device(device_id):
+        module = _module(device_id)
+        update = module.get_function(entry.update_expression)
+        check = module.get_function(entry.check_expression)
+        finish = module.get_function(FINISH_EXPRESSION)
+        sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+        per_sm = min(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            kernel.kernel.ptr, BLOCK_SIZE, 0) for kernel in (update, check))
+    return update, check, finish, sms * per_sm
+
+
+@functools.cache
+def _no_counters(device_id):
+    """What the update kernel gets for counters=None: an empty array (a null pointer)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.zeros(0, np.int64)
+
+
+def _on_current_device(named_arrays):
+    import cupy
+
+    current = cupy.cuda.runtime.getDevice()
+    for name, array in named_arrays:
+        if array.device.id != current:
+            raise ValueError(f"{name} is on GPU {array.device.id} but the current device is "
+                             f"GPU {current}; step under `with cupy.cuda.Device("
+                             f"{array.device.id}):` or move the arrays to GPU {current}")
+    return current

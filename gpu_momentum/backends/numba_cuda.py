@@ -1,0 +1,153 @@
+"""The numba-cuda backend: the kernels of kernels/numba_cuda.py over Numba device arrays
+or any `__cuda_array_interface__` array, without copies. A step queues its launches on
+the stream param names and returns without waiting.
+
+param's stream is the one its exporter named (CuPy names its current stream), or the one
+a Numba array is bound to, else Numba's default stream, so the update runs after the work
+queued there that produced the gradient. PyTorch's interface is version 2, without
+streams: its tensors' updates go to the legacy default stream, which is torch's default
+stream too.
+"""
+
+import functools
+import importlib.util
+
+import numpy as np
+
+from ..kernels.cuda_launch import step_launches
+from ..kernels.layout import READ_COUNTERS
+
+
+class NumbaCudaBackend:
+    name = "numba-cuda"
+    dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+    element_aligned = True
+
+    def unavailable_reason(self):
+        if importlib.util.find_spec("numba_cuda") is None:
+            return "the numba-cuda package is not installed"
+        from numba import cuda
+
+        if not cuda.is_available():
+            why = " ".join(str(cuda.cuda_error()).split())
+            return f"Numba finds no usable CUDA GPU ({why})"
+        from ..kernels.numba_cuda import compiler_problem
+
+        return compiler_problem()
+
+    def owns(self, array):
+        # Numba device arrays (also the CUDA simulator's, which wrap host memory) and
+        # anything exporting __cuda_array_interface__: CuPy arrays, PyTorch CUDA tensors.
+        return _is_numba_array(array) or hasattr(array, "__cuda_array_interface__")
+
+    def native(self, array):
+        return _is_numba_array(array)
+
+    def zeros(self, shape, dtype):
+        from numba import cuda
+        from numba.cuda.cudadrv.driver import device_memset
+
+        array = cuda.device_array(shape, dtype)
+        if array.size:
+            device_memset(array, 0, array.nbytes)
+        return array
+
+    def copy(self, array):
+        from numba import cuda
+
+        array = self.asarray(array)
+        out = cuda.device_array(array.shape, array.dtype)
+        out.copy_to_device(array)
+        return out
+
+    def asarray(self, array):
+        from numba import cuda
+
+        if self.owns(array):
+            return array if _is_numba_array(array) else cuda.as_cuda_array(array)
+        return cuda.to_device(np.asarray(array, order="C"))
+
+    def to_numpy(self, array):
+        if not self.owns(array):
+            return np.asarray(array)
+        return self.asarray(array).copy_to_host()
+
+    def assign(self, target, source):
+        # Real (not simulated) Numba device arrays take no `[...] =`; copy_to_device
+        # refuses empty arrays whose strides differ, though there is nothing to copy.
+        target = self.asarray(target)
+        if target.size:
+            target.copy_to_device(self.asarray(source) if self.owns(source)
+                                  else np.asarray(source))
+
+    def synchronize(self):
+        from numba import cuda
+
+        cuda.synchronize()
+
+    def place(self, param):
+        from numba import cuda
+
+        stream = _stream_view(param).stream
+        device = getattr(cuda.get_current_device(), "id", 0)  # the simulator's has no id
+        handle = getattr(stream, "handle", stream)  # 0: an array bound to no stream
+        return device, getattr(handle, "value", handle)
+
+    def upload(self, array, param):
+        from numba import cuda
+
+        return cuda.to_device(array, stream=_stream_view(param).stream)
+
+    def upload_into(self, target, array, param):
+        target.copy_to_device(array, stream=_stream_view(param).stream)
+
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
+        from ..kernels import numba_cuda as kernels
+
+        param, grad, velocity = (_flat(_stream_view(a)) for a in (param, grad, velocity))
+        inv_grad_scale = velocity.dtype.type(inv_grad_scale)
+        blocks, threads = kernels.launch_config(param.size)
+        stream = param.stream
+        launch_flags = table.launch_flags
+        if counters is None:
+            counters = _no_counters(self.place(param)[0])
+        else:
+            counters = _stream_view(counters)
+            launch_flags |= READ_COUNTERS
+        launches = {
+            "clear": lambda: kernels.clear_skip_kernel[1, 1, stream](counters),
+            "find_nonfinite": lambda: kernels.find_nonfinite_kernel[
+                blocks, threads, stream](grad, velocity, inv_grad_scale, counters),
+            "update": lambda: kernels.momentum_step_kernel[blocks, threads, stream](
+                param, grad, velocity, *table.arrays(), inv_grad_scale, launch_flags,
+                counters),
+            "finish": lambda: kernels.finish_step_kernel[
+                1, kernels.FINISH_THREADS, stream](counters, table.group_flags),
+        }
+        for launch in step_launches(param.size, launch_flags & READ_COUNTERS):
+            launches[launch]()
+
+
+def _is_numba_array(array):
+    return getattr(array, "__cuda_ndarray__", False)
+
+
+def _stream_view(array):
+    """A Numba device array: `array` itself, or a zero-copy view of a
+    `__cuda_array_interface__` array that records the stream its exporter named
+    (`sync=False`: no waiting for it), so the update is queued there."""
+    from numba import cuda
+
+    return array if _is_numba_array(array) else cuda.as_cuda_array(array, sync=False)
+
+
+def _flat(array):
+    return array if array.ndim == 1 else array.reshape(array.size)
+
+
+@functools.cache
+def _no_counters(device_id):
+    """What the kernels get for counters=None on a device: an empty array, never read."""
+    from numba import cuda
+
+    return cuda.device_array(0, np.int64)

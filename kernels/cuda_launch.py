@@ -1,0 +1,82 @@
+"""Launching the CUDA C kernel (kernels/momentum.cu) without CuPy: the grid, the scalar
+arguments, and the launches of one step.
+
+The cupy backend (gpu_momentum.backends.cupy) launches through these, and so does the
+host-built kernel of the tests (tests/host_kernel.py), so both launch alike; the numba-cuda
+backend queues its kernels in the order `step_launches` gives.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from .cuda_source import BLOCK_SIZE, ENTRY_POINTS, vector_width
+from .layout import GROUP_SLOTS, READ_COUNTERS
+
+
+def step_launches(elements, read_counters):
+    """The launches of one step, in order, on one stream, by name:
+
+    - "clear": counters[LAST_STEP_SKIPPED] = 0;
+    - "find_nonfinite": sets it where a scaled gradient element is NaN or inf;
+    - "update": the fused update (with READ_COUNTERS: nothing when it is set, and each
+      group's velocity_initialized from the counters);
+    - "finish": one block counts the step as taken or skipped and marks the groups'
+      velocities as initialized.
+
+    Without counters a step is the update alone; nothing is launched over no elements
+    but the counting.
+    """
+    if not read_counters:
+        return ("update",) if elements else ()
+    if not elements:
+        return ("clear", "finish")
+    return ("clear", "find_nonfinite", "update", "finish")
+
+
+def grid_size(n, dtype, max_blocks):
+    """Blocks to launch: one thread per 128-bit vector, at most `max_blocks` (one full
+    wave of resident blocks; the grid-stride loop covers the rest). 0 for an empty update."""
+    vectors = -(-n // vector_width(dtype))
+    return min(max_blocks, -(-vectors // BLOCK_SIZE))
+
+
+def finish_block(group_count):
+    """finish_step's one block: a thread per group, in whole warps, at most BLOCK_SIZE."""
+    return min(BLOCK_SIZE, -(-max(group_count, 1) // 32) * 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Launch geometry and the scalar arguments of the kernels."""
+
+    grid: int  # 0: nothing to launch
+    block: int
+    n: np.int64
+    inv_grad_scale: np.generic  # in the compute dtype
+    launch_flags: np.uint32  # the table's, with READ_COUNTERS when the counters decide
+    group_count: np.int32  # for finish_step
+    range_count: np.int32
+    finish_block: int  # finish_step's threads
+
+
+def launch_plan(dtype, n, table, inv_grad_scale, max_blocks, read_counters=False):
+    """The arguments of one step's launches over `n` elements of `dtype` params with
+    `table` (an UpdateTable that `gpu_momentum.groups.check_table` accepted, host or
+    device arrays). Scalars are numpy scalars of the types the kernel takes."""
+    dtype = np.dtype(dtype)
+    compute = ENTRY_POINTS[dtype].compute_dtype
+    flags = int(table.launch_flags) | (READ_COUNTERS if read_counters else 0)
+    return LaunchPlan(grid_size(n, dtype, max_blocks), BLOCK_SIZE, np.int64(n),
+                      compute.type(inv_grad_scale), np.uint32(flags),
+                      np.int32(table.group_count), np.int32(len(table.range_ends)),
+                      finish_block(table.group_count))
+
+
+def check_counters(counters, group_count):
+    """The counters hold the GM_COUNTER_* slots and one slot per group."""
+    need = GROUP_SLOTS + group_count
+    if np.dtype(counters.dtype) != np.int64 or counters.shape != (need,):
+        raise ValueError(f"counters must be int64[{need}] (the step counters and one "
+                         f"slot per group), got {np.dtype(counters.dtype)}"
+                         f"{list(counters.shape)}")

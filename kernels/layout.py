@@ -1,0 +1,62 @@
+"""What every kernel reads besides the arrays, by name: the per-group scalar table's
+columns, the flag bits and the step counters' slots.
+
+This is the single source of the launch ABI. The Numba kernels import these names; the
+CUDA C kernel receives them as `#define`s generated from here (kernels/cuda_source.py):
+GM_COLUMN_<name>, GM_GROUP_COLUMNS, GM_FLAG_<name> and GM_COUNTER_<name>.
+
+One launch updates the whole flat buffer, whatever the number of parameter groups, and
+reads (see gpu_momentum.groups.UpdateTable):
+- `scalars[group, column]`, one row per group in the compute dtype (float32 for float16
+  and float32 parameters, float64 for float64), with the COLUMNS below, and per-group flag
+  bits `group_flags[group]`;
+- contiguous ranges of the buffer: range r is [range_ends[r - 1], range_ends[r]) (from 0
+  for r = 0) and belongs to group range_groups[r];
+- launch-wide flag bits (`launch_flags`), 1 / loss scale (`inv_grad_scale`) and, with
+  READ_COUNTERS, the step counters.
+"""
+
+from typing import NamedTuple
+
+
+class GroupRow(NamedTuple):
+    """One group's row of the scalar table, in column order."""
+
+    lr: object
+    momentum: object
+    grad_coeff: object  # 1 - dampening (torch style; classic ignores it)
+    weight_decay: object  # coupled: weight_decay * p is added to the gradient
+    l1: object
+    decay: object  # decoupled: p *= decay before the update; exactly 1 without it
+
+
+COLUMNS = {name.upper(): column for column, name in enumerate(GroupRow._fields)}
+LR, MOMENTUM, GRAD_COEFF, WEIGHT_DECAY, L1, DECAY = COLUMNS.values()
+GROUP_COLUMNS = len(COLUMNS)
+
+# Flag bits, one namespace. Launch-wide: CLASSIC (style), MAXIMIZE, READ_COUNTERS (the
+# skip and each group's velocity_initialized come from the step counters in memory, not
+# from the table). Per group: NESTEROV, VELOCITY_INITIALIZED (the group's velocity exists:
+# a step reads it; its first step does not) and KEEP_VELOCITY (torch style with momentum
+# 0: the velocity is neither read nor written, as PyTorch leaves its momentum buffer).
+FLAGS = {
+    "CLASSIC": 1,
+    "MAXIMIZE": 2,
+    "READ_COUNTERS": 4,
+    "NESTEROV": 8,
+    "VELOCITY_INITIALIZED": 16,
+    "KEEP_VELOCITY": 32,
+}
+CLASSIC, MAXIMIZE, READ_COUNTERS, NESTEROV, VELOCITY_INITIALIZED, KEEP_VELOCITY = \
+    FLAGS.values()
+
+# Slots of the step counters, int64[GROUP_SLOTS + groups], kept in the backend's memory
+# when the optimizer skips steps with non-finite gradients (the kernels count there, so no
+# step waits for the host). Slot GROUP_SLOTS + k is group k's velocity_initialized.
+COUNTERS = {
+    "STEP_COUNT": 0,
+    "SKIPPED_STEPS": 1,
+    "LAST_STEP_SKIPPED": 2,
+    "GROUP_SLOTS": 3,
+}
+STEP_COUNT, SKIPPED_STEPS, LAST_STEP_SKIPPED, GROUP_SLOTS = COUNTERS.values()
