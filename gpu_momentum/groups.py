@@ -3,7 +3,7 @@
 A group names segments of a FlatParams (by index, or by the names given to
 `FlatParams.from_arrays(..., names=...)`) and overrides any of GROUP_OPTIONS; segments no
 group names form group 0, which takes the optimizer's own hyperparameters. style and
-maximize (and decoupled_weight_decay) stay the optimizer's: they are one per launch.
+maximize (and decoupled_weight_decay) stay the optimizer's (the style is one per launch).
 
 The kernels see the result as contiguous ranges of the flat buffer: range r covers
 [range_ends[r - 1], range_ends[r]) (from 0 for r = 0) and is updated with the
@@ -34,7 +34,7 @@ class UpdateTable:
     group_flags: object  # uint32[groups]
     range_ends: object  # int64[ranges], increasing, the last is the element count
     range_groups: object  # int32[ranges]
-    launch_flags: int  # CLASSIC | MAXIMIZE; backends add READ_COUNTERS
+    launch_flags: int  # CLASSIC; backends add READ_COUNTERS
 
     @property
     def group_count(self):
@@ -53,8 +53,7 @@ GROUP_FIELDS = ("scalars", "group_flags")
 
 def update_table(hypers, velocity_initialized, compute_dtype, range_ends=None,
                  range_groups=None, size=None):
-    """The UpdateTable of groups with Hyperparameters `hypers` (style and maximize are the
-    first's) and per-group `velocity_initialized` flags, over the ranges of a GroupPlan,
+    """The UpdateTable of groups with Hyperparameters `hypers` (the style is the first's) and per-group `velocity_initialized` flags, over the ranges of a GroupPlan,
     or over one range of `size` elements for a single group."""
     if range_ends is None:
         range_ends, range_groups = np.array([size], np.int64), np.zeros(1, np.int32)

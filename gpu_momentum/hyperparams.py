@@ -6,8 +6,8 @@ import numbers
 
 import numpy as np
 
-from .kernels.layout import (CLASSIC, KEEP_VELOCITY, MAXIMIZE, NESTEROV, VELOCITY_INITIALIZED,
-                             GroupRow)
+from .kernels.layout import (CLASSIC, KEEP_VELOCITY, MAXIMIZE, NESTEROV,
+                             VELOCITY_INITIALIZED, GroupRow)
 
 STYLES = ("classic", "torch")
 
@@ -98,15 +98,14 @@ class Hyperparameters:
     def group_flags(self, velocity_initialized):
         """This group's flag bits (kernels.layout.FLAGS) for a step whose velocity is
         initialized already or not (its first step)."""
-        bits = NESTEROV if self.nesterov else 0
+        bits = (NESTEROV if self.nesterov else 0) | (MAXIMIZE if self.maximize else 0)
         if self.keeps_velocity:
             return bits | KEEP_VELOCITY
         return bits | VELOCITY_INITIALIZED if velocity_initialized else bits
 
     def launch_flags(self):
-        """The launch-wide flag bits: style and maximize, one per launch."""
-        classic = CLASSIC if self.style == "classic" else 0
-        return classic | (MAXIMIZE if self.maximize else 0)
+        """The launch-wide flag bits: the style, one per launch."""
+        return CLASSIC if self.style == "classic" else 0
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -11,7 +11,7 @@ import numba
 from .elementwise import (ALWAYS, NEVER, count_step, element_update, find_range,
                           group_hyperparameters, mark_velocities_initialized,
                           scaled_gradient_is_finite)
-from .layout import CLASSIC, LAST_STEP_SKIPPED, MAXIMIZE, READ_COUNTERS
+from .layout import CLASSIC, LAST_STEP_SKIPPED, READ_COUNTERS
 
 _inline = numba.njit(inline="always", cache=True)
 find_range_cpu = _inline(find_range)
@@ -61,7 +61,6 @@ def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
                       range_groups, inv_grad_scale, launch_flags, counters):
     """In place over 1-D contiguous float32/float64 arrays; scalars in the arrays' dtype."""
     classic = launch_flags & CLASSIC != 0
-    maximize = launch_flags & MAXIMIZE != 0
     read_counters = launch_flags & READ_COUNTERS != 0
     n = param.size
     for chunk in numba.prange((n + CHUNK - 1) // CHUNK):
@@ -70,8 +69,8 @@ def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
         r = find_range_cpu(range_ends, start)
         while start < stop:
             end = min(stop, range_ends[r])
-            lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, initialized = \
-                group_hyperparameters_cpu(scalars, group_flags, counters, range_groups[r],
+            (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
+             initialized) = group_hyperparameters_cpu(scalars, group_flags, counters, range_groups[r],
                                           read_counters)
             piece = (param, grad, velocity, numba.uint64(start), numba.uint64(end), lr,
                      momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,

@@ -15,8 +15,8 @@ arithmetic.
 import math
 
 from .layout import (DECAY, GRAD_COEFF, GROUP_SLOTS, KEEP_VELOCITY, L1, LAST_STEP_SKIPPED,
-                     LR, MOMENTUM, NESTEROV, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED,
-                     WEIGHT_DECAY)
+                     LR, MAXIMIZE, MOMENTUM, NESTEROV, SKIPPED_STEPS, STEP_COUNT,
+                     VELOCITY_INITIALIZED, WEIGHT_DECAY)
 
 # How an element update compiles the l1 and decoupled-decay terms: NEVER (left out), ALWAYS
 # (applied whatever the value: only for l1 != 0, decay != 1) or CHECKED (as written in the
@@ -95,7 +95,7 @@ def find_range(range_ends, i):
 
 
 def group_hyperparameters(scalars, group_flags, counters, k, read_counters):
-    """Group k's (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov,
+    """Group k's (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
     velocity_initialized), read from its row of the table. With read_counters the step
     counters, not the table's flags, say whether its velocity exists: a skipped first step
     leaves the next one first."""
@@ -105,7 +105,8 @@ def group_hyperparameters(scalars, group_flags, counters, k, read_counters):
         velocity_initialized = group_flags[k] & VELOCITY_INITIALIZED != 0
     return (scalars[k, LR], scalars[k, MOMENTUM], scalars[k, GRAD_COEFF],
             scalars[k, WEIGHT_DECAY], scalars[k, L1], scalars[k, DECAY],
-            group_flags[k] & NESTEROV != 0, velocity_initialized)
+            group_flags[k] & NESTEROV != 0, group_flags[k] & MAXIMIZE != 0,
+            velocity_initialized)
 
 
 def scaled_gradient_is_finite(g, inv_grad_scale):

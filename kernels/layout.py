@@ -34,11 +34,12 @@ COLUMNS = {name.upper(): column for column, name in enumerate(GroupRow._fields)}
 LR, MOMENTUM, GRAD_COEFF, WEIGHT_DECAY, L1, DECAY = COLUMNS.values()
 GROUP_COLUMNS = len(COLUMNS)
 
-# Flag bits, one namespace. Launch-wide: CLASSIC (style), MAXIMIZE, READ_COUNTERS (the
-# skip and each group's velocity_initialized come from the step counters in memory, not
-# from the table). Per group: NESTEROV, VELOCITY_INITIALIZED (the group's velocity exists:
-# a step reads it; its first step does not) and KEEP_VELOCITY (torch style with momentum
-# 0: the velocity is neither read nor written, as PyTorch leaves its momentum buffer).
+# Flag bits, one namespace. Launch-wide: CLASSIC (style), READ_COUNTERS (the skip and
+# each group's velocity_initialized come from the step counters in memory, not from the
+# table). Per group: MAXIMIZE, NESTEROV, VELOCITY_INITIALIZED (the group's velocity
+# exists: a step reads it; its first step does not) and KEEP_VELOCITY (torch style with
+# momentum 0: the velocity is neither read nor written, as PyTorch leaves its momentum
+# buffer).
 FLAGS = {
     "CLASSIC": 1,
     "MAXIMIZE": 2,

@@ -17,15 +17,15 @@
 //                             (GM_COLUMN_* : lr, momentum, grad_coeff = 1 - dampening,
 //                             coupled weight_decay, l1, decoupled decay = 1 - lr * wd or
 //                             exactly 1)
-//   const unsigned* group_flags  [groups], per-group GM_FLAG_* bits (NESTEROV,
+//   const unsigned* group_flags  [groups], per-group GM_FLAG_* bits (MAXIMIZE, NESTEROV,
 //                             VELOCITY_INITIALIZED, KEEP_VELOCITY)
 //   const long long* range_ends  [range_count], increasing, the last is n: range r is
 //                             [range_ends[r - 1], range_ends[r]) (from 0 for r = 0)
 //   const int* range_groups   [range_count], the group of each range
 //   int range_count           at least 1
 //   C inv_grad_scale          1 / loss scale; exactly 1 without loss scaling
-//   unsigned launch_flags     launch-wide GM_FLAG_* bits (CLASSIC, MAXIMIZE,
-//                             READ_COUNTERS), or'ed into every group's flags
+//   unsigned launch_flags     launch-wide GM_FLAG_* bits (CLASSIC, READ_COUNTERS), or'ed
+//                             into every group's flags
 //   const long long* counters with GM_FLAG_READ_COUNTERS, the step counters in device
 //                             memory (GM_COUNTER_* slots, then one per group from
 //                             GM_COUNTER_GROUP_SLOTS): the step does nothing when

@@ -8,7 +8,7 @@ momentum_step_kernel's arguments, in order (layout in kernels.layout):
                 the four arrays of a gpu_momentum.groups.UpdateTable, in device memory
                 (scalars of the compute dtype)
   inv_grad_scale  1 / loss scale, of the compute dtype
-  launch_flags  CLASSIC | MAXIMIZE, and READ_COUNTERS when `counters` decide
+  launch_flags  CLASSIC, and READ_COUNTERS when `counters` decide
   counters      the step counters (int64); read only with READ_COUNTERS (else empty)
 Hyperparameters are data, not compile-time constants: a schedule changing lr or momentum
 reuses the compiled kernel. One kernel is compiled per dtype combination. The launches
@@ -25,7 +25,7 @@ from numba.core import config
 from .elementwise import (count_step, find_range, group_hyperparameters,
                           mark_velocities_initialized, momentum_update,
                           scaled_gradient_is_finite)
-from .layout import CLASSIC, LAST_STEP_SKIPPED, MAXIMIZE, READ_COUNTERS
+from .layout import CLASSIC, LAST_STEP_SKIPPED, READ_COUNTERS
 
 PARAM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -57,14 +57,13 @@ def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_g
     # out to library functions) and rounded to nearest once, on the store.
     compute = velocity.dtype.type
     classic = launch_flags & CLASSIC != 0
-    maximize = launch_flags & MAXIMIZE != 0
     read_counters = launch_flags & READ_COUNTERS != 0
     # Each thread's indices only grow: it looks its range up only when an index passes
     # the current range's end; the next range (one load) or else a binary search.
     r, end = -1, 0
-    lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, initialized = \
-        group_hyperparameters_cuda(scalars, group_flags, counters, range_groups[0],
-                                   read_counters)
+    (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
+     initialized) = group_hyperparameters_cuda(scalars, group_flags, counters,
+                                               range_groups[0], read_counters)
     # param.size is 64-bit, so i is too: buffers past 2**31 elements index correctly.
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         if i >= end:
@@ -73,9 +72,9 @@ def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_g
             else:
                 r = find_range_cuda(range_ends, i)
             end = range_ends[r]
-            lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, initialized = \
-                group_hyperparameters_cuda(scalars, group_flags, counters, range_groups[r],
-                                           read_counters)
+            (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
+             initialized) = group_hyperparameters_cuda(scalars, group_flags, counters,
+                                                       range_groups[r], read_counters)
         param[i], velocity[i] = momentum_update_cuda(
             compute(param[i]), compute(grad[i]), velocity[i], lr, momentum, grad_coeff,
             weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
