@@ -11,18 +11,28 @@ The file is NumPy's `.npz` (a zip of `.npy` arrays) holding three arrays:
 
 Loading uses `allow_pickle=False`: a checkpoint can never execute code. Any backend loads
 what any backend saved.
+
+Writing goes through one temporary file per checkpoint path, `.<name>.tmp` in the same
+folder, locked with flock while it is written (two saves of one path take turns), then
+flushed, fsynced and renamed over the checkpoint; the folder is fsynced after. A crash
+leaves the previous checkpoint intact and at most that one temporary file, which the next
+save of the path reuses; an exception removes it.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 FORMAT_NAME = "gpu-momentum checkpoint"
 FORMAT_VERSION = 2  # 2: parameter groups, l1, decoupled weight decay, names
+
+
+_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 class CheckpointError(ValueError):
@@ -52,23 +62,70 @@ def save_checkpoint(optimizer, path):
             "sha256": {name: _sha256(a) for name, a in arrays.items()}}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
+    _replace(path, lambda file: np.savez(file, **arrays))
+
+
+def _temporary_name(name):
+    """The one temporary file name of checkpoint `name`, in the same folder."""
+    temporary = f".{name}.tmp"
+    if len(os.fsencode(temporary)) <= 255:
+        return temporary
+    return f".{hashlib.sha256(os.fsencode(name)).hexdigest()}.tmp"  # NAME_MAX is 255
+
+
+def _replace(path, write):
+    """Replaces `path` atomically with what `write(file)` writes, through its temporary."""
+    path = os.path.abspath(os.fsdecode(os.fspath(path)))
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, _temporary_name(name))
+    handle = _open_locked(temporary)
+    with os.fdopen(handle, "wb") as file:
+        try:
+            os.ftruncate(handle, 0)  # a crashed save may have left it half written
+            write(file)
             file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+            os.fsync(handle)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # still ours: no other save has it
+                if os.path.samestat(os.stat(temporary, follow_symlinks=False),
+                                    os.fstat(handle)):
+                    os.unlink(temporary)
+            raise
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # makes the rename itself durable
     finally:
         os.close(directory)
+
+
+def _open_locked(temporary):
+    """A descriptor of `temporary`, created if missing and locked for this save alone.
+
+    Another save of the same path may have renamed or removed the file while this one
+    waited for the lock: then the name no longer leads to the locked file, and this one
+    opens it again. On filesystems without flock it goes on unlocked."""
+    import fcntl  # POSIX; imported here so that Windows can still import the package
+
+    while True:
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o666)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError as error:
+                if error.errno not in _NO_FLOCK:
+                    raise
+                return handle
+            if os.path.samestat(os.fstat(handle),
+                                os.stat(temporary, follow_symlinks=False)):
+                return handle
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(handle)
+            raise
+        os.close(handle)
 
 
 def _read(path):

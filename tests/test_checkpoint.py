@@ -1,5 +1,6 @@
 """Checkpoints: bitwise continuation, portability, atomic writes, all-or-nothing loads."""
 
+import errno
 import json
 import os
 
@@ -95,6 +96,56 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
         opt.save(path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.npz"], "no temporary file may be left behind"
+
+
+def test_a_crashed_saves_temporary_file_is_reused(tmp_path):
+    flat, opt = _model(CpuHarness())
+    path = tmp_path / "ckpt.npz"
+    opt.save(path)
+    # What a kill -9 during a save leaves: the path's one temporary file, half written.
+    (tmp_path / ".ckpt.npz.tmp").write_bytes(b"half a checkpoint" * 1000)
+    opt.load(path)  # load reads the path it is given, never the temporary file
+    _train(CpuHarness(), flat, opt, _grads(flat.data.size, 1))
+    opt.save(path)
+    assert os.listdir(tmp_path) == ["ckpt.npz"]
+    _, other = _model(CpuHarness(), seed=4)
+    other.load(path)
+    assert other.step_count == 1
+
+
+def test_a_link_in_place_of_the_temporary_file_is_refused(tmp_path):
+    _, opt = _model(CpuHarness())
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, tmp_path / ".ckpt.npz.tmp")
+    with pytest.raises(OSError) as error:
+        opt.save(tmp_path / "ckpt.npz")
+    assert error.value.errno == errno.ELOOP
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "ckpt.npz").exists()
+
+
+def test_saving_where_flock_is_unsupported(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre without -o flock
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    flat, opt = _model(CpuHarness())
+    opt.save(tmp_path / "ckpt.npz")
+    assert os.listdir(tmp_path) == ["ckpt.npz"]
+    _, other = _model(CpuHarness(), seed=4)
+    other.load(tmp_path / "ckpt.npz")
+    assert other.param.tobytes() == flat.data.tobytes()
+
+
+def test_a_very_long_name_gets_a_short_temporary_file(tmp_path):
+    _, opt = _model(CpuHarness())
+    name = "c" * 250 + ".npz"  # ".<name>.tmp" would pass NAME_MAX (255 bytes)
+    opt.save(tmp_path / name)
+    opt.load(tmp_path / name)
+    assert os.listdir(tmp_path) == [name]
 
 
 def _rewrite(path, edit_meta=None, **replace):
