@@ -14,7 +14,9 @@ class FlatParams:
     `data` and `grad` are 1-D buffers; `params` and `grads` are views into them shaped like
     the packed arrays (the model works on these views and writes gradients into `grads`).
     Segment i lives at `data[offsets[i]:offsets[i] + sizes[i]]` and starts on a 16-byte
-    boundary; the padding between segments stays zero, so the update leaves it zero.
+    boundary. The padding between segments starts at zero and no update reads or writes
+    it (nor the gradient's padding): whatever `grad[...] = x` puts there, NaN included,
+    the padding of the parameters and of the velocity keeps its bits.
     """
 
     def __init__(self, data, grad, shapes, offsets, names=None):

@@ -7,10 +7,12 @@ maximize (and decoupled_weight_decay) stay the optimizer's (the style is one per
 
 The kernels see the result as contiguous ranges of the flat buffer: range r covers
 [range_ends[r - 1], range_ends[r]) (from 0 for r = 0) and is updated with the
-hyperparameters of group range_groups[r]. A segment's range runs to the next segment's
-offset, so the zero padding after it goes with it (and stays zero under any group).
-Neighbouring segments of one group share one range, so a model whose groups are a few
-contiguous blocks of layers costs the kernels a few ranges, whatever the segment count.
+hyperparameters of group range_groups[r]. A segment's elements are one range; the padding
+after it (up to the next segment's 16-byte boundary) is a range of its own owned by
+NO_GROUP (kernels.layout), which no kernel reads or writes: whatever is written into the
+gradient's padding, the padding of the parameters and the velocity keeps its bits.
+Neighbouring ranges of one owner share one range, so a model whose groups are a few
+contiguous blocks of layers costs the kernels a few ranges plus the padding between them.
 """
 
 import dataclasses
@@ -18,7 +20,7 @@ import numbers
 
 import numpy as np
 
-from .kernels.layout import GROUP_COLUMNS
+from .kernels.layout import GROUP_COLUMNS, NO_GROUP
 
 GROUP_OPTIONS = ("lr", "momentum", "dampening", "weight_decay", "l1", "nesterov")
 
@@ -33,7 +35,7 @@ class UpdateTable:
     scalars: object  # [groups, GROUP_COLUMNS] of the compute dtype
     group_flags: object  # uint32[groups]
     range_ends: object  # int64[ranges], increasing, the last is the element count
-    range_groups: object  # int32[ranges]
+    range_groups: object  # int32[ranges]: a group, or NO_GROUP (left alone)
     launch_flags: int  # CLASSIC; backends add READ_COUNTERS
 
     @property
@@ -69,17 +71,19 @@ class GroupPlan:
     hypers: tuple  # Hyperparameters of each group; [0] is the optimizer's own
     segment_groups: tuple  # the group of each segment
     range_ends: np.ndarray  # int64[R], increasing, range_ends[-1] == buffer size
-    range_groups: np.ndarray  # int32[R]
+    range_groups: np.ndarray  # int32[R]: a group, or NO_GROUP for padding
 
 
-def resolve_groups(groups, defaults, offsets, total, names=None):
-    """The GroupPlan of `groups` (a list of dicts, or None for one group) over segments
-    starting at `offsets` of a `total`-element buffer; `defaults` is a Hyperparameters.
+def resolve_groups(groups, defaults, offsets, sizes, total, names=None):
+    """The GroupPlan of `groups` (a list of dicts, or None for one group) over segments of
+    `sizes` elements starting at `offsets` of a `total`-element buffer; `defaults` is a
+    Hyperparameters. Elements outside every segment (padding) belong to NO_GROUP.
 
     Raises ValueError or TypeError naming the group and the option before anything is
     built: unknown options, segments that do not exist, segments in two groups, values
     Hyperparameters rejects.
     """
+    _check_segments(offsets, sizes, total)
     groups = [] if groups is None else groups
     if isinstance(groups, (dict, str, bytes)) or not isinstance(groups, (list, tuple)):
         raise TypeError(f"groups must be a list of dicts, got {type(groups).__name__}")
@@ -109,16 +113,40 @@ def resolve_groups(groups, defaults, offsets, total, names=None):
         except (TypeError, ValueError) as error:
             raise type(error)(f"{where}: {error}") from None
 
-    ends, range_groups = [], []
-    for segment, group in enumerate(segment_groups):
-        end = offsets[segment + 1] if segment + 1 < len(offsets) else total
-        if range_groups and range_groups[-1] == group:
+    range_ends, range_groups = _ranges(segment_groups, offsets, sizes, total)
+    return GroupPlan(tuple(hypers), tuple(segment_groups), range_ends, range_groups)
+
+
+def _check_segments(offsets, sizes, total):
+    """Segments in order, each inside the buffer and ending before the next begins."""
+    ends = [int(o) + int(n) for o, n in zip(offsets, sizes)]
+    starts = [*(int(o) for o in offsets[1:]), int(total)]
+    if (len(offsets) != len(sizes) or any(int(o) < 0 for o in offsets)
+            or any(int(n) < 0 for n in sizes) or any(e > s for e, s in zip(ends, starts))):
+        raise ValueError(f"segments at offsets {list(offsets)} of sizes {list(sizes)} do "
+                         f"not fit one after the other in {total} elements")
+
+
+def _ranges(segment_groups, offsets, sizes, total):
+    """(range_ends, range_groups): each segment's elements with its group, the gaps
+    between segments with NO_GROUP; empty ranges dropped, neighbours of one owner merged.
+    A buffer with no elements is one empty range of group 0 (a table has a range)."""
+    pieces = []  # (end, owner), one after the other from element 0
+    for group, offset, size in zip(segment_groups, offsets, sizes):
+        pieces += [(int(offset), NO_GROUP), (int(offset) + int(size), group)]
+    pieces.append((int(total), NO_GROUP))
+    ends, owners = [], []
+    for end, owner in pieces:
+        if ends and end == ends[-1] or not ends and end == 0:
+            continue  # empty
+        if owners and owners[-1] == owner:
             ends[-1] = end
         else:
             ends.append(end)
-            range_groups.append(group)
-    return GroupPlan(tuple(hypers), tuple(segment_groups), np.array(ends, np.int64),
-                     np.array(range_groups, np.int32))
+            owners.append(owner)
+    if not ends:
+        ends, owners = [int(total)], [0]
+    return np.array(ends, np.int64), np.array(owners, np.int32)
 
 
 def _segments(where, params, count, names):
@@ -183,6 +211,6 @@ def check_table(table, n, compute_dtype):
     if ends[-1] != n or (np.diff(ends) < 0).any() or ends[0] < 0:
         raise ValueError(f"the update table's ranges must increase and end at the "
                          f"element count {n}, got range_ends {ends.tolist()}")
-    if ((owners < 0) | (owners >= groups)).any():
+    if ((owners < NO_GROUP) | (owners >= groups)).any():
         raise ValueError(f"the update table's range_groups name groups outside "
-                         f"0..{groups - 1}: {owners.tolist()}")
+                         f"0..{groups - 1} (or {NO_GROUP}, no group): {owners.tolist()}")

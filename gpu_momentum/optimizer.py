@@ -177,8 +177,9 @@ class MomentumSGD:
     def _resolve(self, groups, defaults):
         size = _size(self.param)
         if self.flat is None:
-            return resolve_groups(groups, defaults, [0], size)
-        return resolve_groups(groups, defaults, self.flat.offsets, size, self.flat.names)
+            return resolve_groups(groups, defaults, [0], [size], size)
+        return resolve_groups(groups, defaults, self.flat.offsets, self.flat.sizes, size,
+                              self.flat.names)
 
     def _new_counters(self, step_count, velocity_initialized, skipped_steps):
         counters = np.zeros(GROUP_SLOTS + len(velocity_initialized), np.int64)

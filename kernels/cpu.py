@@ -8,20 +8,20 @@ unless READ_COUNTERS).
 
 import numba
 
-from .elementwise import (ALWAYS, NEVER, count_step, element_update, find_range,
+from .elementwise import (ALWAYS, NEVER, count_step, element_update,
                           group_hyperparameters, mark_velocities_initialized,
-                          scaled_gradient_is_finite)
-from .layout import CLASSIC, LAST_STEP_SKIPPED, READ_COUNTERS
+                          scaled_gradient_is_finite, seek_range)
+from .layout import CLASSIC, LAST_STEP_SKIPPED, NO_GROUP, READ_COUNTERS
 
 _inline = numba.njit(inline="always", cache=True)
-find_range_cpu = _inline(find_range)
+seek_range_cpu = _inline(seek_range)
 group_hyperparameters_cpu = _inline(group_hyperparameters)
 scaled_gradient_is_finite_cpu = _inline(scaled_gradient_is_finite)
 count_step_cpu = _inline(count_step)
 mark_velocities_initialized_cpu = _inline(mark_velocities_initialized)
 
 # Elements per parallel task: each task finds its first range by binary search, then runs
-# one loop per range piece with its group's values.
+# one loop per range piece with its group's values (none over a NO_GROUP range).
 CHUNK = 1 << 16
 
 
@@ -56,22 +56,40 @@ _update_decay = _piece_loop(NEVER, ALWAYS, "_update_decay")
 _update_l1_decay = _piece_loop(ALWAYS, ALWAYS, "_update_l1_decay")
 
 
-@numba.njit(parallel=True, cache=True)
-def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
-                      range_groups, inv_grad_scale, launch_flags, counters):
-    """In place over 1-D contiguous float32/float64 arrays; scalars in the arrays' dtype."""
+@numba.njit(cache=True)
+def _count_nonfinite(grad, start, end, inv_grad_scale):
+    """Elements of grad[start:end] whose scaled value is NaN or inf."""
+    count = 0
+    for i in range(start, end):
+        if not scaled_gradient_is_finite_cpu(grad[i], inv_grad_scale):
+            count += 1
+    return count
+
+
+@_inline
+def _chunk(chunk, param, grad, velocity, scalars, group_flags, range_ends, range_groups,
+           inv_grad_scale, launch_flags, counters, check_only):
+    """Task `chunk`'s elements, one range piece at a time with its group's values, leaving
+    NO_GROUP ranges alone: updated, or with check_only counted where the scaled gradient
+    is not finite (the count is returned)."""
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
-    n = param.size
-    for chunk in numba.prange((n + CHUNK - 1) // CHUNK):
-        start = chunk * CHUNK
-        stop = min(n, start + CHUNK)
-        r = find_range_cpu(range_ends, start)
-        while start < stop:
-            end = min(stop, range_ends[r])
+    start = chunk * CHUNK
+    stop = min(param.size, start + CHUNK)
+    r = seek_range_cpu(range_ends, start, -1)
+    nonfinite = 0
+    while start < stop:
+        end = min(stop, range_ends[r])
+        k = range_groups[r]
+        if k == NO_GROUP:
+            pass
+        elif check_only:
+            nonfinite += _count_nonfinite(grad, numba.uint64(start), numba.uint64(end),
+                                          inv_grad_scale)
+        else:
             (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
-             initialized) = group_hyperparameters_cpu(scalars, group_flags, counters, range_groups[r],
-                                          read_counters)
+             initialized) = \
+                group_hyperparameters_cpu(scalars, group_flags, counters, k, read_counters)
             piece = (param, grad, velocity, numba.uint64(start), numba.uint64(end), lr,
                      momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
                      nesterov, maximize, initialized)
@@ -83,8 +101,18 @@ def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
                 _update_decay(*piece)
             else:
                 _update_l1_decay(*piece)
-            start = end
-            r += 1
+        start = end
+        r += 1
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True)
+def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
+                      range_groups, inv_grad_scale, launch_flags, counters):
+    """In place over 1-D contiguous float32/float64 arrays; scalars in the arrays' dtype."""
+    for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
+        _chunk(chunk, param, grad, velocity, scalars, group_flags, range_ends,
+               range_groups, inv_grad_scale, launch_flags, counters, False)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -92,12 +120,13 @@ def momentum_step_skipping_nonfinite_cpu(param, grad, velocity, scalars, group_f
                                          range_ends, range_groups, inv_grad_scale,
                                          launch_flags, counters):
     """The GPU kernels' four launches in one call (launch_flags has READ_COUNTERS): a step
-    whose scaled gradient holds a NaN or inf changes nothing but the counters; first steps
-    come from the counters, so a skipped first step leaves the next one first."""
+    whose scaled gradient holds a NaN or inf in a range some group updates changes nothing
+    but the counters; first steps come from the counters, so a skipped first step leaves
+    the next one first."""
     nonfinite = 0
-    for i in numba.prange(grad.size):
-        if not scaled_gradient_is_finite_cpu(grad[i], inv_grad_scale):
-            nonfinite += 1
+    for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
+        nonfinite += _chunk(chunk, param, grad, velocity, scalars, group_flags, range_ends,
+                            range_groups, inv_grad_scale, launch_flags, counters, True)
     counters[LAST_STEP_SKIPPED] = 1 if nonfinite else 0
     if not nonfinite:
         momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,

@@ -72,7 +72,8 @@ def cuda_include_dir():
 def defines():
     """The #defines prepended to momentum.cu: launch settings and kernels.layout."""
     settings = {"GM_BLOCK_SIZE": BLOCK_SIZE, "GM_MIN_BLOCKS_PER_SM": MIN_BLOCKS_PER_SM,
-                "GM_VECTOR_BYTES": VECTOR_BYTES, "GM_GROUP_COLUMNS": layout.GROUP_COLUMNS}
+                "GM_VECTOR_BYTES": VECTOR_BYTES, "GM_GROUP_COLUMNS": layout.GROUP_COLUMNS,
+                "GM_NO_GROUP": layout.NO_GROUP}
     settings |= {f"GM_FLAG_{name}": f"{bit}u" for name, bit in layout.FLAGS.items()}
     settings |= {f"GM_COUNTER_{name}": slot for name, slot in layout.COUNTERS.items()}
     settings |= {f"GM_COLUMN_{name}": column for name, column in layout.COLUMNS.items()}

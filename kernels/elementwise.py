@@ -82,8 +82,12 @@ def element_update(l1_term=CHECKED, decay_term=CHECKED):
 momentum_update = element_update()
 
 
-def find_range(range_ends, i):
-    """The range holding element i: the first r with i < range_ends[r] (binary search)."""
+def seek_range(range_ends, i, r):
+    """The range holding element i (the first r with i < range_ends[r]) for a walk whose
+    indices only grow and whose last range was r (-1 before the first): the next range
+    when it holds i (one load), else a binary search, which finds i from anywhere."""
+    if r + 1 < range_ends.size and i < range_ends[r + 1]:
+        return r + 1
     low, high = 0, range_ends.size - 1
     while low < high:
         middle = (low + high) // 2

@@ -11,7 +11,7 @@ reads (see gpu_momentum.groups.UpdateTable):
   and float32 parameters, float64 for float64), with the COLUMNS below, and per-group flag
   bits `group_flags[group]`;
 - contiguous ranges of the buffer: range r is [range_ends[r - 1], range_ends[r]) (from 0
-  for r = 0) and belongs to group range_groups[r];
+  for r = 0) and belongs to group range_groups[r], or to NO_GROUP;
 - launch-wide flag bits (`launch_flags`), 1 / loss scale (`inv_grad_scale`) and, with
   READ_COUNTERS, the step counters.
 """
@@ -34,12 +34,19 @@ COLUMNS = {name.upper(): column for column, name in enumerate(GroupRow._fields)}
 LR, MOMENTUM, GRAD_COEFF, WEIGHT_DECAY, L1, DECAY = COLUMNS.values()
 GROUP_COLUMNS = len(COLUMNS)
 
-# Flag bits, one namespace. Launch-wide: CLASSIC (style), READ_COUNTERS (the skip and
-# each group's velocity_initialized come from the step counters in memory, not from the
-# table). Per group: MAXIMIZE, NESTEROV, VELOCITY_INITIALIZED (the group's velocity
-# exists: a step reads it; its first step does not) and KEEP_VELOCITY (torch style with
-# momentum 0: the velocity is neither read nor written, as PyTorch leaves its momentum
-# buffer).
+# The owner of a range no group updates, such as the padding between FlatParams segments:
+# its elements are neither read nor written (not by the update, not by the non-finite
+# gradient check), so whatever a user writes into the gradient's padding, the padding of
+# the parameters and of the velocity keeps its bits.
+NO_GROUP = -1
+
+# Flag bits, one namespace. Launch-wide: CLASSIC (style), READ_COUNTERS (the
+# skip and each group's velocity_initialized come from the step counters in memory, not
+# from the table). Per group: MAXIMIZE, NESTEROV, VELOCITY_INITIALIZED (the group's velocity exists:
+# a step reads it; its first step does not) and KEEP_VELOCITY (torch style with momentum
+# 0: the velocity is neither read nor written, as PyTorch leaves its momentum buffer).
+# LEAVE_ALONE is no table's: the CUDA C kernel's range cursor sets it for a NO_GROUP range,
+# whose elements it then neither reads nor writes.
 FLAGS = {
     "CLASSIC": 1,
     "MAXIMIZE": 2,
@@ -47,9 +54,10 @@ FLAGS = {
     "NESTEROV": 8,
     "VELOCITY_INITIALIZED": 16,
     "KEEP_VELOCITY": 32,
+    "LEAVE_ALONE": 64,
 }
-CLASSIC, MAXIMIZE, READ_COUNTERS, NESTEROV, VELOCITY_INITIALIZED, KEEP_VELOCITY = \
-    FLAGS.values()
+(CLASSIC, MAXIMIZE, READ_COUNTERS, NESTEROV, VELOCITY_INITIALIZED, KEEP_VELOCITY,
+ LEAVE_ALONE) = FLAGS.values()
 
 # Slots of the step counters, int64[GROUP_SLOTS + groups], kept in the backend's memory
 # when the optimizer skips steps with non-finite gradients (the kernels count there, so no

@@ -21,7 +21,7 @@
 //                             VELOCITY_INITIALIZED, KEEP_VELOCITY)
 //   const long long* range_ends  [range_count], increasing, the last is n: range r is
 //                             [range_ends[r - 1], range_ends[r]) (from 0 for r = 0)
-//   const int* range_groups   [range_count], the group of each range
+//   const int* range_groups   [range_count], the group of each range, or GM_NO_GROUP
 //   int range_count           at least 1
 //   C inv_grad_scale          1 / loss scale; exactly 1 without loss scaling
 //   unsigned launch_flags     launch-wide GM_FLAG_* bits (CLASSIC, READ_COUNTERS), or'ed
@@ -32,10 +32,13 @@
 //                             LAST_STEP_SKIPPED is set, and group k's velocity is
 //                             initialized when its slot is not 0 (its VELOCITY_INITIALIZED
 //                             bit is ignored); else unused (may be null)
+// A range whose group is GM_NO_GROUP (the padding between FlatParams segments) is left
+// alone: its elements are neither read nor written.
 // Skipping steps with a non-finite gradient, all on the stream, no host round trip
 // (kernels/cuda_launch.py, step_launches): counters[LAST_STEP_SKIPPED] = 0 (a memset),
-// find_nonfinite<T>(grad, n, inv_grad_scale, counters) sets it when a scaled gradient
-// element is NaN or inf, momentum_step<T> with GM_FLAG_READ_COUNTERS, then
+// find_nonfinite<T>(grad, n, range_ends, range_groups, range_count, inv_grad_scale,
+// counters) sets it when a scaled gradient element of a group's range is NaN or inf,
+// momentum_step<T> with GM_FLAG_READ_COUNTERS, then
 // finish_step(counters, group_flags, group_count), one block, counts the step and marks
 // the groups' velocities as initialized.
 // Launch: at most GM_BLOCK_SIZE threads per block, any grid size (grid-stride loops).
@@ -94,37 +97,54 @@ struct Table {
     const long long* __restrict__ counters;
 };
 
-// The range [begin, end) a thread is in and its group's hyperparameters. Starts empty, so
-// that the first element looks its range up.
-template <typename C>
-struct Cursor {
+// The range [begin, end) of a thread's walk over the buffer. Starts empty, so that the
+// first element looks its range up.
+struct Range {
     long long begin = 0, end = 0;
-    int range = -1;
-    Hyper<C> h;
+    int index = -1;
 
-    // Moves to the range holding element i, unless already there: the next range when i
-    // is in it (one load: a grid-stride walk goes forward, range after range), else a
-    // binary search over all the range ends, like kernels.elementwise.find_range (the
-    // first r with i < range_ends[r]), which finds i in any direction.
-    __device__ __forceinline__ void seek(long long i, const Table<C>& t) {
-        if (i >= begin && i < end) return;
-        int low = range + 1;
-        if (i < end || low >= t.range_count || i >= t.range_ends[low]) {
+    // Moves to the range holding element i, unless already there, and says whether it
+    // moved: the next range when i is in it (one load: a grid-stride walk goes forward,
+    // range after range), else a binary search over all the range ends, like
+    // kernels.elementwise.seek_range (the first r with i < range_ends[r]), which finds i
+    // in any direction.
+    __device__ __forceinline__ bool seek(long long i, const long long* __restrict__ ends,
+                                         int count) {
+        if (i >= begin && i < end) return false;
+        int low = index + 1;
+        if (i < end || low >= count || i >= ends[low]) {
             low = 0;
-            int high = t.range_count - 1;
+            int high = count - 1;
             while (low < high) {
                 const int middle = (low + high) >> 1;
-                if (i < t.range_ends[middle]) {
+                if (i < ends[middle]) {
                     high = middle;
                 } else {
                     low = middle + 1;
                 }
             }
         }
-        range = low;
-        begin = low > 0 ? t.range_ends[low - 1] : 0;
-        end = t.range_ends[low];
-        const int k = t.range_groups[low];
+        index = low;
+        begin = low > 0 ? ends[low - 1] : 0;
+        end = ends[low];
+        return true;
+    }
+};
+
+// The range a thread is in and its group's hyperparameters; a NO_GROUP range (FlatParams
+// padding) gets GM_FLAG_LEAVE_ALONE, and its elements are neither read nor written.
+template <typename C>
+struct Cursor {
+    Range range;
+    Hyper<C> h;
+
+    __device__ __forceinline__ void seek(long long i, const Table<C>& t) {
+        if (!range.seek(i, t.range_ends, t.range_count)) return;
+        const int k = t.range_groups[range.index];
+        if (k == GM_NO_GROUP) {
+            h.flags = GM_FLAG_LEAVE_ALONE;  // nothing else of h is read
+            return;
+        }
         const C* row = t.scalars + static_cast<long long>(k) * GM_GROUP_COLUMNS;
         unsigned flags = t.launch_flags | t.group_flags[k];
         if (flags & GM_FLAG_READ_COUNTERS) {
@@ -138,6 +158,18 @@ struct Cursor {
         h = Hyper<C>{row[GM_COLUMN_LR], row[GM_COLUMN_MOMENTUM], row[GM_COLUMN_GRAD_COEFF],
                      row[GM_COLUMN_WEIGHT_DECAY], row[GM_COLUMN_L1], row[GM_COLUMN_DECAY],
                      t.inv_grad_scale, flags};
+    }
+};
+
+// The range a thread's non-finite check is in, and whether some group updates it (only
+// those elements are checked).
+struct CheckedRange {
+    Range range;
+    bool checked = false;
+
+    __device__ __forceinline__ void seek(long long i, const long long* __restrict__ ends,
+                                         const int* __restrict__ groups, int count) {
+        if (range.seek(i, ends, count)) checked = groups[range.index] != GM_NO_GROUP;
     }
 };
 
@@ -180,6 +212,7 @@ __device__ __forceinline__ void update_element(T* __restrict__ param,
                                                const T* __restrict__ grad,
                                                V* __restrict__ velocity, long long i,
                                                const Hyper<C>& h) {
+    if (h.has(GM_FLAG_LEAVE_ALONE)) return;
     C p = to_compute(param[i]);
     C v = h.reads_velocity() ? C(velocity[i]) : C(0);
     update(p, to_compute(grad[i]), v, h);
@@ -207,6 +240,7 @@ __device__ __forceinline__ void update_vector(T* __restrict__ param,
     constexpr int W = vector_width<T>();
     using PT = Pack<T, W>;
     using PV = Pack<V, W>;
+    if (h.has(GM_FLAG_LEAVE_ALONE)) return;
     PT p = *reinterpret_cast<const PT*>(param + i);
     const PT g = *reinterpret_cast<const PT*>(grad + i);
     PV v = {};
@@ -273,7 +307,7 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
     for (long long i = thread; i < vectors; i += stride) {
         const long long first = start + i * W;
         cursor.seek(first, table);
-        if (first + W <= cursor.end) {
+        if (first + W <= cursor.range.end) {
             gm::update_vector(param, grad, velocity, first, cursor.h);
         } else {
             // The word holds a range end: each element with its own group's scalars.
@@ -301,10 +335,13 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
 }
 
 // Sets counters[GM_COUNTER_LAST_STEP_SKIPPED] when grad * inv_grad_scale (in the compute
-// type, as the update computes it) holds a NaN or inf anywhere; never clears it.
+// type, as the update computes it) holds a NaN or inf in a range some group updates;
+// never clears it. NO_GROUP ranges (padding) are not read.
 template <typename T>
 __global__ void __launch_bounds__(GM_BLOCK_SIZE, GM_MIN_BLOCKS_PER_SM)
 find_nonfinite(const T* __restrict__ grad, long long n,
+               const long long* __restrict__ range_ends,
+               const int* __restrict__ range_groups, int range_count,
                typename gm::Types<T>::compute inv_grad_scale,
                long long* __restrict__ counters) {
     using C = typename gm::Types<T>::compute;
@@ -315,22 +352,39 @@ find_nonfinite(const T* __restrict__ grad, long long n,
 
     const long long start = gm::vector_start(grad, grad, grad, n);
     const long long vectors = (n - start) / W;
+    gm::CheckedRange at;
     bool all_finite = true;
 #pragma unroll 1
     for (long long i = thread; i < vectors; i += stride) {
-        const PT g = *reinterpret_cast<const PT*>(grad + start + i * W);
+        const long long first = start + i * W;
+        at.seek(first, range_ends, range_groups, range_count);
+        if (first + W <= at.range.end) {
+            if (!at.checked) continue;
+            const PT g = *reinterpret_cast<const PT*>(grad + first);
 #pragma unroll
-        for (int k = 0; k < W; ++k) {
-            all_finite &= gm::finite(gm::to_compute(g.x[k]) * inv_grad_scale);
+            for (int k = 0; k < W; ++k) {
+                all_finite &= gm::finite(gm::to_compute(g.x[k]) * inv_grad_scale);
+            }
+        } else {
+            // The word holds a range end: each element by its own range.
+#pragma unroll 1
+            for (long long e = first; e < first + W; ++e) {
+                at.seek(e, range_ends, range_groups, range_count);
+                if (at.checked) {
+                    all_finite &= gm::finite(gm::to_compute(grad[e]) * inv_grad_scale);
+                }
+            }
         }
     }
 #pragma unroll 1
     for (long long i = thread; i < start; i += stride) {
-        all_finite &= gm::finite(gm::to_compute(grad[i]) * inv_grad_scale);
+        at.seek(i, range_ends, range_groups, range_count);
+        if (at.checked) all_finite &= gm::finite(gm::to_compute(grad[i]) * inv_grad_scale);
     }
 #pragma unroll 1
     for (long long i = start + vectors * W + thread; i < n; i += stride) {
-        all_finite &= gm::finite(gm::to_compute(grad[i]) * inv_grad_scale);
+        at.seek(i, range_ends, range_groups, range_count);
+        if (at.checked) all_finite &= gm::finite(gm::to_compute(grad[i]) * inv_grad_scale);
     }
     // Every writer stores the same 1, so the race between threads is harmless.
     if (!all_finite) counters[GM_COUNTER_LAST_STEP_SKIPPED] = 1;

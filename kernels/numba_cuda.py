@@ -10,6 +10,9 @@ momentum_step_kernel's arguments, in order (layout in kernels.layout):
   inv_grad_scale  1 / loss scale, of the compute dtype
   launch_flags  CLASSIC, and READ_COUNTERS when `counters` decide
   counters      the step counters (int64); read only with READ_COUNTERS (else empty)
+Elements of a NO_GROUP range (FlatParams padding) are neither read nor written, by the
+update or by find_nonfinite_kernel (grad, velocity, range_ends, range_groups,
+inv_grad_scale, counters).
 Hyperparameters are data, not compile-time constants: a schedule changing lr or momentum
 reuses the compiled kernel. One kernel is compiled per dtype combination. The launches
 of a step are kernels.cuda_launch.step_launches' (gpu_momentum.backends.numba_cuda).
@@ -22,10 +25,9 @@ import numpy as np
 from numba import cuda, types
 from numba.core import config
 
-from .elementwise import (count_step, find_range, group_hyperparameters,
-                          mark_velocities_initialized, momentum_update,
-                          scaled_gradient_is_finite)
-from .layout import CLASSIC, LAST_STEP_SKIPPED, READ_COUNTERS
+from .elementwise import (count_step, group_hyperparameters, mark_velocities_initialized,
+                          momentum_update, scaled_gradient_is_finite, seek_range)
+from .layout import CLASSIC, LAST_STEP_SKIPPED, NO_GROUP, READ_COUNTERS
 
 PARAM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -36,7 +38,7 @@ PARAM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 # compiled on its own (inline="never") is built for the current device, which needs one.
 _inline = cuda.jit(device=True, inline="always")
 momentum_update_cuda = _inline(momentum_update)
-find_range_cuda = _inline(find_range)
+seek_range_cuda = _inline(seek_range)
 group_hyperparameters_cuda = _inline(group_hyperparameters)
 scaled_gradient_is_finite_cuda = _inline(scaled_gradient_is_finite)
 count_step_cuda = _inline(count_step)
@@ -59,26 +61,28 @@ def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_g
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
     # Each thread's indices only grow: it looks its range up only when an index passes
-    # the current range's end; the next range (one load) or else a binary search.
-    r, end = -1, 0
+    # the current range's end (seek_range); a NO_GROUP range's elements are left alone.
+    r, end, k = -1, 0, NO_GROUP
+    # Group 0's values until the first lookup (never the table at NO_GROUP).
     (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
-     initialized) = group_hyperparameters_cuda(scalars, group_flags, counters,
-                                               range_groups[0], read_counters)
+     initialized) = \
+        group_hyperparameters_cuda(scalars, group_flags, counters, 0, read_counters)
     # param.size is 64-bit, so i is too: buffers past 2**31 elements index correctly.
     for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
         if i >= end:
-            if r + 1 < range_ends.size and i < range_ends[r + 1]:
-                r += 1
-            else:
-                r = find_range_cuda(range_ends, i)
+            r = seek_range_cuda(range_ends, i, r)
             end = range_ends[r]
-            (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
-             initialized) = group_hyperparameters_cuda(scalars, group_flags, counters,
-                                                       range_groups[r], read_counters)
-        param[i], velocity[i] = momentum_update_cuda(
-            compute(param[i]), compute(grad[i]), velocity[i], lr, momentum, grad_coeff,
-            weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
-            initialized)
+            k = range_groups[r]
+            if k != NO_GROUP:
+                (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
+     initialized) = \
+                    group_hyperparameters_cuda(scalars, group_flags, counters, k,
+                                               read_counters)
+        if k != NO_GROUP:
+            param[i], velocity[i] = momentum_update_cuda(
+                compute(param[i]), compute(grad[i]), velocity[i], lr, momentum, grad_coeff,
+                weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+                initialized)
 
 
 @cuda.jit(cache=True)
@@ -98,11 +102,19 @@ def clear_skip_kernel(counters):
 
 
 @cuda.jit(cache=True)
-def find_nonfinite_kernel(grad, velocity, inv_grad_scale, counters):
-    # Checked as the update computes it: widened to the velocity's (compute) dtype first.
+def find_nonfinite_kernel(grad, velocity, range_ends, range_groups, inv_grad_scale,
+                          counters):
+    # Checked as the update computes it: widened to the velocity's (compute) dtype first;
+    # only where a group updates (NO_GROUP ranges are neither read nor written).
     compute = velocity.dtype.type
+    r, end, k = -1, 0, NO_GROUP
     for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
-        if not scaled_gradient_is_finite_cuda(compute(grad[i]), inv_grad_scale):
+        if i >= end:
+            r = seek_range_cuda(range_ends, i, r)
+            end = range_ends[r]
+            k = range_groups[r]
+        if k != NO_GROUP and not scaled_gradient_is_finite_cuda(compute(grad[i]),
+                                                                inv_grad_scale):
             # Every writer stores the same 1: the race between threads is harmless.
             counters[LAST_STEP_SKIPPED] = 1
 
@@ -188,7 +200,8 @@ def kernel_signatures(param_dtype):
     return {
         "momentum_step": (momentum_step_kernel, (param, param, velocity, *table, compute,
                                                  types.int64, counters)),
-        "find_nonfinite": (find_nonfinite_kernel, (param, velocity, compute, counters)),
+        "find_nonfinite": (find_nonfinite_kernel, (param, velocity, table[2], table[3],
+                                                    compute, counters)),
         "finish_step": (finish_step_kernel, (counters, group_flags)),
     }
 

@@ -135,16 +135,12 @@ def group_lr(group, step):
     return lr / 2 if step >= 3 else lr
 
 
-def segment_bounds(offsets, total):
-    """[start, end) of each segment's range: to the next segment (padding included)."""
-    return list(zip(offsets, [*offsets[1:], total]))
-
-
 def grouped_reference_step(param, grad, velocity, config, step, initialized,
-                           offsets, step_fn=None, **common):
-    """The reference over a grouped buffer: each segment's range stepped with its group's
+                           offsets, sizes, step_fn=None, **common):
+    """The reference over a grouped buffer: each segment stepped with its group's
     hyperparameters (first step where its group's velocity is not `initialized`; the list
-    is updated). Returns new (param, velocity); step_fn defaults to reference_step."""
+    is updated); the padding between segments is left as it is. Returns new (param,
+    velocity); step_fn defaults to reference_step."""
     from gpu_momentum.reference import reference_step
 
     step_fn = step_fn or reference_step
@@ -158,14 +154,27 @@ def grouped_reference_step(param, grad, velocity, config, step, initialized,
     group_hyper += [{**options, **{k: v for k, v in g.items() if k != "params"},
                      "lr": group_lr(g, step)} for g in groups]
     param, velocity = np.array(param), np.array(velocity)
-    for segment, (start, end) in enumerate(segment_bounds(offsets, param.size)):
-        k = owner.get(segment, 0)
+    for segment, (start, size) in enumerate(zip(offsets, sizes)):
+        k, end = owner.get(segment, 0), start + size
         p, v = step_fn(param[start:end], grad[start:end], velocity[start:end],
                        first_step=not initialized[k], **group_hyper[k], **common)
         param[start:end], velocity[start:end] = p, v
     for k, hyper in enumerate(group_hyper):
         initialized[k] |= hyper["style"] == "classic" or hyper.get("momentum", 0.9) != 0
     return param, velocity
+
+
+# What the tests write into the gradient's padding between FlatParams segments: the update
+# must neither read it (no skipped step, no NaN) nor move the padding of params or velocity.
+PADDING_GRADIENTS = (float("nan"), float("inf"), -float("inf"), 1e300, -0.0, 3.0)
+
+
+def padding_mask(offsets, sizes, total):
+    """True where a flat buffer of these segments holds padding."""
+    mask = np.ones(total, bool)
+    for offset, size in zip(offsets, sizes):
+        mask[offset:offset + size] = False
+    return mask
 
 
 def problem(size, steps=STEPS, dtype=np.float64, seed=0):

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 import gpu_momentum as gm
-from configs import LR_SCHEDULE, SEGMENT_NAMES, SEGMENT_SIZES, group_lr, problem
+from configs import (LR_SCHEDULE, PADDING_GRADIENTS, SEGMENT_NAMES, SEGMENT_SIZES, group_lr,
+                     padding_mask, problem)
 from gpu_momentum.backends import REGISTRY, check_arrays
 from gpu_momentum.groups import check_table, resolve_groups, update_table
 from gpu_momentum.hyperparams import Hyperparameters, inverse_grad_scale
@@ -65,9 +66,12 @@ def launchers_source(module_path):
             f"range_groups, range_count, inv_grad_scale, launch_flags, counters);\n}}")
         lines.append(
             f'extern "C" void gm_check_{dtype.name}(unsigned grid, unsigned block, '
-            f"const void* grad, long long n, {c} inv_grad_scale, long long* counters) {{\n"
+            f"const void* grad, long long n, const long long* range_ends, "
+            f"const int* range_groups, int range_count, {c} inv_grad_scale, "
+            f"long long* counters) {{\n"
             f"    gm_host_launch(grid, block, &{entry.check_expression}, "
-            f"static_cast<const {t}*>(grad), n, inv_grad_scale, counters);\n}}")
+            f"static_cast<const {t}*>(grad), n, range_ends, range_groups, range_count, "
+            f"inv_grad_scale, counters);\n}}")
     lines.append(
         'extern "C" void gm_finish(unsigned block, long long* counters, '
         "const unsigned* group_flags, int group_count) {\n"
@@ -123,8 +127,8 @@ class HostKernel:
             self._declare(f"gm_update_{dtype.name}", unsigned, unsigned, pointer, pointer,
                           pointer, n, pointer, pointer, pointer, pointer, int_, scalar,
                           unsigned, pointer)
-            self._declare(f"gm_check_{dtype.name}", unsigned, unsigned, pointer, n, scalar,
-                          pointer)
+            self._declare(f"gm_check_{dtype.name}", unsigned, unsigned, pointer, n, pointer,
+                          pointer, int_, scalar, pointer)
         self._declare("gm_finish", unsigned, pointer, pointer, int_)
 
     def _declare(self, name, *argtypes):
@@ -155,8 +159,8 @@ class HostKernel:
         check = getattr(self.library, f"gm_check_{param.dtype.name}")
         launches = {
             "clear": lambda: counters.__setitem__(LAST_STEP_SKIPPED, 0),
-            "find_nonfinite": lambda: check(grid, block, pointers[1], int(plan.n), scale,
-                                            counters_pointer),
+            "find_nonfinite": lambda: check(grid, block, pointers[1], int(plan.n),
+                                            *table_args[2:], scale, counters_pointer),
             "update": lambda: update(grid, block, *pointers, int(plan.n), *table_args,
                                      scale, flags, counters_pointer),
             "finish": lambda: self.library.gm_finish(plan.finish_block, counters_pointer,
@@ -194,27 +198,31 @@ def view_at(values, byte_offset):
 # Parameter groups, for the host and the GPU tests of the kernel.
 
 def grouped_problem(dtype):
-    """(buffer, grads, velocity, offsets) of a FlatParams of SEGMENT_SIZES, its buffer on a
-    16-byte boundary: zero padding between segments, zero gradients there."""
+    """(buffer, grads, velocity, offsets, sizes) of a FlatParams of SEGMENT_SIZES, its
+    buffer on a 16-byte boundary; its padding holds -3.5 in the params and the gradients
+    hold every value of PADDING_GRADIENTS there, which no kernel may read or move."""
     param, _ = problem(sum(SEGMENT_SIZES))
     arrays = np.split(param, np.cumsum(SEGMENT_SIZES)[:-1])
     flat = gm.FlatParams.from_arrays([a.astype(dtype) for a in arrays],
                                      names=list(SEGMENT_NAMES))
     _, grads = problem(flat.data.size, seed=1)
-    padding = np.ones(flat.data.size, bool)
-    for offset, size in zip(flat.offsets, flat.sizes):
-        padding[offset:offset + size] = False
-    grads = [np.where(padding, 0, g).astype(dtype) for g in grads]
+    padding = padding_mask(flat.offsets, flat.sizes, flat.data.size)
+    assert padding.any()
+    garbage = np.resize(np.array(PADDING_GRADIENTS), flat.data.size)
+    with np.errstate(over="ignore"):  # 1e300 is inf in float32 and float16
+        grads = [np.where(padding, garbage, g).astype(dtype) for g in grads]
+    flat.data[padding] = -3.5
     velocity = np.full(flat.data.size, np.nan, np.float32 if dtype == np.float16 else dtype)
-    return view_at(flat.data, 0)[0], grads, view_at(velocity, 0)[0], flat.offsets
+    return (view_at(flat.data, 0)[0], grads, view_at(velocity, 0)[0], flat.offsets,
+            flat.sizes)
 
 
-def grouped_table(config, step, initialized, offsets, total, dtype):
+def grouped_table(config, step, initialized, offsets, sizes, total, dtype):
     """The UpdateTable of step `step` (per-group lrs as configs.group_lr says)."""
     options, groups = config["options"], config["groups"]
     defaults = Hyperparameters(**{**options, "lr": LR_SCHEDULE[step]})
     groups = [{**g, "lr": group_lr(g, step)} for g in groups]
-    plan = resolve_groups(groups, defaults, offsets, total, list(SEGMENT_NAMES))
+    plan = resolve_groups(groups, defaults, offsets, sizes, total, list(SEGMENT_NAMES))
     compute = ENTRY_POINTS[np.dtype(dtype)].compute_dtype
     return update_table(plan.hypers, initialized, compute, plan.range_ends,
                         plan.range_groups)

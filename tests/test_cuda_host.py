@@ -260,6 +260,7 @@ def test_scalars_are_in_the_compute_dtype(dtype, compute):
     ({"range_ends": np.array([5, 4, 8], np.int64),
       "range_groups": np.zeros(3, np.int32)}, ValueError, r"must increase"),
     ({"range_groups": np.array([1], np.int32)}, ValueError, r"outside 0\.\.0"),
+    ({"range_groups": np.array([-2], np.int32)}, ValueError, r"outside 0\.\.0 \(or -1"),
     ({"range_groups": np.zeros(1, np.int64)}, TypeError, r"range_groups is int64"),
     ({"scalars": np.zeros((1, 5), np.float32)}, ValueError, r"shape \(1, 5\)"),
     ({"range_ends": np.zeros(0, np.int64), "range_groups": np.zeros(0, np.int32)},
@@ -293,7 +294,7 @@ def test_grid_covers_the_buffer_up_to_one_wave():
 def test_groups_match_the_reference_bitwise(kernel, config, dtype, counted):
     """Every group in one launch. counters: first steps come from the device counters,
     and poisoned steps (the first, and one in the middle) change nothing but them."""
-    p, grads, v, offsets = grouped_problem(dtype)
+    p, grads, v, offsets, sizes = grouped_problem(dtype)
     assert all(o * p.itemsize % 16 == 0 for o in offsets)
     param, velocity = p.copy(), v.copy()
     groups = 1 + len(config["groups"])
@@ -305,7 +306,7 @@ def test_groups_match_the_reference_bitwise(kernel, config, dtype, counted):
         # With counters the table says every velocity exists, as MomentumSGD builds it:
         # the counters must override it.
         table = grouped_table(config, step, [True] * groups if counted else initialized,
-                              offsets, p.size, dtype)
+                              offsets, sizes, p.size, dtype)
         if step in poisoned:
             grad = grad.copy()
             grad[poisoned[step]] = np.inf
@@ -315,7 +316,7 @@ def test_groups_match_the_reference_bitwise(kernel, config, dtype, counted):
             assert (p.tobytes(), v.tobytes()) == before, f"poisoned step {step + 1}"
         else:
             param, velocity = grouped_reference_step(
-                param, grad, velocity, config, step, initialized, offsets,
+                param, grad, velocity, config, step, initialized, offsets, sizes,
                 step_fn=same_precision_step)
             taken += 1
             assert_bitwise(p, param, f"param after step {step + 1}")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import gpu_momentum as gm
+from configs import PADDING_GRADIENTS, padding_mask
 from gpu_momentum.reference import reference_step
 from gpu_momentum.shapes import resnet50_shapes
 
@@ -74,6 +75,47 @@ def test_optimizer_updates_every_view_and_keeps_padding_zero(backend):
         used[offset:offset + size] = True
     assert not backend.to_numpy(flat.data)[~used].any()
     assert not backend.to_numpy(opt.velocity)[~used].any()
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["", "skip-nonfinite"])
+@pytest.mark.parametrize("style", ["classic", "torch"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_padding_never_moves(backend, dtype, style, skip_nonfinite):
+    """Whatever lands in the gradient's padding (`flat.grad[...] = x` writes it; NaN and
+    inf included), the padding of params and velocity keeps its bits, no step is skipped
+    for it, and the segments are updated as without it."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"backend {backend.name!r} has no {np.dtype(dtype)}")
+    host, layers = _layers(backend, dtype)
+    flat = gm.FlatParams.from_arrays(layers)
+    padding = padding_mask(flat.offsets, flat.sizes, flat.data.size)
+    assert padding.any()
+    hyper = {"lr": 0.1, "momentum": 0.9, "style": style, "weight_decay": 0.01, "l1": 0.001,
+             "decoupled_weight_decay": style == "torch"}
+    opt = gm.MomentumSGD(flat, skip_nonfinite=skip_nonfinite, backend=backend.name, **hyper)
+    # Garbage of its own in the padding of params and velocity: it must stay as it is.
+    backend.assign(flat.data, np.where(padding, -3.5, backend.to_numpy(flat.data)))
+    backend.assign(opt.velocity, np.where(padding, np.nan, 0.0))
+    before = [backend.to_numpy(a)[padding].tobytes() for a in (flat.data, opt.velocity)]
+    rng = np.random.default_rng(2)
+    velocities = [np.zeros(a.size) for a in host]
+    for step, value in enumerate(PADDING_GRADIENTS):
+        grad = np.where(padding, value, rng.standard_normal(flat.data.size))
+        with np.errstate(over="ignore"):  # 1e300 is inf in float16 and float32
+            backend.assign(flat.grad, grad)
+        opt.step()
+        assert not opt.last_step_skipped, f"step {step + 1} read the padding"
+        assert [backend.to_numpy(a)[padding].tobytes()
+                for a in (flat.data, opt.velocity)] == before, f"step {step + 1}"
+        for i, (offset, size) in enumerate(zip(flat.offsets, flat.sizes)):
+            segment = grad[offset:offset + size].astype(dtype)
+            host[i], velocities[i] = reference_step(host[i], segment, velocities[i],
+                                                    first_step=step == 0, **hyper)
+    tolerance = {np.float16: 1e-2, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    for array, view in zip(host, flat.params):
+        np.testing.assert_allclose(backend.to_numpy(view).ravel(), array, rtol=tolerance,
+                                   atol=tolerance)
+    assert opt.step_count == len(PADDING_GRADIENTS)
 
 
 def test_resnet50_layout_is_compact():

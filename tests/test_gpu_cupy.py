@@ -56,7 +56,7 @@ def test_cupy_matches_reference_bitwise(cupy, config, size, dtype):
 def test_cupy_groups_match_reference_bitwise(cupy, config, dtype, counted):
     """Every group in one launch, as tests/test_cuda_host.py checks it on the host; with
     counters, poisoned steps change nothing but the counters in device memory."""
-    param, grads, velocity, offsets = grouped_problem(dtype)
+    param, grads, velocity, offsets, sizes = grouped_problem(dtype)
     p, v = cupy.asarray(param), cupy.asarray(velocity)
     groups = 1 + len(config["groups"])
     backend = gm.backends.backend_named("cupy")
@@ -66,7 +66,7 @@ def test_cupy_groups_match_reference_bitwise(cupy, config, dtype, counted):
     taken = 0
     for step, grad in enumerate(grads):
         table = grouped_table(config, step, [True] * groups if counted else initialized,
-                              offsets, param.size, dtype)
+                              offsets, sizes, param.size, dtype)
         if step in poisoned:
             grad = grad.copy()
             grad[poisoned[step]] = np.inf
@@ -74,7 +74,7 @@ def test_cupy_groups_match_reference_bitwise(cupy, config, dtype, counted):
                      counters)
         if step not in poisoned:
             param, velocity = grouped_reference_step(
-                param, grad, velocity, config, step, initialized, offsets,
+                param, grad, velocity, config, step, initialized, offsets, sizes,
                 step_fn=same_precision_step)
             taken += 1
         assert_bitwise(cupy.asnumpy(p), param, f"param after step {step + 1}")

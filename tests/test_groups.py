@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import gpu_momentum as gm
-from configs import (CONFIGS, GROUP_CONFIGS, GROUP_ERRORS, LR_SCHEDULE, SEGMENT_NAMES,
-                     SEGMENT_SIZES, STEPS, group_lr, grouped_reference_step, hyper_at,
-                     problem)
+from configs import (CONFIGS, GROUP_CONFIGS, GROUP_ERRORS, LR_SCHEDULE, PADDING_GRADIENTS,
+                     SEGMENT_NAMES, SEGMENT_SIZES, STEPS, group_lr, grouped_reference_step,
+                     hyper_at, padding_mask, problem)
 from gpu_momentum.hyperparams import Hyperparameters
 from gpu_momentum.groups import resolve_groups
+from gpu_momentum.kernels.layout import NO_GROUP
 from gpu_momentum.reference import reference_step
 from harness import CpuHarness
 
@@ -58,24 +59,37 @@ def test_decoupled_weight_decay_is_a_flag():
 DEFAULTS = Hyperparameters(lr=0.1, momentum=0.9)
 NAMES = ["stem", "block.w", "block.b", "head.w", "head.b"]
 OFFSETS = [0, 16, 48, 52, 100]
+SIZES = [13, 32, 4, 47, 3]
 TOTAL = 104
 
 
 def test_groups_become_merged_contiguous_ranges():
     plan = resolve_groups([{"params": ["head.w", "head.b"], "lr": 0.01},
                            {"params": [0], "weight_decay": 1e-4, "l1": 1e-5}],
-                          DEFAULTS, OFFSETS, TOTAL, NAMES)
+                          DEFAULTS, OFFSETS, SIZES, TOTAL, NAMES)
     assert [h.lr for h in plan.hypers] == [0.1, 0.01, 0.1]
     assert plan.hypers[2].weight_decay == 1e-4 and plan.hypers[2].l1 == 1e-5
     assert plan.segment_groups == (2, 0, 0, 1, 1)
-    assert plan.range_ends.tolist() == [16, 52, 104]  # padding goes with its segment
-    assert plan.range_groups.tolist() == [2, 0, 1]
+    # Padding is its own range, owned by no group; neighbours of one owner merge.
+    assert plan.range_ends.tolist() == [13, 16, 52, 99, 100, 103, 104]
+    assert plan.range_groups.tolist() == [2, NO_GROUP, 0, 1, NO_GROUP, 1, NO_GROUP]
 
 
-def test_no_groups_is_one_range():
-    plan = resolve_groups(None, DEFAULTS, OFFSETS, TOTAL, NAMES)
+def test_no_groups_is_one_range_between_the_padding():
+    plan = resolve_groups(None, DEFAULTS, OFFSETS, [16, 32, 4, 48, 4], TOTAL, NAMES)
     assert plan.hypers == (DEFAULTS,)
     assert (plan.range_ends.tolist(), plan.range_groups.tolist()) == ([104], [0])
+    single = resolve_groups(None, DEFAULTS, [0], [7], 7)
+    assert (single.range_ends.tolist(), single.range_groups.tolist()) == ([7], [0])
+    empty = resolve_groups(None, DEFAULTS, [0, 0], [0, 0], 0)
+    assert (empty.range_ends.tolist(), empty.range_groups.tolist()) == ([0], [0])
+
+
+@pytest.mark.parametrize("offsets, sizes, total", [([0, 4], [5, 1], 8), ([0], [9], 8),
+                                                   ([0, 4], [1], 8), ([-1], [1], 8)])
+def test_segments_must_fit_one_after_the_other(offsets, sizes, total):
+    with pytest.raises(ValueError, match=r"do not fit one after the other"):
+        resolve_groups(None, DEFAULTS, offsets, sizes, total)
 
 
 def _flat(backend, seed=0):
@@ -94,6 +108,8 @@ def _bits(backend, *arrays):
 def test_groups_match_reference(backend, config, skip_nonfinite, monkeypatch):
     """Each segment follows its group's hyperparameters, first step and lr schedule."""
     flat = _flat(backend)
+    padding = padding_mask(flat.offsets, flat.sizes, flat.data.size)
+    backend.assign(flat.data, np.where(padding, -3.5, backend.to_numpy(flat.data)))
     param = backend.to_numpy(flat.data)
     velocity = np.zeros_like(param)
     initialized = [False] * (1 + len(config["groups"]))
@@ -108,15 +124,20 @@ def test_groups_match_reference(backend, config, skip_nonfinite, monkeypatch):
         opt.lr = LR_SCHEDULE[step]
         for group, spec in zip(opt.param_groups, config["groups"]):
             group["lr"] = group_lr(spec, step)
-        grad = rng.standard_normal(param.size)
+        # Padding gradients of every kind: never read, so never a skipped step.
+        grad = np.where(padding, np.resize(PADDING_GRADIENTS, param.size),
+                        rng.standard_normal(param.size))
         backend.assign(flat.grad, grad)
         opt.step()
+        assert not opt.last_step_skipped
         param, velocity = grouped_reference_step(param, grad, velocity, config, step,
-                                                 initialized, flat.offsets)
+                                                 initialized, flat.offsets, flat.sizes)
         for name, actual, expected in (("param", flat.data, param),
                                        ("velocity", opt.velocity, velocity)):
             np.testing.assert_allclose(backend.to_numpy(actual), expected, rtol=1e-12,
                                        atol=1e-12, err_msg=f"{name} after step {step + 1}")
+            assert backend.to_numpy(actual)[padding].tobytes() == \
+                expected[padding].tobytes(), f"{name}'s padding moved"
     assert len(launches) == STEPS  # one backend update per step, whatever the groups
     assert opt.step_count == STEPS
     assert opt.state_dict()["velocity_initialized"] == initialized
@@ -128,7 +149,8 @@ def test_bad_groups_are_named_and_change_nothing(backend, id_, groups, error, pa
     flat = _flat(backend)
     before = _bits(backend, flat.data, flat.grad)
     with pytest.raises(error, match=pattern):
-        resolve_groups(groups, DEFAULTS, flat.offsets, flat.data.size, flat.names)
+        resolve_groups(groups, DEFAULTS, flat.offsets, flat.sizes, flat.data.size,
+                       flat.names)
     with pytest.raises(error, match=pattern):
         gm.MomentumSGD(flat, lr=0.1, groups=groups, backend=backend.name)
     assert _bits(backend, flat.data, flat.grad) == before
@@ -192,7 +214,7 @@ def test_a_group_starts_its_velocity_when_its_momentum_does():
 
 def test_names_need_a_named_flat_params():
     with pytest.raises(ValueError, match=r"the FlatParams has no names"):
-        resolve_groups([{"params": ["stem"]}], DEFAULTS, OFFSETS, TOTAL)
+        resolve_groups([{"params": ["stem"]}], DEFAULTS, OFFSETS, SIZES, TOTAL)
 
 
 def test_flat_params_keep_their_names():

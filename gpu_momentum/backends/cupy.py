@@ -98,8 +98,9 @@ class CupyBackend:
         grid, block = (plan.grid,), (plan.block,)
         launches = {
             "clear": lambda: counters[LAST_STEP_SKIPPED:LAST_STEP_SKIPPED + 1].fill(0),
-            "find_nonfinite": lambda: check(grid, block, (grad, plan.n, plan.inv_grad_scale,
-                                                          counters)),
+            "find_nonfinite": lambda: check(grid, block, (
+                grad, plan.n, table.range_ends, table.range_groups, plan.range_count,
+                plan.inv_grad_scale, counters)),
             "update": lambda: update(grid, block, (
                 param, grad, velocity, plan.n, *table.arrays(), plan.range_count,
                 plan.inv_grad_scale, plan.launch_flags,

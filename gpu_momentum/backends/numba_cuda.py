@@ -117,7 +117,8 @@ class NumbaCudaBackend:
         launches = {
             "clear": lambda: kernels.clear_skip_kernel[1, 1, stream](counters),
             "find_nonfinite": lambda: kernels.find_nonfinite_kernel[
-                blocks, threads, stream](grad, velocity, inv_grad_scale, counters),
+                blocks, threads, stream](grad, velocity, table.range_ends,
+                                         table.range_groups, inv_grad_scale, counters),
             "update": lambda: kernels.momentum_step_kernel[blocks, threads, stream](
                 param, grad, velocity, *table.arrays(), inv_grad_scale, launch_flags,
                 counters),

@@ -1,7 +1,8 @@
 // The host-compiled kernels under AddressSanitizer and UBSan: every entry point over odd
 // sizes, every element-aligned start within a 16-byte word, every flag combination, one
 // group over one range or three groups over ranges with odd ends (words that hold a range
-// end), and a few grid sizes. Each array, the group table's included, sits in an
+// end; every fourth range GM_NO_GROUP, whose elements must keep their bits), and a few
+// grid sizes. Each array, the group table's included, sits in an
 // allocation of exactly its own size, so a read or write past its end stops the run; UBSan
 // stops it on a misaligned vector access. Each case runs twice, once with the three arrays
 // aligned alike (vector body) and once misaligned against each other (scalar path only):
@@ -44,8 +45,9 @@ struct Case {
     using C = typename gm::Types<T>::compute;
 
     // The group table of a case: with `grouped`, three groups over ranges cut at odd
-    // places (group r % 3 for range r), whose flags and scalars differ from group 0's;
-    // else group 0 over one range. `flags` holds launch and group bits alike.
+    // places (group r % 3 for range r, but every fourth range GM_NO_GROUP, as padding
+    // is), whose flags and scalars differ from group 0's; else group 0 over one range.
+    // `flags` holds launch and group bits alike.
     struct Groups {
         std::vector<C> scalars;
         std::vector<unsigned> flags;
@@ -76,7 +78,7 @@ struct Case {
             }
             ends.push_back(n);
             for (size_t r = 0; r < ends.size(); ++r) {
-                owners.push_back(static_cast<int>(r % count));
+                owners.push_back(r % 4 == 3 ? GM_NO_GROUP : static_cast<int>(r % count));
             }
             // Velocity initialised, step not skipped: read with GM_FLAG_READ_COUNTERS, except
             // group 1's, whose first step the counters decide.
@@ -84,12 +86,20 @@ struct Case {
             counters[GM_COUNTER_GROUP_SLOTS] = 1;
             if (grouped) counters[GM_COUNTER_GROUP_SLOTS + 2] = 1;
         }
+
+        // The owner of element i.
+        int owner(long long i) const {
+            size_t r = 0;
+            while (ends[r] <= i) ++r;
+            return owners[r];
+        }
     };
 
     // Runs the kernel on arrays at the given byte offsets; returns param and velocity.
+    // Counts in *moved the NO_GROUP elements whose param or velocity bits changed.
     static std::vector<unsigned char> run(long long n, size_t p_off, size_t g_off,
                                           size_t v_off, unsigned flags, bool grouped,
-                                          unsigned grid, unsigned seed) {
+                                          unsigned grid, unsigned seed, long long* moved) {
         Buffer p(p_off, n * sizeof(T)), g(g_off, n * sizeof(T)), v(v_off, n * sizeof(V));
         std::mt19937 rng(seed);
         std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
@@ -114,16 +124,36 @@ struct Case {
             std::memcpy(out.data(), p.at<T>(), n * sizeof(T));
             std::memcpy(out.data() + n * sizeof(T), v.at<V>(), n * sizeof(V));
         }
+        // The same draws again: what every NO_GROUP element must still hold.
+        std::mt19937 again(seed);
+        for (long long i = 0; i < n; ++i) {
+            const T p0 = from_float<T>(uniform(again));
+            uniform(again);
+            const V v0 = static_cast<V>(uniform(again));
+            if (groups.owner(i) == GM_NO_GROUP &&
+                (std::memcmp(&p0, p.at<T>() + i, sizeof(T)) != 0 ||
+                 std::memcmp(&v0, v.at<V>() + i, sizeof(V)) != 0)) {
+                ++*moved;
+            }
+        }
         return out;
     }
 
-    // find_nonfinite over a gradient at `offset`, finite or with one NaN at `bad`.
-    static long long check(long long n, size_t offset, long long bad, unsigned grid) {
+    // find_nonfinite over a gradient at `offset`, finite or with one NaN at `bad`, and
+    // every NO_GROUP element inf (never read); whether it found a non-finite element.
+    static long long check(long long n, size_t offset, long long bad, bool grouped,
+                           unsigned grid) {
         Buffer g(offset, n * sizeof(T));
-        for (long long i = 0; i < n; ++i) g.at<T>()[i] = from_float<T>(i == bad ? NAN : 1.0f);
+        Groups groups(n, 0u, grouped);
+        for (long long i = 0; i < n; ++i) {
+            const bool padding = groups.owner(i) == GM_NO_GROUP;
+            g.at<T>()[i] = from_float<T>(i == bad ? NAN : padding ? INFINITY : 1.0f);
+        }
         long long counters[4] = {0, 0, 0, 0};
         gm_host_launch(grid, 32u, &find_nonfinite<T>, static_cast<const T*>(g.at<T>()), n,
-                       C(0.5), counters);
+                       static_cast<const long long*>(groups.ends.data()),
+                       static_cast<const int*>(groups.owners.data()),
+                       static_cast<int>(groups.ends.size()), C(0.5), counters);
         return counters[GM_COUNTER_LAST_STEP_SKIPPED];
     }
 
@@ -136,28 +166,35 @@ struct Case {
                 // the same element index then sits at a proportionally larger offset.
                 const size_t v_offset = offset * sizeof(V) / sizeof(T) % 16;
                 const size_t g_apart = (offset + sizeof(T)) % 16;
-                for (long long bad : {-1LL, 0LL, n / 2, n - 1}) {
-                    const long long found = check(n, offset, bad, 3);
-                    *launches += 1;
-                    if (found != (bad >= 0 && bad < n)) {
-                        std::printf("%s: n=%lld offset=%zu NaN at %lld: found=%lld\n", name,
-                                    n, offset, bad, found);
-                        ++failures;
+                for (long long bad : {-1LL, 0LL, 5LL, n / 2, n - 1}) {
+                    for (bool grouped : {false, true}) {
+                        const long long found = check(n, offset, bad, grouped, 3);
+                        *launches += 1;
+                        const bool read = bad >= 0 && bad < n &&
+                                          Groups(n, 0u, grouped).owner(bad) != GM_NO_GROUP;
+                        if (found != read) {
+                            std::printf("%s: n=%lld offset=%zu grouped=%d NaN at %lld: "
+                                        "found=%lld\n", name, n, offset, grouped, bad,
+                                        found);
+                            ++failures;
+                        }
                     }
                 }
                 for (unsigned flags = 0; flags < 2 * GM_FLAG_KEEP_VELOCITY; ++flags) {
                     for (bool grouped : {false, true}) {
                         for (unsigned grid : {1u, 3u}) {
                             const unsigned seed = static_cast<unsigned>(n * 131 + offset);
+                            long long moved = 0;
                             auto vector = run(n, offset, offset, v_offset, flags, grouped,
-                                              grid, seed);
+                                              grid, seed, &moved);
                             auto scalar = run(n, offset, g_apart, 0, flags, grouped, grid,
-                                              seed);
+                                              seed, &moved);
                             *launches += 2;
-                            if (vector != scalar) {
+                            if (vector != scalar || moved) {
                                 std::printf("%s: n=%lld offset=%zu flags=%u grouped=%d "
-                                            "grid=%u: vector and scalar paths differ\n",
-                                            name, n, offset, flags, grouped, grid);
+                                            "grid=%u: vector and scalar paths differ, or "
+                                            "%lld NO_GROUP elements moved\n",
+                                            name, n, offset, flags, grouped, grid, moved);
                                 ++failures;
                             }
                         }
