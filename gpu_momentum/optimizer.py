@@ -197,10 +197,14 @@ class ParamGroups(collections.abc.Sequence):
         return repr(list(self._groups))
 
     def __setitem__(self, index, value):
-        # `param_groups[i] |= {...}` updates the group in place and then stores it back.
-        if isinstance(index, int) and value is self[index]:
-            return
-        raise TypeError(self.FIXED)
+        # `param_groups[i] |= {...}` updates the group in place, then stores it back: that
+        # store of the very same group must not raise after the change.
+        try:
+            same = not isinstance(index, slice) and value is self._groups[index]
+        except (IndexError, TypeError):
+            same = False
+        if not same:
+            raise TypeError(self.FIXED)
 
     def _fixed(self, *args, **kwargs):
         raise TypeError(self.FIXED)

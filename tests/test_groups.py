@@ -265,6 +265,7 @@ def test_group_changes_apply_all_their_keys():
     group.update(group)  # "params" as it is, every option as it is
     group |= {"dampening": 0.25}
     opt.param_groups[0] |= {"weight_decay": 0.125}  # stored back as the same group
+    opt.param_groups[np.int64(-1)] |= {"nesterov": False}
     assert (group["dampening"], group["weight_decay"]) == (0.25, 0.125)
     assert group.setdefault("lr", 9.0) == 0.5 and group.pop("betas", None) is None
     merged = group | {"lr": 1.0}
