@@ -2,7 +2,8 @@
 
 Arrays are described through `__array_interface__` / `__cuda_array_interface__`, so NumPy,
 CuPy, Numba device arrays and PyTorch CUDA tensors are all checked the same way, before
-anything is written.
+anything is written. Every entry point describes its arrays here, so every one refuses
+ndarray subclasses (whose meaning the update would ignore) and takes numpy.memmap.
 """
 
 import math

@@ -177,8 +177,9 @@ def _segments(where, params, count, names):
             segments.append(names.index(item))
         elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
             if not 0 <= item < count:
-                raise ValueError(f"Invalid params value in {where}: segment {shown(int(item))} "
-                                 f"does not exist (the FlatParams has {count} segments)")
+                raise ValueError(f"Invalid params value in {where}: segment "
+                                 f"{shown(int(item))} does not exist (the FlatParams has "
+                                 f"{count} segments)")
             segments.append(int(item))
         else:
             raise TypeError(f"Invalid params value in {where}: {item!r} (a segment index "

@@ -104,7 +104,10 @@ class ParamGroup(collections.abc.MutableMapping):
     validated as a whole before it applies: all of its keys or none."""
 
     def __init__(self, optimizer, index, params):
-        self._optimizer, self._index, self._params = optimizer, index, tuple(params)
+        # As given, but NumPy integers and strings as Python ones (state dicts and
+        # checkpoints hold plain JSON values).
+        self._optimizer, self._index = optimizer, index
+        self._params = tuple(str(p) if isinstance(p, str) else int(p) for p in params)
 
     def __getitem__(self, key):
         if key == "params":
@@ -121,7 +124,8 @@ class ParamGroup(collections.abc.MutableMapping):
         "params" may be given only as it is."""
         changes = dict(other, **options)
         for key, value in changes.items():
-            if key == "params" and value == list(self._params):
+            if key == "params" and isinstance(value, (list, tuple)) and \
+                    list(value) == list(self._params):
                 continue
             if key not in GROUP_OPTIONS:
                 raise KeyError(f"{key!r} cannot be set on a parameter group (settable: "

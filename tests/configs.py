@@ -248,12 +248,14 @@ HYPER_ERRORS = [
 # that refuse them, those that take them, message pattern). A ValueError everywhere a
 # value enters (momentum_step, the constructor, setters, param_groups, groups,
 # load_state_dict); the dtypes that take them give finite steps.
-_FLOAT32 = r"the largest float32: the update computes in float32 for float(16|32) parameters"
+_FLOAT32 = (r"the largest float32: the update computes in float32 for float(16|32) "
+            r"parameters")
 SINGLE = ("float16", "float32")  # computed in float32
 DOUBLE = ("float64",)
 DTYPE_HYPER_ERRORS = [
     ("lr-above-float32", {"lr": 1e39}, SINGLE, DOUBLE,
-     rf"Invalid lr value: 1e\+39 \(lr must be at most 3\.4028234663852886e\+38, {_FLOAT32}\)"),
+     rf"Invalid lr value: 1e\+39 \(lr must be at most 3\.4028234663852886e\+38, "
+     rf"{_FLOAT32}\)"),
     ("weight-decay-above-float32", {"weight_decay": 3.5e38}, SINGLE, DOUBLE,
      rf"Invalid weight_decay value: 3\.5e\+38 \(weight_decay must be at most .*{_FLOAT32}"),
     ("l1-above-float32", {"l1": 1e300}, SINGLE, DOUBLE,
@@ -279,8 +281,8 @@ DTYPE_HYPER_ERRORS = [
 # momentum_step and MomentumSGD.step; the other dtypes take it.
 GRAD_SCALE_ERRORS = [
     ("tiny-for-float32", 1e-39, SINGLE,
-     rf"Invalid grad_scale value: 1e-39 \(grad_scale must be at least 2\.93\d*e-39, so that "
-     rf"1 / grad_scale is at most 3\.4028234663852886e\+38, {_FLOAT32}\)"),
+     rf"Invalid grad_scale value: 1e-39 \(grad_scale must be at least 2\.93\d*e-39, so "
+     rf"that 1 / grad_scale is at most 3\.4028234663852886e\+38, {_FLOAT32}\)"),
     ("tiny-for-float64", 1e-310, ("float16", "float32", "float64"),
      r"Invalid grad_scale value: 1e-310 \(grad_scale must be at least"),
     ("huge-for-float32", 1e38, SINGLE,

@@ -203,6 +203,8 @@ GROUP_SETTING_ERRORS = [
         [("lr", 0.5), ("betas", 0.9)]), KeyError, r"'betas' cannot be set"),
     ("update-params-changed", lambda opt: opt.param_groups[0].update(
         {"lr": 0.5, "params": [0]}), KeyError, r"'params' cannot be set"),
+    ("update-params-array", lambda opt: opt.param_groups[0].update(
+        {"lr": 0.5, "params": np.array([4, 4])}), KeyError, r"'params' cannot be set"),
     ("update-not-pairs", lambda opt: opt.param_groups[0].update([("lr",)]), ValueError,
      r"length 1"),
     ("ior", lambda opt: opt.param_groups[0].__ior__({"lr": 0.5, "nesterov": "yes"}),

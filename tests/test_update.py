@@ -341,13 +341,15 @@ def test_memmap_arrays_are_plain_buffers(tmp_path):
     param, grads = problem(1023, steps=3)
 
     def mapped(name, values):
-        array = np.memmap(tmp_path / name, dtype=values.dtype, mode="w+", shape=values.shape)
+        array = np.memmap(tmp_path / name, dtype=values.dtype, mode="w+",
+                          shape=values.shape)
         array[...] = values
         return array
 
     hyper = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
     mm = mapped("param.bin", param)
-    on_disk, in_memory = (gm.MomentumSGD(a, backend="cpu", **hyper) for a in (mm, param.copy()))
+    on_disk, in_memory = (gm.MomentumSGD(a, backend="cpu", **hyper)
+                          for a in (mm, param.copy()))
     for step, grad in enumerate(grads):
         on_disk.step(mapped(f"grad{step}.bin", grad))
         in_memory.step(grad)
@@ -356,7 +358,8 @@ def test_memmap_arrays_are_plain_buffers(tmp_path):
     assert on_disk.velocity.tobytes() == in_memory.velocity.tobytes()
     p, v = mapped("p.bin", param), mapped("v.bin", np.zeros_like(param))
     gm.momentum_step(p, mapped("g.bin", grads[0]), v, first_step=True, **hyper)
-    expected = reference_step(param, grads[0], np.zeros_like(param), first_step=True, **hyper)
+    expected = reference_step(param, grads[0], np.zeros_like(param), first_step=True,
+                              **hyper)
     assert (p.tobytes(), v.tobytes()) == tuple(e.tobytes() for e in expected)
     flat = gm.FlatParams.from_arrays([mm[:1000].reshape(10, 100), mm[1000:]])
     np.testing.assert_array_equal(flat.params[0].ravel(), mm[:1000])
@@ -430,9 +433,9 @@ def _as_numpy_scalars(value):
     return np.str_(value) if isinstance(value, str) else value
 
 
-def _run_with_values(backend, convert):
+def _run_with_values(backend, convert, checkpoint):
     """Bits of a run whose every hyperparameter, flag, index and state value passes
-    through `convert` on its way in."""
+    through `convert` on its way in (and through a checkpoint at `checkpoint`)."""
     c = convert
     flat = gm.FlatParams.from_arrays([backend.from_numpy(np.linspace(-1, 1, 9)),
                                       backend.from_numpy(np.ones(4))])
@@ -453,6 +456,8 @@ def _run_with_values(backend, convert):
     opt.load_state_dict({**c({k: v for k, v in state.items() if k != "velocity"}),
                          "velocity": state["velocity"]})
     opt.step()
+    opt.save(checkpoint)
+    opt.load(checkpoint)
     p, g, v = _valid_arrays(backend)
     gm.momentum_step(p, g, v, lr=c(0.5), momentum=c(0.25), nesterov=c(True),
                      first_step=c(True), grad_scale=c(2), backend=backend.name)
@@ -460,12 +465,12 @@ def _run_with_values(backend, convert):
     return _snapshot(backend, flat.data, opt.velocity, p, v), opt.state_dict()["groups"]
 
 
-def test_numpy_scalars_are_taken_wherever_python_numbers_are(backend):
+def test_numpy_scalars_are_taken_wherever_python_numbers_are(backend, tmp_path):
     """np.float32, np.float64, np.int64, np.bool_ and np.str_ in the constructor, groups,
-    setters, param_groups, step, momentum_step and load_state_dict: the same run, bit for
-    bit, as with Python numbers."""
-    assert _run_with_values(backend, _as_numpy_scalars) == \
-        _run_with_values(backend, lambda value: value)
+    setters, param_groups, step, momentum_step, load_state_dict and checkpoints: the same
+    run, bit for bit, as with Python numbers."""
+    assert _run_with_values(backend, _as_numpy_scalars, tmp_path / "numpy.npz") == \
+        _run_with_values(backend, lambda value: value, tmp_path / "python.npz")
 
 
 def test_unavailable_backend_is_a_clear_error():
