@@ -2,7 +2,8 @@
 
 Arrays are described through `__array_interface__` / `__cuda_array_interface__`, so NumPy,
 CuPy, Numba device arrays and PyTorch CUDA tensors are all checked the same way, before
-anything is written.
+anything is written. Every entry point describes its arrays here, so every one refuses
+ndarray subclasses (whose meaning the update would ignore) and takes numpy.memmap.
 """
 
 import math
@@ -37,7 +38,9 @@ class ArrayInfo(NamedTuple):
 
 
 def describe(name, array):
-    """ArrayInfo of `array`, or TypeError naming `name` when it is not an array."""
+    """ArrayInfo of `array`, or TypeError naming `name` when it is not an array, or is an
+    ndarray subclass other than numpy.memmap (see check_plain)."""
+    check_plain(name, array)
     iface = getattr(array, "__cuda_array_interface__", None)
     # Numba device arrays say so with __cuda_ndarray__; under the CUDA simulator they wrap
     # host memory and describe it with __array_interface__ only.
@@ -56,6 +59,25 @@ def describe(name, array):
                   or tuple(strides) == _c_strides(shape, dtype.itemsize))
     return ArrayInfo(name, on_device, shape, dtype, address or 0, size * dtype.itemsize,
                      bool(readonly), contiguous)
+
+
+def check_plain(name, array):
+    """TypeError naming `name` for an ndarray subclass (numpy.matrix, a masked array,
+    units...): the update would ignore what the subclass means (a mask would be updated
+    through), so none is taken. numpy.memmap is a plain buffer in a file, the way to hold
+    parameters larger than memory: it is taken, and the kernels get plain views of it."""
+    if not isinstance(array, np.ndarray) or type(array) is np.ndarray or isinstance(
+            array, np.memmap):
+        return
+    if isinstance(array, np.ma.MaskedArray):
+        hint = (f"its mask would be ignored and the masked elements updated: pass "
+                f"{name}.filled(value), or leave those elements out")
+    else:
+        hint = (f"what it adds would be ignored: pass np.asarray({name}) if a plain view "
+                f"is meant")
+    raise TypeError(f"{name} is a {type_name(array)}, a subclass of numpy.ndarray; "
+                    f"gpu-momentum takes plain numpy.ndarray and numpy.memmap only "
+                    f"({hint})")
 
 
 def _c_strides(shape, itemsize):
@@ -104,7 +126,7 @@ def check_update(param, grad, velocity, supported_dtypes, backend_name,
     if velocity.readonly:
         raise ValueError("velocity is read-only; the update writes it in place")
     for a, b in ((grad, param), (velocity, param), (velocity, grad)):
-        if _overlap(a, b):
+        if overlaps(a, b):
             raise ValueError(f"{a.name} overlaps {b.name} in memory; the update needs "
                              f"three separate buffers")
     if element_aligned:
@@ -122,6 +144,6 @@ def _check_layout(info):
                          f"one contiguous buffer (make a contiguous copy first)")
 
 
-def _overlap(a, b):
+def overlaps(a, b):
     return (a.nbytes > 0 and b.nbytes > 0 and a.address < b.address + b.nbytes
             and b.address < a.address + a.nbytes)

@@ -20,6 +20,7 @@ import numbers
 
 import numpy as np
 
+from .hyperparams import shown
 from .kernels.layout import GROUP_COLUMNS, NO_GROUP
 
 GROUP_OPTIONS = ("lr", "momentum", "dampening", "weight_decay", "l1", "nesterov")
@@ -74,16 +75,20 @@ class GroupPlan:
     range_groups: np.ndarray  # int32[R]: a group, or NO_GROUP for padding
 
 
-def resolve_groups(groups, defaults, offsets, sizes, total, names=None):
+def resolve_groups(groups, defaults, offsets, sizes, total, names=None, *,
+                   param_dtype=None):
     """The GroupPlan of `groups` (a list of dicts, or None for one group) over segments of
     `sizes` elements starting at `offsets` of a `total`-element buffer; `defaults` is a
     Hyperparameters. Elements outside every segment (padding) belong to NO_GROUP.
 
     Raises ValueError or TypeError naming the group and the option before anything is
     built: unknown options, segments that do not exist, segments in two groups, values
-    Hyperparameters rejects.
+    Hyperparameters rejects and, given `param_dtype`, values the update's compute dtype
+    cannot hold (Hyperparameters.check_dtype).
     """
     _check_segments(offsets, sizes, total)
+    if param_dtype is not None:
+        defaults.check_dtype(param_dtype)
     groups = [] if groups is None else groups
     if isinstance(groups, (dict, str, bytes)) or not isinstance(groups, (list, tuple)):
         raise TypeError(f"groups must be a list of dicts, got {type(groups).__name__}")
@@ -109,7 +114,8 @@ def resolve_groups(groups, defaults, offsets, sizes, total, names=None):
             segment_groups[segment] = number + 1
         overrides = {k: v for k, v in group.items() if k != "params"}
         try:
-            hypers.append(defaults.replace(**overrides))
+            hyper = defaults.replace(**overrides)
+            hypers.append(hyper if param_dtype is None else hyper.check_dtype(param_dtype))
         except (TypeError, ValueError) as error:
             raise type(error)(f"{where}: {error}") from None
 
@@ -171,8 +177,9 @@ def _segments(where, params, count, names):
             segments.append(names.index(item))
         elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
             if not 0 <= item < count:
-                raise ValueError(f"Invalid params value in {where}: segment {item} does "
-                                 f"not exist (the FlatParams has {count} segments)")
+                raise ValueError(f"Invalid params value in {where}: segment "
+                                 f"{shown(int(item))} does not exist (the FlatParams has "
+                                 f"{count} segments)")
             segments.append(int(item))
         else:
             raise TypeError(f"Invalid params value in {where}: {item!r} (a segment index "

@@ -6,35 +6,87 @@ import numbers
 
 import numpy as np
 
+from .arrays import compute_dtype
 from .kernels.layout import (CLASSIC, KEEP_VELOCITY, MAXIMIZE, NESTEROV,
                              VELOCITY_INITIALIZED, GroupRow)
 
 STYLES = ("classic", "torch")
 
 
+def shown(value):
+    """repr(value), but an integer too large for a float (10**400) in short scientific form:
+    its full digits say nothing more (and past 4300 digits repr refuses)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and \
+            abs(int(value)) >= 2**1024:
+        magnitude = abs(int(value))
+        exponent = int(math.log10(magnitude)) - 4
+        digits = magnitude // 10**exponent if exponent > 0 else magnitude
+        while digits >= 10**5:
+            digits, exponent = digits // 10, exponent + 1
+        text = str(digits)
+        sign = "-" if value < 0 else ""
+        return f"{sign}{text[0]}.{text[1:]}e+{exponent + len(text) - 1}"
+    return repr(value)
+
+
 def _invalid(name, value, rule):
-    return f"Invalid {name} value: {value!r} ({name} must be {rule})"
+    return f"Invalid {name} value: {shown(value)} ({name} must be {rule})"
+
+
+def _largest(dtype):
+    return float(np.finfo(dtype).max)
+
+
+def _smallest(dtype):
+    """The smallest positive normal number of `dtype`."""
+    return float(np.finfo(dtype).tiny)
 
 
 def _real(name, value):
-    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
+    """value as a float, after checking that it is a real number (a NumPy one too) that a
+    float holds."""
+    if isinstance(value, (bool, str, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(_invalid(name, value, "a real number"))
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past the largest float
+        raise ValueError(_invalid(name, value, f"at most {_largest(np.float64)!r}, the "
+                                               f"largest float64")) from None
 
 
 def flag(name, value):
     """value as a bool, after checking that it is one (a NumPy bool too)."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(_invalid(name, value, "True or False"))
     return bool(value)
 
 
-def inverse_grad_scale(grad_scale):
-    """1 / grad_scale, after checking that grad_scale is a finite number > 0."""
+def _computes_in(param_dtype):
+    """(compute dtype, why) for parameters of `param_dtype`: why names the rule's reason."""
+    param_dtype = np.dtype(param_dtype)
+    compute = compute_dtype(param_dtype)
+    return compute, f"the update computes in {compute} for {param_dtype} parameters"
+
+
+def inverse_grad_scale(grad_scale, param_dtype):
+    """1 / grad_scale, after checking that grad_scale is a finite number > 0 whose inverse
+    is a finite, normal number in the compute dtype of `param_dtype` parameters (the
+    update multiplies the gradient by it; GPUs flush subnormal float32 to 0)."""
     grad_scale = _real("grad_scale", grad_scale)
     if not (math.isfinite(grad_scale) and grad_scale > 0):
         raise ValueError(_invalid("grad_scale", grad_scale, "finite and > 0"))
-    return 1.0 / grad_scale
+    compute, why = _computes_in(param_dtype)
+    inverse, largest, smallest = 1.0 / grad_scale, _largest(compute), _smallest(compute)
+    if inverse > largest:
+        raise ValueError(_invalid("grad_scale", grad_scale,
+                                  f"at least {1 / largest!r}, so that 1 / grad_scale is at "
+                                  f"most {largest!r}, the largest {compute}: {why}"))
+    if inverse < smallest:
+        raise ValueError(_invalid("grad_scale", grad_scale,
+                                  f"at most {1 / smallest!r}, so that 1 / grad_scale is at "
+                                  f"least {smallest!r}, the smallest normal {compute} "
+                                  f"(below it the gradient vanishes): {why}"))
+    return inverse
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,6 +127,36 @@ class Hyperparameters:
         if self.nesterov and self.style == "torch" and self.dampening != 0:
             raise ValueError(f"Invalid nesterov value: True (torch-style nesterov needs "
                              f"dampening == 0, got dampening={self.dampening!r})")
+
+    def check_dtype(self, param_dtype):
+        """Raises ValueError unless the compute dtype of `param_dtype` parameters (float32
+        for float16 and float32, float64 for float64) holds every value of this group's
+        table row, so that finite inputs never turn into inf or NaN there: lr,
+        weight_decay and l1 at most its largest finite value, momentum still below 1 once
+        rounded, and with decoupled weight decay a finite lr * weight_decay (p is
+        multiplied by 1 - lr * weight_decay). 1 - dampening always fits; for 1 /
+        grad_scale see inverse_grad_scale."""
+        compute, why = _computes_in(param_dtype)
+        largest = _largest(compute)
+        for name in ("lr", "weight_decay", "l1"):
+            value = getattr(self, name)
+            if value > largest:
+                raise ValueError(_invalid(name, value, f"at most {largest!r}, the largest "
+                                                       f"{compute}: {why}"))
+        if compute.type(self.momentum) >= 1:
+            below_one = float(np.nextafter(compute.type(1), compute.type(0)))
+            raise ValueError(_invalid("momentum", self.momentum,
+                                      f"at most {below_one!r}, the largest {compute} below "
+                                      f"1 (it rounds to 1.0 in {compute}): {why}"))
+        with np.errstate(over="ignore"):
+            product = compute.type(self.lr) * compute.type(self.weight_decay)
+        if self.decoupled_weight_decay and not np.isfinite(product):
+            raise ValueError(f"Invalid lr * weight_decay value: {self.lr!r} * "
+                             f"{self.weight_decay!r} (with decoupled_weight_decay, "
+                             f"parameters are multiplied by 1 - lr * weight_decay, so lr * "
+                             f"weight_decay must be at most {largest!r}, the largest "
+                             f"{compute}: {why})")
+        return self
 
     @property
     def keeps_velocity(self):

@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from .arrays import check_param, compute_dtype, describe, type_name
+from .arrays import check_param, compute_dtype, describe, overlaps, type_name
 from .backends import check_arrays, device_table, select_backend
 from .flat import FlatParams
 from .groups import ARRAY_FIELDS, GROUP_OPTIONS, resolve_groups, update_table
@@ -16,10 +16,14 @@ from .kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_
 STATE_FORMAT = 2
 
 
+COUNT_LIMIT = 2**63 - 1  # the counters are int64
+
+
 def _count(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+            or not 0 <= value <= COUNT_LIMIT):
         raise ValueError(f"Invalid {name} value: {value!r} ({name} must be an integer "
-                         f">= 0)")
+                         f"in [0, {COUNT_LIMIT}])")
     return int(value)
 
 
@@ -49,7 +53,9 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
 
     Arrays are contiguous, of one shape, with grad of param's dtype and a velocity of
     param's dtype (float32 for float16 params). backend=None picks the best backend for the
-    arrays' type. Every argument is checked before anything is written. On a GPU backend
+    arrays' type. Every argument is checked before anything is written, hyperparameters
+    also against the compute dtype (float32 for float16 and float32 params, float64 for
+    float64: see Hyperparameters.check_dtype and inverse_grad_scale). On a GPU backend
     the hyperparameters are copied to the device when they differ from recent calls'.
     """
     hyper = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
@@ -57,11 +63,13 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
                             style=style, l1=l1,
                             decoupled_weight_decay=decoupled_weight_decay)
     first_step = flag("first_step", first_step)
-    inv_grad_scale = inverse_grad_scale(grad_scale)
+    param_dtype = describe("param", param).dtype
     backend = select_backend(backend, param)
     check_arrays(backend, param, grad, velocity)
-    table = update_table([hyper], [not first_step],
-                         compute_dtype(describe("param", param).dtype), size=_size(param))
+    hyper.check_dtype(param_dtype)
+    inv_grad_scale = inverse_grad_scale(grad_scale, param_dtype)
+    table = update_table([hyper], [not first_step], compute_dtype(param_dtype),
+                         size=_size(param))
     backend.step(param, grad, velocity, _stateless_table(backend, table, param),
                  inv_grad_scale)
 
@@ -91,10 +99,15 @@ def _size(array):
 class ParamGroup(collections.abc.MutableMapping):
     """One parameter group of a MomentumSGD, as in `torch.optim`: `group["lr"] = 0.01`
     changes it for the next step (validated on assignment; no recompile). "params" (the
-    segments it covers) is fixed; its keys are "params" and GROUP_OPTIONS."""
+    segments it covers) is fixed; its keys are "params" and GROUP_OPTIONS, none of which
+    can be added or removed. Every change (`[key] =`, `update`, `|=`, `setdefault`) is
+    validated as a whole before it applies: all of its keys or none."""
 
     def __init__(self, optimizer, index, params):
-        self._optimizer, self._index, self._params = optimizer, index, tuple(params)
+        # As given, but NumPy integers and strings as Python ones (state dicts and
+        # checkpoints hold plain JSON values).
+        self._optimizer, self._index = optimizer, index
+        self._params = tuple(str(p) if isinstance(p, str) else int(p) for p in params)
 
     def __getitem__(self, key):
         if key == "params":
@@ -104,13 +117,51 @@ class ParamGroup(collections.abc.MutableMapping):
         return getattr(self._optimizer._hypers[self._index], key)
 
     def __setitem__(self, key, value):
-        if key not in GROUP_OPTIONS:
-            raise KeyError(f"{key!r} cannot be set on a parameter group (settable: "
-                           f"{GROUP_OPTIONS})")
-        self._optimizer._set(self._index, **{key: value})
+        self.update({key: value})
+
+    def update(self, other=(), /, **options):
+        """Sets every given option at once, validated together: all of them or none.
+        "params" may be given only as it is."""
+        changes = dict(other, **options)
+        for key, value in changes.items():
+            if key == "params" and isinstance(value, (list, tuple)) and \
+                    list(value) == list(self._params):
+                continue
+            if key not in GROUP_OPTIONS:
+                raise KeyError(f"{key!r} cannot be set on a parameter group (settable: "
+                               f"{GROUP_OPTIONS})")
+        changes.pop("params", None)
+        if changes:
+            self._optimizer._set(self._index, **changes)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def __or__(self, other):
+        if not isinstance(other, collections.abc.Mapping):
+            return NotImplemented
+        return dict(self) | dict(other)  # a new dict, as dict | dict gives
+
+    def __ror__(self, other):
+        if not isinstance(other, collections.abc.Mapping):
+            return NotImplemented
+        return dict(other) | dict(self)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            raise KeyError(f"{key!r} cannot be added to a parameter group (its keys: "
+                           f"{tuple(self)})")
+        return self[key]
 
     def __delitem__(self, key):
-        raise TypeError("options of a parameter group cannot be deleted")
+        raise TypeError(f"options of a parameter group cannot be removed (tried {key!r})")
+
+    def popitem(self):
+        raise TypeError("options of a parameter group cannot be removed")
+
+    def clear(self):
+        raise TypeError("options of a parameter group cannot be removed")
 
     def __iter__(self):
         return iter(("params", *GROUP_OPTIONS))
@@ -120,6 +171,50 @@ class ParamGroup(collections.abc.MutableMapping):
 
     def __repr__(self):
         return repr(dict(self))
+
+
+class ParamGroups(collections.abc.Sequence):
+    """`MomentumSGD.param_groups`: one ParamGroup per group given to the constructor, in
+    order. The groups are fixed at construction (MomentumSGD has no add_param_group):
+    every mutator of a list raises TypeError; each group's options stay settable."""
+
+    FIXED = ("param_groups is fixed at construction (MomentumSGD has no "
+             "add_param_group): pass every group to MomentumSGD(..., groups=[...])")
+
+    def __init__(self, groups):
+        self._groups = tuple(groups)
+
+    def __getitem__(self, index):
+        return self._groups[index]
+
+    def __len__(self):
+        return len(self._groups)
+
+    def __eq__(self, other):
+        if isinstance(other, (ParamGroups, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return repr(list(self._groups))
+
+    def __setitem__(self, index, value):
+        # `param_groups[i] |= {...}` updates the group in place, then stores it back: that
+        # store of the very same group must not raise after the change.
+        try:
+            same = not isinstance(index, slice) and value is self._groups[index]
+        except (IndexError, TypeError):
+            same = False
+        if not same:
+            raise TypeError(self.FIXED)
+
+    def _fixed(self, *args, **kwargs):
+        raise TypeError(self.FIXED)
+
+    __delitem__ = __iadd__ = __imul__ = _fixed
+    append = extend = insert = pop = remove = clear = reverse = sort = _fixed
 
 
 class MomentumSGD:
@@ -142,7 +237,9 @@ class MomentumSGD:
     dampening, weight_decay, l1 and nesterov. A segment belongs to at most one group;
     segments no group names use the optimizer's own hyperparameters (`opt.lr`, ...), which
     are also the defaults of every group's missing options. `param_groups[i]` is groups[i],
-    settable like torch's. style, maximize and decoupled_weight_decay are the optimizer's.
+    settable like torch's; the groups themselves are fixed at construction (no
+    add_param_group). style, maximize and decoupled_weight_decay are the optimizer's.
+    Every value is also checked against the compute dtype (Hyperparameters.check_dtype).
     Still one kernel launch per step, whatever the number of groups.
 
     skip_nonfinite=True: a step whose (scaled) gradient holds a NaN or inf changes neither
@@ -163,11 +260,13 @@ class MomentumSGD:
         self._skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
         self.flat = params if isinstance(params, FlatParams) else None
         self.param = params.data if self.flat is not None else params
-        self._backend = select_backend(backend, self.param)
         info = describe("params", self.param)
+        self._backend = select_backend(backend, self.param)
         check_param(info, self._backend.dtypes, self._backend.name)
+        self._param_dtype = info.dtype
         self._plan = self._resolve(groups, defaults)
-        self._group_params = [list(g["params"]) for g in (groups or [])]
+        self._param_groups = ParamGroups(ParamGroup(self, index + 1, g["params"])
+                                         for index, g in enumerate(groups or []))
         self._hypers = list(self._plan.hypers)
         self.velocity = self._backend.zeros(info.shape, compute_dtype(info.dtype))
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
@@ -177,9 +276,10 @@ class MomentumSGD:
     def _resolve(self, groups, defaults):
         size = _size(self.param)
         if self.flat is None:
-            return resolve_groups(groups, defaults, [0], [size], size)
+            return resolve_groups(groups, defaults, [0], [size], size,
+                                  param_dtype=self._param_dtype)
         return resolve_groups(groups, defaults, self.flat.offsets, self.flat.sizes, size,
-                              self.flat.names)
+                              self.flat.names, param_dtype=self._param_dtype)
 
     def _new_counters(self, step_count, velocity_initialized, skipped_steps):
         counters = np.zeros(GROUP_SLOTS + len(velocity_initialized), np.int64)
@@ -228,12 +328,12 @@ class MomentumSGD:
 
     @property
     def param_groups(self):
-        """One ParamGroup per entry of the constructor's `groups`, in order."""
-        return [ParamGroup(self, index + 1, params)
-                for index, params in enumerate(self._group_params)]
+        """One ParamGroup per entry of the constructor's `groups`, in order: a read-only
+        sequence (the groups are fixed at construction) of settable mappings."""
+        return self._param_groups
 
     def _set(self, group, **change):
-        hyper = self._hypers[group].replace(**change)
+        hyper = self._hypers[group].replace(**change).check_dtype(self._param_dtype)
         if group == 0 and "maximize" in change:  # one per launch: every group follows
             self._hypers = [h.replace(maximize=hyper.maximize) for h in self._hypers]
         self._hypers[group] = hyper
@@ -268,7 +368,7 @@ class MomentumSGD:
     def step(self, grad=None, *, grad_scale=1.0):
         """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
         divided by `grad_scale` (the loss scale, inside the same fused pass)."""
-        inv_grad_scale = inverse_grad_scale(grad_scale)
+        inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
         if grad is None:
             if self.flat is None:
                 raise TypeError("grad is None, but params is a single array: pass grad "
@@ -306,7 +406,9 @@ class MomentumSGD:
     def load_state_dict(self, state, params=None):
         """Restores `state_dict()` output and, given `params` (an array of the flat
         buffer's shape and dtype, in host or this backend's memory), the parameters too.
-        Validates everything before changing anything."""
+        Validates everything before changing anything: every value (also against the
+        compute dtype), and that every array it writes (the velocity; the parameters,
+        given params) is writable and fits."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type_name(state)}")
         expected = set(self.state_dict_keys())
@@ -336,9 +438,12 @@ class MomentumSGD:
             _count("step_count", state["step_count"]),
             [flag("velocity_initialized", value) for value in initialized],
             _count("skipped_steps", state["skipped_steps"]))
-        velocity = self._like("velocity", state["velocity"], self.velocity)
+        velocity = self._like('state["velocity"]', state["velocity"], "velocity",
+                              self.velocity)
         if params is not None:
-            params = self._like("params", params, self.param)
+            params = self._like("params", params, "params", self.param)
+            if overlaps(describe("params", params), describe("velocity", self.velocity)):
+                params = self._backend.copy(params)  # read before the velocity is written
         # Everything is checked: from here on nothing can fail half way.
         self._backend.assign(self.velocity, velocity)
         if params is not None:
@@ -357,11 +462,15 @@ class MomentumSGD:
         from .checkpoint import load_checkpoint
         load_checkpoint(self, path)
 
-    def _like(self, name, array, target):
-        """`array` in this backend's memory, checked to have `target`'s shape and dtype."""
+    def _like(self, name, array, target_name, target):
+        """`array` in this backend's memory, checked to have the shape and dtype of
+        `target` (this optimizer's `target_name`), which must be writable."""
         describe(name, array)
+        if describe(target_name, target).readonly:
+            raise ValueError(f"this optimizer's {target_name} array is read-only; loading "
+                             f"writes it in place (nothing was changed)")
         array = self._backend.asarray(array)
-        have, want = describe(name, array), describe(name, target)
+        have, want = describe(name, array), describe(target_name, target)
         if (have.shape, have.dtype) != (want.shape, want.dtype):
             raise ValueError(f"{name} has shape {have.shape} and dtype {have.dtype}; "
                              f"this optimizer needs shape {want.shape}, dtype {want.dtype}")
@@ -374,6 +483,6 @@ class MomentumSGD:
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self._hypers[0].as_dict().items())
-        groups = f", groups={len(self._group_params)}" if self._group_params else ""
+        groups = f", groups={len(self._param_groups)}" if self._param_groups else ""
         return (f"MomentumSGD({fields}{groups}, backend={self.backend!r}, "
                 f"step_count={self.step_count})")

@@ -3,6 +3,8 @@
 No entry names a backend: every backend's tests run over all of them.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,17 @@ GROUP_ERRORS = [
      r"groups\[0\]: Invalid momentum value: 'high'"),
     ("bad-nesterov", [{"params": [0], "momentum": 0.0, "nesterov": True}], ValueError,
      r"groups\[0\]: Invalid nesterov value"),
+    ("lr-int-too-large", [{"params": [0], "lr": 10**400}], ValueError,
+     r"groups\[0\]: Invalid lr value: 1\.0000e\+400"),
+    ("momentum-numpy-bool", [{"params": [0], "momentum": np.True_}], TypeError,
+     r"groups\[0\]: Invalid momentum value: np\.True_"),
+    ("nesterov-numpy-float", [{"params": [0], "nesterov": np.float64(1)}], TypeError,
+     r"groups\[0\]: Invalid nesterov value"),
+    ("numpy-bool-index", [{"params": [np.True_]}], TypeError, r"a segment index or name"),
+    ("index-too-large", [{"params": [10**5000]}], ValueError,
+     r"segment 1\.0000e\+5000 does not exist"),
+    ("numpy-index-out-of-range", [{"params": [np.int64(-1)]}], ValueError,
+     r"segment -1 does not exist"),
 ]
 
 
@@ -213,6 +226,71 @@ HYPER_ERRORS = [
     ("maximize-not-bool", {"maximize": 1}, TypeError, r"maximize.*1"),
     ("style-unknown", {"style": "adam"}, ValueError, r"style.*'adam'"),
     ("backend-unknown", {"backend": "tpu"}, ValueError, r"backend.*'tpu'"),
+    # Python integers past the largest float: a ValueError naming them, not OverflowError.
+    ("lr-int-too-large", {"lr": 10**400}, ValueError,
+     r"Invalid lr value: 1\.0000e\+400 \(lr must be at most 1\.7976931348623157e\+308, the "
+     r"largest float64\)"),
+    ("momentum-int-too-large", {"momentum": -10**400}, ValueError,
+     r"Invalid momentum value: -1\.0000e\+400"),
+    ("weight-decay-int-too-large", {"weight_decay": 10**5000}, ValueError,
+     r"Invalid weight_decay value: 1\.0000e\+5000"),
+    ("l1-int-too-large", {"l1": 2**1024}, ValueError, r"Invalid l1 value: 1\.7976e\+308"),
+    ("dampening-numpy-bool", {"dampening": np.True_}, TypeError,
+     r"Invalid dampening value: np\.True_"),
+    ("nesterov-numpy-int", {"nesterov": np.int64(1)}, TypeError, r"Invalid nesterov value"),
+    ("momentum-numpy-one", {"momentum": np.float32(1)}, ValueError,
+     r"Invalid momentum value: 1\.0"),
+]
+
+
+# Values a float holds but the update's compute dtype does not (float32 for float16 and
+# float32 parameters, float64 for float64): (id, keyword arguments, the parameter dtypes
+# that refuse them, those that take them, message pattern). A ValueError everywhere a
+# value enters (momentum_step, the constructor, setters, param_groups, groups,
+# load_state_dict); the dtypes that take them give finite steps.
+_FLOAT32 = (r"the largest float32: the update computes in float32 for float(16|32) "
+            r"parameters")
+SINGLE = ("float16", "float32")  # computed in float32
+DOUBLE = ("float64",)
+DTYPE_HYPER_ERRORS = [
+    ("lr-above-float32", {"lr": 1e39}, SINGLE, DOUBLE,
+     rf"Invalid lr value: 1e\+39 \(lr must be at most 3\.4028234663852886e\+38, "
+     rf"{_FLOAT32}\)"),
+    ("weight-decay-above-float32", {"weight_decay": 3.5e38}, SINGLE, DOUBLE,
+     rf"Invalid weight_decay value: 3\.5e\+38 \(weight_decay must be at most .*{_FLOAT32}"),
+    ("l1-above-float32", {"l1": 1e300}, SINGLE, DOUBLE,
+     rf"Invalid l1 value: 1e\+300 .*{_FLOAT32}"),
+    ("momentum-rounds-to-one", {"momentum": 0.999999999}, SINGLE, DOUBLE,
+     r"Invalid momentum value: 0\.999999999 \(momentum must be at most 0\.99999994039\d*, "
+     r"the largest float32 below 1 \(it rounds to 1\.0 in float32\)"),
+    ("momentum-halfway-to-one", {"momentum": 1 - 2**-25}, SINGLE, DOUBLE,
+     r"Invalid momentum value: 0\.99999997"),
+    ("decoupled-decay-overflows-float32", {"decoupled_weight_decay": True, "lr": 1e20,
+                                           "weight_decay": 1e20}, SINGLE, DOUBLE,
+     rf"Invalid lr \* weight_decay value: 1e\+20 \* 1e\+20 \(with decoupled_weight_decay, "
+     rf".*{_FLOAT32}"),
+    # In float32 lr alone is refused already (lr-above-float32).
+    ("decoupled-decay-overflows-float64", {"decoupled_weight_decay": True, "lr": 1e160,
+                                           "weight_decay": 1e160}, DOUBLE, (),
+     r"Invalid lr \* weight_decay value: 1e\+160 \* 1e\+160 \(.*the largest float64: "
+     r"the update computes in float64 for float64 parameters\)"),
+]
+
+# grad_scale whose inverse the compute dtype cannot hold as a finite normal number:
+# (id, grad_scale, the parameter dtypes that refuse it, message pattern). Checked by
+# momentum_step and MomentumSGD.step; the other dtypes take it.
+GRAD_SCALE_ERRORS = [
+    ("tiny-for-float32", 1e-39, SINGLE,
+     rf"Invalid grad_scale value: 1e-39 \(grad_scale must be at least 2\.93\d*e-39, so "
+     rf"that 1 / grad_scale is at most 3\.4028234663852886e\+38, {_FLOAT32}\)"),
+    ("tiny-for-float64", 1e-310, ("float16", "float32", "float64"),
+     r"Invalid grad_scale value: 1e-310 \(grad_scale must be at least"),
+    ("huge-for-float32", 1e38, SINGLE,
+     r"Invalid grad_scale value: 1e\+38 \(grad_scale must be at most 8\.50\d*e\+37, so "
+     r"that 1 / grad_scale is at least 1\.17\d*e-38, the smallest normal float32"),
+    ("int-too-large", 10**400, ("float16", "float32", "float64"),
+     r"Invalid grad_scale value: 1\.0000e\+400 \(grad_scale must be at most "
+     r"1\.7976931348623157e\+308"),
 ]
 
 
@@ -295,6 +373,42 @@ def _host_grad_for_device_param(h, p, g, v):
     return p, np.zeros(p.size), v
 
 
+def _masked_grad(h, p, g, v):
+    grad = h.to_numpy(g)
+    return p, np.ma.masked_array(grad, mask=np.arange(grad.size) % 3 == 0), v
+
+
+def _masked_velocity(h, p, g, v):
+    return p, g, np.ma.masked_array(h.to_numpy(v))  # no element masked: still refused
+
+
+def _matrix_param(h, p, g, v):
+    with warnings.catch_warnings():  # NumPy discourages np.matrix; users still hold some
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(h.to_numpy(p)), g, v
+
+
+class Tagged(np.ndarray):
+    """An ndarray subclass carrying something the update knows nothing of."""
+
+
+def _subclass_grad(h, p, g, v):
+    return p, h.to_numpy(g).view(Tagged), v
+
+
+class InterfaceOnly:
+    """Host memory described by __array_interface__ alone: no ndarray."""
+
+    def __init__(self, array):
+        self._array = array
+        self.__array_interface__ = array.__array_interface__
+
+
+@_host_only
+def _interface_only_grad(h, p, g, v):
+    return p, InterfaceOnly(h.to_numpy(g)), v
+
+
 ARRAY_ERRORS = [
     ("param-is-a-list", _list_param, TypeError, r"param.*list"),
     ("grad-size", _grad_size, ValueError, r"grad.*shape"),
@@ -311,4 +425,13 @@ ARRAY_ERRORS = [
     ("read-only-param", _read_only_param, ValueError, r"param.*read-only"),
     ("read-only-velocity", _read_only_velocity, ValueError, r"velocity.*read-only"),
     ("host-grad", _host_grad_for_device_param, TypeError, r"grad.*memory"),
+    # ndarray subclasses: what they mean (a mask, matrix semantics) would be ignored.
+    ("masked-grad", _masked_grad, TypeError,
+     r"grad is a numpy\.MaskedArray, a subclass of numpy\.ndarray.*mask would be ignored"),
+    ("masked-velocity-without-mask", _masked_velocity, TypeError,
+     r"velocity is a numpy\.MaskedArray"),
+    ("matrix-param", _matrix_param, TypeError, r"param is a numpy\.matrix, a subclass"),
+    ("subclass-grad", _subclass_grad, TypeError, r"grad is a configs\.Tagged, a subclass"),
+    ("interface-only-grad", _interface_only_grad, TypeError,
+     r"grad is a configs\.InterfaceOnly, which backend 'cpu' cannot read"),
 ]

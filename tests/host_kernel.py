@@ -17,7 +17,8 @@ import numpy as np
 import gpu_momentum as gm
 from configs import (LR_SCHEDULE, PADDING_GRADIENTS, SEGMENT_NAMES, SEGMENT_SIZES, group_lr,
                      padding_mask, problem)
-from gpu_momentum.backends import REGISTRY, check_arrays
+from gpu_momentum.backends import check_arrays
+from gpu_momentum.backends.cupy import CupyBackend
 from gpu_momentum.groups import check_table, resolve_groups, update_table
 from gpu_momentum.hyperparams import Hyperparameters, inverse_grad_scale
 from gpu_momentum.kernels.cuda_launch import check_counters, launch_plan, step_launches
@@ -115,6 +116,16 @@ def single_group_table(dtype, n, first_step=False, **hyper):
     return update_table([Hyperparameters(**hyper)], [not first_step], compute, size=n)
 
 
+class HostCupyBackend(CupyBackend):
+    """The cupy backend's array checks, over the host arrays the host build runs on."""
+
+    def owns(self, array):
+        return isinstance(array, np.ndarray)
+
+
+HOST_CUPY = HostCupyBackend()
+
+
 class HostKernel:
     """The kernels on the CPU, over NumPy arrays, launched like the cupy backend's."""
 
@@ -143,7 +154,7 @@ class HostKernel:
         `max_blocks` stands in for the device's limit (small, so that the grid-stride
         loops go round)."""
         arrays = (param, grad, velocity)
-        check_arrays(REGISTRY["cupy"], *arrays)
+        check_arrays(HOST_CUPY, *arrays)
         check_table(table, param.size, ENTRY_POINTS[param.dtype].compute_dtype)
         if counters is not None:
             check_counters(counters, table.group_count)
@@ -175,8 +186,8 @@ class HostKernel:
         """One group with these hyperparameters, like momentum_step (with `counters`: its
         first step comes from them, whatever first_step says)."""
         table = single_group_table(param.dtype, param.size, first_step, **hyper)
-        self.step(param, grad, velocity, table, inverse_grad_scale(grad_scale), counters,
-                  max_blocks)
+        self.step(param, grad, velocity, table, inverse_grad_scale(grad_scale, param.dtype),
+                  counters, max_blocks)
 
 
 GUARD_BYTE = 0xAB

@@ -156,27 +156,134 @@ def test_bad_groups_are_named_and_change_nothing(backend, id_, groups, error, pa
     assert _bits(backend, flat.data, flat.grad) == before
 
 
-@pytest.mark.parametrize("key, value, error, pattern", [
-    ("lr", -0.5, ValueError, r"Invalid lr value: -0.5"),
-    ("momentum", 1.0, ValueError, r"Invalid momentum value: 1.0"),
-    ("l1", "x", TypeError, r"Invalid l1 value: 'x'"),
-    ("nesterov", True, ValueError, r"nesterov needs momentum > 0"),
-    ("params", [0], KeyError, r"'params' cannot be set"),
-    ("maximize", True, KeyError, r"'maximize' cannot be set"),
-])
-def test_a_bad_group_setting_changes_nothing(backend, key, value, error, pattern):
+def _item(key, value):
+    return lambda opt: opt.param_groups[0].__setitem__(key, value)
+
+
+def _ior_in_place(opt):
+    groups = opt.param_groups
+    groups[0] |= {"lr": 0.5, "momentum": 2.0}
+
+
+def _iadd(opt):
+    opt.param_groups += [{"params": [0]}]
+
+
+def _imul(opt):
+    opt.param_groups *= 2
+
+
+def _slice_assignment(opt):
+    opt.param_groups[0:1] = []
+
+
+def _assign_param_groups(opt):
+    opt.param_groups = []
+
+
+FIXED = r"param_groups is fixed at construction \(MomentumSGD has no add_param_group\)"
+
+# Changes to param_groups and its groups that must raise and change nothing: (id,
+# mutate(optimizer), exception type, message pattern). A group's options change all
+# together or not at all, through every MutableMapping method; the groups themselves are
+# fixed at construction.
+GROUP_SETTING_ERRORS = [
+    ("item-lr", _item("lr", -0.5), ValueError, r"Invalid lr value: -0.5"),
+    ("item-momentum", _item("momentum", 1.0), ValueError, r"Invalid momentum value: 1.0"),
+    ("item-l1-type", _item("l1", "x"), TypeError, r"Invalid l1 value: 'x'"),
+    ("item-nesterov", _item("nesterov", True), ValueError, r"nesterov needs momentum > 0"),
+    ("item-params", _item("params", [0]), KeyError, r"'params' cannot be set"),
+    ("item-maximize", _item("maximize", True), KeyError, r"'maximize' cannot be set"),
+    ("item-new-key", _item("betas", 0.9), KeyError, r"'betas' cannot be set"),
+    ("update-one-bad", lambda opt: opt.param_groups[0].update({"lr": 0.5, "momentum": 2.0}),
+     ValueError, r"Invalid momentum value: 2.0"),
+    ("update-keywords", lambda opt: opt.param_groups[0].update(lr=0.5, l1=-1.0), ValueError,
+     r"Invalid l1 value: -1.0"),
+    ("update-pairs-unknown", lambda opt: opt.param_groups[0].update(
+        [("lr", 0.5), ("betas", 0.9)]), KeyError, r"'betas' cannot be set"),
+    ("update-params-changed", lambda opt: opt.param_groups[0].update(
+        {"lr": 0.5, "params": [0]}), KeyError, r"'params' cannot be set"),
+    ("update-params-array", lambda opt: opt.param_groups[0].update(
+        {"lr": 0.5, "params": np.array([4, 4])}), KeyError, r"'params' cannot be set"),
+    ("update-not-pairs", lambda opt: opt.param_groups[0].update([("lr",)]), ValueError,
+     r"length 1"),
+    ("ior", lambda opt: opt.param_groups[0].__ior__({"lr": 0.5, "nesterov": "yes"}),
+     TypeError, r"Invalid nesterov value: 'yes'"),
+    ("ior-in-place", _ior_in_place, ValueError, r"Invalid momentum value: 2.0"),
+    ("setdefault-new-key", lambda opt: opt.param_groups[0].setdefault("betas", 0.9),
+     KeyError, r"'betas' cannot be added"),
+    ("pop", lambda opt: opt.param_groups[0].pop("lr"), TypeError, r"cannot be removed"),
+    ("pop-with-default", lambda opt: opt.param_groups[0].pop("lr", 0.1), TypeError,
+     r"cannot be removed"),
+    ("popitem", lambda opt: opt.param_groups[0].popitem(), TypeError, r"cannot be removed"),
+    ("clear", lambda opt: opt.param_groups[0].clear(), TypeError, r"cannot be removed"),
+    ("del", lambda opt: opt.param_groups[0].__delitem__("l1"), TypeError,
+     r"cannot be removed"),
+    ("append", lambda opt: opt.param_groups.append({"params": [0]}), TypeError, FIXED),
+    ("extend", lambda opt: opt.param_groups.extend([{"params": [0]}]), TypeError, FIXED),
+    ("insert", lambda opt: opt.param_groups.insert(0, {"params": [0]}), TypeError, FIXED),
+    ("iadd", _iadd, TypeError, FIXED),
+    ("imul", _imul, TypeError, FIXED),
+    ("set-group", lambda opt: opt.param_groups.__setitem__(0, {"params": [0]}), TypeError,
+     FIXED),
+    ("set-slice", _slice_assignment, TypeError, FIXED),
+    ("del-group", lambda opt: opt.param_groups.__delitem__(0), TypeError, FIXED),
+    ("pop-group", lambda opt: opt.param_groups.pop(), TypeError, FIXED),
+    ("remove-group", lambda opt: opt.param_groups.remove(opt.param_groups[0]), TypeError,
+     FIXED),
+    ("clear-groups", lambda opt: opt.param_groups.clear(), TypeError, FIXED),
+    ("sort-groups", lambda opt: opt.param_groups.sort(), TypeError, FIXED),
+    ("reverse-groups", lambda opt: opt.param_groups.reverse(), TypeError, FIXED),
+    ("assign-param-groups", _assign_param_groups, AttributeError, r"param_groups"),
+]
+
+
+@pytest.mark.parametrize("id_, mutate, error, pattern", GROUP_SETTING_ERRORS,
+                         ids=[case[0] for case in GROUP_SETTING_ERRORS])
+def test_a_bad_group_setting_changes_nothing(backend, id_, mutate, error, pattern):
     flat = _flat(backend)
-    opt = gm.MomentumSGD(flat, lr=0.1, groups=[{"params": ["head.w"], "momentum": 0.0}],
+    opt = gm.MomentumSGD(flat, lr=0.1, groups=[{"params": ["head.w"], "momentum": 0.0},
+                                               {"params": [0], "lr": 0.2}],
                          backend=backend.name)
     opt.step()
     state = opt.state_dict()
+    groups = opt.param_groups
     before = _bits(backend, flat.data, opt.velocity)
     with pytest.raises(error, match=pattern):
-        opt.param_groups[0][key] = value
+        mutate(opt)
     assert _bits(backend, flat.data, opt.velocity) == before
     after = opt.state_dict()
     assert {k: v for k, v in after.items() if k != "velocity"} == \
         {k: v for k, v in state.items() if k != "velocity"}
+    assert opt.param_groups is groups and len(groups) == 2
+
+
+def test_group_changes_apply_all_their_keys():
+    flat = _flat(CpuHarness())
+    opt = gm.MomentumSGD(flat, lr=0.1, groups=[{"params": ["head.w"]}])
+    group = opt.param_groups[0]
+    group.update({"lr": 0.5, "momentum": 0.5}, l1=0.01)
+    assert (group["lr"], group["momentum"], group["l1"]) == (0.5, 0.5, 0.01)
+    group.update(group)  # "params" as it is, every option as it is
+    group |= {"dampening": 0.25}
+    opt.param_groups[0] |= {"weight_decay": 0.125}  # stored back as the same group
+    opt.param_groups[np.int64(-1)] |= {"nesterov": False}
+    assert (group["dampening"], group["weight_decay"]) == (0.25, 0.125)
+    assert group.setdefault("lr", 9.0) == 0.5 and group.pop("betas", None) is None
+    merged = group | {"lr": 1.0}
+    assert type(merged) is dict and merged["lr"] == 1.0 and group["lr"] == 0.5
+    assert ({"betas": 0.9} | group)["betas"] == 0.9
+    assert opt.lr == 0.1 and opt.momentum == 0.9  # only the group changed
+
+
+def test_param_groups_is_a_read_only_sequence():
+    flat = _flat(CpuHarness())
+    opt = gm.MomentumSGD(flat, lr=0.1, groups=[{"params": [0]}, {"params": ["head.w"]}])
+    groups = opt.param_groups
+    assert len(groups) == 2 and opt.param_groups is groups
+    assert groups[-1]["params"] == ["head.w"] and [g["params"] for g in groups[:1]] == [[0]]
+    assert groups == list(groups) and groups[1] in groups and groups.index(groups[1]) == 1
+    assert gm.MomentumSGD(flat, lr=0.1).param_groups == []
 
 
 def test_param_groups_read_like_torch():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpu_momentum as gm
-from configs import problem
+from configs import GRAD_SCALE_ERRORS, problem
 from gpu_momentum.reference import reference_step
 
 NONFINITE = [float("nan"), float("inf"), -float("inf")]
@@ -54,6 +54,58 @@ def test_bad_grad_scale_changes_nothing(backend, bad, error):
     with pytest.raises(error, match="grad_scale"):
         opt.step(g, grad_scale=bad)
     assert _bits(backend, p, v, opt.velocity)[:2] == before and opt.step_count == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("id_, grad_scale, refused_by, pattern", GRAD_SCALE_ERRORS,
+                         ids=[case[0] for case in GRAD_SCALE_ERRORS])
+def test_grad_scale_the_compute_dtype_cannot_invert_changes_nothing(
+        backend, id_, grad_scale, refused_by, pattern, dtype):
+    """1 / grad_scale must be a finite, normal number in the compute dtype (float32 for
+    float16 and float32 params), or a step would write inf, NaN or nothing at all; other
+    dtypes take the same scale."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"backend {backend.name!r} has no {np.dtype(dtype)}")
+    param, (grad,) = problem(16, steps=1, dtype=dtype)
+    velocity = np.zeros(16, np.float32 if dtype == np.float16 else dtype)
+    p, g, v = (backend.from_numpy(a) for a in (param, grad, velocity))
+    for skip_nonfinite in (False, True):
+        opt = gm.MomentumSGD(p, lr=0.1, skip_nonfinite=skip_nonfinite, backend=backend.name)
+        if np.dtype(dtype).name not in refused_by:
+            opt.step(g, grad_scale=grad_scale)
+            assert np.isfinite(backend.to_numpy(p)).all() and not opt.last_step_skipped
+            continue
+        before = _bits(backend, p, g, v, opt.velocity)
+        with pytest.raises(ValueError, match=pattern):
+            gm.momentum_step(p, g, v, lr=0.1, grad_scale=grad_scale, backend=backend.name)
+        with pytest.raises(ValueError, match=pattern):
+            opt.step(g, grad_scale=grad_scale)
+        assert _bits(backend, p, g, v, opt.velocity) == before
+        assert (opt.step_count, opt.skipped_steps) == (0, 0)
+
+
+def test_skip_nonfinite_cannot_change_after_construction(backend):
+    """Its first-step bookkeeping lives in the backend's counters: switching it off after
+    a skipped first step would give a wrong first step. Assigning it raises and changes
+    nothing; the next step is still the first."""
+    param, grads = problem(16, steps=2)
+    opt = gm.MomentumSGD(backend.from_numpy(param), lr=0.1, momentum=0.9, style="torch",
+                         skip_nonfinite=True, backend=backend.name)
+    backend.assign(opt.velocity, np.full(16, np.nan))
+    opt.step(backend.from_numpy(_poisoned(grads[0], np.nan, 3)))
+    before = _bits(backend, opt.param, opt.velocity)
+    for value in (False, True, "no"):
+        with pytest.raises(AttributeError):
+            opt.skip_nonfinite = value
+        assert opt.skip_nonfinite is True
+        assert _bits(backend, opt.param, opt.velocity) == before
+    opt.step(backend.from_numpy(grads[1]))
+    expected = reference_step(param, grads[1], np.zeros(16), lr=0.1, momentum=0.9,
+                              style="torch", first_step=True)
+    for actual, want in zip((opt.param, opt.velocity), expected):
+        np.testing.assert_allclose(backend.to_numpy(actual), want, rtol=1e-12, atol=1e-12)
+    assert (opt.step_count, opt.skipped_steps) == (1, 1)
 
 
 def _poisoned(grad, value, where):

@@ -13,7 +13,7 @@ from typing import Hashable, Protocol
 
 import numpy as np
 
-from ..arrays import check_update, compute_dtype, describe
+from ..arrays import check_update, compute_dtype, describe, type_name
 from ..groups import ARRAY_FIELDS, GROUP_FIELDS, UpdateTable, check_table
 
 
@@ -82,6 +82,11 @@ def check_arrays(backend, param, grad, velocity):
     check_update(describe("param", param), describe("grad", grad),
                  describe("velocity", velocity), backend.dtypes, backend.name,
                  backend.element_aligned)
+    for name, array in (("grad", grad), ("velocity", velocity)):
+        if not backend.owns(array):
+            raise TypeError(f"{name} is a {type_name(array)}, which backend "
+                            f"{backend.name!r} cannot read; pass arrays of param's kind "
+                            f"({type_name(param)})")
 
 
 def device_table(backend, table, param, reuse=None):

@@ -48,5 +48,7 @@ class CpuBackend:
         else:
             kernel, launch_flags = momentum_step_skipping_nonfinite_cpu, \
                 launch_flags | READ_COUNTERS
-        kernel(param.reshape(-1), grad.reshape(-1), velocity.reshape(-1), *table.arrays(),
+        # Plain ndarray views: a numpy.memmap is passed as the buffer it is.
+        param, grad, velocity = (np.asarray(a).reshape(-1) for a in (param, grad, velocity))
+        kernel(param, grad, velocity, *table.arrays(),
                table.scalars.dtype.type(inv_grad_scale), launch_flags, counters)
