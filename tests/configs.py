@@ -478,6 +478,8 @@ DISTRIBUTED_ERRORS = [
     ("grad-is-param", "ValueError", "last", r"^grad overlaps param in memory",
      r"^rank {last} of {ranks} failed: grad overlaps param", False),
     ("grad-scale-zero", "ValueError", "all", r"^Invalid grad_scale value: 0\.0", None, False),
+    ("grad-scale-over-ranks", "ValueError", "all", r"^Invalid grad_scale value: 6e\+37 \(the "
+     r"update divides the sum over {ranks} ranks by {ranks} \* grad_scale", None, True),
     ("grad-none-single-array", "TypeError", "all", r"^grad is None, but params is a single "
      r"array", None, False),
     ("state-velocity-shape", "ValueError", "last", r"^velocity has shape \(7213,\); this "

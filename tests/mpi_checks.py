@@ -227,6 +227,11 @@ def errors(out):
                                        opt)
     results["grad-scale-zero"] = outcome(lambda: opt.step(grad, grad_scale=0.0), flat.data,
                                          opt)
+    # 1 / 6e37 is a normal float32, 1 / (N * 6e37) is not from N = 2 on.
+    small = np.ones(8, np.float32)
+    opt32 = ShardedMomentumSGD(small, comm=COMM, **options)
+    results["grad-scale-over-ranks"] = outcome(
+        lambda: opt32.step(np.ones(8, np.float32), grad_scale=6e37), small, opt32)
 
     def lr_on_one_rank():
         if RANK == LAST:
