@@ -15,8 +15,19 @@ setup(
     package_data={"gpu_momentum.kernels": ["*.cu", "*.cuh"]},
     install_requires=["numpy>=1.24", "numba>=0.59"],
     extras_require={
-        "cuda12": ["cupy-cuda12x>=13", "numba-cuda[cu12]>=0.20"],
-        "cuda13": ["cupy-cuda13x>=13.6", "numba-cuda[cu13]>=0.20"],
+        # NCCL: ShardedMomentumSGD's collectives between GPUs (CuPy's own hint: >= 2.27.7).
+        "cuda12": ["cupy-cuda12x>=13", "numba-cuda[cu12]>=0.20", "nvidia-nccl-cu12>=2.27.7"],
+        "cuda13": ["cupy-cuda13x>=13.6", "numba-cuda[cu13]>=0.20",
+                   "nvidia-nccl-cu13>=2.27.7,<3"],
+        # gpu_momentum.distributed. mpi4py 4.1 is the first with binary wheels and finds
+        # the MPI library at run time; the mpich wheel brings libmpi and mpiexec where it
+        # exists (Linux x86_64 and aarch64, macOS). Clusters with their own MPI (Open MPI,
+        # Cray MPICH, Intel MPI) take "mpi-system": the mpich wheel in the environment
+        # would shadow theirs (or set MPI4PY_LIBMPI to the system libmpi).
+        "mpi": ["mpi4py>=4.1",
+                "mpich>=5.0; sys_platform == 'darwin' or (sys_platform == 'linux' and "
+                "(platform_machine == 'x86_64' or platform_machine == 'aarch64'))"],
+        "mpi-system": ["mpi4py>=4.1"],
         "test": ["pytest>=7"],
         "bench": ["tqdm", "matplotlib"],
     },

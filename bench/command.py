@@ -67,6 +67,12 @@ def add_arguments(parser):
     parser.add_argument("--save", metavar="DIR",
                         help="write DIR/<device>.json, .png and .txt (the table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ranks", type=positive(int), nargs="+", metavar="N",
+                        help="instead: ShardedMomentumSGD on N MPI ranks against "
+                             "MomentumSGD plus an allreduce, one mpiexec job per N (sizes "
+                             "from --sizes, default 2**20, 2**22, 2**24; the first of "
+                             "--dtypes; cuda with --devices cuda): "
+                             "gpu_momentum.bench.distributed")
 
 
 def add_bench_command(commands):
@@ -100,6 +106,8 @@ def run_bench(args):
     from . import report
     from .run import run
 
+    if args.ranks:
+        return run_ranks(args)
     options = options_from(args)
     # Fail now, not after minutes of measuring.
     try:
@@ -139,6 +147,21 @@ def run_bench(args):
                 out.write(table + "\n")
         print(f"wrote {path}")
     return 0
+
+
+def run_ranks(args):
+    """`--ranks`: the distributed benchmark, one MPI job per rank count."""
+    from .distributed import launch
+
+    argv = ["--dtype", args.dtypes[0] if args.dtypes[0] != "float16" else "float32",
+            "--device", "cuda" if args.devices == ["cuda"] else "cpu"]
+    if args.sizes:
+        argv += ["--sizes", *map(str, sorted({e for group in args.sizes for e in group}))]
+    if args.samples:
+        argv += ["--samples", str(args.samples)]
+    if args.json:
+        argv += ["--json", args.json]
+    return launch(args.ranks, argv)
 
 
 def main(argv=None):

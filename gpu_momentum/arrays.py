@@ -104,9 +104,12 @@ def check_param(info, supported_dtypes, backend_name):
 def check_update(param, grad, velocity, supported_dtypes, backend_name,
                  element_aligned=False):
     """Validates the three ArrayInfos of one update against each other; element_aligned:
-    each array must start on a multiple of its element size (a GPU faults otherwise)."""
+    each array must start on a multiple of its element size (a GPU faults otherwise).
+    velocity None checks param and grad alone: the whole gradient of a sharded step,
+    whose velocity covers a shard (gpu_momentum.distributed)."""
     check_param(param, supported_dtypes, backend_name)
-    for other in (grad, velocity):
+    others = (grad,) if velocity is None else (grad, velocity)
+    for other in others:
         if other.on_device != param.on_device:
             where = lambda info: "GPU memory" if info.on_device else "host memory"
             raise TypeError(f"{other.name} is in {where(other)} but {param.name} is in "
@@ -115,22 +118,24 @@ def check_update(param, grad, velocity, supported_dtypes, backend_name,
         raise TypeError(f"grad has dtype {grad.dtype} but param has dtype {param.dtype}; "
                         f"they must match")
     expected = compute_dtype(param.dtype)
-    if velocity.dtype != expected:
+    if velocity is not None and velocity.dtype != expected:
         raise TypeError(f"velocity has dtype {velocity.dtype}; parameters of dtype "
                         f"{param.dtype} need a {expected} velocity")
-    for other in (grad, velocity):
+    for other in others:
         if other.shape != param.shape:
             raise ValueError(f"{other.name} has shape {other.shape} but param has shape "
                              f"{param.shape}; they must match")
         _check_layout(other)
-    if velocity.readonly:
+    if velocity is not None and velocity.readonly:
         raise ValueError("velocity is read-only; the update writes it in place")
-    for a, b in ((grad, param), (velocity, param), (velocity, grad)):
+    pairs = ((grad, param),) if velocity is None else \
+        ((grad, param), (velocity, param), (velocity, grad))
+    for a, b in pairs:
         if overlaps(a, b):
             raise ValueError(f"{a.name} overlaps {b.name} in memory; the update needs "
                              f"three separate buffers")
     if element_aligned:
-        for info in (param, grad, velocity):
+        for info in (param, *others):
             if info.address % info.dtype.itemsize:
                 raise ValueError(
                     f"{info.name} starts at address {info.address:#x}, which is not a "

@@ -74,6 +74,17 @@ class GroupPlan:
     range_ends: np.ndarray  # int64[R], increasing, range_ends[-1] == buffer size
     range_groups: np.ndarray  # int32[R]: a group, or NO_GROUP for padding
 
+    def window(self, start, stop):
+        """This plan over elements [start, stop) of the buffer alone, numbered from 0 (a
+        shard, gpu_momentum.distributed): ranges cut at the window's edges, those left
+        empty dropped (one empty range stays for an empty window). Every group keeps its
+        row and counters, whatever the window holds of it."""
+        ends = np.clip(self.range_ends, start, stop) - start
+        kept = np.flatnonzero(np.diff(ends, prepend=0) > 0)
+        kept = kept if kept.size else np.zeros(1, np.int64)
+        return dataclasses.replace(self, range_ends=ends[kept].astype(np.int64),
+                                   range_groups=self.range_groups[kept])
+
 
 def resolve_groups(groups, defaults, offsets, sizes, total, names=None, *,
                    param_dtype=None):

@@ -249,6 +249,10 @@ class MomentumSGD:
     those counters then waits for it.
     """
 
+    # (start, stop): the optimizer updates these elements of its buffer alone, and its
+    # velocity covers them alone (a shard: gpu_momentum.distributed); None: all of them.
+    _window = None
+
     def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  l1=0.0, nesterov=False, maximize=False, style="classic",
                  decoupled_weight_decay=False, groups=None, skip_nonfinite=False,
@@ -264,7 +268,11 @@ class MomentumSGD:
         self._backend = select_backend(backend, self.param)
         check_param(info, self._backend.dtypes, self._backend.name)
         self._param_dtype = info.dtype
+        self._buffer_size = _size(self.param)
         self._plan = self._resolve(groups, defaults)
+        if self._window is not None:
+            self.param = self.param.reshape(_size(self.param))[slice(*self._window)]
+            info = describe("params", self.param)
         self._param_groups = ParamGroups(ParamGroup(self, index + 1, g["params"])
                                          for index, g in enumerate(groups or []))
         self._hypers = list(self._plan.hypers)
@@ -274,12 +282,14 @@ class MomentumSGD:
         self._table_stale = True  # hyperparameters or first-step flags changed since
 
     def _resolve(self, groups, defaults):
-        size = _size(self.param)
         if self.flat is None:
-            return resolve_groups(groups, defaults, [0], [size], size,
+            plan = resolve_groups(groups, defaults, [0], [self._buffer_size],
+                                  self._buffer_size, param_dtype=self._param_dtype)
+        else:
+            plan = resolve_groups(groups, defaults, self.flat.offsets, self.flat.sizes,
+                                  self._buffer_size, self.flat.names,
                                   param_dtype=self._param_dtype)
-        return resolve_groups(groups, defaults, self.flat.offsets, self.flat.sizes, size,
-                              self.flat.names, param_dtype=self._param_dtype)
+        return plan if self._window is None else plan.window(*self._window)
 
     def _new_counters(self, step_count, velocity_initialized, skipped_steps):
         counters = np.zeros(GROUP_SLOTS + len(velocity_initialized), np.int64)
@@ -369,16 +379,26 @@ class MomentumSGD:
         """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
         divided by `grad_scale` (the loss scale, inside the same fused pass)."""
         inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
-        if grad is None:
-            if self.flat is None:
-                raise TypeError("grad is None, but params is a single array: pass grad "
-                                "(only FlatParams carry their own gradient buffer)")
-            grad = self.flat.grad
+        self._step(self._gradient(grad), inv_grad_scale)
+
+    def _gradient(self, grad):
+        """`grad`, or the FlatParams' gradient buffer for None."""
+        if grad is not None:
+            return grad
+        if self.flat is None:
+            raise TypeError("grad is None, but params is a single array: pass grad "
+                            "(only FlatParams carry their own gradient buffer)")
+        return self.flat.grad
+
+    def _step(self, grad, inv_grad_scale, agree=None):
+        """The step over `param` (the window's elements) with `grad` of its shape; `agree`
+        as in Backend.step, with skip_nonfinite."""
         backend, counters = self._backend, self._counters
         check_arrays(backend, self.param, grad, self.velocity)
         table = self._device_table()
         if self._skip_nonfinite:
-            backend.step(self.param, grad, self.velocity, table, inv_grad_scale, counters)
+            backend.step(self.param, grad, self.velocity, table, inv_grad_scale, counters,
+                         agree)
             return
         backend.step(self.param, grad, self.velocity, table, inv_grad_scale)
         # The counters stay in host memory: counted here as the kernels count theirs.
@@ -409,6 +429,11 @@ class MomentumSGD:
         Validates everything before changing anything: every value (also against the
         compute dtype), and that every array it writes (the velocity; the parameters,
         given params) is writable and fits."""
+        self._checked_state(state, params)()
+
+    def _checked_state(self, state, params=None):
+        """Validates `state` and `params` as load_state_dict does and returns a function
+        without arguments that restores them, which cannot fail."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type_name(state)}")
         expected = set(self.state_dict_keys())
@@ -444,13 +469,16 @@ class MomentumSGD:
             params = self._like("params", params, "params", self.param)
             if overlaps(describe("params", params), describe("velocity", self.velocity)):
                 params = self._backend.copy(params)  # read before the velocity is written
-        # Everything is checked: from here on nothing can fail half way.
-        self._backend.assign(self.velocity, velocity)
-        if params is not None:
-            self._backend.assign(self.param, params)
-        self._hypers = list(plan.hypers)
-        self._counters = counters
-        self._table_stale = True
+
+        def restore():  # everything is checked: nothing can fail half way
+            self._backend.assign(self.velocity, velocity)
+            if params is not None:
+                self._backend.assign(self.param, params)
+            self._hypers = list(plan.hypers)
+            self._counters = counters
+            self._table_stale = True
+
+        return restore
 
     def save(self, path):
         """Writes a checkpoint atomically (see `gpu_momentum.checkpoint`)."""

@@ -116,19 +116,26 @@ def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
 
 
 @numba.njit(parallel=True, cache=True)
-def momentum_step_skipping_nonfinite_cpu(param, grad, velocity, scalars, group_flags,
-                                         range_ends, range_groups, inv_grad_scale,
-                                         launch_flags, counters):
-    """The GPU kernels' four launches in one call (launch_flags has READ_COUNTERS): a step
-    whose scaled gradient holds a NaN or inf in a range some group updates changes nothing
-    but the counters; first steps come from the counters, so a skipped first step leaves
-    the next one first."""
+def find_nonfinite_cpu(param, grad, velocity, scalars, group_flags, range_ends,
+                       range_groups, inv_grad_scale, launch_flags, counters):
+    """The first half of a step that skips non-finite gradients (the GPU kernels' clear
+    and find_nonfinite): counters[LAST_STEP_SKIPPED] says whether a scaled gradient
+    element of a range some group updates is NaN or inf."""
     nonfinite = 0
     for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
         nonfinite += _chunk(chunk, param, grad, velocity, scalars, group_flags, range_ends,
                             range_groups, inv_grad_scale, launch_flags, counters, True)
     counters[LAST_STEP_SKIPPED] = 1 if nonfinite else 0
-    if not nonfinite:
+
+
+@numba.njit(cache=True)
+def update_unless_skipped_cpu(param, grad, velocity, scalars, group_flags, range_ends,
+                              range_groups, inv_grad_scale, launch_flags, counters):
+    """The second half (the GPU kernels' update and finish; launch_flags has
+    READ_COUNTERS): a step whose counters[LAST_STEP_SKIPPED] is set changes nothing but
+    the counters; first steps come from the counters, so a skipped first step leaves the
+    next one first."""
+    if counters[LAST_STEP_SKIPPED] == 0:
         momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
                           range_groups, inv_grad_scale, launch_flags, counters)
         mark_velocities_initialized_cpu(counters, group_flags, 0, 1)

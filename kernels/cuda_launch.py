@@ -14,11 +14,13 @@ from .cuda_source import BLOCK_SIZE, ENTRY_POINTS, vector_width
 from .layout import GROUP_SLOTS, READ_COUNTERS
 
 
-def step_launches(elements, read_counters):
+def step_launches(elements, read_counters, agree=False):
     """The launches of one step, in order, on one stream, by name:
 
     - "clear": counters[LAST_STEP_SKIPPED] = 0;
     - "find_nonfinite": sets it where a scaled gradient element is NaN or inf;
+    - "agree" (with `agree`): the processes of a sharded step combine it (a collective on
+      the same stream), so that all of them skip or none;
     - "update": the fused update (with READ_COUNTERS: nothing when it is set, and each
       group's velocity_initialized from the counters);
     - "finish": one block counts the step as taken or skipped and marks the groups'
@@ -29,9 +31,10 @@ def step_launches(elements, read_counters):
     """
     if not read_counters:
         return ("update",) if elements else ()
+    agreeing = ("agree",) if agree else ()
     if not elements:
-        return ("clear", "finish")
-    return ("clear", "find_nonfinite", "update", "finish")
+        return ("clear", *agreeing, "finish")
+    return ("clear", "find_nonfinite", *agreeing, "update", "finish")
 
 
 def grid_size(n, dtype, max_blocks):

@@ -435,3 +435,59 @@ ARRAY_ERRORS = [
     ("interface-only-grad", _interface_only_grad, TypeError,
      r"grad is a configs\.InterfaceOnly, which backend 'cpu' cannot read"),
 ]
+
+
+# Collective errors of gpu_momentum.distributed, made by tests/mpi_checks.py on every rank
+# of an mpiexec run: (case, exception type, the failing rank ("last", 0 or "all"),
+# pattern on the failing ranks, pattern on the others (None: the failing rank's), and
+# whether it needs a second rank: with one rank there is nothing to differ from). Every
+# rank must raise and nothing may change on any. {last} and {ranks} are filled in.
+DISTRIBUTED_ERRORS = [
+    ("layout", "ValueError", "all",
+     r"^rank {last} differs from rank 0 in segment shapes", None, True),
+    ("values", "ValueError", "all",
+     r"^rank {last} differs from rank 0 in initial parameter values \(checksum\)", None,
+     True),
+    ("options", "ValueError", "all",
+     r"^rank {last} differs from rank 0 in hyperparameters\[0\]\['lr'\]: 0\.2 against 0\.1",
+     None, True),
+    ("bad-option", "ValueError", "last", r"^Invalid momentum value: 1\.0",
+     r"^rank {last} of {ranks} failed: Invalid momentum value: 1\.0", False),
+    ("bad-group", "ValueError", "last", r"^Invalid params value in groups\[0\]: no segment "
+     r"is named 'nope'", r"^rank {last} of {ranks} failed: Invalid params value", False),
+    ("comm-null", "TypeError", "all", r"^Invalid comm value: .*intracommunicator", None,
+     False),
+    ("nccl-on-host", "ValueError", "all", r"^Invalid collectives value: 'nccl'", None, False),
+    ("collectives-unknown", "ValueError", "all", r"^Invalid collectives value: 'gloo'", None,
+     False),
+    ("unknown-option", "TypeError", "last", r"unexpected keyword argument 'betas'",
+     r"^rank {last} of {ranks} failed: .*unexpected keyword argument 'betas'", False),
+    ("grads-reduced-differs", "ValueError", "all",
+     r"^grads_reduced differs between ranks: rank {last} has grads_reduced = True, rank 0 "
+     r"has False", None, True),
+    ("grad-scale-differs", "ValueError", "all",
+     r"^grad_scale differs between ranks: rank {last} has grad_scale = 2\.0, rank 0 has "
+     r"1\.0", None, True),
+    ("lr-on-one-rank", "ValueError", "all",
+     r"^hyperparameters differs between ranks: rank {last} has hyperparameters\[0\]\['lr'\]"
+     r" = 0\.3, rank 0 has 0\.1", None, True),
+    ("grad-dtype", "TypeError", "last", r"^grad has dtype float32 but param has dtype float64",
+     r"^rank {last} of {ranks} failed: grad has dtype float32", False),
+    ("grad-shape", "ValueError", "last", r"^grad has shape \(7213,\) but param has shape",
+     r"^rank {last} of {ranks} failed: grad has shape", False),
+    ("grad-is-param", "ValueError", "last", r"^grad overlaps param in memory",
+     r"^rank {last} of {ranks} failed: grad overlaps param", False),
+    ("grad-scale-zero", "ValueError", "all", r"^Invalid grad_scale value: 0\.0", None, False),
+    ("grad-scale-over-ranks", "ValueError", "all", r"^Invalid grad_scale value: 6e\+37 \(the "
+     r"update divides the sum over {ranks} ranks by {ranks} \* grad_scale", None, True),
+    ("grad-none-single-array", "TypeError", "all", r"^grad is None, but params is a single "
+     r"array", None, False),
+    ("state-velocity-shape", "ValueError", "last", r"^velocity has shape \(7213,\); this "
+     r"optimizer's state covers the whole buffer",
+     r"^rank {last} of {ranks} failed: velocity has shape \(7213,\)", False),
+    ("load-damaged-on-one-rank", "CheckpointError", "last",
+     r"^checkpoint \S*damaged\.npz is truncated, corrupted",
+     r"^rank {last} of {ranks} failed: checkpoint \S*damaged\.npz is truncated", False),
+    ("save-unwritable", "FileNotFoundError", 0, r"No such file or directory",
+     r"^rank 0 of {ranks} failed: .*No such file or directory", False),
+]

@@ -6,7 +6,10 @@ import pathlib
 import re
 
 README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-EXAMPLES = re.findall(r"```python\n(.*?)```", README, re.S)
+BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+# Examples for MPI jobs run under mpiexec (tests/test_distributed.py), not in this process.
+EXAMPLES = [code for code in BLOCKS if "mpi4py" not in code]
+MPI_EXAMPLES = [code for code in BLOCKS if "mpi4py" in code]
 
 
 def _printed(code):

@@ -63,7 +63,7 @@ class Backend(Protocol):
         place (same addresses), queued on param's stream without waiting."""
 
     def step(self, param, grad, velocity, table: UpdateTable, inv_grad_scale,
-             counters=None) -> None:
+             counters=None, agree=None) -> None:
         """The fused update of every group in one kernel launch over arrays that
         `check_arrays` accepted, with a table from `device_table`; queued without waiting
         for the device.
@@ -73,17 +73,22 @@ class Backend(Protocol):
         kernels.layout): a step whose scaled gradient holds a NaN or inf changes nothing
         but the counters, which also say whether each group's velocity is initialized and
         count taken and skipped steps (kernels.cuda_launch.step_launches).
+
+        agree: with counters, a function called with them after the non-finite check and
+        before the update, in stream order (it queues work; it does not wait for it),
+        even over no elements: processes sharing one step combine their
+        counters[LAST_STEP_SKIPPED] there, so all skip together (gpu_momentum.distributed).
         """
 
 
 def check_arrays(backend, param, grad, velocity):
     """Every check of one update's arrays for `backend`; raises before anything is
-    written."""
+    written. velocity None: param and grad alone (a sharded step's whole gradient)."""
     check_update(describe("param", param), describe("grad", grad),
-                 describe("velocity", velocity), backend.dtypes, backend.name,
-                 backend.element_aligned)
+                 None if velocity is None else describe("velocity", velocity),
+                 backend.dtypes, backend.name, backend.element_aligned)
     for name, array in (("grad", grad), ("velocity", velocity)):
-        if not backend.owns(array):
+        if array is not None and not backend.owns(array):
             raise TypeError(f"{name} is a {type_name(array)}, which backend "
                             f"{backend.name!r} cannot read; pass arrays of param's kind "
                             f"({type_name(param)})")

@@ -39,16 +39,20 @@ class CpuBackend:
     def upload_into(self, target, array, param):
         target[...] = array
 
-    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
-        from ..kernels.cpu import momentum_step_cpu, momentum_step_skipping_nonfinite_cpu
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
+             agree=None):
+        from ..kernels.cpu import (find_nonfinite_cpu, momentum_step_cpu,
+                                   update_unless_skipped_cpu)
 
-        launch_flags = table.launch_flags
-        if counters is None:
-            kernel, counters = momentum_step_cpu, NO_COUNTERS
-        else:
-            kernel, launch_flags = momentum_step_skipping_nonfinite_cpu, \
-                launch_flags | READ_COUNTERS
         # Plain ndarray views: a numpy.memmap is passed as the buffer it is.
-        param, grad, velocity = (np.asarray(a).reshape(-1) for a in (param, grad, velocity))
-        kernel(param, grad, velocity, *table.arrays(),
-               table.scalars.dtype.type(inv_grad_scale), launch_flags, counters)
+        arrays = (*(np.asarray(a).reshape(-1) for a in (param, grad, velocity)),
+                  *table.arrays())
+        inv_grad_scale = table.scalars.dtype.type(inv_grad_scale)
+        if counters is None:
+            momentum_step_cpu(*arrays, inv_grad_scale, table.launch_flags, NO_COUNTERS)
+            return
+        launch_flags = table.launch_flags | READ_COUNTERS
+        find_nonfinite_cpu(*arrays, inv_grad_scale, launch_flags, counters)
+        if agree is not None:
+            agree(counters)
+        update_unless_skipped_cpu(*arrays, inv_grad_scale, launch_flags, counters)

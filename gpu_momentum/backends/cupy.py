@@ -77,7 +77,8 @@ class CupyBackend:
         import cupy
         cupy.copyto(target, cupy.asarray(array))
 
-    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
+             agree=None):
         """Queues the step's launches (kernels.cuda_launch.step_launches) on the current
         stream; the table and counters must be on the current device."""
         import cupy
@@ -105,10 +106,11 @@ class CupyBackend:
                 param, grad, velocity, plan.n, *table.arrays(), plan.range_count,
                 plan.inv_grad_scale, plan.launch_flags,
                 _no_counters(device) if counters is None else counters)),
+            "agree": lambda: agree(counters),
             "finish": lambda: finish((1,), (plan.finish_block,),
                                      (counters, table.group_flags, plan.group_count)),
         }
-        for launch in step_launches(plan.grid, counters is not None):
+        for launch in step_launches(plan.grid, counters is not None, agree is not None):
             launches[launch]()
 
 

@@ -101,7 +101,8 @@ class NumbaCudaBackend:
     def upload_into(self, target, array, param):
         target.copy_to_device(array, stream=_stream_view(param).stream)
 
-    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None):
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
+             agree=None):
         from ..kernels import numba_cuda as kernels
 
         param, grad, velocity = (_flat(_stream_view(a)) for a in (param, grad, velocity))
@@ -122,10 +123,12 @@ class NumbaCudaBackend:
             "update": lambda: kernels.momentum_step_kernel[blocks, threads, stream](
                 param, grad, velocity, *table.arrays(), inv_grad_scale, launch_flags,
                 counters),
+            "agree": lambda: agree(counters),
             "finish": lambda: kernels.finish_step_kernel[
                 1, kernels.FINISH_THREADS, stream](counters, table.group_flags),
         }
-        for launch in step_launches(param.size, launch_flags & READ_COUNTERS):
+        for launch in step_launches(param.size, launch_flags & READ_COUNTERS,
+                                    agree is not None):
             launches[launch]()
 
 
