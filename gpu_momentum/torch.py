@@ -350,6 +350,7 @@ class SGD(Optimizer):
         if found_inf is not None and _number(found_inf) != 0:
             # GradScaler found an inf: nothing changes, and a parameter's first step
             # stays its first step (torch's fused SGD gets this wrong; its for-loop not).
+            self._settle()
             self._counts[1] += 1
             self._last_step_skipped = True
             return loss
@@ -470,7 +471,8 @@ class SGD(Optimizer):
                 taken, skipped, last = bucket.settle(self.state)
                 self._counts[0] += taken
                 self._counts[1] += skipped
-                self._last_step_skipped = last
+                if taken or skipped:
+                    self._last_step_skipped = last
 
 
 class _Reshaped(Exception):
@@ -676,9 +678,12 @@ class _Bucket:
             if self.table_stale:
                 self._write_table(style, arrays[0])
             self.backend.step(*arrays, self.device_table, inv_grad_scale, self.counters)
+        if not self.awaiting_first:  # every velocity this table can create exists
+            return bool(self.counters is not None and self.device.type == "cpu"
+                        and self.counters[LAST_STEP_SKIPPED])
         first = np.fromiter(self.present, bool, len(self.present)) & ~self.initialized
         first &= ~self.keeps[self.groups]
-        if self.counters is not None and self.backend.name == "cpu":
+        if self.counters is not None and self.device.type == "cpu":
             if self.counters[LAST_STEP_SKIPPED]:
                 return True
         elif self.counters is not None:
@@ -720,6 +725,7 @@ class _Bucket:
                                              reuse=self.device_table)
         self.host_table = table
         self.table_stale = False
+        self.awaiting_first = not (self.initialized | self.keeps[self.groups]).all()
 
     # -- counters of buffers that skip non-finite steps --
 
