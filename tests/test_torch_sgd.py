@@ -3,14 +3,13 @@ torch's generic optimizer behaviours, parity on a real nn.Module (with param gro
 schedulers), gradients that arrive outside the flat buffer, moved parameters, state dicts
 both ways, GradScaler. DDP is in test_torch_ddp.py. CUDA tests are marked `gpu`."""
 
-import numba  # noqa: F401  (numba before torch: two OpenMP runtimes in one process stall)
+import numba  # (before torch: two OpenMP runtimes in one process stall)
 import copy
 import io
 import math
 import pickle
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -46,13 +45,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models, one torch thread: torch's OpenMP pool and Numba's would otherwise spin
-    against each other on a small shared machine (100x slower steps, not wrong ones)."""
-    threads = torch.get_num_threads()
+def one_thread():
+    """Tiny models, one thread for torch and for Numba: an idle OpenMP worker spins for a
+    while after each parallel region, and on a small shared machine those of one runtime
+    slow the other's work down tenfold or more (slower, never wrong: README, With
+    PyTorch)."""
+    threads = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(1)
+    numba.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads[0])
+    numba.set_num_threads(threads[1])
 
 
 class Net(torch.nn.Module):
