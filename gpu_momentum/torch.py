@@ -549,7 +549,6 @@ class _Bucket:
         if not range_ends or range_ends[-1] != total:
             range_ends.append(total)
         self.range_ends = np.array(range_ends, np.int64)
-        self.range_groups = np.full(len(range_ends), NO_GROUP, np.int32)
         self.present = [False] * len(params)
         self.initialized = np.zeros(len(params), bool)
         self.arrays = _ArraysFor(backend, device, (self.data, self.grad, self.velocity))
