@@ -600,8 +600,9 @@ class _Bucket:
             p.data = self.param_views[index]
             grad = p.grad
             view = self.grad_views[index]
-            if grad is not None and (id(grad) in replaceable or _replaceable(grad, view)):
-                p.grad = view
+            if grad is not None and grad.shape == view.shape and (
+                    id(grad) in replaceable or _replaceable(grad, view)):
+                p.grad = view  # fill() copied its values
             if _momentum_buffer(state, p) is not None:
                 state[p]["momentum_buffer"] = self.velocity_views[index]
                 self.initialized[index] = True
