@@ -30,6 +30,7 @@ setup(
         "mpi-system": ["mpi4py>=4.1"],
         "test": ["pytest>=7"],
         "bench": ["tqdm", "matplotlib"],
+        "torch": ["torch>=2.4"],
     },
     entry_points={"console_scripts": ["gpu-momentum=gpu_momentum.cli:main"]},
 )

@@ -16,15 +16,15 @@ from gpu_momentum.arrays import compute_dtype
 from gpu_momentum.backends import BACKEND_NAMES, BackendUnavailableError, backend_named
 
 from .data import (CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS, ROOFLINE_PEERS,
-                   ROOFLINES, Absent, Built, Candidate, Problem, Unsupported,
+                   ROOFLINES, TORCH_API, Absent, Built, Candidate, Problem, Unsupported,
                    backend_name)
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 from .peers import (copyto_builder, naive_builder, numpy_out_builder, stream_builder,
-                    torch_builder)
+                    torch_builder, torch_parameters)
 
-__all__ = ["CUPY_PEER", "GROUPS", "LR", "MOMENTUM", "ROOFLINES", "Absent", "Built",
-           "Candidate", "Problem", "Unsupported", "discover", "group_spec",
-           "groups_comparison", "library_candidate"]
+__all__ = ["CUPY_PEER", "GROUPS", "LR", "MOMENTUM", "ROOFLINES", "TORCH_API", "Absent",
+           "Built", "Candidate", "Problem", "Unsupported", "discover", "group_spec",
+           "groups_comparison", "library_candidate", "torch_workload"]
 TORCH_VARIANTS = (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}),
                   ("fused", {"fused": True}))
 
@@ -76,6 +76,59 @@ def groups_comparison(found):
             for variant in (c, library_candidate(c.backend, c.timer, GROUPS))]
 
 
+def torch_sgd_builder(torch, device, backend):
+    """gpu_momentum.torch.SGD(momentum=0.9) on `backend` over the workload's tensors as
+    nn.Parameters with gradients (packed into its flat buffers when it is built); its step
+    is all of opt.step(), the per-step Python included."""
+    def build(problem):
+        from gpu_momentum.torch import SGD
+
+        params = torch_parameters(torch, device, problem)
+        try:
+            opt = SGD(params, lr=LR, momentum=MOMENTUM, backend=backend)
+            opt.step()  # creates the momentum buffers, as in training
+        except (TypeError, ValueError) as error:
+            raise Unsupported(f"{TORCH_API}: {error}") from error
+        return Built(opt.step, lambda: [p.detach().cpu().numpy().copy() for p in params])
+    return build
+
+
+def torch_workload(devices=("cpu", "cuda")):
+    """(candidates, absent) of the torch workloads: gpu_momentum.torch.SGD on each backend
+    for the device beside torch.optim.SGD's for-loop, foreach and fused on that device, all
+    over the same nn.Parameters with gradients."""
+    gpu, gpu_reason = gpu_probe(devices)
+    absent = []
+    peers = torch_candidates(absent, devices, gpu, gpu_reason)
+    try:
+        import torch
+    except ImportError as error:
+        names = [(n, "cpu" if n == "cpu" else "cuda") for n in BACKEND_NAMES]
+        return [], absent + [Absent(f"{TORCH_API} ({n})", "backend",
+                                    f"torch is not installed ({error})")
+                             for n, device in names if device in devices]
+    ours = []
+    for name in BACKEND_NAMES:
+        device = "cpu" if name == "cpu" else "cuda"
+        if device not in devices:
+            continue
+        reason = None
+        try:
+            backend_named(name)
+        except BackendUnavailableError as error:
+            reason = str(error)
+        if device == "cuda" and reason is None and not any(p.device == "cuda"
+                                                           for p in peers):
+            reason = f"torch {torch.__version__} cannot use the GPU"
+        if reason is not None:
+            absent.append(Absent(f"{TORCH_API} ({name})", "backend", reason))
+            continue
+        timer = HostTimer() if device == "cpu" else gpu.TorchEventTimer(torch)
+        ours.append(Candidate("backend", device, torch_sgd_builder(torch, device, name),
+                              update_bytes, timer, arrays=5, backend=name, api=TORCH_API))
+    return ours + peers, absent
+
+
 def torch_candidates(absent, devices, gpu, gpu_reason):
     """The torch.optim.SGD peers on the CPU and, when there is a GPU torch can use, on it."""
     peers = [(f"torch SGD {variant}", options) for variant, options in TORCH_VARIANTS]
@@ -107,14 +160,20 @@ def torch_candidates(absent, devices, gpu, gpu_reason):
     return found
 
 
+def gpu_probe(devices):
+    """(the bench.gpu module, None) where GPU runs can be timed, else (None, why not);
+    (None, None) when "cuda" is not among `devices`."""
+    if "cuda" not in devices:
+        return None, None
+    from . import gpu as gpu_module  # only GPU runs touch CuPy beyond this probe
+    reason = gpu_module.unavailable_reason()
+    return (gpu_module if reason is None else None), reason
+
+
 def discover(devices=("cpu", "cuda")):
     """(candidates, absent): what runs here on `devices`, and what does not with why."""
     absent, found = [], []
-    gpu, gpu_reason = None, None
-    if "cuda" in devices:
-        from . import gpu as gpu_module  # only GPU runs touch CuPy beyond this probe
-        gpu_reason = gpu_module.unavailable_reason()
-        gpu = gpu_module if gpu_reason is None else None
+    gpu, gpu_reason = gpu_probe(devices)
 
     for name in BACKEND_NAMES:
         device = "cpu" if name == "cpu" else "cuda"

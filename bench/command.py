@@ -6,11 +6,11 @@ import argparse
 import os
 import sys
 
-WORKLOADS = ["resnet50", "transformer", "groups"]
+WORKLOADS = ["resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2"]
 FULL = {"sizes": list(range(16, 29)), "workloads": WORKLOADS, "samples": 25,
         "max_time": 3.0}
-QUICK = {"sizes": [16, 18, 20, 22], "workloads": ["resnet50", "groups"], "samples": 5,
-         "max_time": 0.25}
+QUICK = {"sizes": [16, 18, 20, 22], "workloads": ["resnet50", "groups", "torch-resnet50"],
+         "samples": 5, "max_time": 0.25}
 
 
 def log2_sizes(text):
@@ -38,19 +38,22 @@ def positive(kind):
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
-                        help=f"a short run: sizes 2**{QUICK['sizes']}, the ResNet-50 list and "
-                             f"the groups comparison (at 2**{QUICK['sizes'][-1]}), "
+                        help=f"a short run: sizes 2**{QUICK['sizes']}, the ResNet-50 list "
+                             f"(flat, and as torch Parameters) and the groups comparison "
+                             f"(at 2**{QUICK['sizes'][-1]}), "
                              f"{QUICK['samples']} samples (under a minute on 2 cores)")
     parser.add_argument("--sizes", type=log2_sizes, nargs="+", metavar="LOG2",
                         help="exponents of two, or ranges LOW:HIGH (default 16:28; "
                              "capped by free host and device memory)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"],
                         choices=["float16", "float32", "float64"])
-    parser.add_argument("--workloads", nargs="*", choices=WORKLOADS,
+    parser.add_argument("--workloads", nargs="*", choices=WORKLOADS + ["torch"],
                         help="many-tensor workloads (default: all; none: leave them out). "
                              "groups: the library's backends over 100 equal segments at "
                              "the largest size (at most 2**26), with 1 and with 100 "
-                             "parameter groups")
+                             "parameter groups. torch-resnet50, torch-gpt2 (torch: both): "
+                             "gpu_momentum.torch.SGD's opt.step() against torch.optim."
+                             "SGD's over those shapes as nn.Parameters with gradients")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"],
                         choices=["cpu", "cuda"],
                         help="where to run (default both; cuda needs CuPy and a GPU)")
@@ -90,6 +93,8 @@ def options_from(args):
     preset = QUICK if args.quick else FULL
     sizes = sorted({e for group in (args.sizes or [preset["sizes"]]) for e in group})
     workloads = preset["workloads"] if args.workloads is None else args.workloads
+    workloads = [name for workload in workloads for name in (
+        ("torch-resnet50", "torch-gpt2") if workload == "torch" else (workload,))]
     sampling = Sampling(samples=args.samples or preset["samples"],
                         min_samples=min(5, args.samples or 5),
                         warmup_s=0.02 if args.quick else 0.2,

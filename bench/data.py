@@ -20,6 +20,8 @@ CUPY_PEER = f"{CUPY_EXPRESSIONS} (cuda)"
 # evaluating `beta*v - lr*g` (the old velocity lives until the new one is bound).
 NAIVE_ARRAYS = 6
 KINDS = ("backend", "peer", "roofline")
+# The torch workloads time this front end of the library against torch.optim.SGD.
+TORCH_API = "gpu_momentum.torch.SGD"
 
 
 class Unsupported(Exception):
@@ -72,8 +74,10 @@ class Candidate:
 
     Rows are told apart by fields, never by their display name: `backend` names the
     library's backend (kind "backend"), `peer` what a peer or roofline is (kind "peer" or
-    "roofline", e.g. "torch SGD fused"), and `groups` the parameter groups of the groups
-    comparison's many-group variant (1 elsewhere)."""
+    "roofline", e.g. "torch SGD fused"), `groups` the parameter groups of the groups
+    comparison's many-group variant (1 elsewhere), and `api` which of the library's
+    front ends runs the backend: "MomentumSGD", or TORCH_API (gpu_momentum.torch.SGD over
+    nn.Parameters, in the torch workloads)."""
     kind: str  # one of KINDS
     device: str  # "cpu" or "cuda"
     build: Callable
@@ -83,10 +87,14 @@ class Candidate:
     backend: str = None
     peer: str = None
     groups: int = 1
+    api: str = "MomentumSGD"
 
     @property
     def name(self):
-        """The display name: "gpu-momentum cpu", "torch SGD fused (cpu)", ..."""
+        """The display name: "gpu-momentum cpu", "torch SGD fused (cpu)",
+        "gpu_momentum.torch.SGD (cpu)", ..."""
+        if self.kind == "backend" and self.api == TORCH_API:
+            return f"{TORCH_API} ({self.backend})"
         if self.kind == "backend":
             many = f" ({self.groups} groups)" if self.groups > 1 else ""
             return f"{backend_name(self.backend)}{many}"

@@ -38,14 +38,20 @@ def numpy_out_builder(problem):
     return Built(step, lambda: [p.copy() for p in params])
 
 
+def torch_parameters(torch, device, problem):
+    """The workload's tensors as nn.Parameters on `device`, each with its gradient set."""
+    params = []
+    for host, grad in zip(problem.tensors(problem.p0), problem.tensors(problem.g0)):
+        param = torch.nn.Parameter(torch.tensor(host, device=device))
+        param.grad = torch.tensor(grad, device=device)
+        params.append(param)
+    return params
+
+
 def torch_builder(torch, device, options):
     """torch.optim.SGD(momentum=0.9) over the workload's tensors, grads already set."""
     def build(problem):
-        params = []
-        for host, grad in zip(problem.tensors(problem.p0), problem.tensors(problem.g0)):
-            param = torch.nn.Parameter(torch.tensor(host, device=device))
-            param.grad = torch.tensor(grad, device=device)
-            params.append(param)
+        params = torch_parameters(torch, device, problem)
         try:
             opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **options)
             # Fails here rather than while timing if this variant lacks the dtype; the

@@ -14,7 +14,7 @@ from gpu_momentum import __version__
 from gpu_momentum.arrays import compute_dtype
 from gpu_momentum.shapes import resnet50_shapes, transformer_shapes
 
-from .candidates import discover, groups_comparison
+from .candidates import discover, groups_comparison, torch_workload
 from .data import GROUPS, Problem, Unsupported
 from .measure import Sampling, measure, summarize
 
@@ -34,7 +34,11 @@ WORKLOADS = {
     "resnet50": lambda sizes: resnet50_shapes(),
     "transformer": lambda sizes: transformer_shapes(),
     "groups": groups_shapes,
+    # gpu_momentum.torch.SGD against torch.optim.SGD over nn.Parameters of these shapes
+    "torch-resnet50": lambda sizes: resnet50_shapes(),
+    "torch-gpt2": lambda sizes: transformer_shapes(),
 }
+TORCH_WORKLOADS = ("torch-resnet50", "torch-gpt2")
 # p0 and g0 stay on the host while a problem's candidates run; 20% of free memory is left
 # for everything else.
 HOST_ORIGINALS, HEADROOM = 2, 0.8
@@ -191,8 +195,12 @@ def run(options, progress=None):
     """Measures everything; returns the result dict (rows without derived ratios)."""
     usage_before = cpu_usage()
     candidates, absent = discover(options.devices)
+    torch_found = []
+    if set(options.workloads) & set(TORCH_WORKLOADS):
+        torch_found, torch_absent = torch_workload(options.devices)
+        absent += [a for a in torch_absent if a.name not in {b.name for b in absent}]
     threads = set_threads(options.threads)
-    gpu_used = any(c.device == "cuda" for c in candidates)
+    gpu_used = any(c.device == "cuda" for c in candidates + torch_found)
     limits = {"cpu": available_host_bytes()}
     if gpu_used:
         from . import gpu
@@ -200,10 +208,15 @@ def run(options, progress=None):
 
     todo = list(problems(options))
     compared = groups_comparison(candidates)
+
+    def measured_in(workload):
+        if workload == "groups":
+            return compared
+        return torch_found if workload in TORCH_WORKLOADS else candidates
+
     rows, skipped = [], []
     if progress is not None:
-        progress.reset(total=sum(len(compared if p[0] == "groups" else candidates)
-                                 for p in todo))
+        progress.reset(total=sum(len(measured_in(p[0])) for p in todo))
 
     def skip(candidate, point, reason):
         skipped.append({**describe(candidate, *point), "reason": reason})
@@ -213,7 +226,7 @@ def run(options, progress=None):
     for workload, dtype, n, shapes in todo:
         point = (workload, 1 if shapes is None else len(shapes), str(np.dtype(dtype)), n)
         runnable = []
-        for candidate in compared if workload == "groups" else candidates:
+        for candidate in measured_in(workload):
             reason = shortfall([candidate], n, dtype, limits)
             if reason is None:
                 runnable.append(candidate)
@@ -274,7 +287,7 @@ def describe(candidate, workload, tensors, dtype, n):
     """A row's identity: what it is (by fields: backend, peer, groups) and where."""
     return {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
             "backend": candidate.backend, "peer": candidate.peer,
-            "groups": candidate.groups, "workload": workload, "tensors": tensors,
+            "groups": candidate.groups, "api": candidate.api, "workload": workload, "tensors": tensors,
             "dtype": dtype, "n": n}
 
 

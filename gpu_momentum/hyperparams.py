@@ -89,6 +89,38 @@ def inverse_grad_scale(grad_scale, param_dtype):
     return inverse
 
 
+def keeps_velocity(style, momentum):
+    """Whether a step leaves the velocity alone: torch style with momentum 0, as PyTorch
+    leaves its momentum buffer (neither read nor initialized)."""
+    return style == "torch" and momentum == 0
+
+
+def table_row(lr, momentum, dampening, weight_decay, l1, decoupled_weight_decay,
+              compute_dtype):
+    """One group's row of the kernels' scalar table (kernels.layout.GroupRow), in the
+    compute dtype, from values that are not checked here (Hyperparameters checks its own;
+    gpu_momentum.torch takes whatever torch.optim.SGD takes). The two kinds of weight decay
+    fold into weight_decay (coupled) and decay (decoupled, 1 - lr * weight_decay)."""
+    scalar = np.dtype(compute_dtype).type
+    lr, weight_decay = scalar(lr), scalar(weight_decay)
+    decoupled = decoupled_weight_decay and weight_decay != 0
+    return GroupRow(lr=lr, momentum=scalar(momentum),
+                    grad_coeff=scalar(1) - scalar(dampening),
+                    weight_decay=scalar(0) if decoupled else weight_decay,
+                    l1=scalar(l1),
+                    decay=scalar(1) - lr * weight_decay if decoupled else scalar(1))
+
+
+def row_flags(nesterov, maximize, keeps_velocity, velocity_initialized):
+    """A group's flag bits (kernels.layout.FLAGS): NESTEROV, MAXIMIZE, and KEEP_VELOCITY
+    for a group that leaves its velocity alone, else VELOCITY_INITIALIZED once a step has
+    written the velocity (not on its first step)."""
+    bits = (NESTEROV if nesterov else 0) | (MAXIMIZE if maximize else 0)
+    if keeps_velocity:
+        return bits | KEEP_VELOCITY
+    return bits | VELOCITY_INITIALIZED if velocity_initialized else bits
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Hyperparameters:
     """One consistent set of update hyperparameters; invalid combinations cannot exist."""
@@ -162,28 +194,18 @@ class Hyperparameters:
     def keeps_velocity(self):
         """Whether a step leaves the velocity alone (torch style with momentum 0, as
         PyTorch leaves its momentum buffer): it is then neither read nor initialized."""
-        return self.style == "torch" and self.momentum == 0
+        return keeps_velocity(self.style, self.momentum)
 
     def group_row(self, compute_dtype):
-        """This group's row of the kernels' scalar table (kernels.layout.GroupRow), in the
-        compute dtype. The host folds the two kinds of weight decay into weight_decay
-        (coupled) and decay (decoupled, 1 - lr * weight_decay)."""
-        scalar = np.dtype(compute_dtype).type
-        lr, weight_decay = scalar(self.lr), scalar(self.weight_decay)
-        decoupled = self.decoupled_weight_decay and self.weight_decay != 0
-        return GroupRow(lr=lr, momentum=scalar(self.momentum),
-                        grad_coeff=scalar(1) - scalar(self.dampening),
-                        weight_decay=scalar(0) if decoupled else weight_decay,
-                        l1=scalar(self.l1),
-                        decay=scalar(1) - lr * weight_decay if decoupled else scalar(1))
+        """This group's row of the kernels' scalar table (`table_row`)."""
+        return table_row(self.lr, self.momentum, self.dampening, self.weight_decay, self.l1,
+                         self.decoupled_weight_decay, compute_dtype)
 
     def group_flags(self, velocity_initialized):
-        """This group's flag bits (kernels.layout.FLAGS) for a step whose velocity is
-        initialized already or not (its first step)."""
-        bits = (NESTEROV if self.nesterov else 0) | (MAXIMIZE if self.maximize else 0)
-        if self.keeps_velocity:
-            return bits | KEEP_VELOCITY
-        return bits | VELOCITY_INITIALIZED if velocity_initialized else bits
+        """This group's flag bits (`row_flags`) for a step whose velocity is initialized
+        already or not (its first step)."""
+        return row_flags(self.nesterov, self.maximize, self.keeps_velocity,
+                         velocity_initialized)
 
     def launch_flags(self):
         """The launch-wide flag bits: the style, one per launch."""

@@ -491,3 +491,46 @@ DISTRIBUTED_ERRORS = [
     ("save-unwritable", "FileNotFoundError", 0, r"No such file or directory",
      r"^rank 0 of {ranks} failed: .*No such file or directory", False),
 ]
+
+
+# gpu_momentum.torch.SGD: bad constructor arguments beyond torch's own error inputs
+# (optim_error_inputs_func_sgd, which tests/test_torch_sgd.py runs too): (id, keyword
+# arguments, exception type, message pattern). torch.optim.SGD's own checks keep its types
+# and messages; nothing is packed when one fails.
+TORCH_SGD_ERRORS = [
+    ("lr-negative", {"lr": -1.0}, ValueError, r"^Invalid learning rate: -1\.0$"),
+    ("lr-negative-tensor", {"lr": "tensor(-1.0)"}, ValueError,
+     r"^Invalid learning rate: -1\.0$"),
+    ("lr-string", {"lr": "0.1"}, TypeError, r"'<' not supported"),
+    ("momentum-negative", {"momentum": -0.5}, ValueError, r"^Invalid momentum value: -0\.5$"),
+    ("weight-decay-negative", {"weight_decay": -1e-4}, ValueError,
+     r"^Invalid weight_decay value: -0\.0001$"),
+    ("nesterov-no-momentum", {"nesterov": True}, ValueError,
+     r"^Nesterov momentum requires a momentum and zero dampening$"),
+    ("nesterov-dampening", {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+     ValueError, r"^Nesterov momentum requires a momentum and zero dampening$"),
+    ("fused-and-foreach", {"fused": True, "foreach": True}, RuntimeError,
+     r"`fused` and `foreach` cannot be `True` together"),
+    ("fused-and-differentiable", {"fused": True, "differentiable": True}, RuntimeError,
+     r"`fused` does not support `differentiable`"),
+    ("differentiable", {"differentiable": True}, ValueError,
+     r"Invalid differentiable value: True \(.*torch\.optim\.SGD\(differentiable=True\)"),
+    ("l1-negative", {"l1": -0.01}, ValueError, r"Invalid l1 value: -0\.01"),
+    ("decoupled-not-bool", {"decoupled_weight_decay": 1}, TypeError,
+     r"Invalid decoupled_weight_decay value: 1"),
+    ("skip-nonfinite-not-bool", {"skip_nonfinite": "yes"}, TypeError,
+     r"Invalid skip_nonfinite value: 'yes'"),
+    ("style-unknown", {"style": "adam"}, ValueError, r"Invalid style value: 'adam'"),
+    ("backend-unknown", {"backend": "tpu"}, ValueError, r"Invalid backend value: 'tpu'"),
+]
+
+# What torch.optim.SGD accepts although it looks odd (no upper bound on momentum, negative
+# dampening, a tensor weight decay, a 1-d tensor lr): gpu_momentum.torch.SGD accepts it too
+# and computes the same. Values as TORCH_SGD_ERRORS writes them ("tensor(...)").
+TORCH_SGD_ACCEPTED = [
+    ("momentum-above-one", {"lr": 0.01, "momentum": 1.5}),
+    ("dampening-negative", {"lr": 0.01, "momentum": 0.9, "dampening": -0.5}),
+    ("weight-decay-tensor", {"lr": 0.01, "momentum": 0.9, "weight_decay": "tensor(0.1)"}),
+    ("lr-1d-tensor", {"lr": "tensor([0.01])", "momentum": 0.5}),
+    ("lr-int", {"lr": 0, "momentum": 0.9}),
+]

@@ -277,13 +277,16 @@ def test_sizes_and_quick_defaults():
             command.log2_sizes(bad)
     quick = command.options_from(parser.parse_args(["--quick"]))
     assert quick.sizes == tuple(2**e for e in command.QUICK["sizes"])
-    assert quick.workloads == ("resnet50", "groups") and quick.sampling.samples == 5
+    assert quick.workloads == ("resnet50", "groups", "torch-resnet50")
+    assert quick.sampling.samples == 5
     args = parser.parse_args(["--sizes", "20:21", "26", "--workloads"])
     full = command.options_from(args)
     assert full.sizes == (2**20, 2**21, 2**26) and full.workloads == ()
     assert full.sampling.samples == 25
     assert command.options_from(parser.parse_args([])).workloads == (
-        "resnet50", "transformer", "groups")
+        "resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2")
+    torch_only = command.options_from(parser.parse_args(["--workloads", "torch"]))
+    assert torch_only.workloads == ("torch-resnet50", "torch-gpt2")
     only = command.options_from(parser.parse_args(["--sizes", "18", "--workloads", "groups"]))
     assert only.workloads == ("groups",)
 
@@ -355,6 +358,59 @@ def test_groups_candidates_do_the_reference_update(dtype):
                                        err_msg=f"{candidate.name}, segment {i}")
     with pytest.raises(candidates.Unsupported, match="100 groups need a workload of 100"):
         many.build(SMALL)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_torch_workload_candidates_do_the_same_update(device):
+    """gpu_momentum.torch.SGD and torch.optim.SGD's variants over the same nn.Parameters:
+    three steps of torch-style momentum, equal to the classic update the others do."""
+    pytest.importorskip("torch")
+    p, v = TENSORS.p0.astype(np.float64), np.zeros(TENSORS.n)
+    for _ in range(3):
+        v = candidates.MOMENTUM * v - candidates.LR * TENSORS.g0
+        p = p + v
+    found, absent = candidates.torch_workload((device,))
+    assert [(c.kind, c.name) for c in found if c.kind == "backend"][:1] == [
+        ("backend", f"gpu_momentum.torch.SGD ({'cpu' if device == 'cpu' else 'cupy'})")]
+    assert {c.peer for c in found if c.kind == "peer"} == {
+        "torch SGD for-loop", "torch SGD foreach", "torch SGD fused"}
+    for candidate in found:
+        assert candidate.device == device
+        built = candidate.build(TENSORS)
+        for _ in range(2):
+            built.step()  # the build took the first step
+        got = np.concatenate([a.reshape(-1) for a in built.params()])
+        np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-6, err_msg=candidate.name)
+
+
+def test_torch_targets_compare_the_adapter_with_torch_at_its_workload():
+    rows = [{**_row(name, "peer", median, n=25_557_032), "kind": kind,
+             "workload": "torch-resnet50", "tensors": 161, **fields}
+            for name, kind, median, fields in (
+                ("gpu_momentum.torch.SGD (cpu)", "backend", 0.02,
+                 {"backend": "cpu", "peer": None, "groups": 1, "api": candidates.TORCH_API}),
+                ("torch SGD fused (cpu)", "peer", 0.021,
+                 {"backend": None, "peer": "torch SGD fused", "groups": 1}),
+                ("torch SGD for-loop (cpu)", "peer", 0.025,
+                 {"backend": None, "peer": "torch SGD for-loop", "groups": 1}))]
+    result = report.add_ratios(_result(rows))
+    found = {t["target"]: t for t in report.targets(result)}
+    fused = found["torch.SGD cpu >= 0.95x torch fused, ResNet-50"]
+    assert fused["value"] == pytest.approx(1.05) and fused["met"] is True
+    assert fused["n"] == 25_557_032 and fused["workload"] == "torch-resnet50"
+    loop = found["torch.SGD cpu >= 1.5x torch for-loop, ResNet-50"]
+    assert loop["value"] == pytest.approx(1.25) and loop["met"] is False
+    assert found["torch.SGD cpu >= 0.95x torch fused, GPT-2"]["met"] is None
+    assert found["cpu >= torch fused SGD on the CPU"]["met"] is None  # flat: not measured
+
+
+def test_torch_workload_without_torch_lists_the_adapter_absent(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    found, absent = candidates.torch_workload(("cpu",))
+    assert found == []
+    reasons = {a.name: a.reason for a in absent}
+    assert "torch is not installed" in reasons["gpu_momentum.torch.SGD (cpu)"]
+    assert "torch is not installed" in reasons["torch SGD fused (cpu)"]
 
 
 def test_groups_run_measures_the_backends_only_and_reports_the_ratio(monkeypatch):
@@ -435,7 +491,12 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
     assert result["machine"]["threads"]["numba"] >= 1
     assert result["versions"]["numpy"] == np.__version__
     rows = result["results"]
-    assert {r["workload"] for r in rows} == {"flat", "resnet50", "groups"}
+    assert {r["workload"] for r in rows} == {"flat", "resnet50", "groups", "torch-resnet50"}
+    adapter = [r for r in rows if r["workload"] == "torch-resnet50"]
+    assert {r["name"] for r in adapter} == {
+        "gpu_momentum.torch.SGD (cpu)", "torch SGD for-loop (cpu)",
+        "torch SGD foreach (cpu)", "torch SGD fused (cpu)"}
+    assert "torch.SGD cpu >= 0.95x torch fused, ResNet-50" in done.stdout
     measured = {r["name"] for r in rows}
     absent = {a["name"] for a in result["absent"]}
     for name in ("torch SGD for-loop (cpu)", "torch SGD foreach (cpu)",

@@ -1,0 +1,914 @@
+"""`gpu_momentum.torch.SGD`: a drop-in `torch.optim.SGD` whose update is this library's fused
+pass, one kernel launch per (device, dtype) per step (`pip install "gpu-momentum[torch]"`).
+
+    from gpu_momentum.torch import SGD      # was: from torch.optim import SGD
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+How it works:
+- At construction the parameters of each (device, dtype) are packed into one flat buffer
+  (segments 16-byte aligned, as FlatParams lays them out) and each `p.data` becomes a view
+  into it, with the strides it had (channels_last stays channels_last); complex
+  parameters are packed as their real and imaginary parts. The Parameter objects stay the
+  same, so modules, hooks and `module.state_dict()` are untouched. Gradients and momentum
+  buffers have matching flat buffers; `state[p]["momentum_buffer"]` is a view into the
+  velocity buffer.
+- A gradient that is not a view of the flat gradient buffer at `step()` (autograd's own
+  after `zero_grad()` set it to None, DDP's bucket views, a `p.grad` the user assigned) is
+  copied into it, all of them with one `torch._foreach_copy_`; a standalone tensor is then
+  replaced by its view (same values), so later backward passes accumulate into the buffer
+  in place. `zero_grad(set_to_none=False)` zeroes each buffer in one call.
+- `step()` reads every parameter group's hyperparameters (any change, such as a
+  scheduler's, reaches the kernel without a recompile) into one row of the kernels' update
+  table per parameter, so each parameter has its group's values and its own first step,
+  and a parameter whose `.grad` is None is left alone (its range is NO_GROUP). The table is
+  rewritten, in place, only when a value changed; then one launch updates the whole
+  buffer.
+- A parameter moved out of its buffer after construction (`model.to(...)`,
+  `p.data = ...`, `model.to_empty(...)`) is found at the next `step()` or `zero_grad()`
+  and everything is packed again from the current tensors, keeping momentum buffers and
+  gradients.
+
+Devices: CPU tensors are updated by the "cpu" backend through NumPy views; CUDA tensors by
+"cupy" (or "numba-cuda" when asked), zero-copy, queued on torch's current CUDA stream,
+with no host synchronisation in `step()` (a CUDA tensor lr is read with `.item()`, as
+torch.optim.SGD's for-loop reads it).
+"""
+
+import contextlib
+import operator
+
+import numpy as np
+
+try:
+    import torch
+except ImportError as error:  # `import gpu_momentum` itself never needs torch
+    raise ImportError(f"gpu_momentum.torch needs PyTorch: pip install "
+                      f"'gpu-momentum[torch]' ({error})") from error
+from torch.optim.optimizer import Optimizer
+
+from .arrays import compute_dtype
+from .backends import (REGISTRY, BackendUnavailableError, backend_named, check_arrays,
+                       device_table, unavailable_reason)
+from .flat import SEGMENT_ALIGNMENT_BYTES
+from .groups import UpdateTable
+from .hyperparams import STYLES, keeps_velocity, row_flags, table_row
+from .kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED,
+                             NO_GROUP, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
+
+__all__ = ["SGD", "UnsupportedOptionError"]
+
+# The library's extras in a state_dict, under one top-level key that torch.optim.SGD's
+# load_state_dict ignores (it reads "state" and "param_groups" only).
+STATE_KEY = "gpu_momentum"
+STATE_FORMAT = 1
+# What torch.optim.SGD.__setstate__ fills into the param groups of an older checkpoint.
+TORCH_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
+                        "differentiable": False, "fused": False}
+# The library's own per-group options, kept in `defaults` (and so in every group) only
+# when given other values: with the defaults the groups hold exactly torch's keys.
+EXTRA_GROUP_DEFAULTS = {"l1": 0.0, "decoupled_weight_decay": False}
+# The backends for each torch device type, in the order "auto" tries them.
+DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cupy", "numba-cuda")}
+NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
+                torch.float64: np.dtype(np.float64)}
+TORCH_DTYPES = {numpy: torch_dtype for torch_dtype, numpy in NUMPY_DTYPES.items()}
+_data_ptr = torch.Tensor.data_ptr
+_grad_of = operator.attrgetter("grad")
+
+
+class UnsupportedOptionError(ValueError, NotImplementedError):
+    """An option torch.optim.SGD has and this optimizer does not (differentiable=True).
+    A ValueError, as every invalid value here, and a NotImplementedError (a RuntimeError,
+    what torch raises for options its fused SGD lacks)."""
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with momentum, as torch.optim.SGD, in one fused pass
+    over flat buffers (see the module's docstring for how).
+
+    With g the gradient (divided by GradScaler's scale when GradScaler hands it over),
+    the default style="torch" computes, per parameter, exactly torch.optim.SGD's update::
+
+        g = -g if maximize else g
+        g = g + weight_decay * p + l1 * sign(p)       (sign(0) = 0; l1 is this library's)
+        b = g                              on the parameter's first step with momentum != 0
+        b = momentum * b + (1 - dampening) * g        afterwards
+        g = g + momentum * b if nesterov else b       (with momentum != 0)
+        p = p - lr * g
+
+    With decoupled_weight_decay=True the weight_decay term leaves g and
+    p = p * (1 - lr * weight_decay) runs first (SGDW). With momentum 0 no buffer is read,
+    written or created, as in torch. style="classic" keeps the velocity that carries the
+    learning rate: v = momentum * v - lr * g (v = -lr * g on the first step), then
+    p = p + v (nesterov: p = p + momentum * v - lr * g); its momentum_buffer is that v.
+
+    First step: per parameter, as torch creates its momentum buffer: the first `step()` at
+    which the parameter has a gradient and its group has momentum != 0 (any momentum in
+    classic style) sets the buffer from the gradient and never reads the old one.
+
+    A parameter whose `.grad` is None at `step()` is left alone: neither it nor its
+    momentum buffer moves, and no buffer is created.
+
+    Arguments are torch.optim.SGD's, in its order and with its defaults and checks (same
+    exception types and messages: momentum >= 1, negative dampening and any group value
+    are accepted, as torch accepts them), plus this library's:
+    - l1: L1 penalty, l1 * sign(p) added to the gradient (per group);
+    - decoupled_weight_decay: SGDW (per group);
+    - skip_nonfinite: a step whose gradient holds a NaN or inf changes no parameter and
+      no buffer, decided in the backend's memory without waiting for the device (all
+      parameters must then share one device and dtype);
+    - style: "torch" (default) or "classic" (one per optimizer);
+    - backend: "auto", "cpu", "cupy" or "numba-cuda".
+    foreach and fused are accepted and ignored (the update is always one fused pass);
+    differentiable=True raises UnsupportedOptionError.
+
+    Parameters in float32 or float64 (and complex64, complex128) are updated on every
+    device; float16 where the backend has it (cupy, numba-cuda: computed in float32, with
+    a float32 momentum buffer); bfloat16 nowhere yet. A trainable parameter of another
+    dtype is refused with a TypeError at construction; integer tensors, and frozen ones
+    of those dtypes, stay out of the buffers (a gradient on one at `step()` is an error).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, l1=0.0, decoupled_weight_decay=False,
+                 skip_nonfinite=False, style="torch", backend="auto", foreach=None,
+                 fused=None, differentiable=False):
+        # torch.optim.SGD's checks, in its order and with its messages, before params are
+        # looked at (torch's own error inputs pass params=None with a bad lr or momentum).
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if differentiable:
+            raise UnsupportedOptionError(
+                "Invalid differentiable value: True (gpu_momentum.torch.SGD updates in "
+                "place in a fused kernel outside autograd; use torch.optim.SGD("
+                "differentiable=True) to differentiate through the update)")
+        if l1 < 0.0:
+            raise ValueError(f"Invalid l1 value: {l1} (l1 must be >= 0)")
+        for name, value in (("decoupled_weight_decay", decoupled_weight_decay),
+                            ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"Invalid {name} value: {value!r} ({name} must be True or "
+                                f"False)")
+        if not isinstance(style, str) or style not in STYLES:
+            raise ValueError(f"Invalid style value: {style!r} (style must be one of "
+                             f"{STYLES})")
+        if backend != "auto":
+            backend_named(backend)  # an unknown or unavailable backend fails here
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov,
+                    "maximize": maximize, "foreach": foreach,
+                    "differentiable": differentiable, "fused": fused}
+        for name, value in (("l1", l1), ("decoupled_weight_decay", decoupled_weight_decay)):
+            if value != EXTRA_GROUP_DEFAULTS[name]:
+                defaults[name] = type(EXTRA_GROUP_DEFAULTS[name])(value)
+        self._style = style
+        self._backend_choice = backend
+        self._skip_nonfinite = bool(skip_nonfinite)
+        self._counts = [0, 0]  # steps taken, steps skipped (beyond the buffers' counters)
+        self._last_step_skipped = False
+        self._layout = None  # add_param_group packs only once the optimizer exists
+        super().__init__(params, defaults)
+        self._layout = self._pack(None)
+
+    # ---- the public surface torch.optim.SGD does not have -----------------------------
+
+    @property
+    def style(self):
+        return self._style
+
+    @property
+    def skip_nonfinite(self):
+        return self._skip_nonfinite
+
+    @property
+    def backends(self):
+        """{(device, dtype): backend name} of the flat buffers."""
+        return {(str(b.device), b.param_dtype): b.backend.name
+                for b in self._current_layout().buckets}
+
+    @property
+    def step_count(self):
+        """Steps that updated the parameters (waits for the device with skip_nonfinite)."""
+        self._settle()
+        return self._counts[0]
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped: GradScaler found an inf, or skip_nonfinite a non-finite
+        gradient (waits for the device with skip_nonfinite)."""
+        self._settle()
+        return self._counts[1]
+
+    @property
+    def last_step_skipped(self):
+        self._settle()
+        return self._last_step_skipped
+
+    # ---- torch.optim.Optimizer's methods ----------------------------------------------
+
+    @torch._disable_dynamo
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if self.__dict__.get("_layout") is not None:
+            try:
+                self._layout = self._pack(self._layout)
+            except BaseException:
+                self.param_groups.pop()  # torch appended it: nothing changes on failure
+                raise
+
+    def __getstate__(self):
+        self._settle()
+        return {**super().__getstate__(), "_style": self._style,
+                "_backend_choice": self._backend_choice,
+                "_skip_nonfinite": self._skip_nonfinite, "_counts": list(self._counts),
+                "_last_step_skipped": self._last_step_skipped}
+
+    def __setstate__(self, state):
+        """Called by load_state_dict (with the new state and groups) and by unpickling
+        and copy.deepcopy (a copy packs its new parameters at its first step)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in TORCH_GROUP_DEFAULTS.items():
+                group.setdefault(key, default)
+            for key in EXTRA_GROUP_DEFAULTS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
+        layout = self.__dict__.get("_layout")
+        if layout is None:
+            self._layout = None
+            self._step_supports_amp_scaling = all(
+                p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+        else:
+            for bucket in layout.buckets:
+                bucket.check_state(self.state)
+            for bucket in layout.buckets:
+                bucket.adopt_state(self.state)
+
+    @torch._disable_dynamo
+    def state_dict(self):
+        """torch.optim.SGD's state dict (`state[i]["momentum_buffer"]` for the parameters
+        that have one, views of the flat velocity; `param_groups` with torch's keys), plus
+        the library's extras under "gpu_momentum", which torch.optim.SGD ignores."""
+        self._settle()
+        state_dict = super().state_dict()
+        state_dict[STATE_KEY] = {"format": STATE_FORMAT, "style": self._style,
+                                 "step_count": self._counts[0],
+                                 "skipped_steps": self._counts[1]}
+        return state_dict
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict):
+        """Loads a state dict of this optimizer or of torch.optim.SGD: momentum buffers are
+        copied into the flat velocity (cast to its dtype and device). Checked before
+        anything changes; a rejected state leaves the optimizer as it was."""
+        extras = _extras(state_dict)
+        style = "torch" if extras is None else extras["style"]
+        if style != self._style and _has_momentum_buffers(state_dict):
+            source = ("torch.optim.SGD state" if extras is None else
+                      f"state of a style={style!r} optimizer")
+            raise ValueError(f"Invalid state_dict value: a {source} holds {style}-style "
+                             f"momentum buffers, but this optimizer has style="
+                             f"{self._style!r} (the two velocities differ)")
+        self._settle()
+        before = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
+        if extras is not None:
+            self._counts = [extras["step_count"], extras["skipped_steps"]]
+        self._last_step_skipped = False
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none=True):
+        """torch's zero_grad. set_to_none=True (the default) sets every `p.grad` to None,
+        as torch does (the next backward's gradients reach the flat buffer at `step()`).
+        set_to_none=False zeroes each flat gradient buffer in one call; gradients that
+        were not views of it become its (zeroed) views where that is safe, and are zeroed
+        in place otherwise (DDP's bucket views)."""
+        if set_to_none:
+            super().zero_grad(True)
+            return
+        layout = self._current_layout()
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            views = {}
+            for bucket in layout.buckets:
+                bucket.grad.zero_()
+                views.update(zip(map(id, bucket.params), bucket.grad_views))
+            others = []
+            for group in self.param_groups:
+                for p in group["params"]:
+                    grad = p.grad
+                    if grad is None or grad is views.get(id(p)):
+                        continue
+                    if grad.grad_fn is not None:
+                        grad.detach_()
+                    else:
+                        grad.requires_grad_(False)
+                    view = views.get(id(p))
+                    if view is not None and _replaceable(grad, view):
+                        p.grad = view
+                    else:
+                        others.append(grad)
+            for grad in others:
+                grad.zero_()
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; `closure` re-evaluates the
+        model and returns the loss, as with torch.optim.SGD."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layout = self._current_layout()
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        # Everything that can fail is checked before anything is written.
+        layout.check_kept_out()
+        settings = self._group_settings()
+        inv_grad_scale = 1.0 if grad_scale is None else 1.0 / _number(grad_scale)
+        try:
+            prepared = [bucket.prepare() for bucket in layout.buckets]
+        except _Reshaped:
+            layout = self._layout = self._pack(layout)
+            prepared = [bucket.prepare() for bucket in layout.buckets]
+        if found_inf is not None and _number(found_inf) != 0:
+            # GradScaler found an inf: nothing changes, and a parameter's first step
+            # stays its first step (torch's fused SGD gets this wrong; its for-loop not).
+            self._settle()
+            self._counts[1] += 1
+            self._last_step_skipped = True
+            return loss
+        for bucket, foreign in zip(layout.buckets, prepared):
+            bucket.gather(foreign)
+        skipped = False
+        for bucket in layout.buckets:
+            skipped |= bucket.launch(settings, self._style, inv_grad_scale, self.state)
+        if not layout.counted_on_device:
+            self._counts[1 if skipped else 0] += 1
+            self._last_step_skipped = skipped
+        return loss
+
+    # ---- packing -----------------------------------------------------------------------
+
+    def _current_layout(self):
+        """The layout, packed now if this is a copy's first use, packed again if the
+        param groups changed or a parameter left its buffer."""
+        layout = self._layout
+        if layout is None or not layout.holds(self.param_groups):
+            layout = self._layout = self._pack(layout)
+        return layout
+
+    def _pack(self, old):
+        """A new _Layout of the current param groups, holding the parameters' current
+        values, gradients and momentum buffers; everything is checked and copied into
+        new buffers before any parameter is re-pointed, so a failure changes nothing."""
+        if old is not None:
+            self._settle()
+        order, group_of = [], {}
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if id(p) not in group_of:  # a duplicate is updated once
+                    group_of[id(p)] = index
+                    order.append(p)
+        packed, kept_out = {}, []
+        for number, p in enumerate(order):
+            backend = self._backend_for(number, p)
+            if backend is None:
+                kept_out.append(p)
+            else:
+                key = (backend.name, p.device, _real_dtype(p.dtype))
+                packed.setdefault(key, []).append(p)
+        if self._skip_nonfinite and len(packed) > 1:
+            where = ", ".join(f"{device} {dtype}" for _, device, dtype in packed)
+            raise ValueError(f"Invalid skip_nonfinite value: True (a step is skipped "
+                             f"for all parameters or none, decided in one buffer's "
+                             f"memory; these parameters need several: {where})")
+        _check_disjoint([p for ps in packed.values() for p in ps], order)
+        replaceable = set() if old is None else {
+            id(view) for bucket in old.buckets for view in bucket.grad_views}
+        buckets = [_Bucket(REGISTRY[name], device, dtype, params,
+                           [group_of[id(p)] for p in params], self._skip_nonfinite)
+                   for (name, device, dtype), params in packed.items()]
+        for bucket in buckets:
+            bucket.check_state(self.state)
+        for bucket in buckets:
+            bucket.fill(self.state)
+        for bucket in buckets:
+            bucket.commit(self.state, replaceable)
+        self._step_supports_amp_scaling = all(b.device.type == "cpu" for b in buckets)
+        return _Layout(self.param_groups, buckets, kept_out, self._skip_nonfinite)
+
+    def _backend_for(self, number, p):
+        """The backend that updates `p`, or None for a tensor kept out of the buffers
+        (integer, sparse, on a device no backend serves, or of a dtype its backend lacks
+        while it needs no update); a trainable parameter no backend can update raises."""
+        if p.layout != torch.strided or not (p.is_floating_point() or p.is_complex()):
+            return None
+        names = DEVICE_BACKENDS.get(p.device.type)
+        if names is None:
+            return None  # meta tensors (model.to_empty() follows), other accelerators
+        choice = self._backend_choice
+        if choice == "auto":
+            reasons = [f"{name}: {unavailable_reason(name)}" for name in names]
+            usable = [name for name in names if unavailable_reason(name) is None]
+            if not usable:
+                if not p.requires_grad:
+                    return None
+                raise BackendUnavailableError(
+                    f"no backend can update parameter {number} ({p.device} tensor) on "
+                    f"this machine: {'; '.join(reasons)}")
+            backend = REGISTRY[usable[0]]
+        elif choice in names:
+            backend = backend_named(choice)
+        elif not p.requires_grad:
+            return None
+        else:
+            raise TypeError(f"Invalid backend value: {choice!r} cannot update parameter "
+                            f"{number}, a {p.device.type} tensor (backends for "
+                            f"{p.device.type} tensors: {names})")
+        dtype = NUMPY_DTYPES.get(_real_dtype(p.dtype))
+        if dtype is None or dtype not in backend.dtypes:
+            if not p.requires_grad:
+                return None
+            supported = ", ".join(str(TORCH_DTYPES[d]) for d in backend.dtypes)
+            raise TypeError(f"parameter {number} has dtype {p.dtype}, which backend "
+                            f"{backend.name!r} does not update on {p.device.type} "
+                            f"(it updates {supported}, and their complex types)")
+        return backend
+
+    def _group_settings(self):
+        """Each param group's values as the kernels take them: (lr, momentum, dampening,
+        weight_decay, l1, decoupled_weight_decay, nesterov, maximize)."""
+        return tuple(
+            (_number(g["lr"]), _number(g["momentum"]), _number(g["dampening"]),
+             _number(g["weight_decay"]), _number(g.get("l1", 0.0)),
+             bool(g.get("decoupled_weight_decay", False)), bool(g["nesterov"]),
+             bool(g["maximize"]))
+            for g in self.param_groups)
+
+    def _settle(self):
+        """Brings the host's counts and momentum buffers up to date with the counters of
+        buffers that skip non-finite steps on the device (waits for it)."""
+        layout = self.__dict__.get("_layout")
+        if layout is not None and layout.counted_on_device:
+            for bucket in layout.buckets:
+                taken, skipped, last = bucket.settle(self.state)
+                self._counts[0] += taken
+                self._counts[1] += skipped
+                if taken or skipped:
+                    self._last_step_skipped = last
+
+
+class _Reshaped(Exception):
+    """A parameter has a new shape over the same memory: its views must be made again."""
+
+
+class _Layout:
+    """The buffers of one packing: which parameters they hold, and the cheap checks that
+    they still hold them."""
+
+    def __init__(self, param_groups, buckets, kept_out, counted_on_device):
+        self.param_lists = [list(group["params"]) for group in param_groups]
+        self.buckets = buckets
+        self.kept_out = kept_out
+        self.kept_out_ptrs = [_data_ptr(p) for p in kept_out]
+        self.counted_on_device = counted_on_device and bool(buckets)
+
+    def holds(self, param_groups):
+        """Whether the groups hold the packed parameters, each still in its buffer."""
+        if len(param_groups) != len(self.param_lists):
+            return False
+        for group, packed in zip(param_groups, self.param_lists):
+            current = group["params"]
+            if len(current) != len(packed) or not all(map(operator.is_, current, packed)):
+                return False
+        if list(map(_data_ptr, self.kept_out)) != self.kept_out_ptrs:
+            return False  # e.g. meta parameters given storage by model.to_empty()
+        return all(bucket.in_place() for bucket in self.buckets)
+
+    def check_kept_out(self):
+        for p in self.kept_out:
+            if p.grad is not None:
+                raise TypeError(f"a {p.dtype} {p.layout} tensor on {p.device} has a "
+                                f"gradient, but gpu_momentum.torch.SGD cannot update it "
+                                f"(it updates strided float32, float64 and complex "
+                                f"tensors on cpu, and float16 on cuda)")
+
+
+class _Bucket:
+    """The parameters of one (device, dtype) in one flat buffer: flat param, gradient and
+    velocity tensors whose segments are the parameters' data, gradient views and momentum
+    buffers, and the update table of its one launch (a row per parameter)."""
+
+    def __init__(self, backend, device, dtype, params, groups, skip_nonfinite):
+        self.backend, self.device, self.params = backend, device, params
+        self.groups = np.array(groups, np.intp)  # the param group of each row
+        self.param_dtype = dtype
+        real = NUMPY_DTYPES[dtype]
+        self.compute_dtype = compute_dtype(real)
+        element = real.itemsize
+        align = max(1, SEGMENT_ALIGNMENT_BYTES // element)
+        offsets, ends, end = [], [], 0
+        for p in params:
+            offset = -(-end // align) * align
+            end = offset + p.numel() * (2 if p.is_complex() else 1)
+            offsets.append(offset)
+            ends.append(end)
+        total = -(-end // align) * align
+        self.data = torch.zeros(total, dtype=dtype, device=device)
+        self.grad = torch.zeros(total, dtype=dtype, device=device)
+        self.velocity = torch.zeros(total, dtype=TORCH_DTYPES[self.compute_dtype],
+                                    device=device)
+        self.param_views = [_segment(self.data, o, p) for o, p in zip(offsets, params)]
+        self.grad_views = [_segment(self.grad, o, p) for o, p in zip(offsets, params)]
+        self.velocity_views = [_segment(self.velocity, o, p) for o, p in zip(offsets, params)]
+        # Ranges: each parameter's elements (its row, or NO_GROUP while its grad is None),
+        # then the padding after it (NO_GROUP: never read or written).
+        range_ends, self.param_ranges = [], []
+        for offset, end, following in zip(offsets, ends, offsets[1:] + [total]):
+            self.param_ranges.append(len(range_ends))
+            range_ends.append(end)
+            if following > end:
+                range_ends.append(following)
+        if not range_ends or range_ends[-1] != total:
+            range_ends.append(total)
+        self.range_ends = np.array(range_ends, np.int64)
+        self.present = [False] * len(params)
+        self.initialized = np.zeros(len(params), bool)
+        self.arrays = _ArraysFor(backend, device, (self.data, self.grad, self.velocity))
+        with self.arrays.context():
+            check_arrays(backend, *self.arrays.step_arrays())
+            self.counters = (backend.asarray(np.zeros(GROUP_SLOTS + len(params), np.int64))
+                             if skip_nonfinite else None)
+        self.settings = None  # the group settings the table was last built from
+        self.table_stale = True
+        self.host_table = None
+        self.device_table = None
+        self.ptrs = None
+
+    # -- packing: check, fill, commit --
+
+    def check_state(self, state):
+        """Raises before anything changes if a momentum buffer in `state` cannot be this
+        bucket's parameter's."""
+        for index, p in enumerate(self.params):
+            buffer = _momentum_buffer(state, p)
+            if buffer is None or buffer is self.velocity_views[index]:
+                continue
+            if not isinstance(buffer, torch.Tensor):
+                raise TypeError(f"Invalid momentum_buffer value: a {type(buffer).__name__} "
+                                f"for a parameter of shape {tuple(p.shape)} (a tensor)")
+            if buffer.shape != p.shape:
+                raise ValueError(f"Invalid momentum_buffer value: shape "
+                                 f"{tuple(buffer.shape)} for a parameter of shape "
+                                 f"{tuple(p.shape)}")
+            if buffer.is_complex() != p.is_complex():
+                raise TypeError(f"Invalid momentum_buffer value: dtype {buffer.dtype} for a "
+                                f"parameter of dtype {p.dtype}")
+
+    def fill(self, state):
+        """Copies the parameters' values, gradients and momentum buffers into the new
+        buffers (nothing the user sees changes)."""
+        for index, p in enumerate(self.params):
+            self.param_views[index].copy_(p.detach())
+            grad = p.grad
+            if grad is not None and grad.shape == p.shape:
+                self.grad_views[index].copy_(_dense(grad))
+            buffer = _momentum_buffer(state, p)
+            if buffer is not None:
+                self.velocity_views[index].copy_(_dense(buffer))
+
+    def commit(self, state, replaceable):
+        """Points the parameters, their gradients and momentum buffers at the buffers."""
+        for index, p in enumerate(self.params):
+            p.data = self.param_views[index]
+            grad = p.grad
+            view = self.grad_views[index]
+            if grad is not None and grad.shape == view.shape and (
+                    id(grad) in replaceable or _replaceable(grad, view)):
+                p.grad = view  # fill() copied its values
+            if _momentum_buffer(state, p) is not None:
+                state[p]["momentum_buffer"] = self.velocity_views[index]
+                self.initialized[index] = True
+        self.ptrs = list(map(_data_ptr, self.params))
+        self._write_counters(0, 0)
+
+    def in_place(self):
+        return list(map(_data_ptr, self.params)) == self.ptrs
+
+    def adopt_state(self, state):
+        """After load_state_dict: the loaded momentum buffers (checked by check_state)
+        become views of the velocity buffer; parameters without one start afresh."""
+        for index, p in enumerate(self.params):
+            buffer = _momentum_buffer(state, p)
+            view = self.velocity_views[index]
+            if buffer is not None and buffer is not view:
+                view.copy_(_dense(buffer))
+                state[p]["momentum_buffer"] = view
+            self.initialized[index] = buffer is not None
+        self.table_stale = True
+        self._write_counters(0, 0)
+
+    # -- a step --
+
+    def prepare(self):
+        """Which parameters have a gradient this step, and the gradients that are not
+        views of the flat buffer [(index, gradient)], checked."""
+        grads = list(map(_grad_of, self.params))
+        if all(map(operator.is_, grads, self.grad_views)):
+            if not all(self.present):
+                self.present = [True] * len(grads)
+                self.table_stale = True
+            return []
+        present = [grad is not None for grad in grads]
+        if present != self.present:
+            self.present = present
+            self.table_stale = True
+        foreign = []
+        for index, (grad, view) in enumerate(zip(grads, self.grad_views)):
+            if grad is None or grad is view:
+                continue
+            p = self.params[index]
+            if p.shape != view.shape:
+                raise _Reshaped  # p.data = p.data.view(...): same memory, a new shape
+            if grad.shape != p.shape or grad.device != p.device or grad.dtype != p.dtype:
+                raise RuntimeError(f"a parameter's .grad ({grad.dtype}, shape "
+                                   f"{tuple(grad.shape)}, on {grad.device}) does not match "
+                                   f"the parameter ({p.dtype}, shape {tuple(p.shape)}, on "
+                                   f"{p.device})")
+            foreign.append((index, grad))
+        return foreign
+
+    def gather(self, foreign):
+        """Copies gradients that live outside the flat buffer into it, in one launch; a
+        standalone one is replaced by its view (same values)."""
+        if not foreign:
+            return
+        views = [self.grad_views[index] for index, _ in foreign]
+        torch._foreach_copy_(views, [_dense(grad) for _, grad in foreign])
+        for (index, grad), view in zip(foreign, views):
+            if _replaceable(grad, view):
+                self.params[index].grad = view
+
+    def launch(self, settings, style, inv_grad_scale, state):
+        """The fused update of every parameter with a gradient, one launch; then the
+        momentum buffers of first steps enter `state`. Returns whether the step was
+        skipped (known on the host: without counters, or with counters in host memory)."""
+        if settings != self.settings:
+            self.settings = settings
+            self.table_stale = True
+        with self.arrays.context():
+            arrays = self.arrays.step_arrays()
+            if self.table_stale:
+                self._write_table(style, arrays[0])
+            self.backend.step(*arrays, self.device_table, inv_grad_scale, self.counters)
+        if not self.awaiting_first:  # every velocity this table can create exists
+            return bool(self.counters is not None and self.device.type == "cpu"
+                        and self.counters[LAST_STEP_SKIPPED])
+        first = np.fromiter(self.present, bool, len(self.present)) & ~self.initialized
+        first &= ~self.keeps[self.groups]
+        if self.counters is not None and self.device.type == "cpu":
+            if self.counters[LAST_STEP_SKIPPED]:
+                return True
+        elif self.counters is not None:
+            self.pending |= first  # settle() checks them against the device's counters
+        if first.any():
+            for index in np.flatnonzero(first):
+                state[self.params[index]]["momentum_buffer"] = self.velocity_views[index]
+            self.initialized |= first
+            self.table_stale = True
+        return False
+
+    def _write_table(self, style, param_array):
+        """The update table from the group settings, the gradients present and the first
+        steps taken; rewritten in place in the backend's memory."""
+        rows = np.array([table_row(*s[:6], self.compute_dtype) for s in self.settings],
+                        self.compute_dtype)
+        self.keeps = np.array([keeps_velocity(style, s[1]) for s in self.settings], bool)
+        flags = np.array([row_flags(s[6], s[7], keep, False)
+                          for s, keep in zip(self.settings, self.keeps)], np.uint32)
+        flags = flags[self.groups]
+        if self.counters is None:  # else the counters say which velocities exist
+            flags |= np.where(self.initialized & ~self.keeps[self.groups],
+                              np.uint32(VELOCITY_INITIALIZED), np.uint32(0))
+        present = np.fromiter(self.present, bool, len(self.present))
+        # A row no range reads must not count as initialized after a skipping step.
+        flags |= np.where(present, np.uint32(0), np.uint32(KEEP_VELOCITY))
+        range_groups = np.full(len(self.range_ends), NO_GROUP, np.int32)
+        range_groups[np.asarray(self.param_ranges, np.intp)[present]] = np.flatnonzero(
+            present)
+        table = UpdateTable(rows[self.groups], flags, self.range_ends, range_groups,
+                            CLASSIC if style == "classic" else 0)
+        if self.device_table is None:
+            self.device_table = device_table(self.backend, table, param_array)
+        else:
+            if not np.array_equal(range_groups, self.host_table.range_groups):
+                self.backend.upload_into(self.device_table.range_groups, range_groups,
+                                         param_array)
+            self.device_table = device_table(self.backend, table, param_array,
+                                             reuse=self.device_table)
+        self.host_table = table
+        self.table_stale = False
+        self.awaiting_first = not (self.initialized | self.keeps[self.groups]).all()
+
+    # -- counters of buffers that skip non-finite steps --
+
+    def _write_counters(self, taken, skipped):
+        self.pending = np.zeros(len(self.params), bool)
+        if self.counters is None:
+            return
+        counters = np.zeros(GROUP_SLOTS + len(self.params), np.int64)
+        counters[[STEP_COUNT, SKIPPED_STEPS]] = taken, skipped
+        counters[GROUP_SLOTS:] = self.initialized
+        with self.arrays.context():
+            self.backend.assign(self.counters, counters)
+
+    def settle(self, state):
+        """(taken, skipped, last skipped) since the last settle, from the counters (waits
+        for the device); momentum buffers of first steps the device skipped leave
+        `state`."""
+        with self.arrays.context():
+            counters = self.backend.to_numpy(self.counters).copy()
+        initialized = counters[GROUP_SLOTS:] != 0
+        for index in np.flatnonzero(self.pending & ~initialized):
+            del state[self.params[index]]["momentum_buffer"]
+            if not state[self.params[index]]:
+                del state[self.params[index]]
+        if (self.initialized != initialized).any():
+            self.table_stale = True
+        self.initialized = initialized
+        self._write_counters(0, 0)
+        return (int(counters[STEP_COUNT]), int(counters[SKIPPED_STEPS]),
+                bool(counters[LAST_STEP_SKIPPED]))
+
+
+class _ArraysFor:
+    """The flat tensors as the backend's arrays, and the context its launches run in:
+    NumPy views on the CPU; on CUDA, torch's current stream of the buffers' device (CuPy
+    launches on its current stream; numba-cuda on the stream an array names, and torch's
+    __cuda_array_interface__ names none)."""
+
+    def __init__(self, backend, device, tensors):
+        self.backend, self.device, self.tensors = backend, device, tensors
+        if device.type == "cpu":
+            self.fixed = tuple(t.numpy() for t in tensors)
+        elif backend.name == "cupy":
+            import cupy
+            with cupy.cuda.Device(self._index()):
+                self.fixed = tuple(cupy.asarray(t) for t in tensors)
+        else:
+            self.fixed = None  # numba-cuda: views naming the current stream, per step
+
+    def _index(self):
+        return self.device.index if self.device.index is not None else \
+            torch.cuda.current_device()
+
+    def _stream(self):
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def context(self):
+        if self.device.type == "cpu":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if self.backend.name == "cupy":
+            import cupy
+            stack.enter_context(cupy.cuda.Device(self._index()))
+            stack.enter_context(cupy.cuda.ExternalStream(self._stream(), self._index()))
+        else:
+            from numba import cuda
+            stack.enter_context(cuda.gpus[self._index()])
+        return stack
+
+    def step_arrays(self):
+        if self.fixed is not None:
+            return self.fixed
+        stream = self._stream() or 1  # CAI v3: 1 is the legacy default stream, torch's 0
+        return tuple(_StreamArray(t, stream) for t in self.tensors)
+
+
+class _StreamArray:
+    """A torch CUDA tensor's __cuda_array_interface__ (version 3) naming `stream`."""
+
+    def __init__(self, tensor, stream):
+        self.__cuda_array_interface__ = {**tensor.__cuda_array_interface__, "version": 3,
+                                         "stream": stream}
+
+
+def _real_dtype(dtype):
+    """The dtype of the flat buffer that holds tensors of `dtype` (complex: real parts)."""
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+def _segment(flat, offset, like):
+    """A view of `flat` from `offset` shaped like tensor `like`: with its strides where
+    those cover its elements densely (channels_last, transposed), else contiguous;
+    complex as view_as_complex of (real, imaginary) pairs."""
+    if like.is_complex():
+        pairs = flat[offset:offset + 2 * like.numel()].view(*like.shape, 2)
+        return torch.view_as_complex(pairs)
+    size = like.numel()
+    strides = like.stride() if _covers_densely(like) else None
+    piece = flat[offset:offset + size]
+    return piece.view(like.shape) if strides is None else piece.as_strided(like.shape,
+                                                                           strides)
+
+
+def _covers_densely(tensor):
+    """Whether the strides map the elements one to one onto numel() consecutive ones."""
+    if tensor.numel() == 0:
+        return False
+    expected = 1
+    for stride, size in sorted((t, s) for s, t in zip(tensor.shape, tensor.stride())
+                               if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_disjoint(params, order):
+    """Two parameters sharing memory cannot be packed apart: ValueError naming them."""
+    spans = []
+    for p in params:
+        if p.numel():
+            extent = 1 + sum((s - 1) * t for s, t in zip(p.shape, p.stride()))
+            start = _data_ptr(p)
+            spans.append((start, start + extent * p.element_size(), p))
+    spans.sort(key=operator.itemgetter(0))
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            numbers = sorted(i for i, p in enumerate(order) if p is first or p is second)
+            raise ValueError(f"Invalid params value: parameters {numbers[0]} and "
+                             f"{numbers[1]} share memory; gpu_momentum.torch.SGD moves "
+                             f"each parameter into its own segment of a flat buffer "
+                             f"(tie shared weights by using one Parameter)")
+
+
+def _replaceable(grad, view):
+    """Whether `grad` may be replaced by `view` (same values) as the parameter's .grad: a
+    standalone dense tensor no graph and no other buffer owns (autograd's, or one the
+    user assigned). DDP's bucket views and gradients with a graph stay."""
+    return (grad._base is None and not grad.requires_grad and grad.layout == torch.strided
+            and grad.shape == view.shape and grad.dtype == view.dtype
+            and grad.device == view.device)
+
+
+def _dense(tensor):
+    return tensor.to_dense() if tensor.layout != torch.strided else tensor
+
+
+def _momentum_buffer(state, p):
+    entry = state.get(p)
+    return None if entry is None else entry.get("momentum_buffer")
+
+
+def _number(value):
+    """A group value as a Python float (a tensor's item: on CUDA that waits for it)."""
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+def _extras(state_dict):
+    """The library's extras in `state_dict`, checked, or None (a torch.optim.SGD state)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"Invalid state_dict value: a {type(state_dict).__name__} (a dict "
+                        f"from state_dict())")
+    extras = state_dict.get(STATE_KEY)
+    if extras is None:
+        return None
+    keys = {"format", "style", "step_count", "skipped_steps"}
+    if not isinstance(extras, dict) or set(extras) != keys:
+        raise ValueError(f"Invalid {STATE_KEY} value in state_dict: {extras!r} (a dict "
+                         f"with keys {sorted(keys)})")
+    if extras["format"] != STATE_FORMAT:
+        raise ValueError(f"Invalid {STATE_KEY} format value: {extras['format']!r} (this "
+                         f"version reads format {STATE_FORMAT})")
+    if extras["style"] not in STYLES:
+        raise ValueError(f"Invalid {STATE_KEY} style value: {extras['style']!r}")
+    for key in ("step_count", "skipped_steps"):
+        value = extras[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"Invalid {STATE_KEY} {key} value: {value!r} (an integer "
+                             f">= 0)")
+    return extras
+
+
+def _has_momentum_buffers(state_dict):
+    state = state_dict.get("state", {})
+    return any(isinstance(entry, dict) and entry.get("momentum_buffer") is not None
+               for entry in state.values())
