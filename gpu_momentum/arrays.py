@@ -61,6 +61,23 @@ def describe(name, array):
                      bool(readonly), contiguous)
 
 
+def array_state(array):
+    """What an update's checks (`describe`, check_update) read of `array` that can change
+    on the same object between two steps, read as cheaply as its type allows, so that a
+    caller re-checks an array it checked before only when this changed.
+
+    NumPy arrays: class, shape, strides, dtype and the writeable flag (all settable in
+    place); the data pointer cannot move while a view of the array exists (resize refuses,
+    `data` cannot be set), and the kernels' callers hold one. CuPy arrays: shape, strides,
+    dtype and the data pointer. Anything else: its whole description (`describe`), which
+    reads its array interface."""
+    if isinstance(array, np.ndarray):
+        return type(array), array.shape, array.strides, array.dtype, array.flags.writeable
+    if type(array).__module__.split(".")[0] == "cupy":
+        return type(array), array.shape, array.strides, array.dtype, array.data.ptr
+    return describe("array", array)
+
+
 def check_plain(name, array):
     """TypeError naming `name` for an ndarray subclass (numpy.matrix, a masked array,
     units...): the update would ignore what the subclass means (a mask would be updated

@@ -1,22 +1,25 @@
 """The public update: `momentum_step` (stateless) and `MomentumSGD` (owns the velocity)."""
 
 import collections.abc
+import math
 import numbers
 
 import numpy as np
 
-from .arrays import check_param, compute_dtype, describe, overlaps, type_name
+from .arrays import array_state, check_param, compute_dtype, describe, overlaps, type_name
 from .backends import check_arrays, device_table, select_backend
 from .flat import FlatParams
-from .groups import ARRAY_FIELDS, GROUP_OPTIONS, resolve_groups, update_table
+from .groups import GROUP_OPTIONS, resolve_groups, update_table
 from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .kernels.elementwise import count_step, mark_velocities_initialized
-from .kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT
+from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, SKIPPED_STEPS,
+                             STEP_COUNT, VELOCITY_INITIALIZED)
 
 STATE_FORMAT = 2
 
 
 COUNT_LIMIT = 2**63 - 1  # the counters are int64
+_NOTHING = object()  # no grad_scale checked yet
 
 
 def _count(name, value):
@@ -58,42 +61,71 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     float64: see Hyperparameters.check_dtype and inverse_grad_scale). On a GPU backend
     the hyperparameters are copied to the device when they differ from recent calls'.
     """
-    hyper = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
-                            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                            style=style, l1=l1,
-                            decoupled_weight_decay=decoupled_weight_decay)
-    first_step = flag("first_step", first_step)
-    param_dtype = describe("param", param).dtype
+    options = dict(lr=lr, momentum=momentum, dampening=dampening,
+                   weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                   style=style, l1=l1, decoupled_weight_decay=decoupled_weight_decay)
+    key = _values_key((*options.values(), first_step))
+
+    def checked():
+        return Hyperparameters(**options), flag("first_step", first_step)
+
+    hyper, first_step = checked() if key is None else _recent(_STATELESS_HYPERS, key, checked)
+    info = describe("param", param)
     backend = select_backend(backend, param)
     check_arrays(backend, param, grad, velocity)
-    hyper.check_dtype(param_dtype)
-    inv_grad_scale = inverse_grad_scale(grad_scale, param_dtype)
-    table = update_table([hyper], [not first_step], compute_dtype(param_dtype),
-                         size=_size(param))
-    backend.step(param, grad, velocity, _stateless_table(backend, table, param),
-                 inv_grad_scale)
+    hyper.check_dtype(info.dtype)
+    inv_grad_scale = inverse_grad_scale(grad_scale, info.dtype)
+    compute, size = compute_dtype(info.dtype), math.prod(info.shape)
+
+    def table():
+        host = update_table([hyper], [not first_step], compute, size=size)
+        return device_table(backend, host, param)
+
+    if key is not None:
+        table_key = (backend.name, backend.place(param), compute, size, key)
+        table = _recent(_STATELESS_TABLES, table_key, table)
+    else:
+        table = table()
+    backend.step(param, grad, velocity, table, inv_grad_scale)
 
 
-_STATELESS_TABLES = {}  # (backend, place, contents) -> device table, oldest first
+# momentum_step's latest hyperparameters, checked (values key -> (Hyperparameters,
+# first_step)), and its latest tables in the backends' memory ((backend, place, compute
+# dtype, size, values key) -> device table), so that calls repeating their
+# hyperparameters neither check them again nor build, allocate or copy a table.
+_STATELESS_HYPERS, _STATELESS_TABLES = {}, {}
 STATELESS_TABLES_KEPT = 16
 
 
-def _stateless_table(backend, table, param):
-    """`table` in `param`'s memory for momentum_step: the latest few stay there, so steps
-    repeating their hyperparameters neither allocate nor copy."""
-    key = (backend.name, backend.place(param), table.launch_flags,
-           *(getattr(table, name).tobytes() for name in ARRAY_FIELDS))
-    device = _STATELESS_TABLES.pop(key, None)
-    if device is None:
-        device = device_table(backend, table, param)
-    _STATELESS_TABLES[key] = device
-    while len(_STATELESS_TABLES) > STATELESS_TABLES_KEPT:
-        del _STATELESS_TABLES[next(iter(_STATELESS_TABLES))]
-    return device
+def _values_key(values):
+    """A key for hyperparameter values that tells apart any two the update could treat
+    differently: each value with its type (True == 1 == 1.0), and the signs of lr and
+    momentum (0.0 == -0.0, but they round to zeros of different signs). None where a
+    value is not a hashable number, bool or string (it is then checked, and refused, as
+    usual)."""
+    try:
+        key = (*((type(v), v) for v in values), math.copysign(1.0, values[0]),
+               math.copysign(1.0, values[1]))
+        hash(key)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return key
+
+
+def _recent(cache, key, make):
+    """cache[key], made by make() when absent; the STATELESS_TABLES_KEPT most recently
+    used keys stay."""
+    value = cache.pop(key, None)
+    if value is None:
+        value = make()
+    cache[key] = value
+    while len(cache) > STATELESS_TABLES_KEPT:
+        del cache[next(iter(cache))]
+    return value
 
 
 def _size(array):
-    return int(np.prod(describe("array", array).shape, dtype=np.int64))
+    return math.prod(describe("array", array).shape)
 
 
 class ParamGroup(collections.abc.MutableMapping):
@@ -280,6 +312,12 @@ class MomentumSGD:
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
         self._table = None  # the update table in the backend's memory
         self._table_stale = True  # hyperparameters or first-step flags changed since
+        # What the latest step checked and prepared, so that a step repeating it does no
+        # more than compare (see step).
+        self._grad_scale = self._inv_grad_scale = _NOTHING
+        self._grad = self._velocity = self._launch = self._launch_key = None
+        self._array_states = None
+        self._first_steps_pending = True  # some group's next step is its first
 
     def _resolve(self, groups, defaults):
         if self.flat is None:
@@ -373,13 +411,24 @@ class MomentumSGD:
             self._group_flags = table.group_flags  # in host memory, for the host's counting
             self._table = device_table(self._backend, table, self.param, reuse=self._table)
             self._table_stale = False
+            self._first_steps_pending = not self._skip_nonfinite and bool(
+                ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
         return self._table
 
     def step(self, grad=None, *, grad_scale=1.0):
         """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
-        divided by `grad_scale` (the loss scale, inside the same fused pass)."""
-        inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
-        self._step(self._gradient(grad), inv_grad_scale)
+        divided by `grad_scale` (the loss scale, inside the same fused pass).
+
+        A step with the grad and grad_scale objects of the step before, unchanged (same
+        shape, strides, dtype, flags: arrays.array_state), and unchanged hyperparameters
+        only compares them and launches the update prepared then (the backend's
+        step_function); anything else is checked in full first."""
+        if grad_scale is self._grad_scale:
+            inv_grad_scale = self._inv_grad_scale
+        else:
+            inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
+            self._grad_scale, self._inv_grad_scale = grad_scale, inv_grad_scale
+        self._step(self._gradient(None) if grad is None else grad, inv_grad_scale)
 
     def _gradient(self, grad):
         """`grad`, or the FlatParams' gradient buffer for None."""
@@ -393,22 +442,34 @@ class MomentumSGD:
     def _step(self, grad, inv_grad_scale, agree=None):
         """The step over `param` (the window's elements) with `grad` of its shape; `agree`
         as in Backend.step, with skip_nonfinite."""
-        backend, counters = self._backend, self._counters
-        check_arrays(backend, self.param, grad, self.velocity)
-        table = self._device_table()
-        if self._skip_nonfinite:
-            backend.step(self.param, grad, self.velocity, table, inv_grad_scale, counters,
-                         agree)
-            return
-        backend.step(self.param, grad, self.velocity, table, inv_grad_scale)
-        # The counters stay in host memory: counted here as the kernels count theirs.
-        count_step(counters)
-        initialized = counters[GROUP_SLOTS:]
-        if not initialized.all():
-            before = initialized.copy()
-            mark_velocities_initialized(counters, self._group_flags, 0, 1)
-            if (initialized != before).any():  # a group's first step: its flags change
+        if (self._table_stale or grad is not self._grad or self.velocity is not self._velocity
+                or self._array_states != (array_state(self.param), array_state(grad),
+                                          array_state(self.velocity))):
+            self._prepare_step(grad)
+        self._launch(grad, inv_grad_scale, agree)
+        if not self._skip_nonfinite:
+            # The counters stay in host memory: counted here as the kernels count theirs.
+            counters = self._counters
+            count_step(counters)
+            if self._first_steps_pending:  # their flags change: the table too
+                mark_velocities_initialized(counters, self._group_flags, 0, 1)
                 self._table_stale = True
+
+    def _prepare_step(self, grad):
+        """Every check of a step's arrays, the table in the backend's memory, and the
+        launch prepared for them (prepared again only when the table, the velocity or the
+        counters are other objects)."""
+        self._grad = None  # nothing counts as checked until every check passed
+        param, velocity, counters = self.param, self.velocity, self._counters
+        check_arrays(self._backend, param, grad, velocity)
+        table = self._device_table()
+        key = (table, velocity, counters)
+        if self._launch_key is None or any(a is not b for a, b in zip(key, self._launch_key)):
+            self._launch = self._backend.step_function(
+                param, velocity, table, counters if self._skip_nonfinite else None)
+            self._launch_key = key
+        self._array_states = (array_state(param), array_state(grad), array_state(velocity))
+        self._grad, self._velocity = grad, velocity
 
     def state_dict(self):
         """A plain dict: format version, the optimizer's hyperparameters, its groups (each

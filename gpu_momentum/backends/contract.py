@@ -62,6 +62,16 @@ class Backend(Protocol):
         """The host NumPy `array` copied into `target`, an array `upload` returned, in
         place (same addresses), queued on param's stream without waiting."""
 
+    def step_function(self, param, velocity, table: UpdateTable, counters=None):
+        """The step of these arrays, table and counters with everything that stays the
+        same from step to step prepared once (views, kernels, launch geometry, kernel
+        arguments): a function `launch(grad, inv_grad_scale, agree=None)` that queues
+        what `step(param, grad, velocity, table, inv_grad_scale, counters, agree)` queues,
+        doing no checks, copies or allocations of its own. Each grad it gets must be one that
+        `check_arrays` accepted with param and velocity, unchanged since (see
+        arrays.array_state); a table `device_table` rewrote in place at the same addresses
+        keeps it valid."""
+
     def step(self, param, grad, velocity, table: UpdateTable, inv_grad_scale,
              counters=None, agree=None) -> None:
         """The fused update of every group in one kernel launch over arrays that
@@ -107,4 +117,6 @@ def device_table(backend, table, param, reuse=None):
                       for name in ARRAY_FIELDS})
     for name in GROUP_FIELDS:
         backend.upload_into(getattr(reuse, name), getattr(table, name), param)
+    if reuse.launch_flags == table.launch_flags:
+        return reuse  # the very table: step functions prepared with it stay valid
     return dataclasses.replace(reuse, launch_flags=table.launch_flags)

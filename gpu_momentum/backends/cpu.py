@@ -1,4 +1,5 @@
-"""The cpu backend: NumPy arrays, updated by the parallel Numba loop of kernels/cpu.py."""
+"""The cpu backend: NumPy arrays, updated by the Numba loops of kernels/cpu.py (parallel
+over the cores, or serial for small buffers)."""
 
 import numpy as np
 
@@ -39,20 +40,44 @@ class CpuBackend:
     def upload_into(self, target, array, param):
         target[...] = array
 
+    def step_function(self, param, velocity, table, counters=None):
+        from ..kernels.cpu import kernels_for
+
+        param, velocity = _flat(param), _flat(velocity)
+        update, find_nonfinite, update_unless_skipped = kernels_for(param.size)
+        scalars, group_flags, range_ends, range_groups = table.arrays()
+        scalar = table.scalars.dtype.type
+        launch_flags = table.launch_flags
+        if counters is not None:
+            launch_flags |= READ_COUNTERS
+        # The latest grad and scale as the kernels take them: a step repeating them (the
+        # same objects) converts nothing.
+        last_grad = flat_grad = last_scale = inv = None
+
+        def launch(grad, inv_grad_scale, agree=None):
+            nonlocal last_grad, flat_grad, last_scale, inv
+            if grad is not last_grad:
+                last_grad, flat_grad = grad, _flat(grad)
+            if inv_grad_scale is not last_scale:
+                last_scale, inv = inv_grad_scale, scalar(inv_grad_scale)
+            if counters is None:
+                update(param, flat_grad, velocity, scalars, group_flags, range_ends,
+                       range_groups, inv, launch_flags, NO_COUNTERS)
+                return
+            arguments = (param, flat_grad, velocity, scalars, group_flags, range_ends,
+                         range_groups, inv, launch_flags)
+            find_nonfinite(*arguments, counters)
+            if agree is not None:
+                agree(counters)
+            update_unless_skipped(*arguments, counters)
+
+        return launch
+
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
              agree=None):
-        from ..kernels.cpu import (find_nonfinite_cpu, momentum_step_cpu,
-                                   update_unless_skipped_cpu)
+        self.step_function(param, velocity, table, counters)(grad, inv_grad_scale, agree)
 
-        # Plain ndarray views: a numpy.memmap is passed as the buffer it is.
-        arrays = (*(np.asarray(a).reshape(-1) for a in (param, grad, velocity)),
-                  *table.arrays())
-        inv_grad_scale = table.scalars.dtype.type(inv_grad_scale)
-        if counters is None:
-            momentum_step_cpu(*arrays, inv_grad_scale, table.launch_flags, NO_COUNTERS)
-            return
-        launch_flags = table.launch_flags | READ_COUNTERS
-        find_nonfinite_cpu(*arrays, inv_grad_scale, launch_flags, counters)
-        if agree is not None:
-            agree(counters)
-        update_unless_skipped_cpu(*arrays, inv_grad_scale, launch_flags, counters)
+
+def _flat(array):
+    """A 1-D plain ndarray view: a numpy.memmap is passed as the buffer it is."""
+    return np.asarray(array).reshape(-1)

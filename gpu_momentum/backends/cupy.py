@@ -77,14 +77,13 @@ class CupyBackend:
         import cupy
         cupy.copyto(target, cupy.asarray(array))
 
-    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None):
-        """Queues the step's launches (kernels.cuda_launch.step_launches) on the current
-        stream; the table and counters must be on the current device."""
+    def step_function(self, param, velocity, table, counters=None):
+        """Launches on the current stream of the device the arrays are on, which must be
+        the current device at every step (checked: one runtime call)."""
         import cupy
 
-        arrays = [cupy.asarray(a) for a in (param, grad, velocity)]
-        named = [*zip(("param", "grad", "velocity"), arrays),
+        param, velocity = cupy.asarray(param), cupy.asarray(velocity)
+        named = [("param", param), ("velocity", velocity),
                  *((f"table.{name}", array) for name, array in
                    zip(("scalars", "group_flags", "range_ends", "range_groups"),
                        table.arrays()))]
@@ -92,26 +91,55 @@ class CupyBackend:
             check_counters(counters, table.group_count)
             named.append(("counters", counters))
         device = _on_current_device(named)
-        update, check, finish, max_blocks = _kernels(device, arrays[0].dtype)
-        plan = launch_plan(arrays[0].dtype, arrays[0].size, table, inv_grad_scale,
-                           max_blocks, counters is not None)
-        param, grad, velocity = arrays
+        update, check, finish, max_blocks = _kernels(device, param.dtype)
+        plan = launch_plan(param.dtype, param.size, table, 1.0, max_blocks,
+                           counters is not None)
+        scalar = type(plan.inv_grad_scale)
         grid, block = (plan.grid,), (plan.block,)
+        skipped = None if counters is None else \
+            counters[LAST_STEP_SKIPPED:LAST_STEP_SKIPPED + 1]
+        update_tail = (plan.n, *table.arrays(), plan.range_count)
+        update_counters = _no_counters(device) if counters is None else counters
+        finish_args = (counters, table.group_flags, plan.group_count)
+        # Set by each step: its grad as a CuPy array, 1 / grad_scale in the compute dtype
+        # (a step repeating the objects of the one before converts nothing) and `agree`.
+        last_grad = kernel_grad = last_scale = inv = agreement = None
         launches = {
-            "clear": lambda: counters[LAST_STEP_SKIPPED:LAST_STEP_SKIPPED + 1].fill(0),
+            "clear": lambda: skipped.fill(0),
             "find_nonfinite": lambda: check(grid, block, (
-                grad, plan.n, table.range_ends, table.range_groups, plan.range_count,
-                plan.inv_grad_scale, counters)),
+                kernel_grad, plan.n, table.range_ends, table.range_groups,
+                plan.range_count, inv, counters)),
+            "agree": lambda: agreement(counters),
             "update": lambda: update(grid, block, (
-                param, grad, velocity, plan.n, *table.arrays(), plan.range_count,
-                plan.inv_grad_scale, plan.launch_flags,
-                _no_counters(device) if counters is None else counters)),
-            "agree": lambda: agree(counters),
-            "finish": lambda: finish((1,), (plan.finish_block,),
-                                     (counters, table.group_flags, plan.group_count)),
+                param, kernel_grad, velocity, *update_tail, inv, plan.launch_flags,
+                update_counters)),
+            "finish": lambda: finish((1,), (plan.finish_block,), finish_args),
         }
-        for launch in step_launches(plan.grid, counters is not None, agree is not None):
-            launches[launch]()
+        plain, agreeing = ([launches[name] for name in step_launches(
+            plan.grid, counters is not None, agree)] for agree in (False, True))
+        runtime = cupy.cuda.runtime
+
+        def launch(grad, inv_grad_scale, agree=None):
+            nonlocal last_grad, kernel_grad, last_scale, inv, agreement
+            if runtime.getDevice() != device:
+                _on_current_device(named)  # raises, naming the arrays' device
+            if grad is not last_grad:
+                as_cupy = cupy.asarray(grad)
+                _on_current_device([("grad", as_cupy)])
+                last_grad, kernel_grad = grad, as_cupy
+            if inv_grad_scale is not last_scale:
+                last_scale, inv = inv_grad_scale, scalar(inv_grad_scale)
+            agreement = agree
+            for queue in plain if agree is None else agreeing:
+                queue()
+
+        return launch
+
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
+             agree=None):
+        """Queues the step's launches (kernels.cuda_launch.step_launches) on the current
+        stream; the table and counters must be on the current device."""
+        self.step_function(param, velocity, table, counters)(grad, inv_grad_scale, agree)
 
 
 @functools.cache

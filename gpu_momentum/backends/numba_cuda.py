@@ -86,10 +86,8 @@ class NumbaCudaBackend:
         cuda.synchronize()
 
     def place(self, param):
-        from numba import cuda
-
         stream = _stream_view(param).stream
-        device = getattr(cuda.get_current_device(), "id", 0)  # the simulator's has no id
+        device = _current_device()
         handle = getattr(stream, "handle", stream)  # 0: an array bound to no stream
         return device, getattr(handle, "value", handle)
 
@@ -101,35 +99,87 @@ class NumbaCudaBackend:
     def upload_into(self, target, array, param):
         target.copy_to_device(array, stream=_stream_view(param).stream)
 
+    def step_function(self, param, velocity, table, counters=None):
+        """For arrays of another exporter (CuPy, PyTorch) the launches follow the stream
+        it names: each step reads param's interface and prepares them again when the
+        stream changed (CuPy names its current stream)."""
+        if _is_numba_array(param):
+            return _Launches(param, velocity, table, counters).launch
+        exported = _exported_stream(param)
+        launches = _Launches(param, velocity, table, counters)
+
+        def launch(grad, inv_grad_scale, agree=None):
+            nonlocal exported, launches
+            if _exported_stream(param) != exported:
+                exported = _exported_stream(param)
+                launches = _Launches(param, velocity, table, counters)
+            launches.launch(grad, inv_grad_scale, agree)
+
+        return launch
+
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
              agree=None):
+        self.step_function(param, velocity, table, counters)(grad, inv_grad_scale, agree)
+
+
+class _Launches:
+    """The launches of a step (kernels.cuda_launch.step_launches) on param's stream, with
+    everything but the gradient, the loss scale and `agree` prepared: views, launch
+    geometry and the configured kernels."""
+
+    def __init__(self, param, velocity, table, counters):
         from ..kernels import numba_cuda as kernels
 
-        param, grad, velocity = (_flat(_stream_view(a)) for a in (param, grad, velocity))
-        inv_grad_scale = velocity.dtype.type(inv_grad_scale)
+        param, velocity = (_flat(_stream_view(a)) for a in (param, velocity))
         blocks, threads = kernels.launch_config(param.size)
         stream = param.stream
         launch_flags = table.launch_flags
         if counters is None:
-            counters = _no_counters(self.place(param)[0])
+            counters = _no_counters(_current_device())
         else:
             counters = _stream_view(counters)
             launch_flags |= READ_COUNTERS
+        update = kernels.momentum_step_kernel[blocks, threads, stream]
+        find_nonfinite = kernels.find_nonfinite_kernel[blocks, threads, stream]
+        clear = kernels.clear_skip_kernel[1, 1, stream]
+        finish = kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream]
+        arrays = table.arrays()
+        self._scalar = velocity.dtype.type
+        self._last_grad = self._last_scale = self._grad = self._inv = self._agree = None
         launches = {
-            "clear": lambda: kernels.clear_skip_kernel[1, 1, stream](counters),
-            "find_nonfinite": lambda: kernels.find_nonfinite_kernel[
-                blocks, threads, stream](grad, velocity, table.range_ends,
-                                         table.range_groups, inv_grad_scale, counters),
-            "update": lambda: kernels.momentum_step_kernel[blocks, threads, stream](
-                param, grad, velocity, *table.arrays(), inv_grad_scale, launch_flags,
-                counters),
-            "agree": lambda: agree(counters),
-            "finish": lambda: kernels.finish_step_kernel[
-                1, kernels.FINISH_THREADS, stream](counters, table.group_flags),
+            "clear": lambda: clear(counters),
+            "find_nonfinite": lambda: find_nonfinite(self._grad, velocity, table.range_ends,
+                                                     table.range_groups, self._inv,
+                                                     counters),
+            "agree": lambda: self._agree(counters),
+            "update": lambda: update(param, self._grad, velocity, *arrays, self._inv,
+                                     launch_flags, counters),
+            "finish": lambda: finish(counters, table.group_flags),
         }
-        for launch in step_launches(param.size, launch_flags & READ_COUNTERS,
-                                    agree is not None):
-            launches[launch]()
+        read_counters = launch_flags & READ_COUNTERS
+        self._launches, self._agreeing = (
+            [launches[name] for name in step_launches(param.size, read_counters, agree)]
+            for agree in (False, True))
+
+    def launch(self, grad, inv_grad_scale, agree=None):
+        if grad is not self._last_grad:
+            self._last_grad, self._grad = grad, _flat(_stream_view(grad))
+        if inv_grad_scale is not self._last_scale:
+            self._last_scale, self._inv = inv_grad_scale, self._scalar(inv_grad_scale)
+        self._agree = agree
+        for queue in self._launches if agree is None else self._agreeing:
+            queue()
+
+
+def _current_device():
+    from numba import cuda
+
+    return getattr(cuda.get_current_device(), "id", 0)  # the simulator's has no id
+
+
+def _exported_stream(array):
+    """The stream a `__cuda_array_interface__` exporter names now (None: none)."""
+    return array.__cuda_array_interface__.get("stream")
 
 
 def _is_numba_array(array):
