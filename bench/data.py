@@ -22,6 +22,12 @@ NAIVE_ARRAYS = 6
 KINDS = ("backend", "peer", "roofline")
 # The torch workloads time this front end of the library against torch.optim.SGD.
 TORCH_API = "gpu_momentum.torch.SGD"
+# The overhead workload: one flat buffer at each of these sizes, every backend and peer
+# timed by the wall clock around a loop of steps with one synchronisation at its end (the
+# per-step Python included), beside NumPy's two-line update.
+OVERHEAD = "overhead"
+OVERHEAD_SIZES = tuple(2**e for e in range(10, 21))
+NUMPY_TWO_LINE = "numpy two-line"
 
 
 class Unsupported(Exception):

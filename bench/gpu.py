@@ -58,6 +58,14 @@ class TorchEventTimer:
         return start.elapsed_time(end) / 1e3 / calls
 
 
+def synchronize_device():
+    """Waits for all work on the current device, whichever stream queued it (CuPy's,
+    Numba's, torch's)."""
+    import cupy
+
+    cupy.cuda.runtime.deviceSynchronize()
+
+
 def d2d_copy_builder(problem):
     """cudaMemcpyAsync device to device on the current stream: the GPU memory roofline."""
     import cupy

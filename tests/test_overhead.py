@@ -10,6 +10,7 @@ from configs import problem
 from gpu_momentum.groups import update_table
 from gpu_momentum.hyperparams import Hyperparameters
 from gpu_momentum.kernels import cpu as cpu_kernels
+from gpu_momentum.kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED
 from gpu_momentum.reference import reference_step
 
 # What moves data between host and device memory, or allocates, on a backend.
@@ -168,24 +169,30 @@ def test_a_grad_scale_after_a_refused_one_is_checked():
     assert opt.step_count == 1
 
 
-def test_small_buffers_run_the_serial_kernel_with_the_same_bits():
+def test_small_buffers_run_the_serial_kernels_with_the_same_bits():
     """Below SERIAL_BELOW elements the CPU backend runs the serial compilation of the
-    same loop; both compilations give the same bits at any size."""
+    same loops; both compilations give the same bits at any size."""
     below, above = cpu_kernels.SERIAL_BELOW - 1, cpu_kernels.SERIAL_BELOW
-    assert cpu_kernels.step_kernel(below, False) is cpu_kernels.momentum_step_serial_cpu
-    assert cpu_kernels.step_kernel(above, False) is cpu_kernels.momentum_step_cpu
-    assert cpu_kernels.step_kernel(below, True) is \
-        cpu_kernels.momentum_step_skipping_nonfinite_serial_cpu
-    assert cpu_kernels.step_kernel(above, True) is \
-        cpu_kernels.momentum_step_skipping_nonfinite_cpu
+    assert cpu_kernels.kernels_for(below) == (
+        cpu_kernels.momentum_step_serial_cpu, cpu_kernels.find_nonfinite_serial_cpu,
+        cpu_kernels.update_unless_skipped_serial_cpu)
+    assert cpu_kernels.kernels_for(above) == (
+        cpu_kernels.momentum_step_cpu, cpu_kernels.find_nonfinite_cpu,
+        cpu_kernels.update_unless_skipped_cpu)
     size = above + 5  # several chunks and a ragged end
     param, (grad,) = problem(size, steps=1, dtype=np.float32)
+    grad[size - 3] = np.inf
     table = update_table([Hyperparameters(lr=0.1, momentum=0.9, weight_decay=0.01)],
                          [True], np.dtype(np.float32), size=size)
     results = []
-    for kernel in (cpu_kernels.momentum_step_cpu, cpu_kernels.momentum_step_serial_cpu):
+    for update, find_nonfinite, _ in (cpu_kernels.kernels_for(above),
+                                      cpu_kernels.kernels_for(below)):
         p, v = param.copy(), np.linspace(-1, 1, size, dtype=np.float32)
-        kernel(p, grad, v, *table.arrays(), np.float32(0.5), table.launch_flags,
-               np.zeros(0, np.int64))
-        results.append((p.tobytes(), v.tobytes()))
-    assert results[0] == results[1]
+        counters = np.zeros(GROUP_SLOTS + 1, np.int64)
+        arguments = (p, grad, v, *table.arrays(), np.float32(0.5), table.launch_flags)
+        find_nonfinite(*arguments, counters)
+        grad[size - 3] = 1.5
+        update(*arguments, np.zeros(0, np.int64))
+        grad[size - 3] = np.inf
+        results.append((p.tobytes(), v.tobytes(), counters[LAST_STEP_SKIPPED]))
+    assert results[0] == results[1] and results[0][2] == 1
