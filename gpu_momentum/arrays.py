@@ -41,6 +41,10 @@ def describe(name, array):
     """ArrayInfo of `array`, or TypeError naming `name` when it is not an array, or is an
     ndarray subclass other than numpy.memmap (see check_plain)."""
     check_plain(name, array)
+    if isinstance(array, np.ndarray):  # plain or a memmap: read without the lookups below
+        address, readonly = array.__array_interface__["data"]
+        return ArrayInfo(name, False, array.shape, array.dtype, address or 0, array.nbytes,
+                         bool(readonly), array.flags.c_contiguous)
     iface = getattr(array, "__cuda_array_interface__", None)
     # Numba device arrays say so with __cuda_ndarray__; under the CUDA simulator they wrap
     # host memory and describe it with __array_interface__ only.
