@@ -288,18 +288,22 @@ class MomentumSGD:
     def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  l1=0.0, nesterov=False, maximize=False, style="classic",
                  decoupled_weight_decay=False, groups=None, skip_nonfinite=False,
-                 backend="auto"):
+                 capturable=False, backend="auto"):
         defaults = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
                                    weight_decay=weight_decay, nesterov=nesterov,
                                    maximize=maximize, style=style, l1=l1,
                                    decoupled_weight_decay=decoupled_weight_decay)
         self._skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
+        self._capturable = flag("capturable", capturable)
+        # The step counters live in the backend's memory, counted by the kernels.
+        self._counted_on_device = self._skip_nonfinite or self._capturable
         self.flat = params if isinstance(params, FlatParams) else None
         self.param = params.data if self.flat is not None else params
         info = describe("params", self.param)
         self._backend = select_backend(backend, self.param)
         check_param(info, self._backend.dtypes, self._backend.name)
         self._param_dtype = info.dtype
+        self._on_device = info.on_device
         self._buffer_size = _size(self.param)
         self._plan = self._resolve(groups, defaults)
         if self._window is not None:
@@ -318,6 +322,8 @@ class MomentumSGD:
         self._grad = self._velocity = self._launch = self._launch_key = None
         self._array_states = None
         self._first_steps_pending = True  # some group's next step is its first
+        if self._capturable:
+            self.prepare()
 
     def _resolve(self, groups, defaults):
         if self.flat is None:
@@ -333,11 +339,11 @@ class MomentumSGD:
         counters = np.zeros(GROUP_SLOTS + len(velocity_initialized), np.int64)
         counters[[STEP_COUNT, SKIPPED_STEPS]] = step_count, skipped_steps
         counters[GROUP_SLOTS:] = velocity_initialized
-        return self._backend.asarray(counters) if self.skip_nonfinite else counters
+        return self._backend.asarray(counters) if self._counted_on_device else counters
 
     def _host_counters(self):
         counters = self._counters
-        return self._backend.to_numpy(counters) if self.skip_nonfinite else counters
+        return self._backend.to_numpy(counters) if self._counted_on_device else counters
 
     def _counter(self, index):
         return int(self._host_counters()[index])
@@ -362,6 +368,14 @@ class MomentumSGD:
         return self._skip_nonfinite
 
     @property
+    def capturable(self):
+        """Whether step() can be captured in a CUDA graph (fixed at construction): the
+        step counters live in the backend's memory, counted by the kernels, and a
+        hyperparameter change is written to the table in the backend's memory at once
+        (same addresses), so that the next replay uses it."""
+        return self._capturable
+
+    @property
     def backend(self):
         """Name of the backend running the updates."""
         return self._backend.name
@@ -382,10 +396,14 @@ class MomentumSGD:
 
     def _set(self, group, **change):
         hyper = self._hypers[group].replace(**change).check_dtype(self._param_dtype)
+        if self._capturable:
+            self._refuse_host_work("a hyperparameter change writes the table")
         if group == 0 and "maximize" in change:  # one per launch: every group follows
             self._hypers = [h.replace(maximize=hyper.maximize) for h in self._hypers]
         self._hypers[group] = hyper
         self._table_stale = True
+        if self._capturable:  # graphs replayed from now on read the new table
+            self._device_table()
 
     def _default(name):
         return property(lambda self: getattr(self._hypers[0], name),
@@ -403,15 +421,15 @@ class MomentumSGD:
 
     def _device_table(self):
         if self._table_stale:
-            # With skip_nonfinite the kernels read first steps from the device counters.
-            initialized = ([True] * len(self._hypers) if self._skip_nonfinite else
+            # Counters in the backend's memory: the kernels read first steps from them.
+            initialized = ([True] * len(self._hypers) if self._counted_on_device else
                            self._counters[GROUP_SLOTS:])
             table = update_table(self._hypers, initialized, self.velocity.dtype,
                                  self._plan.range_ends, self._plan.range_groups)
             self._group_flags = table.group_flags  # in host memory, for the host's counting
             self._table = device_table(self._backend, table, self.param, reuse=self._table)
             self._table_stale = False
-            self._first_steps_pending = not self._skip_nonfinite and bool(
+            self._first_steps_pending = not self._counted_on_device and bool(
                 ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
         return self._table
 
@@ -446,8 +464,13 @@ class MomentumSGD:
                 or self._array_states != (array_state(self.param), array_state(grad),
                                           array_state(self.velocity))):
             self._prepare_step(grad)
-        self._launch(grad, inv_grad_scale, agree)
-        if not self._skip_nonfinite:
+        if self._counted_on_device:
+            self._launch(grad, inv_grad_scale, agree)
+        else:
+            if self._on_device:  # a CUDA graph would replay the launch, not the counting
+                self._refuse_host_work("the step counters are in host memory (construct "
+                                       "the optimizer with capturable=True)")
+            self._launch(grad, inv_grad_scale, agree)
             # The counters stay in host memory: counted here as the kernels count theirs.
             counters = self._counters
             count_step(counters)
@@ -456,20 +479,44 @@ class MomentumSGD:
                 self._table_stale = True
 
     def _prepare_step(self, grad):
-        """Every check of a step's arrays, the table in the backend's memory, and the
-        launch prepared for them (prepared again only when the table, the velocity or the
-        counters are other objects)."""
+        """Every check of a step's arrays, then `prepare`."""
         self._grad = None  # nothing counts as checked until every check passed
-        param, velocity, counters = self.param, self.velocity, self._counters
+        param, velocity = self.param, self.velocity
         check_arrays(self._backend, param, grad, velocity)
+        self.prepare()
+        self._array_states = (array_state(param), array_state(grad), array_state(velocity))
+        self._grad, self._velocity = grad, velocity
+
+    def prepare(self):
+        """Does now what a step needs besides its launches: the table in the backend's
+        memory (after a hyperparameter change) and the launches prepared (kernels
+        compiled and loaded, launch geometry, arguments). A capturable optimizer does this
+        at construction and after every change, so that step() can be captured in a CUDA
+        graph (`cupy.cuda.Stream.begin_capture()`, `torch.cuda.graph`); a step inside a
+        capture that would need it raises RuntimeError instead. Prepared again only when
+        the table, the velocity or the counters are other objects."""
+        velocity, counters = self.velocity, self._counters
+        key = (self._table, velocity, counters)
+        if not self._table_stale and self._launch_key is not None and all(
+                a is b for a, b in zip(key, self._launch_key)):
+            return
+        self._refuse_host_work("the update table or the launches must be prepared (call "
+                               "opt.prepare() before capturing)")
         table = self._device_table()
         key = (table, velocity, counters)
         if self._launch_key is None or any(a is not b for a, b in zip(key, self._launch_key)):
             self._launch = self._backend.step_function(
-                param, velocity, table, counters if self._skip_nonfinite else None)
+                self.param, velocity, table, counters if self._counted_on_device else None,
+                check_nonfinite=self._skip_nonfinite)
             self._launch_key = key
-        self._array_states = (array_state(param), array_state(grad), array_state(velocity))
-        self._grad, self._velocity = grad, velocity
+
+    def _refuse_host_work(self, why):
+        """RuntimeError when param's stream is being captured into a CUDA graph, which
+        would record the launches and not the host work `why` names."""
+        if self._on_device and self._backend.capturing(self.param):
+            raise RuntimeError(f"MomentumSGD.step() is being captured into a CUDA graph, "
+                               f"but {why}: a replay would not do it. Nothing was "
+                               f"changed.")
 
     def state_dict(self):
         """A plain dict: format version, the optimizer's hyperparameters, its groups (each
@@ -536,8 +583,14 @@ class MomentumSGD:
             if params is not None:
                 self._backend.assign(self.param, params)
             self._hypers = list(plan.hypers)
-            self._counters = counters
+            # In place: a captured graph keeps reading the same counters.
+            if self._counted_on_device:
+                self._backend.assign(self._counters, counters)
+            else:
+                self._counters[...] = counters
             self._table_stale = True
+            if self._capturable:
+                self._device_table()
 
         return restore
 

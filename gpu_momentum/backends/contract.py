@@ -50,6 +50,11 @@ class Backend(Protocol):
     def synchronize(self) -> None:
         """Waits for queued work (for timing)."""
 
+    def capturing(self, param) -> bool:
+        """Whether the stream param's update runs on is being captured into a CUDA graph
+        now: host work (copies, allocations, compiling, counting on the host) would not
+        be replayed then (always False on the CPU)."""
+
     def place(self, param) -> Hashable:
         """Where and in which order param's update runs: device and stream (None on the
         CPU)."""
@@ -62,12 +67,16 @@ class Backend(Protocol):
         """The host NumPy `array` copied into `target`, an array `upload` returned, in
         place (same addresses), queued on param's stream without waiting."""
 
-    def step_function(self, param, velocity, table: UpdateTable, counters=None):
+    def step_function(self, param, velocity, table: UpdateTable, counters=None,
+                      check_nonfinite=True):
         """The step of these arrays, table and counters with everything that stays the
         same from step to step prepared once (views, kernels, launch geometry, kernel
-        arguments): a function `launch(grad, inv_grad_scale, agree=None)` that queues
-        what `step(param, grad, velocity, table, inv_grad_scale, counters, agree)` queues,
-        doing no checks, copies or allocations of its own. Each grad it gets must be one that
+        arguments; the kernels compiled and loaded): a function `launch(grad,
+        inv_grad_scale, agree=None)` that queues what `step(param, grad, velocity, table,
+        inv_grad_scale, counters, agree)` queues, doing no checks, copies or allocations of
+        its own, so that a CUDA graph can capture it. check_nonfinite=False (with
+        counters): a counted step that does not look for non-finite values (the launches
+        without "find_nonfinite"). Each grad it gets must be one that
         `check_arrays` accepted with param and velocity, unchanged since (see
         arrays.array_state); a table `device_table` rewrote in place at the same addresses
         keeps it valid."""

@@ -3,7 +3,7 @@ over the cores, or serial for small buffers)."""
 
 import numpy as np
 
-from ..kernels.layout import READ_COUNTERS
+from ..kernels.layout import LAST_STEP_SKIPPED, READ_COUNTERS
 
 NO_COUNTERS = np.zeros(0, np.int64)  # what the kernels get for counters=None
 
@@ -40,7 +40,10 @@ class CpuBackend:
     def upload_into(self, target, array, param):
         target[...] = array
 
-    def step_function(self, param, velocity, table, counters=None):
+    def capturing(self, param):
+        return False
+
+    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True):
         from ..kernels.cpu import kernels_for
 
         param, velocity = _flat(param), _flat(velocity)
@@ -66,7 +69,10 @@ class CpuBackend:
                 return
             arguments = (param, flat_grad, velocity, scalars, group_flags, range_ends,
                          range_groups, inv, launch_flags)
-            find_nonfinite(*arguments, counters)
+            if check_nonfinite:
+                find_nonfinite(*arguments, counters)
+            else:
+                counters[LAST_STEP_SKIPPED] = 0
             if agree is not None:
                 agree(counters)
             update_unless_skipped(*arguments, counters)

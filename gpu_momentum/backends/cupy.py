@@ -14,7 +14,7 @@ import numpy as np
 from ..kernels.cuda_launch import check_counters, launch_plan, step_launches
 from ..kernels.cuda_source import (BLOCK_SIZE, ENTRY_POINTS, FINISH_EXPRESSION,
                                    module_options, module_source, name_expressions)
-from ..kernels.layout import LAST_STEP_SKIPPED
+from ..kernels.layout import GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED, READ_COUNTERS
 
 
 class CupyBackend:
@@ -77,7 +77,12 @@ class CupyBackend:
         import cupy
         cupy.copyto(target, cupy.asarray(array))
 
-    def step_function(self, param, velocity, table, counters=None):
+    def capturing(self, param):
+        import cupy
+
+        return cupy.cuda.get_current_stream().is_capturing()
+
+    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True):
         """Launches on the current stream of the device the arrays are on, which must be
         the current device at every step (checked: one runtime call)."""
         import cupy
@@ -116,7 +121,8 @@ class CupyBackend:
             "finish": lambda: finish((1,), (plan.finish_block,), finish_args),
         }
         plain, agreeing = ([launches[name] for name in step_launches(
-            plan.grid, counters is not None, agree)] for agree in (False, True))
+            plan.grid, counters is not None, agree, check_nonfinite)]
+            for agree in (False, True))
         runtime = cupy.cuda.runtime
 
         def launch(grad, inv_grad_scale, agree=None):
@@ -153,7 +159,9 @@ def _module(device_id):
 
 @functools.cache
 def _kernels(device_id, dtype):
-    """(update, non-finite check, finish_step, max_blocks) of `dtype` on a device."""
+    """(update, non-finite check, finish_step, max_blocks) of `dtype` on a device, each
+    launched once over no elements (the module compiled, each function loaded: a CUDA
+    graph captured later records launches only)."""
     import cupy
 
     entry = ENTRY_POINTS[dtype]
@@ -165,7 +173,26 @@ def _kernels(device_id, dtype):
         sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
         per_sm = min(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
             kernel.kernel.ptr, BLOCK_SIZE, 0) for kernel in (update, check))
+        _warm_up(update, check, finish, dtype)
     return update, check, finish, sms * per_sm
+
+
+def _warm_up(update, check, finish, dtype):
+    """Each kernel launched once over no elements, with scratch counters, and waited for."""
+    import cupy
+
+    compute = ENTRY_POINTS[dtype].compute_dtype
+    param, velocity = cupy.zeros(0, dtype), cupy.zeros(0, compute)
+    table = (cupy.zeros((1, GROUP_COLUMNS), compute), cupy.zeros(1, np.uint32),
+             cupy.zeros(1, np.int64), cupy.zeros(1, np.int32))
+    counters = cupy.zeros(GROUP_SLOTS + 1, np.int64)
+    one = compute.type(1)
+    update((1,), (BLOCK_SIZE,), (param, param, velocity, np.int64(0), *table, np.int32(1),
+                                 one, np.uint32(READ_COUNTERS), counters))
+    check((1,), (BLOCK_SIZE,), (param, np.int64(0), table[2], table[3], np.int32(1), one,
+                                counters))
+    finish((1,), (32,), (counters, table[1], np.int32(1)))
+    cupy.cuda.get_current_stream().synchronize()
 
 
 @functools.cache

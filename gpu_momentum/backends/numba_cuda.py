@@ -15,7 +15,7 @@ import importlib.util
 import numpy as np
 
 from ..kernels.cuda_launch import step_launches
-from ..kernels.layout import READ_COUNTERS
+from ..kernels.layout import GROUP_SLOTS, READ_COUNTERS
 
 
 class NumbaCudaBackend:
@@ -99,20 +99,33 @@ class NumbaCudaBackend:
     def upload_into(self, target, array, param):
         target.copy_to_device(array, stream=_stream_view(param).stream)
 
-    def step_function(self, param, velocity, table, counters=None):
+    def capturing(self, param):
+        from numba.core import config
+
+        if config.ENABLE_CUDASIM:
+            return False  # the simulator has no graphs
+        from cuda.bindings import driver
+
+        stream = _stream_view(param).stream
+        handle = getattr(stream, "handle", stream)
+        error, status = driver.cuStreamIsCapturing(getattr(handle, "value", handle) or 0)
+        if error != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuStreamIsCapturing failed: {error}")
+        return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True):
         """For arrays of another exporter (CuPy, PyTorch) the launches follow the stream
         it names: each step reads param's interface and prepares them again when the
         stream changed (CuPy names its current stream)."""
+        prepare = lambda: _Launches(param, velocity, table, counters, check_nonfinite)
         if _is_numba_array(param):
-            return _Launches(param, velocity, table, counters).launch
-        exported = _exported_stream(param)
-        launches = _Launches(param, velocity, table, counters)
+            return prepare().launch
+        exported, launches = _exported_stream(param), prepare()
 
         def launch(grad, inv_grad_scale, agree=None):
             nonlocal exported, launches
             if _exported_stream(param) != exported:
-                exported = _exported_stream(param)
-                launches = _Launches(param, velocity, table, counters)
+                exported, launches = _exported_stream(param), prepare()
             launches.launch(grad, inv_grad_scale, agree)
 
         return launch
@@ -125,9 +138,10 @@ class NumbaCudaBackend:
 class _Launches:
     """The launches of a step (kernels.cuda_launch.step_launches) on param's stream, with
     everything but the gradient, the loss scale and `agree` prepared: views, launch
-    geometry and the configured kernels."""
+    geometry and the configured kernels, each compiled and loaded (launched once over no
+    elements, the first time for its dtypes on a device)."""
 
-    def __init__(self, param, velocity, table, counters):
+    def __init__(self, param, velocity, table, counters, check_nonfinite):
         from ..kernels import numba_cuda as kernels
 
         param, velocity = (_flat(_stream_view(a)) for a in (param, velocity))
@@ -158,8 +172,10 @@ class _Launches:
         }
         read_counters = launch_flags & READ_COUNTERS
         self._launches, self._agreeing = (
-            [launches[name] for name in step_launches(param.size, read_counters, agree)]
+            [launches[name] for name in step_launches(param.size, read_counters, agree,
+                                                      check_nonfinite)]
             for agree in (False, True))
+        _warm_up(param, velocity, table, stream)
 
     def launch(self, grad, inv_grad_scale, agree=None):
         if grad is not self._last_grad:
@@ -169,6 +185,36 @@ class _Launches:
         self._agree = agree
         for queue in self._launches if agree is None else self._agreeing:
             queue()
+
+
+_WARM = set()  # (device, param dtype, velocity dtype) whose kernels were launched once
+
+
+def _warm_up(param, velocity, table, stream):
+    """Each kernel launched once over no elements (empty views of the arrays) with scratch
+    counters and waited for: compiled and loaded, so that a CUDA graph captured later
+    records launches only."""
+    from numba import cuda
+
+    from ..kernels import numba_cuda as kernels
+
+    key = (_current_device(), param.dtype, velocity.dtype)
+    if key in _WARM:
+        return
+    p, v = param[:0], velocity[:0]
+    counters = cuda.to_device(np.zeros(GROUP_SLOTS + table.group_count, np.int64),
+                              stream=stream)
+    one = velocity.dtype.type(1)
+    kernels.clear_skip_kernel[1, 1, stream](counters)
+    kernels.find_nonfinite_kernel[1, 32, stream](p, v, table.range_ends, table.range_groups,
+                                                 one, counters)
+    kernels.momentum_step_kernel[1, 32, stream](p, p, v, *table.arrays(), one,
+                                                table.launch_flags | READ_COUNTERS,
+                                                counters)
+    kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream](counters,
+                                                                  table.group_flags)
+    cuda.synchronize()
+    _WARM.add(key)
 
 
 def _current_device():
