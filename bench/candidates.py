@@ -136,12 +136,17 @@ def overhead_candidates(found):
     """The overhead workload's candidates: every backend and peer among `found` (no
     rooflines), each timed by the wall clock around a loop of steps with one
     synchronisation of its device at the end, so that the per-step Python counts as the
-    user sees it; and NumPy's two-line update where the CPU is measured."""
+    user sees it; NumPy's two-line update where the CPU is measured; and where the cupy
+    backend is, its step replayed from a CUDA graph (wall clock, and the GPU's own
+    time)."""
     timed = [dataclasses.replace(c, timer=HostTimer(_device_synchronize(c.device)))
              for c in found if c.kind != "roofline"]
     if any(c.device == "cpu" for c in found):
         timed.append(Candidate("peer", "cpu", numpy_two_line_builder, update_bytes,
                                HostTimer(), arrays=3, peer=NUMPY_TWO_LINE))
+    if any(c.kind == "backend" and c.backend == "cupy" for c in found):
+        from . import gpu
+        timed += gpu.graph_candidates()
     return timed
 
 

@@ -292,8 +292,8 @@ def describe(candidate, workload, tensors, dtype, n):
     """A row's identity: what it is (by fields: backend, peer, groups) and where."""
     return {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
             "backend": candidate.backend, "peer": candidate.peer,
-            "groups": candidate.groups, "api": candidate.api, "workload": workload, "tensors": tensors,
-            "dtype": dtype, "n": n}
+            "groups": candidate.groups, "api": candidate.api, "launch": candidate.launch,
+            "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
 
 
 def summary_row(row, candidate, seconds, calls):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gpu_momentum.bench import candidates, command, gpu, report
+from gpu_momentum.bench import data as candidates_data
 from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_bytes,
                                         summarize, update_bytes)
 from gpu_momentum.bench.run import (Options, groups, groups_shapes, make_problem,
@@ -284,7 +285,7 @@ def test_sizes_and_quick_defaults():
     assert full.sizes == (2**20, 2**21, 2**26) and full.workloads == ()
     assert full.sampling.samples == 25
     assert command.options_from(parser.parse_args([])).workloads == (
-        "resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2")
+        "resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2", "overhead")
     torch_only = command.options_from(parser.parse_args(["--workloads", "torch"]))
     assert torch_only.workloads == ("torch-resnet50", "torch-gpt2")
     only = command.options_from(parser.parse_args(["--sizes", "18", "--workloads", "groups"]))
@@ -621,3 +622,30 @@ def test_overhead_candidates_are_wall_clock_timed_and_do_the_update():
         v = candidates.MOMENTUM * v - candidates.LR * SMALL.g0
         p = p + v
     np.testing.assert_allclose(built.params()[0], p, rtol=1e-5, atol=1e-6)
+
+
+def test_graph_replay_target_is_the_largest_gap_to_the_kernels_gpu_time():
+    def graph_row(launch, median, n):
+        name = f"gpu-momentum cupy ({launch})"
+        return {**_row("gpu-momentum cupy", "backend", median, n=n, workload="overhead"),
+                "name": name, "device": "cuda", "launch": launch}
+
+    sizes = candidates_data.OVERHEAD_SIZES
+    rows = [graph_row("graph replay", 9e-6 + n * 1e-12, n) for n in sizes]
+    rows += [graph_row("graph replay, GPU time", 6e-6 + n * 1e-12, n) for n in sizes]
+    rows[len(sizes) - 1]["median_s"] += 3e-6  # one size 6 us over its kernels
+    rows.append(_row("gpu-momentum cupy", "backend", 1e-3, n=2**16, workload="overhead"))
+    found = {t["target"]: t for t in report.targets(_result(rows))}
+    target = found["cupy graph replay within 5 us of its kernels' GPU time (overhead, "
+                   "every size)"]
+    assert target["value"] == pytest.approx(6.0) and target["met"] is False
+    # the eager row is what the eager targets compare, never a graph row
+    eager = found["cupy >= torch fused SGD on the GPU, every size (overhead, 2**16..2**20)"]
+    assert eager["value"] is None
+    table = report.table(report.finish(_result(rows), {}))
+    assert "<= 5 us" in table and "MISSED" in table
+    missing = report.targets(_result(rows[:3]))
+    assert missing[-1]["met"] is None
+    assert candidates_data.Candidate(
+        "backend", "cuda", None, None, None, 4, backend="cupy",
+        launch="graph replay").name == "gpu-momentum cupy (graph replay)"
