@@ -178,3 +178,147 @@ def test_cupy_graph_replays_are_the_eager_steps():
         cupy.asnumpy(eager.velocity).tobytes()
     assert (replayed.step_count, replayed.skipped_steps) == (19, 1) == \
         (eager.step_count, eager.skipped_steps)
+
+
+# ---- gpu_momentum.torch.SGD(capturable=True) -------------------------------------------
+
+def _torch_problem(torch, device="cpu", steps=6, overflow=None):
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    params = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes]
+             for _ in range(steps)]
+    if overflow is not None:
+        grads[overflow][1][2] = float("inf")
+    to = lambda t: t.to(device)
+    return [to(p) for p in params], [[to(g) for g in step] for step in grads]
+
+
+def _torch_run(torch, opt_params, opt, grads, schedule, after_change=None):
+    for step, step_grads in enumerate(grads):
+        for p, g in zip(opt_params, step_grads):
+            p.grad = g.clone()
+        opt.param_groups[0]["lr"] = schedule(step)
+        if after_change is not None:
+            after_change(opt)
+        opt.step()
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["", "skip-nonfinite"])
+def test_torch_sgd_capturable_steps_are_its_eager_steps(skip_nonfinite):
+    from harness import require
+    torch = require("torch")
+    from gpu_momentum.torch import SGD
+
+    params, grads = _torch_problem(torch, overflow=3 if skip_nonfinite else None)
+    results = []
+    for capturable in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3, capturable=capturable,
+                  skip_nonfinite=skip_nonfinite)
+        assert opt.capturable is capturable
+        _torch_run(torch, ps, opt, grads, lambda step: 0.1 / (1 + step))
+        results.append(([p.detach().numpy().tobytes() for p in ps],
+                        [opt.state[p]["momentum_buffer"].numpy().tobytes() for p in ps],
+                        opt.step_count, opt.skipped_steps, opt.last_step_skipped))
+    assert results[1] == results[0]
+    assert results[1][2:4] == ((5, 1) if skip_nonfinite else (6, 0))
+
+
+def test_torch_sgd_prepare_writes_the_tables_and_steps_do_only_launches(monkeypatch):
+    from harness import require
+    torch = require("torch")
+    from gpu_momentum.torch import SGD
+
+    params, grads = _torch_problem(torch, steps=3)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = SGD(ps, lr=0.1, momentum=0.9, capturable=True)
+    _torch_run(torch, ps, opt, grads[:2], lambda step: 0.1)  # first steps taken
+    engine = gm.backends.backend_named("cpu")
+    calls = _count_calls(monkeypatch, engine, TRANSFERS)
+    opt.param_groups[0]["momentum"] = 0.5
+    opt.prepare()
+    assert calls == {**dict.fromkeys(calls, 0), "upload_into": 2}
+    opt.step()
+    opt.prepare()
+    assert calls["upload_into"] == 2 and sum(calls.values()) == 2
+
+
+def test_torch_sgd_host_work_inside_a_capture_is_refused(monkeypatch):
+    """While torch reports a capture on the current stream: an optimizer counting on the
+    host, a table to write (a group value changed without prepare()) and a first
+    packing raise and change nothing; a prepared capturable step goes on."""
+    from harness import require
+    torch = require("torch")
+    from gpu_momentum.torch import SGD
+
+    params, grads = _torch_problem(torch, steps=3)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    qs = [torch.nn.Parameter(p.clone()) for p in params]
+    counted_on_host = SGD(qs, lr=0.1, momentum=0.9)
+    capturable = SGD(ps, lr=0.1, momentum=0.9, capturable=True)
+    for opt, opt_params in ((counted_on_host, qs), (capturable, ps)):
+        _torch_run(torch, opt_params, opt, grads[:2], lambda step: 0.1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    before = [p.detach().clone() for p in qs]
+    with pytest.raises(RuntimeError, match="captured into a CUDA graph.*host memory"):
+        counted_on_host.step()
+    assert all(torch.equal(p, b) for p, b in zip(qs, before))
+    capturable.param_groups[0]["lr"] = 0.05
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match="update table must be written.*prepare"):
+        capturable.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    capturable.prepare()  # outside the graph in real use; the flag is faked here
+    capturable.step()
+    fresh = SGD([torch.nn.Parameter(params[0].clone())], lr=0.1, capturable=True)
+    fresh._layout = None  # as a copy's first use: the buffers must be packed
+    with pytest.raises(RuntimeError, match="packed into buffers"):
+        fresh.step()
+    monkeypatch.undo()
+    assert capturable.step_count == 3
+
+
+@pytest.mark.gpu
+def test_torch_cuda_graph_replays_are_the_eager_steps():
+    """gpu_momentum.torch.SGD(capturable=True, skip_nonfinite=True): a step captured with
+    torch.cuda.graph and replayed 20 times, an lr schedule written between replays with
+    prepare() and one overflow, matches 20 eager steps bit for bit, counts included."""
+    from harness import require
+    torch = require("torch")
+    if not torch.cuda.is_available() or "cupy" not in gm.available_backends():
+        pytest.skip("needs a CUDA device that torch and the cupy backend can use")
+    from gpu_momentum.torch import SGD
+
+    params, grads = _torch_problem(torch, "cuda", steps=23, overflow=10)
+    schedule = lambda step: 0.1 * 0.9 ** step
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, capturable=True,
+                   skip_nonfinite=True, backend="cupy")
+    eager_params = [torch.nn.Parameter(p.clone()) for p in params]
+    eager = SGD(eager_params, **options)
+    _torch_run(torch, eager_params, eager, grads, schedule)
+
+    graph_params = [torch.nn.Parameter(p.clone()) for p in params]
+    replayed = SGD(graph_params, **options)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps, as torch.cuda.graph asks: eager
+        _torch_run(torch, graph_params, replayed, grads[:3], schedule)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed.step()
+    for step in range(3, len(grads)):
+        for p, g in zip(graph_params, grads[step]):
+            p.grad.copy_(g)  # the flat gradient buffer the graph reads
+        replayed.param_groups[0]["lr"] = schedule(step)
+        replayed.prepare()
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(graph_params, eager_params):
+        assert torch.equal(p, q)
+        assert torch.equal(replayed.state[p]["momentum_buffer"],
+                           eager.state[q]["momentum_buffer"])
+    assert (replayed.step_count, replayed.skipped_steps) == (22, 1) == \
+        (eager.step_count, eager.skipped_steps)

@@ -82,7 +82,7 @@ class Backend(Protocol):
         keeps it valid."""
 
     def step(self, param, grad, velocity, table: UpdateTable, inv_grad_scale,
-             counters=None, agree=None) -> None:
+             counters=None, agree=None, check_nonfinite=True) -> None:
         """The fused update of every group in one kernel launch over arrays that
         `check_arrays` accepted, with a table from `device_table`; queued without waiting
         for the device.
@@ -97,6 +97,9 @@ class Backend(Protocol):
         before the update, in stream order (it queues work; it does not wait for it),
         even over no elements: processes sharing one step combine their
         counters[LAST_STEP_SKIPPED] there, so all skip together (gpu_momentum.distributed).
+
+        check_nonfinite=False, with counters: a counted step that does not look for
+        non-finite values (a capturable optimizer's, without skip_nonfinite).
         """
 
 

@@ -80,8 +80,9 @@ class CpuBackend:
         return launch
 
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None):
-        self.step_function(param, velocity, table, counters)(grad, inv_grad_scale, agree)
+             agree=None, check_nonfinite=True):
+        self.step_function(param, velocity, table, counters, check_nonfinite)(
+            grad, inv_grad_scale, agree)
 
 
 def _flat(array):

@@ -142,10 +142,11 @@ class CupyBackend:
         return launch
 
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None):
+             agree=None, check_nonfinite=True):
         """Queues the step's launches (kernels.cuda_launch.step_launches) on the current
         stream; the table and counters must be on the current device."""
-        self.step_function(param, velocity, table, counters)(grad, inv_grad_scale, agree)
+        self.step_function(param, velocity, table, counters, check_nonfinite)(
+            grad, inv_grad_scale, agree)
 
 
 @functools.cache
