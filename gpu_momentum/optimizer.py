@@ -78,6 +78,12 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     compute, size = compute_dtype(info.dtype), math.prod(info.shape)
 
     def table():
+        if info.on_device and backend.capturing(param):
+            raise RuntimeError("momentum_step() is being captured into a CUDA graph, but "
+                               "its hyperparameters' table must be copied to the device "
+                               "first: a replay would not copy it. Call it once with "
+                               "these hyperparameters before capturing. Nothing was "
+                               "changed.")
         host = update_table([hyper], [not first_step], compute, size=size)
         return device_table(backend, host, param)
 

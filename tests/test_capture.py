@@ -140,6 +140,21 @@ def test_host_work_inside_a_capture_is_refused(backend, monkeypatch):
     assert capturable.step_count == 2
 
 
+def test_momentum_step_inside_a_capture_needs_its_table_copied_before(backend,
+                                                                       monkeypatch):
+    if not backend.on_device:
+        pytest.skip("host memory has no CUDA graphs: the cpu backend never captures")
+    param, (grad,) = problem(16, steps=1)
+    p, g, v = (backend.from_numpy(a) for a in (param, grad, np.zeros(16)))
+    gm.momentum_step(p, g, v, lr=0.125, backend=backend.name)
+    _capturing(monkeypatch, backend)
+    gm.momentum_step(p, g, v, lr=0.125, backend=backend.name)  # its table is there
+    before = backend.to_numpy(p).tobytes()
+    with pytest.raises(RuntimeError, match="momentum_step.*captured.*table"):
+        gm.momentum_step(p, g, v, lr=0.25, backend=backend.name)
+    assert backend.to_numpy(p).tobytes() == before
+
+
 @pytest.mark.gpu
 def test_cupy_graph_replays_are_the_eager_steps():
     """A step captured once with CuPy (stream.begin_capture / end_capture) and replayed

@@ -106,9 +106,12 @@ class NumbaCudaBackend:
             return False  # the simulator has no graphs
         from cuda.bindings import driver
 
-        stream = _stream_view(param).stream
-        handle = getattr(stream, "handle", stream)
-        error, status = driver.cuStreamIsCapturing(getattr(handle, "value", handle) or 0)
+        if _is_numba_array(param):
+            handle = getattr(param.stream, "handle", param.stream)
+            handle = getattr(handle, "value", handle)
+        else:  # the stream its exporter names now, read without making a view
+            handle = _exported_stream(param)
+        error, status = driver.cuStreamIsCapturing(int(handle or 0))
         if error != driver.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"cuStreamIsCapturing failed: {error}")
         return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
