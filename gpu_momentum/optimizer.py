@@ -58,8 +58,10 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     param's dtype (float32 for float16 params). backend=None picks the best backend for the
     arrays' type. Every argument is checked before anything is written, hyperparameters
     also against the compute dtype (float32 for float16 and float32 params, float64 for
-    float64: see Hyperparameters.check_dtype and inverse_grad_scale). On a GPU backend
-    the hyperparameters are copied to the device when they differ from recent calls'.
+    float64: see Hyperparameters.check_dtype and inverse_grad_scale). grad_scale may also
+    be a 0-d float array in the arrays' memory, read by the kernels (see
+    MomentumSGD.step). On a GPU backend the hyperparameters are copied to the device when
+    they differ from recent calls'.
     """
     options = dict(lr=lr, momentum=momentum, dampening=dampening,
                    weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
@@ -74,7 +76,13 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     backend = select_backend(backend, param)
     check_arrays(backend, param, grad, velocity)
     hyper.check_dtype(info.dtype)
-    inv_grad_scale = inverse_grad_scale(grad_scale, info.dtype)
+    device_scale = None
+    if _is_array(grad_scale):
+        device_scale = _scalar_array("grad_scale", grad_scale, backend, info.on_device,
+                                     FLOAT_KINDS)
+        inv_grad_scale = 1.0  # not read
+    else:
+        inv_grad_scale = inverse_grad_scale(grad_scale, info.dtype)
     compute, size = compute_dtype(info.dtype), math.prod(info.shape)
 
     def table():
@@ -92,7 +100,7 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
         table = _recent(_STATELESS_TABLES, table_key, table)
     else:
         table = table()
-    backend.step(param, grad, velocity, table, inv_grad_scale)
+    backend.step(param, grad, velocity, table, inv_grad_scale, grad_scale=device_scale)
 
 
 # momentum_step's latest hyperparameters, checked (values key -> (Hyperparameters,
@@ -132,6 +140,34 @@ def _recent(cache, key, make):
 
 def _size(array):
     return math.prod(describe("array", array).shape)
+
+
+FLOAT_KINDS, NUMBER_KINDS = "f", "biuf"  # dtype kinds of a loss scale, of found_inf
+
+
+def _is_array(value):
+    """Whether `value` is an array (host or device), not a number (NumPy scalars
+    included)."""
+    return isinstance(value, np.ndarray) or hasattr(value, "__cuda_array_interface__") or \
+        bool(getattr(value, "__cuda_ndarray__", False))
+
+
+def _scalar_array(name, value, backend, on_device, kinds):
+    """`value`, after checking that it is a 0-d array of one of the dtype `kinds` in the
+    memory `backend` updates in (on_device: the parameters'); its value is not read."""
+    info = describe(name, value)
+    if info.shape != ():
+        raise ValueError(f"Invalid {name} value: an array of shape {info.shape} ({name} "
+                         f"in the backend's memory is a 0-d array: one number)")
+    if info.dtype.kind not in kinds:
+        raise TypeError(f"Invalid {name} value: an array of dtype {info.dtype} ({name} "
+                        f"must be a {'float' if kinds == FLOAT_KINDS else 'number'} array)")
+    if info.on_device != on_device or not backend.owns(value):
+        where = "GPU memory" if on_device else "host memory"
+        raise TypeError(f"Invalid {name} value: a {type_name(value)}, which backend "
+                        f"{backend.name!r} cannot read in its place (an array in {where}, "
+                        f"where the parameters are, is needed)")
+    return value
 
 
 class ParamGroup(collections.abc.MutableMapping):
@@ -439,20 +475,46 @@ class MomentumSGD:
                 ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
         return self._table
 
-    def step(self, grad=None, *, grad_scale=1.0):
+    def step(self, grad=None, *, grad_scale=1.0, found_inf=None):
         """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
         divided by `grad_scale` (the loss scale, inside the same fused pass).
+
+        grad_scale: a number, checked as inverse_grad_scale says; or a 0-d float array in
+        the backend's memory (a CuPy array or torch CUDA tensor, such as
+        torch.amp.GradScaler's scale; a NumPy array on the CPU), which the kernels read
+        when they run (so a CUDA graph replays its value of the moment): the gradient is
+        multiplied by 1 / grad_scale worked out in the compute dtype, for the power-of-two
+        scales of loss scalers exactly the number's 1 / grad_scale. Its value is not
+        checked (that would wait for the device); with skip_nonfinite a scale whose
+        inverse is not finite skips the step. found_inf: None, or a 0-d array in the
+        backend's memory (GradScaler's found_inf): when it is nonzero the step is
+        skipped, changing nothing but the counters (on a GPU the counters must be in its
+        memory: capturable or skip_nonfinite).
 
         A step with the grad and grad_scale objects of the step before, unchanged (same
         shape, strides, dtype, flags: arrays.array_state), and unchanged hyperparameters
         only compares them and launches the update prepared then (the backend's
         step_function); anything else is checked in full first."""
+        device_scale = None
         if grad_scale is self._grad_scale:
             inv_grad_scale = self._inv_grad_scale
+        elif _is_array(grad_scale):
+            device_scale = _scalar_array("grad_scale", grad_scale, self._backend,
+                                         self._on_device, FLOAT_KINDS)
+            inv_grad_scale = 1.0  # not read
         else:
             inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
             self._grad_scale, self._inv_grad_scale = grad_scale, inv_grad_scale
-        self._step(self._gradient(None) if grad is None else grad, inv_grad_scale)
+        if found_inf is not None:
+            found_inf = _scalar_array("found_inf", found_inf, self._backend,
+                                      self._on_device, NUMBER_KINDS)
+            if self._on_device and not self._counted_on_device:
+                raise ValueError("Invalid found_inf value: an array, but this optimizer "
+                                 "counts its steps on the host, which cannot read it "
+                                 "without waiting for the device (construct it with "
+                                 "capturable=True or skip_nonfinite=True)")
+        self._step(self._gradient(None) if grad is None else grad, inv_grad_scale,
+                   grad_scale=device_scale, found_inf=found_inf)
 
     def _gradient(self, grad):
         """`grad`, or the FlatParams' gradient buffer for None."""
@@ -463,26 +525,32 @@ class MomentumSGD:
                             "(only FlatParams carry their own gradient buffer)")
         return self.flat.grad
 
-    def _step(self, grad, inv_grad_scale, agree=None):
+    def _step(self, grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
         """The step over `param` (the window's elements) with `grad` of its shape; `agree`
-        as in Backend.step, with skip_nonfinite."""
+        as in Backend.step, with skip_nonfinite; grad_scale and found_inf checked 0-d
+        arrays in the backend's memory, or None."""
         if (self._table_stale or grad is not self._grad or self.velocity is not self._velocity
                 or self._array_states != (array_state(self.param), array_state(grad),
                                           array_state(self.velocity))):
             self._prepare_step(grad)
         if self._counted_on_device:
-            self._launch(grad, inv_grad_scale, agree)
-        else:
-            if self._on_device:  # a CUDA graph would replay the launch, not the counting
-                self._refuse_host_work("the step counters are in host memory (construct "
-                                       "the optimizer with capturable=True)")
-            self._launch(grad, inv_grad_scale, agree)
-            # The counters stay in host memory: counted here as the kernels count theirs.
-            counters = self._counters
-            count_step(counters)
-            if self._first_steps_pending:  # their flags change: the table too
-                mark_velocities_initialized(counters, self._group_flags, 0, 1)
-                self._table_stale = True
+            self._launch(grad, inv_grad_scale, agree, grad_scale, found_inf)
+            return
+        if self._on_device:  # a CUDA graph would replay the launch, not the counting
+            self._refuse_host_work("the step counters are in host memory (construct the "
+                                   "optimizer with capturable=True)")
+        # The counters stay in host memory: counted here as the kernels count theirs
+        # (found_inf too is in host memory here).
+        counters = self._counters
+        skipped = found_inf is not None and bool(found_inf[()] != 0)
+        if not skipped:
+            self._launch(grad, inv_grad_scale, agree, grad_scale)
+        if skipped or counters[LAST_STEP_SKIPPED]:
+            counters[LAST_STEP_SKIPPED] = skipped
+        count_step(counters)
+        if self._first_steps_pending and not skipped:  # their flags change: the table too
+            mark_velocities_initialized(counters, self._group_flags, 0, 1)
+            self._table_stale = True
 
     def _prepare_step(self, grad):
         """Every check of a step's arrays, then `prepare`."""

@@ -213,6 +213,13 @@ class SGD(Optimizer):
         """Whether the buffers' kernels count the steps (in the buffers' memory)."""
         return self._skip_nonfinite or self.capturable
 
+    def _reads_scaler_values(self, devices):
+        """Whether GradScaler may hand its scale and found_inf to step() on these devices
+        (`_step_supports_amp_scaling`): on the CPU, read on the host; on CUDA, read by the
+        kernels, which needs the counters there (capturable or skip_nonfinite)."""
+        kinds = {device.type for device in devices}
+        return kinds <= {"cpu"} or (kinds == {"cuda"} and self._counted_on_device)
+
     @torch._disable_dynamo
     @torch.no_grad()
     def prepare(self):
@@ -283,8 +290,8 @@ class SGD(Optimizer):
         layout = self.__dict__.get("_layout")
         if layout is None:
             self._layout = None
-            self._step_supports_amp_scaling = all(
-                p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+            self._step_supports_amp_scaling = self._reads_scaler_values(
+                p.device for g in self.param_groups for p in g["params"])
         else:
             for bucket in layout.buckets:
                 bucket.check_state(self.state)
@@ -381,7 +388,11 @@ class SGD(Optimizer):
         # Everything that can fail is checked before anything is written.
         layout.check_kept_out()
         settings = self._group_settings()
-        inv_grad_scale = 1.0 if grad_scale is None else 1.0 / _number(grad_scale)
+        # CUDA buffers read GradScaler's values on the device (see _reads_scaler_values).
+        on_device = any(bucket.device.type == "cuda" for bucket in layout.buckets)
+        device_scaling = on_device and (grad_scale is not None or found_inf is not None)
+        inv_grad_scale = 1.0 if grad_scale is None or on_device else \
+            1.0 / _number(grad_scale)
         try:
             prepared = [bucket.prepare() for bucket in layout.buckets]
         except _Reshaped:
@@ -390,7 +401,7 @@ class SGD(Optimizer):
                     "a parameter has a new shape: the buffers must be packed again"))
             layout = self._layout = self._pack(layout)
             prepared = [bucket.prepare() for bucket in layout.buckets]
-        if found_inf is not None and _number(found_inf) != 0:
+        if found_inf is not None and not on_device and _number(found_inf) != 0:
             # GradScaler found an inf: nothing changes, and a parameter's first step
             # stays its first step (torch's fused SGD gets this wrong; its for-loop not).
             self._settle()
@@ -400,9 +411,11 @@ class SGD(Optimizer):
         for bucket, foreign in zip(layout.buckets, prepared):
             bucket.gather(foreign)
         skipped = False
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf} if device_scaling \
+            else {}
         for bucket in layout.buckets:
             skipped |= bucket.launch(settings, self._style, inv_grad_scale, self.state,
-                                     capturing)
+                                     capturing, **scaling)
         if not layout.counted_on_device:
             self._counts[1 if skipped else 0] += 1
             self._last_step_skipped = skipped
@@ -461,7 +474,7 @@ class SGD(Optimizer):
             bucket.fill(self.state)
         for bucket in buckets:
             bucket.commit(self.state, replaceable)
-        self._step_supports_amp_scaling = all(b.device.type == "cpu" for b in buckets)
+        self._step_supports_amp_scaling = self._reads_scaler_values(b.device for b in buckets)
         return _Layout(self.param_groups, buckets, kept_out, self._counted_on_device)
 
     def _backend_for(self, number, p):
@@ -732,14 +745,21 @@ class _Bucket:
             with self.arrays.context():
                 self._write_table(style, self.arrays.step_arrays()[0])
 
-    def launch(self, settings, style, inv_grad_scale, state, capturing=False):
+    def launch(self, settings, style, inv_grad_scale, state, capturing=False,
+               grad_scale=None, found_inf=None):
         """The fused update of every parameter with a gradient, one launch; then the
         momentum buffers of first steps enter `state`. Returns whether the step was
-        skipped (known on the host: without counters, or with counters in host memory)."""
+        skipped (known on the host: without counters, or with counters in host memory).
+        grad_scale and found_inf: GradScaler's 0-d CUDA tensors, read by the kernels."""
         self.refresh(settings, style, capturing)
+        scaling = {name: value if value.device == self.device else
+                   value.to(self.device, non_blocking=True)
+                   for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
+                   if value is not None}
         with self.arrays.context():
             self.backend.step(*self.arrays.step_arrays(), self.device_table, inv_grad_scale,
-                              self.counters, check_nonfinite=self.check_nonfinite)
+                              self.counters, check_nonfinite=self.check_nonfinite,
+                              **scaling)
         if not self.awaiting_first:  # every velocity this table can create exists
             return bool(self.counters is not None and self.device.type == "cpu"
                         and self.counters[LAST_STEP_SKIPPED])

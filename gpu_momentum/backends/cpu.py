@@ -4,6 +4,7 @@ over the cores, or serial for small buffers)."""
 import numpy as np
 
 from ..kernels.layout import LAST_STEP_SKIPPED, READ_COUNTERS
+from .contract import refuse_found_inf_without_counters
 
 NO_COUNTERS = np.zeros(0, np.int64)  # what the kernels get for counters=None
 
@@ -57,19 +58,24 @@ class CpuBackend:
         # same objects) converts nothing.
         last_grad = flat_grad = last_scale = inv = None
 
-        def launch(grad, inv_grad_scale, agree=None):
+        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
             nonlocal last_grad, flat_grad, last_scale, inv
             if grad is not last_grad:
                 last_grad, flat_grad = grad, _flat(grad)
-            if inv_grad_scale is not last_scale:
+            if grad_scale is not None:  # host memory: read now, as a kernel would
+                last_scale, inv = None, _reciprocal(scalar(grad_scale[()]))
+            elif inv_grad_scale is not last_scale:
                 last_scale, inv = inv_grad_scale, scalar(inv_grad_scale)
             if counters is None:
+                refuse_found_inf_without_counters(found_inf)
                 update(param, flat_grad, velocity, scalars, group_flags, range_ends,
                        range_groups, inv, launch_flags, NO_COUNTERS)
                 return
             arguments = (param, flat_grad, velocity, scalars, group_flags, range_ends,
                          range_groups, inv, launch_flags)
-            if check_nonfinite:
+            if found_inf is not None and found_inf[()] != 0:
+                counters[LAST_STEP_SKIPPED] = 1
+            elif check_nonfinite:
                 find_nonfinite(*arguments, counters)
             else:
                 counters[LAST_STEP_SKIPPED] = 0
@@ -80,9 +86,17 @@ class CpuBackend:
         return launch
 
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None, check_nonfinite=True):
+             agree=None, check_nonfinite=True, grad_scale=None, found_inf=None):
         self.step_function(param, velocity, table, counters, check_nonfinite)(
-            grad, inv_grad_scale, agree)
+            grad, inv_grad_scale, agree, grad_scale, found_inf)
+
+
+def _reciprocal(scale):
+    """1 / scale in scale's dtype, as the GPU kernels work it out from a loss scale in
+    device memory (inf for 0: the gradient is then not finite)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return scale.dtype.type(1) / scale
+
 
 
 def _flat(array):
