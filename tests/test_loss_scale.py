@@ -105,10 +105,9 @@ def test_arrays_in_the_other_memory_are_refused(backend):
         with pytest.raises(ValueError, match="found_inf value: an array, but this "
                                              "optimizer counts its steps on the host"):
             opt.step(g, found_inf=_zero_d(backend, 0.0, np.float32))
-    else:
-        assert opt.step(g, found_inf=_host_array(1.0, np.float32)) is None
+    else:  # host memory: read on the host, whatever the counters
+        opt.step(g, found_inf=_host_array(1.0, np.float32))
         assert opt.skipped_steps == 1 and opt.step_count == 0
-    assert opt.backend == backend.name
 
 
 @pytest.mark.gpu
