@@ -213,6 +213,15 @@ class SGD(Optimizer):
         """Whether the buffers' kernels count the steps (in the buffers' memory)."""
         return self._skip_nonfinite or self.capturable
 
+    def _on_cuda(self):
+        """Whether some buffer (or, before packing, some parameter) is on a CUDA device:
+        only then can a step be inside a CUDA graph capture (asking torch otherwise would
+        start CUDA in a CPU-only program)."""
+        layout = self.__dict__.get("_layout")
+        if layout is not None:
+            return layout.on_cuda
+        return any(p.is_cuda for group in self.param_groups for p in group["params"])
+
     def _reads_scaler_values(self, devices):
         """Whether GradScaler may hand its scale and found_inf to step() on these devices
         (`_step_supports_amp_scaling`): on the CPU, read on the host; on CUDA, read by the
@@ -377,7 +386,7 @@ class SGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        capturing = self._on_cuda() and torch.cuda.is_current_stream_capturing()
         if capturing and not self._counted_on_device:
             raise RuntimeError(_CAPTURE_REFUSED.format(
                 "the step counters are in host memory: construct the optimizer with "
@@ -389,7 +398,7 @@ class SGD(Optimizer):
         layout.check_kept_out()
         settings = self._group_settings()
         # CUDA buffers read GradScaler's values on the device (see _reads_scaler_values).
-        on_device = any(bucket.device.type == "cuda" for bucket in layout.buckets)
+        on_device = layout.on_cuda
         device_scaling = on_device and (grad_scale is not None or found_inf is not None)
         inv_grad_scale = 1.0 if grad_scale is None or on_device else \
             1.0 / _number(grad_scale)
@@ -552,6 +561,7 @@ class _Layout:
         self.kept_out = kept_out
         self.kept_out_ptrs = [_data_ptr(p) for p in kept_out]
         self.counted_on_device = counted_on_device and bool(buckets)
+        self.on_cuda = any(bucket.device.type == "cuda" for bucket in buckets)
 
     def holds(self, param_groups):
         """Whether the groups hold the packed parameters, each still in its buffer."""

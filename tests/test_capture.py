@@ -274,7 +274,8 @@ def test_torch_sgd_host_work_inside_a_capture_is_refused(monkeypatch):
     capturable = SGD(ps, lr=0.1, momentum=0.9, capturable=True)
     for opt, opt_params in ((counted_on_host, qs), (capturable, ps)):
         _torch_run(torch, opt_params, opt, grads[:2], lambda step: 0.1)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for opt in (counted_on_host, capturable):  # as if their buffers were on a GPU
+        monkeypatch.setattr(opt._layout, "on_cuda", True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     before = [p.detach().clone() for p in qs]
     with pytest.raises(RuntimeError, match="captured into a CUDA graph.*host memory"):
@@ -289,6 +290,7 @@ def test_torch_sgd_host_work_inside_a_capture_is_refused(monkeypatch):
     capturable.step()
     fresh = SGD([torch.nn.Parameter(params[0].clone())], lr=0.1, capturable=True)
     fresh._layout = None  # as a copy's first use: the buffers must be packed
+    monkeypatch.setattr(fresh, "_on_cuda", lambda: True)
     with pytest.raises(RuntimeError, match="packed into buffers"):
         fresh.step()
     monkeypatch.undo()
