@@ -8,6 +8,8 @@ params; the peers: the param dtype). A peer that is not installed, or that canno
 dtype, is reported with the reason and never replaced by something else.
 """
 
+import dataclasses
+
 import numba  # noqa: F401  (before torch: two OpenMP runtimes loaded the other way stall)
 import numpy as np
 
@@ -15,16 +17,17 @@ from gpu_momentum import FlatParams, MomentumSGD
 from gpu_momentum.arrays import compute_dtype
 from gpu_momentum.backends import BACKEND_NAMES, BackendUnavailableError, backend_named
 
-from .data import (CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS, ROOFLINE_PEERS,
-                   ROOFLINES, TORCH_API, Absent, Built, Candidate, Problem, Unsupported,
-                   backend_name)
+from .data import (CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS, NUMPY_TWO_LINE,
+                   ROOFLINE_PEERS, ROOFLINES, TORCH_API, Absent, Built, Candidate, Problem,
+                   Unsupported, backend_name)
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
-from .peers import (copyto_builder, naive_builder, numpy_out_builder, stream_builder,
-                    torch_builder, torch_parameters)
+from .peers import (copyto_builder, naive_builder, numpy_out_builder,
+                    numpy_two_line_builder, stream_builder, torch_builder, torch_parameters)
 
 __all__ = ["CUPY_PEER", "GROUPS", "LR", "MOMENTUM", "ROOFLINES", "TORCH_API", "Absent",
            "Built", "Candidate", "Problem", "Unsupported", "discover", "group_spec",
-           "groups_comparison", "library_candidate", "torch_workload"]
+           "groups_comparison", "library_candidate", "overhead_candidates",
+           "torch_workload"]
 TORCH_VARIANTS = (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}),
                   ("fused", {"fused": True}))
 
@@ -127,6 +130,32 @@ def torch_workload(devices=("cpu", "cuda")):
         ours.append(Candidate("backend", device, torch_sgd_builder(torch, device, name),
                               update_bytes, timer, arrays=5, backend=name, api=TORCH_API))
     return ours + peers, absent
+
+
+def overhead_candidates(found):
+    """The overhead workload's candidates: every backend and peer among `found` (no
+    rooflines), each timed by the wall clock around a loop of steps with one
+    synchronisation of its device at the end, so that the per-step Python counts as the
+    user sees it; NumPy's two-line update where the CPU is measured; and where the cupy
+    backend is, its step replayed from a CUDA graph (wall clock, and the GPU's own
+    time)."""
+    timed = [dataclasses.replace(c, timer=HostTimer(_device_synchronize(c.device)))
+             for c in found if c.kind != "roofline"]
+    if any(c.device == "cpu" for c in found):
+        timed.append(Candidate("peer", "cpu", numpy_two_line_builder, update_bytes,
+                               HostTimer(), arrays=3, peer=NUMPY_TWO_LINE))
+    if any(c.kind == "backend" and c.backend == "cupy" for c in found):
+        from . import gpu
+        timed += gpu.graph_candidates()
+    return timed
+
+
+def _device_synchronize(device):
+    """What waits for every candidate's queued work on `device`."""
+    if device == "cpu":
+        return lambda: None
+    from . import gpu
+    return gpu.synchronize_device
 
 
 def torch_candidates(absent, devices, gpu, gpu_reason):

@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-WORKLOADS = ["resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2"]
+WORKLOADS = ["resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2",
+             "overhead"]
 FULL = {"sizes": list(range(16, 29)), "workloads": WORKLOADS, "samples": 25,
         "max_time": 3.0}
 QUICK = {"sizes": [16, 18, 20, 22], "workloads": ["resnet50", "groups", "torch-resnet50"],
@@ -53,7 +54,10 @@ def add_arguments(parser):
                              "the largest size (at most 2**26), with 1 and with 100 "
                              "parameter groups. torch-resnet50, torch-gpt2 (torch: both): "
                              "gpu_momentum.torch.SGD's opt.step() against torch.optim."
-                             "SGD's over those shapes as nn.Parameters with gradients")
+                             "SGD's over those shapes as nn.Parameters with gradients. "
+                             "overhead: per-step time of every backend and peer from "
+                             "2**10 to 2**20 elements, wall clock with one "
+                             "synchronisation per loop of steps")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"],
                         choices=["cpu", "cuda"],
                         help="where to run (default both; cuda needs CuPy and a GPU)")

@@ -22,6 +22,13 @@ NAIVE_ARRAYS = 6
 KINDS = ("backend", "peer", "roofline")
 # The torch workloads time this front end of the library against torch.optim.SGD.
 TORCH_API = "gpu_momentum.torch.SGD"
+# The overhead workload: one flat buffer at each of these sizes, every backend and peer
+# timed by the wall clock around a loop of steps with one synchronisation at its end (the
+# per-step Python included), beside NumPy's two-line update.
+OVERHEAD = "overhead"
+OVERHEAD_SIZES = tuple(2**e for e in range(10, 21))
+NUMPY_TWO_LINE = "numpy two-line"
+GRAPH_REPLAY, GRAPH_GPU_TIME = "graph replay", "graph replay, GPU time"
 
 
 class Unsupported(Exception):
@@ -75,9 +82,12 @@ class Candidate:
     Rows are told apart by fields, never by their display name: `backend` names the
     library's backend (kind "backend"), `peer` what a peer or roofline is (kind "peer" or
     "roofline", e.g. "torch SGD fused"), `groups` the parameter groups of the groups
-    comparison's many-group variant (1 elsewhere), and `api` which of the library's
+    comparison's many-group variant (1 elsewhere), `api` which of the library's
     front ends runs the backend: "MomentumSGD", or TORCH_API (gpu_momentum.torch.SGD over
-    nn.Parameters, in the torch workloads)."""
+    nn.Parameters, in the torch workloads), and `launch` how its steps are launched:
+    "eager" (step() each time), GRAPH_REPLAY (one step captured in a CUDA graph, the
+    graph launched) or GRAPH_GPU_TIME (the same, timed by CUDA events around each
+    replay: the GPU's own time for the step's kernels)."""
     kind: str  # one of KINDS
     device: str  # "cpu" or "cuda"
     build: Callable
@@ -88,6 +98,7 @@ class Candidate:
     peer: str = None
     groups: int = 1
     api: str = "MomentumSGD"
+    launch: str = "eager"
 
     @property
     def name(self):
@@ -97,7 +108,8 @@ class Candidate:
             return f"{TORCH_API} ({self.backend})"
         if self.kind == "backend":
             many = f" ({self.groups} groups)" if self.groups > 1 else ""
-            return f"{backend_name(self.backend)}{many}"
+            launch = f" ({self.launch})" if self.launch != "eager" else ""
+            return f"{backend_name(self.backend)}{many}{launch}"
         return f"{self.peer} ({self.device})"
 
     @property

@@ -4,12 +4,14 @@ Only imported when the benchmark looks for a GPU; nothing here runs on a CPU-onl
 beyond `unavailable_reason`.
 """
 
+import functools
 import sys
 
 from gpu_momentum.backends import unavailable_reason as backend_unavailable_reason
 
-from .data import CUPY_EXPRESSIONS, NAIVE_ARRAYS, ROOFLINE_PEERS, Built, Candidate
-from .measure import copy_bytes, update_bytes
+from .data import (CUPY_EXPRESSIONS, GRAPH_GPU_TIME, GRAPH_REPLAY, LR, MOMENTUM,
+                   NAIVE_ARRAYS, ROOFLINE_PEERS, Built, Candidate, Unsupported)
+from .measure import HostTimer, copy_bytes, update_bytes
 from .peers import naive_builder
 
 
@@ -56,6 +58,76 @@ class TorchEventTimer:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / calls
+
+
+@functools.cache
+def graph_stream():
+    """The stream the graph replay candidates capture on and replay on (capture needs a
+    stream other than the legacy default stream)."""
+    import cupy
+
+    return cupy.cuda.Stream(non_blocking=True)
+
+
+def graph_replay_builder(problem):
+    """The cupy backend's step (a capturable MomentumSGD, classic style as the library's
+    other rows) captured once in a CUDA graph; each call launches the graph: the step
+    without its per-step Python."""
+    import cupy
+
+    from gpu_momentum import MomentumSGD
+
+    if problem.shapes is not None:
+        raise Unsupported("graph replay rows run on one flat buffer (the overhead workload)")
+    stream = graph_stream()
+    with stream:
+        param, grad = cupy.asarray(problem.p0), cupy.asarray(problem.g0)
+        opt = MomentumSGD(param, lr=LR, momentum=MOMENTUM, capturable=True,
+                          backend="cupy")
+        stream.begin_capture()
+        opt.step(grad)
+        graph = stream.end_capture()
+    stream.synchronize()
+    return Built(lambda: graph.launch(stream), lambda: [cupy.asnumpy(param)])
+
+
+class ReplayEventTimer:
+    """CUDA events recorded on the graph stream around each call: the GPU's own time for
+    what the call launched, whatever the host's pace (the GPU waits between calls)."""
+
+    def time(self, step, calls):
+        import cupy
+
+        stream = graph_stream()
+        pairs = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(calls)]
+        for start, end in pairs:
+            start.record(stream)
+            step()
+            end.record(stream)
+        pairs[-1][1].synchronize()
+        return sum(cupy.cuda.get_elapsed_time(start, end)
+                   for start, end in pairs) / 1e3 / calls
+
+
+def graph_candidates():
+    """The cupy backend's graph replay rows: by the wall clock (one synchronisation per
+    loop of replays) and by CUDA events (the kernels' own time)."""
+    from gpu_momentum.arrays import compute_dtype
+
+    library = lambda launch, timer: Candidate(
+        "backend", "cuda", graph_replay_builder,
+        lambda dtype: update_bytes(dtype, compute_dtype(dtype)), timer, arrays=4,
+        backend="cupy", launch=launch)
+    return [library(GRAPH_REPLAY, HostTimer(synchronize_device)),
+            library(GRAPH_GPU_TIME, ReplayEventTimer())]
+
+
+def synchronize_device():
+    """Waits for all work on the current device, whichever stream queued it (CuPy's,
+    Numba's, torch's)."""
+    import cupy
+
+    cupy.cuda.runtime.deviceSynchronize()
 
 
 def d2d_copy_builder(problem):

@@ -22,6 +22,18 @@ def naive_builder(to_device, to_numpy):
     return build
 
 
+def numpy_two_line_builder(problem):
+    """`v[...] = beta*v - lr*g; p[...] += v`, the two lines users write in place (the
+    overhead workload's reference for small buffers)."""
+    param, grad = problem.p0.copy(), problem.g0.copy()
+    velocity = np.zeros_like(param)
+
+    def step():
+        velocity[...] = MOMENTUM * velocity - LR * grad
+        param[...] += velocity
+    return Built(step, lambda: [param.copy()])
+
+
 def numpy_out_builder(problem):
     """The same update in place with `out=` and one scratch array per tensor."""
     params = [t.copy() for t in problem.tensors(problem.p0)]

@@ -3,7 +3,8 @@
 import json
 import re
 
-from .data import KINDS, backend_name
+from .data import (GRAPH_GPU_TIME, GRAPH_REPLAY, KINDS, NUMPY_TWO_LINE, OVERHEAD,
+                   OVERHEAD_SIZES, backend_name)
 
 TARGET_N = 2**26
 FLAT = ("flat", "float32", TARGET_N)
@@ -36,6 +37,20 @@ TARGETS = (
     ("torch.SGD cupy >= 1.2x torch fused, GPT-2", "cupy", TORCH_GPU_FUSED, 1.2,
      ("torch-gpt2", "float32", None)),
 )
+# The overhead workload's targets, as TARGETS but each at its sizes (float32), met when
+# the worst ratio over them reaches the goal.
+OVERHEAD_TARGETS = (
+    ("cpu step() <= 2x NumPy's two-line update", "cpu",
+     {"peer": NUMPY_TWO_LINE, "device": "cpu"}, 0.5, (2**10,)),
+    *(("cpu >= torch fused SGD on the CPU", "cpu",
+       {"peer": "torch SGD fused", "device": "cpu"}, 1.0, (n,)) for n in (2**10, 2**16, 2**20)),
+    *((f"{backend} >= torch fused SGD on the GPU, every size", backend,
+       {"peer": "torch SGD fused", "device": "cuda"}, 1.0, tuple(2**e for e in range(16, 21)))
+      for backend in ("cupy", "numba-cuda")),
+)
+# The cupy backend's graph replay: at most this much longer per step than the GPU's own
+# time for the step's kernels, at every size of the overhead workload.
+GRAPH_REPLAY_WITHIN_S = 5e-6
 # The groups comparison: 100 groups and 1 group run within 5% of each other.
 GROUPS_WITHIN = 0.05
 REQUIRED_ROW_KEYS = ("name", "kind", "backend", "peer", "groups", "dtype", "n", "median_s",
@@ -89,7 +104,48 @@ def targets(result):
                       "n": row["n"] if n is None and row is not None else n,
                       "dtype": dtype, "goal": goal, "value": value,
                       "met": None if value is None else value >= goal})
-    return found
+    return found + overhead_targets(result)
+
+
+def overhead_targets(result):
+    """OVERHEAD_TARGETS as measured: each one's worst ratio over its sizes (None where a
+    size lacks the backend's or the peer's row)."""
+    rows = [r for r in result["results"]
+            if (r["workload"], r["dtype"]) == (OVERHEAD, "float32")]
+    eager = [r for r in rows if r.get("launch", "eager") == "eager"]
+    found = []
+    for what, backend, other, goal, sizes in OVERHEAD_TARGETS:
+        ratios = []
+        for n in sizes:
+            row = _find(eager, kind="backend", backend=backend, n=n)
+            peer = _find(eager, n=n, **other)
+            ratios.append(None if row is None or peer is None
+                          else peer["median_s"] / row["median_s"])
+        value = None if None in ratios else min(ratios)
+        where = size_label(sizes[0]) if len(sizes) == 1 else \
+            f"{size_label(sizes[0])}..{size_label(sizes[-1])}"
+        found.append({"target": f"{what} ({OVERHEAD}, {where})", "workload": OVERHEAD,
+                      "n": list(sizes), "dtype": "float32", "goal": goal, "value": value,
+                      "met": None if value is None else value >= goal})
+    return found + [graph_replay_target(rows)]
+
+
+def graph_replay_target(rows):
+    """The cupy backend's graph replay against the GPU's own time for its kernels: the
+    largest difference per step over the overhead workload's sizes, in microseconds
+    (None unless both rows exist at every size)."""
+    gaps = []
+    for n in OVERHEAD_SIZES:
+        replay = _find(rows, backend="cupy", launch=GRAPH_REPLAY, n=n)
+        kernels = _find(rows, backend="cupy", launch=GRAPH_GPU_TIME, n=n)
+        gaps.append(None if replay is None or kernels is None
+                    else (replay["median_s"] - kernels["median_s"]) * 1e6)
+    value = None if None in gaps else max(gaps)
+    within = GRAPH_REPLAY_WITHIN_S * 1e6
+    return {"target": f"cupy graph replay within {within:g} us of its kernels' GPU time "
+                      f"({OVERHEAD}, every size)", "workload": OVERHEAD,
+            "n": list(OVERHEAD_SIZES), "dtype": "float32", "goal": within, "at_most": True,
+            "unit": "us", "value": value, "met": None if value is None else value <= within}
 
 
 def finish(result, options):
@@ -235,18 +291,23 @@ def groups_lines(rows):
 
 def target_lines(result):
     lines = [[t["target"], f"{t['value']:.2f}" if t["value"] is not None else "-",
-              f">= {t['goal']:g}",
-              {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
+              _goal(t), {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
              for t in result["targets"]]
     return [f"Targets (ratios; float32; flat: at {size_label(TARGET_N)} elements):"] + _columns(
         ["target", "measured", "goal", ""], lines)
 
 
+def _goal(target):
+    """">= 4" for a ratio, "<= 5 us" for a target with a unit that is a bound."""
+    unit = f" {target['unit']}" if target.get("unit") else ""
+    return f"{'<=' if target.get('at_most') else '>='} {target['goal']:g}{unit}"
+
+
 # ---- the plot ----
 
 def plot(result, path):
-    """GB/s against size per dtype (one line per backend/peer, rooflines dashed), and the
-    many-tensor workloads as bars."""
+    """GB/s against size per dtype (one line per backend/peer, rooflines dashed), the
+    many-tensor workloads as bars, and the overhead workload's time per step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,11 +323,13 @@ def plot(result, path):
     colors = {**dict(zip(lines, palette)),
               **{n: "black" if n in of_record else "gray" for n in rooflines}}
     both_devices = len({r["device"] for r in rows}) > 1
-    many = sorted({r["workload"] for r in rows} - {"flat"})
-    columns = 2 if many else 1
-    figure, axes = plt.subplots(len(dtypes), columns, squeeze=False,
-                                figsize=(8 + 5 * (columns - 1), 5.5 * len(dtypes)),
-                                gridspec_kw={"width_ratios": [8, 5][:columns]})
+    many = sorted({r["workload"] for r in rows} - {"flat", OVERHEAD})
+    panels = ["sweep", *(["bars"] * bool(many)),
+              *(["overhead"] * any(r["workload"] == OVERHEAD for r in rows))]
+    widths = {"sweep": 8, "bars": 5, "overhead": 6}
+    figure, axes = plt.subplots(len(dtypes), len(panels), squeeze=False,
+                                figsize=(sum(widths[p] for p in panels), 5.5 * len(dtypes)),
+                                gridspec_kw={"width_ratios": [widths[p] for p in panels]})
     for i, dtype in enumerate(dtypes):
         sweep = axes[i][0]
         for name in names:
@@ -290,12 +353,33 @@ def plot(result, path):
         sweep.grid(True, which="major", alpha=0.3)
         sweep.legend(fontsize=7, loc="best")
         if many:
-            _bars(axes[i][1], [r for r in rows if r["dtype"] == dtype
-                               and r["workload"] != "flat"], many, colors)
+            _bars(axes[i][panels.index("bars")], [r for r in rows if r["dtype"] == dtype
+                                                  and r["workload"] in many], many, colors)
+        if "overhead" in panels:
+            _overhead(axes[i][panels.index("overhead")],
+                      [r for r in rows if r["dtype"] == dtype and r["workload"] == OVERHEAD],
+                      colors)
     figure.suptitle(f"gpu-momentum bench: {result['device']}", fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _overhead(ax, rows, colors):
+    """Time per step against size, log-log: the per-step cost where the data is small."""
+    for name in dict.fromkeys(r["name"] for r in rows):
+        line = sorted((r for r in rows if r["name"] == name), key=lambda r: r["n"])
+        backend = line[0]["kind"] == "backend"
+        ax.plot([r["n"] for r in line], [r["median_s"] * 1e6 for r in line], marker="o",
+                markersize=3, linewidth=2.2 if backend else 1.4, zorder=3 if backend else 2,
+                color=colors[name], label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("elements in the buffer")
+    ax.set_ylabel("us per step (wall clock, one sync per loop)")
+    ax.set_title("overhead: time per step")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
 
 
 def _bars(ax, rows, workloads, colors):

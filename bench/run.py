@@ -14,8 +14,9 @@ from gpu_momentum import __version__
 from gpu_momentum.arrays import compute_dtype
 from gpu_momentum.shapes import resnet50_shapes, transformer_shapes
 
-from .candidates import discover, groups_comparison, torch_workload
-from .data import GROUPS, Problem, Unsupported
+from .candidates import (discover, groups_comparison, overhead_candidates,
+                         torch_workload)
+from .data import GROUPS, OVERHEAD, OVERHEAD_SIZES, Problem, Unsupported
 from .measure import Sampling, measure, summarize
 
 GROUPS_N = 2**26  # the size at which the issue compares 1 and GROUPS parameter groups
@@ -50,7 +51,7 @@ THREADING_VARIABLES = ("OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_", "CUDA_")
 class Options:
     sizes: tuple  # element counts of the flat sweep
     dtypes: tuple  # numpy dtype names
-    workloads: tuple  # names in WORKLOADS ("groups": the groups comparison)
+    workloads: tuple  # names in WORKLOADS ("groups": the groups comparison), or OVERHEAD
     devices: tuple  # "cpu", "cuda"
     threads: int
     sampling: Sampling
@@ -155,6 +156,9 @@ def problems(options):
         for n in options.sizes:
             yield "flat", dtype, n, None
         for workload in options.workloads:
+            if workload == OVERHEAD:
+                yield from ((OVERHEAD, dtype, n, None) for n in OVERHEAD_SIZES)
+                continue
             shapes = WORKLOADS[workload](options.sizes)
             n = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
             yield workload, dtype, n, shapes
@@ -208,11 +212,12 @@ def run(options, progress=None):
 
     todo = list(problems(options))
     compared = groups_comparison(candidates)
+    overhead = overhead_candidates(candidates)
 
     def measured_in(workload):
-        if workload == "groups":
-            return compared
-        return torch_found if workload in TORCH_WORKLOADS else candidates
+        if workload in TORCH_WORKLOADS:
+            return torch_found
+        return {"groups": compared, OVERHEAD: overhead}.get(workload, candidates)
 
     rows, skipped = [], []
     if progress is not None:
@@ -287,8 +292,8 @@ def describe(candidate, workload, tensors, dtype, n):
     """A row's identity: what it is (by fields: backend, peer, groups) and where."""
     return {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
             "backend": candidate.backend, "peer": candidate.peer,
-            "groups": candidate.groups, "api": candidate.api, "workload": workload, "tensors": tensors,
-            "dtype": dtype, "n": n}
+            "groups": candidate.groups, "api": candidate.api, "launch": candidate.launch,
+            "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
 
 
 def summary_row(row, candidate, seconds, calls):

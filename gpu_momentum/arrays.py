@@ -41,6 +41,10 @@ def describe(name, array):
     """ArrayInfo of `array`, or TypeError naming `name` when it is not an array, or is an
     ndarray subclass other than numpy.memmap (see check_plain)."""
     check_plain(name, array)
+    if isinstance(array, np.ndarray):  # plain or a memmap: read without the lookups below
+        address, readonly = array.__array_interface__["data"]
+        return ArrayInfo(name, False, array.shape, array.dtype, address or 0, array.nbytes,
+                         bool(readonly), array.flags.c_contiguous)
     iface = getattr(array, "__cuda_array_interface__", None)
     # Numba device arrays say so with __cuda_ndarray__; under the CUDA simulator they wrap
     # host memory and describe it with __array_interface__ only.
@@ -59,6 +63,23 @@ def describe(name, array):
                   or tuple(strides) == _c_strides(shape, dtype.itemsize))
     return ArrayInfo(name, on_device, shape, dtype, address or 0, size * dtype.itemsize,
                      bool(readonly), contiguous)
+
+
+def array_state(array):
+    """What an update's checks (`describe`, check_update) read of `array` that can change
+    on the same object between two steps, read as cheaply as its type allows, so that a
+    caller re-checks an array it checked before only when this changed.
+
+    NumPy arrays: class, shape, strides, dtype and the writeable flag (all settable in
+    place); the data pointer cannot move while a view of the array exists (resize refuses,
+    `data` cannot be set), and the kernels' callers hold one. CuPy arrays: shape, strides,
+    dtype and the data pointer. Anything else: its whole description (`describe`), which
+    reads its array interface."""
+    if isinstance(array, np.ndarray):
+        return type(array), array.shape, array.strides, array.dtype, array.flags.writeable
+    if type(array).__module__.split(".")[0] == "cupy":
+        return type(array), array.shape, array.strides, array.dtype, array.data.ptr
+    return describe("array", array)
 
 
 def check_plain(name, array):

@@ -1,6 +1,7 @@
 """Hyperparameters: validated once, in one place, with PyTorch-style messages."""
 
 import dataclasses
+import functools
 import math
 import numbers
 
@@ -33,10 +34,12 @@ def _invalid(name, value, rule):
     return f"Invalid {name} value: {shown(value)} ({name} must be {rule})"
 
 
+@functools.cache
 def _largest(dtype):
     return float(np.finfo(dtype).max)
 
 
+@functools.cache
 def _smallest(dtype):
     """The smallest positive normal number of `dtype`."""
     return float(np.finfo(dtype).tiny)
@@ -61,11 +64,22 @@ def flag(name, value):
     return bool(value)
 
 
+class _Why:
+    """The reason of a rule of the compute dtype, formatted only when a message shows it
+    (checks that pass are on every call's path)."""
+
+    def __init__(self, compute, param_dtype):
+        self.compute, self.param_dtype = compute, param_dtype
+
+    def __str__(self):
+        return f"the update computes in {self.compute} for {self.param_dtype} parameters"
+
+
 def _computes_in(param_dtype):
     """(compute dtype, why) for parameters of `param_dtype`: why names the rule's reason."""
     param_dtype = np.dtype(param_dtype)
     compute = compute_dtype(param_dtype)
-    return compute, f"the update computes in {compute} for {param_dtype} parameters"
+    return compute, _Why(compute, param_dtype)
 
 
 def inverse_grad_scale(grad_scale, param_dtype):
@@ -180,15 +194,17 @@ class Hyperparameters:
             raise ValueError(_invalid("momentum", self.momentum,
                                       f"at most {below_one!r}, the largest {compute} below "
                                       f"1 (it rounds to 1.0 in {compute}): {why}"))
-        with np.errstate(over="ignore"):
-            product = compute.type(self.lr) * compute.type(self.weight_decay)
-        if self.decoupled_weight_decay and not np.isfinite(product):
+        if self.decoupled_weight_decay and not self._decay_product_is_finite(compute):
             raise ValueError(f"Invalid lr * weight_decay value: {self.lr!r} * "
                              f"{self.weight_decay!r} (with decoupled_weight_decay, "
                              f"parameters are multiplied by 1 - lr * weight_decay, so lr * "
                              f"weight_decay must be at most {largest!r}, the largest "
                              f"{compute}: {why})")
         return self
+
+    def _decay_product_is_finite(self, compute):
+        with np.errstate(over="ignore"):
+            return np.isfinite(compute.type(self.lr) * compute.type(self.weight_decay))
 
     @property
     def keeps_velocity(self):

@@ -1,22 +1,25 @@
 """The public update: `momentum_step` (stateless) and `MomentumSGD` (owns the velocity)."""
 
 import collections.abc
+import math
 import numbers
 
 import numpy as np
 
-from .arrays import check_param, compute_dtype, describe, overlaps, type_name
+from .arrays import array_state, check_param, compute_dtype, describe, overlaps, type_name
 from .backends import check_arrays, device_table, select_backend
 from .flat import FlatParams
-from .groups import ARRAY_FIELDS, GROUP_OPTIONS, resolve_groups, update_table
+from .groups import GROUP_OPTIONS, resolve_groups, update_table
 from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .kernels.elementwise import count_step, mark_velocities_initialized
-from .kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT
+from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, SKIPPED_STEPS,
+                             STEP_COUNT, VELOCITY_INITIALIZED)
 
 STATE_FORMAT = 2
 
 
 COUNT_LIMIT = 2**63 - 1  # the counters are int64
+_NOTHING = object()  # no grad_scale checked yet
 
 
 def _count(name, value):
@@ -55,45 +58,116 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     param's dtype (float32 for float16 params). backend=None picks the best backend for the
     arrays' type. Every argument is checked before anything is written, hyperparameters
     also against the compute dtype (float32 for float16 and float32 params, float64 for
-    float64: see Hyperparameters.check_dtype and inverse_grad_scale). On a GPU backend
-    the hyperparameters are copied to the device when they differ from recent calls'.
+    float64: see Hyperparameters.check_dtype and inverse_grad_scale). grad_scale may also
+    be a 0-d float array in the arrays' memory, read by the kernels (see
+    MomentumSGD.step). On a GPU backend the hyperparameters are copied to the device when
+    they differ from recent calls'.
     """
-    hyper = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
-                            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                            style=style, l1=l1,
-                            decoupled_weight_decay=decoupled_weight_decay)
-    first_step = flag("first_step", first_step)
-    param_dtype = describe("param", param).dtype
+    options = dict(lr=lr, momentum=momentum, dampening=dampening,
+                   weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                   style=style, l1=l1, decoupled_weight_decay=decoupled_weight_decay)
+    key = _values_key((*options.values(), first_step))
+
+    def checked():
+        return Hyperparameters(**options), flag("first_step", first_step)
+
+    hyper, first_step = checked() if key is None else _recent(_STATELESS_HYPERS, key, checked)
+    info = describe("param", param)
     backend = select_backend(backend, param)
     check_arrays(backend, param, grad, velocity)
-    hyper.check_dtype(param_dtype)
-    inv_grad_scale = inverse_grad_scale(grad_scale, param_dtype)
-    table = update_table([hyper], [not first_step], compute_dtype(param_dtype),
-                         size=_size(param))
-    backend.step(param, grad, velocity, _stateless_table(backend, table, param),
-                 inv_grad_scale)
+    hyper.check_dtype(info.dtype)
+    device_scale = None
+    if _is_array(grad_scale):
+        device_scale = _scalar_array("grad_scale", grad_scale, backend, info.on_device,
+                                     FLOAT_KINDS)
+        inv_grad_scale = 1.0  # not read
+    else:
+        inv_grad_scale = inverse_grad_scale(grad_scale, info.dtype)
+    compute, size = compute_dtype(info.dtype), math.prod(info.shape)
+
+    def table():
+        if info.on_device and backend.capturing(param):
+            raise RuntimeError("momentum_step() is being captured into a CUDA graph, but "
+                               "its hyperparameters' table must be copied to the device "
+                               "first: a replay would not copy it. Call it once with "
+                               "these hyperparameters before capturing. Nothing was "
+                               "changed.")
+        host = update_table([hyper], [not first_step], compute, size=size)
+        return device_table(backend, host, param)
+
+    if key is not None:
+        table_key = (backend.name, backend.place(param), compute, size, key)
+        table = _recent(_STATELESS_TABLES, table_key, table)
+    else:
+        table = table()
+    backend.step(param, grad, velocity, table, inv_grad_scale, grad_scale=device_scale)
 
 
-_STATELESS_TABLES = {}  # (backend, place, contents) -> device table, oldest first
+# momentum_step's latest hyperparameters, checked (values key -> (Hyperparameters,
+# first_step)), and its latest tables in the backends' memory ((backend, place, compute
+# dtype, size, values key) -> device table), so that calls repeating their
+# hyperparameters neither check them again nor build, allocate or copy a table.
+_STATELESS_HYPERS, _STATELESS_TABLES = {}, {}
 STATELESS_TABLES_KEPT = 16
 
 
-def _stateless_table(backend, table, param):
-    """`table` in `param`'s memory for momentum_step: the latest few stay there, so steps
-    repeating their hyperparameters neither allocate nor copy."""
-    key = (backend.name, backend.place(param), table.launch_flags,
-           *(getattr(table, name).tobytes() for name in ARRAY_FIELDS))
-    device = _STATELESS_TABLES.pop(key, None)
-    if device is None:
-        device = device_table(backend, table, param)
-    _STATELESS_TABLES[key] = device
-    while len(_STATELESS_TABLES) > STATELESS_TABLES_KEPT:
-        del _STATELESS_TABLES[next(iter(_STATELESS_TABLES))]
-    return device
+def _values_key(values):
+    """A key for hyperparameter values that tells apart any two the update could treat
+    differently: each value with its type (True == 1 == 1.0), and the signs of lr and
+    momentum (0.0 == -0.0, but they round to zeros of different signs). None where a
+    value is not a hashable number, bool or string (it is then checked, and refused, as
+    usual)."""
+    try:
+        key = (*((type(v), v) for v in values), math.copysign(1.0, values[0]),
+               math.copysign(1.0, values[1]))
+        hash(key)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return key
+
+
+def _recent(cache, key, make):
+    """cache[key], made by make() when absent; the STATELESS_TABLES_KEPT most recently
+    used keys stay."""
+    value = cache.pop(key, None)
+    if value is None:
+        value = make()
+    cache[key] = value
+    while len(cache) > STATELESS_TABLES_KEPT:
+        del cache[next(iter(cache))]
+    return value
 
 
 def _size(array):
-    return int(np.prod(describe("array", array).shape, dtype=np.int64))
+    return math.prod(describe("array", array).shape)
+
+
+FLOAT_KINDS, NUMBER_KINDS = "f", "biuf"  # dtype kinds of a loss scale, of found_inf
+
+
+def _is_array(value):
+    """Whether `value` is an array (host or device), not a number (NumPy scalars
+    included)."""
+    return isinstance(value, np.ndarray) or hasattr(value, "__cuda_array_interface__") or \
+        bool(getattr(value, "__cuda_ndarray__", False))
+
+
+def _scalar_array(name, value, backend, on_device, kinds):
+    """`value`, after checking that it is a 0-d array of one of the dtype `kinds` in the
+    memory `backend` updates in (on_device: the parameters'); its value is not read."""
+    info = describe(name, value)
+    if info.shape != ():
+        raise ValueError(f"Invalid {name} value: an array of shape {info.shape} ({name} "
+                         f"in the backend's memory is a 0-d array: one number)")
+    if info.dtype.kind not in kinds:
+        raise TypeError(f"Invalid {name} value: an array of dtype {info.dtype} ({name} "
+                        f"must be a {'float' if kinds == FLOAT_KINDS else 'number'} array)")
+    if info.on_device != on_device or not backend.owns(value):
+        where = "GPU memory" if on_device else "host memory"
+        raise TypeError(f"Invalid {name} value: a {type_name(value)}, which backend "
+                        f"{backend.name!r} cannot read in its place (an array in {where}, "
+                        f"where the parameters are, is needed)")
+    return value
 
 
 class ParamGroup(collections.abc.MutableMapping):
@@ -256,18 +330,22 @@ class MomentumSGD:
     def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  l1=0.0, nesterov=False, maximize=False, style="classic",
                  decoupled_weight_decay=False, groups=None, skip_nonfinite=False,
-                 backend="auto"):
+                 capturable=False, backend="auto"):
         defaults = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
                                    weight_decay=weight_decay, nesterov=nesterov,
                                    maximize=maximize, style=style, l1=l1,
                                    decoupled_weight_decay=decoupled_weight_decay)
         self._skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
+        self._capturable = flag("capturable", capturable)
+        # The step counters live in the backend's memory, counted by the kernels.
+        self._counted_on_device = self._skip_nonfinite or self._capturable
         self.flat = params if isinstance(params, FlatParams) else None
         self.param = params.data if self.flat is not None else params
         info = describe("params", self.param)
         self._backend = select_backend(backend, self.param)
         check_param(info, self._backend.dtypes, self._backend.name)
         self._param_dtype = info.dtype
+        self._on_device = info.on_device
         self._buffer_size = _size(self.param)
         self._plan = self._resolve(groups, defaults)
         if self._window is not None:
@@ -280,6 +358,14 @@ class MomentumSGD:
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
         self._table = None  # the update table in the backend's memory
         self._table_stale = True  # hyperparameters or first-step flags changed since
+        # What the latest step checked and prepared, so that a step repeating it does no
+        # more than compare (see step).
+        self._grad_scale = self._inv_grad_scale = _NOTHING
+        self._grad = self._velocity = self._launch = self._launch_key = None
+        self._array_states = None
+        self._first_steps_pending = True  # some group's next step is its first
+        if self._capturable:
+            self.prepare()
 
     def _resolve(self, groups, defaults):
         if self.flat is None:
@@ -295,11 +381,11 @@ class MomentumSGD:
         counters = np.zeros(GROUP_SLOTS + len(velocity_initialized), np.int64)
         counters[[STEP_COUNT, SKIPPED_STEPS]] = step_count, skipped_steps
         counters[GROUP_SLOTS:] = velocity_initialized
-        return self._backend.asarray(counters) if self.skip_nonfinite else counters
+        return self._backend.asarray(counters) if self._counted_on_device else counters
 
     def _host_counters(self):
         counters = self._counters
-        return self._backend.to_numpy(counters) if self.skip_nonfinite else counters
+        return self._backend.to_numpy(counters) if self._counted_on_device else counters
 
     def _counter(self, index):
         return int(self._host_counters()[index])
@@ -324,6 +410,14 @@ class MomentumSGD:
         return self._skip_nonfinite
 
     @property
+    def capturable(self):
+        """Whether step() can be captured in a CUDA graph (fixed at construction): the
+        step counters live in the backend's memory, counted by the kernels, and a
+        hyperparameter change is written to the table in the backend's memory at once
+        (same addresses), so that the next replay uses it."""
+        return self._capturable
+
+    @property
     def backend(self):
         """Name of the backend running the updates."""
         return self._backend.name
@@ -344,10 +438,14 @@ class MomentumSGD:
 
     def _set(self, group, **change):
         hyper = self._hypers[group].replace(**change).check_dtype(self._param_dtype)
+        if self._capturable:
+            self._refuse_host_work("a hyperparameter change writes the table")
         if group == 0 and "maximize" in change:  # one per launch: every group follows
             self._hypers = [h.replace(maximize=hyper.maximize) for h in self._hypers]
         self._hypers[group] = hyper
         self._table_stale = True
+        if self._capturable:  # graphs replayed from now on read the new table
+            self._device_table()
 
     def _default(name):
         return property(lambda self: getattr(self._hypers[0], name),
@@ -365,21 +463,58 @@ class MomentumSGD:
 
     def _device_table(self):
         if self._table_stale:
-            # With skip_nonfinite the kernels read first steps from the device counters.
-            initialized = ([True] * len(self._hypers) if self._skip_nonfinite else
+            # Counters in the backend's memory: the kernels read first steps from them.
+            initialized = ([True] * len(self._hypers) if self._counted_on_device else
                            self._counters[GROUP_SLOTS:])
             table = update_table(self._hypers, initialized, self.velocity.dtype,
                                  self._plan.range_ends, self._plan.range_groups)
             self._group_flags = table.group_flags  # in host memory, for the host's counting
             self._table = device_table(self._backend, table, self.param, reuse=self._table)
             self._table_stale = False
+            self._first_steps_pending = not self._counted_on_device and bool(
+                ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
         return self._table
 
-    def step(self, grad=None, *, grad_scale=1.0):
+    def step(self, grad=None, *, grad_scale=1.0, found_inf=None):
         """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
-        divided by `grad_scale` (the loss scale, inside the same fused pass)."""
-        inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
-        self._step(self._gradient(grad), inv_grad_scale)
+        divided by `grad_scale` (the loss scale, inside the same fused pass).
+
+        grad_scale: a number, checked as inverse_grad_scale says; or a 0-d float array in
+        the backend's memory (a CuPy array or torch CUDA tensor, such as
+        torch.amp.GradScaler's scale; a NumPy array on the CPU), which the kernels read
+        when they run (so a CUDA graph replays its value of the moment): the gradient is
+        multiplied by 1 / grad_scale worked out in the compute dtype, for the power-of-two
+        scales of loss scalers exactly the number's 1 / grad_scale. Its value is not
+        checked (that would wait for the device); with skip_nonfinite a scale whose
+        inverse is not finite skips the step. found_inf: None, or a 0-d array in the
+        backend's memory (GradScaler's found_inf): when it is nonzero the step is
+        skipped, changing nothing but the counters (on a GPU the counters must be in its
+        memory: capturable or skip_nonfinite).
+
+        A step with the grad and grad_scale objects of the step before, unchanged (same
+        shape, strides, dtype, flags: arrays.array_state), and unchanged hyperparameters
+        only compares them and launches the update prepared then (the backend's
+        step_function); anything else is checked in full first."""
+        device_scale = None
+        if grad_scale is self._grad_scale:
+            inv_grad_scale = self._inv_grad_scale
+        elif _is_array(grad_scale):
+            device_scale = _scalar_array("grad_scale", grad_scale, self._backend,
+                                         self._on_device, FLOAT_KINDS)
+            inv_grad_scale = 1.0  # not read
+        else:
+            inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
+            self._grad_scale, self._inv_grad_scale = grad_scale, inv_grad_scale
+        if found_inf is not None:
+            found_inf = _scalar_array("found_inf", found_inf, self._backend,
+                                      self._on_device, NUMBER_KINDS)
+            if self._on_device and not self._counted_on_device:
+                raise ValueError("Invalid found_inf value: an array, but this optimizer "
+                                 "counts its steps on the host, which cannot read it "
+                                 "without waiting for the device (construct it with "
+                                 "capturable=True or skip_nonfinite=True)")
+        self._step(self._gradient(None) if grad is None else grad, inv_grad_scale,
+                   grad_scale=device_scale, found_inf=found_inf)
 
     def _gradient(self, grad):
         """`grad`, or the FlatParams' gradient buffer for None."""
@@ -390,25 +525,72 @@ class MomentumSGD:
                             "(only FlatParams carry their own gradient buffer)")
         return self.flat.grad
 
-    def _step(self, grad, inv_grad_scale, agree=None):
+    def _step(self, grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
         """The step over `param` (the window's elements) with `grad` of its shape; `agree`
-        as in Backend.step, with skip_nonfinite."""
-        backend, counters = self._backend, self._counters
-        check_arrays(backend, self.param, grad, self.velocity)
-        table = self._device_table()
-        if self._skip_nonfinite:
-            backend.step(self.param, grad, self.velocity, table, inv_grad_scale, counters,
-                         agree)
+        as in Backend.step, with skip_nonfinite; grad_scale and found_inf checked 0-d
+        arrays in the backend's memory, or None."""
+        if (self._table_stale or grad is not self._grad or self.velocity is not self._velocity
+                or self._array_states != (array_state(self.param), array_state(grad),
+                                          array_state(self.velocity))):
+            self._prepare_step(grad)
+        if self._counted_on_device:
+            self._launch(grad, inv_grad_scale, agree, grad_scale, found_inf)
             return
-        backend.step(self.param, grad, self.velocity, table, inv_grad_scale)
-        # The counters stay in host memory: counted here as the kernels count theirs.
+        if self._on_device:  # a CUDA graph would replay the launch, not the counting
+            self._refuse_host_work("the step counters are in host memory (construct the "
+                                   "optimizer with capturable=True)")
+        # The counters stay in host memory: counted here as the kernels count theirs
+        # (found_inf too is in host memory here).
+        counters = self._counters
+        skipped = found_inf is not None and bool(found_inf[()] != 0)
+        if not skipped:
+            self._launch(grad, inv_grad_scale, agree, grad_scale)
+        if skipped or counters[LAST_STEP_SKIPPED]:
+            counters[LAST_STEP_SKIPPED] = skipped
         count_step(counters)
-        initialized = counters[GROUP_SLOTS:]
-        if not initialized.all():
-            before = initialized.copy()
+        if self._first_steps_pending and not skipped:  # their flags change: the table too
             mark_velocities_initialized(counters, self._group_flags, 0, 1)
-            if (initialized != before).any():  # a group's first step: its flags change
-                self._table_stale = True
+            self._table_stale = True
+
+    def _prepare_step(self, grad):
+        """Every check of a step's arrays, then `prepare`."""
+        self._grad = None  # nothing counts as checked until every check passed
+        param, velocity = self.param, self.velocity
+        check_arrays(self._backend, param, grad, velocity)
+        self.prepare()
+        self._array_states = (array_state(param), array_state(grad), array_state(velocity))
+        self._grad, self._velocity = grad, velocity
+
+    def prepare(self):
+        """Does now what a step needs besides its launches: the table in the backend's
+        memory (after a hyperparameter change) and the launches prepared (kernels
+        compiled and loaded, launch geometry, arguments). A capturable optimizer does this
+        at construction and after every change, so that step() can be captured in a CUDA
+        graph (`cupy.cuda.Stream.begin_capture()`, `torch.cuda.graph`); a step inside a
+        capture that would need it raises RuntimeError instead. Prepared again only when
+        the table, the velocity or the counters are other objects."""
+        velocity, counters = self.velocity, self._counters
+        key = (self._table, velocity, counters)
+        if not self._table_stale and self._launch_key is not None and all(
+                a is b for a, b in zip(key, self._launch_key)):
+            return
+        self._refuse_host_work("the update table or the launches must be prepared (call "
+                               "opt.prepare() before capturing)")
+        table = self._device_table()
+        key = (table, velocity, counters)
+        if self._launch_key is None or any(a is not b for a, b in zip(key, self._launch_key)):
+            self._launch = self._backend.step_function(
+                self.param, velocity, table, counters if self._counted_on_device else None,
+                check_nonfinite=self._skip_nonfinite)
+            self._launch_key = key
+
+    def _refuse_host_work(self, why):
+        """RuntimeError when param's stream is being captured into a CUDA graph, which
+        would record the launches and not the host work `why` names."""
+        if self._on_device and self._backend.capturing(self.param):
+            raise RuntimeError(f"MomentumSGD.step() is being captured into a CUDA graph, "
+                               f"but {why}: a replay would not do it. Nothing was "
+                               f"changed.")
 
     def state_dict(self):
         """A plain dict: format version, the optimizer's hyperparameters, its groups (each
@@ -475,8 +657,14 @@ class MomentumSGD:
             if params is not None:
                 self._backend.assign(self.param, params)
             self._hypers = list(plan.hypers)
-            self._counters = counters
+            # In place: a captured graph keeps reading the same counters.
+            if self._counted_on_device:
+                self._backend.assign(self._counters, counters)
+            else:
+                self._counters[...] = counters
             self._table_stale = True
+            if self._capturable:
+                self._device_table()
 
         return restore
 

@@ -76,6 +76,10 @@ _data_ptr = torch.Tensor.data_ptr
 _grad_of = operator.attrgetter("grad")
 
 
+_CAPTURE_REFUSED = ("gpu_momentum.torch.SGD.step() is being captured into a CUDA graph, "
+                    "but {}: a replay would not do it. Nothing was changed.")
+
+
 class UnsupportedOptionError(ValueError, NotImplementedError):
     """An option torch.optim.SGD has and this optimizer does not (differentiable=True).
     A ValueError, as every invalid value here, and a NotImplementedError (a RuntimeError,
@@ -117,6 +121,12 @@ class SGD(Optimizer):
     - skip_nonfinite: a step whose gradient holds a NaN or inf changes no parameter and
       no buffer, decided in the backend's memory without waiting for the device (all
       parameters must then share one device and dtype);
+    - capturable: `step()` can be captured in a CUDA graph (`torch.cuda.graph`): the
+      step counters live in each buffer's memory, counted by the kernels, so a replay
+      counts (and skips, with skip_nonfinite) as an eager step does. Take a few steps
+      before capturing (they create the momentum buffers); after changing a group's
+      values between replays, call `prepare()` (it rewrites the update tables in place,
+      outside the graph). A step inside a capture that would need host work raises;
     - style: "torch" (default) or "classic" (one per optimizer);
     - backend: "auto", "cpu", "cupy" or "numba-cuda".
     foreach and fused are accepted and ignored (the update is always one fused pass);
@@ -131,8 +141,8 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, l1=0.0, decoupled_weight_decay=False,
-                 skip_nonfinite=False, style="torch", backend="auto", foreach=None,
-                 fused=None, differentiable=False):
+                 skip_nonfinite=False, capturable=False, style="torch", backend="auto",
+                 foreach=None, fused=None, differentiable=False):
         # torch.optim.SGD's checks, in its order and with its messages, before params are
         # looked at (torch's own error inputs pass params=None with a bad lr or momentum).
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -157,7 +167,8 @@ class SGD(Optimizer):
         if l1 < 0.0:
             raise ValueError(f"Invalid l1 value: {l1} (l1 must be >= 0)")
         for name, value in (("decoupled_weight_decay", decoupled_weight_decay),
-                            ("skip_nonfinite", skip_nonfinite)):
+                            ("skip_nonfinite", skip_nonfinite),
+                            ("capturable", capturable)):
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"Invalid {name} value: {value!r} ({name} must be True or "
                                 f"False)")
@@ -176,6 +187,7 @@ class SGD(Optimizer):
         self._style = style
         self._backend_choice = backend
         self._skip_nonfinite = bool(skip_nonfinite)
+        self._capturable = bool(capturable)
         self._counts = [0, 0]  # steps taken, steps skipped (beyond the buffers' counters)
         self._last_step_skipped = False
         self._layout = None  # add_param_group packs only once the optimizer exists
@@ -191,6 +203,44 @@ class SGD(Optimizer):
     @property
     def skip_nonfinite(self):
         return self._skip_nonfinite
+
+    @property
+    def capturable(self):
+        return self.__dict__.get("_capturable", False)
+
+    @property
+    def _counted_on_device(self):
+        """Whether the buffers' kernels count the steps (in the buffers' memory)."""
+        return self._skip_nonfinite or self.capturable
+
+    def _on_cuda(self):
+        """Whether some buffer (or, before packing, some parameter) is on a CUDA device:
+        only then can a step be inside a CUDA graph capture (asking torch otherwise would
+        start CUDA in a CPU-only program)."""
+        layout = self.__dict__.get("_layout")
+        if layout is not None:
+            return layout.on_cuda
+        return any(p.is_cuda for group in self.param_groups for p in group["params"])
+
+    def _reads_scaler_values(self, devices):
+        """Whether GradScaler may hand its scale and found_inf to step() on these devices
+        (`_step_supports_amp_scaling`): on the CPU, read on the host; on CUDA, read by the
+        kernels, which needs the counters there (capturable or skip_nonfinite)."""
+        kinds = {device.type for device in devices}
+        return kinds <= {"cpu"} or (kinds == {"cuda"} and self._counted_on_device)
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def prepare(self):
+        """Rewrites each buffer's update table from the param groups' current values, in
+        place (same device addresses), now: a CUDA graph replayed next uses them. Call it
+        after changing lr, momentum or any group value between graph replays (step()
+        does it by itself when it runs eagerly)."""
+        layout = self._current_layout()
+        settings = self._group_settings()
+        for bucket in layout.buckets:
+            bucket.prepare()
+            bucket.refresh(settings, self._style)
 
     @property
     def backends(self):
@@ -232,7 +282,8 @@ class SGD(Optimizer):
         self._settle()
         return {**super().__getstate__(), "_style": self._style,
                 "_backend_choice": self._backend_choice,
-                "_skip_nonfinite": self._skip_nonfinite, "_counts": list(self._counts),
+                "_skip_nonfinite": self._skip_nonfinite, "_capturable": self.capturable,
+                "_counts": list(self._counts),
                 "_last_step_skipped": self._last_step_skipped}
 
     def __setstate__(self, state):
@@ -248,8 +299,8 @@ class SGD(Optimizer):
         layout = self.__dict__.get("_layout")
         if layout is None:
             self._layout = None
-            self._step_supports_amp_scaling = all(
-                p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+            self._step_supports_amp_scaling = self._reads_scaler_values(
+                p.device for g in self.param_groups for p in g["params"])
         else:
             for bucket in layout.buckets:
                 bucket.check_state(self.state)
@@ -335,19 +386,31 @@ class SGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        layout = self._current_layout()
+        capturing = self._on_cuda() and torch.cuda.is_current_stream_capturing()
+        if capturing and not self._counted_on_device:
+            raise RuntimeError(_CAPTURE_REFUSED.format(
+                "the step counters are in host memory: construct the optimizer with "
+                "capturable=True"))
+        layout = self._current_layout(capturing)
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         # Everything that can fail is checked before anything is written.
         layout.check_kept_out()
         settings = self._group_settings()
-        inv_grad_scale = 1.0 if grad_scale is None else 1.0 / _number(grad_scale)
+        # CUDA buffers read GradScaler's values on the device (see _reads_scaler_values).
+        on_device = layout.on_cuda
+        device_scaling = on_device and (grad_scale is not None or found_inf is not None)
+        inv_grad_scale = 1.0 if grad_scale is None or on_device else \
+            1.0 / _number(grad_scale)
         try:
             prepared = [bucket.prepare() for bucket in layout.buckets]
         except _Reshaped:
+            if capturing:
+                raise RuntimeError(_CAPTURE_REFUSED.format(
+                    "a parameter has a new shape: the buffers must be packed again"))
             layout = self._layout = self._pack(layout)
             prepared = [bucket.prepare() for bucket in layout.buckets]
-        if found_inf is not None and _number(found_inf) != 0:
+        if found_inf is not None and not on_device and _number(found_inf) != 0:
             # GradScaler found an inf: nothing changes, and a parameter's first step
             # stays its first step (torch's fused SGD gets this wrong; its for-loop not).
             self._settle()
@@ -357,8 +420,11 @@ class SGD(Optimizer):
         for bucket, foreign in zip(layout.buckets, prepared):
             bucket.gather(foreign)
         skipped = False
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf} if device_scaling \
+            else {}
         for bucket in layout.buckets:
-            skipped |= bucket.launch(settings, self._style, inv_grad_scale, self.state)
+            skipped |= bucket.launch(settings, self._style, inv_grad_scale, self.state,
+                                     capturing, **scaling)
         if not layout.counted_on_device:
             self._counts[1 if skipped else 0] += 1
             self._last_step_skipped = skipped
@@ -366,11 +432,16 @@ class SGD(Optimizer):
 
     # ---- packing -----------------------------------------------------------------------
 
-    def _current_layout(self):
+    def _current_layout(self, capturing=False):
         """The layout, packed now if this is a copy's first use, packed again if the
-        param groups changed or a parameter left its buffer."""
+        param groups changed or a parameter left its buffer (refused in a capture)."""
         layout = self._layout
         if layout is None or not layout.holds(self.param_groups):
+            if capturing:
+                raise RuntimeError(_CAPTURE_REFUSED.format(
+                    "the parameters must be packed into buffers (take a step before "
+                    "capturing; after a change of the param groups or of a parameter's "
+                    "storage, another)"))
             layout = self._layout = self._pack(layout)
         return layout
 
@@ -403,7 +474,8 @@ class SGD(Optimizer):
         replaceable = set() if old is None else {
             id(view) for bucket in old.buckets for view in bucket.grad_views}
         buckets = [_Bucket(REGISTRY[name], device, dtype, params,
-                           [group_of[id(p)] for p in params], self._skip_nonfinite)
+                           [group_of[id(p)] for p in params], self._counted_on_device,
+                           self._skip_nonfinite)
                    for (name, device, dtype), params in packed.items()]
         for bucket in buckets:
             bucket.check_state(self.state)
@@ -411,8 +483,8 @@ class SGD(Optimizer):
             bucket.fill(self.state)
         for bucket in buckets:
             bucket.commit(self.state, replaceable)
-        self._step_supports_amp_scaling = all(b.device.type == "cpu" for b in buckets)
-        return _Layout(self.param_groups, buckets, kept_out, self._skip_nonfinite)
+        self._step_supports_amp_scaling = self._reads_scaler_values(b.device for b in buckets)
+        return _Layout(self.param_groups, buckets, kept_out, self._counted_on_device)
 
     def _backend_for(self, number, p):
         """The backend that updates `p`, or None for a tensor kept out of the buffers
@@ -489,6 +561,7 @@ class _Layout:
         self.kept_out = kept_out
         self.kept_out_ptrs = [_data_ptr(p) for p in kept_out]
         self.counted_on_device = counted_on_device and bool(buckets)
+        self.on_cuda = any(bucket.device.type == "cuda" for bucket in buckets)
 
     def holds(self, param_groups):
         """Whether the groups hold the packed parameters, each still in its buffer."""
@@ -516,7 +589,7 @@ class _Bucket:
     velocity tensors whose segments are the parameters' data, gradient views and momentum
     buffers, and the update table of its one launch (a row per parameter)."""
 
-    def __init__(self, backend, device, dtype, params, groups, skip_nonfinite):
+    def __init__(self, backend, device, dtype, params, groups, counted, check_nonfinite):
         self.backend, self.device, self.params = backend, device, params
         self.groups = np.array(groups, np.intp)  # the param group of each row
         self.param_dtype = dtype
@@ -555,7 +628,8 @@ class _Bucket:
         with self.arrays.context():
             check_arrays(backend, *self.arrays.step_arrays())
             self.counters = (backend.asarray(np.zeros(GROUP_SLOTS + len(params), np.int64))
-                             if skip_nonfinite else None)
+                             if counted else None)
+        self.check_nonfinite = check_nonfinite  # with counters: skip non-finite steps
         self.settings = None  # the group settings the table was last built from
         self.table_stale = True
         self.host_table = None
@@ -666,18 +740,36 @@ class _Bucket:
             if _replaceable(grad, view):
                 self.params[index].grad = view
 
-    def launch(self, settings, style, inv_grad_scale, state):
-        """The fused update of every parameter with a gradient, one launch; then the
-        momentum buffers of first steps enter `state`. Returns whether the step was
-        skipped (known on the host: without counters, or with counters in host memory)."""
+    def refresh(self, settings, style, capturing=False):
+        """The update table rewritten in place when the group settings, the gradients
+        present or the first steps taken changed since it was written (refused while a
+        CUDA graph is captured: a replay would not write it)."""
         if settings != self.settings:
             self.settings = settings
             self.table_stale = True
+        if self.table_stale:
+            if capturing:
+                raise RuntimeError(_CAPTURE_REFUSED.format(
+                    "the update table must be written (call opt.prepare() after changing "
+                    "a group's values, and take the first steps before capturing)"))
+            with self.arrays.context():
+                self._write_table(style, self.arrays.step_arrays()[0])
+
+    def launch(self, settings, style, inv_grad_scale, state, capturing=False,
+               grad_scale=None, found_inf=None):
+        """The fused update of every parameter with a gradient, one launch; then the
+        momentum buffers of first steps enter `state`. Returns whether the step was
+        skipped (known on the host: without counters, or with counters in host memory).
+        grad_scale and found_inf: GradScaler's 0-d CUDA tensors, read by the kernels."""
+        self.refresh(settings, style, capturing)
+        scaling = {name: value if value.device == self.device else
+                   value.to(self.device, non_blocking=True)
+                   for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
+                   if value is not None}
         with self.arrays.context():
-            arrays = self.arrays.step_arrays()
-            if self.table_stale:
-                self._write_table(style, arrays[0])
-            self.backend.step(*arrays, self.device_table, inv_grad_scale, self.counters)
+            self.backend.step(*self.arrays.step_arrays(), self.device_table, inv_grad_scale,
+                              self.counters, check_nonfinite=self.check_nonfinite,
+                              **scaling)
         if not self.awaiting_first:  # every velocity this table can create exists
             return bool(self.counters is not None and self.device.type == "cpu"
                         and self.counters[LAST_STEP_SKIPPED])

@@ -106,37 +106,71 @@ def _chunk(chunk, param, grad, velocity, scalars, group_flags, range_ends, range
     return nonfinite
 
 
-@numba.njit(parallel=True, cache=True)
-def momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
-                      range_groups, inv_grad_scale, launch_flags, counters):
-    """In place over 1-D contiguous float32/float64 arrays; scalars in the arrays' dtype."""
-    for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
-        _chunk(chunk, param, grad, velocity, scalars, group_flags, range_ends,
-               range_groups, inv_grad_scale, launch_flags, counters, False)
+def _named(function, name, jit):
+    """`function` compiled by `jit` under `name`: Numba's on-disk cache keys entries on the
+    function's name, so two compilations of one body need two names."""
+    function.__name__ = function.__qualname__ = name
+    return jit(function)
 
 
-@numba.njit(parallel=True, cache=True)
-def find_nonfinite_cpu(param, grad, velocity, scalars, group_flags, range_ends,
+def _kernels(parallel):
+    """(momentum_step, find_nonfinite, update_unless_skipped): the kernels, their chunks
+    spread over Numba's thread pool (parallel) or run one after the other on the calling
+    thread, the same body either way (prange is range without parallel=True)."""
+    jit = numba.njit(parallel=parallel, cache=True)
+    suffix = "" if parallel else "_serial"
+
+    def momentum_step(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
+                      inv_grad_scale, launch_flags, counters):
+        """In place over 1-D contiguous float32/float64 arrays; scalars in the arrays'
+        dtype."""
+        for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
+            _chunk(chunk, param, grad, velocity, scalars, group_flags, range_ends,
+                   range_groups, inv_grad_scale, launch_flags, counters, False)
+
+    step = _named(momentum_step, f"momentum_step{suffix}_cpu", jit)
+
+    def find_nonfinite(param, grad, velocity, scalars, group_flags, range_ends,
                        range_groups, inv_grad_scale, launch_flags, counters):
-    """The first half of a step that skips non-finite gradients (the GPU kernels' clear
-    and find_nonfinite): counters[LAST_STEP_SKIPPED] says whether a scaled gradient
-    element of a range some group updates is NaN or inf."""
-    nonfinite = 0
-    for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
-        nonfinite += _chunk(chunk, param, grad, velocity, scalars, group_flags, range_ends,
-                            range_groups, inv_grad_scale, launch_flags, counters, True)
-    counters[LAST_STEP_SKIPPED] = 1 if nonfinite else 0
+        """The first half of a step that skips non-finite gradients (the GPU kernels'
+        clear and find_nonfinite): counters[LAST_STEP_SKIPPED] says whether a scaled
+        gradient element of a range some group updates is NaN or inf."""
+        nonfinite = 0
+        for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
+            nonfinite += _chunk(chunk, param, grad, velocity, scalars, group_flags,
+                                range_ends, range_groups, inv_grad_scale, launch_flags,
+                                counters, True)
+        counters[LAST_STEP_SKIPPED] = 1 if nonfinite else 0
 
-
-@numba.njit(cache=True)
-def update_unless_skipped_cpu(param, grad, velocity, scalars, group_flags, range_ends,
+    def update_unless_skipped(param, grad, velocity, scalars, group_flags, range_ends,
                               range_groups, inv_grad_scale, launch_flags, counters):
-    """The second half (the GPU kernels' update and finish; launch_flags has
-    READ_COUNTERS): a step whose counters[LAST_STEP_SKIPPED] is set changes nothing but
-    the counters; first steps come from the counters, so a skipped first step leaves the
-    next one first."""
-    if counters[LAST_STEP_SKIPPED] == 0:
-        momentum_step_cpu(param, grad, velocity, scalars, group_flags, range_ends,
-                          range_groups, inv_grad_scale, launch_flags, counters)
-        mark_velocities_initialized_cpu(counters, group_flags, 0, 1)
-    count_step_cpu(counters)
+        """The second half (the GPU kernels' update and finish; launch_flags has
+        READ_COUNTERS): a step whose counters[LAST_STEP_SKIPPED] is set changes nothing
+        but the counters; first steps come from the counters, so a skipped first step
+        leaves the next one first."""
+        if counters[LAST_STEP_SKIPPED] == 0:
+            step(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
+                 inv_grad_scale, launch_flags, counters)
+            mark_velocities_initialized_cpu(counters, group_flags, 0, 1)
+        count_step_cpu(counters)
+
+    return (step, _named(find_nonfinite, f"find_nonfinite{suffix}_cpu", jit),
+            _named(update_unless_skipped, f"update_unless_skipped{suffix}_cpu",
+                   numba.njit(cache=True)))
+
+
+# Below SERIAL_BELOW elements waking the thread pool costs more than a second core saves
+# (measured on 2 cores: README "Per-step overhead"); one CHUNK is one task anyway.
+SERIAL_BELOW = 2 * CHUNK
+momentum_step_cpu, find_nonfinite_cpu, update_unless_skipped_cpu = _kernels(parallel=True)
+(momentum_step_serial_cpu, find_nonfinite_serial_cpu,
+ update_unless_skipped_serial_cpu) = _kernels(parallel=False)
+
+
+def kernels_for(size):
+    """(momentum_step, find_nonfinite, update_unless_skipped) for `size` elements: serial
+    below SERIAL_BELOW, else parallel."""
+    if size < SERIAL_BELOW:
+        return momentum_step_serial_cpu, find_nonfinite_serial_cpu, \
+            update_unless_skipped_serial_cpu
+    return momentum_step_cpu, find_nonfinite_cpu, update_unless_skipped_cpu

@@ -14,7 +14,7 @@ from .cuda_source import BLOCK_SIZE, ENTRY_POINTS, vector_width
 from .layout import GROUP_SLOTS, READ_COUNTERS
 
 
-def step_launches(elements, read_counters, agree=False):
+def step_launches(elements, read_counters, agree=False, check_nonfinite=True):
     """The launches of one step, in order, on one stream, by name:
 
     - "clear": counters[LAST_STEP_SKIPPED] = 0;
@@ -27,14 +27,16 @@ def step_launches(elements, read_counters, agree=False):
       velocities as initialized.
 
     Without counters a step is the update alone; nothing is launched over no elements
-    but the counting.
+    but the counting. A counted step with check_nonfinite=False (a capturable optimizer
+    that does not skip non-finite gradients) has no "find_nonfinite".
     """
     if not read_counters:
         return ("update",) if elements else ()
     agreeing = ("agree",) if agree else ()
     if not elements:
         return ("clear", *agreeing, "finish")
-    return ("clear", "find_nonfinite", *agreeing, "update", "finish")
+    checking = ("find_nonfinite",) if check_nonfinite else ()
+    return ("clear", *checking, *agreeing, "update", "finish")
 
 
 def grid_size(n, dtype, max_blocks):

@@ -24,6 +24,13 @@
 //   const int* range_groups   [range_count], the group of each range, or GM_NO_GROUP
 //   int range_count           at least 1
 //   C inv_grad_scale          1 / loss scale; exactly 1 without loss scaling
+//   const C* grad_scale       null, or the loss scale in device memory (one C, written
+//                             by the host or another kernel before this launch): the
+//                             gradient is then multiplied by C(1) / *grad_scale, worked
+//                             out by each thread in C, and inv_grad_scale is not read (a
+//                             CUDA graph replays the launch with the scale of the moment;
+//                             for the power-of-two scales of loss scalers the product is
+//                             exactly the host's 1 / grad_scale)
 //   unsigned launch_flags     launch-wide GM_FLAG_* bits (CLASSIC, READ_COUNTERS), or'ed
 //                             into every group's flags
 //   const long long* counters with GM_FLAG_READ_COUNTERS, the step counters in device
@@ -35,9 +42,11 @@
 // A range whose group is GM_NO_GROUP (the padding between FlatParams segments) is left
 // alone: its elements are neither read nor written.
 // Skipping steps with a non-finite gradient, all on the stream, no host round trip
-// (kernels/cuda_launch.py, step_launches): counters[LAST_STEP_SKIPPED] = 0 (a memset),
+// (kernels/cuda_launch.py, step_launches): counters[LAST_STEP_SKIPPED] = 0 (a memset; or
+// found_inf != 0, GradScaler's verdict, written by the launcher),
 // find_nonfinite<T>(grad, n, range_ends, range_groups, range_count, inv_grad_scale,
-// counters) sets it when a scaled gradient element of a group's range is NaN or inf,
+// grad_scale, counters) sets it when a scaled gradient element of a group's range is NaN
+// or inf (never clears it),
 // momentum_step<T> with GM_FLAG_READ_COUNTERS, then
 // finish_step(counters, group_flags, group_count), one block, counts the step and marks
 // the groups' velocities as initialized.
@@ -286,6 +295,7 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
               const long long* __restrict__ range_ends,
               const int* __restrict__ range_groups,
               int range_count, typename gm::Types<T>::compute inv_grad_scale,
+              const typename gm::Types<T>::compute* __restrict__ grad_scale,
               unsigned launch_flags, const long long* __restrict__ counters) {
     using C = typename gm::Types<T>::compute;
     constexpr int W = gm::vector_width<T>();
@@ -293,8 +303,9 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
         counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) {
         return;  // a non-finite gradient: the step changes nothing
     }
-    const gm::Table<C> table{group_scalars, group_flags, range_ends,   range_groups,
-                             range_count,   inv_grad_scale, launch_flags, counters};
+    const C inv = grad_scale != nullptr ? C(1) / *grad_scale : inv_grad_scale;
+    const gm::Table<C> table{group_scalars, group_flags, range_ends, range_groups,
+                             range_count,   inv,         launch_flags, counters};
     gm::Cursor<C> cursor;
     const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
@@ -335,7 +346,8 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
 }
 
 // Sets counters[GM_COUNTER_LAST_STEP_SKIPPED] when grad * inv_grad_scale (in the compute
-// type, as the update computes it) holds a NaN or inf in a range some group updates;
+// type, as the update computes it; C(1) / *grad_scale when grad_scale is not null) holds
+// a NaN or inf in a range some group updates;
 // never clears it. NO_GROUP ranges (padding) are not read.
 template <typename T>
 __global__ void __launch_bounds__(GM_BLOCK_SIZE, GM_MIN_BLOCKS_PER_SM)
@@ -343,8 +355,10 @@ find_nonfinite(const T* __restrict__ grad, long long n,
                const long long* __restrict__ range_ends,
                const int* __restrict__ range_groups, int range_count,
                typename gm::Types<T>::compute inv_grad_scale,
+               const typename gm::Types<T>::compute* __restrict__ grad_scale,
                long long* __restrict__ counters) {
     using C = typename gm::Types<T>::compute;
+    if (grad_scale != nullptr) inv_grad_scale = C(1) / *grad_scale;
     constexpr int W = gm::vector_width<T>();
     using PT = gm::Pack<T, W>;
     const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;

@@ -8,11 +8,16 @@ momentum_step_kernel's arguments, in order (layout in kernels.layout):
                 the four arrays of a gpu_momentum.groups.UpdateTable, in device memory
                 (scalars of the compute dtype)
   inv_grad_scale  1 / loss scale, of the compute dtype
+  grad_scale    empty, or one element of the compute dtype: the loss scale in device
+                memory; each thread then multiplies by 1 / grad_scale[0], worked out in the
+                compute dtype, and inv_grad_scale is not read
   launch_flags  CLASSIC, and READ_COUNTERS when `counters` decide
   counters      the step counters (int64); read only with READ_COUNTERS (else empty)
 Elements of a NO_GROUP range (FlatParams padding) are neither read nor written, by the
 update or by find_nonfinite_kernel (grad, velocity, range_ends, range_groups,
-inv_grad_scale, counters).
+inv_grad_scale, grad_scale, counters). clear_skip_kernel(counters, found_inf) starts a
+counted step: LAST_STEP_SKIPPED = found_inf[0] != 0 (GradScaler's verdict), or 0 for an
+empty found_inf.
 Hyperparameters are data, not compile-time constants: a schedule changing lr or momentum
 reuses the compiled kernel. One kernel is compiled per dtype combination. The launches
 of a step are kernels.cuda_launch.step_launches' (gpu_momentum.backends.numba_cuda).
@@ -85,28 +90,45 @@ def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_g
                 initialized)
 
 
+@cuda.jit(device=True, inline="always")
+def _inverse(inv_grad_scale, grad_scale):
+    """1 / the loss scale: from grad_scale[0] in device memory, else inv_grad_scale."""
+    if grad_scale.size != 0:
+        return grad_scale.dtype.type(1) / grad_scale[0]
+    return inv_grad_scale
+
+
 @cuda.jit(cache=True)
 def momentum_step_kernel(param, grad, velocity, scalars, group_flags, range_ends,
-                         range_groups, inv_grad_scale, launch_flags, counters):
+                         range_groups, inv_grad_scale, grad_scale, launch_flags, counters):
     if launch_flags & READ_COUNTERS == 0 or counters[LAST_STEP_SKIPPED] == 0:
         _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
-                    inv_grad_scale, launch_flags, counters)
+                    _inverse(inv_grad_scale, grad_scale), launch_flags, counters)
 
 
 # Skipping steps with a non-finite gradient: the other three launches of
 # kernels.cuda_launch.step_launches.
 @cuda.jit(cache=True)
-def clear_skip_kernel(counters):
+def clear_skip_kernel(counters, found_inf):
     if cuda.grid(1) == 0:
-        counters[LAST_STEP_SKIPPED] = 0
+        counters[LAST_STEP_SKIPPED] = 1 if found_inf.size != 0 and found_inf[0] != 0 else 0
+
+
+@cuda.jit(cache=True)
+def convert_scale_kernel(out, scale):
+    """out[0] = scale[0] in out's dtype: a loss scale in device memory of another dtype
+    than the compute dtype, converted on the stream before the kernels read it."""
+    if cuda.grid(1) == 0:
+        out[0] = scale[0]
 
 
 @cuda.jit(cache=True)
 def find_nonfinite_kernel(grad, velocity, range_ends, range_groups, inv_grad_scale,
-                          counters):
+                          grad_scale, counters):
     # Checked as the update computes it: widened to the velocity's (compute) dtype first;
     # only where a group updates (NO_GROUP ranges are neither read nor written).
     compute = velocity.dtype.type
+    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
     r, end, k = -1, 0, NO_GROUP
     for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
         if i >= end:
@@ -199,9 +221,9 @@ def kernel_signatures(param_dtype):
              types.Array(types.int32, 1, "C"))
     return {
         "momentum_step": (momentum_step_kernel, (param, param, velocity, *table, compute,
-                                                 types.int64, counters)),
+                                                 velocity, types.int64, counters)),
         "find_nonfinite": (find_nonfinite_kernel, (param, velocity, table[2], table[3],
-                                                    compute, counters)),
+                                                    compute, velocity, counters)),
         "finish_step": (finish_step_kernel, (counters, group_flags)),
     }
 

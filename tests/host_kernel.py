@@ -60,19 +60,21 @@ def launchers_source(module_path):
             f"void* param, const void* grad, void* velocity, long long n, "
             f"const {c}* group_scalars, const unsigned* group_flags, "
             f"const long long* range_ends, const int* range_groups, int range_count, "
-            f"{c} inv_grad_scale, unsigned launch_flags, const long long* counters) {{\n"
+            f"{c} inv_grad_scale, const {c}* grad_scale, unsigned launch_flags, "
+            f"const long long* counters) {{\n"
             f"    gm_host_launch(grid, block, &{entry.update_expression}, "
             f"static_cast<{t}*>(param), static_cast<const {t}*>(grad), "
             f"static_cast<{v}*>(velocity), n, group_scalars, group_flags, range_ends, "
-            f"range_groups, range_count, inv_grad_scale, launch_flags, counters);\n}}")
+            f"range_groups, range_count, inv_grad_scale, grad_scale, launch_flags, "
+            f"counters);\n}}")
         lines.append(
             f'extern "C" void gm_check_{dtype.name}(unsigned grid, unsigned block, '
             f"const void* grad, long long n, const long long* range_ends, "
             f"const int* range_groups, int range_count, {c} inv_grad_scale, "
-            f"long long* counters) {{\n"
+            f"const {c}* grad_scale, long long* counters) {{\n"
             f"    gm_host_launch(grid, block, &{entry.check_expression}, "
             f"static_cast<const {t}*>(grad), n, range_ends, range_groups, range_count, "
-            f"inv_grad_scale, counters);\n}}")
+            f"inv_grad_scale, grad_scale, counters);\n}}")
     lines.append(
         'extern "C" void gm_finish(unsigned block, long long* counters, '
         "const unsigned* group_flags, int group_count) {\n"
@@ -137,9 +139,9 @@ class HostKernel:
             scalar = ctypes.c_double if entry.compute_ctype == "double" else ctypes.c_float
             self._declare(f"gm_update_{dtype.name}", unsigned, unsigned, pointer, pointer,
                           pointer, n, pointer, pointer, pointer, pointer, int_, scalar,
-                          unsigned, pointer)
+                          pointer, unsigned, pointer)
             self._declare(f"gm_check_{dtype.name}", unsigned, unsigned, pointer, n, pointer,
-                          pointer, int_, scalar, pointer)
+                          pointer, int_, scalar, pointer, pointer)
         self._declare("gm_finish", unsigned, pointer, pointer, int_)
 
     def _declare(self, name, *argtypes):
@@ -148,11 +150,14 @@ class HostKernel:
         function.restype = None
 
     def step(self, param, grad, velocity, table, inv_grad_scale=1.0, counters=None,
-             max_blocks=4):
+             max_blocks=4, grad_scale=None, found_inf=None, check_nonfinite=True):
         """In place, like the cupy backend's step over a host UpdateTable (NumPy arrays);
-        with `counters` (an int64[GROUP_SLOTS + groups] NumPy array) its four launches.
-        `max_blocks` stands in for the device's limit (small, so that the grid-stride
-        loops go round)."""
+        with `counters` (an int64[GROUP_SLOTS + groups] NumPy array) its four launches
+        (without find_nonfinite: check_nonfinite=False), the first one setting
+        LAST_STEP_SKIPPED to found_inf != 0 (a 0-d array) when it is given. grad_scale: a
+        one-element array of the compute dtype the kernels read the loss scale from
+        (inv_grad_scale is then not read). `max_blocks` stands in for the device's limit
+        (small, so that the grid-stride loops go round)."""
         arrays = (param, grad, velocity)
         check_arrays(HOST_CUPY, *arrays)
         check_table(table, param.size, ENTRY_POINTS[param.dtype].compute_dtype)
@@ -165,20 +170,24 @@ class HostKernel:
         table_args = [a.ctypes.data for a in table.arrays()] + [int(plan.range_count)]
         scale, flags = float(plan.inv_grad_scale), int(plan.launch_flags)
         counters_pointer = None if counters is None else counters.ctypes.data
+        scale_pointer = None if grad_scale is None else grad_scale.ctypes.data
         grid, block = plan.grid, plan.block
         update = getattr(self.library, f"gm_update_{param.dtype.name}")
         check = getattr(self.library, f"gm_check_{param.dtype.name}")
         launches = {
-            "clear": lambda: counters.__setitem__(LAST_STEP_SKIPPED, 0),
+            "clear": lambda: counters.__setitem__(
+                LAST_STEP_SKIPPED, 0 if found_inf is None else int(found_inf != 0)),
             "find_nonfinite": lambda: check(grid, block, pointers[1], int(plan.n),
-                                            *table_args[2:], scale, counters_pointer),
+                                            *table_args[2:], scale, scale_pointer,
+                                            counters_pointer),
             "update": lambda: update(grid, block, *pointers, int(plan.n), *table_args,
-                                     scale, flags, counters_pointer),
+                                     scale, scale_pointer, flags, counters_pointer),
             "finish": lambda: self.library.gm_finish(plan.finish_block, counters_pointer,
                                                      table.group_flags.ctypes.data,
                                                      int(plan.group_count)),
         }
-        for launch in step_launches(grid, counters is not None):
+        for launch in step_launches(grid, counters is not None,
+                                    check_nonfinite=check_nonfinite):
             launches[launch]()
 
     def step_hyper(self, param, grad, velocity, *, first_step=False, grad_scale=1.0,

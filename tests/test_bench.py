@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gpu_momentum.bench import candidates, command, gpu, report
+from gpu_momentum.bench import data as candidates_data
 from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_bytes,
                                         summarize, update_bytes)
 from gpu_momentum.bench.run import (Options, groups, groups_shapes, make_problem,
@@ -284,7 +285,7 @@ def test_sizes_and_quick_defaults():
     assert full.sizes == (2**20, 2**21, 2**26) and full.workloads == ()
     assert full.sampling.samples == 25
     assert command.options_from(parser.parse_args([])).workloads == (
-        "resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2")
+        "resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2", "overhead")
     torch_only = command.options_from(parser.parse_args(["--workloads", "torch"]))
     assert torch_only.workloads == ("torch-resnet50", "torch-gpt2")
     only = command.options_from(parser.parse_args(["--sizes", "18", "--workloads", "groups"]))
@@ -560,3 +561,91 @@ def test_the_groups_comparison_alternates_sample_by_sample():
     grouped = sampling_for("groups", sampling)
     assert grouped.rounds == sampling.samples and grouped.warmup_s >= 2.0
     assert sampling_for("flat", sampling) == sampling
+
+
+def test_overhead_targets_take_the_worst_ratio_over_their_sizes():
+    rows = []
+    for n, ours, two_line, fused in ((2**10, 4e-6, 3e-6, 5e-6), (2**16, 3e-5, 3e-5, 2.9e-5),
+                                     (2**20, 1e-3, 2e-3, 1e-3)):
+        rows += [_row("gpu-momentum cpu", "backend", ours, n=n, workload="overhead"),
+                 _row("numpy two-line (cpu)", "peer", two_line, n=n, workload="overhead"),
+                 _row("torch SGD fused (cpu)", "peer", fused, n=n, workload="overhead")]
+    found = {t["target"]: t for t in report.targets(_result(rows))}
+    two_line = found["cpu step() <= 2x NumPy's two-line update (overhead, 2**10)"]
+    assert (two_line["value"], two_line["met"]) == (pytest.approx(0.75), True)
+    fused = [found[f"cpu >= torch fused SGD on the CPU (overhead, {size})"]
+             for size in ("2**10", "2**16", "2**20")]
+    assert [t["met"] for t in fused] == [True, False, True]
+    assert fused[1]["value"] == pytest.approx(2.9e-5 / 3e-5)
+    gpu = found["cupy >= torch fused SGD on the GPU, every size (overhead, 2**16..2**20)"]
+    assert gpu["met"] is None and gpu["n"] == [2**e for e in range(16, 21)]
+    # a flat row at the same size is another workload: never compared
+    flat = report.targets(_result([_row("gpu-momentum cpu", "backend", 1, n=2**10),
+                                   _row("numpy two-line (cpu)", "peer", 1, n=2**10)]))
+    assert all(t["value"] is None for t in flat if t.get("workload") == "overhead")
+
+
+def test_overhead_run_times_every_backend_and_peer_by_the_wall_clock(monkeypatch,
+                                                                     tmp_path):
+    """The overhead workload: one row per backend and peer (no roofline) at every size,
+    NumPy's two-line update among them, doing the same update; the plot has its panel."""
+    from gpu_momentum.bench import run as run_module
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(run_module, "OVERHEAD_SIZES", (2**10, 2**11))
+    options = dataclasses.replace(_tiny_options("float32"), workloads=("overhead",))
+    result = report.finish(run(options), {})
+    report.check_schema(result)
+    rows = [r for r in result["results"] if r["workload"] == "overhead"]
+    names = {r["name"] for r in rows}
+    assert {"gpu-momentum cpu", "numpy two-line (cpu)", "numpy naive (cpu)"} <= names
+    assert all(r["kind"] != "roofline" for r in rows)
+    assert sorted({r["n"] for r in rows}) == [2**10, 2**11]
+    assert all(len([r for r in rows if r["name"] == name]) == 2 for name in names)
+    met = {t["target"]: t["met"] for t in result["targets"]}
+    assert met["cpu step() <= 2x NumPy's two-line update (overhead, 2**10)"] is not None
+    assert "overhead (1 tensor), float32:" in report.table(result)
+    report.plot(result, tmp_path / "overhead.png")
+    assert (tmp_path / "overhead.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_overhead_candidates_are_wall_clock_timed_and_do_the_update():
+    found, _ = candidates.discover(("cpu",))
+    timed = candidates.overhead_candidates(found)
+    assert {c.kind for c in timed} == {"backend", "peer"}
+    assert all(type(c.timer).__name__ == "HostTimer" for c in timed)
+    two_line = next(c for c in timed if c.peer == "numpy two-line")
+    built = two_line.build(SMALL)
+    p, v = SMALL.p0.astype(np.float64), np.zeros(SMALL.n)
+    for _ in range(3):
+        built.step()
+        v = candidates.MOMENTUM * v - candidates.LR * SMALL.g0
+        p = p + v
+    np.testing.assert_allclose(built.params()[0], p, rtol=1e-5, atol=1e-6)
+
+
+def test_graph_replay_target_is_the_largest_gap_to_the_kernels_gpu_time():
+    def graph_row(launch, median, n):
+        name = f"gpu-momentum cupy ({launch})"
+        return {**_row("gpu-momentum cupy", "backend", median, n=n, workload="overhead"),
+                "name": name, "device": "cuda", "launch": launch}
+
+    sizes = candidates_data.OVERHEAD_SIZES
+    rows = [graph_row("graph replay", 9e-6 + n * 1e-12, n) for n in sizes]
+    rows += [graph_row("graph replay, GPU time", 6e-6 + n * 1e-12, n) for n in sizes]
+    rows[len(sizes) - 1]["median_s"] += 3e-6  # one size 6 us over its kernels
+    rows.append(_row("gpu-momentum cupy", "backend", 1e-3, n=2**16, workload="overhead"))
+    found = {t["target"]: t for t in report.targets(_result(rows))}
+    target = found["cupy graph replay within 5 us of its kernels' GPU time (overhead, "
+                   "every size)"]
+    assert target["value"] == pytest.approx(6.0) and target["met"] is False
+    # the eager row is what the eager targets compare, never a graph row
+    eager = found["cupy >= torch fused SGD on the GPU, every size (overhead, 2**16..2**20)"]
+    assert eager["value"] is None
+    table = report.table(report.finish(_result(rows), {}))
+    assert "<= 5 us" in table and "MISSED" in table
+    missing = report.targets(_result(rows[:3]))
+    assert missing[-1]["met"] is None
+    assert candidates_data.Candidate(
+        "backend", "cuda", None, None, None, 4, backend="cupy",
+        launch="graph replay").name == "gpu-momentum cupy (graph replay)"

@@ -87,6 +87,40 @@ def test_grad_scale_divides_the_gradient_bitwise(kernel, config, dtype):
         assert_bitwise(v, velocity, f"velocity after step {step + 1}")
 
 
+@pytest.mark.parametrize("counted", ["uncounted", "counted", "counted-unchecked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_loss_scale_and_found_inf_in_device_memory(kernel, dtype, counted):
+    """The kernels' grad_scale pointer (the loss scale in device memory: each thread works
+    out 1 / scale in the compute dtype) gives the bits of inv_grad_scale for power-of-two
+    scales, with the non-finite check and without; a counted step whose first launch
+    reads found_inf != 0 changes nothing but the counters."""
+    param, grads, velocity = start(1023, dtype)
+    compute = ENTRY_POINTS[np.dtype(dtype)].compute_dtype
+    (p, v), (q, w) = (param.copy(), velocity.copy()), (param.copy(), velocity.copy())
+    counters = None if counted == "uncounted" else [np.zeros(4, np.int64) for _ in "ab"]
+    check = counted != "counted-unchecked"
+    hyper = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}
+    for step, (grad, scale) in enumerate(zip(grads, [1024.0, 0.25, 2.0**-12])):
+        scaled = (grad.astype(np.float64) * scale).astype(dtype)
+        table = single_group_table(dtype, param.size, step == 0, **hyper)
+        for args, grad_scale in (((p, v), None), ((q, w), np.array([scale], compute))):
+            inverse = 1.0 / scale if grad_scale is None else 99.0  # not read with a pointer
+            which = 0 if grad_scale is None else 1
+            kernel.step(*args[:1], scaled, *args[1:], table, inverse,
+                        None if counters is None else counters[which], grad_scale=grad_scale,
+                        found_inf=None if counters is None else np.float32(0),
+                        check_nonfinite=check)
+        assert_bitwise(q, p, f"param after step {step + 1}")
+        assert_bitwise(w, v, f"velocity after step {step + 1}")
+    if counters is not None:
+        before = q.tobytes(), w.tobytes()
+        kernel.step(q, grads[0], w, table, 1.0, counters[1], grad_scale=None,
+                    found_inf=np.float32(1), check_nonfinite=check)
+        assert (q.tobytes(), w.tobytes()) == before
+        assert counters[1][[STEP_COUNT, SKIPPED_STEPS, LAST_STEP_SKIPPED]].tolist() == [
+            3, 1, 1]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("style", ["classic", "torch"])
 def test_nonfinite_gradients_skip_the_step_on_the_device(kernel, style, dtype):

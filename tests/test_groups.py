@@ -116,9 +116,13 @@ def test_groups_match_reference(backend, config, skip_nonfinite, monkeypatch):
     opt = gm.MomentumSGD(flat, lr=LR_SCHEDULE[0], groups=config["groups"],
                          skip_nonfinite=skip_nonfinite, backend=backend.name,
                          **config["options"])
-    launches, update = [], opt._backend.step
-    monkeypatch.setattr(opt._backend, "step",
-                        lambda *args, **kw: launches.append(1) or update(*args, **kw))
+    launches, prepare = [], opt._backend.step_function
+
+    def counted(*args, **kw):
+        launch = prepare(*args, **kw)
+        return lambda *a: launches.append(1) or launch(*a)
+
+    monkeypatch.setattr(opt._backend, "step_function", counted)
     rng = np.random.default_rng(1)
     for step in range(STEPS):
         opt.lr = LR_SCHEDULE[step]

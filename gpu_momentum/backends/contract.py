@@ -50,6 +50,11 @@ class Backend(Protocol):
     def synchronize(self) -> None:
         """Waits for queued work (for timing)."""
 
+    def capturing(self, param) -> bool:
+        """Whether the stream param's update runs on is being captured into a CUDA graph
+        now: host work (copies, allocations, compiling, counting on the host) would not
+        be replayed then (always False on the CPU)."""
+
     def place(self, param) -> Hashable:
         """Where and in which order param's update runs: device and stream (None on the
         CPU)."""
@@ -62,8 +67,24 @@ class Backend(Protocol):
         """The host NumPy `array` copied into `target`, an array `upload` returned, in
         place (same addresses), queued on param's stream without waiting."""
 
+    def step_function(self, param, velocity, table: UpdateTable, counters=None,
+                      check_nonfinite=True):
+        """The step of these arrays, table and counters with everything that stays the
+        same from step to step prepared once (views, kernels, launch geometry, kernel
+        arguments; the kernels compiled and loaded): a function `launch(grad,
+        inv_grad_scale, agree=None, grad_scale=None, found_inf=None)` that queues what
+        `step(param, grad, velocity, table, inv_grad_scale, counters, agree, ...,
+        grad_scale, found_inf)` queues, doing no checks, copies or allocations of its own,
+        so that a CUDA graph can capture it. check_nonfinite=False (with
+        counters): a counted step that does not look for non-finite values (the launches
+        without "find_nonfinite"). Each grad it gets must be one that
+        `check_arrays` accepted with param and velocity, unchanged since (see
+        arrays.array_state); a table `device_table` rewrote in place at the same addresses
+        keeps it valid."""
+
     def step(self, param, grad, velocity, table: UpdateTable, inv_grad_scale,
-             counters=None, agree=None) -> None:
+             counters=None, agree=None, check_nonfinite=True, grad_scale=None,
+             found_inf=None) -> None:
         """The fused update of every group in one kernel launch over arrays that
         `check_arrays` accepted, with a table from `device_table`; queued without waiting
         for the device.
@@ -78,7 +99,30 @@ class Backend(Protocol):
         before the update, in stream order (it queues work; it does not wait for it),
         even over no elements: processes sharing one step combine their
         counters[LAST_STEP_SKIPPED] there, so all skip together (gpu_momentum.distributed).
+
+        check_nonfinite=False, with counters: a counted step that does not look for
+        non-finite values (a capturable optimizer's, without skip_nonfinite).
+
+        grad_scale: None, or the loss scale as a 0-d float array in the backend's memory
+        (a CuPy array, a torch CUDA tensor; a NumPy array on the CPU), read when the
+        kernels run (a CUDA graph replays the read): the gradient is multiplied by 1 /
+        grad_scale worked out in the compute dtype (for the power-of-two scales of loss
+        scalers exactly inv_grad_scale's 1 / grad_scale), and inv_grad_scale is not used.
+        Its value is not checked (that would wait for the device): a scale whose inverse
+        is not finite makes the gradient non-finite. found_inf: None, or a 0-d array in
+        the backend's memory (torch.amp.GradScaler's): with counters, a nonzero value
+        skips the step (the first launch sets LAST_STEP_SKIPPED from it); refused
+        without counters.
         """
+
+
+def refuse_found_inf_without_counters(found_inf):
+    """ValueError for a found_inf given to a step without counters: skipping on the
+    device is a counted step's (its first launch reads found_inf)."""
+    if found_inf is not None:
+        raise ValueError("found_inf needs the step counters in the backend's memory (a "
+                         "counted step: skip_nonfinite or capturable) to skip the step "
+                         "on the device")
 
 
 def check_arrays(backend, param, grad, velocity):
@@ -107,4 +151,6 @@ def device_table(backend, table, param, reuse=None):
                       for name in ARRAY_FIELDS})
     for name in GROUP_FIELDS:
         backend.upload_into(getattr(reuse, name), getattr(table, name), param)
+    if reuse.launch_flags == table.launch_flags:
+        return reuse  # the very table: step functions prepared with it stay valid
     return dataclasses.replace(reuse, launch_flags=table.launch_flags)

@@ -1,8 +1,10 @@
-"""The cpu backend: NumPy arrays, updated by the parallel Numba loop of kernels/cpu.py."""
+"""The cpu backend: NumPy arrays, updated by the Numba loops of kernels/cpu.py (parallel
+over the cores, or serial for small buffers)."""
 
 import numpy as np
 
-from ..kernels.layout import READ_COUNTERS
+from ..kernels.layout import LAST_STEP_SKIPPED, READ_COUNTERS
+from .contract import refuse_found_inf_without_counters
 
 NO_COUNTERS = np.zeros(0, np.int64)  # what the kernels get for counters=None
 
@@ -39,20 +41,64 @@ class CpuBackend:
     def upload_into(self, target, array, param):
         target[...] = array
 
-    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None):
-        from ..kernels.cpu import (find_nonfinite_cpu, momentum_step_cpu,
-                                   update_unless_skipped_cpu)
+    def capturing(self, param):
+        return False
 
-        # Plain ndarray views: a numpy.memmap is passed as the buffer it is.
-        arrays = (*(np.asarray(a).reshape(-1) for a in (param, grad, velocity)),
-                  *table.arrays())
-        inv_grad_scale = table.scalars.dtype.type(inv_grad_scale)
-        if counters is None:
-            momentum_step_cpu(*arrays, inv_grad_scale, table.launch_flags, NO_COUNTERS)
-            return
-        launch_flags = table.launch_flags | READ_COUNTERS
-        find_nonfinite_cpu(*arrays, inv_grad_scale, launch_flags, counters)
-        if agree is not None:
-            agree(counters)
-        update_unless_skipped_cpu(*arrays, inv_grad_scale, launch_flags, counters)
+    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True):
+        from ..kernels.cpu import kernels_for
+
+        param, velocity = _flat(param), _flat(velocity)
+        update, find_nonfinite, update_unless_skipped = kernels_for(param.size)
+        scalars, group_flags, range_ends, range_groups = table.arrays()
+        scalar = table.scalars.dtype.type
+        launch_flags = table.launch_flags
+        if counters is not None:
+            launch_flags |= READ_COUNTERS
+        # The latest grad and scale as the kernels take them: a step repeating them (the
+        # same objects) converts nothing.
+        last_grad = flat_grad = last_scale = inv = None
+
+        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
+            nonlocal last_grad, flat_grad, last_scale, inv
+            if grad is not last_grad:
+                last_grad, flat_grad = grad, _flat(grad)
+            if grad_scale is not None:  # host memory: read now, as a kernel would
+                last_scale, inv = None, _reciprocal(scalar(grad_scale[()]))
+            elif inv_grad_scale is not last_scale:
+                last_scale, inv = inv_grad_scale, scalar(inv_grad_scale)
+            if counters is None:
+                refuse_found_inf_without_counters(found_inf)
+                update(param, flat_grad, velocity, scalars, group_flags, range_ends,
+                       range_groups, inv, launch_flags, NO_COUNTERS)
+                return
+            arguments = (param, flat_grad, velocity, scalars, group_flags, range_ends,
+                         range_groups, inv, launch_flags)
+            if found_inf is not None and found_inf[()] != 0:
+                counters[LAST_STEP_SKIPPED] = 1
+            elif check_nonfinite:
+                find_nonfinite(*arguments, counters)
+            else:
+                counters[LAST_STEP_SKIPPED] = 0
+            if agree is not None:
+                agree(counters)
+            update_unless_skipped(*arguments, counters)
+
+        return launch
+
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
+             agree=None, check_nonfinite=True, grad_scale=None, found_inf=None):
+        self.step_function(param, velocity, table, counters, check_nonfinite)(
+            grad, inv_grad_scale, agree, grad_scale, found_inf)
+
+
+def _reciprocal(scale):
+    """1 / scale in scale's dtype, as the GPU kernels work it out from a loss scale in
+    device memory (inf for 0: the gradient is then not finite)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return scale.dtype.type(1) / scale
+
+
+
+def _flat(array):
+    """A 1-D plain ndarray view: a numpy.memmap is passed as the buffer it is."""
+    return np.asarray(array).reshape(-1)

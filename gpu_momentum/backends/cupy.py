@@ -14,7 +14,8 @@ import numpy as np
 from ..kernels.cuda_launch import check_counters, launch_plan, step_launches
 from ..kernels.cuda_source import (BLOCK_SIZE, ENTRY_POINTS, FINISH_EXPRESSION,
                                    module_options, module_source, name_expressions)
-from ..kernels.layout import LAST_STEP_SKIPPED
+from ..kernels.layout import GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED, READ_COUNTERS
+from .contract import refuse_found_inf_without_counters
 
 
 class CupyBackend:
@@ -77,14 +78,18 @@ class CupyBackend:
         import cupy
         cupy.copyto(target, cupy.asarray(array))
 
-    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None):
-        """Queues the step's launches (kernels.cuda_launch.step_launches) on the current
-        stream; the table and counters must be on the current device."""
+    def capturing(self, param):
         import cupy
 
-        arrays = [cupy.asarray(a) for a in (param, grad, velocity)]
-        named = [*zip(("param", "grad", "velocity"), arrays),
+        return cupy.cuda.get_current_stream().is_capturing()
+
+    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True):
+        """Launches on the current stream of the device the arrays are on, which must be
+        the current device at every step (checked: one runtime call)."""
+        import cupy
+
+        param, velocity = cupy.asarray(param), cupy.asarray(velocity)
+        named = [("param", param), ("velocity", velocity),
                  *((f"table.{name}", array) for name, array in
                    zip(("scalars", "group_flags", "range_ends", "range_groups"),
                        table.arrays()))]
@@ -92,26 +97,77 @@ class CupyBackend:
             check_counters(counters, table.group_count)
             named.append(("counters", counters))
         device = _on_current_device(named)
-        update, check, finish, max_blocks = _kernels(device, arrays[0].dtype)
-        plan = launch_plan(arrays[0].dtype, arrays[0].size, table, inv_grad_scale,
-                           max_blocks, counters is not None)
-        param, grad, velocity = arrays
+        update, check, finish, max_blocks = _kernels(device, param.dtype)
+        plan = launch_plan(param.dtype, param.size, table, 1.0, max_blocks,
+                           counters is not None)
+        scalar = type(plan.inv_grad_scale)
         grid, block = (plan.grid,), (plan.block,)
+        skipped = None if counters is None else \
+            counters[LAST_STEP_SKIPPED:LAST_STEP_SKIPPED + 1]
+        update_tail = (plan.n, *table.arrays(), plan.range_count)
+        update_counters = _empty(device, np.int64) if counters is None else counters
+        finish_args = (counters, table.group_flags, plan.group_count)
+        compute = scalar(0).dtype
+        no_scale = _empty(device, compute)  # a null pointer: inv_grad_scale is read
+        # Set by each step: its grad as a CuPy array, 1 / grad_scale in the compute dtype
+        # (a step repeating the objects of the one before converts nothing), the loss
+        # scale in device memory, GradScaler's found_inf and `agree`.
+        last_grad = kernel_grad = last_scale = inv = agreement = found = scale_slot = None
+        device_scale = no_scale
         launches = {
-            "clear": lambda: counters[LAST_STEP_SKIPPED:LAST_STEP_SKIPPED + 1].fill(0),
+            "clear": lambda: skipped.fill(0) if found is None else cupy.not_equal(
+                found, 0, out=skipped),
             "find_nonfinite": lambda: check(grid, block, (
-                grad, plan.n, table.range_ends, table.range_groups, plan.range_count,
-                plan.inv_grad_scale, counters)),
+                kernel_grad, plan.n, table.range_ends, table.range_groups,
+                plan.range_count, inv, device_scale, counters)),
+            "agree": lambda: agreement(counters),
             "update": lambda: update(grid, block, (
-                param, grad, velocity, plan.n, *table.arrays(), plan.range_count,
-                plan.inv_grad_scale, plan.launch_flags,
-                _no_counters(device) if counters is None else counters)),
-            "agree": lambda: agree(counters),
-            "finish": lambda: finish((1,), (plan.finish_block,),
-                                     (counters, table.group_flags, plan.group_count)),
+                param, kernel_grad, velocity, *update_tail, inv, device_scale,
+                plan.launch_flags, update_counters)),
+            "finish": lambda: finish((1,), (plan.finish_block,), finish_args),
         }
-        for launch in step_launches(plan.grid, counters is not None, agree is not None):
-            launches[launch]()
+        plain, agreeing = ([launches[name] for name in step_launches(
+            plan.grid, counters is not None, agree, check_nonfinite)]
+            for agree in (False, True))
+        runtime = cupy.cuda.runtime
+
+        def on_device(name, array):
+            as_cupy = cupy.asarray(array)
+            _on_current_device([(name, as_cupy)])
+            return as_cupy
+
+        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
+            nonlocal last_grad, kernel_grad, last_scale, inv, agreement, found, device_scale
+            nonlocal scale_slot
+            if runtime.getDevice() != device:
+                _on_current_device(named)  # raises, naming the arrays' device
+            if grad is not last_grad:
+                last_grad, kernel_grad = grad, on_device("grad", grad)
+            if inv_grad_scale is not last_scale:
+                last_scale, inv = inv_grad_scale, scalar(inv_grad_scale)
+            if counters is None:
+                refuse_found_inf_without_counters(found_inf)
+            found = None if found_inf is None else on_device("found_inf", found_inf)
+            device_scale = no_scale
+            if grad_scale is not None:
+                device_scale = on_device("grad_scale", grad_scale).reshape(1)
+                if device_scale.dtype != compute:  # converted on the stream, in order
+                    if scale_slot is None:  # made once, by the first such step
+                        scale_slot = cupy.empty(1, compute)
+                    cupy.copyto(scale_slot, device_scale, casting="same_kind")
+                    device_scale = scale_slot
+            agreement = agree
+            for queue in plain if agree is None else agreeing:
+                queue()
+
+        return launch
+
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
+             agree=None, check_nonfinite=True, grad_scale=None, found_inf=None):
+        """Queues the step's launches (kernels.cuda_launch.step_launches) on the current
+        stream; the table and counters must be on the current device."""
+        self.step_function(param, velocity, table, counters, check_nonfinite)(
+            grad, inv_grad_scale, agree, grad_scale, found_inf)
 
 
 @functools.cache
@@ -125,7 +181,9 @@ def _module(device_id):
 
 @functools.cache
 def _kernels(device_id, dtype):
-    """(update, non-finite check, finish_step, max_blocks) of `dtype` on a device."""
+    """(update, non-finite check, finish_step, max_blocks) of `dtype` on a device, each
+    launched once over no elements (the module compiled, each function loaded: a CUDA
+    graph captured later records launches only)."""
     import cupy
 
     entry = ENTRY_POINTS[dtype]
@@ -137,16 +195,37 @@ def _kernels(device_id, dtype):
         sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
         per_sm = min(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
             kernel.kernel.ptr, BLOCK_SIZE, 0) for kernel in (update, check))
+        _warm_up(update, check, finish, dtype)
     return update, check, finish, sms * per_sm
 
 
+def _warm_up(update, check, finish, dtype):
+    """Each kernel launched once over no elements, with scratch counters, and waited for."""
+    import cupy
+
+    compute = ENTRY_POINTS[dtype].compute_dtype
+    param, velocity = cupy.zeros(0, dtype), cupy.zeros(0, compute)
+    table = (cupy.zeros((1, GROUP_COLUMNS), compute), cupy.zeros(1, np.uint32),
+             cupy.zeros(1, np.int64), cupy.zeros(1, np.int32))
+    counters = cupy.zeros(GROUP_SLOTS + 1, np.int64)
+    one, scale = compute.type(1), cupy.ones(1, compute)
+    update((1,), (BLOCK_SIZE,), (param, param, velocity, np.int64(0), *table, np.int32(1),
+                                 one, scale, np.uint32(READ_COUNTERS), counters))
+    check((1,), (BLOCK_SIZE,), (param, np.int64(0), table[2], table[3], np.int32(1), one,
+                                scale, counters))
+    finish((1,), (32,), (counters, table[1], np.int32(1)))
+    cupy.cuda.get_current_stream().synchronize()
+
+
 @functools.cache
-def _no_counters(device_id):
-    """What the update kernel gets for counters=None: an empty array (a null pointer)."""
+def _empty(device_id, dtype):
+    """An empty array of `dtype` on a device: a null pointer for an optional argument."""
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return cupy.zeros(0, np.int64)
+        return cupy.zeros(0, dtype)
+
+
 
 
 def _on_current_device(named_arrays):

@@ -15,7 +15,8 @@ import importlib.util
 import numpy as np
 
 from ..kernels.cuda_launch import step_launches
-from ..kernels.layout import READ_COUNTERS
+from ..kernels.layout import GROUP_SLOTS, READ_COUNTERS
+from .contract import refuse_found_inf_without_counters
 
 
 class NumbaCudaBackend:
@@ -86,10 +87,8 @@ class NumbaCudaBackend:
         cuda.synchronize()
 
     def place(self, param):
-        from numba import cuda
-
         stream = _stream_view(param).stream
-        device = getattr(cuda.get_current_device(), "id", 0)  # the simulator's has no id
+        device = _current_device()
         handle = getattr(stream, "handle", stream)  # 0: an array bound to no stream
         return device, getattr(handle, "value", handle)
 
@@ -101,35 +100,160 @@ class NumbaCudaBackend:
     def upload_into(self, target, array, param):
         target.copy_to_device(array, stream=_stream_view(param).stream)
 
+    def capturing(self, param):
+        from numba.core import config
+
+        if config.ENABLE_CUDASIM:
+            return False  # the simulator has no graphs
+        from cuda.bindings import driver
+
+        if _is_numba_array(param):
+            handle = getattr(param.stream, "handle", param.stream)
+            handle = getattr(handle, "value", handle)
+        else:  # the stream its exporter names now, read without making a view
+            handle = _exported_stream(param)
+        error, status = driver.cuStreamIsCapturing(int(handle or 0))
+        if error != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuStreamIsCapturing failed: {error}")
+        return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True):
+        """For arrays of another exporter (CuPy, PyTorch) the launches follow the stream
+        it names: each step reads param's interface and prepares them again when the
+        stream changed (CuPy names its current stream)."""
+        prepare = lambda: _Launches(param, velocity, table, counters, check_nonfinite)
+        if _is_numba_array(param):
+            return prepare().launch
+        exported, launches = _exported_stream(param), prepare()
+
+        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
+            nonlocal exported, launches
+            if _exported_stream(param) != exported:
+                exported, launches = _exported_stream(param), prepare()
+            launches.launch(grad, inv_grad_scale, agree, grad_scale, found_inf)
+
+        return launch
+
     def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None):
+             agree=None, check_nonfinite=True, grad_scale=None, found_inf=None):
+        self.step_function(param, velocity, table, counters, check_nonfinite)(
+            grad, inv_grad_scale, agree, grad_scale, found_inf)
+
+
+class _Launches:
+    """The launches of a step (kernels.cuda_launch.step_launches) on param's stream, with
+    everything but the gradient, the loss scale and `agree` prepared: views, launch
+    geometry and the configured kernels, each compiled and loaded (launched once over no
+    elements, the first time for its dtypes on a device)."""
+
+    def __init__(self, param, velocity, table, counters, check_nonfinite):
         from ..kernels import numba_cuda as kernels
 
-        param, grad, velocity = (_flat(_stream_view(a)) for a in (param, grad, velocity))
-        inv_grad_scale = velocity.dtype.type(inv_grad_scale)
+        param, velocity = (_flat(_stream_view(a)) for a in (param, velocity))
         blocks, threads = kernels.launch_config(param.size)
         stream = param.stream
         launch_flags = table.launch_flags
+        device = _current_device()
         if counters is None:
-            counters = _no_counters(self.place(param)[0])
+            counters = _empty(device, np.int64)
         else:
             counters = _stream_view(counters)
             launch_flags |= READ_COUNTERS
+        update = kernels.momentum_step_kernel[blocks, threads, stream]
+        find_nonfinite = kernels.find_nonfinite_kernel[blocks, threads, stream]
+        clear = kernels.clear_skip_kernel[1, 1, stream]
+        finish = kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream]
+        self._convert_scale = kernels.convert_scale_kernel[1, 1, stream]
+        arrays = table.arrays()
+        self._scalar = velocity.dtype.type
+        self._counted = counters.size != 0
+        self._no_scale = _empty(device, velocity.dtype)  # inv_grad_scale is read
+        self._no_found_inf = _empty(device, np.float32)
+        self._scale_slot = None  # a loss scale of another dtype converted (made once)
+        self._stream = stream
+        self._last_grad = self._last_scale = self._grad = self._inv = self._agree = None
+        self._scale, self._found = self._no_scale, self._no_found_inf
         launches = {
-            "clear": lambda: kernels.clear_skip_kernel[1, 1, stream](counters),
-            "find_nonfinite": lambda: kernels.find_nonfinite_kernel[
-                blocks, threads, stream](grad, velocity, table.range_ends,
-                                         table.range_groups, inv_grad_scale, counters),
-            "update": lambda: kernels.momentum_step_kernel[blocks, threads, stream](
-                param, grad, velocity, *table.arrays(), inv_grad_scale, launch_flags,
-                counters),
-            "agree": lambda: agree(counters),
-            "finish": lambda: kernels.finish_step_kernel[
-                1, kernels.FINISH_THREADS, stream](counters, table.group_flags),
+            "clear": lambda: clear(counters, self._found),
+            "find_nonfinite": lambda: find_nonfinite(self._grad, velocity, table.range_ends,
+                                                     table.range_groups, self._inv,
+                                                     self._scale, counters),
+            "agree": lambda: self._agree(counters),
+            "update": lambda: update(param, self._grad, velocity, *arrays, self._inv,
+                                     self._scale, launch_flags, counters),
+            "finish": lambda: finish(counters, table.group_flags),
         }
-        for launch in step_launches(param.size, launch_flags & READ_COUNTERS,
-                                    agree is not None):
-            launches[launch]()
+        read_counters = launch_flags & READ_COUNTERS
+        self._launches, self._agreeing = (
+            [launches[name] for name in step_launches(param.size, read_counters, agree,
+                                                      check_nonfinite)]
+            for agree in (False, True))
+        _warm_up(param, velocity, table, stream)
+
+    def launch(self, grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
+        if grad is not self._last_grad:
+            self._last_grad, self._grad = grad, _flat(_stream_view(grad))
+        if inv_grad_scale is not self._last_scale:
+            self._last_scale, self._inv = inv_grad_scale, self._scalar(inv_grad_scale)
+        if not self._counted:
+            refuse_found_inf_without_counters(found_inf)
+        self._found = (self._no_found_inf if found_inf is None else
+                       _stream_view(found_inf).reshape(1))
+        self._scale = self._no_scale
+        if grad_scale is not None:
+            self._scale = _stream_view(grad_scale).reshape(1)
+            if self._scale.dtype != self._scalar(0).dtype:  # converted first, in order
+                if self._scale_slot is None:
+                    from numba import cuda
+                    self._scale_slot = cuda.device_array(1, self._scalar(0).dtype,
+                                                         stream=self._stream)
+                self._convert_scale(self._scale_slot, self._scale)
+                self._scale = self._scale_slot
+        self._agree = agree
+        for queue in self._launches if agree is None else self._agreeing:
+            queue()
+
+
+_WARM = set()  # (device, param dtype, velocity dtype) whose kernels were launched once
+
+
+def _warm_up(param, velocity, table, stream):
+    """Each kernel launched once over no elements (empty views of the arrays) with scratch
+    counters and waited for: compiled and loaded, so that a CUDA graph captured later
+    records launches only (for the argument types of steps without a loss scale or
+    found_inf in device memory: a step with them compiles their kernels on first use)."""
+    from numba import cuda
+
+    from ..kernels import numba_cuda as kernels
+
+    key = (_current_device(), param.dtype, velocity.dtype)
+    if key in _WARM:
+        return
+    p, v = param[:0], velocity[:0]
+    counters = cuda.to_device(np.zeros(GROUP_SLOTS + table.group_count, np.int64),
+                              stream=stream)
+    one, no_scale = velocity.dtype.type(1), _empty(key[0], velocity.dtype)
+    kernels.clear_skip_kernel[1, 1, stream](counters, _empty(key[0], np.float32))
+    kernels.find_nonfinite_kernel[1, 32, stream](p, v, table.range_ends, table.range_groups,
+                                                 one, no_scale, counters)
+    kernels.momentum_step_kernel[1, 32, stream](p, p, v, *table.arrays(), one, no_scale,
+                                                table.launch_flags | READ_COUNTERS,
+                                                counters)
+    kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream](counters,
+                                                                  table.group_flags)
+    cuda.synchronize()
+    _WARM.add(key)
+
+
+def _current_device():
+    from numba import cuda
+
+    return getattr(cuda.get_current_device(), "id", 0)  # the simulator's has no id
+
+
+def _exported_stream(array):
+    """The stream a `__cuda_array_interface__` exporter names now (None: none)."""
+    return array.__cuda_array_interface__.get("stream")
 
 
 def _is_numba_array(array):
@@ -150,8 +274,9 @@ def _flat(array):
 
 
 @functools.cache
-def _no_counters(device_id):
-    """What the kernels get for counters=None on a device: an empty array, never read."""
+def _empty(device_id, dtype):
+    """An empty array of `dtype` on a device: what the kernels get for an optional array
+    argument (counters=None, no loss scale or found_inf in device memory); never read."""
     from numba import cuda
 
-    return cuda.device_array(0, np.int64)
+    return cuda.device_array(0, dtype)

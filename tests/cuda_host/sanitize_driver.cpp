@@ -117,7 +117,8 @@ struct Case {
                        static_cast<const unsigned*>(groups.flags.data()),
                        static_cast<const long long*>(groups.ends.data()),
                        static_cast<const int*>(groups.owners.data()),
-                       static_cast<int>(groups.ends.size()), C(0.5), launch,
+                       static_cast<int>(groups.ends.size()), C(0.5),
+                       static_cast<const C*>(nullptr), launch,
                        static_cast<const long long*>(groups.counters.data()));
         std::vector<unsigned char> out(n * (sizeof(T) + sizeof(V)));
         if (n > 0) {
@@ -153,7 +154,8 @@ struct Case {
         gm_host_launch(grid, 32u, &find_nonfinite<T>, static_cast<const T*>(g.at<T>()), n,
                        static_cast<const long long*>(groups.ends.data()),
                        static_cast<const int*>(groups.owners.data()),
-                       static_cast<int>(groups.ends.size()), C(0.5), counters);
+                       static_cast<int>(groups.ends.size()), C(0.5),
+                       static_cast<const C*>(nullptr), counters);
         return counters[GM_COUNTER_LAST_STEP_SKIPPED];
     }
 
