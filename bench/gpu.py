@@ -88,7 +88,10 @@ def graph_replay_builder(problem):
         opt.step(grad)
         graph = stream.end_capture()
     stream.synchronize()
-    return Built(lambda: graph.launch(stream), lambda: [cupy.asnumpy(param)])
+    # The graph holds opt's device addresses (velocity, table, counters), not opt itself:
+    # the step keeps opt alive for as long as the graph can be launched.
+    return Built(lambda opt=opt: graph.launch(stream),
+                 lambda: [cupy.asnumpy(param)])
 
 
 class ReplayEventTimer:

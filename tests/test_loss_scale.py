@@ -86,9 +86,13 @@ def test_bad_arrays_in_memory_are_refused_and_change_nothing(backend, name, make
     param, (grad,) = problem(16, steps=1, dtype=np.float32)
     opt = gm.MomentumSGD(backend.from_numpy(param), lr=0.1, skip_nonfinite=True,
                          backend=backend.name)
+    try:
+        bad = make(backend)
+    except (TypeError, ValueError) as why:  # real CuPy arrays hold no strings
+        pytest.skip(f"{backend.name} arrays cannot be made so: {why}")
     before = _bits(backend, opt)
     with pytest.raises(error, match=pattern):
-        opt.step(backend.from_numpy(grad), **{name: make(backend)})
+        opt.step(backend.from_numpy(grad), **{name: bad})
     assert _bits(backend, opt) == before
 
 
