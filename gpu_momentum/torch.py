@@ -12,11 +12,25 @@ How it works:
   same, so modules, hooks and `module.state_dict()` are untouched. Gradients and momentum
   buffers have matching flat buffers; `state[p]["momentum_buffer"]` is a view into the
   velocity buffer.
-- A gradient that is not a view of the flat gradient buffer at `step()` (autograd's own
-  after `zero_grad()` set it to None, DDP's bucket views, a `p.grad` the user assigned) is
-  copied into it, all of them with one `torch._foreach_copy_`; a standalone tensor is then
-  replaced by its view (same values), so later backward passes accumulate into the buffer
-  in place. `zero_grad(set_to_none=False)` zeroes each buffer in one call.
+- `zero_grad()`, with either set_to_none, zeroes each flat gradient buffer in one call and
+  leaves each parameter's `.grad` a view of it: backward accumulates into the buffer in
+  place and `step()` copies nothing. torch's None is kept as a meaning, not as a value: a
+  post-accumulate-grad hook on each parameter marks it when autograd accumulates into its
+  `.grad`, and one that received nothing since `zero_grad(set_to_none=True)` (its `.grad`
+  a zero view) is left alone at `step()`, as torch leaves a None `.grad`. After
+  `zero_grad(set_to_none=False)` a parameter that had a gradient has a zero one (updated,
+  as in torch) and one that had none still has none. DDP writes the reduced gradient of a
+  parameter this process did not use into its view in place, without autograd: each view
+  has its own version counter, and a check queued at the end of each backward pass
+  counts such a write as a gradient.
+- A `.grad` that is not the view at `step()` (autograd's own after `model.zero_grad()`,
+  DDP's bucket views, a `p.grad` the user assigned, a gradient with a graph) is a
+  gradient: all of them are copied into the buffer with one `torch._foreach_copy_`, and
+  a standalone tensor is then replaced by its view (same values). A None `.grad` at
+  `step()` is no gradient. In a `torch.distributed` process group `zero_grad()` leaves a
+  None `.grad` None and makes DDP's bucket views None, as torch does: DDP would hand a
+  view given to a parameter that no rank used back as a zero bucket view, which `step()`
+  cannot tell from a reduced gradient.
 - `step()` reads every parameter group's hyperparameters (any change, such as a
   scheduler's, reaches the kernel without a recompile) into one row of the kernels' update
   table per parameter, so each parameter has its group's values and its own first step,
@@ -113,7 +127,9 @@ class SGD(Optimizer):
     classic style) sets the buffer from the gradient and never reads the old one.
 
     A parameter whose `.grad` is None at `step()` is left alone: neither it nor its
-    momentum buffer moves, and no buffer is created.
+    momentum buffer moves, and no buffer is created. So is one that received no gradient
+    since `zero_grad()` (set_to_none=True): its `.grad` is then a zero view of the flat
+    gradient buffer, not None.
 
     Arguments are torch.optim.SGD's, in its order and with its defaults and checks (same
     exception types and messages: momentum >= 1, negative dampening and any group value
