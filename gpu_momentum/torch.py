@@ -92,8 +92,9 @@ _ENGINE = torch.autograd.Variable._execution_engine
 _grad_of = operator.attrgetter("grad")
 
 
-_CAPTURE_REFUSED = ("gpu_momentum.torch.SGD.step() is being captured into a CUDA graph, "
-                    "but {}: a replay would not do it. Nothing was changed.")
+_CAPTURE_REFUSED = ("gpu_momentum.torch.SGD is being captured into a CUDA graph (step() "
+                    "or zero_grad()), but {}: a replay would not do it. Nothing was "
+                    "changed.")
 
 
 class UnsupportedOptionError(ValueError, NotImplementedError):
@@ -373,7 +374,11 @@ class SGD(Optimizer):
         not a view of the buffer (one DDP hands over, one the user assigned) is dropped
         (True) or zeroed (False) as torch does, and the view takes its place where that is
         safe. Tensors kept out of the buffers get torch's zero_grad."""
-        layout = self._current_layout()
+        capturing = self._on_cuda() and torch.cuda.is_current_stream_capturing()
+        layout = self._current_layout(capturing)
+        if capturing and any(bucket.reshaped() for bucket in layout.buckets):
+            raise RuntimeError(_CAPTURE_REFUSED.format(
+                "a parameter has a new shape: the buffers must be packed again"))
         # Under DDP (gradient_as_bucket_view=True, find_unused_parameters=True) a view
         # given to a parameter no rank uses comes back as DDP's bucket view, which a
         # step cannot tell from a reduced gradient: there a None .grad stays None.
@@ -381,11 +386,11 @@ class SGD(Optimizer):
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             try:
                 for bucket in layout.buckets:
-                    bucket.zero_grad(set_to_none, adopt)
+                    bucket.zero_grad(set_to_none, adopt, capturing)
             except _Reshaped:
                 layout = self._layout = self._pack(layout)
                 for bucket in layout.buckets:
-                    bucket.zero_grad(set_to_none, adopt)
+                    bucket.zero_grad(set_to_none, adopt, capturing)
             for p in layout.kept_out:
                 if p.grad is not None:
                     if set_to_none:
@@ -653,6 +658,11 @@ class _Bucket:
         self.hooks = []
         weakref.finalize(self, _remove_hooks, self.hooks)
         self.backward_pending = False  # a hook ran in this backward: check at its end
+        # On CUDA: whether the current stream is being captured into a CUDA graph, and
+        # whether the graph being captured zeroes the flat gradient itself (its replays
+        # must, before the captured backward accumulates into a cleared view).
+        self.capturing = _capture_check(device)
+        self.zeroed_in_graph = False
         self.initialized = np.zeros(len(params), bool)
         self.arrays = _ArraysFor(backend, device, (self.data, self.grad, self.velocity))
         with self.arrays.context():
@@ -740,7 +750,8 @@ class _Bucket:
 
     def watch(self):
         """Hooks each parameter that requires a gradient and has no hook yet: after
-        autograd accumulates into its .grad (in place or not) it has a gradient."""
+        autograd accumulates into its .grad (in place or not) it has a gradient; on CUDA,
+        before it does, a cleared view is zeroed inside a CUDA graph capture."""
         if not self.unwatched:
             return
         still = []
@@ -748,7 +759,10 @@ class _Bucket:
             p = self.params[index]
             if p.requires_grad:
                 self.hooks.append(p.register_post_accumulate_grad_hook(
-                    _received_hook(self, index)))
+                    _bucket_hook(self, "received", index)))
+                if self.capturing is not None:
+                    self.hooks.append(p.register_hook(
+                        _bucket_hook(self, "accumulating", index)))
             else:
                 still.append(index)  # frozen: no hook can be registered yet
         self.unwatched = still
@@ -757,6 +771,20 @@ class _Bucket:
         """Removes the hooks (these buffers are replaced)."""
         _remove_hooks(self.hooks)
         self.unwatched = list(range(len(self.params)))
+
+    def accumulating(self, index):
+        """Parameter `index`'s gradient hook on CUDA, before autograd accumulates into its
+        .grad. Inside a CUDA graph capture a cleared view is zeroed first, in the graph:
+        zero_grad() left it zero, but each replay finds the last replay's gradient there
+        (with torch's None the graph would write a new gradient, not add to one). The
+        whole buffer while no parameter has a gradient (one memset), else this view."""
+        if not self.cleared[index] or self.zeroed_in_graph or not self.capturing():
+            return
+        if all(self.cleared):
+            self.grad.zero_()
+            self.zeroed_in_graph = True
+        else:
+            self.grad_views[index].zero_()
 
     def received(self, index):
         """Parameter `index`'s hook: autograd accumulated a gradient into its .grad. The
@@ -787,16 +815,18 @@ class _Bucket:
                     self.params[index].grad is view:
                 self.cleared[index] = False
 
-    def zero_grad(self, set_to_none, adopt):
+    def zero_grad(self, set_to_none, adopt, capturing=False):
         """Zeroes the flat gradient in one call; each hooked parameter's .grad that is
         its view stays so. set_to_none=True: every parameter then has no gradient until
         autograd accumulates one (an unhooked, frozen one gets None, as in torch); False:
         one that had a gradient has a zero one, one that had none has none. `adopt`: a
         None .grad, or one that is a view of another buffer, becomes the view too; else
         it gets what torch gives it (None, or zeroed in place), and a standalone one
-        still becomes the view."""
+        still becomes the view. `capturing`: this zeroing is in a CUDA graph, so its
+        replays zero the buffer before a backward captured after it."""
         self.watch()  # parameters thawed since they were packed
         self.grad.zero_()
+        self.zeroed_in_graph = capturing
         unwatched = set(self.unwatched)
         for index, p in enumerate(self.params):
             grad = p.grad
@@ -825,6 +855,10 @@ class _Bucket:
             self.cleared = [True] * len(self.params)
         self.versions = [view._version for view in self.grad_views]
         self.backward_pending = False  # (a failed backward runs no callbacks)
+
+    def reshaped(self):
+        """Whether a parameter has a new shape over the same memory (see _Reshaped)."""
+        return any(p.shape != view.shape for p, view in zip(self.params, self.grad_views))
 
     def _point(self, index, view):
         p = self.params[index]
@@ -1111,16 +1145,25 @@ def _zero_in_place(grad):
     _detached(grad).zero_()
 
 
-def _received_hook(bucket, index):
-    """The post-accumulate-grad hook of parameter `index`: it has a gradient now. It
-    holds its buffers weakly, and they remove it when they go."""
+def _bucket_hook(bucket, method, index):
+    """A hook of parameter `index` that calls `bucket.<method>(index)`: the
+    post-accumulate-grad hook ("received") or the gradient hook ("accumulating"). It holds
+    its buffers weakly, and they remove it when they go; it is not saved with the
+    tensor (torch.save of a model warns of a gradient hook that is not so marked)."""
     buffers = weakref.ref(bucket)
 
-    def received(param):
+    @torch.utils.hooks.unserializable_hook
+    def hook(tensor):
         bucket = buffers()
         if bucket is not None:
-            bucket.received(index)
-    return received
+            getattr(bucket, method)(index)
+    return hook
+
+
+def _capture_check(device):
+    """The function that tells whether the current stream is being captured into a CUDA
+    graph, for buffers on `device`; None where no graph can be captured."""
+    return torch.cuda.is_current_stream_capturing if device.type == "cuda" else None
 
 
 def _remove_hooks(handles):
