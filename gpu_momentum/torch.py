@@ -22,7 +22,9 @@ How it works:
   as in torch) and one that had none still has none. DDP writes the reduced gradient of a
   parameter this process did not use into its view in place, without autograd: each view
   has its own version counter, and a check queued at the end of each backward pass
-  counts such a write as a gradient.
+  counts such a write as a gradient. A backward captured into a CUDA graph zeroes the
+  cleared views first, in the graph (a gradient hook on each CUDA parameter): each
+  replay finds the last replay's gradients there.
 - A `.grad` that is not the view at `step()` (autograd's own after `model.zero_grad()`,
   DDP's bucket views, a `p.grad` the user assigned, a gradient with a graph) is a
   gradient: all of them are copied into the buffer with one `torch._foreach_copy_`, and
