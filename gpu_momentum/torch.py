@@ -12,11 +12,27 @@ How it works:
   same, so modules, hooks and `module.state_dict()` are untouched. Gradients and momentum
   buffers have matching flat buffers; `state[p]["momentum_buffer"]` is a view into the
   velocity buffer.
-- A gradient that is not a view of the flat gradient buffer at `step()` (autograd's own
-  after `zero_grad()` set it to None, DDP's bucket views, a `p.grad` the user assigned) is
-  copied into it, all of them with one `torch._foreach_copy_`; a standalone tensor is then
-  replaced by its view (same values), so later backward passes accumulate into the buffer
-  in place. `zero_grad(set_to_none=False)` zeroes each buffer in one call.
+- `zero_grad()`, with either set_to_none, zeroes each flat gradient buffer in one call and
+  leaves each parameter's `.grad` a view of it: backward accumulates into the buffer in
+  place and `step()` copies nothing. torch's None is kept as a meaning, not as a value: a
+  post-accumulate-grad hook on each parameter marks it when autograd accumulates into its
+  `.grad`, and one that received nothing since `zero_grad(set_to_none=True)` (its `.grad`
+  a zero view) is left alone at `step()`, as torch leaves a None `.grad`. After
+  `zero_grad(set_to_none=False)` a parameter that had a gradient has a zero one (updated,
+  as in torch) and one that had none still has none. DDP writes the reduced gradient of a
+  parameter this process did not use into its view in place, without autograd: each view
+  has its own version counter, and a check queued at the end of each backward pass
+  counts such a write as a gradient. A backward captured into a CUDA graph zeroes the
+  cleared views first, in the graph (a gradient hook on each CUDA parameter): each
+  replay finds the last replay's gradients there.
+- A `.grad` that is not the view at `step()` (autograd's own after `model.zero_grad()`,
+  DDP's bucket views, a `p.grad` the user assigned, a gradient with a graph) is a
+  gradient: all of them are copied into the buffer with one `torch._foreach_copy_`, and
+  a standalone tensor is then replaced by its view (same values). A None `.grad` at
+  `step()` is no gradient. In a `torch.distributed` process group `zero_grad()` leaves a
+  None `.grad` None and makes DDP's bucket views None, as torch does: DDP would hand a
+  view given to a parameter that no rank used back as a zero bucket view, which `step()`
+  cannot tell from a reduced gradient.
 - `step()` reads every parameter group's hyperparameters (any change, such as a
   scheduler's, reaches the kernel without a recompile) into one row of the kernels' update
   table per parameter, so each parameter has its group's values and its own first step,
@@ -36,6 +52,7 @@ torch.optim.SGD's for-loop reads it).
 
 import contextlib
 import operator
+import weakref
 
 import numpy as np
 
@@ -73,11 +90,13 @@ NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.
                 torch.float64: np.dtype(np.float64)}
 TORCH_DTYPES = {numpy: torch_dtype for torch_dtype, numpy in NUMPY_DTYPES.items()}
 _data_ptr = torch.Tensor.data_ptr
+_ENGINE = torch.autograd.Variable._execution_engine
 _grad_of = operator.attrgetter("grad")
 
 
-_CAPTURE_REFUSED = ("gpu_momentum.torch.SGD.step() is being captured into a CUDA graph, "
-                    "but {}: a replay would not do it. Nothing was changed.")
+_CAPTURE_REFUSED = ("gpu_momentum.torch.SGD is being captured into a CUDA graph (step() "
+                    "or zero_grad()), but {}: a replay would not do it. Nothing was "
+                    "changed.")
 
 
 class UnsupportedOptionError(ValueError, NotImplementedError):
@@ -111,7 +130,9 @@ class SGD(Optimizer):
     classic style) sets the buffer from the gradient and never reads the old one.
 
     A parameter whose `.grad` is None at `step()` is left alone: neither it nor its
-    momentum buffer moves, and no buffer is created.
+    momentum buffer moves, and no buffer is created. So is one that received no gradient
+    since `zero_grad()` (set_to_none=True): its `.grad` is then a zero view of the flat
+    gradient buffer, not None.
 
     Arguments are torch.optim.SGD's, in its order and with its defaults and checks (same
     exception types and messages: momentum >= 1, negative dampening and any group value
@@ -345,37 +366,39 @@ class SGD(Optimizer):
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none=True):
-        """torch's zero_grad. set_to_none=True (the default) sets every `p.grad` to None,
-        as torch does (the next backward's gradients reach the flat buffer at `step()`).
-        set_to_none=False zeroes each flat gradient buffer in one call; gradients that
-        were not views of it become its (zeroed) views where that is safe, and are zeroed
-        in place otherwise (DDP's bucket views)."""
-        if set_to_none:
-            super().zero_grad(True)
-            return
-        layout = self._current_layout()
+        """Zeroes each flat gradient buffer in one call and leaves every `p.grad` of a
+        parameter in a buffer a view of it, so that the next backward accumulates into the
+        buffer in place. torch's meaning of set_to_none is kept: after
+        set_to_none=True (the default) a parameter counts as having no gradient (torch's
+        None: left alone at `step()`) until autograd accumulates one into it; after
+        set_to_none=False one that had a gradient has a zero gradient (updated at
+        `step()`, as in torch) and one that had none still has none. A gradient that was
+        not a view of the buffer (one DDP hands over, one the user assigned) is dropped
+        (True) or zeroed (False) as torch does, and the view takes its place where that is
+        safe. Tensors kept out of the buffers get torch's zero_grad."""
+        capturing = self._on_cuda() and torch.cuda.is_current_stream_capturing()
+        layout = self._current_layout(capturing)
+        if capturing and any(bucket.reshaped() for bucket in layout.buckets):
+            raise RuntimeError(_CAPTURE_REFUSED.format(
+                "a parameter has a new shape: the buffers must be packed again"))
+        # Under DDP (gradient_as_bucket_view=True, find_unused_parameters=True) a view
+        # given to a parameter no rank uses comes back as DDP's bucket view, which a
+        # step cannot tell from a reduced gradient: there a None .grad stays None.
+        adopt = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
-            views = {}
-            for bucket in layout.buckets:
-                bucket.grad.zero_()
-                views.update(zip(map(id, bucket.params), bucket.grad_views))
-            others = []
-            for group in self.param_groups:
-                for p in group["params"]:
-                    grad = p.grad
-                    if grad is None or grad is views.get(id(p)):
-                        continue
-                    if grad.grad_fn is not None:
-                        grad.detach_()
+            try:
+                for bucket in layout.buckets:
+                    bucket.zero_grad(set_to_none, adopt, capturing)
+            except _Reshaped:
+                layout = self._layout = self._pack(layout)
+                for bucket in layout.buckets:
+                    bucket.zero_grad(set_to_none, adopt, capturing)
+            for p in layout.kept_out:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
                     else:
-                        grad.requires_grad_(False)
-                    view = views.get(id(p))
-                    if view is not None and _replaceable(grad, view):
-                        p.grad = view
-                    else:
-                        others.append(grad)
-            for grad in others:
-                grad.zero_()
+                        _zero_in_place(p.grad)
 
     @torch._disable_dynamo
     @torch.no_grad()
@@ -471,8 +494,9 @@ class SGD(Optimizer):
                              f"for all parameters or none, decided in one buffer's "
                              f"memory; these parameters need several: {where})")
         _check_disjoint([p for ps in packed.values() for p in ps], order)
-        replaceable = set() if old is None else {
-            id(view) for bucket in old.buckets for view in bucket.grad_views}
+        old_views = {} if old is None else {
+            id(view): cleared for bucket in old.buckets
+            for view, cleared in zip(bucket.grad_views, bucket.cleared)}
         buckets = [_Bucket(REGISTRY[name], device, dtype, params,
                            [group_of[id(p)] for p in params], self._counted_on_device,
                            self._skip_nonfinite)
@@ -482,7 +506,10 @@ class SGD(Optimizer):
         for bucket in buckets:
             bucket.fill(self.state)
         for bucket in buckets:
-            bucket.commit(self.state, replaceable)
+            bucket.commit(self.state, old_views)
+        if old is not None:
+            for bucket in old.buckets:
+                bucket.unwatch()
         self._step_supports_amp_scaling = self._reads_scaler_values(b.device for b in buckets)
         return _Layout(self.param_groups, buckets, kept_out, self._counted_on_device)
 
@@ -609,7 +636,9 @@ class _Bucket:
         self.velocity = torch.zeros(total, dtype=TORCH_DTYPES[self.compute_dtype],
                                     device=device)
         self.param_views = [_segment(self.data, o, p) for o, p in zip(offsets, params)]
-        self.grad_views = [_segment(self.grad, o, p) for o, p in zip(offsets, params)]
+        # .data: each gradient view with a version counter of its own (views share their
+        # base's), so that an in-place write into one parameter's gradient shows.
+        self.grad_views = [_segment(self.grad, o, p).data for o, p in zip(offsets, params)]
         self.velocity_views = [_segment(self.velocity, o, p) for o, p in zip(offsets, params)]
         # Ranges: each parameter's elements (its row, or NO_GROUP while its grad is None),
         # then the padding after it (NO_GROUP: never read or written).
@@ -623,6 +652,19 @@ class _Bucket:
             range_ends.append(total)
         self.range_ends = np.array(range_ends, np.int64)
         self.present = [False] * len(params)
+        # Parameters whose .grad is their view but which torch would show None: zeroed by
+        # zero_grad(set_to_none=True), no gradient accumulated since (the hooks say).
+        self.cleared = [False] * len(params)
+        self.versions = None  # of the gradient views when last zeroed or pointed at
+        self.unwatched = list(range(len(params)))  # no hook yet (frozen when packed)
+        self.hooks = []
+        weakref.finalize(self, _remove_hooks, self.hooks)
+        self.backward_pending = False  # a hook ran in this backward: check at its end
+        # On CUDA: whether the current stream is being captured into a CUDA graph, and
+        # whether the graph being captured zeroes the flat gradient itself (its replays
+        # must, before the captured backward accumulates into a cleared view).
+        self.capturing = _capture_check(device)
+        self.zeroed_in_graph = False
         self.initialized = np.zeros(len(params), bool)
         self.arrays = _ArraysFor(backend, device, (self.data, self.grad, self.velocity))
         with self.arrays.context():
@@ -668,20 +710,27 @@ class _Bucket:
             if buffer is not None:
                 self.velocity_views[index].copy_(_dense(buffer))
 
-    def commit(self, state, replaceable):
-        """Points the parameters, their gradients and momentum buffers at the buffers."""
+    def commit(self, state, old_views):
+        """Points the parameters, their gradients and momentum buffers at the buffers.
+        `old_views`: {id(gradient view of the previous buffers): whether cleared}."""
         for index, p in enumerate(self.params):
             p.data = self.param_views[index]
             grad = p.grad
             view = self.grad_views[index]
+            cleared = old_views.get(id(grad))
             if grad is not None and grad.shape == view.shape and (
-                    id(grad) in replaceable or _replaceable(grad, view)):
+                    cleared is not None or _replaceable(grad, view)):
                 p.grad = view  # fill() copied its values
+                self.cleared[index] = bool(cleared)
+            elif cleared:
+                p.grad = None  # what it stood for, now that no view of its shape can
             if _momentum_buffer(state, p) is not None:
                 state[p]["momentum_buffer"] = self.velocity_views[index]
                 self.initialized[index] = True
         self.ptrs = list(map(_data_ptr, self.params))
         self._write_counters(0, 0)
+        self.watch()
+        self.versions = [view._version for view in self.grad_views]
 
     def in_place(self):
         return list(map(_data_ptr, self.params)) == self.ptrs
@@ -699,18 +748,141 @@ class _Bucket:
         self.table_stale = True
         self._write_counters(0, 0)
 
+    # -- gradients: the views, and which parameters have one --
+
+    def watch(self):
+        """Hooks each parameter that requires a gradient and has no hook yet: after
+        autograd accumulates into its .grad (in place or not) it has a gradient; on CUDA,
+        before it does, a cleared view is zeroed inside a CUDA graph capture."""
+        if not self.unwatched:
+            return
+        still = []
+        for index in self.unwatched:
+            p = self.params[index]
+            if p.requires_grad:
+                self.hooks.append(p.register_post_accumulate_grad_hook(
+                    _bucket_hook(self, "received", index)))
+                if self.capturing is not None:
+                    self.hooks.append(p.register_hook(
+                        _bucket_hook(self, "accumulating", index)))
+            else:
+                still.append(index)  # frozen: no hook can be registered yet
+        self.unwatched = still
+
+    def unwatch(self):
+        """Removes the hooks (these buffers are replaced)."""
+        _remove_hooks(self.hooks)
+        self.unwatched = list(range(len(self.params)))
+
+    def accumulating(self, index):
+        """Parameter `index`'s gradient hook on CUDA, before autograd accumulates into its
+        .grad. Inside a CUDA graph capture a cleared view is zeroed first, in the graph:
+        zero_grad() left it zero, but each replay finds the last replay's gradient there
+        (with torch's None the graph would write a new gradient, not add to one). The
+        whole buffer while no parameter has a gradient (one memset), else this view."""
+        if not self.cleared[index] or self.zeroed_in_graph or not self.capturing():
+            return
+        if all(self.cleared):
+            self.grad.zero_()
+            self.zeroed_in_graph = True
+        else:
+            self.grad_views[index].zero_()
+
+    def received(self, index):
+        """Parameter `index`'s hook: autograd accumulated a gradient into its .grad. The
+        first in a backward pass queues the check of what others write during it."""
+        self.cleared[index] = False
+        if not self.backward_pending:
+            self.backward_pending = True
+            # Queued from a callback, so that it runs after the callbacks queued in this
+            # backward so far (DDP's reduction, queued from DDP's hooks, which run after
+            # this one).
+            try:
+                _ENGINE.queue_callback(lambda: _ENGINE.queue_callback(self.backward_done))
+            except RuntimeError:  # an engine that takes no callbacks: no check, and
+                self.backward_pending = False  # never a failed backward
+
+    def backward_done(self):
+        """At the end of a backward pass in which some parameter received a gradient: a
+        cleared gradient view that was written in place during it holds a gradient too.
+        DDP (gradient_as_bucket_view=False) writes the reduced gradient of a parameter
+        this process did not use, and torch.optim.SGD would update it (DDP hands it a
+        gradient in place of its None)."""
+        self.backward_pending = False
+        if not any(self.cleared):
+            return
+        for index, cleared in enumerate(self.cleared):
+            view = self.grad_views[index]
+            if cleared and view._version != self.versions[index] and \
+                    self.params[index].grad is view:
+                self.cleared[index] = False
+
+    def zero_grad(self, set_to_none, adopt, capturing=False):
+        """Zeroes the flat gradient in one call; each hooked parameter's .grad that is
+        its view stays so. set_to_none=True: every parameter then has no gradient until
+        autograd accumulates one (an unhooked, frozen one gets None, as in torch); False:
+        one that had a gradient has a zero one, one that had none has none. `adopt`: a
+        None .grad, or one that is a view of another buffer, becomes the view too; else
+        it gets what torch gives it (None, or zeroed in place), and a standalone one
+        still becomes the view. `capturing`: this zeroing is in a CUDA graph, so its
+        replays zero the buffer before a backward captured after it."""
+        self.watch()  # parameters thawed since they were packed
+        self.grad.zero_()
+        self.zeroed_in_graph = capturing
+        unwatched = set(self.unwatched)
+        for index, p in enumerate(self.params):
+            grad = p.grad
+            view = self.grad_views[index]
+            if grad is view:
+                if set_to_none and index in unwatched:
+                    p.grad = None
+                continue
+            watched = index not in unwatched
+            if grad is None:
+                if watched and adopt:
+                    self._point(index, view)
+                    self.cleared[index] = True
+            elif set_to_none:
+                if watched and (adopt or _replaceable(grad, view)):
+                    self._point(index, view)
+                else:
+                    p.grad = None
+            else:  # torch zeroes it, and it stays a gradient
+                if _replaceable(_detached(grad), view):
+                    self._point(index, view)
+                else:
+                    grad.zero_()  # DDP's bucket views: DDP keeps its own
+                self.cleared[index] = False
+        if set_to_none:
+            self.cleared = [True] * len(self.params)
+        self.versions = [view._version for view in self.grad_views]
+        self.backward_pending = False  # (a failed backward runs no callbacks)
+
+    def reshaped(self):
+        """Whether a parameter has a new shape over the same memory (see _Reshaped)."""
+        return any(p.shape != view.shape for p, view in zip(self.params, self.grad_views))
+
+    def _point(self, index, view):
+        p = self.params[index]
+        if p.shape != view.shape:
+            raise _Reshaped
+        p.grad = view
+
     # -- a step --
 
     def prepare(self):
-        """Which parameters have a gradient this step, and the gradients that are not
-        views of the flat buffer [(index, gradient)], checked."""
+        """Which parameters have a gradient this step (not None, and not cleared unless a
+        gradient came in outside the view), and the gradients that are not views of the
+        flat buffer [(index, gradient)], checked."""
         grads = list(map(_grad_of, self.params))
         if all(map(operator.is_, grads, self.grad_views)):
-            if not all(self.present):
-                self.present = [True] * len(grads)
+            present = list(map(operator.not_, self.cleared))
+            if present != self.present:
+                self.present = present
                 self.table_stale = True
             return []
-        present = [grad is not None for grad in grads]
+        present = [grad is not None and (grad is not view or not cleared)
+                   for grad, view, cleared in zip(grads, self.grad_views, self.cleared)]
         if present != self.present:
             self.present = present
             self.table_stale = True
@@ -739,6 +911,7 @@ class _Bucket:
         for (index, grad), view in zip(foreign, views):
             if _replaceable(grad, view):
                 self.params[index].grad = view
+                self.cleared[index] = False
 
     def refresh(self, settings, style, capturing=False):
         """The update table rewritten in place when the group settings, the gradients
@@ -959,6 +1132,46 @@ def _replaceable(grad, view):
     return (grad._base is None and not grad.requires_grad and grad.layout == torch.strided
             and grad.shape == view.shape and grad.dtype == view.dtype
             and grad.device == view.device)
+
+
+def _detached(grad):
+    """torch's zero_grad(set_to_none=False) on a gradient before it zeroes it."""
+    if grad.grad_fn is not None:
+        grad.detach_()
+    else:
+        grad.requires_grad_(False)
+    return grad
+
+
+def _zero_in_place(grad):
+    _detached(grad).zero_()
+
+
+def _bucket_hook(bucket, method, index):
+    """A hook of parameter `index` that calls `bucket.<method>(index)`: the
+    post-accumulate-grad hook ("received") or the gradient hook ("accumulating"). It holds
+    its buffers weakly, and they remove it when they go; it is not saved with the
+    tensor (torch.save of a model warns of a gradient hook that is not so marked)."""
+    buffers = weakref.ref(bucket)
+
+    @torch.utils.hooks.unserializable_hook
+    def hook(tensor):
+        bucket = buffers()
+        if bucket is not None:
+            getattr(bucket, method)(index)
+    return hook
+
+
+def _capture_check(device):
+    """The function that tells whether the current stream is being captured into a CUDA
+    graph, for buffers on `device`; None where no graph can be captured."""
+    return torch.cuda.is_current_stream_capturing if device.type == "cuda" else None
+
+
+def _remove_hooks(handles):
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _dense(tensor):

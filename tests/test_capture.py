@@ -293,8 +293,125 @@ def test_torch_sgd_host_work_inside_a_capture_is_refused(monkeypatch):
     monkeypatch.setattr(fresh, "_on_cuda", lambda: True)
     with pytest.raises(RuntimeError, match="packed into buffers"):
         fresh.step()
+    with pytest.raises(RuntimeError, match="packed into buffers"):
+        fresh.zero_grad()
     monkeypatch.undo()
     assert capturable.step_count == 3
+
+
+def test_torch_sgd_a_captured_backward_starts_cleared_gradients_from_zero(monkeypatch):
+    """A backward captured into a CUDA graph after zero_grad() accumulates into gradient
+    views that, at each replay, hold the last replay's gradients: inside the capture a
+    cleared view is zeroed before autograd accumulates into it (the whole buffer while
+    none has a gradient), and a view that received one before keeps accumulating. On
+    the CPU, with the buffers' capture check faked and the last replay's gradients
+    written behind the views' version counters (as a graph writes them)."""
+    from harness import require
+    torch = require("torch")
+    import gpu_momentum.torch as gm_torch
+
+    capturing = [False]
+    monkeypatch.setattr(gm_torch, "_capture_check", lambda device: lambda: capturing[0])
+    torch.manual_seed(0)
+    first, second, spare = (torch.nn.Linear(4, 3).double() for _ in range(3))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    opt = gm_torch.SGD([*first.parameters(), *second.parameters(), *spare.parameters()],
+                       lr=0.1, momentum=0.9, weight_decay=0.1)
+
+    def grads(*layers):  # one backward through `layers`, by autograd alone
+        params = [p for layer in layers for p in layer.parameters()]
+        loss = sum(layer(x).square().sum() for layer in layers)
+        return torch.autograd.grad(loss, params)
+
+    def backward(*layers, captured):
+        capturing[0] = captured
+        try:
+            sum(layer(x).square().sum() for layer in layers).backward()
+        finally:
+            capturing[0] = False
+
+    def last_replay():
+        for p in opt.param_groups[0]["params"]:
+            p.grad.data.fill_(7.0)
+
+    start = [p.detach().clone() for p in spare.parameters()]
+    opt.zero_grad()
+    last_replay()
+    backward(first, second, captured=True)
+    expected = grads(first, second)
+    for p, g in zip([*first.parameters(), *second.parameters()], expected):
+        assert torch.equal(p.grad, g)
+    assert not any(p.grad.any() for p in spare.parameters())  # the whole buffer zeroed
+    opt.step()
+
+    opt.zero_grad()
+    backward(first, captured=False)  # first has a gradient before the capture
+    last_replay()
+    backward(first, second, captured=True)
+    (a, b), (c, d, e, f) = grads(first), grads(first, second)
+    assert torch.equal(first.weight.grad, 7.0 + c) and torch.equal(first.bias.grad, 7.0 + d)
+    assert torch.equal(second.weight.grad, e) and torch.equal(second.bias.grad, f)
+    opt.step()
+    assert all(torch.equal(p, s) for p, s in zip(spare.parameters(), start))
+    assert not any(p in opt.state for p in spare.parameters())
+
+
+@pytest.mark.gpu
+def test_torch_cuda_graph_of_a_whole_training_step_is_eager_training():
+    """torch's whole-network capture (zero_grad() before the capture; forward, backward
+    and step() in the graph) with capturable=True, replayed on new batches, trains as
+    torch.optim.SGD does eagerly; a layer out of the forward is left alone (the captured
+    backward zeroes the gradient views a replay finds full, not the other way)."""
+    from harness import require
+    torch = require("torch")
+    if not torch.cuda.is_available() or "cupy" not in gm.available_backends():
+        pytest.skip("needs a CUDA device that torch and the cupy backend can use")
+    from gpu_momentum.torch import SGD
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict({
+            "body": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                        torch.nn.Linear(16, 4)),
+            "spare": torch.nn.Linear(8, 4)}).cuda()
+
+    def loss(net, x, y):
+        return torch.nn.functional.mse_loss(net["body"](x), y)
+
+    options = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    theirs_model, ours_model = model(), model()
+    theirs = torch.optim.SGD(theirs_model.parameters(), **options)
+    ours = SGD(ours_model.parameters(), capturable=True, **options)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    batches = [(torch.randn(16, 8, device="cuda", generator=generator),
+                torch.randn(16, 4, device="cuda", generator=generator)) for _ in range(12)]
+    for x, y in batches:
+        theirs.zero_grad()
+        loss(theirs_model, x, y).backward()
+        theirs.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps, as torch.cuda.graph asks: eager
+        for x, y in batches[:3]:
+            ours.zero_grad()
+            loss(ours_model, x, y).backward()
+            ours.step()
+    torch.cuda.current_stream().wait_stream(side)
+    static_x, static_y = (t.clone() for t in batches[3])
+    graph = torch.cuda.CUDAGraph()
+    ours.zero_grad()
+    with torch.cuda.graph(graph):
+        loss(ours_model, static_x, static_y).backward()
+        ours.step()
+    for x, y in batches[3:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    for (name, p), q in zip(ours_model.named_parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not any(p in ours.state for p in ours_model["spare"].parameters())
+    assert ours.step_count == 12
 
 
 @pytest.mark.gpu

@@ -5,11 +5,13 @@ both ways, GradScaler. DDP is in test_torch_ddp.py. CUDA tests are marked `gpu`.
 
 import numba  # (before torch: two OpenMP runtimes in one process stall)
 import copy
+import gc
 import io
 import math
 import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -162,6 +164,7 @@ def test_torch_inputs_track_torch_sgd_on_a_model(index, grouped, dtype, device):
     def check(step):
         assert_close(ours_model.parameters(), theirs_model.parameters(), dtype,
                      f"step {step + 1}")
+        assert len(_storages(p.grad for p in ours_model.parameters())) == 1
 
     for step, batch in enumerate(batches(STEPS, dtype, device)):
         losses = []
@@ -608,14 +611,56 @@ def test_layouts_are_kept_channels_last_and_complex():
     assert opt.state[z]["momentum_buffer"].dtype == torch.complex64
 
 
-@pytest.mark.parametrize("zero", ["model", "opt-none", "opt-zeros", "user-grads"])
-def test_gradients_outside_the_buffer_are_used(zero):
-    """model.zero_grad() (None: autograd's new tensors), the optimizer's zero_grad either
-    way, and gradients the user assigns, against torch.optim.SGD."""
+def _count_copies(monkeypatch):
+    """The gradient copies step() makes: one list entry (the number of tensors) per
+    torch._foreach_copy_."""
+    copies = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda views, grads, **kwargs: (
+        copies.append(len(views)), real_copy(views, grads, **kwargs))[1])
+    return copies
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_backward_accumulates_into_the_flat_gradient_without_a_copy(monkeypatch,
+                                                                     set_to_none):
+    """After opt.zero_grad() every p.grad is a view of one flat gradient buffer (apart
+    from the parameters'); backward accumulates into those very tensors, and step()
+    copies nothing."""
     theirs_model, ours_model = twins()
     theirs = torch.optim.SGD(theirs_model.parameters(), lr=0.05, momentum=0.9,
                              weight_decay=1e-3)
     ours = SGD(ours_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    copies = _count_copies(monkeypatch)
+    params = list(ours_model.parameters())
+    for step, batch in enumerate(batches(4)):
+        for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+            opt.zero_grad(set_to_none=set_to_none)
+            if opt is ours:
+                views = [p.grad for p in params]
+                assert all(torch.count_nonzero(view) == 0 for view in views)
+            backward(model, batch)
+            opt.step()
+        assert all(p.grad is view for p, view in zip(params, views))
+        (storage,) = _storages(views)
+        assert storage not in _storages(params)
+        assert_close(params, theirs_model.parameters(), torch.float64, f"step {step + 1}")
+    assert copies == []
+    assert state_keys(ours) == state_keys(theirs)
+
+
+@pytest.mark.parametrize("zero", ["model", "opt-none", "opt-zeros", "user-grads",
+                                  "create-graph"])
+def test_gradients_outside_the_buffer_are_used(monkeypatch, zero):
+    """model.zero_grad() (None: autograd's new tensors), the optimizer's zero_grad either
+    way, gradients the user assigns, and create_graph=True (autograd replaces the view),
+    against torch.optim.SGD; each step copies what came from outside in one call, and the
+    gradients are views of the buffer after it."""
+    theirs_model, ours_model = twins()
+    theirs = torch.optim.SGD(theirs_model.parameters(), lr=0.05, momentum=0.9,
+                             weight_decay=1e-3)
+    ours = SGD(ours_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    copies = _count_copies(monkeypatch)
     generator = torch.Generator().manual_seed(3)
     for step, batch in enumerate(batches(8)):
         grads = [torch.randn(p.shape, generator=generator, dtype=p.dtype)
@@ -629,14 +674,141 @@ def test_gradients_outside_the_buffer_are_used(zero):
                 for p, grad in zip(model.parameters(), grads):
                     if step % 3 or p.dim() > 1:  # every third step, biases have none
                         p.grad = grad.clone()
+            elif zero == "create-graph":
+                with warnings.catch_warnings():  # torch warns (once) of a cycle
+                    warnings.simplefilter("ignore", UserWarning)
+                    x, y = batch
+                    F.cross_entropy(model(x), y).backward(create_graph=True)
             else:
                 backward(model, batch)
             opt.step()
         assert_close(ours_model.parameters(), theirs_model.parameters(), torch.float64,
                      f"step {step + 1}")
+        if zero in ("model", "user-grads", "create-graph"):
+            assert len(copies) == step + 1  # one copy per step, of what came from outside
+        if zero != "create-graph":  # (those keep their graph, and so their tensors)
+            assert len(_storages(p.grad for p in ours_model.parameters())) == 1
     assert state_keys(ours) == state_keys(theirs)
-    if zero == "opt-zeros":
-        assert len(_storages(p.grad for p in ours_model.parameters())) == 1
+    if zero in ("opt-none", "opt-zeros"):
+        assert copies == []
+
+
+class Branchy(Net):
+    """Net with a spare layer that the forward uses only while `use_spare` is True."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = torch.nn.Linear(10, 4)
+        self.use_spare = False
+
+    def forward(self, x):
+        hidden = torch.tanh(self.fc1(torch.relu(self.conv(x)).flatten(1)))
+        out = self.fc2(hidden)
+        return out + self.spare(hidden) if self.use_spare else out
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_layer_out_of_the_forward_is_updated_as_with_torch(set_to_none):
+    """A layer the forward does not use gets no gradient: with weight decay and
+    momentum it stays bit for bit and gets no momentum buffer, also through
+    clip_grad_norm_ (which scales its zero view). Once it has been used: after
+    zero_grad() it is left alone again; after zero_grad(set_to_none=False) it has a
+    zero gradient, and weight decay and momentum move it, as in torch."""
+    torch.manual_seed(0)
+    theirs_model = Branchy().double()
+    ours_model = copy.deepcopy(theirs_model)
+    kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}
+    theirs = torch.optim.SGD(theirs_model.parameters(), **kwargs)
+    ours = SGD(ours_model.parameters(), **kwargs)
+    spare = list(ours_model.spare.parameters())
+
+    def run(data, use_spare):
+        for batch in data:
+            for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+                model.use_spare = use_spare
+                opt.zero_grad(set_to_none=set_to_none)
+                backward(model, batch)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+            assert_close(ours_model.parameters(), theirs_model.parameters(),
+                         torch.float64)
+
+    data = batches(9)
+    start = [p.detach().clone() for p in spare]
+    run(data[:3], use_spare=False)
+    assert all(torch.equal(p, s) for p, s in zip(spare, start))
+    assert not any(p in ours.state for p in spare)
+    assert all(p.grad is not None and not p.grad.any() for p in spare)  # zero views
+    run(data[3:6], use_spare=True)
+    middle = [(p.detach().clone(), ours.state[p]["momentum_buffer"].clone())
+              for p in spare]
+    run(data[6:], use_spare=False)
+    for p, (value, buffer) in zip(spare, middle):
+        moved = not torch.equal(p, value)
+        assert moved == (not set_to_none)
+        assert torch.equal(ours.state[p]["momentum_buffer"], buffer) == set_to_none
+    assert state_keys(ours) == state_keys(theirs)
+
+
+def test_a_gradient_set_to_none_after_backward_is_left_alone():
+    theirs_model, ours_model = twins()
+    theirs = torch.optim.SGD(theirs_model.parameters(), lr=0.1, momentum=0.9,
+                             weight_decay=0.1)
+    ours = SGD(ours_model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    for step, batch in enumerate(batches(4)):
+        for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+            opt.zero_grad()
+            backward(model, batch)
+            if step >= 2:
+                model.fc1.weight.grad = None
+            opt.step()
+        assert_close(ours_model.parameters(), theirs_model.parameters(), torch.float64)
+    kept = ours_model.fc1.weight.detach().clone()
+    for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+        model.zero_grad()  # every .grad None: a step changes nothing
+        opt.step()
+    assert torch.equal(ours_model.fc1.weight, kept)
+    assert state_keys(ours) == state_keys(theirs)
+
+
+def test_a_parameter_frozen_when_packed_gets_gradients_once_thawed():
+    """A parameter with requires_grad=False at construction (no hook can watch it yet),
+    thawed before a zero_grad() and, in the other model, between zero_grad() and
+    backward."""
+    theirs_model, ours_model = twins()
+    for model in (theirs_model, ours_model):
+        model.conv.requires_grad_(False)
+    theirs = torch.optim.SGD(theirs_model.parameters(), lr=0.1, momentum=0.9,
+                             weight_decay=0.1)
+    ours = SGD(ours_model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    data = batches(5)
+    train([(theirs_model, theirs), (ours_model, ours)], data[:2])
+    assert not any(p in ours.state for p in ours_model.conv.parameters())
+    for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+        opt.zero_grad()
+        model.conv.requires_grad_(True)  # after zero_grad: autograd's own gradient
+        backward(model, data[2])
+        opt.step()
+    train([(theirs_model, theirs), (ours_model, ours)], data[3:])
+    assert_close(ours_model.parameters(), theirs_model.parameters(), torch.float64)
+    assert state_keys(ours) == state_keys(theirs)
+    assert len(_storages(p.grad for p in ours_model.parameters())) == 1
+
+
+def _hooks(p):
+    return len(p._post_accumulate_grad_hooks or {})
+
+
+def test_one_hook_per_parameter_and_none_left_by_a_deleted_optimizer():
+    model = Net()
+    opt = SGD(model.parameters(), lr=0.1)
+    assert [_hooks(p) for p in model.parameters()] == [1] * 6
+    model.fc1.weight.data = model.fc1.weight.data.clone()  # packed again at the step
+    train([(model, opt)], batches(1))
+    assert [_hooks(p) for p in model.parameters()] == [1] * 6
+    del opt
+    gc.collect()
+    assert [_hooks(p) for p in model.parameters()] == [0] * 6
 
 
 def test_none_gradients_leave_parameters_and_buffers_alone():
@@ -674,7 +846,16 @@ def test_moved_parameters_are_packed_again():
     train([(theirs_model, theirs), (ours_model, ours)], data[:2])
     for model in (theirs_model, ours_model):
         model.fc1.weight.data = model.fc1.weight.data.clone()
-    train([(theirs_model, theirs), (ours_model, ours)], data[2:4])
+    kept = ours_model.fc1.weight.detach().clone()
+    for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+        opt.zero_grad()
+        model.fc2.bias.data = model.fc2.bias.data.clone()  # between zero_grad and step
+        model.fc1.requires_grad_(False)  # no gradient: stays as it is, as in torch
+        backward(model, data[2])
+        opt.step()
+        model.fc1.requires_grad_(True)
+    assert torch.equal(ours_model.fc1.weight, kept)
+    train([(theirs_model, theirs), (ours_model, ours)], data[3:4])
     assert len(_storages(ours_model.parameters())) == 1
     assert_close(ours_model.parameters(), theirs_model.parameters(), torch.float32)
     for model, opt in ((theirs_model, theirs), (ours_model, ours)):
