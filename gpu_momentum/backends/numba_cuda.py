@@ -92,34 +92,13 @@ class NumbaCudaBackend:
         handle = getattr(stream, "handle", stream)  # 0: an array bound to no stream
         return device, getattr(handle, "value", handle)
 
-    def __init__(self):
-        self._staged = []  # (event after the copy, its pinned source) until it passes
-
     def upload(self, array, param):
         from numba import cuda
 
-        target = cuda.device_array(array.shape, array.dtype)
-        self._copy_in(target, array, param)
-        return target
+        return cuda.to_device(array, stream=_stream_view(param).stream)
 
     def upload_into(self, target, array, param):
-        self._copy_in(target, array, param)
-
-    def _copy_in(self, target, array, param):
-        # A copy from pageable memory may wait for the stream (CUDA's rule for
-        # cuMemcpyHtoDAsync; seen on an H200 as a step waiting for earlier work), so the
-        # table goes through pinned memory, kept until an event queued after the copy
-        # has passed.
-        from numba import cuda
-
-        stream = _stream_view(param).stream
-        staging = cuda.pinned_array(array.shape, array.dtype)
-        staging[...] = array
-        target.copy_to_device(staging, stream=stream)
-        copied = cuda.event()
-        copied.record(stream)
-        self._staged = [(event, source) for event, source in self._staged
-                        if not _passed(event)] + [(copied, staging)]
+        target.copy_to_device(array, stream=_stream_view(param).stream)
 
     def capturing(self, param):
         from numba.core import config
@@ -275,11 +254,6 @@ def _current_device():
 def _exported_stream(array):
     """The stream a `__cuda_array_interface__` exporter names now (None: none)."""
     return array.__cuda_array_interface__.get("stream")
-
-
-def _passed(event):
-    # The simulator's events have no query(): its copies are done when they return.
-    return not hasattr(event, "query") or event.query()
 
 
 def _is_numba_array(array):
