@@ -21,8 +21,13 @@ def library_env():
     """The environment for a subprocess that runs the library as users run it: with the
     real numba-cuda, not the CUDA simulator conftest.py may have switched on for the test
     process (the simulator would make numba-cuda look available and run the demo and the
-    benchmark in it, thousands of times slower)."""
-    return {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    benchmark in it, thousands of times slower), importing the gpu_momentum this process
+    tests: a script's sys.path starts at its own folder, so without this a child could
+    import another installed copy, or none (a checkout that pip could not install)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    tested = os.path.dirname(os.path.dirname(os.path.abspath(gpu_momentum.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tested, env.get("PYTHONPATH")]))
+    return env
 
 
 def require(module_name):

@@ -434,7 +434,11 @@ def test_nccl_two_ranks_sharing_one_gpu():
         out = _gpu_run(2, NCCL_MULTI_RANK_GPU_ENABLE="1", NCCL_MAX_CTAS="4").stdout
     except AssertionError as failure:
         text = str(failure)
-        if "Duplicate GPU detected" in text or "same GPU" in text:
+        # NCCL reports two ranks of one communicator on one GPU as invalid usage (its
+        # "Duplicate GPU detected" shows only with NCCL_DEBUG=WARN), as cupy-cuda13x's
+        # NCCL did on an H200.
+        if any(refusal in text for refusal in ("Duplicate GPU detected", "same GPU",
+                                               "NCCL_ERROR_INVALID_USAGE")):
             pytest.skip(f"this NCCL refuses two ranks on one GPU: {text[-300:]}")
         raise
     assert "nccl checks passed on 2 ranks" in out, out

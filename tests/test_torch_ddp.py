@@ -33,10 +33,6 @@ def test_ddp_on_two_gloo_processes_ends_where_torch_sgd_does(tmp_path):
     warm.grad = torch.ones(3, dtype=torch.float64)                  # kernel once, here:
     SGD([warm], lr=0.1, momentum=0.9).step()                        # the ranks load it
     env = {**library_env(), "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
-    # The ranks import this checkout's library: a script's sys.path starts at its own
-    # folder, tests/, so an installed gpu_momentum (another checkout's) would come first.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(TESTS),
-                                                      env.get("PYTHONPATH")]))
     port = str(free_port())
     ranks = [subprocess.Popen([sys.executable, WORKER, str(tmp_path), port, str(rank)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
