@@ -876,6 +876,11 @@ class _Bucket:
         flat buffer [(index, gradient)], checked."""
         grads = list(map(_grad_of, self.params))
         if all(map(operator.is_, grads, self.grad_views)):
+            if not any(self.cleared):  # the common step: every parameter has a gradient
+                if not all(self.present):
+                    self.present = [True] * len(grads)
+                    self.table_stale = True
+                return []
             present = list(map(operator.not_, self.cleared))
             if present != self.present:
                 self.present = present
