@@ -28,6 +28,8 @@ setup(
                 "mpich>=5.0; sys_platform == 'darwin' or (sys_platform == 'linux' and "
                 "(platform_machine == 'x86_64' or platform_machine == 'aarch64'))"],
         "mpi-system": ["mpi4py>=4.1"],
+        # bfloat16 parameters: ml_dtypes' NumPy bfloat16 (the one JAX and CuPy 14 use).
+        "bf16": ["ml_dtypes>=0.4"],
         "test": ["pytest>=7"],
         "bench": ["tqdm", "matplotlib"],
         "torch": ["torch>=2.4"],

@@ -16,10 +16,11 @@ import numpy as np
 from gpu_momentum import FlatParams, MomentumSGD
 from gpu_momentum.arrays import compute_dtype
 from gpu_momentum.backends import BACKEND_NAMES, BackendUnavailableError, backend_named
+from gpu_momentum.kernels.layout import PRECISION_NAMES
 
 from .data import (CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS, NUMPY_TWO_LINE,
-                   ROOFLINE_PEERS, ROOFLINES, TORCH_API, Absent, Built, Candidate, Problem,
-                   Unsupported, backend_name)
+                   ROOFLINE_PEERS, ROOFLINES, SIXTEEN_BIT, TORCH_API, WIDE, Absent, Built,
+                   Candidate, Problem, Unsupported, backend_name)
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 from .peers import (copyto_builder, naive_builder, numpy_out_builder,
                     numpy_two_line_builder, stream_builder, torch_builder, torch_parameters)
@@ -40,42 +41,65 @@ def group_spec(count):
             for i in range(count)]
 
 
-def library_candidate(name, timer, groups=1):
+def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocity=False):
     """MomentumSGD (classic style, `v = mu*v - lr*g; p += v`) on backend `name`: the flat
     workload as one array, the many-tensor workloads packed into one FlatParams. With
     groups > 1 (the groups comparison), a workload of that many tensors, each its own
-    parameter group (`group_spec`), still one launch per step."""
+    parameter group (`group_spec`), still one launch per step. With a `precision` (a
+    mode of 16-bit parameters) it runs 16-bit dtypes only, in that mode, with a velocity
+    of the param dtype if `sixteen_bit_velocity`; without, float32 and float64 only."""
     backend = backend_named(name)
+    options = {} if precision is None else {"precision": precision}
+    dtypes = WIDE if precision is None else SIXTEEN_BIT
 
     def build(problem):
-        if problem.dtype not in backend.dtypes:
+        if problem.dtype.name not in backend.dtypes:
             raise Unsupported(f"backend {name!r} has no {problem.dtype} "
-                              f"(it takes {[str(d) for d in backend.dtypes]})")
+                              f"(it takes {list(backend.dtypes)})")
+        if problem.dtype.name not in dtypes:
+            raise Unsupported(f"this row runs {' and '.join(dtypes)} parameters")
         if groups > 1 and (problem.shapes is None or len(problem.shapes) != groups):
             raise Unsupported(f"{groups} groups need a workload of {groups} tensors")
+        hyper = {"lr": LR, "momentum": MOMENTUM, "backend": name, **options}
+        if sixteen_bit_velocity:
+            hyper["velocity_dtype"] = problem.dtype
         if problem.shapes is None:
             param = backend.copy(backend.asarray(problem.p0))
             grad = backend.copy(backend.asarray(problem.g0))
-            opt = MomentumSGD(param, lr=LR, momentum=MOMENTUM, backend=name)
+            opt = MomentumSGD(param, **hyper)
             return Built(lambda: opt.step(grad), lambda: [backend.to_numpy(param)])
         layers = [backend.asarray(t) for t in problem.tensors(problem.p0)]
         flat = FlatParams.from_arrays(layers)
         for view, grad in zip(flat.grads, problem.tensors(problem.g0)):
             backend.assign(view, grad)
-        opt = MomentumSGD(flat, lr=LR, momentum=MOMENTUM, backend=name,
-                          groups=group_spec(groups) if groups > 1 else None)
+        opt = MomentumSGD(flat, groups=group_spec(groups) if groups > 1 else None, **hyper)
         return Built(opt.step, lambda: [backend.to_numpy(p) for p in flat.params])
 
+    def bytes_per_element(dtype):
+        velocity = dtype if sixteen_bit_velocity else compute_dtype(dtype)
+        return update_bytes(dtype, velocity, precision or "nearest")
+
+    buffers = {"kahan": 1, "master": 2}.get(precision, 0)  # float32 counts twice
     return Candidate("backend", "cpu" if name == "cpu" else "cuda", build,
-                     lambda dtype: update_bytes(dtype, compute_dtype(dtype)), timer,
-                     arrays=4, backend=name, groups=groups)
+                     bytes_per_element, timer, arrays=4 + buffers, backend=name,
+                     groups=groups, precision=precision,
+                     velocity_dtype="param" if sixteen_bit_velocity else None,
+                     param_dtypes=dtypes)
+
+
+def precision_candidates(name, timer):
+    """The rows of 16-bit parameters: each precision with a float32 velocity, and
+    "nearest" with a velocity of the param dtype."""
+    return [*(library_candidate(name, timer, precision=precision)
+              for precision in PRECISION_NAMES),
+            library_candidate(name, timer, precision="nearest", sixteen_bit_velocity=True)]
 
 
 def groups_comparison(found):
     """The library's backends among `found`, each followed by its GROUPS-group variant
-    (timed in turns with it, over the same FlatParams layout); peers and rooflines sit this
-    comparison out."""
-    return [variant for c in found if c.kind == "backend"
+    (timed in turns with it, over the same FlatParams layout); peers, rooflines and the
+    precision modes' rows sit this comparison out."""
+    return [variant for c in found if c.kind == "backend" and c.precision is None
             for variant in (c, library_candidate(c.backend, c.timer, GROUPS))]
 
 
@@ -214,12 +238,14 @@ def discover(devices=("cpu", "cuda")):
             absent.append(Absent(backend_name(name), "backend", str(error)))
             continue
         if device == "cpu":
-            found.append(library_candidate(name, HostTimer(backend.synchronize)))
+            timer = HostTimer(backend.synchronize)
         elif gpu is None:
             absent.append(Absent(backend_name(name), "backend",
                                  f"GPU runs are timed with CuPy events: {gpu_reason}"))
+            continue
         else:
-            found.append(library_candidate(name, gpu.CupyEventTimer()))
+            timer = gpu.CupyEventTimer()
+        found += [library_candidate(name, timer), *precision_candidates(name, timer)]
 
     if "cpu" in devices:
         found += [

@@ -47,7 +47,10 @@ def add_arguments(parser):
                         help="exponents of two, or ranges LOW:HIGH (default 16:28; "
                              "capped by free host and device memory)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"],
-                        choices=["float16", "float32", "float64"])
+                        choices=["bfloat16", "float16", "float32", "float64"],
+                        help="parameter dtypes (default float32). bfloat16 and float16 "
+                             "add the library's precision modes, one row each, and one "
+                             "with a 16-bit velocity; bfloat16 needs ml_dtypes")
     parser.add_argument("--workloads", nargs="*", choices=WORKLOADS + ["torch"],
                         help="many-tensor workloads (default: all; none: leave them out). "
                              "groups: the library's backends over 100 equal segments at "

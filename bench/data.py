@@ -8,6 +8,8 @@ import numpy as np
 
 LR, MOMENTUM = 0.01, 0.9
 LIBRARY = "gpu-momentum"
+SIXTEEN_BIT = ("bfloat16", "float16")  # the dtypes of the precision modes' rows
+WIDE = ("float32", "float64")  # the dtypes the library's other rows run
 # The groups comparison: the library over GROUPS equal segments, once with one group (the
 # optimizer's own hyperparameters) and once with each segment its own group.
 GROUPS = 100
@@ -84,10 +86,13 @@ class Candidate:
     "roofline", e.g. "torch SGD fused"), `groups` the parameter groups of the groups
     comparison's many-group variant (1 elsewhere), `api` which of the library's
     front ends runs the backend: "MomentumSGD", or TORCH_API (gpu_momentum.torch.SGD over
-    nn.Parameters, in the torch workloads), and `launch` how its steps are launched:
+    nn.Parameters, in the torch workloads), `launch` how its steps are launched:
     "eager" (step() each time), GRAPH_REPLAY (one step captured in a CUDA graph, the
     graph launched) or GRAPH_GPU_TIME (the same, timed by CUDA events around each
-    replay: the GPU's own time for the step's kernels)."""
+    replay: the GPU's own time for the step's kernels), and `precision` and
+    `velocity_dtype` ("param": the param dtype; None: float32) the library's rows of
+    16-bit parameters (precision None: its float32 and float64 rows). `param_dtypes` names
+    the dtypes a candidate runs (None: every dtype)."""
     kind: str  # one of KINDS
     device: str  # "cpu" or "cuda"
     build: Callable
@@ -99,18 +104,29 @@ class Candidate:
     groups: int = 1
     api: str = "MomentumSGD"
     launch: str = "eager"
+    precision: str = None
+    velocity_dtype: str = None
+    param_dtypes: tuple = None
 
     @property
     def name(self):
-        """The display name: "gpu-momentum cpu", "torch SGD fused (cpu)",
+        """The display name: "gpu-momentum cpu", "gpu-momentum cpu stochastic",
+        "gpu-momentum cpu nearest, 16-bit velocity", "torch SGD fused (cpu)",
         "gpu_momentum.torch.SGD (cpu)", ..."""
         if self.kind == "backend" and self.api == TORCH_API:
             return f"{TORCH_API} ({self.backend})"
         if self.kind == "backend":
             many = f" ({self.groups} groups)" if self.groups > 1 else ""
+            mode = "" if self.precision is None else f" {self.precision}"
+            if self.velocity_dtype is not None:
+                mode += ", 16-bit velocity"
             launch = f" ({self.launch})" if self.launch != "eager" else ""
-            return f"{backend_name(self.backend)}{many}{launch}"
+            return f"{backend_name(self.backend)}{mode}{many}{launch}"
         return f"{self.peer} ({self.device})"
+
+    def runs(self, dtype):
+        """Whether this candidate runs parameters of `dtype` (a name)."""
+        return self.param_dtypes is None or dtype in self.param_dtypes
 
     @property
     def roofline(self):

@@ -7,12 +7,24 @@ import time
 import numpy as np
 
 
-def update_bytes(param_dtype, velocity_dtype=None):
+def update_bytes(param_dtype, velocity_dtype=None, precision="nearest"):
     """Bytes a momentum update moves per element: read param, grad, velocity; write param,
-    velocity (grad has the param's dtype). float32: 3*4 + 2*4 = 20."""
-    param = np.dtype(param_dtype).itemsize
-    velocity = np.dtype(velocity_dtype or param_dtype).itemsize
-    return 3 * param + 2 * velocity
+    velocity (grad has the param's dtype). float32: 3*4 + 2*4 = 20. 16-bit params with a
+    float32 velocity: 14 ("nearest", "stochastic"), 10 with a 16-bit velocity; "kahan"
+    reads and writes a compensation of the param dtype too (18); "master" reads the
+    float32 master copy instead of the params and writes both (20)."""
+    param = _itemsize(param_dtype)
+    velocity = _itemsize(velocity_dtype or param_dtype)
+    moved = 3 * param + 2 * velocity
+    if precision == "kahan":
+        moved += 2 * param
+    elif precision == "master":
+        moved += 2 * 4 - param
+    return moved
+
+
+def _itemsize(dtype):
+    return 2 if isinstance(dtype, str) and dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
 def stream_bytes(dtype):

@@ -9,6 +9,12 @@ from .data import LR, MOMENTUM, Built, Unsupported
 def naive_builder(to_device, to_numpy):
     """`v = beta*v - lr*g; p += v` per tensor, as a user writes it with NumPy or CuPy."""
     def build(problem):
+        try:  # a library without arithmetic in this dtype (bfloat16) fails here
+            trial = to_device(np.ones(2, problem.dtype))
+            trial += MOMENTUM * trial - LR * trial
+        except Exception as error:  # whatever the array library raises
+            raise Unsupported(f"no {problem.dtype} arithmetic ({type(error).__name__}: "
+                              f"{error})") from error
         params = [to_device(t) for t in problem.tensors(problem.p0)]
         grads = [to_device(t) for t in problem.tensors(problem.g0)]
         velocities = [to_device(np.zeros_like(t)) for t in problem.tensors(problem.p0)]
@@ -50,20 +56,33 @@ def numpy_out_builder(problem):
     return Built(step, lambda: [p.copy() for p in params])
 
 
-def torch_parameters(torch, device, problem):
-    """The workload's tensors as nn.Parameters on `device`, each with its gradient set."""
+def torch_parameters(torch, device, problem, tensor=None):
+    """The workload's tensors as nn.Parameters on `device`, each with its gradient set;
+    `tensor` makes a tensor of a host array (default: torch.tensor on `device`)."""
+    tensor = tensor or (lambda host: torch.tensor(host, device=device))
     params = []
     for host, grad in zip(problem.tensors(problem.p0), problem.tensors(problem.g0)):
-        param = torch.nn.Parameter(torch.tensor(host, device=device))
-        param.grad = torch.tensor(grad, device=device)
+        param = torch.nn.Parameter(tensor(host))
+        param.grad = tensor(grad)
         params.append(param)
     return params
 
 
 def torch_builder(torch, device, options):
     """torch.optim.SGD(momentum=0.9) over the workload's tensors, grads already set."""
+    def tensor(host):
+        if host.dtype.name == "bfloat16":  # torch reads no ml_dtypes array: via float32
+            return torch.tensor(host.astype(np.float32), device=device).to(torch.bfloat16)
+        return torch.tensor(host, device=device)
+
+    def to_numpy(param, dtype):
+        param = param.detach()
+        if param.dtype == torch.bfloat16:
+            return param.float().cpu().numpy().astype(dtype)
+        return param.cpu().numpy().copy()
+
     def build(problem):
-        params = torch_parameters(torch, device, problem)
+        params = torch_parameters(torch, device, problem, tensor)
         try:
             opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **options)
             # Fails here rather than while timing if this variant lacks the dtype; the
@@ -71,7 +90,7 @@ def torch_builder(torch, device, options):
             opt.step()
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
             raise Unsupported(f"torch: {error}") from error
-        return Built(opt.step, lambda: [p.detach().cpu().numpy().copy() for p in params])
+        return Built(opt.step, lambda: [to_numpy(p, problem.dtype) for p in params])
     return build
 
 

@@ -4,7 +4,7 @@ import json
 import re
 
 from .data import (GRAPH_GPU_TIME, GRAPH_REPLAY, KINDS, NUMPY_TWO_LINE, OVERHEAD,
-                   OVERHEAD_SIZES, backend_name)
+                   OVERHEAD_SIZES, SIXTEEN_BIT, backend_name)
 
 TARGET_N = 2**26
 FLAT = ("flat", "float32", TARGET_N)
@@ -51,6 +51,17 @@ OVERHEAD_TARGETS = (
 # The cupy backend's graph replay: at most this much longer per step than the GPU's own
 # time for the step's kernels, at every size of the overhead workload.
 GRAPH_REPLAY_WITHIN_S = 5e-6
+# bfloat16 at TARGET_N on the GPU, per mode: (what, precision, compared with, goal).
+# "float32": elements per second over the same backend's float32 row; "nearest": over the
+# nearest row's; "roofline": the fraction of the memory roofline at the row's own bytes
+# per element.
+PRECISION_TARGETS = (
+    ("bfloat16 nearest >= 1.35x float32 elements/s", "nearest", "float32", 1.35),
+    ("bfloat16 stochastic within 5% of nearest", "stochastic", "nearest", 0.95),
+    *((f"bfloat16 {mode} >= 90% of the D2D copy roofline", mode, "roofline", 0.9)
+      for mode in ("nearest", "stochastic", "kahan", "master")),
+)
+PRECISION_TARGET_BACKEND = "cupy"
 # The groups comparison: 100 groups and 1 group run within 5% of each other.
 GROUPS_WITHIN = 0.05
 REQUIRED_ROW_KEYS = ("name", "kind", "backend", "peer", "groups", "dtype", "n", "median_s",
@@ -84,6 +95,11 @@ def add_ratios(result):
         if row["groups"] > 1:
             one = _find(same, kind="backend", backend=row["backend"], groups=1)
             row["groups_ratio"] = row["median_s"] / one["median_s"] if one else None
+        if row["kind"] == "backend" and row["dtype"] in SIXTEEN_BIT:
+            base = _find(by_point.get((row["workload"], "float32", row["n"]), []),
+                         kind="backend", backend=row["backend"], groups=1)
+            row["float32_ratio"] = (row["elements_per_s"] / base["elements_per_s"]
+                                    if base else None)
     return result
 
 
@@ -148,11 +164,35 @@ def graph_replay_target(rows):
             "unit": "us", "value": value, "met": None if value is None else value <= within}
 
 
+def precision_targets(result):
+    """The issue's bfloat16 targets on the GPU at 2**26 elements, as measured."""
+    rows = [r for r in result["results"]
+            if (r["workload"], r["dtype"], r["n"]) == ("flat", "bfloat16", TARGET_N)]
+    backend = PRECISION_TARGET_BACKEND
+    mode = lambda precision: _find(rows, kind="backend", backend=backend, groups=1,
+                                   precision=precision, velocity_dtype="float32")
+    found = []
+    for what, precision, other, goal in PRECISION_TARGETS:
+        row, value = mode(precision), None
+        if row is not None and other == "roofline":
+            value = row["roofline_fraction"]
+        elif row is not None and other == "float32":
+            value = row.get("float32_ratio")
+        elif row is not None and mode(other) is not None:
+            value = row["elements_per_s"] / mode(other)["elements_per_s"]
+        found.append({"target": f"{backend} {what}", "n": TARGET_N, "dtype": "bfloat16",
+                      "goal": goal, "value": value,
+                      "met": None if value is None else value >= goal})
+    return found
+
+
 def finish(result, options):
     """The complete result: rows with ratios, the targets, and the options used."""
     add_ratios(result)
     result["options"] = options
     result["targets"] = targets(result)
+    if any(r["dtype"] == "bfloat16" for r in result["results"]):
+        result["targets"] += precision_targets(result)
     return result
 
 
@@ -240,7 +280,7 @@ def table(result):
                           "-" if fraction is None else f"{fraction:.0%}"])
         out += _columns(["n", "name", "median", "p25 .. p75", "Gelem/s", "GB/s", "B/elem",
                          "of roofline"], lines)
-        out += [""] + speedup_lines(rows) + groups_lines(rows) + [""]
+        out += [""] + speedup_lines(rows) + groups_lines(rows) + float32_lines(rows) + [""]
     out += target_lines(result)
     not_run = [f"  {a['name']}: {a['reason']}" for a in result["absent"]]
     reasons = {}
@@ -289,12 +329,27 @@ def groups_lines(rows):
             + _columns(["backend", "n", "ratio", ""], lines))
 
 
+def float32_lines(rows):
+    """16-bit rows: elements per second over the same backend's float32 row at the same
+    size (each mode's bytes per element are in the table above)."""
+    sizes = sorted({row["n"] for row in rows})
+    ratios = {}
+    for row in rows:
+        if row.get("float32_ratio") is not None:
+            ratios.setdefault(row["name"], {})[row["n"]] = f"{row['float32_ratio']:.2f}x"
+    if not ratios:
+        return []
+    lines = [[name] + [found.get(n, "-") for n in sizes] for name, found in ratios.items()]
+    return (["elements/s against float32 (the same backend and size):"]
+            + _columns(["row"] + [size_label(n) for n in sizes], lines))
+
+
 def target_lines(result):
     lines = [[t["target"], f"{t['value']:.2f}" if t["value"] is not None else "-",
               _goal(t), {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
              for t in result["targets"]]
-    return [f"Targets (ratios; float32; flat: at {size_label(TARGET_N)} elements):"] + _columns(
-        ["target", "measured", "goal", ""], lines)
+    return [f"Targets (ratios; float32 unless named; flat: at {size_label(TARGET_N)} "
+            f"elements):"] + _columns(["target", "measured", "goal", ""], lines)
 
 
 def _goal(target):

@@ -12,6 +12,7 @@ import numpy as np
 
 from gpu_momentum import __version__
 from gpu_momentum.arrays import compute_dtype
+from gpu_momentum.precision import named_dtype
 from gpu_momentum.shapes import resnet50_shapes, transformer_shapes
 
 from .candidates import (discover, groups_comparison, overhead_candidates,
@@ -71,13 +72,16 @@ def available_host_bytes():
 
 def array_bytes(n, dtype):
     """Bytes of one array of the problem, counting the wider of param and velocity."""
-    dtype = np.dtype(dtype)
+    dtype = named_dtype("dtypes", dtype)
     return n * max(dtype.itemsize, compute_dtype(dtype).itemsize)
 
 
 def make_problem(n, dtype, shapes=None, seed=0):
+    """Params and gradients of `dtype` (a dtype or its name: "bfloat16" needs ml_dtypes,
+    `pip install "gpu-momentum[bf16]"`)."""
     rng = np.random.default_rng(seed)
-    wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    dtype = named_dtype("dtypes", dtype)
+    wide = np.float64 if dtype == np.float64 else np.float32
     p0 = rng.standard_normal(n, dtype=wide).astype(dtype, copy=False)
     g0 = rng.standard_normal(n, dtype=wide).astype(dtype, copy=False)
     return Problem(p0, g0, shapes)
@@ -220,8 +224,14 @@ def run(options, progress=None):
         return {"groups": compared, OVERHEAD: overhead}.get(workload, candidates)
 
     rows, skipped = [], []
+
+    def runnable_at(workload, dtype):
+        # The precision modes' rows run 16-bit dtypes only: elsewhere they are no row at
+        # all (not a skip).
+        return [c for c in measured_in(workload) if c.runs(dtype)]
+
     if progress is not None:
-        progress.reset(total=sum(len(measured_in(p[0])) for p in todo))
+        progress.reset(total=sum(len(runnable_at(p[0], p[1])) for p in todo))
 
     def skip(candidate, point, reason):
         skipped.append({**describe(candidate, *point), "reason": reason})
@@ -229,9 +239,10 @@ def run(options, progress=None):
             progress.update()
 
     for workload, dtype, n, shapes in todo:
-        point = (workload, 1 if shapes is None else len(shapes), str(np.dtype(dtype)), n)
+        point = (workload, 1 if shapes is None else len(shapes),
+                 named_dtype("dtypes", dtype).name, n)
         runnable = []
-        for candidate in measured_in(workload):
+        for candidate in runnable_at(workload, dtype):
             reason = shortfall([candidate], n, dtype, limits)
             if reason is None:
                 runnable.append(candidate)
@@ -290,15 +301,20 @@ def sampling_for(workload, sampling):
 
 def describe(candidate, workload, tensors, dtype, n):
     """A row's identity: what it is (by fields: backend, peer, groups) and where."""
-    return {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
-            "backend": candidate.backend, "peer": candidate.peer,
-            "groups": candidate.groups, "api": candidate.api, "launch": candidate.launch,
-            "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
+    row = {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
+           "backend": candidate.backend, "peer": candidate.peer,
+           "groups": candidate.groups, "api": candidate.api, "launch": candidate.launch,
+           "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
+    if candidate.kind == "backend":  # the precision of 16-bit rows; float32 has nearest
+        row["precision"] = candidate.precision or "nearest"
+        row["velocity_dtype"] = (dtype if candidate.velocity_dtype == "param" else
+                                 compute_dtype(named_dtype("dtypes", dtype)).name)
+    return row
 
 
 def summary_row(row, candidate, seconds, calls):
     median, p25, p75 = summarize(seconds)
-    per_element = candidate.bytes_per_element(np.dtype(row["dtype"]))
+    per_element = candidate.bytes_per_element(named_dtype("dtypes", row["dtype"]))
     return {**row, "median_s": median, "p25_s": p25, "p75_s": p75,
             "samples": len(seconds), "calls_per_sample": calls,
             "bytes_per_element": per_element,

@@ -11,14 +11,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+from .precision import (PARAM_DTYPE_NAMES, PRECISION_BUFFER_NAMES, compute_dtype,
+                        precision_buffer_dtype, velocity_dtypes)
 
-
-def compute_dtype(param_dtype):
-    """The dtype the update computes in, which is also the velocity's: float32 for
-    half-precision parameters, else the param dtype."""
-    param_dtype = np.dtype(param_dtype)
-    return np.dtype(np.float32) if param_dtype.itemsize < 4 else param_dtype
+__all__ = ["ArrayInfo", "array_state", "check_param", "check_param_dtype", "check_plain",
+           "check_update", "compute_dtype", "describe", "overlaps", "type_name"]
 
 
 def type_name(obj):
@@ -56,6 +53,8 @@ def describe(name, array):
                         f"(cupy.ndarray, numba device array), got {type_name(array)}")
     shape = tuple(iface["shape"])
     dtype = np.dtype(iface["typestr"])
+    if dtype.kind == "V":  # bfloat16 is "<V2" in the interfaces; the array knows better
+        dtype = _own_dtype(array, dtype)
     address, readonly = iface["data"]
     strides = iface.get("strides")
     size = math.prod(shape)
@@ -101,6 +100,16 @@ def check_plain(name, array):
                     f"({hint})")
 
 
+def _own_dtype(array, interface_dtype):
+    """The array's own `dtype` (ml_dtypes' bfloat16) where its interface says only "raw
+    bytes" of the same size."""
+    try:
+        own = np.dtype(getattr(array, "dtype", None))
+    except TypeError:
+        return interface_dtype
+    return own if own.itemsize == interface_dtype.itemsize else interface_dtype
+
+
 def _c_strides(shape, itemsize):
     strides, step = [], itemsize
     for extent in reversed(shape):
@@ -109,28 +118,47 @@ def _c_strides(shape, itemsize):
     return tuple(reversed(strides))
 
 
+def check_param_dtype(name, dtype):
+    """TypeError naming `name` unless `dtype` is a parameter dtype the library updates."""
+    if dtype.name not in PARAM_DTYPE_NAMES or (dtype.kind == "V" and dtype.itemsize != 2):
+        raise TypeError(f"{name} has dtype {dtype}; gpu-momentum updates floating-point "
+                        f"parameters only ({', '.join(PARAM_DTYPE_NAMES)})")
+
+
 def check_param(info, supported_dtypes, backend_name):
-    if info.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{info.name} has dtype {info.dtype}; gpu-momentum updates "
-                        f"floating-point parameters only (float16, float32, float64)")
-    if info.dtype not in supported_dtypes:
-        names = ", ".join(str(d) for d in supported_dtypes)
+    """`supported_dtypes`: the names of the parameter dtypes the backend updates."""
+    check_param_dtype(info.name, info.dtype)
+    if info.dtype.name not in supported_dtypes:
         raise TypeError(f"backend {backend_name!r} does not support {info.name} dtype "
-                        f"{info.dtype} (supported: {names})")
+                        f"{info.dtype} (supported: {', '.join(supported_dtypes)})")
     _check_layout(info)
     if info.readonly:
         raise ValueError(f"{info.name} is read-only; the update writes it in place")
 
 
 def check_update(param, grad, velocity, supported_dtypes, backend_name,
-                 element_aligned=False):
-    """Validates the three ArrayInfos of one update against each other; element_aligned:
-    each array must start on a multiple of its element size (a GPU faults otherwise).
-    velocity None checks param and grad alone: the whole gradient of a sharded step,
-    whose velocity covers a shard (gpu_momentum.distributed)."""
+                 element_aligned=False, precision="nearest", precision_buffer=None):
+    """Validates the ArrayInfos of one update against each other; element_aligned: each
+    array must start on a multiple of its element size (a GPU faults otherwise).
+    velocity None checks param and grad alone: the whole gradient of a sharded step, whose
+    velocity covers a shard (gpu_momentum.distributed). `precision_buffer`: the ArrayInfo
+    of `precision`'s extra buffer (kahan: the compensation, of param's dtype; master: the
+    float32 master copy), None for the other modes."""
     check_param(param, supported_dtypes, backend_name)
-    others = (grad,) if velocity is None else (grad, velocity)
-    for other in others:
+    arrays = [param, grad] if velocity is None else [param, grad, velocity]
+    buffer_dtype = precision_buffer_dtype(param.dtype, precision)
+    if buffer_dtype is not None and precision_buffer is None and velocity is not None:
+        raise ValueError(f"precision {precision!r} needs its "
+                         f"{PRECISION_BUFFER_NAMES[precision]} array")
+    if buffer_dtype is None and precision_buffer is not None:
+        raise ValueError(f"{precision_buffer.name} is not used by precision {precision!r}")
+    if precision_buffer is not None:
+        arrays.append(precision_buffer)
+        if precision_buffer.dtype != buffer_dtype:
+            raise TypeError(f"{precision_buffer.name} has dtype {precision_buffer.dtype}; "
+                            f"precision {precision!r} with {param.dtype} parameters needs "
+                            f"a {buffer_dtype} {precision_buffer.name}")
+    for other in arrays[1:]:
         if other.on_device != param.on_device:
             where = lambda info: "GPU memory" if info.on_device else "host memory"
             raise TypeError(f"{other.name} is in {where(other)} but {param.name} is in "
@@ -138,25 +166,27 @@ def check_update(param, grad, velocity, supported_dtypes, backend_name,
     if grad.dtype != param.dtype:
         raise TypeError(f"grad has dtype {grad.dtype} but param has dtype {param.dtype}; "
                         f"they must match")
-    expected = compute_dtype(param.dtype)
-    if velocity is not None and velocity.dtype != expected:
-        raise TypeError(f"velocity has dtype {velocity.dtype}; parameters of dtype "
-                        f"{param.dtype} need a {expected} velocity")
-    for other in others:
+    if velocity is not None:
+        allowed = velocity_dtypes(param.dtype)
+        if velocity.dtype not in allowed:
+            names = " or ".join(str(d) for d in allowed)
+            raise TypeError(f"velocity has dtype {velocity.dtype}; parameters of dtype "
+                            f"{param.dtype} need a {names} velocity")
+    for other in arrays[1:]:
         if other.shape != param.shape:
             raise ValueError(f"{other.name} has shape {other.shape} but param has shape "
                              f"{param.shape}; they must match")
         _check_layout(other)
-    if velocity is not None and velocity.readonly:
-        raise ValueError("velocity is read-only; the update writes it in place")
-    pairs = ((grad, param),) if velocity is None else \
-        ((grad, param), (velocity, param), (velocity, grad))
-    for a, b in pairs:
-        if overlaps(a, b):
-            raise ValueError(f"{a.name} overlaps {b.name} in memory; the update needs "
-                             f"three separate buffers")
+    for written in arrays[2:]:
+        if written.readonly:
+            raise ValueError(f"{written.name} is read-only; the update writes it in place")
+    for i, a in enumerate(arrays):
+        for b in arrays[:i]:
+            if overlaps(a, b):
+                raise ValueError(f"{a.name} overlaps {b.name} in memory; the update needs "
+                                 f"{len(arrays)} separate buffers")
     if element_aligned:
-        for info in (param, *others):
+        for info in arrays:
             if info.address % info.dtype.itemsize:
                 raise ValueError(
                     f"{info.name} starts at address {info.address:#x}, which is not a "

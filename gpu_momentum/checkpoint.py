@@ -1,38 +1,47 @@
 """Checkpoints of a MomentumSGD: one `.npz` file, written atomically, read without trust.
 
-Format version 3 is NumPy's `.npz` (a zip of `.npy` arrays, stored uncompressed) holding
-four arrays:
+Format version 4 is NumPy's `.npz` (a zip of `.npy` arrays, stored uncompressed) holding
+four or five arrays:
 
 - `param`, `velocity`: the flat buffers, in host memory, of the optimizer's dtypes;
-- `meta`: UTF-8 JSON as uint8 bytes: `format` ("gpu-momentum checkpoint"), `version` (3),
-  `state` (the `state_dict()` without its velocity: hyperparameters, parameter groups,
-  style, step and skip counts, whether each group's velocity is initialised), `layout`
-  (segment `shapes`, `offsets` and `names` of the FlatParams, or null for a single array)
-  and `sha256` of `param`'s and of `velocity`'s data bytes;
+- with precision "kahan" `compensation` (of the param dtype), with "master" `master`
+  (float32): the precision buffer;
+- `meta`: UTF-8 JSON as uint8 bytes: `format` ("gpu-momentum checkpoint"), `version` (4),
+  `state` (the `state_dict()` without its arrays: hyperparameters, precision, velocity
+  dtype and seed, parameter groups, style, step and skip counts, whether each group's
+  velocity is initialised), `layout` (segment `shapes`, `offsets` and `names` of the
+  FlatParams, or null for a single array), `dtypes` (the dtype name of each array) and
+  `sha256` of each array's data bytes;
 - `meta_sha256`: the SHA-256 of `meta`'s bytes, as 64 ASCII hex digits (uint8).
 
-Version 2, which gpu-momentum wrote before, is the same without `meta_sha256`: its
-metadata carries no digest, so an edit of it that stays valid goes unnoticed. Version 2
-files are still read. The digests detect corruption and careless edits, not forgery: they
-are not keyed.
+bfloat16 arrays are stored as their bits, uint16 (`.npy` has no bfloat16); `dtypes` says
+so. Versions 3 (before precision modes: no precision buffer, no `dtypes`, a state without
+precision, velocity_dtype and seed) and 2 (version 3 without `meta_sha256`: its metadata
+carries no digest, so an edit of it that stays valid goes unnoticed) are still read, as
+precision "nearest" with seed 0. The digests detect corruption and careless edits, not
+forgery: they are not keyed. A checkpoint saved with another precision than the
+optimizer's is refused, naming both.
 
 Reading trusts nothing in the file and never calls `np.load` or unpickles:
 
 - `zipfile` parses the zip's central directory through a file that hands out at most
-  DIRECTORY_LIMIT bytes a read; the members must be exactly those of version 2 or 3, each
-  stored or deflated, unencrypted, needing at most zip 4.5 (zip64) to extract;
+  DIRECTORY_LIMIT bytes a read; the members must be exactly those of version 2, 3 or 4
+  (with one precision buffer at most), each stored or deflated, unencrypted, needing at
+  most zip 4.5 (zip64) to extract;
 - each member's declared size is checked against what this optimizer's layout allows
   before it is read; its `.npy` header (at most NPY_HEADER_LIMIT bytes) is parsed and its
   shape and dtype are checked before its array is allocated; its bytes are read or
   inflated in chunks of CHUNK bytes, never past the declared size, and a member whose
   stream holds more or fewer bytes, or whose CRC-32 differs, is refused;
 - the metadata is at most META_LIMIT bytes plus four times the size of this optimizer's
-  layout in JSON, its digest is checked before it is parsed (version 3), and it must fit a
-  strict schema (keys, types, integer ranges, list lengths) before anything uses it.
+  layout in JSON, its digest is checked before it is parsed (versions 3 and 4), and it
+  must fit a strict schema (keys, types, integer ranges, list lengths) before anything
+  uses it; then its precision must be the optimizer's, and the members its version's
+  and precision's.
 
 A load that fails for any reason the file gives raises CheckpointError and changes
 nothing; a file that cannot be opened raises the OSError of the attempt. A load takes the
-memory of the two arrays the layout allows and of the metadata, plus a few MiB.
+memory of the arrays the layout allows and of the metadata, plus a few MiB.
 
 Writing goes through one temporary file per checkpoint path, `.<name>.tmp` in the same
 folder, locked with flock while it is written (two saves of one path take turns), then
@@ -61,6 +70,8 @@ from numpy.lib import format as npy_format
 from .arrays import describe
 from .backends import backend_named
 from .groups import GROUP_OPTIONS
+from .kernels.layout import PRECISION_NAMES
+from .precision import PRECISION_BUFFER_NAMES, Precision, precision_buffer_dtype
 
 
 # The optimizer as checkpoints see it: every use of a MomentumSGD is in these three.
@@ -71,31 +82,47 @@ def _expected(optimizer):
     layout = None if flat is None else {"shapes": [list(s) for s in flat.shapes],
                                         "offsets": list(flat.offsets), "names": flat.names}
     param = describe("param", optimizer.param)
-    velocity = describe("velocity", optimizer.velocity)
     segments = 1 if flat is None else len(flat.shapes)
-    return _Expected(json.loads(json.dumps(layout)), segments, param.shape, param.dtype,
-                     velocity.shape, velocity.dtype)
+    precision = Precision(param.dtype, optimizer.precision, optimizer.velocity_dtype)
+    # Every array a checkpoint of this layout may hold, with its shape and dtype: the
+    # buffers of the other precisions too, so that their sizes are bounded as well.
+    arrays = {"param": (param.shape, param.dtype),
+              "velocity": (param.shape, precision.velocity_dtype)}
+    for mode, name in PRECISION_BUFFER_NAMES.items():
+        arrays[name] = (param.shape, precision_buffer_dtype(param.dtype, mode))
+    return _Expected(json.loads(json.dumps(layout)), segments, arrays,
+                     optimizer.precision)
 
 
 def _host_state(optimizer):
-    """(param, state, velocity): param and velocity as host NumPy arrays (on the cpu
-    backend param is the live buffer, not a copy), state the state_dict() without its
-    velocity."""
+    """(arrays, state): `arrays` the param, velocity and precision buffer as host NumPy
+    arrays, by member name (on the cpu backend param is the live buffer, not a copy),
+    `state` the state_dict() without its arrays."""
     state = optimizer.state_dict()
     to_numpy = backend_named(optimizer.backend).to_numpy
-    return to_numpy(optimizer.param), state, to_numpy(state.pop("velocity"))
+    arrays = {"param": to_numpy(optimizer.param), "velocity": to_numpy(state.pop("velocity"))}
+    buffer = PRECISION_BUFFER_NAMES.get(optimizer.precision)
+    if buffer is not None:
+        arrays[buffer] = to_numpy(state.pop(buffer))
+    return arrays, state
 
 
-def _restore(optimizer, state, param):
-    """Restores a state_dict()-like `state` and `param` (host arrays), all or nothing;
-    ValueError or TypeError when they do not fit."""
-    optimizer.load_state_dict(state, params=param)
+def _restore(optimizer, state, arrays):
+    """Restores a state_dict()-like `state` and its `arrays` (host arrays by member name:
+    param, velocity, the precision buffer), all or nothing; ValueError or TypeError when
+    they do not fit."""
+    state = {**state, **{name: a for name, a in arrays.items() if name != "param"}}
+    optimizer.load_state_dict(state, params=arrays["param"])
 
 
 FORMAT_NAME = "gpu-momentum checkpoint"
-FORMAT_VERSION = 3  # 2: groups, l1, decoupled weight decay, names; 3: meta_sha256
+# 2: groups, l1, decoupled weight decay, names; 3: meta_sha256; 4: precision, velocity
+# dtype, seed, the precision buffer, dtypes
+FORMAT_VERSION = 4
 MEMBERS = {2: ("param", "velocity", "meta"),
-           3: ("param", "velocity", "meta", "meta_sha256")}  # each a .npy
+           3: ("param", "velocity", "meta", "meta_sha256"),
+           4: ("param", "velocity", "meta", "meta_sha256")}  # each a .npy
+BUFFER_MEMBERS = tuple(PRECISION_BUFFER_NAMES.values())  # version 4: one at most
 
 CHUNK = 1 << 20  # bytes read, inflated and hashed at a time
 DIRECTORY_LIMIT = 1 << 20  # the most zipfile may read at once while parsing the directory
@@ -116,14 +143,23 @@ class CheckpointError(ValueError):
 class _Expected(NamedTuple):
     layout: object  # as it reads back from JSON
     segments: int
-    param_shape: tuple
-    param_dtype: np.dtype
-    velocity_shape: tuple
-    velocity_dtype: np.dtype
+    arrays: dict  # member name -> (shape, dtype) of what this layout may hold
+    precision: str
 
     @property
     def meta_limit(self):
         return META_LIMIT + 4 * len(json.dumps(self.layout))
+
+    def stored(self, name):
+        """(shape, dtype in the file) of array member `name`."""
+        shape, dtype = self.arrays[name]
+        return shape, _stored_dtype(dtype)
+
+
+def _stored_dtype(dtype):
+    """The dtype an array of `dtype` has in the file: bfloat16 as its bits, uint16."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.uint16) if dtype.name == "bfloat16" else dtype
 
 
 _REPR = reprlib.Repr()
@@ -150,15 +186,17 @@ def _sha256(array):
 def save_checkpoint(optimizer, path):
     """Writes `optimizer`'s params and state to `path`; a crash leaves the old file
     intact."""
-    param, state, velocity = _host_state(optimizer)
+    arrays, state = _host_state(optimizer)
+    stored = {name: a.view(_stored_dtype(a.dtype)) for name, a in arrays.items()}
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "state": state,
             "layout": _expected(optimizer).layout,
-            "sha256": {"param": _sha256(param), "velocity": _sha256(velocity)}}
+            "dtypes": {name: np.dtype(a.dtype).name for name, a in arrays.items()},
+            "sha256": {name: _sha256(a) for name, a in stored.items()}}
     meta = json.dumps(meta, allow_nan=False).encode()
     digest = hashlib.sha256(meta).hexdigest().encode()
-    arrays = {"param": param, "velocity": velocity, "meta": np.frombuffer(meta, np.uint8),
-              "meta_sha256": np.frombuffer(digest, np.uint8)}
-    _replace(path, lambda file: np.savez(file, **arrays))
+    members = {**stored, "meta": np.frombuffer(meta, np.uint8),
+               "meta_sha256": np.frombuffer(digest, np.uint8)}
+    _replace(path, lambda file: np.savez(file, **members))
 
 
 def _temporary_name(name):
@@ -229,9 +267,9 @@ def _open_locked(temporary):
 def load_checkpoint(optimizer, path):
     """Restores params and state saved by `save_checkpoint`, all or nothing."""
     expected = _expected(optimizer)
-    state, param, velocity = _read(path, expected)
+    state, arrays = _read(path, expected)
     try:
-        _restore(optimizer, {**state, "velocity": velocity}, param)
+        _restore(optimizer, state, arrays)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path!s} does not fit this optimizer: "
                               f"{error}") from error
@@ -244,7 +282,8 @@ _MALFORMED = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, Value
 
 
 def _read(path, expected):
-    """(state, param, velocity) of the checkpoint at `path`, checked against `expected`."""
+    """(state, arrays) of the checkpoint at `path`, checked against `expected`: arrays by
+    member name, in the optimizer's dtypes."""
     handle = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(handle, "rb", buffering=0) as file:
         try:
@@ -265,23 +304,41 @@ def _read_file(file, path, expected):
                               f"gpu-momentum checkpoint (.npz)")
     with zipfile.ZipFile(_DirectoryReader(file, path)) as directory:
         members = _members(directory.infolist(), path, expected)
-    version = 3 if "meta_sha256" in members else 2
+    digested = "meta_sha256" in members  # versions 3 and 4
 
     meta = _read_array(file, members["meta"], path, np.uint8, None, expected.meta_limit)
     meta = meta.tobytes()
-    if version == 3:
+    if digested:
         digest = _read_array(file, members["meta_sha256"], path, np.uint8, (64,))
         if hashlib.sha256(meta).hexdigest().encode() != digest.tobytes():
             raise CheckpointError(f"checkpoint {path!s} is corrupted: the checksum of "
                                   f"meta does not match (meta_sha256)")
     meta = _parse(meta, path)
-    _check_meta(meta, version, path, expected)
-
-    param = _read_array(file, members["param"], path, expected.param_dtype,
-                        expected.param_shape, sha256=meta["sha256"]["param"])
-    velocity = _read_array(file, members["velocity"], path, expected.velocity_dtype,
-                           expected.velocity_shape, sha256=meta["sha256"]["velocity"])
-    return meta["state"], param, velocity
+    version = _check_meta(meta, digested, path, expected)
+    precision = meta["state"]["precision"] if version >= 4 else "nearest"
+    if precision != expected.precision:
+        raise CheckpointError(f"checkpoint {path!s} was saved with precision "
+                              f"{precision!r}; this optimizer uses precision "
+                              f"{expected.precision!r}")
+    names = ["param", "velocity", *((PRECISION_BUFFER_NAMES[precision],)
+                                    if precision in PRECISION_BUFFER_NAMES else ())]
+    unexpected = sorted(set(members) - {"meta", "meta_sha256", *names})
+    if unexpected or any(name not in members for name in names):
+        raise CheckpointError(f"checkpoint {path!s} is corrupted: precision {precision!r} "
+                              f"has the arrays {names}, the file "
+                              f"{sorted(set(members) - {'meta', 'meta_sha256'})}")
+    if version >= 4:
+        dtypes = {name: np.dtype(expected.arrays[name][1]).name for name in names}
+        if meta["dtypes"] != dtypes:
+            raise CheckpointError(f"checkpoint {path!s} holds arrays of dtypes "
+                                  f"{_brief(meta['dtypes'])}; this optimizer needs {dtypes}")
+    arrays = {}
+    for name in names:
+        shape, stored = expected.stored(name)
+        array = _read_array(file, members[name], path, stored, shape,
+                            sha256=meta["sha256"][name])
+        arrays[name] = array.view(expected.arrays[name][1])
+    return meta["state"], arrays
 
 
 def _read_exactly(file, size):
@@ -316,21 +373,22 @@ class _DirectoryReader:
 
 
 def _members(infos, path, expected):
-    """{name: ZipInfo} of the members of one format version, checked before any is read."""
+    """{name: ZipInfo} of the members of one format version (version 4: with at most one
+    precision buffer), checked before any is read."""
     names = [info.orig_filename for info in infos]
-    for version, members in MEMBERS.items():
-        if sorted(names) == sorted(f"{name}.npy" for name in members):
-            break
-    else:
+    files = lambda members: sorted(f"{name}.npy" for name in members)
+    allowed = [files(members) for members in MEMBERS.values()]
+    allowed += [files((*MEMBERS[4], buffer)) for buffer in BUFFER_MEMBERS]
+    if sorted(names) not in allowed:
         raise CheckpointError(
             f"checkpoint {path!s} is corrupted or not a gpu-momentum checkpoint: it holds "
             f"the members {_brief(sorted(names))}; a checkpoint holds "
-            f"{[f'{n}.npy' for n in MEMBERS[3]]} (version 3) or "
-            f"{[f'{n}.npy' for n in MEMBERS[2]]} (version 2)")
+            f"{files(MEMBERS[4])} and, with precision 'kahan' or 'master', "
+            f"{' or '.join(f'{b}.npy' for b in BUFFER_MEMBERS)} (version 4), "
+            f"{files(MEMBERS[3])} (version 3) or {files(MEMBERS[2])} (version 2)")
     prefix = len(_NPY_MAGIC) + 2 + 4 + NPY_HEADER_LIMIT  # magic, version, length, header
-    limits = {"param": _nbytes(expected.param_shape, expected.param_dtype),
-              "velocity": _nbytes(expected.velocity_shape, expected.velocity_dtype),
-              "meta": expected.meta_limit, "meta_sha256": 64}
+    limits = {name: _nbytes(*expected.stored(name)) for name in expected.arrays}
+    limits |= {"meta": expected.meta_limit, "meta_sha256": 64}
     members = {}
     for info in infos:
         name = info.orig_filename[:-len(".npy")]
@@ -531,34 +589,45 @@ class _Invalid(Exception):
     """A metadata value that does not fit the schema (a message, without the path)."""
 
 
-def _check_meta(meta, version, path, expected):
-    """Checks the metadata against the schema of `version`, before anything uses it."""
+def _check_meta(meta, digested, path, expected):
+    """Checks the metadata against the schema of its version, before anything uses it,
+    and returns the version; `digested`: the file holds meta_sha256 (versions 3 and 4)."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path!s} is not a gpu-momentum checkpoint")
     said = meta.get("version")
     if type(said) is not int or said not in MEMBERS:
         raise CheckpointError(f"checkpoint {path!s} has format version {_brief(said)}; "
                               f"this version of gpu-momentum reads versions "
-                              f"{' and '.join(map(str, MEMBERS))}")
-    if said != version:
+                              f"{', '.join(map(str, MEMBERS))}")
+    if digested != (said >= 3):
+        held = "3 or 4" if digested else "2"
         raise CheckpointError(f"checkpoint {path!s} says format version {said} but holds "
-                              f"the members of version {version} (corrupted)")
+                              f"the members of version {held} (corrupted)")
     try:
-        _keys("the metadata", meta, ("format", "version", "state", "layout", "sha256"))
-        _check_state(meta["state"], expected.segments)
+        keys = ("format", "version", "state", "layout", "sha256")
+        _keys("the metadata", meta, (*keys, "dtypes") if said >= 4 else keys)
+        _check_state(meta["state"], expected.segments, said)
+        arrays = ["param", "velocity"]
+        if said >= 4 and meta["state"]["precision"] in PRECISION_BUFFER_NAMES:
+            arrays.append(PRECISION_BUFFER_NAMES[meta["state"]["precision"]])
         sha256 = meta["sha256"]
-        _keys("sha256", sha256, ("param", "velocity"))
+        _keys("sha256", sha256, arrays)
         for name, digest in sha256.items():
             if not (type(digest) is str and len(digest) == 64
                     and set(digest) <= set("0123456789abcdef")):
                 raise _Invalid(f"Invalid sha256[{name!r}] value: {_brief(digest)} (64 "
                                f"lowercase hex digits)")
+        if said >= 4:
+            _keys("dtypes", meta["dtypes"], arrays)
+            for name, dtype in meta["dtypes"].items():
+                _text(f"dtypes[{name!r}]", dtype)
     except _Invalid as error:
         raise CheckpointError(f"checkpoint {path!s} has invalid metadata: "
                               f"{error}") from None
     if not _same(meta["layout"], expected.layout):
         raise CheckpointError(f"checkpoint {path!s} has layout {_brief(meta['layout'])}, "
                               f"this optimizer has {_brief(expected.layout)}")
+    return said
 
 
 def _keys(where, value, keys):
@@ -599,16 +668,30 @@ def _text(name, value):
         raise _Invalid(f"Invalid {name} value: {_brief(value)} (a short string)")
 
 
+def _precision(name, value):
+    if not (type(value) is str and value in PRECISION_NAMES):
+        raise _Invalid(f"Invalid {name} value: {_brief(value)} (one of {PRECISION_NAMES})")
+
+
+def _seed(name, value):
+    if not (type(value) is int and 0 <= value < 2**64):
+        raise _Invalid(f"Invalid {name} value: {_brief(value)} (an integer in [0, 2**64))")
+
+
 _STATE = {"format": _small_int, "lr": _real, "momentum": _real, "dampening": _real,
           "weight_decay": _real, "nesterov": _flag, "maximize": _flag, "style": _text,
           "l1": _real, "decoupled_weight_decay": _flag, "groups": None,
           "step_count": _count, "velocity_initialized": None, "skipped_steps": _count}
+# What version 4's state adds (the state_dict of format 3).
+_PRECISION_STATE = {"precision": _precision, "velocity_dtype": _text, "seed": _seed}
 
 
-def _check_state(state, segments):
-    """Types, ranges and lengths of the state; its values are the optimizer's to judge."""
-    _keys("state", state, _STATE)
-    for key, check in _STATE.items():
+def _check_state(state, segments, version):
+    """Types, ranges and lengths of the state of a checkpoint of `version`; its values are
+    the optimizer's to judge."""
+    schema = {**_STATE, **_PRECISION_STATE} if version >= 4 else _STATE
+    _keys("state", state, schema)
+    for key, check in schema.items():
         if check is not None:
             check(key, state[key])
     groups = state["groups"]

@@ -398,10 +398,12 @@ class _Whole:
     every rank agreed."""
 
     backend = "cpu"  # what it hands over is in host memory
+    precision = "nearest"  # the only one sharding takes (_check_sharded_precision)
 
     def __init__(self, sharded, state=None):
         self._sharded, self._state, self.restore = sharded, state, None
         self.flat = sharded.flat
+        self.velocity_dtype = sharded._local.velocity_dtype
         if state is None:  # to load: what the reader expects, without a whole velocity
             self.param = sharded.param
             self.velocity = np.broadcast_to(np.zeros((), sharded.velocity.dtype),
@@ -424,6 +426,22 @@ class _ShardUpdate(MomentumSGD):
     def __init__(self, params, window, **options):
         self._window = window
         super().__init__(params, **options)
+
+
+def _check_sharded_precision(local):
+    """ValueError for the 16-bit settings sharding does not carry: stochastic rounding
+    keys its random bits by an element's index in the buffer a kernel sees (a shard's
+    would differ from one process's), the compensation and master buffers and a 16-bit
+    velocity are not gathered into checkpoints, and MPI has no bfloat16 sum."""
+    if local.precision != "nearest":
+        raise ValueError(f"Invalid precision value: {local.precision!r} "
+                         f"(ShardedMomentumSGD updates with precision 'nearest' only)")
+    if local.velocity_dtype.itemsize == 2:
+        raise ValueError(f"Invalid velocity_dtype value: {local.velocity_dtype.name!r} "
+                         f"(ShardedMomentumSGD keeps a float32 or float64 velocity)")
+    if describe("params", local.param).dtype.name == "bfloat16":
+        raise TypeError("params has dtype bfloat16, which ShardedMomentumSGD does not "
+                        "update (its collectives sum float16, float32 and float64)")
 
 
 def _forward(name, settable=False):
@@ -470,6 +488,7 @@ class ShardedMomentumSGD:
             size = int(np.prod(info.shape, dtype=np.int64))
             self.shards = shard_bounds(size, ranks, info.dtype.itemsize)
             self._local = _ShardUpdate(params, self.shards[rank], **options)
+            _check_sharded_precision(self._local)
             transport = _transport(collectives, info.on_device)
             description = self._description(params, info, transport)
         except Exception as failure:  # every rank must hear of it

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .arrays import SUPPORTED_DTYPES, describe, type_name
+from .arrays import check_param_dtype, describe, type_name
 from .backends import select_backend
 
 SEGMENT_ALIGNMENT_BYTES = 16  # one 128-bit vector: every segment can use vector loads
@@ -52,9 +52,7 @@ class FlatParams:
             raise TypeError(f"arrays have mixed dtypes {dtypes}; a flat buffer holds one "
                             f"dtype (use one FlatParams per dtype)")
         dtype = infos[0].dtype
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"arrays have dtype {dtype}; gpu-momentum updates "
-                            f"floating-point parameters only (float16, float32, float64)")
+        check_param_dtype("arrays", dtype)
         backend = select_backend(None, arrays[0])
         for i, array in enumerate(arrays):
             if not backend.owns(array):

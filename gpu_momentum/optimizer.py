@@ -1,6 +1,7 @@
 """The public update: `momentum_step` (stateless) and `MomentumSGD` (owns the velocity)."""
 
 import collections.abc
+import dataclasses
 import math
 import numbers
 
@@ -12,10 +13,12 @@ from .flat import FlatParams
 from .groups import GROUP_OPTIONS, resolve_groups, update_table
 from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .kernels.elementwise import count_step, mark_velocities_initialized
-from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, SKIPPED_STEPS,
-                             STEP_COUNT, VELOCITY_INITIALIZED)
+from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, PRECISION_NAMES,
+                             SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
+from .precision import PRECISION_BUFFER_NAMES, Precision, check_key_integer, check_seed
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 2: before precision, velocity_dtype, seed and the precision buffers
+STATE_FORMATS = (2, 3)  # what load_state_dict reads
 
 
 COUNT_LIMIT = 2**63 - 1  # the counters are int64
@@ -30,10 +33,28 @@ def _count(name, value):
     return int(value)
 
 
+def _step_count(step_count):
+    """A step count given by a caller: an integer in [0, 2**63) (the counters are int64)."""
+    return check_key_integer("step_count", step_count, 63)
+
+
+def _precision_buffer(precision, compensation, master):
+    """The array of momentum_step's `compensation` and `master` that `precision` reads
+    (None for nearest and stochastic); ValueError for one it does not read."""
+    given = {"compensation": compensation, "master": master}
+    for name, array in given.items():
+        if array is not None and PRECISION_BUFFER_NAMES.get(precision) != name:
+            raise ValueError(f"Invalid {name} value: an array, but precision {precision!r} "
+                             f"reads none (compensation is for 'kahan', master for "
+                             f"'master')")
+    return given.get(PRECISION_BUFFER_NAMES.get(precision))
+
+
 def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
                   weight_decay=0.0, l1=0.0, nesterov=False, maximize=False,
                   style="classic", decoupled_weight_decay=False, first_step=False,
-                  grad_scale=1.0, backend=None):
+                  grad_scale=1.0, precision="nearest", seed=0, step_count=0,
+                  compensation=None, master=None, backend=None):
     """One fused in-place momentum update of `param` and `velocity`.
 
     With g = grad / grad_scale (computed as grad * (1 / grad_scale); grad_scale is the
@@ -54,11 +75,19 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     its first step. Torch style with momentum 0 is param -= lr*g' and leaves the velocity
     as it is, as PyTorch leaves its momentum buffer.
 
+    16-bit parameters (bfloat16, float16) are computed in float32 and rounded back as
+    `precision` says (see MomentumSGD): "nearest"; "stochastic", whose random bits are
+    keyed by `seed` and `step_count` (the steps taken before this one: give each step its
+    own) and each element's index; "kahan", which reads and writes `compensation` (an
+    array of param's dtype and shape, zeros at first); "master", which updates `master`
+    (a float32 copy of the parameters) and writes its rounding to param.
+
     Arrays are contiguous, of one shape, with grad of param's dtype and a velocity of
-    param's dtype (float32 for float16 params). backend=None picks the best backend for the
-    arrays' type. Every argument is checked before anything is written, hyperparameters
-    also against the compute dtype (float32 for float16 and float32 params, float64 for
-    float64: see Hyperparameters.check_dtype and inverse_grad_scale). grad_scale may also
+    param's dtype (float32 or param's dtype for 16-bit params). backend=None picks the
+    best backend for the arrays' type. Every argument is checked before anything is
+    written, hyperparameters also against the compute dtype (float32 for 16-bit and
+    float32 params, float64 for float64: see Hyperparameters.check_dtype and
+    inverse_grad_scale). grad_scale may also
     be a 0-d float array in the arrays' memory, read by the kernels (see
     MomentumSGD.step). On a GPU backend the hyperparameters are copied to the device when
     they differ from recent calls'.
@@ -72,9 +101,15 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
         return Hyperparameters(**options), flag("first_step", first_step)
 
     hyper, first_step = checked() if key is None else _recent(_STATELESS_HYPERS, key, checked)
+    seed, step_count = check_seed(seed), _step_count(step_count)
+    if not isinstance(precision, str) or precision not in PRECISION_NAMES:
+        raise ValueError(f"Invalid precision value: {precision!r} (precision must be one "
+                         f"of {PRECISION_NAMES})")
+    buffer = _precision_buffer(precision, compensation, master)
     info = describe("param", param)
     backend = select_backend(backend, param)
-    check_arrays(backend, param, grad, velocity)
+    Precision(info.dtype, precision, seed=seed)
+    check_arrays(backend, param, grad, velocity, precision, buffer)
     hyper.check_dtype(info.dtype)
     device_scale = None
     if _is_array(grad_scale):
@@ -100,7 +135,9 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
         table = _recent(_STATELESS_TABLES, table_key, table)
     else:
         table = table()
-    backend.step(param, grad, velocity, table, inv_grad_scale, grad_scale=device_scale)
+    backend.step(param, grad, velocity, table, inv_grad_scale, grad_scale=device_scale,
+                 precision=precision, precision_buffer=buffer, seed=seed,
+                 step_count=step_count)
 
 
 # momentum_step's latest hyperparameters, checked (values key -> (Hyperparameters,
@@ -321,6 +358,28 @@ class MomentumSGD:
     next one first), and counts in `skipped_steps`; `last_step_skipped` tells. The check
     and the skip run in the backend's memory without waiting for the device; reading
     those counters then waits for it.
+
+    16-bit parameters (bfloat16 from ml_dtypes, float16) are computed in float32 and
+    stored back once per step as `precision` says (bytes moved per element with a float32
+    velocity in brackets; float32 parameters move 20):
+    - "nearest" (default; 14): rounded to nearest even, bit for bit the float32 update
+      cast as ml_dtypes (bfloat16) or NumPy (float16) cast. An update below half an ulp
+      of its parameter (2**-9 relative in bfloat16) is lost: training with small steps
+      stalls.
+    - "stochastic" (14): rounded up or down at random with the probabilities that make
+      the expected result exact; the random bits come from a hash of (`seed`, the step
+      count, the element's index), reproducible and the same on every backend. No extra
+      memory.
+    - "kahan" (18): `compensation`, a buffer of the parameter dtype (zeros at first),
+      carries each step's rounding error into the next (as optimi does); the update
+      reads param + compensation.
+    - "master" (20): `master`, a float32 copy of the parameters (taken at construction
+      and restored by load), is updated; the parameters are its rounding, written in the
+      same pass (as Apex's master weights; writes to the parameters themselves are lost).
+    velocity_dtype: float32 (default) or, for 16-bit parameters, their own dtype, which
+    halves the optimizer state (10 bytes per element with "nearest") but rounds the
+    velocity every step as the parameters are rounded: lossy. float32 and float64
+    parameters have "nearest" only. `seed`: an integer in [0, 2**64).
     """
 
     # (start, stop): the optimizer updates these elements of its buffer alone, and its
@@ -330,7 +389,8 @@ class MomentumSGD:
     def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  l1=0.0, nesterov=False, maximize=False, style="classic",
                  decoupled_weight_decay=False, groups=None, skip_nonfinite=False,
-                 capturable=False, backend="auto"):
+                 capturable=False, precision="nearest", velocity_dtype=None, seed=0,
+                 backend="auto"):
         defaults = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
                                    weight_decay=weight_decay, nesterov=nesterov,
                                    maximize=maximize, style=style, l1=l1,
@@ -347,6 +407,8 @@ class MomentumSGD:
         self._param_dtype = info.dtype
         self._on_device = info.on_device
         self._buffer_size = _size(self.param)
+        self._precision = Precision(info.dtype, precision, velocity_dtype, seed)
+        self._compute_dtype = compute_dtype(info.dtype)
         self._plan = self._resolve(groups, defaults)
         if self._window is not None:
             self.param = self.param.reshape(_size(self.param))[slice(*self._window)]
@@ -354,7 +416,8 @@ class MomentumSGD:
         self._param_groups = ParamGroups(ParamGroup(self, index + 1, g["params"])
                                          for index, g in enumerate(groups or []))
         self._hypers = list(self._plan.hypers)
-        self.velocity = self._backend.zeros(info.shape, compute_dtype(info.dtype))
+        self.velocity = self._backend.zeros(info.shape, self._precision.velocity_dtype)
+        self._precision_buffer = self._new_precision_buffer()
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
         self._table = None  # the update table in the backend's memory
         self._table_stale = True  # hyperparameters or first-step flags changed since
@@ -376,6 +439,17 @@ class MomentumSGD:
                                   self._buffer_size, self.flat.names,
                                   param_dtype=self._param_dtype)
         return plan if self._window is None else plan.window(*self._window)
+
+    def _new_precision_buffer(self):
+        """kahan: a zero compensation; master: the parameters widened to float32 (through
+        host memory, once); else None."""
+        if self.precision == "kahan":
+            return self._backend.zeros(describe("params", self.param).shape,
+                                       self._precision.buffer_dtype)
+        if self.precision == "master":
+            host = self._backend.to_numpy(self.param).astype(np.float32)
+            return self._backend.asarray(host)
+        return None
 
     def _new_counters(self, step_count, velocity_initialized, skipped_steps):
         counters = np.zeros(GROUP_SLOTS + len(velocity_initialized), np.int64)
@@ -422,6 +496,21 @@ class MomentumSGD:
         """Name of the backend running the updates."""
         return self._backend.name
 
+    precision = property(lambda self: self._precision.precision,
+                         doc="How 16-bit parameters are rounded: 'nearest', 'stochastic', "
+                             "'kahan' or 'master'.")
+    seed = property(lambda self: self._precision.seed,
+                    doc="The seed of stochastic rounding's random bits.")
+    velocity_dtype = property(lambda self: self._precision.velocity_dtype,
+                              doc="The velocity's dtype.")
+    compensation = property(
+        lambda self: self._precision_buffer if self.precision == "kahan" else None,
+        doc="precision='kahan': each parameter's rounding error, in the parameter "
+            "dtype; else None.")
+    master = property(
+        lambda self: self._precision_buffer if self.precision == "master" else None,
+        doc="precision='master': the float32 master copy of the parameters; else None.")
+
     @property
     def style(self):
         return self._hypers[0].style
@@ -466,7 +555,7 @@ class MomentumSGD:
             # Counters in the backend's memory: the kernels read first steps from them.
             initialized = ([True] * len(self._hypers) if self._counted_on_device else
                            self._counters[GROUP_SLOTS:])
-            table = update_table(self._hypers, initialized, self.velocity.dtype,
+            table = update_table(self._hypers, initialized, self._compute_dtype,
                                  self._plan.range_ends, self._plan.range_groups)
             self._group_flags = table.group_flags  # in host memory, for the host's counting
             self._table = device_table(self._backend, table, self.param, reuse=self._table)
@@ -544,7 +633,8 @@ class MomentumSGD:
         counters = self._counters
         skipped = found_inf is not None and bool(found_inf[()] != 0)
         if not skipped:
-            self._launch(grad, inv_grad_scale, agree, grad_scale)
+            self._launch(grad, inv_grad_scale, agree, grad_scale, step_count=counters[
+                STEP_COUNT])
         if skipped or counters[LAST_STEP_SKIPPED]:
             counters[LAST_STEP_SKIPPED] = skipped
         count_step(counters)
@@ -556,7 +646,8 @@ class MomentumSGD:
         """Every check of a step's arrays, then `prepare`."""
         self._grad = None  # nothing counts as checked until every check passed
         param, velocity = self.param, self.velocity
-        check_arrays(self._backend, param, grad, velocity)
+        check_arrays(self._backend, param, grad, velocity, self.precision,
+                     self._precision_buffer)
         self.prepare()
         self._array_states = (array_state(param), array_state(grad), array_state(velocity))
         self._grad, self._velocity = grad, velocity
@@ -568,20 +659,23 @@ class MomentumSGD:
         at construction and after every change, so that step() can be captured in a CUDA
         graph (`cupy.cuda.Stream.begin_capture()`, `torch.cuda.graph`); a step inside a
         capture that would need it raises RuntimeError instead. Prepared again only when
-        the table, the velocity or the counters are other objects."""
+        the table, the velocity, the counters or the precision settings (a seed loaded)
+        are other objects; a prepared launch holds the seed, so a capturable optimizer
+        whose state loads another seed needs its graphs captured again."""
         velocity, counters = self.velocity, self._counters
-        key = (self._table, velocity, counters)
+        key = (self._table, velocity, counters, self._precision)
         if not self._table_stale and self._launch_key is not None and all(
                 a is b for a, b in zip(key, self._launch_key)):
             return
         self._refuse_host_work("the update table or the launches must be prepared (call "
                                "opt.prepare() before capturing)")
         table = self._device_table()
-        key = (table, velocity, counters)
+        key = (table, velocity, counters, self._precision)
         if self._launch_key is None or any(a is not b for a, b in zip(key, self._launch_key)):
             self._launch = self._backend.step_function(
                 self.param, velocity, table, counters if self._counted_on_device else None,
-                check_nonfinite=self._skip_nonfinite)
+                check_nonfinite=self._skip_nonfinite, precision=self.precision,
+                precision_buffer=self._precision_buffer, seed=self.seed)
             self._launch_key = key
 
     def _refuse_host_work(self, why):
@@ -593,22 +687,30 @@ class MomentumSGD:
                                f"changed.")
 
     def state_dict(self):
-        """A plain dict: format version, the optimizer's hyperparameters, its groups (each
-        with "params" as given and every option), step count, whether each group's
-        velocity is initialized (the optimizer's own first, then one per group) and a
-        velocity copy."""
+        """A plain dict (format 3): format version, the optimizer's hyperparameters,
+        precision, velocity_dtype (its name) and seed, its groups (each with "params" as
+        given and every option), step count, whether each group's velocity is initialized
+        (the optimizer's own first, then one per group), a velocity copy and, with
+        precision "kahan" or "master", a copy of the compensation or master buffer under
+        that name."""
         counters = self._host_counters()
-        return {"format": STATE_FORMAT, **self._hypers[0].as_dict(),
-                "groups": [dict(group) for group in self.param_groups],
-                "step_count": int(counters[STEP_COUNT]),
-                "velocity_initialized": [bool(c) for c in counters[GROUP_SLOTS:]],
-                "skipped_steps": int(counters[SKIPPED_STEPS]),
-                "velocity": self._backend.copy(self.velocity)}
+        state = {"format": STATE_FORMAT, **self._hypers[0].as_dict(),
+                 "precision": self.precision, "velocity_dtype": self.velocity_dtype.name,
+                 "seed": self.seed,
+                 "groups": [dict(group) for group in self.param_groups],
+                 "step_count": int(counters[STEP_COUNT]),
+                 "velocity_initialized": [bool(c) for c in counters[GROUP_SLOTS:]],
+                 "skipped_steps": int(counters[SKIPPED_STEPS]),
+                 "velocity": self._backend.copy(self.velocity)}
+        if self._precision_buffer is not None:
+            state[self._precision.buffer_name] = self._backend.copy(self._precision_buffer)
+        return state
 
     def load_state_dict(self, state, params=None):
-        """Restores `state_dict()` output and, given `params` (an array of the flat
-        buffer's shape and dtype, in host or this backend's memory), the parameters too.
-        Validates everything before changing anything: every value (also against the
+        """Restores `state_dict()` output (format 3, or format 2 of earlier versions:
+        precision "nearest", the default velocity dtype, seed 0) and, given `params` (an
+        array of the flat buffer's shape and dtype, in host or this backend's memory), the
+        parameters too. The state's precision must be this optimizer's. Validates everything before changing anything: every value (also against the
         compute dtype), and that every array it writes (the velocity; the parameters,
         given params) is writable and fits."""
         self._checked_state(state, params)()
@@ -618,12 +720,26 @@ class MomentumSGD:
         without arguments that restores them, which cannot fail."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type_name(state)}")
-        expected = set(self.state_dict_keys())
+        version = state.get("format")
+        if (isinstance(version, (bool, np.bool_)) or not isinstance(version, numbers.Integral)
+                or version not in STATE_FORMATS):
+            raise ValueError(f"Invalid format value: {version!r} (this version reads "
+                             f"formats {' and '.join(map(str, STATE_FORMATS))})")
+        version = int(version)
+        precision = state.get("precision", "nearest") if version == 3 else "nearest"
+        if precision != self.precision:
+            raise ValueError(f"Invalid precision value: {precision!r} (the state was saved "
+                             f"with precision {precision!r}, this optimizer uses "
+                             f"{self.precision!r})")
+        expected = set(self.state_dict_keys(self.precision, version))
         if set(state) != expected:
             raise ValueError(f"state has keys {sorted(state)}, expected {sorted(expected)}")
-        if state["format"] != STATE_FORMAT:
-            raise ValueError(f"Invalid format value: {state['format']!r} (this version "
-                             f"reads format {STATE_FORMAT})")
+        if version == 3:
+            velocity_dtype = state["velocity_dtype"]
+            if velocity_dtype != self.velocity_dtype.name:
+                raise ValueError(f"Invalid velocity_dtype value: {velocity_dtype!r} (this "
+                                 f"optimizer keeps a {self.velocity_dtype.name} velocity)")
+        seed = check_seed(state["seed"]) if version == 3 else 0
         defaults = Hyperparameters(
             **{k: state[k] for k in Hyperparameters.__dataclass_fields__})
         if defaults.style != self.style:
@@ -647,16 +763,25 @@ class MomentumSGD:
             _count("skipped_steps", state["skipped_steps"]))
         velocity = self._like('state["velocity"]', state["velocity"], "velocity",
                               self.velocity)
+        name = self._precision.buffer_name
+        buffer = None if name is None else self._like(f'state["{name}"]', state[name], name,
+                                                      self._precision_buffer)
         if params is not None:
             params = self._like("params", params, "params", self.param)
-            if overlaps(describe("params", params), describe("velocity", self.velocity)):
-                params = self._backend.copy(params)  # read before the velocity is written
+            written = [self.velocity] + ([] if buffer is None else [self._precision_buffer])
+            if any(overlaps(describe("params", params), describe("written", array))
+                   for array in written):
+                params = self._backend.copy(params)  # read before the state is written
 
         def restore():  # everything is checked: nothing can fail half way
             self._backend.assign(self.velocity, velocity)
+            if buffer is not None:
+                self._backend.assign(self._precision_buffer, buffer)
             if params is not None:
                 self._backend.assign(self.param, params)
             self._hypers = list(plan.hypers)
+            if seed != self.seed:  # a new seed: the launches are prepared again
+                self._precision = dataclasses.replace(self._precision, seed=seed)
             # In place: a captured graph keeps reading the same counters.
             if self._counted_on_device:
                 self._backend.assign(self._counters, counters)
@@ -693,12 +818,21 @@ class MomentumSGD:
         return array
 
     @staticmethod
-    def state_dict_keys():
-        return ("format", *Hyperparameters.__dataclass_fields__, "groups", "step_count",
+    def state_dict_keys(precision="nearest", version=STATE_FORMAT):
+        """The keys of a state dict of `version` (2 or 3) saved with `precision`."""
+        keys = ("format", *Hyperparameters.__dataclass_fields__, "groups", "step_count",
                 "velocity_initialized", "skipped_steps", "velocity")
+        if version == 2:
+            return keys
+        buffer = PRECISION_BUFFER_NAMES.get(precision)
+        return (*keys[:-5], "precision", "velocity_dtype", "seed", *keys[-5:],
+                *((buffer,) if buffer else ()))
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self._hypers[0].as_dict().items())
+        if self.precision != "nearest" or self.velocity_dtype != self._compute_dtype:
+            fields += (f", precision={self.precision!r}, velocity_dtype="
+                       f"{self.velocity_dtype.name!r}, seed={self.seed}")
         groups = f", groups={len(self._param_groups)}" if self._param_groups else ""
         return (f"MomentumSGD({fields}{groups}, backend={self.backend!r}, "
                 f"step_count={self.step_count})")

@@ -51,3 +51,158 @@ def reference_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     else:
         raise ValueError(f"Invalid style value: {style!r}")
     return p, v
+
+
+# ---- 16-bit parameters: float32 compute, 16-bit storage, four precision modes ----
+
+_U32 = np.uint32
+PRECISIONS = ("nearest", "stochastic", "kahan", "master")
+
+
+def _mix32(x):
+    """lowbias32 (C. Wellons): a bijection of uint32 words."""
+    x = np.asarray(x, _U32)
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> _U32(16))
+        x = x * _U32(0x7FEB352D)
+        x = x ^ (x >> _U32(15))
+        x = x * _U32(0x846CA68B)
+        return x ^ (x >> _U32(16))
+
+
+def launch_key(seed, step_count):
+    """The 32-bit key of one step's random bits: the 64-bit seed and the count of steps
+    taken before this one, each as two 32-bit halves, mixed in turn (the seed's low half
+    salted with 0x9E3779B9)."""
+    seed, step_count = int(seed) % 2**64, int(step_count) % 2**64
+    key = _mix32(_U32(seed & 0xFFFFFFFF) ^ _U32(0x9E3779B9))
+    key = _mix32(key ^ _U32(seed >> 32))
+    key = _mix32(key ^ _U32(step_count & 0xFFFFFFFF))
+    return _mix32(key ^ _U32(step_count >> 32))
+
+
+def random_bits(seed, step_count, index):
+    """32 random bits per element index (flat position in the buffer):
+    mix32(lo(i) * 0x9E3779B9 + mix32(launch_key ^ hi(i))) mod 2**32, lo and hi the 32-bit
+    halves of i. The high 16 round a 16-bit parameter stochastically, the low 16 a 16-bit
+    velocity."""
+    index = np.asarray(index, np.int64).astype(np.uint64)
+    low = (index & np.uint64(0xFFFFFFFF)).astype(_U32)
+    key_of_block = _mix32(launch_key(seed, step_count) ^ (index >> np.uint64(32)).astype(_U32))
+    with np.errstate(over="ignore"):
+        return _mix32(low * _U32(0x9E3779B9) + key_of_block)
+
+
+def _bits(x):
+    return np.ascontiguousarray(x, np.float32).view(_U32)
+
+
+def round_nearest(x, dtype):
+    """float32 `x` rounded to nearest even in `dtype` (bfloat16: as ml_dtypes casts;
+    float16: as NumPy casts; float32: x itself)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # to inf, and NaN: the cast's rule
+        return np.asarray(x, np.float32).astype(dtype)
+
+
+def round_stochastic(x, dtype, r16):
+    """float32 `x` rounded stochastically to `dtype` with 16 random bits per element
+    (r16 < 2**16): the result is the nearer or the farther neighbour of x, the farther one
+    with probability |x - nearer| / ulp, so that its expectation is x.
+
+    bfloat16: (bits(x) + r16) >> 16 on the float32 bits: exact, the dropped 16 bits
+    against all 16 random ones. float16 (13 bits dropped when the result is normal): the
+    top 13 random bits against the dropped bits, exact too; a subnormal result (|x| <
+    2**-14) compares the top 16 dropped bits with r16, off by less than 2**-16 ulp.
+    At and beyond the largest finite value of `dtype` (bfloat16 0x7f7f, 3.39e38;
+    float16 65504), and for inf and NaN, it rounds to nearest: it overflows exactly where
+    round to nearest does and never makes a NaN or inf of anything else."""
+    dtype = np.dtype(dtype)
+    x = np.asarray(x, np.float32)
+    u, r16 = _bits(x), np.asarray(r16, _U32)
+    a = u & _U32(0x7FFFFFFF)
+    nearest = round_nearest(x, dtype).view(np.uint16)
+    with np.errstate(over="ignore"):
+        if dtype.name == "bfloat16":
+            rounded = ((u + r16) >> _U32(16)).astype(np.uint16)
+            largest = _U32(0x7F7F0000)
+        else:
+            sign = (u >> _U32(16)) & _U32(0x8000)
+            normal = (a - _U32(0x38000000) + (r16 >> _U32(3))) >> _U32(13)
+            exponent = (a >> _U32(23)).astype(np.int64)
+            significand = ((a & _U32(0x7FFFFF)) | _U32(0x800000)).astype(np.uint64)
+            # bits below 2**-24 are dropped: `shift` (14 or more) of them for a subnormal
+            shift = np.clip(126 - exponent, 0, 63).astype(np.uint64)
+            kept = significand >> shift
+            dropped = significand - (kept << shift)
+            top = np.where(shift >= 16, dropped >> np.clip(shift - 16, 0, 63),
+                           dropped << np.clip(16 - shift, 0, 63))  # their top 16
+            subnormal = kept + ((top + r16) >> np.uint64(16))
+            magnitude = np.where(a >= _U32(0x38800000), normal, subnormal.astype(_U32))
+            rounded = (magnitude | sign).astype(np.uint16)
+            largest = _U32(0x477FE000)
+    return np.where(a >= largest, nearest, rounded).view(dtype)
+
+
+def low_precision_step(param, grad, velocity, *, precision="nearest", compensation=None,
+                       master=None, seed=0, step_count=0, first_step=False, **hyper):
+    """One update of 16-bit parameters (bfloat16 or float16), as the kernels do it:
+    returns (new_param, new_velocity, new_compensation or new_master or None), new arrays
+    in the dtypes they came in; inputs are not modified.
+
+    Every value is widened to float32 (exactly) and the update computed by
+    `reference_step(..., dtype=np.float32)` from p, which is
+    - nearest, stochastic: the parameter;
+    - kahan: the parameter plus its compensation (an array of the param dtype);
+    - master: the float32 master copy.
+    A NaN result is first made the quiet NaN (float32 0x7fc00000): which NaN float32
+    arithmetic makes is the hardware's and compiler's choice (sign and payload), so 16-bit
+    results store one NaN, 0x7fc0 (bfloat16) or 0x7e00 (float16), whatever ran the update.
+    The new parameter is that result rounded to nearest (`round_nearest`) or, with
+    stochastic, stochastically (`round_stochastic`) with the high 16 bits of
+    `random_bits(seed, step_count, i)` for element i (step_count: the steps taken before
+    this one). kahan's new compensation is the rounding's error, result - new param
+    (exact in float32), rounded to nearest (0 where it is not finite: an overflowed or NaN
+    parameter keeps no compensation); master's new master copy is the result itself.
+    A 16-bit velocity (of the param dtype) is rounded like the parameter (stochastic: the
+    low 16 random bits), except where the update leaves it alone (torch style, momentum
+    0), which keeps its bits.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are inputs too
+        return _low_precision_step(param, grad, velocity, precision, compensation, master,
+                                   seed, step_count, first_step, hyper)
+
+
+def _low_precision_step(param, grad, velocity, precision, compensation, master, seed,
+                        step_count, first_step, hyper):
+    dtype = np.dtype(param.dtype)
+    wide = lambda a: np.asarray(a).reshape(-1).astype(np.float32)
+    p = {"master": lambda: wide(master), "kahan": lambda: wide(param) + wide(compensation)}
+    p = p.get(precision, lambda: wide(param))()
+    new_p, new_v = reference_step(p, wide(grad), wide(velocity), first_step=first_step,
+                                  dtype=np.float32, **hyper)
+    quiet = lambda x: np.where(np.isnan(x), np.float32(np.nan), x)  # bits 0x7fc00000
+    new_p = quiet(new_p)
+    if np.dtype(velocity.dtype).itemsize == 2:
+        new_v = quiet(new_v)
+    if precision == "stochastic":
+        bits = random_bits(seed, step_count, np.arange(new_p.size))
+        param_out = round_stochastic(new_p, dtype, bits >> _U32(16))
+    else:
+        bits = None
+        param_out = round_nearest(new_p, dtype)
+    extra = None
+    if precision == "kahan":
+        error = new_p - param_out.astype(np.float32)
+        extra = round_nearest(np.where(np.isfinite(error), error, np.float32(0)), dtype)
+    elif precision == "master":
+        extra = new_p
+    velocity_dtype = np.dtype(velocity.dtype)
+    if velocity_dtype == np.float32:
+        velocity_out = new_v
+    elif hyper.get("style") == "torch" and hyper.get("momentum", 0.9) == 0:
+        velocity_out = np.array(velocity).reshape(-1)  # left alone, NaN payloads too
+    elif bits is not None:
+        velocity_out = round_stochastic(new_v, velocity_dtype, bits & _U32(0xFFFF))
+    else:
+        velocity_out = round_nearest(new_v, velocity_dtype)
+    return param_out, velocity_out, extra

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .cuda_source import BLOCK_SIZE, ENTRY_POINTS, vector_width
+from .cuda_source import BLOCK_SIZE, vector_width
 from .layout import GROUP_SLOTS, READ_COUNTERS
 
 
@@ -63,19 +63,23 @@ class LaunchPlan:
     group_count: np.int32  # for finish_step
     range_count: np.int32
     finish_block: int  # finish_step's threads
+    seed: np.uint64  # stochastic rounding's key, with the step count
+    step_count: np.int64  # read without READ_COUNTERS
 
 
-def launch_plan(dtype, n, table, inv_grad_scale, max_blocks, read_counters=False):
+def launch_plan(dtype, n, table, inv_grad_scale, max_blocks, read_counters=False, seed=0,
+                step_count=0):
     """The arguments of one step's launches over `n` elements of `dtype` params with
     `table` (an UpdateTable that `gpu_momentum.groups.check_table` accepted, host or
     device arrays). Scalars are numpy scalars of the types the kernel takes."""
     dtype = np.dtype(dtype)
-    compute = ENTRY_POINTS[dtype].compute_dtype
+    compute = np.dtype(np.float64 if dtype.itemsize == 8 else np.float32)
     flags = int(table.launch_flags) | (READ_COUNTERS if read_counters else 0)
     return LaunchPlan(grid_size(n, dtype, max_blocks), BLOCK_SIZE, np.int64(n),
                       compute.type(inv_grad_scale), np.uint32(flags),
                       np.int32(table.group_count), np.int32(len(table.range_ends)),
-                      finish_block(table.group_count))
+                      finish_block(table.group_count), np.uint64(seed),
+                      np.int64(step_count))
 
 
 def check_counters(counters, group_count):

@@ -23,33 +23,94 @@ BLOCK_SIZE = 256  # threads per block; the kernel's __launch_bounds__
 # fits there: float64 spills on sm_90. 8 blocks (32 registers) would spill for float64
 # and float16 (and float32 on sm_90).
 MIN_BLOCKS_PER_SM = 5
+# float16 parameters with precision "kahan" or "master": their updates hold more values
+# through longer conversions (float16's exponent must be rebiased, and its subnormals are
+# a fifth of its range) and spill within 48 registers; 4 blocks allow 64.
+MIN_BLOCKS_PER_SM_FLOAT16_BUFFER = 4
 VECTOR_BYTES = 16  # one 128-bit load or store
+
+
+# The storage formats of momentum.cu, by dtype name: (C++ struct, storage C type).
+FORMATS = {"float32": ("gm::Float", "float"), "float64": ("gm::Double", "double"),
+           "bfloat16": ("gm::BFloat16", "unsigned short"), "float16": ("gm::Half",
+                                                                   "unsigned short")}
 
 
 @dataclasses.dataclass(frozen=True)
 class EntryPoint:
-    """The kernels of one parameter dtype and their C types."""
+    """The update kernel of one combination of parameter dtype, velocity dtype and
+    precision (dtype names, a name of layout.PRECISION_NAMES), and its C types."""
 
-    param_ctype: str
-    velocity_ctype: str
-    compute_ctype: str
-    compute_dtype: np.dtype
+    param_dtype: str
+    velocity_dtype: str
+    precision: str
+
+    @property
+    def param_ctype(self):  # what the arrays hold: 16-bit values as their bits
+        return FORMATS[self.param_dtype][1]
+
+    @property
+    def velocity_ctype(self):
+        return FORMATS[self.velocity_dtype][1]
+
+    @property
+    def buffer_ctype(self):  # the precision buffer's elements
+        return "float" if self.precision == "master" else self.param_ctype
+
+    @property
+    def compute_dtype(self):
+        return np.dtype(np.float64 if self.param_dtype == "float64" else np.float32)
+
+    @property
+    def compute_ctype(self):
+        return "double" if self.param_dtype == "float64" else "float"
 
     @property
     def update_expression(self):
-        return f"momentum_step<{self.param_ctype}>"
+        mode = f"GM_PRECISION_{self.precision.upper()}"
+        return (f"momentum_step<{FORMATS[self.param_dtype][0]}, "
+                f"{FORMATS[self.velocity_dtype][0]}, {mode}>")
 
     @property
-    def check_expression(self):  # the non-finite gradient check
-        return f"find_nonfinite<{self.param_ctype}>"
+    def min_blocks_per_sm(self):  # its __launch_bounds__
+        if self.param_dtype == "float16" and self.precision in ("kahan", "master"):
+            return MIN_BLOCKS_PER_SM_FLOAT16_BUFFER
+        return MIN_BLOCKS_PER_SM
+
+    @property
+    def check_expression(self):  # the non-finite gradient check, one per param dtype
+        return f"find_nonfinite<{FORMATS[self.param_dtype][0]}>"
 
 
-ENTRY_POINTS = {
-    np.dtype(np.float32): EntryPoint("float", "float", "float", np.dtype(np.float32)),
-    np.dtype(np.float64): EntryPoint("double", "double", "double", np.dtype(np.float64)),
-    np.dtype(np.float16): EntryPoint("__half", "float", "float", np.dtype(np.float32)),
-}
+def _supported():
+    yield EntryPoint("float32", "float32", "nearest")
+    yield EntryPoint("float64", "float64", "nearest")
+    for param in ("bfloat16", "float16"):
+        for velocity in ("float32", param):
+            for precision in layout.PRECISION_NAMES:
+                yield EntryPoint(param, velocity, precision)
+
+
+# Only these combinations are compiled: (param dtype, velocity dtype, precision) -> entry.
+ENTRY_POINTS = {(e.param_dtype, e.velocity_dtype, e.precision): e for e in _supported()}
 FINISH_EXPRESSION = "finish_step"  # counts a step, marks velocities initialized
+
+
+def entry_point(param_dtype, velocity_dtype=None, precision="nearest"):
+    """The EntryPoint of params of `param_dtype` with a `velocity_dtype` velocity (default:
+    the compute dtype) and `precision`; TypeError naming the dtypes for any other."""
+    param, velocity = np.dtype(param_dtype).name, None
+    if velocity_dtype is not None:
+        velocity = np.dtype(velocity_dtype).name
+    else:
+        velocity = "float64" if param == "float64" else "float32"
+    entry = ENTRY_POINTS.get((param, velocity, precision))
+    if entry is None:
+        raise TypeError(f"the CUDA C kernel has no entry point for {param} parameters with "
+                        f"a {velocity} velocity and precision {precision!r} (it has "
+                        f"{sorted(ENTRY_POINTS)})")
+    return entry
+
 
 # What RawModule appends to the options it is given (CuPy's compiler adds -ftz=true after
 # user options, and NVRTC keeps the last of repeated options). Only float32 subnormals
@@ -58,12 +119,16 @@ CUPY_ADDED_OPTIONS = ("-ftz=true",)
 
 
 def vector_width(dtype):
-    """Elements of `dtype` per 128-bit word: the kernel's vector width."""
-    return VECTOR_BYTES // np.dtype(dtype).itemsize
+    """Elements of `dtype` per 128-bit word: the kernel's vector width (dtype: a NumPy
+    dtype or its name)."""
+    itemsize = 2 if isinstance(dtype, str) and dtype == "bfloat16" else \
+        np.dtype(dtype).itemsize
+    return VECTOR_BYTES // itemsize
 
 
 def cuda_include_dir():
-    """The CUDA headers directory (for cuda_fp16.h), or None where it cannot be found."""
+    """The CUDA headers directory (vector_types.h for the host build), or None where it
+    cannot be found."""
     from cuda.pathfinder import find_nvidia_header_directory
 
     return find_nvidia_header_directory("cudart")
@@ -72,11 +137,13 @@ def cuda_include_dir():
 def defines():
     """The #defines prepended to momentum.cu: launch settings and kernels.layout."""
     settings = {"GM_BLOCK_SIZE": BLOCK_SIZE, "GM_MIN_BLOCKS_PER_SM": MIN_BLOCKS_PER_SM,
+                "GM_MIN_BLOCKS_PER_SM_FLOAT16_BUFFER": MIN_BLOCKS_PER_SM_FLOAT16_BUFFER,
                 "GM_VECTOR_BYTES": VECTOR_BYTES, "GM_GROUP_COLUMNS": layout.GROUP_COLUMNS,
                 "GM_NO_GROUP": layout.NO_GROUP}
     settings |= {f"GM_FLAG_{name}": f"{bit}u" for name, bit in layout.FLAGS.items()}
     settings |= {f"GM_COUNTER_{name}": slot for name, slot in layout.COUNTERS.items()}
     settings |= {f"GM_COLUMN_{name}": column for name, column in layout.COLUMNS.items()}
+    settings |= {f"GM_PRECISION_{name}": mode for name, mode in layout.PRECISIONS.items()}
     return settings
 
 
@@ -97,7 +164,7 @@ def module_options():
     """
     options = ("--std=c++17", "--fmad=false")
     include = cuda_include_dir()
-    if include is not None:  # else CuPy's own CUDA include path provides cuda_fp16.h
+    if include is not None:  # else CuPy's own CUDA include path
         options += (f"-I{include}",)
     return options
 
@@ -105,5 +172,5 @@ def module_options():
 def name_expressions():
     """Every kernel of the module, as RawModule's name_expressions."""
     expressions = [e.update_expression for e in ENTRY_POINTS.values()]
-    expressions += [e.check_expression for e in ENTRY_POINTS.values()]
+    expressions += list(dict.fromkeys(e.check_expression for e in ENTRY_POINTS.values()))
     return [*expressions, FINISH_EXPRESSION]

@@ -3,7 +3,8 @@ columns, the flag bits and the step counters' slots.
 
 This is the single source of the launch ABI. The Numba kernels import these names; the
 CUDA C kernel receives them as `#define`s generated from here (kernels/cuda_source.py):
-GM_COLUMN_<name>, GM_GROUP_COLUMNS, GM_FLAG_<name> and GM_COUNTER_<name>.
+GM_COLUMN_<name>, GM_GROUP_COLUMNS, GM_FLAG_<name>, GM_COUNTER_<name> and
+GM_PRECISION_<name>.
 
 One launch updates the whole flat buffer, whatever the number of parameter groups, and
 reads (see gpu_momentum.groups.UpdateTable):
@@ -13,7 +14,13 @@ reads (see gpu_momentum.groups.UpdateTable):
 - contiguous ranges of the buffer: range r is [range_ends[r - 1], range_ends[r]) (from 0
   for r = 0) and belongs to group range_groups[r], or to NO_GROUP;
 - launch-wide flag bits (`launch_flags`), 1 / loss scale (`inv_grad_scale`) and, with
-  READ_COUNTERS, the step counters.
+  READ_COUNTERS, the step counters;
+- for 16-bit parameters (bfloat16, float16: stored 16-bit, computed in float32), the
+  PRECISION of the launch (which compiled kernel runs), its `precision_buffer` (KAHAN: the
+  compensation, in the parameter dtype; MASTER: the float32 master copy of the
+  parameters; none otherwise), and the `seed` and `step_count` that key STOCHASTIC
+  rounding's random bits (kernels.elementwise.random_bits): with READ_COUNTERS the step
+  count is counters[STEP_COUNT], read by the kernel, else the launch's `step_count`.
 """
 
 from typing import NamedTuple
@@ -69,3 +76,13 @@ COUNTERS = {
     "GROUP_SLOTS": 3,
 }
 STEP_COUNT, SKIPPED_STEPS, LAST_STEP_SKIPPED, GROUP_SLOTS = COUNTERS.values()
+
+# How 16-bit parameters (and a 16-bit velocity) are rounded after the float32 update,
+# one compiled kernel each. float32 and float64 parameters have NEAREST only.
+# NEAREST: round to nearest even; STOCHASTIC: stochastic rounding with the counter-based
+# hash of (seed, step count, element index); KAHAN: a compensation buffer in the parameter
+# dtype carries each step's rounding error into the next; MASTER: a float32 master copy is
+# updated and the parameters are its rounding.
+PRECISIONS = {"NEAREST": 0, "STOCHASTIC": 1, "KAHAN": 2, "MASTER": 3}
+NEAREST, STOCHASTIC, KAHAN, MASTER = PRECISIONS.values()
+PRECISION_NAMES = tuple(name.lower() for name in PRECISIONS)  # as users spell them

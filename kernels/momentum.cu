@@ -4,14 +4,20 @@
 // which prepends the GM_* #defines used below (generated from kernels/layout.py); the same
 // text is compiled for the CPU by the tests (tests/cuda_host/shim.h).
 //
-// Entry points, listed as NVRTC name expressions, for T = float, double and __half: storage
-// type T, velocity type V (float for __half, else T), compute type C (double for double,
-// else float: __half is stored, never computed with).
+// Entry points, listed as NVRTC name expressions (kernels/cuda_source.py ENTRY_POINTS), for
+// the supported combinations of P, the parameters' storage (gm::Float, gm::Double, and the
+// 16-bit gm::BFloat16 and gm::Half, stored as unsigned short and converted with the bit
+// operations below), V, the velocity's storage (P itself; or gm::Float for 16-bit P),
+// and MODE, a GM_PRECISION_* (NEAREST only unless P is 16-bit). The compute type C is
+// double for gm::Double, else float: 16-bit values are stored, never computed with.
 //
-// momentum_step<T>: the update. Arguments, in order:
-//   T* param                  n elements, updated in place
-//   const T* grad             n elements
-//   V* velocity               n elements, updated in place (read and written as flags say)
+// momentum_step<P, V, MODE>: the update. Arguments, in order:
+//   P::storage* param         n elements, updated in place (MASTER: written, never read)
+//   const P::storage* grad    n elements
+//   V::storage* velocity      n elements, updated in place (read and written as flags say)
+//   B* precision_buffer       n elements, updated in place: KAHAN the compensation (B =
+//                             P::storage), MASTER the float32 master copy of the params
+//                             (B = float); unused (may be null) otherwise
 //   long long n               element count (buffers over 2**31 elements are normal)
 //   const C* group_scalars    [groups][GM_GROUP_COLUMNS], row k is group k's scalars
 //                             (GM_COLUMN_* : lr, momentum, grad_coeff = 1 - dampening,
@@ -36,24 +42,32 @@
 //   const long long* counters with GM_FLAG_READ_COUNTERS, the step counters in device
 //                             memory (GM_COUNTER_* slots, then one per group from
 //                             GM_COUNTER_GROUP_SLOTS): the step does nothing when
-//                             LAST_STEP_SKIPPED is set, and group k's velocity is
-//                             initialized when its slot is not 0 (its VELOCITY_INITIALIZED
-//                             bit is ignored); else unused (may be null)
+//                             LAST_STEP_SKIPPED is set, group k's velocity is initialized
+//                             when its slot is not 0 (its VELOCITY_INITIALIZED bit is
+//                             ignored), and STEP_COUNT keys STOCHASTIC rounding; else
+//                             unused (may be null)
+//   unsigned long long seed   STOCHASTIC: with the step count (counters[STEP_COUNT] with
+//   long long step_count      READ_COUNTERS, else step_count: the steps taken before this
+//                             one), the key of each element's random bits; else unused
 // A range whose group is GM_NO_GROUP (the padding between FlatParams segments) is left
 // alone: its elements are neither read nor written.
 // Skipping steps with a non-finite gradient, all on the stream, no host round trip
 // (kernels/cuda_launch.py, step_launches): counters[LAST_STEP_SKIPPED] = 0 (a memset; or
 // found_inf != 0, GradScaler's verdict, written by the launcher),
-// find_nonfinite<T>(grad, n, range_ends, range_groups, range_count, inv_grad_scale,
+// find_nonfinite<P>(grad, n, range_ends, range_groups, range_count, inv_grad_scale,
 // grad_scale, counters) sets it when a scaled gradient element of a group's range is NaN
 // or inf (never clears it),
-// momentum_step<T> with GM_FLAG_READ_COUNTERS, then
+// momentum_step<P, V, MODE> with GM_FLAG_READ_COUNTERS, then
 // finish_step(counters, group_flags, group_count), one block, counts the step and marks
 // the groups' velocities as initialized.
 // Launch: at most GM_BLOCK_SIZE threads per block, any grid size (grid-stride loops).
 //
 // The maths follows kernels/elementwise.py operation for operation (and no FMA contraction:
-// the options carry --fmad=false), so it matches gpu_momentum.reference bit for bit.
+// the options carry --fmad=false), so it matches gpu_momentum.reference bit for bit; the
+// 16-bit conversions, stochastic rounding and the hash are its storage_functions, bit
+// operation for bit operation (ml_dtypes' and NumPy's casts, NaN bit patterns included:
+// cuda_bf16.h's __float2bfloat16_rn and cuda_fp16.h's __float2half_rn round NaNs
+// otherwise).
 //
 // Groups: each thread keeps the hyperparameters of the range its last element was in (a
 // Cursor) and looks them up again (the next range or a binary search, then one table row,
@@ -63,22 +77,193 @@
 // 2**26 elements) it reloads almost every iteration, a few cached loads before its data
 // loads; where they are much longer, rarely. Not yet measured on a GPU.
 
-#include <cuda_fp16.h>
+#if !defined(__CUDA_ARCH__)
+#include <cstring>  // the host build's bit casts (NVRTC has no __builtin_memcpy)
+#endif
 
 static_assert(sizeof(void*) == 8, "64-bit addresses assumed by the alignment arithmetic");
 
 namespace gm {
 
-template <typename T> struct Types { using velocity = T; using compute = T; };
-template <> struct Types<__half> { using velocity = float; using compute = float; };
+__device__ __forceinline__ unsigned bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+    return __float_as_uint(x);
+#else
+    unsigned u;
+    std::memcpy(&u, &x, sizeof u);
+    return u;
+#endif
+}
 
-__device__ __forceinline__ float to_compute(float x) { return x; }
-__device__ __forceinline__ double to_compute(double x) { return x; }
-__device__ __forceinline__ float to_compute(__half x) { return __half2float(x); }
+__device__ __forceinline__ float float_of(unsigned u) {
+#if defined(__CUDA_ARCH__)
+    return __uint_as_float(u);
+#else
+    float x;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+#endif
+}
 
-__device__ __forceinline__ void store(float& out, float x) { out = x; }
-__device__ __forceinline__ void store(double& out, double x) { out = x; }
-__device__ __forceinline__ void store(__half& out, float x) { out = __float2half_rn(x); }
+// bfloat16 bits -> float: a shift, exact (NaN payloads kept).
+__device__ __forceinline__ float bf16_to_f32(unsigned short h) {
+    return float_of(static_cast<unsigned>(h) << 16);
+}
+
+// float -> bfloat16 bits as ml_dtypes casts: round to nearest even (|x| >= bf16 max + half
+// an ulp carries into inf), NaN -> sign | 0x7fc0.
+__device__ __forceinline__ unsigned short f32_to_bf16_rn(float x) {
+    const unsigned u = bits_of(x);
+    const unsigned r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<unsigned short>(
+        (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) & 0x8000u) | 0x7fc0u : r);
+}
+
+// float -> bfloat16 bits, stochastically with 16 random bits r16: rounds away from zero
+// with probability (dropped bits) / 2**16; to nearest from bf16 max on (and inf, NaN).
+__device__ __forceinline__ unsigned short f32_to_bf16_sr(float x, unsigned r16) {
+    const unsigned u = bits_of(x);
+    if ((u & 0x7fffffffu) >= 0x7f7f0000u) return f32_to_bf16_rn(x);
+    return static_cast<unsigned short>((u + r16) >> 16);
+}
+
+// float16 bits -> float as NumPy's astype: exact, NaN payloads kept (not quieted).
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    const unsigned sign = (static_cast<unsigned>(h) & 0x8000u) << 16;
+    const unsigned magnitude = static_cast<unsigned>(h) & 0x7fffu;
+    unsigned bits;
+    if (magnitude >= 0x7c00u) {
+        bits = (magnitude | 0x3fc00u) << 13;
+    } else if (magnitude >= 0x0400u) {
+        bits = (magnitude + 0x1c000u) << 13;
+    } else {  // subnormal or zero: magnitude * 2**-24, exact
+        bits = bits_of(static_cast<float>(magnitude) * 5.9604644775390625e-08f);
+    }
+    return float_of(bits | sign);
+}
+
+// float -> float16 bits as NumPy's astype: round to nearest even, |x| >= 65520 to inf,
+// gradual underflow, NaN -> sign | 0x7c00 | (mantissa >> 13) (0x7c01 where that is inf).
+__device__ __forceinline__ unsigned short f32_to_f16_rn(float x) {
+    const unsigned u = bits_of(x);
+    const unsigned sign = (u >> 16) & 0x8000u;
+    const unsigned a = u & 0x7fffffffu;
+    unsigned r;
+    if (a > 0x7f800000u) {
+        r = 0x7c00u | ((a & 0x7fffffu) >> 13);
+        if (r == 0x7c00u) r = 0x7c01u;
+    } else if (a >= 0x477ff000u) {
+        r = 0x7c00u;
+    } else if (a >= 0x38800000u) {
+        r = (a - 0x38000000u + 0x0fffu + ((a >> 13) & 1u)) >> 13;
+    } else {  // subnormal or zero: |x| + 0.5 rounds to a multiple of 2**-24 (the float16
+              // subnormal's step) as float addition rounds, to nearest even
+        r = bits_of(float_of(a) + 0.5f) - 0x3f000000u;
+    }
+    return static_cast<unsigned short>(r | sign);
+}
+
+// float -> float16 bits, stochastically with 16 random bits r16: a normal result drops 13
+// bits against r16's top 13; a subnormal one compares its fraction's top 16 bits with r16;
+// to nearest from 65504 on (and inf, NaN). A float subnormal gives 0 (flushed or not).
+__device__ __forceinline__ unsigned short f32_to_f16_sr(float x, unsigned r16) {
+    const unsigned u = bits_of(x);
+    const unsigned a = u & 0x7fffffffu;
+    if (a >= 0x477fe000u) return f32_to_f16_rn(x);
+    const unsigned sign = (u >> 16) & 0x8000u;
+    unsigned r;
+    if (a >= 0x38800000u) {
+        r = (a - 0x38000000u + (r16 >> 3)) >> 13;
+    } else {  // in units of 2**-24, |x| is q + fraction, all exact
+        const float y = float_of(a) * 16777216.0f;
+        const unsigned q = static_cast<unsigned>(y);
+        const unsigned dropped = static_cast<unsigned>((y - static_cast<float>(q)) * 65536.0f);
+        r = q + ((dropped + r16) >> 16);
+    }
+    return static_cast<unsigned short>(r | sign);
+}
+
+// lowbias32 (C. Wellons): a bijection of 32-bit words.
+__device__ __forceinline__ unsigned mix32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+// The key of one step's random bits, from the seed and the steps taken before it.
+__device__ __forceinline__ unsigned launch_key(unsigned long long seed, long long steps) {
+    const unsigned long long count = static_cast<unsigned long long>(steps);
+    unsigned k = mix32(static_cast<unsigned>(seed) ^ 0x9e3779b9u);
+    k = mix32(k ^ static_cast<unsigned>(seed >> 32));
+    k = mix32(k ^ static_cast<unsigned>(count));
+    return mix32(k ^ static_cast<unsigned>(count >> 32));
+}
+
+// 32 random bits of element i: the high 16 round a 16-bit parameter, the low 16 a 16-bit
+// velocity.
+__device__ __forceinline__ unsigned element_bits(unsigned key, long long i) {
+    const unsigned long long j = static_cast<unsigned long long>(i);
+    return mix32(static_cast<unsigned>(j) * 0x9e3779b9u +
+                 mix32(key ^ static_cast<unsigned>(j >> 32)));
+}
+
+// Storage formats: what an array holds (storage), what the update computes in (compute),
+// and how a computed value goes back (nearest, stochastic with 16 random bits).
+struct Float {
+    __host__ __device__ static constexpr int min_blocks_with_buffer() {
+        return GM_MIN_BLOCKS_PER_SM;
+    }
+    using storage = float;
+    using compute = float;
+    __device__ __forceinline__ static float load(float x) { return x; }
+    __device__ __forceinline__ static float nearest(float x) { return x; }
+    __device__ __forceinline__ static float stochastic(float x, unsigned) { return x; }
+};
+struct Double {
+    __host__ __device__ static constexpr int min_blocks_with_buffer() {
+        return GM_MIN_BLOCKS_PER_SM;
+    }
+    using storage = double;
+    using compute = double;
+    __device__ __forceinline__ static double load(double x) { return x; }
+    __device__ __forceinline__ static double nearest(double x) { return x; }
+    __device__ __forceinline__ static double stochastic(double x, unsigned) { return x; }
+};
+struct BFloat16 {
+    __host__ __device__ static constexpr int min_blocks_with_buffer() {
+        return GM_MIN_BLOCKS_PER_SM;
+    }
+    using storage = unsigned short;
+    using compute = float;
+    __device__ __forceinline__ static float load(unsigned short h) { return bf16_to_f32(h); }
+    __device__ __forceinline__ static unsigned short nearest(float x) {
+        return f32_to_bf16_rn(x);
+    }
+    __device__ __forceinline__ static unsigned short stochastic(float x, unsigned r16) {
+        return f32_to_bf16_sr(x, r16);
+    }
+};
+struct Half {
+    __host__ __device__ static constexpr int min_blocks_with_buffer() {
+        return GM_MIN_BLOCKS_PER_SM_FLOAT16_BUFFER;
+    }
+    using storage = unsigned short;
+    using compute = float;
+    __device__ __forceinline__ static float load(unsigned short h) { return f16_to_f32(h); }
+    __device__ __forceinline__ static unsigned short nearest(float x) {
+        return f32_to_f16_rn(x);
+    }
+    __device__ __forceinline__ static unsigned short stochastic(float x, unsigned r16) {
+        return f32_to_f16_sr(x, r16);
+    }
+};
+
+// The element type of MODE's precision buffer: the compensation has the parameters'
+// storage, the master copy is float; other modes have none (never dereferenced).
+template <typename P, int MODE> struct Buffer { using type = typename P::storage; };
+template <typename P> struct Buffer<P, GM_PRECISION_MASTER> { using type = float; };
 
 // The hyperparameters of one group, as an element update reads them.
 template <typename C>
@@ -216,21 +401,85 @@ __device__ __forceinline__ void update(C& p, C g, C& v, const Hyper<C>& h) {
     }
 }
 
-template <typename T, typename V, typename C>
-__device__ __forceinline__ void update_element(T* __restrict__ param,
-                                               const T* __restrict__ grad,
-                                               V* __restrict__ velocity, long long i,
-                                               const Hyper<C>& h) {
-    if (h.has(GM_FLAG_LEAVE_ALONE)) return;
-    C p = to_compute(param[i]);
-    C v = h.reads_velocity() ? C(velocity[i]) : C(0);
-    update(p, to_compute(grad[i]), v, h);
-    store(param[i], p);
-    if (!h.has(GM_FLAG_KEEP_VELOCITY)) velocity[i] = V(v);
+// One element's stored values in, the update in the compute type, the stored values out,
+// as MODE says (kernels.elementwise.storage_update): p is the parameter (not read with
+// MASTER), v the velocity (read as h says), b the element of the precision buffer.
+template <typename P, typename V, int MODE>
+__device__ __forceinline__ void step_stored(typename P::storage& p, typename P::storage g,
+                                            typename V::storage& v,
+                                            typename Buffer<P, MODE>::type& b, long long i,
+                                            unsigned key,
+                                            const Hyper<typename P::compute>& h) {
+    using C = typename P::compute;
+    C x;
+    if constexpr (MODE == GM_PRECISION_MASTER) {
+        x = b;
+    } else if constexpr (MODE == GM_PRECISION_KAHAN) {
+        x = P::load(p) + P::load(b);
+    } else {
+        x = P::load(p);
+    }
+    C w = h.reads_velocity() ? V::load(v) : C(0);
+    update(x, P::load(g), w, h);
+    // A NaN result is stored as the quiet NaN: which NaN the arithmetic made is the
+    // hardware's (x86 passes an operand's on, NVIDIA GPUs make 0x7fffffff) and the
+    // compiler's (it may flip a NaN's sign).
+    if constexpr (sizeof(typename P::storage) == 2) {
+        if (x != x) x = float_of(0x7fc00000u);
+    }
+    if constexpr (sizeof(typename V::storage) == 2) {
+        if (w != w) w = float_of(0x7fc00000u);
+    }
+    if constexpr (MODE == GM_PRECISION_STOCHASTIC) {
+        const unsigned bits = element_bits(key, i);
+        p = P::stochastic(x, bits >> 16);
+        v = V::stochastic(w, bits & 0xffffu);
+    } else {
+        p = P::nearest(x);
+        v = V::nearest(w);
+    }
+    if constexpr (MODE == GM_PRECISION_KAHAN) {
+        // The rounding's error, exact in float; none where the result is not finite.
+        const C error = x - P::load(p);
+        b = P::nearest(finite(error) ? error : C(0));
+    } else if constexpr (MODE == GM_PRECISION_MASTER) {
+        b = x;
+    }
 }
 
-// W consecutive elements moved as whole 128-bit words (two for a float velocity of __half
-// params): ld.global.v4 / st.global.v4, LDG.E.128 / STG.E.128 in SASS.
+__host__ __device__ constexpr bool has_buffer(int mode) {
+    return mode == GM_PRECISION_KAHAN || mode == GM_PRECISION_MASTER;
+}
+
+// The resident blocks per SM an update's __launch_bounds__ promises (its register
+// budget): float16 with a compensation or master copy holds more values through its
+// longer conversions, and spills within GM_MIN_BLOCKS_PER_SM's budget.
+template <typename P, int MODE>
+__host__ __device__ constexpr int min_blocks_per_sm() {
+    return has_buffer(MODE) ? P::min_blocks_with_buffer() : GM_MIN_BLOCKS_PER_SM;
+}
+
+template <typename P, typename V, int MODE>
+__device__ __forceinline__ void update_element(
+    typename P::storage* __restrict__ param, const typename P::storage* __restrict__ grad,
+    typename V::storage* __restrict__ velocity,
+    typename Buffer<P, MODE>::type* __restrict__ buffer, long long i, unsigned key,
+    const Hyper<typename P::compute>& h) {
+    if (h.has(GM_FLAG_LEAVE_ALONE)) return;
+    typename P::storage p{};
+    if constexpr (MODE != GM_PRECISION_MASTER) p = param[i];
+    typename V::storage v{};
+    if (h.reads_velocity()) v = velocity[i];
+    typename Buffer<P, MODE>::type b{};
+    if constexpr (has_buffer(MODE)) b = buffer[i];
+    step_stored<P, V, MODE>(p, grad[i], v, b, i, key, h);
+    param[i] = p;
+    if (!h.has(GM_FLAG_KEEP_VELOCITY)) velocity[i] = v;
+    if constexpr (has_buffer(MODE)) buffer[i] = b;
+}
+
+// W consecutive elements moved as whole 128-bit words (two for a float velocity or master
+// copy of 16-bit params): ld.global.v4 / st.global.v4, LDG.E.128 / STG.E.128 in SASS.
 template <typename T, int W>
 struct alignas(16) Pack {
     T x[W];
@@ -241,68 +490,84 @@ struct alignas(16) Pack {
 template <typename T>
 __host__ __device__ constexpr int vector_width() { return GM_VECTOR_BYTES / sizeof(T); }
 
-template <typename T, typename V, typename C>
-__device__ __forceinline__ void update_vector(T* __restrict__ param,
-                                              const T* __restrict__ grad,
-                                              V* __restrict__ velocity, long long i,
-                                              const Hyper<C>& h) {
+template <typename P, typename V, int MODE>
+__device__ __forceinline__ void update_vector(
+    typename P::storage* __restrict__ param, const typename P::storage* __restrict__ grad,
+    typename V::storage* __restrict__ velocity,
+    typename Buffer<P, MODE>::type* __restrict__ buffer, long long i, unsigned key,
+    const Hyper<typename P::compute>& h) {
+    using T = typename P::storage;
     constexpr int W = vector_width<T>();
     using PT = Pack<T, W>;
-    using PV = Pack<V, W>;
+    using PV = Pack<typename V::storage, W>;
+    using PB = Pack<typename Buffer<P, MODE>::type, W>;
     if (h.has(GM_FLAG_LEAVE_ALONE)) return;
-    PT p = *reinterpret_cast<const PT*>(param + i);
+    PT p = {};
+    if constexpr (MODE != GM_PRECISION_MASTER) p = *reinterpret_cast<const PT*>(param + i);
     const PT g = *reinterpret_cast<const PT*>(grad + i);
     PV v = {};
     if (h.reads_velocity()) v = *reinterpret_cast<const PV*>(velocity + i);
+    PB b = {};
+    if constexpr (has_buffer(MODE)) b = *reinterpret_cast<const PB*>(buffer + i);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-        C pk = to_compute(p.x[k]);
-        C vk = v.x[k];
-        update(pk, to_compute(g.x[k]), vk, h);
-        store(p.x[k], pk);
-        v.x[k] = V(vk);
+        step_stored<P, V, MODE>(p.x[k], g.x[k], v.x[k], b.x[k], i + k, key, h);
     }
     *reinterpret_cast<PT*>(param + i) = p;
     if (!h.has(GM_FLAG_KEEP_VELOCITY)) *reinterpret_cast<PV*>(velocity + i) = v;
+    if constexpr (has_buffer(MODE)) *reinterpret_cast<PB*>(buffer + i) = b;
 }
 
 __device__ __forceinline__ unsigned long long address(const void* pointer) {
     return reinterpret_cast<unsigned long long>(pointer);
 }
 
-// The first element where param, grad and velocity all start a 16-byte word, so that the
-// vector body can run from there; n when there is none (views misaligned against each
-// other), and then every element takes the scalar path. Arrays are element-aligned (the
-// launcher checks), so the head is shorter than one vector.
-template <typename T, typename V>
+// The first element where param, grad, velocity and the precision buffer (when not null)
+// all start a 16-byte word, so that the vector body can run from there; n when there is
+// none (views misaligned against each other), and then every element takes the scalar
+// path. Arrays are element-aligned (the launcher checks), so the head is shorter than one
+// vector.
+template <typename T, typename V, typename B>
 __device__ __forceinline__ long long vector_start(const T* param, const T* grad,
-                                                  const V* velocity, long long n) {
+                                                  const V* velocity, const B* buffer,
+                                                  long long n) {
     const unsigned long long head =
         (GM_VECTOR_BYTES - address(param) % GM_VECTOR_BYTES) % GM_VECTOR_BYTES / sizeof(T);
-    const bool together = (address(grad) + head * sizeof(T)) % GM_VECTOR_BYTES == 0 &&
-                          (address(velocity) + head * sizeof(V)) % GM_VECTOR_BYTES == 0;
+    const bool together =
+        (address(grad) + head * sizeof(T)) % GM_VECTOR_BYTES == 0 &&
+        (address(velocity) + head * sizeof(V)) % GM_VECTOR_BYTES == 0 &&
+        (buffer == nullptr || (address(buffer) + head * sizeof(B)) % GM_VECTOR_BYTES == 0);
     return together && static_cast<long long>(head) < n ? static_cast<long long>(head) : n;
 }
 
 }  // namespace gm
 
-template <typename T>
-__global__ void __launch_bounds__(GM_BLOCK_SIZE, GM_MIN_BLOCKS_PER_SM)
-momentum_step(T* __restrict__ param, const T* __restrict__ grad,
-              typename gm::Types<T>::velocity* __restrict__ velocity, long long n,
-              const typename gm::Types<T>::compute* __restrict__ group_scalars,
+template <typename P, typename V, int MODE>
+__global__ void __launch_bounds__(GM_BLOCK_SIZE, gm::min_blocks_per_sm<P, MODE>())
+momentum_step(typename P::storage* __restrict__ param,
+              const typename P::storage* __restrict__ grad,
+              typename V::storage* __restrict__ velocity,
+              typename gm::Buffer<P, MODE>::type* __restrict__ precision_buffer, long long n,
+              const typename P::compute* __restrict__ group_scalars,
               const unsigned* __restrict__ group_flags,
               const long long* __restrict__ range_ends,
               const int* __restrict__ range_groups,
-              int range_count, typename gm::Types<T>::compute inv_grad_scale,
-              const typename gm::Types<T>::compute* __restrict__ grad_scale,
-              unsigned launch_flags, const long long* __restrict__ counters) {
-    using C = typename gm::Types<T>::compute;
-    constexpr int W = gm::vector_width<T>();
+              int range_count, typename P::compute inv_grad_scale,
+              const typename P::compute* __restrict__ grad_scale,
+              unsigned launch_flags, const long long* __restrict__ counters,
+              unsigned long long seed, long long step_count) {
+    using C = typename P::compute;
+    constexpr int W = gm::vector_width<typename P::storage>();
     if ((launch_flags & GM_FLAG_READ_COUNTERS) &&
         counters[GM_COUNTER_LAST_STEP_SKIPPED] != 0) {
         return;  // a non-finite gradient: the step changes nothing
     }
+    unsigned key = 0;
+    if constexpr (MODE == GM_PRECISION_STOCHASTIC) {
+        key = gm::launch_key(seed, (launch_flags & GM_FLAG_READ_COUNTERS)
+                                       ? counters[GM_COUNTER_STEP_COUNT] : step_count);
+    }
+    auto* const buffer = gm::has_buffer(MODE) ? precision_buffer : nullptr;
     const C inv = grad_scale != nullptr ? C(1) / *grad_scale : inv_grad_scale;
     const gm::Table<C> table{group_scalars, group_flags, range_ends, range_groups,
                              range_count,   inv,         launch_flags, counters};
@@ -310,7 +575,7 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
     const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
 
-    const long long start = gm::vector_start(param, grad, velocity, n);
+    const long long start = gm::vector_start(param, grad, velocity, buffer, n);
     const long long vectors = (n - start) / W;
     // Not unrolled: occupancy already keeps enough loads in flight, and an unrolled
     // grid-stride loop costs registers (sm_100 and sm_120 then spill).
@@ -319,7 +584,8 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
         const long long first = start + i * W;
         cursor.seek(first, table);
         if (first + W <= cursor.range.end) {
-            gm::update_vector(param, grad, velocity, first, cursor.h);
+            gm::update_vector<P, V, MODE>(param, grad, velocity, buffer, first, key,
+                                          cursor.h);
         } else {
             // The word holds a range end: each element with its own group's scalars.
             // FlatParams segments start on 16-byte words, so only views that do not start
@@ -327,7 +593,8 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
 #pragma unroll 1
             for (long long e = first; e < first + W; ++e) {
                 cursor.seek(e, table);
-                gm::update_element(param, grad, velocity, e, cursor.h);
+                gm::update_element<P, V, MODE>(param, grad, velocity, buffer, e, key,
+                                               cursor.h);
             }
         }
     }
@@ -336,12 +603,12 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
 #pragma unroll 1
     for (long long i = thread; i < start; i += stride) {
         cursor.seek(i, table);
-        gm::update_element(param, grad, velocity, i, cursor.h);
+        gm::update_element<P, V, MODE>(param, grad, velocity, buffer, i, key, cursor.h);
     }
 #pragma unroll 1
     for (long long i = start + vectors * W + thread; i < n; i += stride) {
         cursor.seek(i, table);
-        gm::update_element(param, grad, velocity, i, cursor.h);
+        gm::update_element<P, V, MODE>(param, grad, velocity, buffer, i, key, cursor.h);
     }
 }
 
@@ -349,22 +616,23 @@ momentum_step(T* __restrict__ param, const T* __restrict__ grad,
 // type, as the update computes it; C(1) / *grad_scale when grad_scale is not null) holds
 // a NaN or inf in a range some group updates;
 // never clears it. NO_GROUP ranges (padding) are not read.
-template <typename T>
+template <typename P>
 __global__ void __launch_bounds__(GM_BLOCK_SIZE, GM_MIN_BLOCKS_PER_SM)
-find_nonfinite(const T* __restrict__ grad, long long n,
+find_nonfinite(const typename P::storage* __restrict__ grad, long long n,
                const long long* __restrict__ range_ends,
                const int* __restrict__ range_groups, int range_count,
-               typename gm::Types<T>::compute inv_grad_scale,
-               const typename gm::Types<T>::compute* __restrict__ grad_scale,
+               typename P::compute inv_grad_scale,
+               const typename P::compute* __restrict__ grad_scale,
                long long* __restrict__ counters) {
-    using C = typename gm::Types<T>::compute;
+    using T = typename P::storage;
+    using C = typename P::compute;
     if (grad_scale != nullptr) inv_grad_scale = C(1) / *grad_scale;
     constexpr int W = gm::vector_width<T>();
     using PT = gm::Pack<T, W>;
     const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
 
-    const long long start = gm::vector_start(grad, grad, grad, n);
+    const long long start = gm::vector_start(grad, grad, grad, grad, n);
     const long long vectors = (n - start) / W;
     gm::CheckedRange at;
     bool all_finite = true;
@@ -377,7 +645,7 @@ find_nonfinite(const T* __restrict__ grad, long long n,
             const PT g = *reinterpret_cast<const PT*>(grad + first);
 #pragma unroll
             for (int k = 0; k < W; ++k) {
-                all_finite &= gm::finite(gm::to_compute(g.x[k]) * inv_grad_scale);
+                all_finite &= gm::finite(P::load(g.x[k]) * inv_grad_scale);
             }
         } else {
             // The word holds a range end: each element by its own range.
@@ -385,7 +653,7 @@ find_nonfinite(const T* __restrict__ grad, long long n,
             for (long long e = first; e < first + W; ++e) {
                 at.seek(e, range_ends, range_groups, range_count);
                 if (at.checked) {
-                    all_finite &= gm::finite(gm::to_compute(grad[e]) * inv_grad_scale);
+                    all_finite &= gm::finite(P::load(grad[e]) * inv_grad_scale);
                 }
             }
         }
@@ -393,12 +661,12 @@ find_nonfinite(const T* __restrict__ grad, long long n,
 #pragma unroll 1
     for (long long i = thread; i < start; i += stride) {
         at.seek(i, range_ends, range_groups, range_count);
-        if (at.checked) all_finite &= gm::finite(gm::to_compute(grad[i]) * inv_grad_scale);
+        if (at.checked) all_finite &= gm::finite(P::load(grad[i]) * inv_grad_scale);
     }
 #pragma unroll 1
     for (long long i = start + vectors * W + thread; i < n; i += stride) {
         at.seek(i, range_ends, range_groups, range_count);
-        if (at.checked) all_finite &= gm::finite(gm::to_compute(grad[i]) * inv_grad_scale);
+        if (at.checked) all_finite &= gm::finite(P::load(grad[i]) * inv_grad_scale);
     }
     // Every writer stores the same 1, so the race between threads is harmless.
     if (!all_finite) counters[GM_COUNTER_LAST_STEP_SKIPPED] = 1;

@@ -1,9 +1,15 @@
 """Numba CUDA kernels: the fused update as one grid-stride pass over the flat buffers.
 
-momentum_step_kernel's arguments, in order (layout in kernels.layout):
-  param, grad   1-D contiguous float16/float32/float64 device arrays (param updated in place)
-  velocity      1-D contiguous device array of the compute dtype (float32 for float16
-                params, else the param dtype), updated in place
+`update_kernel(param_format, velocity_format, precision)` is the update of one kind
+(compiled on first use, one kernel per kind and array types); its arguments, in order
+(layout in kernels.layout):
+  param, grad   1-D contiguous device arrays: float32/float64, or the uint16 bits of
+                bfloat16/float16 (kernels.elementwise.storage_format); param updated in
+                place
+  velocity      1-D contiguous device array, updated in place: the compute dtype (float32
+                for 16-bit params), or the params' 16-bit format
+  precision_buffer  KAHAN: the compensation (the params' format); MASTER: the float32
+                master copy; else an empty array, not read
   scalars, group_flags, range_ends, range_groups
                 the four arrays of a gpu_momentum.groups.UpdateTable, in device memory
                 (scalars of the compute dtype)
@@ -13,14 +19,20 @@ momentum_step_kernel's arguments, in order (layout in kernels.layout):
                 compute dtype, and inv_grad_scale is not read
   launch_flags  CLASSIC, and READ_COUNTERS when `counters` decide
   counters      the step counters (int64); read only with READ_COUNTERS (else empty)
+  seed, step_count  uint64, int64: the key of STOCHASTIC rounding's random bits (with
+                READ_COUNTERS the kernel reads the step count from counters[STEP_COUNT])
 Elements of a NO_GROUP range (FlatParams padding) are neither read nor written, by the
-update or by find_nonfinite_kernel (grad, velocity, range_ends, range_groups,
+update or by `check_kernel(param_format)` (grad, range_ends, range_groups,
 inv_grad_scale, grad_scale, counters). clear_skip_kernel(counters, found_inf) starts a
 counted step: LAST_STEP_SKIPPED = found_inf[0] != 0 (GradScaler's verdict), or 0 for an
 empty found_inf.
 Hyperparameters are data, not compile-time constants: a schedule changing lr or momentum
-reuses the compiled kernel. One kernel is compiled per dtype combination. The launches
-of a step are kernels.cuda_launch.step_launches' (gpu_momentum.backends.numba_cuda).
+reuses the compiled kernel. The launches of a step are kernels.cuda_launch.step_launches'
+(gpu_momentum.backends.numba_cuda).
+
+16-bit values are converted with the bit operations of kernels.elementwise, not with
+numba.cuda.bf16: that module is empty in the CUDA simulator, compiles to calls of
+functions linked in later (no self-contained PTX), and rounds NaNs unlike ml_dtypes.
 """
 
 import functools
@@ -30,11 +42,12 @@ import numpy as np
 from numba import cuda, types
 from numba.core import config
 
-from .elementwise import (count_step, group_hyperparameters, mark_velocities_initialized,
-                          momentum_update, scaled_gradient_is_finite, seek_range)
-from .layout import CLASSIC, LAST_STEP_SKIPPED, NO_GROUP, READ_COUNTERS
-
-PARAM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+from .elementwise import (BFLOAT16, FLOAT16, NATIVE, count_step, group_hyperparameters,
+                          mark_velocities_initialized, scaled_gradient_is_finite,
+                          seek_range, specialized, storage_format, storage_functions,
+                          storage_update)
+from .layout import (CLASSIC, LAST_STEP_SKIPPED, NO_GROUP, PRECISION_NAMES, PRECISIONS,
+                     READ_COUNTERS, STEP_COUNT)
 
 # The CPU kernels compile the same Python functions with numba.njit. Here they become CUDA
 # device functions with inline="always": Numba inlines their IR into the kernel, so the
@@ -42,12 +55,15 @@ PARAM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 # `cuda.compile_ptx(..., cc=(9, 0))` works on a machine without a GPU. A device function
 # compiled on its own (inline="never") is built for the current device, which needs one.
 _inline = cuda.jit(device=True, inline="always")
-momentum_update_cuda = _inline(momentum_update)
 seek_range_cuda = _inline(seek_range)
 group_hyperparameters_cuda = _inline(group_hyperparameters)
 scaled_gradient_is_finite_cuda = _inline(scaled_gradient_is_finite)
 count_step_cuda = _inline(count_step)
 mark_velocities_initialized_cuda = _inline(mark_velocities_initialized)
+# The simulator runs the conversions as Python: its bit casts are NumPy views.
+STORAGE = storage_functions(_inline, simulated=bool(config.ENABLE_CUDASIM))
+launch_key_cuda = STORAGE.launch_key
+FORMAT_NAMES = {NATIVE: "native", BFLOAT16: "bfloat16", FLOAT16: "float16"}
 
 THREADS_PER_BLOCK = 256
 # The CUDA simulator runs each thread of a block as a Python thread, one block after the
@@ -57,14 +73,28 @@ SIMULATOR_BLOCKS = 2
 FINISH_THREADS = 32  # finish_step_kernel's one block, striding over the groups
 
 
+# The kernels of each kind are copies of these templates (elementwise.specialized) whose
+# globals name that kind's compiled functions: `update` and `load_grad`.
+
 @cuda.jit(device=True, inline="always")
-def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
-                inv_grad_scale, launch_flags, counters):
-    # float16 is widened to float32 before any arithmetic (Numba's fp16 arithmetic calls
-    # out to library functions) and rounded to nearest once, on the store.
-    compute = velocity.dtype.type
+def _inverse(inv_grad_scale, grad_scale):
+    """1 / the loss scale: from grad_scale[0] in device memory, else inv_grad_scale."""
+    if grad_scale.size != 0:
+        return grad_scale.dtype.type(1) / grad_scale[0]
+    return inv_grad_scale
+
+
+def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range_ends,
+            range_groups, inv_grad_scale, grad_scale, launch_flags, counters, seed,
+            step_count):
+    if launch_flags & READ_COUNTERS != 0 and counters[LAST_STEP_SKIPPED] != 0:
+        return  # a non-finite gradient: the step changes nothing
+    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
+    key = launch_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
+    # (each element finds its block key: 2**32 elements cross blocks, and a thread's
+    # indices are a stride apart)
     # Each thread's indices only grow: it looks its range up only when an index passes
     # the current range's end (seek_range); a NO_GROUP range's elements are left alone.
     r, end, k = -1, 0, NO_GROUP
@@ -80,34 +110,53 @@ def _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_g
             k = range_groups[r]
             if k != NO_GROUP:
                 (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
-     initialized) = \
+                 initialized) = \
                     group_hyperparameters_cuda(scalars, group_flags, counters, k,
                                                read_counters)
         if k != NO_GROUP:
-            param[i], velocity[i] = momentum_update_cuda(
-                compute(param[i]), compute(grad[i]), velocity[i], lr, momentum, grad_coeff,
-                weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
-                initialized)
+            update(param, grad, velocity, precision_buffer, i, key, lr,  # noqa: F821
+                   momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
+                   nesterov, maximize, initialized)
 
 
-@cuda.jit(device=True, inline="always")
-def _inverse(inv_grad_scale, grad_scale):
-    """1 / the loss scale: from grad_scale[0] in device memory, else inv_grad_scale."""
-    if grad_scale.size != 0:
-        return grad_scale.dtype.type(1) / grad_scale[0]
-    return inv_grad_scale
+def _find_nonfinite(grad, range_ends, range_groups, inv_grad_scale, grad_scale, counters):
+    # Checked as the update computes it: widened to the compute dtype first; only where a
+    # group updates (NO_GROUP ranges are neither read nor written).
+    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
+    r, end, k = -1, 0, NO_GROUP
+    for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
+        if i >= end:
+            r = seek_range_cuda(range_ends, i, r)
+            end = range_ends[r]
+            k = range_groups[r]
+        if k != NO_GROUP and not scaled_gradient_is_finite_cuda(
+                load_grad(grad[i]), inv_grad_scale):  # noqa: F821
+            # Every writer stores the same 1: the race between threads is harmless.
+            counters[LAST_STEP_SKIPPED] = 1
 
 
-@cuda.jit(cache=True)
-def momentum_step_kernel(param, grad, velocity, scalars, group_flags, range_ends,
-                         range_groups, inv_grad_scale, grad_scale, launch_flags, counters):
-    if launch_flags & READ_COUNTERS == 0 or counters[LAST_STEP_SKIPPED] == 0:
-        _update_all(param, grad, velocity, scalars, group_flags, range_ends, range_groups,
-                    _inverse(inv_grad_scale, grad_scale), launch_flags, counters)
+@functools.cache
+def update_kernel(param_format, velocity_format, precision):
+    """The update kernel of params stored as `param_format`, a velocity stored as
+    `velocity_format` and `precision` (kernels.layout.PRECISIONS)."""
+    suffix = (f"{FORMAT_NAMES[param_format]}_{FORMAT_NAMES[velocity_format]}_"
+              f"{PRECISION_NAMES[precision]}")
+    update = storage_update(STORAGE, _inline, param_format, velocity_format, precision,
+                            key_per_element=True)
+    return cuda.jit(cache=True)(specialized(_update, f"momentum_step_{suffix}",
+                                            update=update))
 
 
-# Skipping steps with a non-finite gradient: the other three launches of
-# kernels.cuda_launch.step_launches.
+@functools.cache
+def check_kernel(param_format):
+    """The non-finite gradient check of params stored as `param_format`."""
+    return cuda.jit(cache=True)(specialized(
+        _find_nonfinite, f"find_nonfinite_{FORMAT_NAMES[param_format]}",
+        load_grad=STORAGE.load[param_format]))
+
+
+# Skipping steps with a non-finite gradient: the launches of
+# kernels.cuda_launch.step_launches besides the update and the check.
 @cuda.jit(cache=True)
 def clear_skip_kernel(counters, found_inf):
     if cuda.grid(1) == 0:
@@ -120,25 +169,6 @@ def convert_scale_kernel(out, scale):
     than the compute dtype, converted on the stream before the kernels read it."""
     if cuda.grid(1) == 0:
         out[0] = scale[0]
-
-
-@cuda.jit(cache=True)
-def find_nonfinite_kernel(grad, velocity, range_ends, range_groups, inv_grad_scale,
-                          grad_scale, counters):
-    # Checked as the update computes it: widened to the velocity's (compute) dtype first;
-    # only where a group updates (NO_GROUP ranges are neither read nor written).
-    compute = velocity.dtype.type
-    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
-    r, end, k = -1, 0, NO_GROUP
-    for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
-        if i >= end:
-            r = seek_range_cuda(range_ends, i, r)
-            end = range_ends[r]
-            k = range_groups[r]
-        if k != NO_GROUP and not scaled_gradient_is_finite_cuda(compute(grad[i]),
-                                                                inv_grad_scale):
-            # Every writer stores the same 1: the race between threads is harmless.
-            counters[LAST_STEP_SKIPPED] = 1
 
 
 @cuda.jit(cache=True)
@@ -205,33 +235,53 @@ def launch_config(size):
     return max(1, min(most_blocks, -(-size // threads))), threads
 
 
-def kernel_signatures(param_dtype):
-    """{name: (kernel, argument types)} of every kernel for 1-D contiguous params of
-    `param_dtype`."""
+# Every kind of update the kernels compile, by dtype name: (param, velocity, precision).
+KINDS = (("float32", "float32", "nearest"), ("float64", "float64", "nearest"),
+         *((param, velocity, precision) for param in ("bfloat16", "float16")
+           for velocity in ("float32", param) for precision in PRECISION_NAMES))
+
+
+def _array_type(dtype_name, ndim=1):
     from numba.np.numpy_support import from_dtype
 
-    param_dtype = np.dtype(param_dtype)
-    compute = from_dtype(np.dtype(np.float64) if param_dtype.itemsize == 8 else
-                         np.dtype(np.float32))
-    param = types.Array(from_dtype(param_dtype), 1, "C")
-    velocity = types.Array(compute, 1, "C")
+    element = (types.uint16 if dtype_name in ("bfloat16", "float16") else
+               from_dtype(np.dtype(dtype_name)))
+    return types.Array(element, ndim, "C")
+
+
+def kernel_signatures(param_dtype, velocity_dtype=None, precision="nearest"):
+    """{name: (kernel, argument types)} of every kernel of one kind of update (dtype
+    names; velocity_dtype None: the compute dtype)."""
+    compute_name = "float64" if param_dtype == "float64" else "float32"
+    velocity_dtype = velocity_dtype or compute_name
+    formats = (storage_format(param_dtype), storage_format(velocity_dtype))
+    compute = types.float64 if compute_name == "float64" else types.float32
+    param, velocity = _array_type(param_dtype), _array_type(velocity_dtype)
+    buffer = _array_type("float32" if precision == "master" else
+                         param_dtype if precision == "kahan" else "float32")
     counters = types.Array(types.int64, 1, "C")
     group_flags = types.Array(types.uint32, 1, "C")
     table = (types.Array(compute, 2, "C"), group_flags, counters,
              types.Array(types.int32, 1, "C"))
+    scale = types.Array(compute, 1, "C")  # grad_scale: empty, or the loss scale
+    update = update_kernel(*formats, PRECISIONS[precision.upper()])
     return {
-        "momentum_step": (momentum_step_kernel, (param, param, velocity, *table, compute,
-                                                 velocity, types.int64, counters)),
-        "find_nonfinite": (find_nonfinite_kernel, (param, velocity, table[2], table[3],
-                                                    compute, velocity, counters)),
+        "momentum_step": (update, (param, param, velocity, buffer, *table, compute,
+                                   scale, types.uint32, counters, types.uint64,
+                                   types.int64)),
+        "find_nonfinite": (check_kernel(formats[0]), (param, table[2], table[3], compute,
+                                                      scale, counters)),
         "finish_step": (finish_step_kernel, (counters, group_flags)),
     }
 
 
-def compile_ptx(param_dtype, cc):
-    """{kernel name: PTX} for `param_dtype` params at compute capability `cc`, e.g. (9, 0).
+def compile_ptx(param_dtype, cc, velocity_dtype=None, precision="nearest", names=None):
+    """{kernel name: PTX} of one kind of update (dtype names) at compute capability `cc`,
+    e.g. (9, 0); `names`: only these kernels of kernel_signatures.
 
     Needs the numba-cuda compiler (NVVM), not a GPU, and not the simulator.
     """
     return {name: cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
-            for name, (kernel, signature) in kernel_signatures(param_dtype).items()}
+            for name, (kernel, signature) in kernel_signatures(
+                param_dtype, velocity_dtype, precision).items()
+            if names is None or name in names}

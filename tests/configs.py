@@ -534,3 +534,92 @@ TORCH_SGD_ACCEPTED = [
     ("lr-1d-tensor", {"lr": "tensor([0.01])", "momentum": 0.5}),
     ("lr-int", {"lr": 0, "momentum": 0.9}),
 ]
+
+
+# 16-bit parameters: every kind the kernels compile, (param dtype, velocity dtype,
+# precision), by name.
+PRECISION_NAMES = ("nearest", "stochastic", "kahan", "master")
+LOW_PRECISION_KINDS = [pytest.param((param, velocity, precision),
+                                    id=f"{param}-{velocity}-velocity-{precision}")
+                       for param in ("bfloat16", "float16")
+                       for velocity in ("float32", param) for precision in PRECISION_NAMES]
+# Configurations of CONFIGS the 16-bit kinds run: nesterov, weight decay and maximize;
+# dampening; a velocity left alone (torch, momentum 0); decoupled decay; l1 with nesterov.
+# The first two compile the CPU's plain loop only (l1 and decoupled decay have loops of
+# their own, seconds of compiling each): every kind runs those, a few kinds all five.
+LOW_PRECISION_CONFIGS = [c for c in CONFIGS if c.id in (
+    "classic-nesterov-wd-maximize", "torch-no-momentum-dampening", "torch-dampening",
+    "classic-decoupled-wd", "torch-nesterov-l1-wd")]
+LOW_PRECISION_CASES = [
+    pytest.param(kind.values[0], config.values[0], id=f"{kind.id}-{config.id}")
+    for kind in LOW_PRECISION_KINDS for config in LOW_PRECISION_CONFIGS
+    if config in LOW_PRECISION_CONFIGS[:2] or kind.id in (
+        "bfloat16-float32-velocity-stochastic", "float16-float16-velocity-kahan",
+        "bfloat16-bfloat16-velocity-master")]
+SEED = 20240611
+
+
+def storage_dtype(name):
+    """The NumPy dtype called `name` ("bfloat16" needs ml_dtypes)."""
+    if name == "bfloat16":
+        from harness import require
+
+        return np.dtype(require("ml_dtypes").bfloat16)
+    return np.dtype(name)
+
+
+def low_precision_problem(size, dtype, steps=STEPS, seed=0, subnormals=True):
+    """Params and per-step gradients of a 16-bit `dtype`; from 16 elements on, with the
+    values rounding must get right at the front: NaN, infinities, the largest finite
+    values, a subnormal and signed zeros in the params, NaN, inf and signed zeros among
+    the gradients, and every other step gradients that overflow the largest params.
+    subnormals=False: the smallest normal value in place of the subnormal, for a backend
+    whose float32 arithmetic flushes subnormals (bfloat16's are float32's)."""
+    from harness import require
+
+    finfo = require("ml_dtypes").finfo(dtype)  # NumPy's finfo knows no bfloat16
+    param, grads = problem(size, steps, seed=seed)
+    grads = [0.1 * g for g in grads]
+    largest = float(finfo.max)
+    if size >= 16:
+        small = float(finfo.smallest_subnormal) * 3 if subnormals else float(finfo.tiny)
+        param[:9] = [np.nan, np.inf, -np.inf, largest, -largest, largest * 0.99, small,
+                     0.0, -0.0]
+        for step, grad in enumerate(grads):
+            grad[9:13] = [np.nan, np.inf, -0.0, 0.0]
+            if step % 2:
+                grad[3:5] = [-largest / 4, largest / 4]
+    with np.errstate(over="ignore"):
+        return param.astype(dtype), [g.astype(dtype) for g in grads]
+
+
+# Bad precision settings: (id, keyword arguments, param dtype name, exception, pattern).
+# Checked by momentum_step and the MomentumSGD constructor; nothing may change.
+PRECISION_ERRORS = [
+    ("kahan-on-float32", {"precision": "kahan"}, "float32", ValueError,
+     r"Invalid precision value: 'kahan' \(float32 parameters .* only 'nearest'"),
+    ("stochastic-on-float64", {"precision": "stochastic"}, "float64", ValueError,
+     r"Invalid precision value: 'stochastic' \(float64"),
+    ("master-on-float32", {"precision": "master"}, "float32", ValueError,
+     r"precision value: 'master'"),
+    ("unknown-precision", {"precision": "fast"}, "bfloat16", ValueError,
+     r"Invalid precision value: 'fast' \(precision must be one of"),
+    ("precision-not-a-string", {"precision": 1}, "float16", ValueError,
+     r"Invalid precision value: 1"),
+    ("velocity-bfloat16-on-float32", {"velocity_dtype": "bfloat16"}, "float32", ValueError,
+     r"Invalid velocity_dtype value: 'bfloat16' \(float32 parameters keep a 'float32'"),
+    ("velocity-float16-on-bfloat16", {"velocity_dtype": "float16"}, "bfloat16", ValueError,
+     r"Invalid velocity_dtype value: 'float16' \(bfloat16 parameters keep a 'float32' or "
+     r"'bfloat16'"),
+    ("velocity-float64-on-float16", {"velocity_dtype": np.float64}, "float16", ValueError,
+     r"velocity_dtype value: 'float64'"),
+    ("velocity-not-a-dtype", {"velocity_dtype": "fp8"}, "bfloat16", TypeError,
+     r"Invalid velocity_dtype value: 'fp8'"),
+    ("seed-string", {"seed": "7"}, "bfloat16", TypeError, r"Invalid seed value: '7'"),
+    ("seed-float", {"seed": 7.0}, "bfloat16", TypeError, r"Invalid seed value: 7\.0"),
+    ("seed-bool", {"seed": True}, "float16", TypeError, r"Invalid seed value: True"),
+    ("seed-none", {"seed": None}, "float32", TypeError, r"Invalid seed value: None"),
+    ("seed-negative", {"seed": -1}, "bfloat16", ValueError, r"Invalid seed value: -1"),
+    ("seed-too-large", {"seed": 2**64}, "bfloat16", ValueError,
+     r"Invalid seed value: 18446744073709551616"),
+]

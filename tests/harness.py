@@ -54,6 +54,7 @@ class Harness:
 
     simulated = False
     contracts_fma = False  # a * b + c rounds twice, as in the reference
+    flushes_subnormals = False  # float32 subnormals are computed with, not flushed
 
     def size_limit(self, size):
         """Why `size` elements are not run here, or None."""
@@ -69,7 +70,7 @@ class CpuHarness(Harness):
     name = "cpu"
     on_device = False
     runs_in_ci = True
-    dtypes = (np.float32, np.float64)
+    dtypes = (np.float16, np.float32, np.float64)
 
     def from_numpy(self, array):
         return np.array(array, copy=True)
@@ -83,6 +84,7 @@ class CupyHarness(Harness):
     on_device = True
     runs_in_ci = False  # needs a GPU; tests/test_cuda_*.py prove the kernel without one
     dtypes = (np.float16, np.float32, np.float64)  # compiled with --fmad=false: no FMAs
+    flushes_subnormals = True  # CuPy compiles with -ftz=true
 
     def from_numpy(self, array):
         import cupy

@@ -23,8 +23,9 @@ from gpu_momentum.groups import check_table, resolve_groups, update_table
 from gpu_momentum.hyperparams import Hyperparameters, inverse_grad_scale
 from gpu_momentum.kernels.cuda_launch import check_counters, launch_plan, step_launches
 from gpu_momentum.kernels.cuda_source import (ENTRY_POINTS, FINISH_EXPRESSION,
-                                              cuda_include_dir, module_source)
+                                              cuda_include_dir, entry_point, module_source)
 from gpu_momentum.kernels.layout import LAST_STEP_SKIPPED
+from gpu_momentum.precision import compute_dtype
 from harness import missing_tool
 
 SHIM = Path(__file__).parent / "cuda_host" / "shim.h"
@@ -40,7 +41,7 @@ def toolchain():
         missing_tool("g++ is not installed (apt-get install g++)")
     include = cuda_include_dir()
     if include is None:
-        missing_tool("the CUDA headers (cuda_fp16.h) were not found by cuda.pathfinder")
+        missing_tool("the CUDA headers (vector_types.h) were not found by cuda.pathfinder")
     return compiler, include
 
 
@@ -50,31 +51,68 @@ def write_module_source(directory):
     return path
 
 
+# The kernel's own 16-bit conversions and hash, called from Python to compare them with the
+# reference and the Numba element functions (tests/test_storage_bits.py).
+STORAGE_HOOKS = """
+extern "C" void gm_random_bits(unsigned long long seed, long long step_count,
+                               const long long* index, unsigned* out, long long n) {
+    const unsigned key = gm::launch_key(seed, step_count);
+    for (long long i = 0; i < n; ++i) out[i] = gm::element_bits(key, index[i]);
+}
+extern "C" void gm_round(const float* x, const unsigned* r16, unsigned short* out,
+                         long long n) {
+    for (long long i = 0; i < n; ++i) {
+        out[4 * i] = gm::BFloat16::nearest(x[i]);
+        out[4 * i + 1] = gm::BFloat16::stochastic(x[i], r16[i]);
+        out[4 * i + 2] = gm::Half::nearest(x[i]);
+        out[4 * i + 3] = gm::Half::stochastic(x[i], r16[i]);
+    }
+}
+extern "C" void gm_widen(const unsigned short* h, float* out, long long n) {
+    for (long long i = 0; i < n; ++i) {
+        out[2 * i] = gm::BFloat16::load(h[i]);
+        out[2 * i + 1] = gm::Half::load(h[i]);
+    }
+}
+"""
+
+
+def launcher_name(entry):
+    """The extern "C" launcher of an EntryPoint's update kernel."""
+    return f"gm_update_{entry.param_dtype}_{entry.velocity_dtype}_{entry.precision}"
+
+
 def launchers_source(module_path):
     """One extern "C" launcher per entry point, calling it by its name expression."""
     lines = [f'#include "{module_path}"']
-    for dtype, entry in ENTRY_POINTS.items():
-        t, v, c = entry.param_ctype, entry.velocity_ctype, entry.compute_ctype
+    for entry in ENTRY_POINTS.values():
+        t, v, b, c = (entry.param_ctype, entry.velocity_ctype, entry.buffer_ctype,
+                      entry.compute_ctype)
         lines.append(
-            f'extern "C" void gm_update_{dtype.name}(unsigned grid, unsigned block, '
-            f"void* param, const void* grad, void* velocity, long long n, "
-            f"const {c}* group_scalars, const unsigned* group_flags, "
+            f'extern "C" void {launcher_name(entry)}(unsigned grid, unsigned block, '
+            f"void* param, const void* grad, void* velocity, void* precision_buffer, "
+            f"long long n, const {c}* group_scalars, const unsigned* group_flags, "
             f"const long long* range_ends, const int* range_groups, int range_count, "
             f"{c} inv_grad_scale, const {c}* grad_scale, unsigned launch_flags, "
-            f"const long long* counters) {{\n"
+            f"const long long* counters, unsigned long long seed, long long step_count) "
+            f"{{\n"
             f"    gm_host_launch(grid, block, &{entry.update_expression}, "
             f"static_cast<{t}*>(param), static_cast<const {t}*>(grad), "
-            f"static_cast<{v}*>(velocity), n, group_scalars, group_flags, range_ends, "
-            f"range_groups, range_count, inv_grad_scale, grad_scale, launch_flags, "
-            f"counters);\n}}")
+            f"static_cast<{v}*>(velocity), static_cast<{b}*>(precision_buffer), n, "
+            f"group_scalars, group_flags, range_ends, range_groups, range_count, "
+            f"inv_grad_scale, grad_scale, launch_flags, counters, seed, step_count);\n}}")
+    checks = {entry.param_dtype: entry for entry in ENTRY_POINTS.values()}
+    for dtype, entry in checks.items():
+        t, c = entry.param_ctype, entry.compute_ctype
         lines.append(
-            f'extern "C" void gm_check_{dtype.name}(unsigned grid, unsigned block, '
+            f'extern "C" void gm_check_{dtype}(unsigned grid, unsigned block, '
             f"const void* grad, long long n, const long long* range_ends, "
             f"const int* range_groups, int range_count, {c} inv_grad_scale, "
             f"const {c}* grad_scale, long long* counters) {{\n"
             f"    gm_host_launch(grid, block, &{entry.check_expression}, "
             f"static_cast<const {t}*>(grad), n, range_ends, range_groups, range_count, "
             f"inv_grad_scale, grad_scale, counters);\n}}")
+    lines.append(STORAGE_HOOKS)
     lines.append(
         'extern "C" void gm_finish(unsigned block, long long* counters, '
         "const unsigned* group_flags, int group_count) {\n"
@@ -114,8 +152,8 @@ def build_sanitized_driver(directory):
 def single_group_table(dtype, n, first_step=False, **hyper):
     """The UpdateTable of one group over `n` elements of `dtype` params, from the keyword
     arguments of Hyperparameters, as momentum_step builds it."""
-    compute = ENTRY_POINTS[np.dtype(dtype)].compute_dtype
-    return update_table([Hyperparameters(**hyper)], [not first_step], compute, size=n)
+    return update_table([Hyperparameters(**hyper)], [not first_step],
+                        compute_dtype(dtype), size=n)
 
 
 class HostCupyBackend(CupyBackend):
@@ -135,14 +173,41 @@ class HostKernel:
         self.library = ctypes.CDLL(str(library_path))
         pointer, n, unsigned, int_ = (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_uint,
                                       ctypes.c_int)
-        for dtype, entry in ENTRY_POINTS.items():
+        for entry in ENTRY_POINTS.values():
             scalar = ctypes.c_double if entry.compute_ctype == "double" else ctypes.c_float
-            self._declare(f"gm_update_{dtype.name}", unsigned, unsigned, pointer, pointer,
-                          pointer, n, pointer, pointer, pointer, pointer, int_, scalar,
-                          pointer, unsigned, pointer)
-            self._declare(f"gm_check_{dtype.name}", unsigned, unsigned, pointer, n, pointer,
-                          pointer, int_, scalar, pointer, pointer)
+            self._declare(launcher_name(entry), unsigned, unsigned, pointer, pointer,
+                          pointer, pointer, n, pointer, pointer, pointer, pointer, int_,
+                          scalar, pointer, unsigned, pointer, ctypes.c_ulonglong,
+                          ctypes.c_longlong)
+            self._declare(f"gm_check_{entry.param_dtype}", unsigned, unsigned, pointer, n,
+                          pointer, pointer, int_, scalar, pointer, pointer)
         self._declare("gm_finish", unsigned, pointer, pointer, int_)
+        self._declare("gm_random_bits", ctypes.c_ulonglong, ctypes.c_longlong, pointer,
+                      pointer, n)
+        self._declare("gm_round", pointer, pointer, pointer, n)
+        self._declare("gm_widen", pointer, pointer, n)
+
+    def random_bits(self, seed, step_count, index):
+        """The kernel's element_bits(launch_key(seed, step_count), i) of each index."""
+        index = np.ascontiguousarray(index, np.int64)
+        out = np.empty(index.size, np.uint32)
+        self.library.gm_random_bits(seed, step_count, index.ctypes.data, out.ctypes.data,
+                                    index.size)
+        return out
+
+    def round(self, x, r16):
+        """[n, 4] uint16: bfloat16 to nearest and stochastic, float16 likewise."""
+        x, r16 = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(r16, np.uint32)
+        out = np.empty((x.size, 4), np.uint16)
+        self.library.gm_round(x.ctypes.data, r16.ctypes.data, out.ctypes.data, x.size)
+        return out
+
+    def widen(self, bits):
+        """[n, 2] float32: uint16 `bits` read as bfloat16 and as float16."""
+        bits = np.ascontiguousarray(bits, np.uint16)
+        out = np.empty((bits.size, 2), np.float32)
+        self.library.gm_widen(bits.ctypes.data, out.ctypes.data, bits.size)
+        return out
 
     def _declare(self, name, *argtypes):
         function = getattr(self.library, name)
@@ -150,7 +215,8 @@ class HostKernel:
         function.restype = None
 
     def step(self, param, grad, velocity, table, inv_grad_scale=1.0, counters=None,
-             max_blocks=4, grad_scale=None, found_inf=None, check_nonfinite=True):
+             max_blocks=4, grad_scale=None, found_inf=None, check_nonfinite=True,
+             precision="nearest", precision_buffer=None, seed=0, step_count=0):
         """In place, like the cupy backend's step over a host UpdateTable (NumPy arrays);
         with `counters` (an int64[GROUP_SLOTS + groups] NumPy array) its four launches
         (without find_nonfinite: check_nonfinite=False), the first one setting
@@ -159,29 +225,33 @@ class HostKernel:
         (inv_grad_scale is then not read). `max_blocks` stands in for the device's limit
         (small, so that the grid-stride loops go round)."""
         arrays = (param, grad, velocity)
-        check_arrays(HOST_CUPY, *arrays)
-        check_table(table, param.size, ENTRY_POINTS[param.dtype].compute_dtype)
+        check_arrays(HOST_CUPY, *arrays, precision, precision_buffer)
+        entry = entry_point(param.dtype, velocity.dtype, precision)
+        check_table(table, param.size, entry.compute_dtype)
         if counters is not None:
             check_counters(counters, table.group_count)
         plan = launch_plan(param.dtype, param.size, table, inv_grad_scale, max_blocks,
-                           counters is not None)
+                           counters is not None, seed, step_count)
         assert all(a.flags.c_contiguous for a in (*arrays, *table.arrays()))
         pointers = [a.ctypes.data for a in arrays]
+        buffer = None if precision_buffer is None else precision_buffer.ctypes.data
         table_args = [a.ctypes.data for a in table.arrays()] + [int(plan.range_count)]
         scale, flags = float(plan.inv_grad_scale), int(plan.launch_flags)
         counters_pointer = None if counters is None else counters.ctypes.data
         scale_pointer = None if grad_scale is None else grad_scale.ctypes.data
         grid, block = plan.grid, plan.block
-        update = getattr(self.library, f"gm_update_{param.dtype.name}")
-        check = getattr(self.library, f"gm_check_{param.dtype.name}")
+        update = getattr(self.library, launcher_name(entry))
+        check = getattr(self.library, f"gm_check_{entry.param_dtype}")
         launches = {
             "clear": lambda: counters.__setitem__(
                 LAST_STEP_SKIPPED, 0 if found_inf is None else int(found_inf != 0)),
             "find_nonfinite": lambda: check(grid, block, pointers[1], int(plan.n),
                                             *table_args[2:], scale, scale_pointer,
                                             counters_pointer),
-            "update": lambda: update(grid, block, *pointers, int(plan.n), *table_args,
-                                     scale, scale_pointer, flags, counters_pointer),
+            "update": lambda: update(grid, block, *pointers, buffer, int(plan.n),
+                                     *table_args, scale, scale_pointer, flags,
+                                     counters_pointer, int(plan.seed),
+                                     int(plan.step_count)),
             "finish": lambda: self.library.gm_finish(plan.finish_block, counters_pointer,
                                                      table.group_flags.ctypes.data,
                                                      int(plan.group_count)),
@@ -191,12 +261,14 @@ class HostKernel:
             launches[launch]()
 
     def step_hyper(self, param, grad, velocity, *, first_step=False, grad_scale=1.0,
-                   counters=None, max_blocks=4, **hyper):
+                   counters=None, max_blocks=4, precision="nearest", precision_buffer=None,
+                   seed=0, step_count=0, **hyper):
         """One group with these hyperparameters, like momentum_step (with `counters`: its
         first step comes from them, whatever first_step says)."""
         table = single_group_table(param.dtype, param.size, first_step, **hyper)
         self.step(param, grad, velocity, table, inverse_grad_scale(grad_scale, param.dtype),
-                  counters, max_blocks)
+                  counters, max_blocks, precision=precision,
+                  precision_buffer=precision_buffer, seed=seed, step_count=step_count)
 
 
 GUARD_BYTE = 0xAB
@@ -232,7 +304,7 @@ def grouped_problem(dtype):
     with np.errstate(over="ignore"):  # 1e300 is inf in float32 and float16
         grads = [np.where(padding, garbage, g).astype(dtype) for g in grads]
     flat.data[padding] = -3.5
-    velocity = np.full(flat.data.size, np.nan, np.float32 if dtype == np.float16 else dtype)
+    velocity = np.full(flat.data.size, np.nan, compute_dtype(dtype))
     return (view_at(flat.data, 0)[0], grads, view_at(velocity, 0)[0], flat.offsets,
             flat.sizes)
 
@@ -243,6 +315,5 @@ def grouped_table(config, step, initialized, offsets, sizes, total, dtype):
     defaults = Hyperparameters(**{**options, "lr": LR_SCHEDULE[step]})
     groups = [{**g, "lr": group_lr(g, step)} for g in groups]
     plan = resolve_groups(groups, defaults, offsets, sizes, total, list(SEGMENT_NAMES))
-    compute = ENTRY_POINTS[np.dtype(dtype)].compute_dtype
-    return update_table(plan.hypers, initialized, compute, plan.range_ends,
+    return update_table(plan.hypers, initialized, compute_dtype(dtype), plan.range_ends,
                         plan.range_groups)

@@ -371,7 +371,7 @@ BAD_FILES = [
     ("tampered-digest", _edit_members(lambda m: m.__setitem__(
         "meta_sha256.npy", _npy(_digest(b"other")))), r"checksum of meta"),
     ("digest-removed", _edit_members(lambda m: m.pop("meta_sha256.npy")),
-     r"says format version 3 but holds the members of version 2"),
+     r"says format version 4 but holds the members of version 2"),
     # Not a checkpoint, or a zip that is not one.
     ("npy", _save_npy, r"\.npy file"),
     ("empty", lambda p: p.write_bytes(b""), r"corrupted"),
@@ -490,16 +490,35 @@ def test_a_bad_checkpoint_changes_nothing(backend, tmp_path, name, damage, patte
     assert opt.lr == 0.05
 
 
+def _before_precision(version):
+    """A metadata edit to a checkpoint of `version` (2 or 3) of a "nearest" optimizer with
+    seed 0: no dtypes, and the state_dict of format 2."""
+    def edit(meta):
+        meta["version"] = version
+        del meta["dtypes"]
+        state = meta["state"]
+        assert (state.pop("precision"), state.pop("seed")) == ("nearest", 0)
+        state.pop("velocity_dtype")
+        state["format"] = 2
+    return edit
+
+
+def _as_version_3(path):
+    """Rewrites a checkpoint as gpu-momentum wrote format 3."""
+    _rewrite(path, _before_precision(3))
+
+
 def _as_version_2(path):
-    """Rewrites a checkpoint as gpu-momentum wrote format 2: no meta_sha256."""
-    _rewrite(path, _set("version", 2), meta_sha256=None)
+    """Rewrites a checkpoint as gpu-momentum wrote format 2: no meta_sha256 either."""
+    _rewrite(path, _before_precision(2), meta_sha256=None)
     members = _members(path)
     del members["meta_sha256.npy"]
     _zip(path, members)
 
 
 @pytest.mark.parametrize("rewrite", [
-    pytest.param(lambda p: None, id="version-3"),
+    pytest.param(lambda p: None, id="version-4"),
+    pytest.param(_as_version_3, id="version-3"),
     pytest.param(_as_version_2, id="version-2"),
     pytest.param(lambda p: _zip(p, _members(p), zipfile.ZIP_DEFLATED), id="deflated"),
 ])
@@ -523,8 +542,11 @@ def test_the_format(tmp_path):
         meta = file["meta"].tobytes()
         assert file["meta_sha256"].tobytes() == hashlib.sha256(meta).hexdigest().encode()
     meta = json.loads(meta)
-    assert (meta["format"], meta["version"]) == ("gpu-momentum checkpoint", 3)
-    assert sorted(meta) == ["format", "layout", "sha256", "state", "version"]
+    assert (meta["format"], meta["version"]) == ("gpu-momentum checkpoint", 4)
+    assert sorted(meta) == ["dtypes", "format", "layout", "sha256", "state", "version"]
+    assert meta["dtypes"] == {"param": "float64", "velocity": "float64"}
+    assert {k: meta["state"][k] for k in ("precision", "velocity_dtype", "seed")} == {
+        "precision": "nearest", "velocity_dtype": "float64", "seed": 0}
 
 
 @pytest.mark.parametrize("other", [

@@ -16,10 +16,11 @@ from gpu_momentum.backends import cupy as cupy_backend
 from gpu_momentum.kernels import layout
 from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, CUPY_ADDED_OPTIONS, ENTRY_POINTS,
                                               FINISH_EXPRESSION, MIN_BLOCKS_PER_SM,
+                                              MIN_BLOCKS_PER_SM_FLOAT16_BUFFER,
                                               VECTOR_BYTES, module_options, module_source,
                                               name_expressions)
 from gpu_momentum.kernels.cuda_toolchain import compile_module, find_tool, sass
-from gpu_momentum.kernels.layout import COLUMNS, COUNTERS, FLAGS
+from gpu_momentum.kernels.layout import COLUMNS, COUNTERS, FLAGS, PRECISIONS
 from harness import missing_tool, require
 
 ARCHS = ("sm_80", "sm_90")
@@ -30,6 +31,20 @@ REGISTERS_PER_SM = 65536  # sm_80 and sm_90
 def module(request):
     require("cuda.bindings.nvrtc")
     return compile_module(request.param)
+
+
+@pytest.fixture(scope="module")
+def functions_sass():
+    """{(arch, lowered name): SASS}: each module disassembled once."""
+    found = {}
+
+    def of(module, lowered_name):
+        if (module.arch, lowered_name) not in found:
+            for part in sass(module).split("Function : ")[1:]:
+                name = part.split(None, 1)[0]
+                found[module.arch, name] = f"Function : {part}"
+        return found[module.arch, lowered_name]
+    return of
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +99,7 @@ def test_source_carries_the_settings_python_launches_with():
     assert f"#define GM_BLOCK_SIZE {BLOCK_SIZE}\n" in source
     assert f"#define GM_MIN_BLOCKS_PER_SM {MIN_BLOCKS_PER_SM}\n" in source
     assert f"#define GM_VECTOR_BYTES {VECTOR_BYTES}\n" in source
-    body = source.split("#include <cuda_fp16.h>")[1]
+    body = source[source.index("// The fused momentum-SGD update in CUDA C"):]
     for name, bit in FLAGS.items():
         assert f"#define GM_FLAG_{name} {bit}u\n" in source
         assert f"GM_FLAG_{name}" in body
@@ -99,12 +114,16 @@ def test_source_carries_the_settings_python_launches_with():
         assert f"#define GM_COLUMN_{name} {column}\n" in source
         assert column == getattr(layout, name) and f"GM_COLUMN_{name}" in body
     assert f"#define GM_GROUP_COLUMNS {layout.GROUP_COLUMNS}\n" in source
+    for name, mode in PRECISIONS.items():
+        assert f"#define GM_PRECISION_{name} {mode}\n" in source
+        assert any(f"GM_PRECISION_{name}>" in e for e in name_expressions())
     assert "--fmad=false" in module_options()
 
 
 def test_every_entry_point_compiles_without_spills(module):
     assert set(module.kernels) == set(name_expressions())
-    assert len(module.kernels) == 2 * len(ENTRY_POINTS) + 1  # update, check; finish
+    # an update per entry point, a check per param dtype, finish_step
+    assert len(module.kernels) == len(ENTRY_POINTS) + 4 + 1
     assert module.kernels[FINISH_EXPRESSION].registers > 0
     for expression, kernel in module.kernels.items():
         assert kernel.spill_store_bytes == kernel.spill_load_bytes == 0, (
@@ -115,8 +134,10 @@ def test_every_entry_point_compiles_without_spills(module):
 
 
 def test_registers_allow_the_resident_blocks_launch_bounds_promise(module):
-    limit = REGISTERS_PER_SM // (BLOCK_SIZE * MIN_BLOCKS_PER_SM)
+    blocks = {e.update_expression: e.min_blocks_per_sm for e in ENTRY_POINTS.values()}
+    assert set(blocks.values()) == {MIN_BLOCKS_PER_SM, MIN_BLOCKS_PER_SM_FLOAT16_BUFFER}
     for expression, kernel in module.kernels.items():
+        limit = REGISTERS_PER_SM // (BLOCK_SIZE * blocks.get(expression, MIN_BLOCKS_PER_SM))
         assert 0 < kernel.registers <= limit, (expression, kernel.registers)
 
 
@@ -126,19 +147,34 @@ def test_cupy_flush_to_zero_is_part_of_the_compile(module):
     assert "fma.rn" not in module.ptx, "--fmad=false must keep multiplies and adds apart"
 
 
-@pytest.mark.parametrize("dtype", list(ENTRY_POINTS), ids=lambda d: d.name)
-def test_vector_body_uses_128_bit_loads_and_stores(module, tools, dtype):
-    kernel = module.kernels[ENTRY_POINTS[dtype].update_expression]
-    code = sass(module, kernel.lowered_name)
+def _words(dtype_name):
+    """128-bit words per vector of parameters for an array of `dtype_name` elements."""
+    return 2 if dtype_name == "float32" else 1
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS.values()),
+                         ids=lambda e: "-".join((e.param_dtype, e.velocity_dtype,
+                                                 e.precision)))
+def test_vector_body_uses_128_bit_loads_and_stores(module, tools, functions_sass, entry):
+    """Each stream of the vector body moves whole 128-bit words: a vector is 4 float32,
+    2 float64 or 8 16-bit parameters (with a float32 velocity or master copy, two words
+    of those)."""
+    kernel = module.kernels[entry.update_expression]
+    code = functions_sass(module, kernel.lowered_name)
     assert f"Function : {kernel.lowered_name}" in code
     instructions = [line.split("*/", 1)[-1] for line in code.splitlines()]
     loads = sum("LDG.E.128" in line for line in instructions)
     stores = sum("STG.E.128" in line for line in instructions)
-    velocity_words = 2 if dtype == np.float16 else 1  # 8 float velocities: 32 bytes
-    assert loads >= 2 + velocity_words, code  # param, grad (read-only), velocity
-    assert stores >= 1 + velocity_words, code
-    check = module.kernels[ENTRY_POINTS[dtype].check_expression]
-    assert "LDG.E.128" in sass(module, check.lowered_name)
+    sixteen_bit = entry.param_dtype in ("bfloat16", "float16")
+    velocity = _words(entry.velocity_dtype) if sixteen_bit else 1
+    buffer = {"kahan": 1, "master": 2}.get(entry.precision, 0)
+    param_read = 0 if entry.precision == "master" else 1
+    assert loads >= param_read + 1 + velocity + buffer, code  # param, grad, velocity, buffer
+    assert stores >= 1 + velocity + buffer, code
+    if sixteen_bit:  # no conversion instructions: the bit operations convert
+        assert "F2F" not in code and "F2FP" not in code, "a hardware conversion"
+    check = module.kernels[entry.check_expression]
+    assert "LDG.E.128" in functions_sass(module, check.lowered_name)
 
 
 def test_ptx_assembles_with_the_ptxas_on_path(module, tmp_path):
@@ -165,7 +201,8 @@ def test_compile_command_writes_cubin_and_ptx_and_reports_spills(tmp_path, capsy
     assert ".target sm_90" in ptx.read_text()
     for expression, kernel in compile_module("sm_90").kernels.items():
         line = next(line for line in out.splitlines() if line.startswith(expression + " "))
-        assert line.split()[1:5] == [str(kernel.registers), "0", "B", "0"], line
+        assert line[len(expression):].split()[:4] == [str(kernel.registers), "0", "B",
+                                                      "0"], line
         assert kernel.lowered_name in line
     dumped = subprocess.run([tools["cuobjdump"], "-elf", str(cubin)], capture_output=True,
                             text=True, check=True).stdout

@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 
 from bitwise import SIZES, assert_bitwise, same_precision_step, start
-from configs import CONFIGS, GROUP_CONFIGS, grouped_reference_step, hyper_at
+from configs import (CONFIGS, GROUP_CONFIGS, LOW_PRECISION_CONFIGS, LOW_PRECISION_KINDS,
+                     SEED, grouped_reference_step, hyper_at, low_precision_problem,
+                     storage_dtype)
+from gpu_momentum.groups import check_table, update_table
 from gpu_momentum.hyperparams import Hyperparameters
-from gpu_momentum.groups import update_table
-from gpu_momentum.groups import check_table
 from gpu_momentum.kernels.cuda_launch import finish_block, grid_size, launch_plan
-from gpu_momentum.kernels.cuda_source import BLOCK_SIZE, ENTRY_POINTS, vector_width
+from gpu_momentum.kernels.cuda_source import BLOCK_SIZE, vector_width
+from gpu_momentum.precision import compute_dtype
 from gpu_momentum.kernels.layout import (CLASSIC, GRAD_COEFF, GROUP_SLOTS, KEEP_VELOCITY,
                                          LAST_STEP_SKIPPED, MAXIMIZE, NESTEROV,
                                          READ_COUNTERS, SKIPPED_STEPS, STEP_COUNT,
                                          VELOCITY_INITIALIZED)
-from gpu_momentum.reference import reference_step
+from gpu_momentum.reference import low_precision_step, reference_step
 from host_kernel import (GUARD_BYTE, HostKernel, build_library, build_sanitized_driver,
                          grouped_problem, grouped_table, single_group_table, view_at)
 
@@ -95,7 +97,7 @@ def test_loss_scale_and_found_inf_in_device_memory(kernel, dtype, counted):
     scales, with the non-finite check and without; a counted step whose first launch
     reads found_inf != 0 changes nothing but the counters."""
     param, grads, velocity = start(1023, dtype)
-    compute = ENTRY_POINTS[np.dtype(dtype)].compute_dtype
+    compute = compute_dtype(dtype)
     (p, v), (q, w) = (param.copy(), velocity.copy()), (param.copy(), velocity.copy())
     counters = None if counted == "uncounted" else [np.zeros(4, np.int64) for _ in "ab"]
     check = counted != "counted-unchecked"
@@ -400,7 +402,7 @@ def test_range_ends_inside_a_vector_take_each_elements_group(kernel, style, dtyp
     for step in range(3):
         g[...] = grads[step]
         table = update_table([Hyperparameters(**h) for h in hypers], initialized,
-                             ENTRY_POINTS[np.dtype(dtype)].compute_dtype, ends, owners)
+                             compute_dtype(dtype), ends, owners)
         kernel.step(p, g, v, table, max_blocks=max_blocks)
         for begin, end, k in zip([0, *ends[:-1]], ends, owners):
             param[begin:end], velocity[begin:end] = same_precision_step(
@@ -413,3 +415,131 @@ def test_range_ends_inside_a_vector_take_each_elements_group(kernel, style, dtyp
     for view, raw, (begin, end) in views:
         outside = np.concatenate([raw[:begin], raw[end:]])
         assert (outside == GUARD_BYTE).all(), "bytes outside the view were written"
+
+
+# 16-bit parameters: every entry point of bfloat16 and float16 against the float32-compute
+# reference (gpu_momentum.reference.low_precision_step), bit for bit.
+
+LOW_SIZES = (0, 1, 3, 5, 1023, 4099)
+
+
+def _low_precision_start(kind, size, steps=4):
+    """(param, grads, velocity, precision buffer or None) of a kind: velocity NaN (the
+    first step must not read it), a compensation of small values, a master copy near the
+    params."""
+    param_name, velocity_name, precision = kind
+    dtype = storage_dtype(param_name)
+    param, grads = low_precision_problem(size, dtype, steps)
+    velocity = np.full(size, np.nan, storage_dtype(velocity_name))
+    rng = np.random.default_rng([size, 9])
+    small = (1e-3 * rng.standard_normal(size)).astype(np.float32)
+    buffer = {"kahan": lambda: small.astype(dtype),
+              "master": lambda: param.astype(np.float32) + small}.get(precision,
+                                                                      lambda: None)()
+    return param, grads, velocity, buffer
+
+
+def _reference_buffer(precision, buffer):
+    return {"kahan": {"compensation": buffer}, "master": {"master": buffer}}.get(
+        precision, {})
+
+
+def _same(actual, expected, what):
+    """Bit for bit, except that float32 results may hold any NaN where expected does."""
+    actual, expected = np.asarray(actual).reshape(-1), np.asarray(expected).reshape(-1)
+    if actual.dtype == np.float32:
+        nan = np.isnan(expected)
+        assert (np.isnan(actual) == nan).all(), f"{what}: NaNs differ"
+        actual, expected = actual[~nan], expected[~nan]
+    assert_bitwise(actual, expected, what)
+
+
+@pytest.mark.parametrize("size", LOW_SIZES)
+@pytest.mark.parametrize("config", LOW_PRECISION_CONFIGS)
+@pytest.mark.parametrize("kind", LOW_PRECISION_KINDS)
+def test_16_bit_entry_points_match_the_reference_bitwise(kernel, kind, config, size):
+    precision = kind[2]
+    param, grads, velocity, buffer = _low_precision_start(kind, size)
+    p, v = param.copy(), velocity.copy()
+    b = None if buffer is None else buffer.copy()
+    for step, grad in enumerate(grads):
+        hyper = hyper_at(config, step)
+        kernel.step_hyper(p, grad, v, first_step=step == 0, precision=precision,
+                          precision_buffer=b, seed=SEED, step_count=step + 5, **hyper)
+        param, velocity, new = low_precision_step(
+            param, grad, velocity, precision=precision, seed=SEED, step_count=step + 5,
+            first_step=step == 0, **_reference_buffer(precision, buffer), **hyper)
+        buffer = new if buffer is not None else None
+        _same(p, param, f"param after step {step + 1}")
+        _same(v, velocity, f"velocity after step {step + 1}")
+        if b is not None:
+            _same(b, buffer, f"{precision} buffer after step {step + 1}")
+
+
+@pytest.mark.parametrize("max_blocks", [1, 10**6])
+@pytest.mark.parametrize("kind", [("bfloat16", "float32", "master"),
+                                  ("bfloat16", "bfloat16", "stochastic"),
+                                  ("float16", "float32", "kahan")],
+                         ids=lambda k: "-".join(k))
+@pytest.mark.parametrize("byte_offset", [2, 6, 14])
+def test_16_bit_views_past_an_aligned_address(kernel, kind, byte_offset, max_blocks):
+    """Every array (the precision buffer too) starts `byte_offset` bytes (a float32
+    velocity or master copy twice as far) past a 16-byte boundary: scalar head, vector
+    body of 8 elements, scalar tail, and a stochastic key per element index; nothing
+    outside the views is touched."""
+    precision = kind[2]
+    param, grads, velocity, buffer = _low_precision_start(kind, 4099, steps=3)
+    arrays = [param, grads[0], velocity] + ([buffer] if buffer is not None else [])
+    views = [view_at(a, byte_offset * a.itemsize // 2) for a in arrays]
+    p, g, v = (view for view, _, _ in views[:3])
+    b = views[3][0] if buffer is not None else None
+    for step in range(3):
+        g[...] = grads[step]
+        kernel.step_hyper(p, g, v, first_step=step == 0, max_blocks=max_blocks,
+                          precision=precision, precision_buffer=b, seed=SEED,
+                          step_count=step, lr=0.05, momentum=0.9, weight_decay=0.01)
+        param, velocity, new = low_precision_step(
+            param, grads[step], velocity, precision=precision, seed=SEED, step_count=step,
+            first_step=step == 0, lr=0.05, momentum=0.9, weight_decay=0.01,
+            **_reference_buffer(precision, buffer))
+        buffer = new if buffer is not None else None
+    _same(p, param, "param")
+    _same(v, velocity, "velocity")
+    if b is not None:
+        _same(b, buffer, "buffer")
+    for view, raw, (begin, end) in views:
+        outside = np.concatenate([raw[:begin], raw[end:]])
+        assert (outside == GUARD_BYTE).all(), "bytes outside the view were written"
+
+
+@pytest.mark.parametrize("precision", ["stochastic", "master"])
+def test_16_bit_skipped_steps_count_on_the_device(kernel, precision):
+    """With counters the kernel keys its random bits by counters[STEP_COUNT]: a skipped
+    step changes nothing and takes no key; a float16 compensation or master copy keeps its
+    bits through it."""
+    kind = ("bfloat16", "bfloat16", precision)
+    param, grads, velocity, buffer = _low_precision_start(kind, 4099, steps=4)
+    grads = [np.nan_to_num(g.astype(np.float32), nan=0.5, posinf=0.5).astype(g.dtype)
+             for g in grads]
+    poisoned = grads[2].copy()
+    poisoned[77] = np.inf
+    p, v = param.copy(), velocity.copy()
+    b = None if buffer is None else buffer.copy()
+    counters = np.zeros(4, np.int64)
+    for step, grad in enumerate([grads[0], grads[1], poisoned, grads[3]]):
+        before = [a.tobytes() for a in (p, v, b) if a is not None]
+        kernel.step_hyper(p, grad, v, counters=counters, precision=precision,
+                          precision_buffer=b, seed=SEED, step_count=999, lr=0.1,
+                          momentum=0.9)
+        if step == 2:
+            assert [a.tobytes() for a in (p, v, b) if a is not None] == before
+            continue
+        taken = int(counters[STEP_COUNT]) - 1
+        param, velocity, new = low_precision_step(
+            param, grad, velocity, precision=precision, seed=SEED, step_count=taken,
+            first_step=taken == 0, lr=0.1, momentum=0.9,
+            **_reference_buffer(precision, buffer))
+        buffer = new if buffer is not None else None
+        _same(p, param, f"param after step {step + 1}")
+        _same(v, velocity, f"velocity after step {step + 1}")
+    assert list(counters[:3]) == [3, 1, 0]

@@ -177,16 +177,21 @@ _CACHE_SCRIPT = """
 import numpy as np
 from numba import cuda
 import gpu_momentum as gm
-from gpu_momentum.kernels.numba_cuda import momentum_step_kernel
+from gpu_momentum.kernels.elementwise import storage_format
+from gpu_momentum.kernels.layout import NEAREST
+from gpu_momentum.kernels.numba_cuda import update_kernel
+kernels = []
 for dtype in (np.float16, np.float32, np.float64):
     opt = gm.MomentumSGD(cuda.to_device(np.ones(1000, dtype)), lr=0.1)
     for lr in (0.1, 0.01, 0.3):
         opt.lr = lr
         opt.step(cuda.to_device(np.ones(1000, dtype)))
+    kernels.append(update_kernel(storage_format(np.dtype(dtype)),
+                                 storage_format(opt.velocity.dtype), NEAREST))
 cuda.synchronize()
-stats = momentum_step_kernel.stats
-print(len(momentum_step_kernel.overloads), sum(stats.cache_hits.values()),
-      sum(stats.cache_misses.values()))
+print(sum(len(k.overloads) for k in kernels),
+      sum(sum(k.stats.cache_hits.values()) for k in kernels),
+      sum(sum(k.stats.cache_misses.values()) for k in kernels))
 """
 
 

@@ -120,7 +120,7 @@ def test_groups_match_reference(backend, config, skip_nonfinite, monkeypatch):
 
     def counted(*args, **kw):
         launch = prepare(*args, **kw)
-        return lambda *a: launches.append(1) or launch(*a)
+        return lambda *a, **k: launches.append(1) or launch(*a, **k)
 
     monkeypatch.setattr(opt._backend, "step_function", counted)
     rng = np.random.default_rng(1)

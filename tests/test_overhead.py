@@ -10,7 +10,8 @@ from configs import problem
 from gpu_momentum.groups import update_table
 from gpu_momentum.hyperparams import Hyperparameters
 from gpu_momentum.kernels import cpu as cpu_kernels
-from gpu_momentum.kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED
+from gpu_momentum.kernels.elementwise import NATIVE
+from gpu_momentum.kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED, NEAREST
 from gpu_momentum.reference import reference_step
 
 # What moves data between host and device memory, or allocates, on a backend.
@@ -173,12 +174,11 @@ def test_small_buffers_run_the_serial_kernels_with_the_same_bits():
     """Below SERIAL_BELOW elements the CPU backend runs the serial compilation of the
     same loops; both compilations give the same bits at any size."""
     below, above = cpu_kernels.SERIAL_BELOW - 1, cpu_kernels.SERIAL_BELOW
-    assert cpu_kernels.kernels_for(below) == (
-        cpu_kernels.momentum_step_serial_cpu, cpu_kernels.find_nonfinite_serial_cpu,
-        cpu_kernels.update_unless_skipped_serial_cpu)
-    assert cpu_kernels.kernels_for(above) == (
-        cpu_kernels.momentum_step_cpu, cpu_kernels.find_nonfinite_cpu,
-        cpu_kernels.update_unless_skipped_cpu)
+    kind = (NATIVE, NATIVE, NEAREST, cpu_kernels.ALL_PIECES)  # float32, as momentum_step's
+    serial, parallel = (cpu_kernels.kernels(*kind, parallel=p) for p in (False, True))
+    assert cpu_kernels.kernels_for(below) == serial
+    assert cpu_kernels.kernels_for(above) == parallel
+    assert not set(serial) & set(parallel)
     size = above + 5  # several chunks and a ragged end
     param, (grad,) = problem(size, steps=1, dtype=np.float32)
     grad[size - 3] = np.inf
@@ -189,10 +189,12 @@ def test_small_buffers_run_the_serial_kernels_with_the_same_bits():
                                       cpu_kernels.kernels_for(below)):
         p, v = param.copy(), np.linspace(-1, 1, size, dtype=np.float32)
         counters = np.zeros(GROUP_SLOTS + 1, np.int64)
-        arguments = (p, grad, v, *table.arrays(), np.float32(0.5), table.launch_flags)
-        find_nonfinite(*arguments, counters)
+        arguments = (p, grad, v, np.zeros(0, np.float32), *table.arrays(), np.float32(0.5),
+                     np.uint32(table.launch_flags))
+        key = (np.uint64(0), np.int64(0))  # stochastic rounding's (unused here)
+        find_nonfinite(*arguments, counters, *key)
         grad[size - 3] = 1.5
-        update(*arguments, np.zeros(0, np.int64))
+        update(*arguments, np.zeros(0, np.int64), *key)
         grad[size - 3] = np.inf
         results.append((p.tobytes(), v.tobytes(), counters[LAST_STEP_SKIPPED]))
     assert results[0] == results[1] and results[0][2] == 1

@@ -485,15 +485,6 @@ def test_unavailable_backend_is_a_clear_error():
     assert not p.any()
 
 
-def test_cpu_backend_rejects_float16():
-    p = np.zeros(4, np.float16)
-    with pytest.raises(TypeError, match=r"'cpu'.*float16"):
-        gm.MomentumSGD(p, lr=0.1)
-    with pytest.raises(TypeError, match=r"'cpu'.*float16"):
-        gm.momentum_step(p, np.ones(4, np.float16), np.zeros(4, np.float32), lr=0.1)
-    assert not p.any()
-
-
 def test_step_without_grad_needs_flat_params():
     opt = gm.MomentumSGD(np.zeros(4), lr=0.1)
     with pytest.raises(TypeError, match=r"grad is None"):

@@ -6,6 +6,9 @@ and `momentum_step` reach the kernels only through these methods, in this order 
 `check_arrays` (every array check, before anything is written), `device_table` (the
 hyperparameters' UpdateTable in the memory where the update runs, copied only when it
 changed), then `step`.
+
+16-bit parameters reach the kernels as their bits (`bits_view`): Numba has no bfloat16
+(and no float16 on the CPU), and the CUDA C kernel stores both as unsigned short.
 """
 
 import dataclasses
@@ -15,11 +18,12 @@ import numpy as np
 
 from ..arrays import check_update, compute_dtype, describe, type_name
 from ..groups import ARRAY_FIELDS, GROUP_FIELDS, UpdateTable, check_table
+from ..precision import PRECISION_BUFFER_NAMES
 
 
 class Backend(Protocol):
     name: str
-    dtypes: tuple  # parameter dtypes its kernels update
+    dtypes: tuple  # names of the parameter dtypes its kernels update ("bfloat16", ...)
     element_aligned: bool  # its kernels need element-aligned arrays (a GPU faults)
 
     def unavailable_reason(self) -> str | None:
@@ -68,13 +72,15 @@ class Backend(Protocol):
         place (same addresses), queued on param's stream without waiting."""
 
     def step_function(self, param, velocity, table: UpdateTable, counters=None,
-                      check_nonfinite=True):
+                      check_nonfinite=True, *, precision="nearest", precision_buffer=None,
+                      seed=0):
         """The step of these arrays, table and counters with everything that stays the
         same from step to step prepared once (views, kernels, launch geometry, kernel
         arguments; the kernels compiled and loaded): a function `launch(grad,
-        inv_grad_scale, agree=None, grad_scale=None, found_inf=None)` that queues what
-        `step(param, grad, velocity, table, inv_grad_scale, counters, agree, ...,
-        grad_scale, found_inf)` queues, doing no checks, copies or allocations of its own,
+        inv_grad_scale, agree=None, grad_scale=None, found_inf=None, step_count=0)` that
+        queues what `step(param, grad, velocity, table, inv_grad_scale, counters, agree,
+        ..., grad_scale, found_inf, precision=..., precision_buffer=..., seed=...,
+        step_count=step_count)` queues, doing no checks, copies or allocations of its own,
         so that a CUDA graph can capture it. check_nonfinite=False (with
         counters): a counted step that does not look for non-finite values (the launches
         without "find_nonfinite"). Each grad it gets must be one that
@@ -84,7 +90,8 @@ class Backend(Protocol):
 
     def step(self, param, grad, velocity, table: UpdateTable, inv_grad_scale,
              counters=None, agree=None, check_nonfinite=True, grad_scale=None,
-             found_inf=None) -> None:
+             found_inf=None, *, precision="nearest", precision_buffer=None, seed=0,
+             step_count=0) -> None:
         """The fused update of every group in one kernel launch over arrays that
         `check_arrays` accepted, with a table from `device_table`; queued without waiting
         for the device.
@@ -113,7 +120,26 @@ class Backend(Protocol):
         the backend's memory (torch.amp.GradScaler's): with counters, a nonzero value
         skips the step (the first launch sets LAST_STEP_SKIPPED from it); refused
         without counters.
+
+        16-bit parameters (bfloat16, float16; a float32 or 16-bit velocity): `precision`
+        (one of kernels.layout.PRECISION_NAMES) chooses the kernel; `precision_buffer` is
+        its extra buffer (kahan: the compensation, of param's dtype; master: the float32
+        master copy; else None). The random bits of "stochastic" are keyed by `seed` (an
+        int in [0, 2**64)) and the count of steps taken before this one: counters[
+        STEP_COUNT], read by the kernels, when there are counters, else `step_count`.
         """
+
+
+class PreparedStep:
+    """Backend.step as the backends write it: their step_function's launch, called once."""
+
+    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
+             agree=None, check_nonfinite=True, grad_scale=None, found_inf=None, *,
+             precision="nearest", precision_buffer=None, seed=0, step_count=0):
+        self.step_function(param, velocity, table, counters, check_nonfinite,
+                           precision=precision, precision_buffer=precision_buffer,
+                           seed=seed)(grad, inv_grad_scale, agree, grad_scale, found_inf,
+                                      step_count)
 
 
 def refuse_found_inf_without_counters(found_inf):
@@ -125,13 +151,20 @@ def refuse_found_inf_without_counters(found_inf):
                          "on the device")
 
 
-def check_arrays(backend, param, grad, velocity):
+def check_arrays(backend, param, grad, velocity, precision="nearest",
+                 precision_buffer=None):
     """Every check of one update's arrays for `backend`; raises before anything is
-    written. velocity None: param and grad alone (a sharded step's whole gradient)."""
+    written. velocity None: param and grad alone (a sharded step's whole gradient).
+    precision_buffer: see Backend.step, described by the name the user knows it by."""
+    buffer = None
+    if precision_buffer is not None:
+        buffer = describe(PRECISION_BUFFER_NAMES.get(precision, "precision_buffer"),
+                          precision_buffer)
     check_update(describe("param", param), describe("grad", grad),
                  None if velocity is None else describe("velocity", velocity),
-                 backend.dtypes, backend.name, backend.element_aligned)
-    for name, array in (("grad", grad), ("velocity", velocity)):
+                 backend.dtypes, backend.name, backend.element_aligned, precision, buffer)
+    for name, array in (("grad", grad), ("velocity", velocity),
+                        (PRECISION_BUFFER_NAMES.get(precision), precision_buffer)):
         if array is not None and not backend.owns(array):
             raise TypeError(f"{name} is a {type_name(array)}, which backend "
                             f"{backend.name!r} cannot read; pass arrays of param's kind "
@@ -154,3 +187,10 @@ def device_table(backend, table, param, reuse=None):
     if reuse.launch_flags == table.launch_flags:
         return reuse  # the very table: step functions prepared with it stay valid
     return dataclasses.replace(reuse, launch_flags=table.launch_flags)
+
+
+def bits_view(array):
+    """A 1-D view of a contiguous array of one backend's memory: 16-bit elements
+    (bfloat16, float16) as uint16, the rest as they are."""
+    flat = array.reshape(array.size) if array.ndim != 1 else array
+    return flat.view(np.uint16) if np.dtype(flat.dtype).itemsize == 2 else flat

@@ -11,16 +11,17 @@ import functools
 
 import numpy as np
 
+from ..arrays import describe
 from ..kernels.cuda_launch import check_counters, launch_plan, step_launches
-from ..kernels.cuda_source import (BLOCK_SIZE, ENTRY_POINTS, FINISH_EXPRESSION,
+from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
                                    module_options, module_source, name_expressions)
 from ..kernels.layout import GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED, READ_COUNTERS
-from .contract import refuse_found_inf_without_counters
+from .contract import PreparedStep, refuse_found_inf_without_counters
 
 
-class CupyBackend:
+class CupyBackend(PreparedStep):
     name = "cupy"
-    dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+    dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = True
 
     def unavailable_reason(self):
@@ -83,13 +84,19 @@ class CupyBackend:
 
         return cupy.cuda.get_current_stream().is_capturing()
 
-    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True):
+    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
+                      precision="nearest", precision_buffer=None, seed=0):
         """Launches on the current stream of the device the arrays are on, which must be
         the current device at every step (checked: one runtime call)."""
         import cupy
 
-        param, velocity = cupy.asarray(param), cupy.asarray(velocity)
-        named = [("param", param), ("velocity", velocity),
+        named = {"param": param, "velocity": velocity}
+        if precision_buffer is not None:
+            named["precision_buffer"] = precision_buffer
+        infos = {name: describe(name, array) for name, array in named.items()}
+        arrays = {name: _kernel_array(array, infos[name]) for name, array in named.items()}
+        param, velocity = arrays["param"], arrays["velocity"]
+        named = [*arrays.items(),
                  *((f"table.{name}", array) for name, array in
                    zip(("scalars", "group_flags", "range_ends", "range_groups"),
                        table.arrays()))]
@@ -97,9 +104,11 @@ class CupyBackend:
             check_counters(counters, table.group_count)
             named.append(("counters", counters))
         device = _on_current_device(named)
-        update, check, finish, max_blocks = _kernels(device, param.dtype)
-        plan = launch_plan(param.dtype, param.size, table, 1.0, max_blocks,
-                           counters is not None)
+        entry = entry_point(infos["param"].dtype, infos["velocity"].dtype, precision)
+        update, check, finish, max_blocks = _kernels(device, entry)
+        plan = launch_plan(infos["param"].dtype, param.size, table, 1.0, max_blocks,
+                           counters is not None, seed)
+        buffer = arrays.get("precision_buffer", _empty(device, np.uint16))
         scalar = type(plan.inv_grad_scale)
         grid, block = (plan.grid,), (plan.block,)
         skipped = None if counters is None else \
@@ -113,7 +122,7 @@ class CupyBackend:
         # (a step repeating the objects of the one before converts nothing), the loss
         # scale in device memory, GradScaler's found_inf and `agree`.
         last_grad = kernel_grad = last_scale = inv = agreement = found = scale_slot = None
-        device_scale = no_scale
+        device_scale, step = no_scale, plan.step_count
         launches = {
             "clear": lambda: skipped.fill(0) if found is None else cupy.not_equal(
                 found, 0, out=skipped),
@@ -122,8 +131,8 @@ class CupyBackend:
                 plan.range_count, inv, device_scale, counters)),
             "agree": lambda: agreement(counters),
             "update": lambda: update(grid, block, (
-                param, kernel_grad, velocity, *update_tail, inv, device_scale,
-                plan.launch_flags, update_counters)),
+                param, kernel_grad, velocity, buffer, *update_tail, inv, device_scale,
+                plan.launch_flags, update_counters, plan.seed, step)),
             "finish": lambda: finish((1,), (plan.finish_block,), finish_args),
         }
         plain, agreeing = ([launches[name] for name in step_launches(
@@ -136,13 +145,17 @@ class CupyBackend:
             _on_current_device([(name, as_cupy)])
             return as_cupy
 
-        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
+        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None,
+                   step_count=0):
             nonlocal last_grad, kernel_grad, last_scale, inv, agreement, found, device_scale
-            nonlocal scale_slot
+            nonlocal scale_slot, step
             if runtime.getDevice() != device:
                 _on_current_device(named)  # raises, naming the arrays' device
             if grad is not last_grad:
-                last_grad, kernel_grad = grad, on_device("grad", grad)
+                kernel_grad = _kernel_array(grad, describe("grad", grad))
+                _on_current_device([("grad", kernel_grad)])
+                last_grad = grad
+            step = np.int64(step_count)
             if inv_grad_scale is not last_scale:
                 last_scale, inv = inv_grad_scale, scalar(inv_grad_scale)
             if counters is None:
@@ -162,12 +175,22 @@ class CupyBackend:
 
         return launch
 
-    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None, check_nonfinite=True, grad_scale=None, found_inf=None):
-        """Queues the step's launches (kernels.cuda_launch.step_launches) on the current
-        stream; the table and counters must be on the current device."""
-        self.step_function(param, velocity, table, counters, check_nonfinite)(
-            grad, inv_grad_scale, agree, grad_scale, found_inf)
+
+
+def _kernel_array(array, info):
+    """A CuPy array over `array`'s memory, without a copy: 16-bit elements (bfloat16,
+    float16) as their bits, uint16, which the kernel stores them as; so an interface that
+    describes bfloat16 only as raw bytes ("<V2") needs nothing from CuPy's dtypes."""
+    import cupy
+
+    if info.dtype.itemsize != 2:
+        return cupy.asarray(array)
+    if isinstance(array, cupy.ndarray):
+        return array.view(np.uint16)
+    if info.nbytes == 0:
+        return cupy.empty(info.shape, np.uint16)
+    memory = cupy.cuda.UnownedMemory(info.address, info.nbytes, array)
+    return cupy.ndarray(info.shape, np.uint16, cupy.cuda.MemoryPointer(memory, 0))
 
 
 @functools.cache
@@ -180,13 +203,12 @@ def _module(device_id):
 
 
 @functools.cache
-def _kernels(device_id, dtype):
-    """(update, non-finite check, finish_step, max_blocks) of `dtype` on a device, each
-    launched once over no elements (the module compiled, each function loaded: a CUDA
-    graph captured later records launches only)."""
+def _kernels(device_id, entry):
+    """(update, non-finite check, finish_step, max_blocks) of an EntryPoint on a device,
+    each launched once over no elements (the module compiled, each function loaded: a
+    CUDA graph captured later records launches only)."""
     import cupy
 
-    entry = ENTRY_POINTS[dtype]
     with cupy.cuda.Device(device_id):
         module = _module(device_id)
         update = module.get_function(entry.update_expression)
@@ -195,22 +217,25 @@ def _kernels(device_id, dtype):
         sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
         per_sm = min(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
             kernel.kernel.ptr, BLOCK_SIZE, 0) for kernel in (update, check))
-        _warm_up(update, check, finish, dtype)
+        _warm_up(update, check, finish, entry)
     return update, check, finish, sms * per_sm
 
 
-def _warm_up(update, check, finish, dtype):
+def _warm_up(update, check, finish, entry):
     """Each kernel launched once over no elements, with scratch counters, and waited for."""
     import cupy
 
-    compute = ENTRY_POINTS[dtype].compute_dtype
-    param, velocity = cupy.zeros(0, dtype), cupy.zeros(0, compute)
+    compute = entry.compute_dtype
+    storage = lambda dtype: np.uint16 if dtype in ("bfloat16", "float16") else dtype
+    param = cupy.zeros(0, storage(entry.param_dtype))
+    velocity = cupy.zeros(0, storage(entry.velocity_dtype))
     table = (cupy.zeros((1, GROUP_COLUMNS), compute), cupy.zeros(1, np.uint32),
              cupy.zeros(1, np.int64), cupy.zeros(1, np.int32))
     counters = cupy.zeros(GROUP_SLOTS + 1, np.int64)
     one, scale = compute.type(1), cupy.ones(1, compute)
-    update((1,), (BLOCK_SIZE,), (param, param, velocity, np.int64(0), *table, np.int32(1),
-                                 one, scale, np.uint32(READ_COUNTERS), counters))
+    update((1,), (BLOCK_SIZE,), (param, param, velocity, param, np.int64(0), *table,
+                                 np.int32(1), one, scale, np.uint32(READ_COUNTERS),
+                                 counters, np.uint64(0), np.int64(0)))
     check((1,), (BLOCK_SIZE,), (param, np.int64(0), table[2], table[3], np.int32(1), one,
                                 scale, counters))
     finish((1,), (32,), (counters, table[1], np.int32(1)))
@@ -219,7 +244,8 @@ def _warm_up(update, check, finish, dtype):
 
 @functools.cache
 def _empty(device_id, dtype):
-    """An empty array of `dtype` on a device: a null pointer for an optional argument."""
+    """An empty array of `dtype` on a device: a null pointer for an optional argument
+    (counters=None, precision_buffer=None, grad_scale=None)."""
     import cupy
 
     with cupy.cuda.Device(device_id):

@@ -14,14 +14,16 @@ import importlib.util
 
 import numpy as np
 
+from ..arrays import describe
 from ..kernels.cuda_launch import step_launches
-from ..kernels.layout import GROUP_SLOTS, READ_COUNTERS
-from .contract import refuse_found_inf_without_counters
+from ..kernels.elementwise import storage_format
+from ..kernels.layout import GROUP_SLOTS, PRECISIONS, READ_COUNTERS
+from .contract import PreparedStep, refuse_found_inf_without_counters
 
 
-class NumbaCudaBackend:
+class NumbaCudaBackend(PreparedStep):
     name = "numba-cuda"
-    dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+    dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = True
 
     def unavailable_reason(self):
@@ -58,7 +60,7 @@ class NumbaCudaBackend:
 
         array = self.asarray(array)
         out = cuda.device_array(array.shape, array.dtype)
-        out.copy_to_device(array)
+        self.assign(out, array)
         return out
 
     def asarray(self, array):
@@ -76,10 +78,14 @@ class NumbaCudaBackend:
     def assign(self, target, source):
         # Real (not simulated) Numba device arrays take no `[...] =`; copy_to_device
         # refuses empty arrays whose strides differ, though there is nothing to copy.
+        # 16-bit arrays go as their bits: a bfloat16 device array reads back through its
+        # interface as raw "<V2" bytes, which NumPy will not cast to bfloat16.
         target = self.asarray(target)
+        source = self.asarray(source) if self.owns(source) else np.asarray(source)
         if target.size:
-            target.copy_to_device(self.asarray(source) if self.owns(source)
-                                  else np.asarray(source))
+            if target.dtype.itemsize == 2:
+                target, source = target.view(np.uint16), source.view(np.uint16)
+            target.copy_to_device(source)
 
     def synchronize(self):
         from numba import cuda
@@ -117,39 +123,43 @@ class NumbaCudaBackend:
             raise RuntimeError(f"cuStreamIsCapturing failed: {error}")
         return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
 
-    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True):
+    def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
+                      precision="nearest", precision_buffer=None, seed=0):
         """For arrays of another exporter (CuPy, PyTorch) the launches follow the stream
         it names: each step reads param's interface and prepares them again when the
         stream changed (CuPy names its current stream)."""
-        prepare = lambda: _Launches(param, velocity, table, counters, check_nonfinite)
+        prepare = lambda: _Launches(param, velocity, table, counters, check_nonfinite,
+                                    precision, precision_buffer, seed)
         if _is_numba_array(param):
             return prepare().launch
         exported, launches = _exported_stream(param), prepare()
 
-        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
+        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None,
+                   step_count=0):
             nonlocal exported, launches
             if _exported_stream(param) != exported:
                 exported, launches = _exported_stream(param), prepare()
-            launches.launch(grad, inv_grad_scale, agree, grad_scale, found_inf)
+            launches.launch(grad, inv_grad_scale, agree, grad_scale, found_inf, step_count)
 
         return launch
 
-    def step(self, param, grad, velocity, table, inv_grad_scale, counters=None,
-             agree=None, check_nonfinite=True, grad_scale=None, found_inf=None):
-        self.step_function(param, velocity, table, counters, check_nonfinite)(
-            grad, inv_grad_scale, agree, grad_scale, found_inf)
 
 
 class _Launches:
     """The launches of a step (kernels.cuda_launch.step_launches) on param's stream, with
     everything but the gradient, the loss scale and `agree` prepared: views, launch
     geometry and the configured kernels, each compiled and loaded (launched once over no
-    elements, the first time for its dtypes on a device)."""
+    elements, the first time for its kind on a device)."""
 
-    def __init__(self, param, velocity, table, counters, check_nonfinite):
+    def __init__(self, param, velocity, table, counters, check_nonfinite, precision,
+                 precision_buffer, seed):
         from ..kernels import numba_cuda as kernels
 
-        param, velocity = (_flat(_stream_view(a)) for a in (param, velocity))
+        formats = tuple(storage_format(describe(name, array).dtype) for name, array in
+                        (("param", param), ("velocity", velocity)))
+        param, velocity = (_kernel_view(a) for a in (param, velocity))
+        buffer = (_empty(_current_device(), np.float32) if precision_buffer is None else
+                  _kernel_view(precision_buffer))
         blocks, threads = kernels.launch_config(param.size)
         stream = param.stream
         launch_flags = table.launch_flags
@@ -159,15 +169,19 @@ class _Launches:
         else:
             counters = _stream_view(counters)
             launch_flags |= READ_COUNTERS
-        update = kernels.momentum_step_kernel[blocks, threads, stream]
-        find_nonfinite = kernels.find_nonfinite_kernel[blocks, threads, stream]
+        kind = (*formats, PRECISIONS[precision.upper()])
+        update = kernels.update_kernel(*kind)[blocks, threads, stream]
+        find_nonfinite = kernels.check_kernel(formats[0])[blocks, threads, stream]
         clear = kernels.clear_skip_kernel[1, 1, stream]
         finish = kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream]
         self._convert_scale = kernels.convert_scale_kernel[1, 1, stream]
         arrays = table.arrays()
-        self._scalar = velocity.dtype.type
+        self._scalar = table.scalars.dtype.type  # the compute dtype
+        compute = self._scalar(0).dtype
+        seed, self._step_count = np.uint64(seed), np.int64(0)
+        launch_flags = np.uint32(launch_flags)
         self._counted = counters.size != 0
-        self._no_scale = _empty(device, velocity.dtype)  # inv_grad_scale is read
+        self._no_scale = _empty(device, compute)  # inv_grad_scale is read
         self._no_found_inf = _empty(device, np.float32)
         self._scale_slot = None  # a loss scale of another dtype converted (made once)
         self._stream = stream
@@ -175,24 +189,27 @@ class _Launches:
         self._scale, self._found = self._no_scale, self._no_found_inf
         launches = {
             "clear": lambda: clear(counters, self._found),
-            "find_nonfinite": lambda: find_nonfinite(self._grad, velocity, table.range_ends,
+            "find_nonfinite": lambda: find_nonfinite(self._grad, table.range_ends,
                                                      table.range_groups, self._inv,
                                                      self._scale, counters),
             "agree": lambda: self._agree(counters),
-            "update": lambda: update(param, self._grad, velocity, *arrays, self._inv,
-                                     self._scale, launch_flags, counters),
+            "update": lambda: update(param, self._grad, velocity, buffer, *arrays,
+                                     self._inv, self._scale, launch_flags, counters, seed,
+                                     self._step_count),
             "finish": lambda: finish(counters, table.group_flags),
         }
-        read_counters = launch_flags & READ_COUNTERS
+        read_counters = launch_flags & READ_COUNTERS != 0
         self._launches, self._agreeing = (
             [launches[name] for name in step_launches(param.size, read_counters, agree,
                                                       check_nonfinite)]
             for agree in (False, True))
-        _warm_up(param, velocity, table, stream)
+        _warm_up(param, velocity, buffer, table, stream, kind, compute)
 
-    def launch(self, grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None):
+    def launch(self, grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None,
+               step_count=0):
         if grad is not self._last_grad:
-            self._last_grad, self._grad = grad, _flat(_stream_view(grad))
+            self._last_grad, self._grad = grad, _kernel_view(grad)
+        self._step_count = np.int64(step_count)
         if inv_grad_scale is not self._last_scale:
             self._last_scale, self._inv = inv_grad_scale, self._scalar(inv_grad_scale)
         if not self._counted:
@@ -214,10 +231,10 @@ class _Launches:
             queue()
 
 
-_WARM = set()  # (device, param dtype, velocity dtype) whose kernels were launched once
+_WARM = set()  # (device, param format, velocity format, precision) launched once
 
 
-def _warm_up(param, velocity, table, stream):
+def _warm_up(param, velocity, buffer, table, stream, kind, compute):
     """Each kernel launched once over no elements (empty views of the arrays) with scratch
     counters and waited for: compiled and loaded, so that a CUDA graph captured later
     records launches only (for the argument types of steps without a loss scale or
@@ -226,19 +243,19 @@ def _warm_up(param, velocity, table, stream):
 
     from ..kernels import numba_cuda as kernels
 
-    key = (_current_device(), param.dtype, velocity.dtype)
+    key = (_current_device(), *kind)
     if key in _WARM:
         return
-    p, v = param[:0], velocity[:0]
+    p, v, b = param[:0], velocity[:0], buffer[:0]
     counters = cuda.to_device(np.zeros(GROUP_SLOTS + table.group_count, np.int64),
                               stream=stream)
-    one, no_scale = velocity.dtype.type(1), _empty(key[0], velocity.dtype)
+    one, no_scale = compute.type(1), _empty(key[0], compute)
     kernels.clear_skip_kernel[1, 1, stream](counters, _empty(key[0], np.float32))
-    kernels.find_nonfinite_kernel[1, 32, stream](p, v, table.range_ends, table.range_groups,
+    kernels.check_kernel(kind[0])[1, 32, stream](p, table.range_ends, table.range_groups,
                                                  one, no_scale, counters)
-    kernels.momentum_step_kernel[1, 32, stream](p, p, v, *table.arrays(), one, no_scale,
-                                                table.launch_flags | READ_COUNTERS,
-                                                counters)
+    kernels.update_kernel(*kind)[1, 32, stream](
+        p, p, v, b, *table.arrays(), one, no_scale,
+        np.uint32(table.launch_flags | READ_COUNTERS), counters, np.uint64(0), np.int64(0))
     kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream](counters,
                                                                   table.group_flags)
     cuda.synchronize()
@@ -269,8 +286,12 @@ def _stream_view(array):
     return array if _is_numba_array(array) else cuda.as_cuda_array(array, sync=False)
 
 
-def _flat(array):
-    return array if array.ndim == 1 else array.reshape(array.size)
+def _kernel_view(array):
+    """`array` as the kernels take it: a 1-D Numba device array on the stream it names,
+    16-bit elements (bfloat16, float16) as their uint16 bits."""
+    array = _stream_view(array)
+    array = array if array.ndim == 1 else array.reshape(array.size)
+    return array.view(np.uint16) if array.dtype.itemsize == 2 else array
 
 
 @functools.cache

@@ -1,10 +1,11 @@
-// The host-compiled kernels under AddressSanitizer and UBSan: every entry point over odd
-// sizes, every element-aligned start within a 16-byte word, every flag combination, one
+// The host-compiled kernels under AddressSanitizer and UBSan: entry points of every storage
+// format and precision mode over odd sizes, every element-aligned start within a 16-byte
+// word, every flag combination, one
 // group over one range or three groups over ranges with odd ends (words that hold a range
 // end; every fourth range GM_NO_GROUP, whose elements must keep their bits), and a few
 // grid sizes. Each array, the group table's included, sits in an
 // allocation of exactly its own size, so a read or write past its end stops the run; UBSan
-// stops it on a misaligned vector access. Each case runs twice, once with the three arrays
+// stops it on a misaligned vector access. Each case runs twice, once with the arrays
 // aligned alike (vector body) and once misaligned against each other (scalar path only):
 // the two must agree bit for bit.
 //
@@ -36,13 +37,18 @@ class Buffer {
     unsigned char* base_;
 };
 
-template <typename T> T from_float(float x) { return static_cast<T>(x); }
-template <> __half from_float<__half>(float x) { return __float2half_rn(x); }
+// A value of storage format F from a float.
+template <typename F> typename F::storage from_float(float x) {
+    return F::nearest(static_cast<typename F::compute>(x));
+}
 
-template <typename T>
+template <typename P, typename V_, int MODE>
 struct Case {
-    using V = typename gm::Types<T>::velocity;
-    using C = typename gm::Types<T>::compute;
+    using T = typename P::storage;
+    using V = typename V_::storage;
+    using B = typename gm::Buffer<P, MODE>::type;
+    using C = typename P::compute;
+    static constexpr bool buffered = gm::has_buffer(MODE);
 
     // The group table of a case: with `grouped`, three groups over ranges cut at odd
     // places (group r % 3 for range r, but every fourth range GM_NO_GROUP, as padding
@@ -95,45 +101,66 @@ struct Case {
         }
     };
 
-    // Runs the kernel on arrays at the given byte offsets; returns param and velocity.
-    // Counts in *moved the NO_GROUP elements whose param or velocity bits changed.
-    static std::vector<unsigned char> run(long long n, size_t p_off, size_t g_off,
-                                          size_t v_off, unsigned flags, bool grouped,
-                                          unsigned grid, unsigned seed, long long* moved) {
-        Buffer p(p_off, n * sizeof(T)), g(g_off, n * sizeof(T)), v(v_off, n * sizeof(V));
-        std::mt19937 rng(seed);
+    // The values of element i: param, grad, velocity and precision buffer.
+    static void draw(std::mt19937& rng, T* p, T* g, V* v, B* b) {
         std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+        const float x = uniform(rng);
+        *p = from_float<P>(x);
+        *g = from_float<P>(uniform(rng));
+        *v = from_float<V_>(uniform(rng));
+        const float small = uniform(rng) * 0.001f;  // a compensation: below the param's ulp
+        if constexpr (MODE == GM_PRECISION_KAHAN) *b = from_float<P>(small);
+        if constexpr (MODE == GM_PRECISION_MASTER) *b = x + small;
+    }
+
+    // Runs the kernel on arrays at the given byte offsets (the precision buffer, where the
+    // mode has one, at `b_off`); returns param, velocity and buffer. Counts in *moved the
+    // NO_GROUP elements whose param, velocity or buffer bits changed.
+    static std::vector<unsigned char> run(long long n, size_t p_off, size_t g_off,
+                                          size_t v_off, size_t b_off, unsigned flags,
+                                          bool grouped, unsigned grid, unsigned seed,
+                                          long long* moved) {
+        Buffer p(p_off, n * sizeof(T)), g(g_off, n * sizeof(T)), v(v_off, n * sizeof(V)),
+            b(b_off, buffered ? n * sizeof(B) : 0);
+        B* buffer = buffered ? b.at<B>() : nullptr;
+        B unused;
+        std::mt19937 rng(seed);
         for (long long i = 0; i < n; ++i) {
-            p.at<T>()[i] = from_float<T>(uniform(rng));
-            g.at<T>()[i] = from_float<T>(uniform(rng));
-            v.at<V>()[i] = static_cast<V>(uniform(rng));
+            draw(rng, p.at<T>() + i, g.at<T>() + i, v.at<V>() + i,
+                 buffered ? buffer + i : &unused);
         }
         Groups groups(n, flags, grouped);
         const unsigned launch =
             flags & (GM_FLAG_CLASSIC | GM_FLAG_MAXIMIZE | GM_FLAG_READ_COUNTERS);
-        gm_host_launch(grid, 32u, &momentum_step<T>, p.at<T>(),
-                       static_cast<const T*>(g.at<T>()), v.at<V>(), n,
+        gm_host_launch(grid, 32u, &momentum_step<P, V_, MODE>, p.at<T>(),
+                       static_cast<const T*>(g.at<T>()), v.at<V>(), buffer, n,
                        static_cast<const C*>(groups.scalars.data()),
                        static_cast<const unsigned*>(groups.flags.data()),
                        static_cast<const long long*>(groups.ends.data()),
                        static_cast<const int*>(groups.owners.data()),
                        static_cast<int>(groups.ends.size()), C(0.5),
                        static_cast<const C*>(nullptr), launch,
-                       static_cast<const long long*>(groups.counters.data()));
-        std::vector<unsigned char> out(n * (sizeof(T) + sizeof(V)));
+                       static_cast<const long long*>(groups.counters.data()), 7ull, 3ll);
+        const size_t each = sizeof(T) + sizeof(V) + (buffered ? sizeof(B) : 0);
+        std::vector<unsigned char> out(n * each);
         if (n > 0) {
             std::memcpy(out.data(), p.at<T>(), n * sizeof(T));
             std::memcpy(out.data() + n * sizeof(T), v.at<V>(), n * sizeof(V));
+            if (buffered) {
+                std::memcpy(out.data() + n * (sizeof(T) + sizeof(V)), buffer, n * sizeof(B));
+            }
         }
         // The same draws again: what every NO_GROUP element must still hold.
         std::mt19937 again(seed);
         for (long long i = 0; i < n; ++i) {
-            const T p0 = from_float<T>(uniform(again));
-            uniform(again);
-            const V v0 = static_cast<V>(uniform(again));
+            T p0, g0;
+            V v0;
+            B b0{};
+            draw(again, &p0, &g0, &v0, &b0);
             if (groups.owner(i) == GM_NO_GROUP &&
                 (std::memcmp(&p0, p.at<T>() + i, sizeof(T)) != 0 ||
-                 std::memcmp(&v0, v.at<V>() + i, sizeof(V)) != 0)) {
+                 std::memcmp(&v0, v.at<V>() + i, sizeof(V)) != 0 ||
+                 (buffered && std::memcmp(&b0, buffer + i, sizeof(B)) != 0))) {
                 ++*moved;
             }
         }
@@ -148,10 +175,10 @@ struct Case {
         Groups groups(n, 0u, grouped);
         for (long long i = 0; i < n; ++i) {
             const bool padding = groups.owner(i) == GM_NO_GROUP;
-            g.at<T>()[i] = from_float<T>(i == bad ? NAN : padding ? INFINITY : 1.0f);
+            g.at<T>()[i] = from_float<P>(i == bad ? NAN : padding ? INFINITY : 1.0f);
         }
         long long counters[4] = {0, 0, 0, 0};
-        gm_host_launch(grid, 32u, &find_nonfinite<T>, static_cast<const T*>(g.at<T>()), n,
+        gm_host_launch(grid, 32u, &find_nonfinite<P>, static_cast<const T*>(g.at<T>()), n,
                        static_cast<const long long*>(groups.ends.data()),
                        static_cast<const int*>(groups.owners.data()),
                        static_cast<int>(groups.ends.size()), C(0.5),
@@ -164,9 +191,11 @@ struct Case {
         int failures = 0;
         for (long long n : sizes) {
             for (size_t offset = 0; offset < 16; offset += sizeof(T)) {
-                // Velocity elements may be wider than param elements (float for __half):
-                // the same element index then sits at a proportionally larger offset.
+                // Velocity (and buffer) elements may be wider than param elements (float
+                // for 16-bit params): the same element index then sits at a
+                // proportionally larger offset.
                 const size_t v_offset = offset * sizeof(V) / sizeof(T) % 16;
+                const size_t b_offset = offset * sizeof(B) / sizeof(T) % 16;
                 const size_t g_apart = (offset + sizeof(T)) % 16;
                 for (long long bad : {-1LL, 0LL, 5LL, n / 2, n - 1}) {
                     for (bool grouped : {false, true}) {
@@ -187,10 +216,10 @@ struct Case {
                         for (unsigned grid : {1u, 3u}) {
                             const unsigned seed = static_cast<unsigned>(n * 131 + offset);
                             long long moved = 0;
-                            auto vector = run(n, offset, offset, v_offset, flags, grouped,
+                            auto vector = run(n, offset, offset, v_offset, b_offset, flags,
+                                              grouped, grid, seed, &moved);
+                            auto scalar = run(n, offset, g_apart, 0, 0, flags, grouped,
                                               grid, seed, &moved);
-                            auto scalar = run(n, offset, g_apart, 0, flags, grouped, grid,
-                                              seed, &moved);
                             *launches += 2;
                             if (vector != scalar || moved) {
                                 std::printf("%s: n=%lld offset=%zu flags=%u grouped=%d "
@@ -237,9 +266,17 @@ int main() {
     for (int count : {1, 3, 32, 70}) {
         failures += finish(count, false, &launches) + finish(count, true, &launches);
     }
-    failures += Case<float>::all("float", &launches);
-    failures += Case<double>::all("double", &launches);
-    failures += Case<__half>::all("__half", &launches);
+    using namespace gm;
+    failures += Case<Float, Float, GM_PRECISION_NEAREST>::all("float", &launches);
+    failures += Case<Double, Double, GM_PRECISION_NEAREST>::all("double", &launches);
+    failures += Case<Half, Float, GM_PRECISION_NEAREST>::all("half", &launches);
+    failures += Case<BFloat16, Float, GM_PRECISION_STOCHASTIC>::all("bfloat16 stochastic",
+                                                                    &launches);
+    failures += Case<BFloat16, BFloat16, GM_PRECISION_KAHAN>::all(
+        "bfloat16 kahan, bfloat16 velocity", &launches);
+    failures += Case<BFloat16, Float, GM_PRECISION_MASTER>::all("bfloat16 master", &launches);
+    failures += Case<Half, Half, GM_PRECISION_MASTER>::all("half master, half velocity",
+                                                           &launches);
     std::printf("%lld launches, %d failures\n", launches, failures);
     return failures == 0 ? 0 : 1;
 }

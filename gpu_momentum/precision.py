@@ -1,0 +1,131 @@
+"""How 16-bit parameters are updated: the precision mode, the velocity's dtype, the seed.
+
+bfloat16 and float16 parameters are computed in float32 and rounded back once per step;
+`precision` says how (kernels.layout.PRECISIONS): "nearest" (round to nearest even, the
+default), "stochastic" (unbiased random rounding, keyed by the seed, the step count and the
+element's index), "kahan" (a compensation buffer of the parameter dtype carries each
+rounding error into the next step) or "master" (a float32 master copy is updated; the
+parameters are its rounding). float32 and float64 parameters have "nearest" only: they are
+computed in their own precision.
+
+bfloat16 is `ml_dtypes.bfloat16` (`pip install "gpu-momentum[bf16]"`); nothing here needs
+ml_dtypes until a bfloat16 dtype is named.
+"""
+
+import dataclasses
+import numbers
+
+import numpy as np
+
+from .kernels.layout import PRECISION_NAMES
+
+BFLOAT16_EXTRA = 'pip install "gpu-momentum[bf16]"'
+PARAM_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def is_16_bit(dtype):
+    """Whether parameters of `dtype` are stored in 16 bits and computed in float32."""
+    return np.dtype(dtype).itemsize == 2
+
+
+def compute_dtype(param_dtype):
+    """The dtype the update computes in: float32 for 16-bit parameters, else the param
+    dtype (float32, float64)."""
+    param_dtype = np.dtype(param_dtype)
+    return np.dtype(np.float32) if is_16_bit(param_dtype) else param_dtype
+
+
+def velocity_dtypes(param_dtype):
+    """The velocity dtypes parameters of `param_dtype` can have, the default first:
+    float32 or their own dtype for 16-bit parameters, their own dtype otherwise."""
+    param_dtype = np.dtype(param_dtype)
+    if is_16_bit(param_dtype):
+        return (np.dtype(np.float32), param_dtype)
+    return (param_dtype,)
+
+
+def precision_buffer_dtype(param_dtype, precision):
+    """The dtype of `precision`'s extra buffer (kahan: the compensation, of the param
+    dtype; master: the float32 master copy), or None when it has none."""
+    return {"kahan": np.dtype(param_dtype), "master": np.dtype(np.float32)}.get(precision)
+
+
+PRECISION_BUFFER_NAMES = {"kahan": "compensation", "master": "master"}
+
+
+def named_dtype(name, value):
+    """`value` (a dtype, a type or a name such as "bfloat16") as a NumPy dtype; TypeError
+    naming `name` when it is none, or when bfloat16 is asked for without ml_dtypes."""
+    if isinstance(value, str) and value == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as error:
+            raise TypeError(f"Invalid {name} value: 'bfloat16' (bfloat16 needs ml_dtypes: "
+                            f"{BFLOAT16_EXTRA}; {error})") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(value)
+    except TypeError:
+        raise TypeError(f"Invalid {name} value: {value!r} ({name} must be a dtype or "
+                        f"its name, such as 'float32' or 'bfloat16')") from None
+
+
+def check_key_integer(name, value, bits):
+    """`value` as an int in [0, 2**bits), after checking it is one (NumPy integers too):
+    TypeError for a non-integer, ValueError out of range, naming `name`."""
+    why = f"({name} must be an integer in [0, 2**{bits}))"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Invalid {name} value: {value!r} {why}")
+    if not 0 <= value < 2**bits:
+        raise ValueError(f"Invalid {name} value: {value!r} {why}")
+    return int(value)
+
+
+def check_seed(seed):
+    """`seed` as an int in [0, 2**64) (stochastic rounding's key), after checking it."""
+    return check_key_integer("seed", seed, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How parameters of `param_dtype` are updated; invalid combinations cannot exist.
+
+    velocity_dtype None means the default (float32 for 16-bit parameters, else the param
+    dtype)."""
+
+    param_dtype: np.dtype
+    precision: str = "nearest"
+    velocity_dtype: np.dtype = None
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        param = np.dtype(self.param_dtype)
+        set_("param_dtype", param)
+        if not isinstance(self.precision, str) or self.precision not in PRECISION_NAMES:
+            raise ValueError(f"Invalid precision value: {self.precision!r} (precision must "
+                             f"be one of {PRECISION_NAMES})")
+        if self.precision != "nearest" and not is_16_bit(param):
+            raise ValueError(f"Invalid precision value: {self.precision!r} ({param} "
+                             f"parameters are computed in their own precision: only "
+                             f"'nearest' applies to them; the other modes are for "
+                             f"bfloat16 and float16 parameters)")
+        allowed = velocity_dtypes(param)
+        velocity = (allowed[0] if self.velocity_dtype is None else
+                    named_dtype("velocity_dtype", self.velocity_dtype))
+        if velocity not in allowed:
+            names = " or ".join(repr(d.name) for d in allowed)
+            raise ValueError(f"Invalid velocity_dtype value: {velocity.name!r} ({param} "
+                             f"parameters keep a {names} velocity)")
+        set_("velocity_dtype", velocity)
+        set_("seed", check_seed(self.seed))
+
+    @property
+    def buffer_dtype(self):
+        """The dtype of the mode's extra buffer, or None."""
+        return precision_buffer_dtype(self.param_dtype, self.precision)
+
+    @property
+    def buffer_name(self):
+        """"compensation" (kahan), "master" (master), or None."""
+        return PRECISION_BUFFER_NAMES.get(self.precision)
