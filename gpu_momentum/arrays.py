@@ -53,7 +53,9 @@ def describe(name, array):
                         f"(cupy.ndarray, numba device array), got {type_name(array)}")
     shape = tuple(iface["shape"])
     dtype = np.dtype(iface["typestr"])
-    if dtype.kind == "V":  # bfloat16 is "<V2" in the interfaces; the array knows better
+    if dtype.kind in "uV" and dtype.itemsize == 2:
+        # bfloat16 is "<V2" in the interfaces (or its bits, "<u2", where an exporter has
+        # none for it: gpu_momentum.torch); the array's own dtype knows better
         dtype = _own_dtype(array, dtype)
     address, readonly = iface["data"]
     strides = iface.get("strides")

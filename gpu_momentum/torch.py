@@ -51,6 +51,7 @@ torch.optim.SGD's for-loop reads it).
 """
 
 import contextlib
+import itertools
 import operator
 import weakref
 
@@ -70,14 +71,17 @@ from .flat import SEGMENT_ALIGNMENT_BYTES
 from .groups import UpdateTable
 from .hyperparams import STYLES, keeps_velocity, row_flags, table_row
 from .kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED,
-                             NO_GROUP, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
+                             NO_GROUP, PRECISION_NAMES, SKIPPED_STEPS, STEP_COUNT,
+                             VELOCITY_INITIALIZED)
+from .precision import BFLOAT16_EXTRA, PRECISION_BUFFER_NAMES, check_seed
 
 __all__ = ["SGD", "UnsupportedOptionError"]
 
 # The library's extras in a state_dict, under one top-level key that torch.optim.SGD's
 # load_state_dict ignores (it reads "state" and "param_groups" only).
 STATE_KEY = "gpu_momentum"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: before precision and seed
+STATE_FORMATS = (1, 2)  # what load_state_dict reads
 # What torch.optim.SGD.__setstate__ fills into the param groups of an older checkpoint.
 TORCH_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
                         "differentiable": False, "fused": False}
@@ -88,6 +92,11 @@ EXTRA_GROUP_DEFAULTS = {"l1": 0.0, "decoupled_weight_decay": False}
 DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cupy", "numba-cuda")}
 NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
                 torch.float64: np.dtype(np.float64)}
+try:  # torch.bfloat16 as NumPy knows it: ml_dtypes' (the "bf16" extra)
+    import ml_dtypes
+    NUMPY_DTYPES[torch.bfloat16] = np.dtype(ml_dtypes.bfloat16)
+except ImportError:
+    pass
 TORCH_DTYPES = {numpy: torch_dtype for torch_dtype, numpy in NUMPY_DTYPES.items()}
 _data_ptr = torch.Tensor.data_ptr
 _ENGINE = torch.autograd.Variable._execution_engine
@@ -148,22 +157,32 @@ class SGD(Optimizer):
       before capturing (they create the momentum buffers); after changing a group's
       values between replays, call `prepare()` (it rewrites the update tables in place,
       outside the graph). A step inside a capture that would need host work raises;
+    - precision: how bfloat16 and float16 parameters are stored back after their
+      float32 update, as MomentumSGD's precision: "nearest" (default), "stochastic"
+      (keyed by `seed`, an integer in [0, 2**64), and the step count), "kahan" (a
+      compensation of the parameter's dtype, `state[p]["compensation"]`) or "master" (a
+      float32 master copy, `state[p]["master"]`, taken at the parameter's first step).
+      One per optimizer; float32 and float64 parameters beside 16-bit ones are computed
+      in their own precision, and a mode other than "nearest" without any 16-bit
+      parameter is a ValueError;
     - style: "torch" (default) or "classic" (one per optimizer);
     - backend: "auto", "cpu", "cupy" or "numba-cuda".
     foreach and fused are accepted and ignored (the update is always one fused pass);
     differentiable=True raises UnsupportedOptionError.
 
-    Parameters in float32 or float64 (and complex64, complex128) are updated on every
-    device; float16 where the backend has it (cupy, numba-cuda: computed in float32, with
-    a float32 momentum buffer); bfloat16 nowhere yet. A trainable parameter of another
-    dtype is refused with a TypeError at construction; integer tensors, and frozen ones
-    of those dtypes, stay out of the buffers (a gradient on one at `step()` is an error).
+    Parameters in bfloat16 (with ml_dtypes installed), float16, float32 or float64 (and
+    their complex types) are updated on every device; 16-bit ones are computed in float32,
+    with a float32 momentum buffer (kept float32 through load_state_dict, which in torch
+    casts it to the parameter's dtype). A trainable parameter of another dtype is refused
+    with a TypeError at construction; integer tensors, and frozen ones of those dtypes,
+    stay out of the buffers (a gradient on one at `step()` is an error).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, l1=0.0, decoupled_weight_decay=False,
-                 skip_nonfinite=False, capturable=False, style="torch", backend="auto",
-                 foreach=None, fused=None, differentiable=False):
+                 skip_nonfinite=False, capturable=False, precision="nearest", seed=0,
+                 style="torch", backend="auto", foreach=None, fused=None,
+                 differentiable=False):
         # torch.optim.SGD's checks, in its order and with its messages, before params are
         # looked at (torch's own error inputs pass params=None with a bad lr or momentum).
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -196,6 +215,10 @@ class SGD(Optimizer):
         if not isinstance(style, str) or style not in STYLES:
             raise ValueError(f"Invalid style value: {style!r} (style must be one of "
                              f"{STYLES})")
+        if not isinstance(precision, str) or precision not in PRECISION_NAMES:
+            raise ValueError(f"Invalid precision value: {precision!r} (precision must be "
+                             f"one of {PRECISION_NAMES})")
+        seed = check_seed(seed)
         if backend != "auto":
             backend_named(backend)  # an unknown or unavailable backend fails here
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
@@ -206,6 +229,7 @@ class SGD(Optimizer):
             if value != EXTRA_GROUP_DEFAULTS[name]:
                 defaults[name] = type(EXTRA_GROUP_DEFAULTS[name])(value)
         self._style = style
+        self._precision, self._seed = precision, seed
         self._backend_choice = backend
         self._skip_nonfinite = bool(skip_nonfinite)
         self._capturable = bool(capturable)
@@ -224,6 +248,17 @@ class SGD(Optimizer):
     @property
     def skip_nonfinite(self):
         return self._skip_nonfinite
+
+    @property
+    def precision(self):
+        """How bfloat16 and float16 parameters are stored back: "nearest", "stochastic",
+        "kahan" or "master" (float32 and float64 ones: computed in their own precision)."""
+        return self.__dict__.get("_precision", "nearest")
+
+    @property
+    def seed(self):
+        """The seed of stochastic rounding's random bits."""
+        return self.__dict__.get("_seed", 0)
 
     @property
     def capturable(self):
@@ -302,6 +337,7 @@ class SGD(Optimizer):
     def __getstate__(self):
         self._settle()
         return {**super().__getstate__(), "_style": self._style,
+                "_precision": self.precision, "_seed": self.seed,
                 "_backend_choice": self._backend_choice,
                 "_skip_nonfinite": self._skip_nonfinite, "_capturable": self.capturable,
                 "_counts": list(self._counts),
@@ -331,11 +367,15 @@ class SGD(Optimizer):
     @torch._disable_dynamo
     def state_dict(self):
         """torch.optim.SGD's state dict (`state[i]["momentum_buffer"]` for the parameters
-        that have one, views of the flat velocity; `param_groups` with torch's keys), plus
-        the library's extras under "gpu_momentum", which torch.optim.SGD ignores."""
+        that have one, views of the flat velocity, and with precision "kahan" or "master"
+        `state[i]["compensation"]` or `state[i]["master"]` for the 16-bit parameters that
+        took a step; `param_groups` with torch's keys), plus the library's extras under
+        "gpu_momentum" (format 2: style, precision, seed and the step counts), which
+        torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state)."""
         self._settle()
         state_dict = super().state_dict()
         state_dict[STATE_KEY] = {"format": STATE_FORMAT, "style": self._style,
+                                 "precision": self.precision, "seed": self.seed,
                                  "step_count": self._counts[0],
                                  "skipped_steps": self._counts[1]}
         return state_dict
@@ -347,6 +387,14 @@ class SGD(Optimizer):
         anything changes; a rejected state leaves the optimizer as it was."""
         extras = _extras(state_dict)
         style = "torch" if extras is None else extras["style"]
+        # A state that names its precision must have this optimizer's (torch.optim.SGD's
+        # and format 1's name none, and hold no precision buffers: those start afresh).
+        precision = self.precision if extras is None else extras.get("precision",
+                                                                        self.precision)
+        if precision != self.precision:
+            raise ValueError(f"Invalid precision value: {precision!r} (the state was saved "
+                             f"with precision {precision!r}, this optimizer uses "
+                             f"{self.precision!r})")
         if style != self._style and _has_momentum_buffers(state_dict):
             source = ("torch.optim.SGD state" if extras is None else
                       f"state of a style={style!r} optimizer")
@@ -360,9 +408,35 @@ class SGD(Optimizer):
         except BaseException:
             self.state, self.param_groups = before
             raise
+        self._restore_uncast(state_dict)
         if extras is not None:
             self._counts = [extras["step_count"], extras["skipped_steps"]]
+            self._seed = extras.get("seed", 0)
         self._last_step_skipped = False
+        layout = self.__dict__.get("_layout")
+        for bucket in [] if layout is None else layout.buckets:
+            bucket.count_from(self._counts[0])
+
+    def _restore_uncast(self, state_dict):
+        """torch's load_state_dict casts every floating-point state tensor to its
+        parameter's dtype: a float32 momentum buffer or master copy of a 16-bit parameter
+        would lose its low bits. They take the saved values again, exactly (checked: the
+        shapes are the parameters')."""
+        saved = state_dict["state"]
+        ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(ids, params):
+            entry, current = saved.get(saved_id), self.state.get(p)
+            if not entry or not current:
+                continue
+            for key in ("momentum_buffer", *PRECISION_BUFFER_NAMES.values()):
+                value, loaded = entry.get(key), current.get(key)
+                if not isinstance(value, torch.Tensor) or loaded is None:
+                    continue
+                if self.__dict__.get("_layout") is None:  # packed later, from the state
+                    current[key] = value.detach().to(p.device, copy=True)
+                else:
+                    loaded.copy_(_dense(value))
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none=True):
@@ -447,7 +521,8 @@ class SGD(Optimizer):
             else {}
         for bucket in layout.buckets:
             skipped |= bucket.launch(settings, self._style, inv_grad_scale, self.state,
-                                     capturing, **scaling)
+                                     capturing, seed=self.seed, step_count=self._counts[0],
+                                     **scaling)
         if not layout.counted_on_device:
             self._counts[1 if skipped else 0] += 1
             self._last_step_skipped = skipped
@@ -493,20 +568,28 @@ class SGD(Optimizer):
             raise ValueError(f"Invalid skip_nonfinite value: True (a step is skipped "
                              f"for all parameters or none, decided in one buffer's "
                              f"memory; these parameters need several: {where})")
+        sixteen_bit = {dtype: dtype.itemsize == 2 for _, _, dtype in packed}
+        if self.precision != "nearest" and packed and not any(sixteen_bit.values()):
+            dtypes = ", ".join(sorted({str(dtype) for dtype in sixteen_bit}))
+            raise ValueError(f"Invalid precision value: {self.precision!r} (the parameters "
+                             f"are {dtypes}, computed in their own precision: only "
+                             f"'nearest' applies to them; the other modes are for "
+                             f"bfloat16 and float16 parameters)")
         _check_disjoint([p for ps in packed.values() for p in ps], order)
         old_views = {} if old is None else {
             id(view): cleared for bucket in old.buckets
             for view, cleared in zip(bucket.grad_views, bucket.cleared)}
         buckets = [_Bucket(REGISTRY[name], device, dtype, params,
                            [group_of[id(p)] for p in params], self._counted_on_device,
-                           self._skip_nonfinite)
+                           self._skip_nonfinite,
+                           self.precision if sixteen_bit[dtype] else "nearest")
                    for (name, device, dtype), params in packed.items()]
         for bucket in buckets:
             bucket.check_state(self.state)
         for bucket in buckets:
             bucket.fill(self.state)
         for bucket in buckets:
-            bucket.commit(self.state, old_views)
+            bucket.commit(self.state, old_views, self._counts[0])
         if old is not None:
             for bucket in old.buckets:
                 bucket.unwatch()
@@ -541,17 +624,18 @@ class SGD(Optimizer):
             raise TypeError(f"Invalid backend value: {choice!r} cannot update parameter "
                             f"{number}, a {p.device.type} tensor (backends for "
                             f"{p.device.type} tensors: {names})")
-        dtype = NUMPY_DTYPES.get(_real_dtype(p.dtype))
-        # 16-bit parameters on the CPU are not wired through this adapter yet.
-        updated = [d for d in map(np.dtype, ("float16", "float32", "float64"))
-                   if d.name in backend.dtypes and (d.itemsize > 2 or backend.name != "cpu")]
+        real = _real_dtype(p.dtype)
+        dtype = NUMPY_DTYPES.get(real)
+        updated = [d for d in TORCH_DTYPES if d.name in backend.dtypes]
         if dtype is None or dtype not in updated:
             if not p.requires_grad:
                 return None
             supported = ", ".join(str(TORCH_DTYPES[d]) for d in updated)
+            missing = (f"; torch.bfloat16 needs ml_dtypes: {BFLOAT16_EXTRA}"
+                       if real == torch.bfloat16 and dtype is None else "")
             raise TypeError(f"parameter {number} has dtype {p.dtype}, which backend "
                             f"{backend.name!r} does not update on {p.device.type} "
-                            f"(it updates {supported}, and their complex types)")
+                            f"(it updates {supported}, and their complex types{missing})")
         return backend
 
     def _group_settings(self):
@@ -610,16 +694,20 @@ class _Layout:
             if p.grad is not None:
                 raise TypeError(f"a {p.dtype} {p.layout} tensor on {p.device} has a "
                                 f"gradient, but gpu_momentum.torch.SGD cannot update it "
-                                f"(it updates strided float32, float64 and complex "
-                                f"tensors on cpu, and float16 on cuda)")
+                                f"(it updates strided bfloat16, float16, float32, float64 "
+                                f"and complex tensors)")
 
 
 class _Bucket:
     """The parameters of one (device, dtype) in one flat buffer: flat param, gradient and
     velocity tensors whose segments are the parameters' data, gradient views and momentum
-    buffers, and the update table of its one launch (a row per parameter)."""
+    buffers, the precision buffer of 16-bit parameters (kahan: the compensation, master:
+    the float32 master copy; segments `state[p]["compensation"]` or `state[p]["master"]`
+    once the parameter took a step), and the update table of its one launch (a row per
+    parameter)."""
 
-    def __init__(self, backend, device, dtype, params, groups, counted, check_nonfinite):
+    def __init__(self, backend, device, dtype, params, groups, counted, check_nonfinite,
+                 precision):
         self.backend, self.device, self.params = backend, device, params
         self.groups = np.array(groups, np.intp)  # the param group of each row
         self.param_dtype = dtype
@@ -643,6 +731,16 @@ class _Bucket:
         # base's), so that an in-place write into one parameter's gradient shows.
         self.grad_views = [_segment(self.grad, o, p).data for o, p in zip(offsets, params)]
         self.velocity_views = [_segment(self.velocity, o, p) for o, p in zip(offsets, params)]
+        self.precision = precision
+        self.buffer_name = PRECISION_BUFFER_NAMES.get(precision)  # None: no buffer
+        tensors = (self.data, self.grad, self.velocity)
+        self.buffer = self.buffer_views = None
+        if self.buffer_name is not None:
+            self.buffer = torch.zeros(total, dtype=dtype if precision == "kahan" else
+                                      torch.float32, device=device)
+            self.buffer_views = [_segment(self.buffer, o, p) for o, p in zip(offsets, params)]
+            tensors += (self.buffer,)
+        self.buffered = np.zeros(len(params), bool)  # its buffer segment holds its state
         # Ranges: each parameter's elements (its row, or NO_GROUP while its grad is None),
         # then the padding after it (NO_GROUP: never read or written).
         range_ends, self.param_ranges = [], []
@@ -669,9 +767,10 @@ class _Bucket:
         self.capturing = _capture_check(device)
         self.zeroed_in_graph = False
         self.initialized = np.zeros(len(params), bool)
-        self.arrays = _ArraysFor(backend, device, (self.data, self.grad, self.velocity))
+        self.arrays = _ArraysFor(backend, device, tensors)
         with self.arrays.context():
-            check_arrays(backend, *self.arrays.step_arrays())
+            check_arrays(backend, *self.arrays.step_arrays()[:3], precision,
+                         self._buffer_array(self.arrays.step_arrays()))
             self.counters = (backend.asarray(np.zeros(GROUP_SLOTS + len(params), np.int64))
                              if counted else None)
         self.check_nonfinite = check_nonfinite  # with counters: skip non-finite steps
@@ -684,38 +783,49 @@ class _Bucket:
     # -- packing: check, fill, commit --
 
     def check_state(self, state):
-        """Raises before anything changes if a momentum buffer in `state` cannot be this
-        bucket's parameter's."""
+        """Raises before anything changes if a momentum buffer, compensation or master
+        copy in `state` cannot be this bucket's parameter's (or belongs to another
+        precision than this bucket's)."""
         for index, p in enumerate(self.params):
-            buffer = _momentum_buffer(state, p)
-            if buffer is None or buffer is self.velocity_views[index]:
-                continue
-            if not isinstance(buffer, torch.Tensor):
-                raise TypeError(f"Invalid momentum_buffer value: a {type(buffer).__name__} "
-                                f"for a parameter of shape {tuple(p.shape)} (a tensor)")
-            if buffer.shape != p.shape:
-                raise ValueError(f"Invalid momentum_buffer value: shape "
-                                 f"{tuple(buffer.shape)} for a parameter of shape "
-                                 f"{tuple(p.shape)}")
-            if buffer.is_complex() != p.is_complex():
-                raise TypeError(f"Invalid momentum_buffer value: dtype {buffer.dtype} for a "
-                                f"parameter of dtype {p.dtype}")
+            entry = state.get(p) or {}
+            for name in PRECISION_BUFFER_NAMES.values():
+                if name in entry and name != self.buffer_name:
+                    raise ValueError(f"Invalid state_dict value: a parameter's state holds "
+                                     f"{name!r}, which precision {self.precision!r} of "
+                                     f"{self.param_dtype} parameters does not keep")
+            _check_state_tensor("momentum_buffer", entry.get("momentum_buffer"), p,
+                                self.velocity_views[index])
+            if self.buffer_name is not None:
+                _check_state_tensor(self.buffer_name, entry.get(self.buffer_name), p,
+                                    self.buffer_views[index])
+
+    def _state_pairs(self, state, index):
+        """[(state key, tensor in `state` or None, its view in the buffers)] of parameter
+        `index`: the momentum buffer, and the precision buffer if any."""
+        entry = state.get(self.params[index]) or {}
+        pairs = [("momentum_buffer", entry.get("momentum_buffer"),
+                  self.velocity_views[index])]
+        if self.buffer_name is not None:
+            pairs.append((self.buffer_name, entry.get(self.buffer_name),
+                          self.buffer_views[index]))
+        return pairs
 
     def fill(self, state):
-        """Copies the parameters' values, gradients and momentum buffers into the new
-        buffers (nothing the user sees changes)."""
+        """Copies the parameters' values, gradients, momentum buffers and precision
+        buffers into the new buffers (nothing the user sees changes)."""
         for index, p in enumerate(self.params):
             self.param_views[index].copy_(p.detach())
             grad = p.grad
             if grad is not None and grad.shape == p.shape:
                 self.grad_views[index].copy_(_dense(grad))
-            buffer = _momentum_buffer(state, p)
-            if buffer is not None:
-                self.velocity_views[index].copy_(_dense(buffer))
+            for _, tensor, view in self._state_pairs(state, index):
+                if tensor is not None:
+                    view.copy_(_dense(tensor))
 
-    def commit(self, state, old_views):
-        """Points the parameters, their gradients and momentum buffers at the buffers.
-        `old_views`: {id(gradient view of the previous buffers): whether cleared}."""
+    def commit(self, state, old_views, step_count):
+        """Points the parameters, their gradients, momentum buffers and precision buffers
+        at the buffers. `old_views`: {id(gradient view of the previous buffers): whether
+        cleared}; `step_count`: the optimizer's steps taken (stochastic rounding's key)."""
         for index, p in enumerate(self.params):
             p.data = self.param_views[index]
             grad = p.grad
@@ -727,27 +837,34 @@ class _Bucket:
                 self.cleared[index] = bool(cleared)
             elif cleared:
                 p.grad = None  # what it stood for, now that no view of its shape can
-            if _momentum_buffer(state, p) is not None:
-                state[p]["momentum_buffer"] = self.velocity_views[index]
-                self.initialized[index] = True
+            self._point_state(state, index)
         self.ptrs = list(map(_data_ptr, self.params))
-        self._write_counters(0, 0)
+        self._write_counters(step_count, 0)
         self.watch()
         self.versions = [view._version for view in self.grad_views]
+
+    def _point_state(self, state, index):
+        """The state tensors of parameter `index` become their views (fill() or
+        adopt_state() copied their values); which exist says what is initialized."""
+        pairs = self._state_pairs(state, index)
+        for key, tensor, view in pairs:
+            if tensor is not None:
+                state[self.params[index]][key] = view
+        self.initialized[index] = pairs[0][1] is not None
+        self.buffered[index] = len(pairs) > 1 and pairs[1][1] is not None
 
     def in_place(self):
         return list(map(_data_ptr, self.params)) == self.ptrs
 
     def adopt_state(self, state):
-        """After load_state_dict: the loaded momentum buffers (checked by check_state)
-        become views of the velocity buffer; parameters without one start afresh."""
-        for index, p in enumerate(self.params):
-            buffer = _momentum_buffer(state, p)
-            view = self.velocity_views[index]
-            if buffer is not None and buffer is not view:
-                view.copy_(_dense(buffer))
-                state[p]["momentum_buffer"] = view
-            self.initialized[index] = buffer is not None
+        """After load_state_dict: the loaded momentum buffers and precision buffers
+        (checked by check_state) become views of the flat buffers; parameters without one
+        start afresh."""
+        for index in range(len(self.params)):
+            for _, tensor, view in self._state_pairs(state, index):
+                if tensor is not None and tensor is not view:
+                    view.copy_(_dense(tensor))
+            self._point_state(state, index)
         self.table_stale = True
         self._write_counters(0, 0)
 
@@ -937,20 +1054,26 @@ class _Bucket:
                 self._write_table(style, self.arrays.step_arrays()[0])
 
     def launch(self, settings, style, inv_grad_scale, state, capturing=False,
-               grad_scale=None, found_inf=None):
+               grad_scale=None, found_inf=None, seed=0, step_count=0):
         """The fused update of every parameter with a gradient, one launch; then the
         momentum buffers of first steps enter `state`. Returns whether the step was
         skipped (known on the host: without counters, or with counters in host memory).
-        grad_scale and found_inf: GradScaler's 0-d CUDA tensors, read by the kernels."""
+        grad_scale and found_inf: GradScaler's 0-d CUDA tensors, read by the kernels.
+        seed and step_count (the steps taken before this one; counters hold their own)
+        key stochastic rounding."""
         self.refresh(settings, style, capturing)
+        self._set_up_buffers(state, capturing)
         scaling = {name: value if value.device == self.device else
                    value.to(self.device, non_blocking=True)
                    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
                    if value is not None}
         with self.arrays.context():
-            self.backend.step(*self.arrays.step_arrays(), self.device_table, inv_grad_scale,
+            arrays = self.arrays.step_arrays()
+            self.backend.step(*arrays[:3], self.device_table, inv_grad_scale,
                               self.counters, check_nonfinite=self.check_nonfinite,
-                              **scaling)
+                              precision=self.precision,
+                              precision_buffer=self._buffer_array(arrays), seed=seed,
+                              step_count=step_count, **scaling)
         if not self.awaiting_first:  # every velocity this table can create exists
             return bool(self.counters is not None and self.device.type == "cpu"
                         and self.counters[LAST_STEP_SKIPPED])
@@ -967,6 +1090,32 @@ class _Bucket:
             self.initialized |= first
             self.table_stale = True
         return False
+
+    def _buffer_array(self, arrays):
+        """The precision buffer among the backend's `arrays`, or None."""
+        return arrays[3] if self.buffer is not None else None
+
+    def _set_up_buffers(self, state, capturing):
+        """Each parameter taking its first step gets its precision buffer segment, in
+        `state` from now on: kahan a zero compensation, master its current values widened
+        (so values loaded into the parameters before their first step are kept)."""
+        if self.buffer is None:
+            return
+        new = np.fromiter(self.present, bool, len(self.present)) & ~self.buffered
+        if not new.any():
+            return
+        if capturing:
+            raise RuntimeError(_CAPTURE_REFUSED.format(
+                f"a parameter's first step must set up its {self.buffer_name} (take the "
+                f"first steps before capturing)"))
+        for index in np.flatnonzero(new):
+            view = self.buffer_views[index]
+            if self.precision == "master":
+                view.copy_(self.param_views[index])
+            else:
+                view.zero_()
+            state[self.params[index]][self.buffer_name] = view
+        self.buffered |= new
 
     def _write_table(self, style, param_array):
         """The update table from the group settings, the gradients present and the first
@@ -1003,7 +1152,11 @@ class _Bucket:
     # -- counters of buffers that skip non-finite steps --
 
     def _write_counters(self, taken, skipped):
+        """Counters in the buffer's memory (if any) holding `taken` and `skipped` steps
+        (the base settle() counts from: STEP_COUNT keys stochastic rounding, so it keeps
+        counting the optimizer's steps) and which velocities exist."""
         self.pending = np.zeros(len(self.params), bool)
+        self.base = (taken, skipped)
         if self.counters is None:
             return
         counters = np.zeros(GROUP_SLOTS + len(self.params), np.int64)
@@ -1026,9 +1179,15 @@ class _Bucket:
         if (self.initialized != initialized).any():
             self.table_stale = True
         self.initialized = initialized
-        self._write_counters(0, 0)
-        return (int(counters[STEP_COUNT]), int(counters[SKIPPED_STEPS]),
-                bool(counters[LAST_STEP_SKIPPED]))
+        self.pending = np.zeros(len(self.params), bool)
+        taken, skipped = int(counters[STEP_COUNT]), int(counters[SKIPPED_STEPS])
+        base, self.base = self.base, (taken, skipped)
+        return taken - base[0], skipped - base[1], bool(counters[LAST_STEP_SKIPPED])
+
+    def count_from(self, taken):
+        """The optimizer's step count is `taken` (a state was loaded): the counters'
+        STEP_COUNT, which keys stochastic rounding on the device, continues from it."""
+        self._write_counters(taken, 0)
 
 
 class _ArraysFor:
@@ -1040,11 +1199,12 @@ class _ArraysFor:
     def __init__(self, backend, device, tensors):
         self.backend, self.device, self.tensors = backend, device, tensors
         if device.type == "cpu":
-            self.fixed = tuple(t.numpy() for t in tensors)
+            self.fixed = tuple(map(_numpy_view, tensors))
         elif backend.name == "cupy":
             import cupy
             with cupy.cuda.Device(self._index()):
-                self.fixed = tuple(cupy.asarray(t) for t in tensors)
+                self.fixed = tuple(_StreamArray(t, None) if t.dtype == torch.bfloat16
+                                   else cupy.asarray(t) for t in tensors)
         else:
             self.fixed = None  # numba-cuda: views naming the current stream, per step
 
@@ -1076,11 +1236,25 @@ class _ArraysFor:
 
 
 class _StreamArray:
-    """A torch CUDA tensor's __cuda_array_interface__ (version 3) naming `stream`."""
+    """A torch CUDA tensor's __cuda_array_interface__ (version 3) naming `stream`. torch
+    gives bfloat16 tensors no interface: theirs is their bits' (an int16 view, described
+    as "<u2") with `dtype` ml_dtypes' bfloat16, which the library's checks read
+    (arrays.describe) and its kernels take as bits."""
 
     def __init__(self, tensor, stream):
-        self.__cuda_array_interface__ = {**tensor.__cuda_array_interface__, "version": 3,
-                                         "stream": stream}
+        interface = tensor.__cuda_array_interface__ if tensor.dtype != torch.bfloat16 else \
+            {**tensor.view(torch.int16).__cuda_array_interface__, "typestr": "<u2"}
+        if tensor.dtype == torch.bfloat16:
+            self.dtype = NUMPY_DTYPES[torch.bfloat16]
+        self.__cuda_array_interface__ = {**interface, "version": 3, "stream": stream}
+
+
+def _numpy_view(tensor):
+    """A CPU tensor as a NumPy array over its memory: bfloat16 through its bits, as
+    ml_dtypes' bfloat16 (NumPy has no torch.bfloat16)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(NUMPY_DTYPES[torch.bfloat16])
+    return tensor.numpy()
 
 
 def _real_dtype(dtype):
@@ -1186,9 +1360,20 @@ def _dense(tensor):
     return tensor.to_dense() if tensor.layout != torch.strided else tensor
 
 
-def _momentum_buffer(state, p):
-    entry = state.get(p)
-    return None if entry is None else entry.get("momentum_buffer")
+def _check_state_tensor(name, tensor, p, view):
+    """Raises unless `tensor` (state[p][name]: None, its view, or a loaded tensor) can be
+    parameter p's `name`: a tensor of p's shape, complex where p is."""
+    if tensor is None or tensor is view:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"Invalid {name} value: a {type(tensor).__name__} for a parameter "
+                        f"of shape {tuple(p.shape)} (a tensor)")
+    if tensor.shape != p.shape:
+        raise ValueError(f"Invalid {name} value: shape {tuple(tensor.shape)} for a "
+                         f"parameter of shape {tuple(p.shape)}")
+    if tensor.is_complex() != p.is_complex():
+        raise TypeError(f"Invalid {name} value: dtype {tensor.dtype} for a parameter of "
+                        f"dtype {p.dtype}")
 
 
 def _number(value):
@@ -1204,15 +1389,23 @@ def _extras(state_dict):
     extras = state_dict.get(STATE_KEY)
     if extras is None:
         return None
+    version = extras.get("format") if isinstance(extras, dict) else None
+    if type(version) is not int or version not in STATE_FORMATS:
+        raise ValueError(f"Invalid {STATE_KEY} format value: {version!r} (this version "
+                         f"reads formats {' and '.join(map(str, STATE_FORMATS))})")
     keys = {"format", "style", "step_count", "skipped_steps"}
-    if not isinstance(extras, dict) or set(extras) != keys:
+    if version == 2:
+        keys |= {"precision", "seed"}
+    if set(extras) != keys:
         raise ValueError(f"Invalid {STATE_KEY} value in state_dict: {extras!r} (a dict "
                          f"with keys {sorted(keys)})")
-    if extras["format"] != STATE_FORMAT:
-        raise ValueError(f"Invalid {STATE_KEY} format value: {extras['format']!r} (this "
-                         f"version reads format {STATE_FORMAT})")
     if extras["style"] not in STYLES:
         raise ValueError(f"Invalid {STATE_KEY} style value: {extras['style']!r}")
+    if version == 2:
+        if extras["precision"] not in PRECISION_NAMES:
+            raise ValueError(f"Invalid {STATE_KEY} precision value: "
+                             f"{extras['precision']!r}")
+        check_seed(extras["seed"])
     for key in ("step_count", "skipped_steps"):
         value = extras[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -259,6 +259,39 @@ def test_importing_the_library_imports_no_mpi():
     assert out.strip() == "[]"
 
 
+def test_16_bit_settings_sharding_does_not_carry_are_refused():
+    """One process (COMM_SELF, in a child: this one never initialises MPI): stochastic,
+    kahan and master rounding, a 16-bit velocity and bfloat16 parameters are refused
+    naming the argument, and leave the parameters as they were; float16 with "nearest"
+    and a float32 velocity is updated."""
+    require_mpi()
+    code = """if True:
+        import ml_dtypes, numpy as np
+        from mpi4py import MPI
+        from gpu_momentum.distributed import ShardedMomentumSGD
+        cases = [({"precision": "kahan"}, np.float16), ({"precision": "stochastic"},
+                 np.float16), ({"velocity_dtype": "float16"}, np.float16),
+                 ({}, ml_dtypes.bfloat16)]
+        for options, dtype in cases:
+            params = np.ones(8, dtype)
+            try:
+                ShardedMomentumSGD(params, comm=MPI.COMM_SELF, lr=0.5, **options)
+            except (TypeError, ValueError) as error:
+                print(type(error).__name__, error, bool((params == 1).all()))
+        opt = ShardedMomentumSGD(np.ones(8, np.float16), comm=MPI.COMM_SELF, lr=0.5)
+        opt.step(np.ones(8, np.float16))
+        print(opt.param.tolist())
+    """
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=library_env(), check=True, timeout=300).stdout.splitlines()
+    assert re.match(r"ValueError Invalid precision value: 'kahan' .* True$", lines[0])
+    assert re.match(r"ValueError Invalid precision value: 'stochastic' .* True$", lines[1])
+    assert re.match(r"ValueError Invalid velocity_dtype value: 'float16' .* True$",
+                    lines[2])
+    assert re.match(r"TypeError params has dtype bfloat16, .* True$", lines[3])
+    assert lines[4] == str([0.5] * 8)
+
+
 # ShardedMomentumSGD on 3, 2 and 1 ranks.
 
 @pytest.fixture(scope="module")

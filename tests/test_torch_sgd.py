@@ -289,8 +289,8 @@ def test_differentiable_is_refused_as_an_unsupported_option():
     assert isinstance(raised.value, ValueError) and isinstance(raised.value, RuntimeError)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_on_the_cpu_is_refused_naming_the_dtype(dtype):
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float_dtype_no_backend_updates_is_refused_naming_it(dtype):
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, dtype=dtype))]
     with pytest.raises(TypeError, match=rf"parameter 1 has dtype {dtype}.*'cpu'"):
         SGD(params, lr=0.1)
@@ -886,9 +886,9 @@ def test_add_param_group_packs_the_new_parameters():
     opt.add_param_group({"params": model.fc1.parameters(), "lr": 0.01})
     assert len(_storages([*model.conv.parameters(), *model.fc1.parameters()])) == 1
     assert torch.equal(opt.state[model.conv.weight]["momentum_buffer"], buffer)
-    half = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
-    with pytest.raises(TypeError, match="float16"):
-        opt.add_param_group({"params": [half]})
+    eighth = torch.nn.Parameter(torch.zeros(2, dtype=torch.float8_e4m3fn))
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        opt.add_param_group({"params": [eighth]})
     assert len(opt.param_groups) == 2
     train([(model, opt)], batches(2))
 
@@ -937,6 +937,8 @@ def test_a_bad_state_dict_changes_nothing():
     with pytest.raises(ValueError, match="Invalid momentum_buffer value: shape"):
         opt.load_state_dict(bad)
     for case, pattern in (({**copy.deepcopy(good), "gpu_momentum": {"format": 9}},
+                           "Invalid gpu_momentum format value: 9"),
+                          ({**copy.deepcopy(good), "gpu_momentum": {"format": 2}},
                            "Invalid gpu_momentum value"),
                           ({**copy.deepcopy(good), "gpu_momentum": {
                               **good["gpu_momentum"], "style": "classic"}},
