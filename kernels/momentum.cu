@@ -211,26 +211,19 @@ __device__ __forceinline__ unsigned element_bits(unsigned key, long long i) {
 
 // Storage formats: what an array holds (storage), what the update computes in (compute),
 // and how a computed value goes back (nearest, stochastic with 16 random bits).
-struct Float {
+template <typename T>  // float and double: stored as computed, nothing to round
+struct Wide {
     __host__ __device__ static constexpr int min_blocks_with_buffer() {
         return GM_MIN_BLOCKS_PER_SM;
     }
-    using storage = float;
-    using compute = float;
-    __device__ __forceinline__ static float load(float x) { return x; }
-    __device__ __forceinline__ static float nearest(float x) { return x; }
-    __device__ __forceinline__ static float stochastic(float x, unsigned) { return x; }
+    using storage = T;
+    using compute = T;
+    __device__ __forceinline__ static T load(T x) { return x; }
+    __device__ __forceinline__ static T nearest(T x) { return x; }
+    __device__ __forceinline__ static T stochastic(T x, unsigned) { return x; }
 };
-struct Double {
-    __host__ __device__ static constexpr int min_blocks_with_buffer() {
-        return GM_MIN_BLOCKS_PER_SM;
-    }
-    using storage = double;
-    using compute = double;
-    __device__ __forceinline__ static double load(double x) { return x; }
-    __device__ __forceinline__ static double nearest(double x) { return x; }
-    __device__ __forceinline__ static double stochastic(double x, unsigned) { return x; }
-};
+using Float = Wide<float>;
+using Double = Wide<double>;
 struct BFloat16 {
     __host__ __device__ static constexpr int min_blocks_with_buffer() {
         return GM_MIN_BLOCKS_PER_SM;
