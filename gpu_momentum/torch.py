@@ -779,6 +779,8 @@ class _Bucket:
         self.host_table = None
         self.device_table = None
         self.ptrs = None
+        self._launch = None  # the prepared step, and what it was prepared with
+        self._launch_made_with, self._launch_context = (), None
 
     # -- packing: check, fill, commit --
 
@@ -1069,11 +1071,9 @@ class _Bucket:
                    if value is not None}
         with self.arrays.context():
             arrays = self.arrays.step_arrays()
-            self.backend.step(*arrays[:3], self.device_table, inv_grad_scale,
-                              self.counters, check_nonfinite=self.check_nonfinite,
-                              precision=self.precision,
-                              precision_buffer=self._buffer_array(arrays), seed=seed,
-                              step_count=step_count, **scaling)
+            self._launcher(arrays, seed)(arrays[1], inv_grad_scale, None,
+                                         scaling.get("grad_scale"),
+                                         scaling.get("found_inf"), step_count)
         if not self.awaiting_first:  # every velocity this table can create exists
             return bool(self.counters is not None and self.device.type == "cpu"
                         and self.counters[LAST_STEP_SKIPPED])
@@ -1090,6 +1090,21 @@ class _Bucket:
             self.initialized |= first
             self.table_stale = True
         return False
+
+    def _launcher(self, arrays, seed):
+        """The backend's step prepared once (Backend.step_function) and kept while the
+        table, the arrays, the counters, the seed and the stream it was prepared with
+        stay the same."""
+        made_with = (self.device_table, *arrays, self.counters)
+        context = (seed, None if self.device.type == "cpu" else self.arrays._stream())
+        if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
+                or any(a is not b for a, b in zip(made_with, self._launch_made_with))):
+            self._launch = self.backend.step_function(
+                arrays[0], arrays[2], self.device_table, self.counters,
+                self.check_nonfinite, precision=self.precision,
+                precision_buffer=self._buffer_array(arrays), seed=seed)
+            self._launch_made_with, self._launch_context = made_with, context
+        return self._launch
 
     def _buffer_array(self, arrays):
         """The precision buffer among the backend's `arrays`, or None."""

@@ -564,11 +564,35 @@ def _storages(tensors):
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
+def test_steps_reuse_the_prepared_launch(monkeypatch):
+    """The backend's step is prepared (Backend.step_function) when what it runs over
+    changes, not on every step: a scheduler's new lr is written into the same table."""
+    prepared = []
+    real_step_function = CpuBackend.step_function
+    monkeypatch.setattr(CpuBackend, "step_function", lambda self, *a, **k: (
+        prepared.append(a[0].size), real_step_function(self, *a, **k))[1])
+    model, reference = Net(), Net()
+    reference.load_state_dict(model.state_dict())
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    theirs = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9)
+    train([(reference, theirs), (model, opt)], batches(2))
+    warmed_up = len(prepared)
+    for o in (opt, theirs):
+        o.param_groups[0]["lr"] = 0.05
+    train([(reference, theirs), (model, opt)], batches(3))
+    assert len(prepared) == warmed_up <= 2
+    assert_close(model.parameters(), reference.parameters(), torch.float32)
+
+
 def test_parameters_and_gradients_are_views_of_one_buffer_and_one_launch(monkeypatch):
     launches = []
-    real_step = CpuBackend.step
-    monkeypatch.setattr(CpuBackend, "step", lambda self, *a, **k: (
-        launches.append(a[0].size), real_step(self, *a, **k))[1])
+    real_step_function = CpuBackend.step_function
+
+    def counted_step_function(self, param, *args, **kwargs):
+        launch = real_step_function(self, param, *args, **kwargs)
+        return lambda *a, **k: (launches.append(param.size), launch(*a, **k))[1]
+
+    monkeypatch.setattr(CpuBackend, "step_function", counted_step_function)
     model = Net()
     layers = dict(model.named_parameters())
     opt = SGD([{"params": [layers["conv.weight"]], "lr": 0.1},
