@@ -23,7 +23,8 @@ from .data import (CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS, NUMPY_TWO_LINE
                    Candidate, Problem, Unsupported, backend_name)
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 from .peers import (copyto_builder, naive_builder, numpy_out_builder,
-                    numpy_two_line_builder, stream_builder, torch_builder, torch_parameters)
+                    numpy_two_line_builder, stream_builder, torch_builder, torch_parameters,
+                    torch_values)
 
 __all__ = ["CUPY_PEER", "GROUPS", "LR", "MOMENTUM", "ROOFLINES", "TORCH_API", "Absent",
            "Built", "Candidate", "Problem", "Unsupported", "discover", "group_spec",
@@ -116,7 +117,7 @@ def torch_sgd_builder(torch, device, backend):
             opt.step()  # creates the momentum buffers, as in training
         except (TypeError, ValueError) as error:
             raise Unsupported(f"{TORCH_API}: {error}") from error
-        return Built(opt.step, lambda: [p.detach().cpu().numpy().copy() for p in params])
+        return Built(opt.step, lambda: torch_values(torch, params, problem.dtype))
     return build
 
 

@@ -56,10 +56,13 @@ def numpy_out_builder(problem):
     return Built(step, lambda: [p.copy() for p in params])
 
 
-def torch_parameters(torch, device, problem, tensor=None):
-    """The workload's tensors as nn.Parameters on `device`, each with its gradient set;
-    `tensor` makes a tensor of a host array (default: torch.tensor on `device`)."""
-    tensor = tensor or (lambda host: torch.tensor(host, device=device))
+def torch_parameters(torch, device, problem):
+    """The workload's tensors as nn.Parameters on `device`, each with its gradient set."""
+    def tensor(host):
+        if host.dtype.name == "bfloat16":  # torch reads no ml_dtypes array: via float32
+            return torch.tensor(host.astype(np.float32), device=device).to(torch.bfloat16)
+        return torch.tensor(host, device=device)
+
     params = []
     for host, grad in zip(problem.tensors(problem.p0), problem.tensors(problem.g0)):
         param = torch.nn.Parameter(tensor(host))
@@ -68,21 +71,16 @@ def torch_parameters(torch, device, problem, tensor=None):
     return params
 
 
+def torch_values(torch, params, dtype):
+    """The parameters' values as host arrays of `dtype` (bfloat16 through float32)."""
+    return [p.detach().float().cpu().numpy().astype(dtype) if p.dtype == torch.bfloat16
+            else p.detach().cpu().numpy().copy() for p in params]
+
+
 def torch_builder(torch, device, options):
     """torch.optim.SGD(momentum=0.9) over the workload's tensors, grads already set."""
-    def tensor(host):
-        if host.dtype.name == "bfloat16":  # torch reads no ml_dtypes array: via float32
-            return torch.tensor(host.astype(np.float32), device=device).to(torch.bfloat16)
-        return torch.tensor(host, device=device)
-
-    def to_numpy(param, dtype):
-        param = param.detach()
-        if param.dtype == torch.bfloat16:
-            return param.float().cpu().numpy().astype(dtype)
-        return param.cpu().numpy().copy()
-
     def build(problem):
-        params = torch_parameters(torch, device, problem, tensor)
+        params = torch_parameters(torch, device, problem)
         try:
             opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **options)
             # Fails here rather than while timing if this variant lacks the dtype; the
@@ -90,7 +88,7 @@ def torch_builder(torch, device, options):
             opt.step()
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
             raise Unsupported(f"torch: {error}") from error
-        return Built(opt.step, lambda: [to_numpy(p, problem.dtype) for p in params])
+        return Built(opt.step, lambda: torch_values(torch, params, problem.dtype))
     return build
 
 
