@@ -649,9 +649,10 @@ def test_committed_results_keep_the_json_shape(name):
     with open(os.path.join(ROOT, "bench", "results", name), encoding="utf-8") as file:
         result = json.load(file)
     report.check_schema(result)
-    # -groups: a run of the groups comparison alone (`--workloads groups`)
+    # -groups: a run of the groups comparison alone (`--workloads groups`);
+    # -bf16-torch-overhead: `--dtypes float32 bfloat16 --workloads torch overhead`
     assert name in {report.result_name(result) + suffix + ".json"
-                    for suffix in ("", "-groups")}
+                    for suffix in ("", "-groups", "-bf16-torch-overhead")}
 
 
 def test_the_groups_comparison_alternates_sample_by_sample():
