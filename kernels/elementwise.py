@@ -431,6 +431,18 @@ def storage_update(functions, jit, param_format, velocity_format, precision,
     element_bits, block_key = functions.element_bits, functions.block_key
     sixteen_bit_param, sixteen_bit_velocity = (param_format != NATIVE,
                                                velocity_format != NATIVE)
+    if not (sixteen_bit_param or sixteen_bit_velocity or stochastic or kahan or master):
+        # Stored as computed: nothing to widen, round or keep. Written out, since the
+        # CUDA simulator runs every call and conversion below as Python, per element.
+        def update_wide_element(param, grad, velocity, precision_buffer, i, key_of_block,
+                                lr, momentum, grad_coeff, weight_decay, l1, decay,
+                                inv_grad_scale, classic, nesterov, maximize,
+                                velocity_initialized):
+            param[i], velocity[i] = update(
+                param[i], grad[i], velocity[i], lr, momentum, grad_coeff, weight_decay, l1,
+                decay, inv_grad_scale, classic, nesterov, maximize, velocity_initialized)
+
+        return jit(update_wide_element)
 
     def update_element(param, grad, velocity, precision_buffer, i, key_of_block, lr,
                        momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale,
