@@ -60,7 +60,7 @@ class GradientViews:
             view = self.views[index]
             cleared = old_views.get(id(grad))
             if grad is not None and grad.shape == view.shape and (
-                    cleared is not None or replaceable(grad, view)):
+                    cleared is not None or _replaceable(grad, view)):
                 p.grad = view  # the bucket's fill() copied its values
                 self.cleared[index] = bool(cleared)
             elif cleared:
@@ -161,12 +161,12 @@ class GradientViews:
                     self._point(index, view)
                     self.cleared[index] = True
             elif set_to_none:
-                if watched and (adopt or replaceable(grad, view)):
+                if watched and (adopt or _replaceable(grad, view)):
                     self._point(index, view)
                 else:
                     p.grad = None
             else:  # torch zeroes it, and it stays a gradient
-                if replaceable(_detached(grad), view):
+                if _replaceable(_detached(grad), view):
                     self._point(index, view)
                 else:
                     grad.zero_()  # DDP's bucket views: DDP keeps its own
@@ -194,12 +194,12 @@ class GradientViews:
         views = [self.views[index] for index, _ in foreign]
         torch._foreach_copy_(views, [dense(grad) for _, grad in foreign])
         for (index, grad), view in zip(foreign, views):
-            if replaceable(grad, view):
+            if _replaceable(grad, view):
                 self.params[index].grad = view
                 self.cleared[index] = False
 
 
-def replaceable(grad, view):
+def _replaceable(grad, view):
     """Whether `grad` may be replaced by `view` (same values) as the parameter's .grad: a
     standalone dense tensor no graph and no other buffer owns (autograd's, or one the
     user assigned). DDP's bucket views and gradients with a graph stay."""

@@ -33,7 +33,7 @@ def pack(param_groups, state, old, *, backend_choice, skip_nonfinite, precision,
                 order.append(p)
     packed, kept_out = {}, []
     for number, p in enumerate(order):
-        backend = backend_for(number, p, backend_choice)
+        backend = _backend_for(number, p, backend_choice)
         if backend is None:
             kept_out.append(p)
         else:
@@ -71,7 +71,7 @@ def pack(param_groups, state, old, *, backend_choice, skip_nonfinite, precision,
     return Layout(param_groups, buckets, kept_out, counted_on_device)
 
 
-def backend_for(number, p, choice):
+def _backend_for(number, p, choice):
     """The backend that updates parameter `number`, `p`, given the optimizer's `backend`
     argument `choice`, or None for a tensor kept out of the buffers (integer, sparse, on
     a device no backend serves, or of a dtype its backend lacks while it needs no
