@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["gpu_momentum", "gpu_momentum.backends", "gpu_momentum.kernels",
-              "gpu_momentum.bench"],
+              "gpu_momentum.torch", "gpu_momentum.bench"],
     package_dir={"gpu_momentum": "gpu_momentum", "gpu_momentum.kernels": "kernels",
                  "gpu_momentum.bench": "bench"},
     package_data={"gpu_momentum.kernels": ["*.cu", "*.cuh"]},

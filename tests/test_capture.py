@@ -309,9 +309,10 @@ def test_torch_sgd_a_captured_backward_starts_cleared_gradients_from_zero(monkey
     from harness import require
     torch = require("torch")
     import gpu_momentum.torch as gm_torch
+    from gpu_momentum.torch import grad_views
 
     capturing = [False]
-    monkeypatch.setattr(gm_torch, "_capture_check", lambda device: lambda: capturing[0])
+    monkeypatch.setattr(grad_views, "capture_check", lambda device: lambda: capturing[0])
     torch.manual_seed(0)
     first, second, spare = (torch.nn.Linear(4, 3).double() for _ in range(3))
     x = torch.randn(5, 4, dtype=torch.float64)

@@ -1,0 +1,409 @@
+"""The flat buffers of one (device, dtype): the parameters' values, gradients, momentum
+buffers and precision buffers as segments of flat tensors, the kernels' update table (a
+row per parameter, rewritten in place when a value changes), the step counters the
+kernels keep in the buffers' memory, and the one launch that updates them all."""
+
+import operator
+
+import numpy as np
+import torch
+
+from ..arrays import compute_dtype
+from ..backends import check_arrays, device_table
+from ..flat import SEGMENT_ALIGNMENT_BYTES
+from ..groups import UpdateTable
+from ..hyperparams import keeps_velocity, row_flags, table_row
+from ..kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED,
+                              NO_GROUP, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
+from ..precision import PRECISION_BUFFER_NAMES
+from .grad_views import GradientViews, Reshaped
+from .tensors import (NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, segment,
+                      to_float)
+
+CAPTURE_REFUSED = ("gpu_momentum.torch.SGD is being captured into a CUDA graph (step() "
+                    "or zero_grad()), but {}: a replay would not do it. Nothing was "
+                    "changed.")
+
+
+_grad_of = operator.attrgetter("grad")
+
+
+class Bucket:
+    """The parameters of one (device, dtype) in one flat buffer: flat param, gradient and
+    velocity tensors whose segments are the parameters' data, gradient views and momentum
+    buffers, the precision buffer of 16-bit parameters (kahan: the compensation, master:
+    the float32 master copy; segments `state[p]["compensation"]` or `state[p]["master"]`
+    once the parameter took a step), and the update table of its one launch (a row per
+    parameter). The gradient views and their hooks are `grads`, a GradientViews."""
+
+    def __init__(self, backend, device, dtype, params, groups, counted, check_nonfinite,
+                 precision):
+        self.backend, self.device, self.params = backend, device, params
+        self.groups = np.array(groups, np.intp)  # the param group of each row
+        self.param_dtype = dtype
+        real = NUMPY_DTYPES[dtype]
+        self.compute_dtype = compute_dtype(real)
+        element = real.itemsize
+        align = max(1, SEGMENT_ALIGNMENT_BYTES // element)
+        offsets, ends, end = [], [], 0
+        for p in params:
+            offset = -(-end // align) * align
+            end = offset + p.numel() * (2 if p.is_complex() else 1)
+            offsets.append(offset)
+            ends.append(end)
+        total = -(-end // align) * align
+        self.data = torch.zeros(total, dtype=dtype, device=device)
+        grad = torch.zeros(total, dtype=dtype, device=device)
+        self.velocity = torch.zeros(total, dtype=TORCH_DTYPES[self.compute_dtype],
+                                    device=device)
+        self.param_views = [segment(self.data, o, p) for o, p in zip(offsets, params)]
+        self.grads = GradientViews(params, grad, offsets, device)
+        self.velocity_views = [segment(self.velocity, o, p) for o, p in zip(offsets, params)]
+        self.precision = precision
+        self.buffer_name = PRECISION_BUFFER_NAMES.get(precision)  # None: no buffer
+        tensors = (self.data, grad, self.velocity)
+        self.buffer = self.buffer_views = None
+        if self.buffer_name is not None:
+            self.buffer = torch.zeros(total, dtype=dtype if precision == "kahan" else
+                                      torch.float32, device=device)
+            self.buffer_views = [segment(self.buffer, o, p) for o, p in zip(offsets, params)]
+            tensors += (self.buffer,)
+        self.buffered = np.zeros(len(params), bool)  # its buffer segment holds its state
+        # Ranges: each parameter's elements (its row, or NO_GROUP while its grad is None),
+        # then the padding after it (NO_GROUP: never read or written).
+        range_ends, self.param_ranges = [], []
+        for offset, end, following in zip(offsets, ends, offsets[1:] + [total]):
+            self.param_ranges.append(len(range_ends))
+            range_ends.append(end)
+            if following > end:
+                range_ends.append(following)
+        if not range_ends or range_ends[-1] != total:
+            range_ends.append(total)
+        self.range_ends = np.array(range_ends, np.int64)
+        self.present = [False] * len(params)
+        self.initialized = np.zeros(len(params), bool)
+        self.arrays = ArraysFor(backend, device, tensors)
+        with self.arrays.context():
+            check_arrays(backend, *self.arrays.step_arrays()[:3], precision,
+                         self._buffer_array(self.arrays.step_arrays()))
+            self.counters = (backend.asarray(np.zeros(GROUP_SLOTS + len(params), np.int64))
+                             if counted else None)
+        self.check_nonfinite = check_nonfinite  # with counters: skip non-finite steps
+        self.settings = None  # the group settings the table was last built from
+        self.table_stale = True
+        self.host_table = None
+        self.device_table = None
+        self.ptrs = None
+        self._launch = None  # the prepared step, and what it was prepared with
+        self._launch_made_with, self._launch_context = (), None
+
+    # -- packing: check, fill, commit --
+
+    def check_state(self, state):
+        """Raises before anything changes if a momentum buffer, compensation or master
+        copy in `state` cannot be this bucket's parameter's (or belongs to another
+        precision than this bucket's)."""
+        for index, p in enumerate(self.params):
+            entry = state.get(p) or {}
+            for name in PRECISION_BUFFER_NAMES.values():
+                if name in entry and name != self.buffer_name:
+                    raise ValueError(f"Invalid state_dict value: a parameter's state holds "
+                                     f"{name!r}, which precision {self.precision!r} of "
+                                     f"{self.param_dtype} parameters does not keep")
+            _check_state_tensor("momentum_buffer", entry.get("momentum_buffer"), p,
+                               self.velocity_views[index])
+            if self.buffer_name is not None:
+                _check_state_tensor(self.buffer_name, entry.get(self.buffer_name), p,
+                                   self.buffer_views[index])
+
+    def _state_pairs(self, state, index):
+        """[(state key, tensor in `state` or None, its view in the buffers)] of parameter
+        `index`: the momentum buffer, and the precision buffer if any."""
+        entry = state.get(self.params[index]) or {}
+        pairs = [("momentum_buffer", entry.get("momentum_buffer"),
+                  self.velocity_views[index])]
+        if self.buffer_name is not None:
+            pairs.append((self.buffer_name, entry.get(self.buffer_name),
+                          self.buffer_views[index]))
+        return pairs
+
+    def fill(self, state):
+        """Copies the parameters' values, gradients, momentum buffers and precision
+        buffers into the new buffers (nothing the user sees changes)."""
+        for index, p in enumerate(self.params):
+            self.param_views[index].copy_(p.detach())
+            grad = p.grad
+            if grad is not None and grad.shape == p.shape:
+                self.grads.views[index].copy_(dense(grad))
+            for _, tensor, view in self._state_pairs(state, index):
+                if tensor is not None:
+                    view.copy_(dense(tensor))
+
+    def commit(self, state, old_views, step_count):
+        """Points the parameters, their gradients, momentum buffers and precision buffers
+        at the buffers. `old_views`: {id(gradient view of the previous buffers): whether
+        cleared}, from GradientViews.cleared_by_view(); `step_count`: the optimizer's
+        steps taken (stochastic rounding's key)."""
+        for index, p in enumerate(self.params):
+            p.data = self.param_views[index]
+            self._point_state(state, index)
+        self.ptrs = list(map(data_ptr, self.params))
+        self._write_counters(step_count, 0)
+        self.grads.commit(old_views)
+
+    def _point_state(self, state, index):
+        """The state tensors of parameter `index` become their views (fill() or
+        adopt_state() copied their values); which exist says what is initialized."""
+        pairs = self._state_pairs(state, index)
+        for key, tensor, view in pairs:
+            if tensor is not None:
+                state[self.params[index]][key] = view
+        self.initialized[index] = pairs[0][1] is not None
+        self.buffered[index] = len(pairs) > 1 and pairs[1][1] is not None
+
+    def in_place(self):
+        return list(map(data_ptr, self.params)) == self.ptrs
+
+    def adopt_state(self, state):
+        """After load_state_dict: the loaded momentum buffers and precision buffers
+        (checked by check_state) become views of the flat buffers; parameters without one
+        start afresh."""
+        for index in range(len(self.params)):
+            for _, tensor, view in self._state_pairs(state, index):
+                if tensor is not None and tensor is not view:
+                    view.copy_(dense(tensor))
+            self._point_state(state, index)
+        self.table_stale = True
+        self._write_counters(0, 0)
+
+    # -- a step --
+
+    def prepare(self):
+        """Which parameters have a gradient this step (not None, and not cleared unless a
+        gradient came in outside the view), and the gradients that are not views of the
+        flat buffer [(index, gradient)], checked."""
+        grads = list(map(_grad_of, self.params))
+        views, cleared = self.grads.views, self.grads.cleared
+        if all(map(operator.is_, grads, views)):
+            if not any(cleared):  # the common step: every parameter has a gradient
+                if not all(self.present):
+                    self.present = [True] * len(grads)
+                    self.table_stale = True
+                return []
+            present = list(map(operator.not_, cleared))
+            if present != self.present:
+                self.present = present
+                self.table_stale = True
+            return []
+        present = [grad is not None and (grad is not view or not was_cleared)
+                   for grad, view, was_cleared in zip(grads, views, cleared)]
+        if present != self.present:
+            self.present = present
+            self.table_stale = True
+        foreign = []
+        for index, (grad, view) in enumerate(zip(grads, views)):
+            if grad is None or grad is view:
+                continue
+            p = self.params[index]
+            if p.shape != view.shape:
+                raise Reshaped  # p.data = p.data.view(...): same memory, a new shape
+            if grad.shape != p.shape or grad.device != p.device or grad.dtype != p.dtype:
+                raise RuntimeError(f"a parameter's .grad ({grad.dtype}, shape "
+                                   f"{tuple(grad.shape)}, on {grad.device}) does not match "
+                                   f"the parameter ({p.dtype}, shape {tuple(p.shape)}, on "
+                                   f"{p.device})")
+            foreign.append((index, grad))
+        return foreign
+
+    def refresh(self, settings, style, capturing=False):
+        """The update table rewritten in place when the group settings, the gradients
+        present or the first steps taken changed since it was written (refused while a
+        CUDA graph is captured: a replay would not write it)."""
+        if settings != self.settings:
+            self.settings = settings
+            self.table_stale = True
+        if self.table_stale:
+            if capturing:
+                raise RuntimeError(CAPTURE_REFUSED.format(
+                    "the update table must be written (call opt.prepare() after changing "
+                    "a group's values, and take the first steps before capturing)"))
+            with self.arrays.context():
+                self._write_table(style, self.arrays.step_arrays()[0])
+
+    def launch(self, settings, style, inv_grad_scale, state, capturing=False,
+               grad_scale=None, found_inf=None, seed=0, step_count=0):
+        """The fused update of every parameter with a gradient, one launch; then the
+        momentum buffers of first steps enter `state`. Returns whether the step was
+        skipped (known on the host: without counters, or with counters in host memory).
+        grad_scale and found_inf: GradScaler's 0-d CUDA tensors, read by the kernels.
+        seed and step_count (the steps taken before this one; counters hold their own)
+        key stochastic rounding."""
+        self.refresh(settings, style, capturing)
+        self._set_up_buffers(state, capturing)
+        scaling = {name: value if value.device == self.device else
+                   value.to(self.device, non_blocking=True)
+                   for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
+                   if value is not None}
+        with self.arrays.context():
+            arrays = self.arrays.step_arrays()
+            self._launcher(arrays, seed)(arrays[1], inv_grad_scale, None,
+                                         scaling.get("grad_scale"),
+                                         scaling.get("found_inf"), step_count)
+        if not self.awaiting_first:  # every velocity this table can create exists
+            return bool(self.counters is not None and self.device.type == "cpu"
+                        and self.counters[LAST_STEP_SKIPPED])
+        first = np.fromiter(self.present, bool, len(self.present)) & ~self.initialized
+        first &= ~self.keeps[self.groups]
+        if self.counters is not None and self.device.type == "cpu":
+            if self.counters[LAST_STEP_SKIPPED]:
+                return True
+        elif self.counters is not None:
+            self.pending |= first  # settle() checks them against the device's counters
+        if first.any():
+            for index in np.flatnonzero(first):
+                state[self.params[index]]["momentum_buffer"] = self.velocity_views[index]
+            self.initialized |= first
+            self.table_stale = True
+        return False
+
+    def _launcher(self, arrays, seed):
+        """The backend's step prepared once (Backend.step_function) and kept while the
+        table, the arrays, the counters, the seed and the stream it was prepared with
+        stay the same."""
+        made_with = (self.device_table, *arrays, self.counters)
+        context = (seed, None if self.device.type == "cpu" else self.arrays.stream())
+        if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
+                or any(a is not b for a, b in zip(made_with, self._launch_made_with))):
+            self._launch = self.backend.step_function(
+                arrays[0], arrays[2], self.device_table, self.counters,
+                self.check_nonfinite, precision=self.precision,
+                precision_buffer=self._buffer_array(arrays), seed=seed)
+            self._launch_made_with, self._launch_context = made_with, context
+        return self._launch
+
+    def _buffer_array(self, arrays):
+        """The precision buffer among the backend's `arrays`, or None."""
+        return arrays[3] if self.buffer is not None else None
+
+    def _set_up_buffers(self, state, capturing):
+        """Each parameter taking its first step gets its precision buffer segment, in
+        `state` from now on: kahan a zero compensation, master its current values widened
+        (so values loaded into the parameters before their first step are kept)."""
+        if self.buffer is None:
+            return
+        new = np.fromiter(self.present, bool, len(self.present)) & ~self.buffered
+        if not new.any():
+            return
+        if capturing:
+            raise RuntimeError(CAPTURE_REFUSED.format(
+                f"a parameter's first step must set up its {self.buffer_name} (take the "
+                f"first steps before capturing)"))
+        for index in np.flatnonzero(new):
+            view = self.buffer_views[index]
+            if self.precision == "master":
+                view.copy_(self.param_views[index])
+            else:
+                view.zero_()
+            state[self.params[index]][self.buffer_name] = view
+        self.buffered |= new
+
+    def _write_table(self, style, param_array):
+        """The update table from the group settings, the gradients present and the first
+        steps taken; rewritten in place in the backend's memory."""
+        rows = np.array([table_row(*s[:6], self.compute_dtype) for s in self.settings],
+                        self.compute_dtype)
+        self.keeps = np.array([keeps_velocity(style, s[1]) for s in self.settings], bool)
+        flags = np.array([row_flags(s[6], s[7], keep, False)
+                          for s, keep in zip(self.settings, self.keeps)], np.uint32)
+        flags = flags[self.groups]
+        if self.counters is None:  # else the counters say which velocities exist
+            flags |= np.where(self.initialized & ~self.keeps[self.groups],
+                              np.uint32(VELOCITY_INITIALIZED), np.uint32(0))
+        present = np.fromiter(self.present, bool, len(self.present))
+        # A row no range reads must not count as initialized after a skipping step.
+        flags |= np.where(present, np.uint32(0), np.uint32(KEEP_VELOCITY))
+        range_groups = np.full(len(self.range_ends), NO_GROUP, np.int32)
+        range_groups[np.asarray(self.param_ranges, np.intp)[present]] = np.flatnonzero(
+            present)
+        table = UpdateTable(rows[self.groups], flags, self.range_ends, range_groups,
+                            CLASSIC if style == "classic" else 0)
+        if self.device_table is None:
+            self.device_table = device_table(self.backend, table, param_array)
+        else:
+            if not np.array_equal(range_groups, self.host_table.range_groups):
+                self.backend.upload_into(self.device_table.range_groups, range_groups,
+                                         param_array)
+            self.device_table = device_table(self.backend, table, param_array,
+                                             reuse=self.device_table)
+        self.host_table = table
+        self.table_stale = False
+        self.awaiting_first = not (self.initialized | self.keeps[self.groups]).all()
+
+    # -- counters of buffers that skip non-finite steps --
+
+    def _write_counters(self, taken, skipped):
+        """Counters in the buffer's memory (if any) holding `taken` and `skipped` steps
+        (the base settle() counts from: STEP_COUNT keys stochastic rounding, so it keeps
+        counting the optimizer's steps) and which velocities exist."""
+        self.pending = np.zeros(len(self.params), bool)
+        self.base = (taken, skipped)
+        if self.counters is None:
+            return
+        counters = np.zeros(GROUP_SLOTS + len(self.params), np.int64)
+        counters[[STEP_COUNT, SKIPPED_STEPS]] = taken, skipped
+        counters[GROUP_SLOTS:] = self.initialized
+        with self.arrays.context():
+            self.backend.assign(self.counters, counters)
+
+    def settle(self, state):
+        """(taken, skipped, last skipped) since the last settle, from the counters (waits
+        for the device); momentum buffers of first steps the device skipped leave
+        `state`."""
+        with self.arrays.context():
+            counters = self.backend.to_numpy(self.counters).copy()
+        initialized = counters[GROUP_SLOTS:] != 0
+        for index in np.flatnonzero(self.pending & ~initialized):
+            del state[self.params[index]]["momentum_buffer"]
+            if not state[self.params[index]]:
+                del state[self.params[index]]
+        if (self.initialized != initialized).any():
+            self.table_stale = True
+        self.initialized = initialized
+        self.pending = np.zeros(len(self.params), bool)
+        taken, skipped = int(counters[STEP_COUNT]), int(counters[SKIPPED_STEPS])
+        base, self.base = self.base, (taken, skipped)
+        return taken - base[0], skipped - base[1], bool(counters[LAST_STEP_SKIPPED])
+
+    def count_from(self, taken):
+        """The optimizer's step count is `taken` (a state was loaded): the counters'
+        STEP_COUNT, which keys stochastic rounding on the device, continues from it."""
+        self._write_counters(taken, 0)
+
+
+def group_settings(param_groups):
+    """Each param group's values as the kernels take them, what Bucket.refresh and
+    Bucket.launch read: (lr, momentum, dampening, weight_decay, l1,
+    decoupled_weight_decay, nesterov, maximize) per group."""
+    return tuple(
+        (to_float(g["lr"]), to_float(g["momentum"]), to_float(g["dampening"]),
+         to_float(g["weight_decay"]), to_float(g.get("l1", 0.0)),
+         bool(g.get("decoupled_weight_decay", False)), bool(g["nesterov"]),
+         bool(g["maximize"]))
+        for g in param_groups)
+
+
+def _check_state_tensor(name, tensor, p, view):
+    """Raises unless `tensor` (state[p][name]: None, its view, or a loaded tensor) can be
+    parameter p's `name`: a tensor of p's shape, complex where p is."""
+    if tensor is None or tensor is view:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"Invalid {name} value: a {type(tensor).__name__} for a parameter "
+                        f"of shape {tuple(p.shape)} (a tensor)")
+    if tensor.shape != p.shape:
+        raise ValueError(f"Invalid {name} value: shape {tuple(tensor.shape)} for a "
+                         f"parameter of shape {tuple(p.shape)}")
+    if tensor.is_complex() != p.is_complex():
+        raise TypeError(f"Invalid {name} value: dtype {tensor.dtype} for a parameter of "
+                        f"dtype {p.dtype}")
+

@@ -1,0 +1,453 @@
+"""`SGD`, a drop-in torch.optim.SGD: its signature, checks and methods, over the flat
+buffers of a Layout (see the package's docstring for how a step travels)."""
+
+import numpy as np
+import torch
+from torch.optim.optimizer import Optimizer
+
+from ..backends import backend_named
+from ..hyperparams import STYLES
+from ..kernels.layout import PRECISION_NAMES
+from ..precision import check_seed
+from .buckets import CAPTURE_REFUSED, group_settings
+from .grad_views import Reshaped
+from .layout import pack
+from .state_dict import (STATE_KEY, check_loadable, extras_of, read_extras,
+                         restore_uncast)
+from .tensors import to_float
+
+__all__ = ["SGD", "UnsupportedOptionError"]
+
+
+# What torch.optim.SGD.__setstate__ fills into the param groups of an older checkpoint.
+TORCH_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
+                        "differentiable": False, "fused": False}
+# The library's own per-group options, kept in `defaults` (and so in every group) only
+# when given other values: with the defaults the groups hold exactly torch's keys.
+EXTRA_GROUP_DEFAULTS = {"l1": 0.0, "decoupled_weight_decay": False}
+
+
+class UnsupportedOptionError(ValueError, NotImplementedError):
+    """An option torch.optim.SGD has and this optimizer does not (differentiable=True).
+    A ValueError, as every invalid value here, and a NotImplementedError (a RuntimeError,
+    what torch raises for options its fused SGD lacks)."""
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with momentum, as torch.optim.SGD, in one fused pass
+    over flat buffers (see the package's docstring for how).
+
+    With g the gradient (divided by GradScaler's scale when GradScaler hands it over),
+    the default style="torch" computes, per parameter, exactly torch.optim.SGD's update::
+
+        g = -g if maximize else g
+        g = g + weight_decay * p + l1 * sign(p)       (sign(0) = 0; l1 is this library's)
+        b = g                              on the parameter's first step with momentum != 0
+        b = momentum * b + (1 - dampening) * g        afterwards
+        g = g + momentum * b if nesterov else b       (with momentum != 0)
+        p = p - lr * g
+
+    With decoupled_weight_decay=True the weight_decay term leaves g and
+    p = p * (1 - lr * weight_decay) runs first (SGDW). With momentum 0 no buffer is read,
+    written or created, as in torch. style="classic" keeps the velocity that carries the
+    learning rate: v = momentum * v - lr * g (v = -lr * g on the first step), then
+    p = p + v (nesterov: p = p + momentum * v - lr * g); its momentum_buffer is that v.
+
+    First step: per parameter, as torch creates its momentum buffer: the first `step()` at
+    which the parameter has a gradient and its group has momentum != 0 (any momentum in
+    classic style) sets the buffer from the gradient and never reads the old one.
+
+    A parameter whose `.grad` is None at `step()` is left alone: neither it nor its
+    momentum buffer moves, and no buffer is created. So is one that received no gradient
+    since `zero_grad()` (set_to_none=True): its `.grad` is then a zero view of the flat
+    gradient buffer, not None.
+
+    Arguments are torch.optim.SGD's, in its order and with its defaults and checks (same
+    exception types and messages: momentum >= 1, negative dampening and any group value
+    are accepted, as torch accepts them), plus this library's:
+    - l1: L1 penalty, l1 * sign(p) added to the gradient (per group);
+    - decoupled_weight_decay: SGDW (per group);
+    - skip_nonfinite: a step whose gradient holds a NaN or inf changes no parameter and
+      no buffer, decided in the backend's memory without waiting for the device (all
+      parameters must then share one device and dtype);
+    - capturable: `step()` can be captured in a CUDA graph (`torch.cuda.graph`): the
+      step counters live in each buffer's memory, counted by the kernels, so a replay
+      counts (and skips, with skip_nonfinite) as an eager step does. Take a few steps
+      before capturing (they create the momentum buffers); after changing a group's
+      values between replays, call `prepare()` (it rewrites the update tables in place,
+      outside the graph). A step inside a capture that would need host work raises;
+    - precision: how bfloat16 and float16 parameters are stored back after their
+      float32 update, as MomentumSGD's precision: "nearest" (default), "stochastic"
+      (keyed by `seed`, an integer in [0, 2**64), and the step count), "kahan" (a
+      compensation of the parameter's dtype, `state[p]["compensation"]`) or "master" (a
+      float32 master copy, `state[p]["master"]`, taken at the parameter's first step).
+      One per optimizer; float32 and float64 parameters beside 16-bit ones are computed
+      in their own precision, and a mode other than "nearest" without any 16-bit
+      parameter is a ValueError;
+    - style: "torch" (default) or "classic" (one per optimizer);
+    - backend: "auto", "cpu", "cupy" or "numba-cuda".
+    foreach and fused are accepted and ignored (the update is always one fused pass);
+    differentiable=True raises UnsupportedOptionError.
+
+    Parameters in bfloat16 (with ml_dtypes installed), float16, float32 or float64 (and
+    their complex types) are updated on every device; 16-bit ones are computed in float32,
+    with a float32 momentum buffer (kept float32 through load_state_dict, which in torch
+    casts it to the parameter's dtype). A trainable parameter of another dtype is refused
+    with a TypeError at construction; integer tensors, and frozen ones of those dtypes,
+    stay out of the buffers (a gradient on one at `step()` is an error).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, l1=0.0, decoupled_weight_decay=False,
+                 skip_nonfinite=False, capturable=False, precision="nearest", seed=0,
+                 style="torch", backend="auto", foreach=None, fused=None,
+                 differentiable=False):
+        # torch.optim.SGD's checks, in its order and with its messages, before params are
+        # looked at (torch's own error inputs pass params=None with a bad lr or momentum).
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if differentiable:
+            raise UnsupportedOptionError(
+                "Invalid differentiable value: True (gpu_momentum.torch.SGD updates in "
+                "place in a fused kernel outside autograd; use torch.optim.SGD("
+                "differentiable=True) to differentiate through the update)")
+        seed = _check_library_options(l1, decoupled_weight_decay, skip_nonfinite,
+                                      capturable, style, precision, seed, backend)
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov,
+                    "maximize": maximize, "foreach": foreach,
+                    "differentiable": differentiable, "fused": fused}
+        for name, value in (("l1", l1), ("decoupled_weight_decay", decoupled_weight_decay)):
+            if value != EXTRA_GROUP_DEFAULTS[name]:
+                defaults[name] = type(EXTRA_GROUP_DEFAULTS[name])(value)
+        self._style = style
+        self._precision, self._seed = precision, seed
+        self._backend_choice = backend
+        self._skip_nonfinite = bool(skip_nonfinite)
+        self._capturable = bool(capturable)
+        self._counts = [0, 0]  # steps taken, steps skipped (beyond the buffers' counters)
+        self._last_step_skipped = False
+        self._layout = None  # add_param_group packs only once the optimizer exists
+        super().__init__(params, defaults)
+        self._layout = self._pack(None)
+
+    # ---- the public surface torch.optim.SGD does not have -----------------------------
+
+    @property
+    def style(self):
+        return self._style
+
+    @property
+    def skip_nonfinite(self):
+        return self._skip_nonfinite
+
+    @property
+    def precision(self):
+        """How bfloat16 and float16 parameters are stored back: "nearest", "stochastic",
+        "kahan" or "master" (float32 and float64 ones: computed in their own precision)."""
+        return self.__dict__.get("_precision", "nearest")
+
+    @property
+    def seed(self):
+        """The seed of stochastic rounding's random bits."""
+        return self.__dict__.get("_seed", 0)
+
+    @property
+    def capturable(self):
+        return self.__dict__.get("_capturable", False)
+
+    @property
+    def _counted_on_device(self):
+        """Whether the buffers' kernels count the steps (in the buffers' memory)."""
+        return self._skip_nonfinite or self.capturable
+
+    def _on_cuda(self):
+        """Whether some buffer (or, before packing, some parameter) is on a CUDA device:
+        only then can a step be inside a CUDA graph capture (asking torch otherwise would
+        start CUDA in a CPU-only program)."""
+        layout = self.__dict__.get("_layout")
+        if layout is not None:
+            return layout.on_cuda
+        return any(p.is_cuda for group in self.param_groups for p in group["params"])
+
+    def _reads_scaler_values(self, devices):
+        """Whether GradScaler may hand its scale and found_inf to step() on these devices
+        (`_step_supports_amp_scaling`): on the CPU, read on the host; on CUDA, read by the
+        kernels, which needs the counters there (capturable or skip_nonfinite)."""
+        kinds = {device.type for device in devices}
+        return kinds <= {"cpu"} or (kinds == {"cuda"} and self._counted_on_device)
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def prepare(self):
+        """Rewrites each buffer's update table from the param groups' current values, in
+        place (same device addresses), now: a CUDA graph replayed next uses them. Call it
+        after changing lr, momentum or any group value between graph replays (step()
+        does it by itself when it runs eagerly)."""
+        layout = self._current_layout()
+        settings = group_settings(self.param_groups)
+        for bucket in layout.buckets:
+            bucket.prepare()
+            bucket.refresh(settings, self._style)
+
+    @property
+    def backends(self):
+        """{(device, dtype): backend name} of the flat buffers."""
+        return {(str(b.device), b.param_dtype): b.backend.name
+                for b in self._current_layout().buckets}
+
+    @property
+    def step_count(self):
+        """Steps that updated the parameters (waits for the device with skip_nonfinite)."""
+        self._settle()
+        return self._counts[0]
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped: GradScaler found an inf, or skip_nonfinite a non-finite
+        gradient (waits for the device with skip_nonfinite)."""
+        self._settle()
+        return self._counts[1]
+
+    @property
+    def last_step_skipped(self):
+        self._settle()
+        return self._last_step_skipped
+
+    # ---- torch.optim.Optimizer's methods ----------------------------------------------
+
+    @torch._disable_dynamo
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if self.__dict__.get("_layout") is not None:
+            try:
+                self._layout = self._pack(self._layout)
+            except BaseException:
+                self.param_groups.pop()  # torch appended it: nothing changes on failure
+                raise
+
+    def __getstate__(self):
+        self._settle()
+        return {**super().__getstate__(), "_style": self._style,
+                "_precision": self.precision, "_seed": self.seed,
+                "_backend_choice": self._backend_choice,
+                "_skip_nonfinite": self._skip_nonfinite, "_capturable": self.capturable,
+                "_counts": list(self._counts),
+                "_last_step_skipped": self._last_step_skipped}
+
+    def __setstate__(self, state):
+        """Called by load_state_dict (with the new state and groups) and by unpickling
+        and copy.deepcopy (a copy packs its new parameters at its first step)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in TORCH_GROUP_DEFAULTS.items():
+                group.setdefault(key, default)
+            for key in EXTRA_GROUP_DEFAULTS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
+        layout = self.__dict__.get("_layout")
+        if layout is None:
+            self._layout = None
+            self._step_supports_amp_scaling = self._reads_scaler_values(
+                p.device for g in self.param_groups for p in g["params"])
+        else:
+            for bucket in layout.buckets:
+                bucket.check_state(self.state)
+            for bucket in layout.buckets:
+                bucket.adopt_state(self.state)
+
+    @torch._disable_dynamo
+    def state_dict(self):
+        """torch.optim.SGD's state dict (`state[i]["momentum_buffer"]` for the parameters
+        that have one, views of the flat velocity, and with precision "kahan" or "master"
+        `state[i]["compensation"]` or `state[i]["master"]` for the 16-bit parameters that
+        took a step; `param_groups` with torch's keys), plus the library's extras under
+        "gpu_momentum" (format 2: style, precision, seed and the step counts), which
+        torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state)."""
+        self._settle()
+        state_dict = super().state_dict()
+        state_dict[STATE_KEY] = extras_of(self._style, self.precision, self.seed,
+                                          *self._counts)
+        return state_dict
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict):
+        """Loads a state dict of this optimizer or of torch.optim.SGD: momentum buffers are
+        copied into the flat velocity (cast to its dtype and device). Checked before
+        anything changes; a rejected state leaves the optimizer as it was."""
+        extras = read_extras(state_dict)
+        check_loadable(state_dict, extras, self._style, self.precision)
+        self._settle()
+        before = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
+        restore_uncast(state_dict, self.param_groups, self.state,
+                       self.__dict__.get("_layout") is not None)
+        if extras is not None:
+            self._counts = [extras["step_count"], extras["skipped_steps"]]
+            self._seed = extras.get("seed", 0)
+        self._last_step_skipped = False
+        layout = self.__dict__.get("_layout")
+        for bucket in [] if layout is None else layout.buckets:
+            bucket.count_from(self._counts[0])
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none=True):
+        """Zeroes each flat gradient buffer in one call and leaves every `p.grad` of a
+        parameter in a buffer a view of it, so that the next backward accumulates into the
+        buffer in place. torch's meaning of set_to_none is kept: after
+        set_to_none=True (the default) a parameter counts as having no gradient (torch's
+        None: left alone at `step()`) until autograd accumulates one into it; after
+        set_to_none=False one that had a gradient has a zero gradient (updated at
+        `step()`, as in torch) and one that had none still has none. A gradient that was
+        not a view of the buffer (one DDP hands over, one the user assigned) is dropped
+        (True) or zeroed (False) as torch does, and the view takes its place where that is
+        safe. Tensors kept out of the buffers get torch's zero_grad."""
+        capturing = self._on_cuda() and torch.cuda.is_current_stream_capturing()
+        layout = self._current_layout(capturing)
+        if capturing and any(bucket.grads.reshaped() for bucket in layout.buckets):
+            raise RuntimeError(CAPTURE_REFUSED.format(
+                "a parameter has a new shape: the buffers must be packed again"))
+        # Under DDP (gradient_as_bucket_view=True, find_unused_parameters=True) a view
+        # given to a parameter no rank uses comes back as DDP's bucket view, which a
+        # step cannot tell from a reduced gradient: there a None .grad stays None.
+        adopt = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            try:
+                layout.zero_grad(set_to_none, adopt, capturing)
+            except Reshaped:
+                layout = self._layout = self._pack(layout)
+                layout.zero_grad(set_to_none, adopt, capturing)
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; `closure` re-evaluates the
+        model and returns the loss, as with torch.optim.SGD."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        capturing = self._on_cuda() and torch.cuda.is_current_stream_capturing()
+        if capturing and not self._counted_on_device:
+            raise RuntimeError(CAPTURE_REFUSED.format(
+                "the step counters are in host memory: construct the optimizer with "
+                "capturable=True"))
+        layout = self._current_layout(capturing)
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        # Everything that can fail is checked before anything is written.
+        layout.check_kept_out()
+        settings = group_settings(self.param_groups)
+        # CUDA buffers read GradScaler's values on the device (see _reads_scaler_values).
+        on_device = layout.on_cuda
+        device_scaling = on_device and (grad_scale is not None or found_inf is not None)
+        inv_grad_scale = 1.0 if grad_scale is None or on_device else \
+            1.0 / to_float(grad_scale)
+        try:
+            prepared = [bucket.prepare() for bucket in layout.buckets]
+        except Reshaped:
+            if capturing:
+                raise RuntimeError(CAPTURE_REFUSED.format(
+                    "a parameter has a new shape: the buffers must be packed again"))
+            layout = self._layout = self._pack(layout)
+            prepared = [bucket.prepare() for bucket in layout.buckets]
+        if found_inf is not None and not on_device and to_float(found_inf) != 0:
+            # GradScaler found an inf: nothing changes, and a parameter's first step
+            # stays its first step (torch's fused SGD gets this wrong; its for-loop not).
+            self._settle()
+            self._counts[1] += 1
+            self._last_step_skipped = True
+            return loss
+        for bucket, foreign in zip(layout.buckets, prepared):
+            bucket.grads.gather(foreign)
+        skipped = False
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf} if device_scaling \
+            else {}
+        for bucket in layout.buckets:
+            skipped |= bucket.launch(settings, self._style, inv_grad_scale, self.state,
+                                     capturing, seed=self.seed, step_count=self._counts[0],
+                                     **scaling)
+        if not layout.counted_on_device:
+            self._counts[1 if skipped else 0] += 1
+            self._last_step_skipped = skipped
+        return loss
+
+    # ---- packing -----------------------------------------------------------------------
+
+    def _current_layout(self, capturing=False):
+        """The layout, packed now if this is a copy's first use, packed again if the
+        param groups changed or a parameter left its buffer (refused in a capture)."""
+        layout = self._layout
+        if layout is None or not layout.holds(self.param_groups):
+            if capturing:
+                raise RuntimeError(CAPTURE_REFUSED.format(
+                    "the parameters must be packed into buffers (take a step before "
+                    "capturing; after a change of the param groups or of a parameter's "
+                    "storage, another)"))
+            layout = self._layout = self._pack(layout)
+        return layout
+
+    def _pack(self, old):
+        """A new Layout of the current param groups (layout.pack: a failure changes
+        nothing), replacing `old`."""
+        if old is not None:
+            self._settle()
+        layout = pack(self.param_groups, self.state, old,
+                      backend_choice=self._backend_choice,
+                      skip_nonfinite=self._skip_nonfinite, precision=self.precision,
+                      counted_on_device=self._counted_on_device, step_count=self._counts[0])
+        self._step_supports_amp_scaling = self._reads_scaler_values(
+            bucket.device for bucket in layout.buckets)
+        return layout
+
+    def _settle(self):
+        """Brings the host's counts and momentum buffers up to date with the counters of
+        buffers that skip non-finite steps on the device (waits for it)."""
+        layout = self.__dict__.get("_layout")
+        if layout is not None and layout.counted_on_device:
+            for bucket in layout.buckets:
+                taken, skipped, last = bucket.settle(self.state)
+                self._counts[0] += taken
+                self._counts[1] += skipped
+                if taken or skipped:
+                    self._last_step_skipped = last
+
+
+def _check_library_options(l1, decoupled_weight_decay, skip_nonfinite, capturable, style,
+                           precision, seed, backend):
+    """The checks of SGD's options that torch.optim.SGD lacks, after torch's; returns
+    the seed, checked."""
+    if l1 < 0.0:
+        raise ValueError(f"Invalid l1 value: {l1} (l1 must be >= 0)")
+    for name, value in (("decoupled_weight_decay", decoupled_weight_decay),
+                        ("skip_nonfinite", skip_nonfinite),
+                        ("capturable", capturable)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"Invalid {name} value: {value!r} ({name} must be True or "
+                            f"False)")
+    if not isinstance(style, str) or style not in STYLES:
+        raise ValueError(f"Invalid style value: {style!r} (style must be one of "
+                         f"{STYLES})")
+    if not isinstance(precision, str) or precision not in PRECISION_NAMES:
+        raise ValueError(f"Invalid precision value: {precision!r} (precision must be "
+                         f"one of {PRECISION_NAMES})")
+    seed = check_seed(seed)
+    if backend != "auto":
+        backend_named(backend)  # an unknown or unavailable backend fails here
+    return seed
