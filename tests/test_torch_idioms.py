@@ -80,9 +80,10 @@ def assert_as_torch(pairs, what=""):
     theirs_state, ours_state = theirs.state_dict()["state"], ours.state_dict()["state"]
     assert ours_state.keys() == theirs_state.keys(), what
     for index, entry in theirs_state.items():
-        error = (ours_state[index]["momentum_buffer"] - entry["momentum_buffer"]).abs().max()
-        assert error.item() <= TOLERANCE, f"{what}: momentum buffer {index} is " \
-                                          f"{error.item():.3g} from torch's"
+        buffer = ours_state[index]["momentum_buffer"]
+        error = (buffer - entry["momentum_buffer"]).abs().max().item()
+        assert error <= TOLERANCE, f"{what}: momentum buffer {index} is {error:.3g} from " \
+                                   f"torch's"
 
 
 # ---- gradients ---------------------------------------------------------------------------

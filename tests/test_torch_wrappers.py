@@ -106,7 +106,8 @@ def assert_ranks_agree(states, what):
 
 def initial_state(case):
     name, dtype = case.split("-")[-2:]
-    return {key: value.detach() for key, value in worker.model(name, dtype).state_dict().items()}
+    start = worker.model(name, dtype).state_dict()
+    return {key: value.detach() for key, value in start.items()}
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=expectation(case))

@@ -90,6 +90,9 @@ def counting_packs(optimizer_class):
     counter = {"packs": 0}
     original = getattr(optimizer_class, "_pack", None)
     if original is None:
+        if optimizer_class.__module__.startswith("gpu_momentum"):
+            raise AttributeError(f"{optimizer_class.__qualname__} has no _pack: count its "
+                                 f"packings another way here")
         yield counter
         return
 
@@ -177,7 +180,8 @@ def run_checkpoint(classes, rank, name, dtype, directory):
 
     net = fsdp2(name, dtype, per_layer=True)
     opt = loaded_class(net.parameters(), **HYPERPARAMETERS)
-    state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}
+    state = {"model": get_model_state_dict(net),
+             "optim": get_optimizer_state_dict(net, opt)}
     dcp.load(state, checkpoint_id=directory)
     set_model_state_dict(net, state["model"])
     set_optimizer_state_dict(net, opt, state["optim"])
@@ -209,7 +213,8 @@ def cases():
                     run_zero(cls, rank, n, d, b))
             for orig in (False, True):
                 table[f"fsdp1-use_orig_params_{orig}-{name}-{dtype}"] = (
-                    lambda cls, rank, n=name, d=dtype, o=orig: run_fsdp1(cls, rank, n, d, o))
+                    lambda cls, rank, n=name, d=dtype, o=orig:
+                    run_fsdp1(cls, rank, n, d, o))
     return table
 
 
@@ -243,17 +248,15 @@ def run(rank, out_dir, port, names):
     results = {}
     for case in names or [*CASES, *CHECKPOINT_CASES]:
         outcome = {}
-        for label, cls in classes.items():
-            if case in CHECKPOINT_CASES:
-                saved, loaded, name, dtype = CHECKPOINT_CASES[case]
-                if label == "gpu_momentum":
-                    continue  # one run per direction, kept under "result"
-                directory = os.path.join(out_dir, case)
-                with counting_packs(SGD) as counter:
-                    result, error = attempt(lambda: run_checkpoint(
-                        (classes[saved], classes[loaded]), rank, name, dtype, directory))
-                outcome["result"] = (result, error, counter["packs"])
-            else:
+        if case in CHECKPOINT_CASES:
+            saved, loaded, name, dtype = CHECKPOINT_CASES[case]
+            directory = os.path.join(out_dir, case)
+            with counting_packs(SGD) as counter:
+                result, error = attempt(lambda: run_checkpoint(
+                    (classes[saved], classes[loaded]), rank, name, dtype, directory))
+            outcome["result"] = (result, error, counter["packs"])
+        else:
+            for label, cls in classes.items():
                 with counting_packs(cls) as counter:
                     result, error = attempt(lambda: CASES[case](cls, rank))
                 outcome[label] = (result, error, counter["packs"])
