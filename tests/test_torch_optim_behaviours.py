@@ -3,10 +3,12 @@ over every configuration torch runs them with (torch's SGD inputs with foreach, 
 and differentiable each switched on, from torch.testing._internal.common_optimizers),
 each beside torch.optim.SGD with the same arguments: a step without gradients is a
 no-op that runs the hooks, a step with zero gradients, printing, state-dict hooks, and
-gradient tensors that are never replaced nor written into."""
+gradient tensors that are never replaced nor written into; and, as torch's scheduler
+tests check, no reference cycles through the optimizer."""
 
 import numba  # noqa: F401  (numba before torch: two OpenMP runtimes in one process stall)
 import copy
+import gc
 
 import pytest
 
@@ -76,9 +78,10 @@ def test_a_step_without_gradients_changes_nothing_and_runs_every_hook(kwargs):
             opt.register_step_post_hook(lambda o, a, k: log.append("post")),
             optimizer_hooks.register_optimizer_step_post_hook(
                 lambda o, a, k: log.append("global post"))]
+        loss = torch.tensor([1.0])
         try:
-            opt.step()
-            opt.step()
+            assert opt.step() is None, name
+            assert opt.step(lambda: loss) is loss, name  # a closure's loss is returned
         finally:
             for handle in handles:
                 handle.remove()
@@ -164,3 +167,22 @@ def test_gradients_are_never_replaced_nor_written_into(kwargs):
             assert stepped.grad is grad and grad._version == version, name
         ends.append(stepped.detach().clone())
     assert torch.equal(ends[1], ends[0])
+
+
+@pytest.mark.parametrize("stepped", [False, True], ids=["fresh", "stepped"])
+def test_no_reference_cycles_hold_the_optimizer(stepped):
+    """torch's scheduler test test_no_cyclic_references: with a scheduler made and
+    deleted (and a step taken), nothing refers to the optimizer, and deleting it leaves
+    nothing for the garbage collector."""
+    param = torch.nn.Parameter(torch.ones(10))
+    opt = SGD([param], lr=0.5, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    if stepped:
+        param.grad = torch.ones(10)
+        opt.step()
+        scheduler.step()
+    del scheduler
+    assert gc.get_referrers(opt) == []
+    gc.collect()
+    del opt
+    assert gc.collect() == 0
