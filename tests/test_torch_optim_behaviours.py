@@ -9,6 +9,7 @@ tests check, no reference cycles through the optimizer."""
 import numba  # noqa: F401  (numba before torch: two OpenMP runtimes in one process stall)
 import copy
 import gc
+import warnings
 
 import pytest
 
@@ -186,3 +187,23 @@ def test_no_reference_cycles_hold_the_optimizer(stepped):
     gc.collect()
     del opt
     assert gc.collect() == 0
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False], ids=["scheduler-first",
+                                                                 "optimizer-first"])
+def test_a_scheduler_sees_the_steps_as_with_torch(scheduler_first):
+    """torch's scheduler tests wrap optimizer.step to count it: the warning for a
+    scheduler stepped before the optimizer comes exactly when torch's comes."""
+    warned = []
+    for cls in IMPLEMENTATIONS.values():
+        param = torch.nn.Parameter(torch.ones(2))
+        opt = cls([param], lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+        param.grad = torch.ones(2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in (scheduler.step, opt.step)[::1 if scheduler_first else -1]:
+                step()
+        warned.append([str(w.message) for w in caught
+                       if "lr_scheduler.step()" in str(w.message)])
+    assert warned[1] == warned[0] and bool(warned[0]) == scheduler_first
