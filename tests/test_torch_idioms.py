@@ -34,10 +34,6 @@ def one_thread():
     numba.set_num_threads(threads[1])
 
 
-def failing_today(reason):
-    return pytest.mark.xfail(strict=True, reason=f"gpu_momentum.torch.SGD: {reason}")
-
-
 def twins():
     """The same float64 MLP twice, with torch.optim.SGD and with gpu_momentum.torch.SGD:
     [(model, optimizer), (model, optimizer)], torch's first."""
@@ -88,8 +84,6 @@ def assert_as_torch(pairs, what=""):
 
 # ---- gradients ---------------------------------------------------------------------------
 
-@failing_today("the step reads the flat gradient buffer, not the new .data, and later "
-               "backwards accumulate into the detached tensor")
 def test_grad_data_assigned_a_new_tensor_is_used():
     pairs = twins()
 
@@ -101,7 +95,6 @@ def test_grad_data_assigned_a_new_tensor_is_used():
     assert_as_torch(pairs, "p.grad.data = p.grad.data * 0.5")
 
 
-@failing_today("the step reads the flat gradient buffer, not the storage set_ gave")
 def test_grad_set_to_a_new_tensor_is_used():
     pairs = twins()
 
@@ -130,7 +123,6 @@ def user_gradients(model, seed):
             for p in model.parameters()]
 
 
-@failing_today("step() swaps a gradient the user assigned for a view of its buffer")
 def test_a_gradient_the_user_assigned_is_never_replaced():
     (_, _), (model, opt) = twins()
     grads = user_gradients(model, 7)
@@ -141,8 +133,6 @@ def test_a_gradient_the_user_assigned_is_never_replaced():
         assert all(p.grad is grad for p, grad in zip(model.parameters(), grads))
 
 
-@failing_today("the refilled tensor was swapped out at the first step, so the second "
-               "step reads the first step's gradient")
 def test_a_gradient_the_user_assigned_and_refills_in_place_is_used():
     pairs = twins()
     grads = [user_gradients(pairs[0][0], 7) for _ in pairs]
@@ -168,14 +158,12 @@ def edit_state_at(step, edit):
     return before_step
 
 
-@failing_today("the flat velocity carries on after opt.state.clear()")
 def test_clearing_the_state_restarts_the_momentum():
     pairs = twins()
     train(pairs, before_step=edit_state_at(3, lambda model, opt: opt.state.clear()))
     assert_as_torch(pairs, "opt.state.clear() before step 3")
 
 
-@failing_today("the flat velocity carries on after del opt.state[p]")
 def test_deleting_a_parameters_state_restarts_its_momentum():
     pairs = twins()
 
@@ -186,7 +174,6 @@ def test_deleting_a_parameters_state_restarts_its_momentum():
     assert_as_torch(pairs, "del opt.state[p] before step 3")
 
 
-@failing_today("the kernel keeps the flat velocity, not the assigned momentum buffer")
 def test_an_assigned_momentum_buffer_is_used():
     pairs = twins()
 
