@@ -13,7 +13,7 @@ from .buckets import CAPTURE_REFUSED, group_settings
 from .differentiable import step_param_groups
 from .grad_views import Reshaped
 from .layout import pack
-from .state import edits_of, plain, tracked
+from .state import edits_of, plain, take_edits, tracked
 from .state_dict import (STATE_KEY, check_loadable, extras_of, read_extras,
                          restore_uncast)
 from .tensors import to_float
@@ -96,22 +96,15 @@ class SGD(Optimizer):
     - backend: "auto", "cpu", "cupy" or "numba-cuda".
     foreach and fused are accepted and ignored (the update is always one fused pass).
 
-    differentiable=True is a path of its own, not the fused kernel: nothing is packed,
-    and `step()` is torch.optim.SGD(differentiable=True)'s, through torch operations
-    under autograd (gpu_momentum.torch.differentiable.step_param_groups), so gradients
-    flow through it into the parameters' earlier values, the gradients, the momentum
-    buffers and tensor hyperparameters, as meta-learning needs; `zero_grad()` is
-    torch's. Giving it one of the library's options above (other than backend and seed,
-    unused there) raises UnsupportedOptionError.
+    differentiable=True is a path of its own, not the fused kernel: nothing is packed;
+    `step()` is torch.optim.SGD(differentiable=True)'s, through torch operations under
+    autograd (gpu_momentum.torch.differentiable), as meta-learning needs, and
+    `zero_grad()` is torch's. The library's options above (but backend and seed, unused
+    there) raise UnsupportedOptionError with it.
 
-    `p.grad` and `opt.state` are torch's: a gradient object is never replaced at
-    `step()` (one that is not a view of the flat gradient buffer, such as one the user
-    assigned, is copied into it), `p.grad.data = g` and `p.grad.set_(g)` are noticed
-    (each view's data pointer is compared at every step) and g's values used, and
-    edits of `opt.state` (clearing it, deleting an entry, assigning a momentum buffer)
-    take effect at the next step as in torch: a parameter whose momentum buffer is gone
-    takes a first step, and an assigned buffer's values are copied into the flat
-    velocity, whose view then stands in `opt.state` again.
+    `p.grad` and `opt.state` are torch's (see the package's docstring): `step()` never
+    replaces a gradient object, notices `p.grad.data = g` and `p.grad.set_(g)`, and
+    takes edits of `opt.state` as torch's next step would.
 
     Parameters in bfloat16 (with ml_dtypes installed), float16, float32 or float64 (and
     their complex types) are updated on every device; 16-bit ones are computed in float32,
@@ -420,8 +413,13 @@ class SGD(Optimizer):
                     "a parameter has a new shape: the buffers must be packed again"))
             layout = self._layout = self._pack(layout)
             prepared = [bucket.prepare() for bucket in layout.buckets]
-        if edits_of(self.state) != self._state_seen:
-            self._take_state_edits(layout, capturing)
+        if edits_of(self.state) != self._state_seen:  # opt.state was edited or replaced
+            if capturing:
+                raise RuntimeError(CAPTURE_REFUSED.format(
+                    "opt.state was edited: its tensors must be taken into the buffers "
+                    "(take a step outside the capture first)"))
+            self._settle()
+            self.state = take_edits(self.state, layout.buckets)
         if found_inf is not None and not on_device and to_float(found_inf) != 0:
             # GradScaler found an inf: nothing changes, and a parameter's first step
             # stays its first step (torch's fused SGD gets this wrong; its for-loop not).
@@ -443,28 +441,6 @@ class SGD(Optimizer):
             self._last_step_skipped = skipped
         self._state_seen = edits_of(self.state)  # (its own edits: first steps' buffers)
         return loss
-
-    def _take_state_edits(self, layout, capturing):
-        """opt.state was edited (or replaced) since the last step: each bucket takes
-        it as torch.optim.SGD's next step would (Bucket.sync_state), after every entry
-        was checked. A replaced opt.state, and entries assigned as plain dicts, become
-        tracked ones with the same items."""
-        if capturing:
-            raise RuntimeError(CAPTURE_REFUSED.format(
-                "opt.state was edited: its tensors must be taken into the buffers (take "
-                "a step outside the capture first)"))
-        self._settle()
-        state = self.state
-        for bucket in layout.buckets:
-            bucket.check_state(state)
-        if edits_of(state) is None:
-            state = self.state = tracked(state)
-        else:
-            for key, entry in list(state.items()):
-                if type(entry) is dict:
-                    state.adopt(key, entry)
-        for bucket in layout.buckets:
-            bucket.sync_state(state)
 
     # ---- packing -----------------------------------------------------------------------
 

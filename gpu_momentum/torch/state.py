@@ -10,7 +10,7 @@ optimizer's __setstate__ tracks them again."""
 
 from collections import defaultdict
 
-__all__ = ["OptimizerState", "StateEntry", "tracked", "edits_of", "plain"]
+__all__ = ["OptimizerState", "StateEntry", "tracked", "edits_of", "plain", "take_edits"]
 
 
 def _counted(method):
@@ -99,3 +99,23 @@ def plain(state):
     that torch.load(weights_only=True) reads it)."""
     return {key: dict(entry) if isinstance(entry, StateEntry) else entry
             for key, entry in state.items()}
+
+
+def take_edits(state, buckets):
+    """After `state` (opt.state) was edited or replaced: every entry is checked against the
+    buckets' parameters (Bucket.check_state: nothing changes on a failure), then each
+    bucket takes it as torch.optim.SGD's next step would (Bucket.sync_state; the buckets'
+    counters settled by the caller). Returns the state to keep: `state`, or, for a mapping
+    that replaced it, a tracked copy; entries assigned as plain dicts become StateEntry
+    dicts with the same items."""
+    for bucket in buckets:
+        bucket.check_state(state)
+    if edits_of(state) is None:
+        state = tracked(state)
+    else:
+        for key, entry in list(state.items()):
+            if type(entry) is dict:
+                state.adopt(key, entry)
+    for bucket in buckets:
+        bucket.sync_state(state)
+    return state
