@@ -420,6 +420,7 @@ class SGD(Optimizer):
                     "(take a step outside the capture first)"))
             self._settle()
             self.state = take_edits(self.state, layout.buckets)
+            self._state_seen = edits_of(self.state)
         if found_inf is not None and not on_device and to_float(found_inf) != 0:
             # GradScaler found an inf: nothing changes, and a parameter's first step
             # stays its first step (torch's fused SGD gets this wrong; its for-loop not).
