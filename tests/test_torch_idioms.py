@@ -260,13 +260,14 @@ def test_a_momentum_buffer_of_the_wrong_shape_raises_at_step_and_changes_nothing
     wrong = torch.zeros(3, dtype=p.dtype)
     opt.state[p]["momentum_buffer"] = wrong
     before = [t.detach().clone() for t in model.parameters()]
-    velocities = [opt.state[t]["momentum_buffer"].clone() for t in list(model.parameters())[1:]]
+    others = list(model.parameters())[1:]
+    velocities = [opt.state[t]["momentum_buffer"].clone() for t in others]
     with pytest.raises(ValueError, match=r"Invalid momentum_buffer value: shape \(3,\)"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert opt.state[p]["momentum_buffer"] is wrong
     assert all(torch.equal(opt.state[t]["momentum_buffer"], v)
-               for t, v in zip(list(model.parameters())[1:], velocities))
+               for t, v in zip(others, velocities))
 
 
 def test_state_edits_are_tracked_in_copies_and_state_dicts_hold_plain_dicts():

@@ -32,10 +32,10 @@ How it works:
   `zero_grad()` points them at their views again). A view that `p.grad.data = g` or
   `p.grad.set_(g)` moved off the buffer is found by its data pointer (one comparison per
   parameter per step) and copied the same way; `zero_grad()` puts it back over the
-  buffer. A None `.grad` at `step()` is no gradient. In a `torch.distributed` process group `zero_grad()` leaves a
-  None `.grad` None and makes DDP's bucket views None, as torch does: DDP would hand a
-  view given to a parameter that no rank used back as a zero bucket view, which `step()`
-  cannot tell from a reduced gradient.
+  buffer. A None `.grad` at `step()` is no gradient. In a `torch.distributed` process
+  group `zero_grad()` leaves a None `.grad` None and makes DDP's bucket views None, as
+  torch does: DDP would hand a view given to a parameter that no rank used back as a
+  zero bucket view, which `step()` cannot tell from a reduced gradient.
 - `step()` reads every parameter group's hyperparameters (any change, such as a
   scheduler's, reaches the kernel without a recompile) into one row of the kernels' update
   table per parameter, so each parameter has its group's values and its own first step,
