@@ -50,7 +50,6 @@ with no host synchronisation in `step()` (a CUDA tensor lr is read with `.item()
 torch.optim.SGD's for-loop reads it).
 """
 
-import contextlib
 import itertools
 import operator
 import weakref
@@ -65,8 +64,8 @@ except ImportError as error:  # `import gpu_momentum` itself never needs torch
 from torch.optim.optimizer import Optimizer
 
 from .arrays import compute_dtype
-from .backends import (REGISTRY, BackendUnavailableError, backend_named, check_arrays,
-                       device_table, unavailable_reason)
+from .backends import (REGISTRY, BackendUnavailableError, backend_named,
+                       backends_for_device, check_arrays, device_table, unavailable_reason)
 from .flat import SEGMENT_ALIGNMENT_BYTES
 from .groups import UpdateTable
 from .hyperparams import STYLES, keeps_velocity, row_flags, table_row
@@ -88,8 +87,6 @@ TORCH_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
 # The library's own per-group options, kept in `defaults` (and so in every group) only
 # when given other values: with the defaults the groups hold exactly torch's keys.
 EXTRA_GROUP_DEFAULTS = {"l1": 0.0, "decoupled_weight_decay": False}
-# The backends for each torch device type, in the order "auto" tries them.
-DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cupy", "numba-cuda")}
 NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
                 torch.float64: np.dtype(np.float64)}
 try:  # torch.bfloat16 as NumPy knows it: ml_dtypes' (the "bf16" extra)
@@ -602,8 +599,8 @@ class SGD(Optimizer):
         while it needs no update); a trainable parameter no backend can update raises."""
         if p.layout != torch.strided or not (p.is_floating_point() or p.is_complex()):
             return None
-        names = DEVICE_BACKENDS.get(p.device.type)
-        if names is None:
+        names = backends_for_device(p.device.type)
+        if not names:
             return None  # meta tensors (model.to_empty() follows), other accelerators
         choice = self._backend_choice
         if choice == "auto":
@@ -1096,7 +1093,7 @@ class _Bucket:
         table, the arrays, the counters, the seed and the stream it was prepared with
         stay the same."""
         made_with = (self.device_table, *arrays, self.counters)
-        context = (seed, None if self.device.type == "cpu" else self.arrays._stream())
+        context = (seed, self.backend.torch_stream(self.device))
         if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
                 or any(a is not b for a, b in zip(made_with, self._launch_made_with))):
             self._launch = self.backend.step_function(
@@ -1206,70 +1203,24 @@ class _Bucket:
 
 
 class _ArraysFor:
-    """The flat tensors as the backend's arrays, and the context its launches run in:
-    NumPy views on the CPU; on CUDA, torch's current stream of the buffers' device (CuPy
-    launches on its current stream; numba-cuda on the stream an array names, and torch's
-    __cuda_array_interface__ names none)."""
+    """The flat tensors as the backend's arrays (Backend.from_torch), and the context its
+    launches run in (Backend.torch_context: on CUDA, torch's current stream of the
+    buffers' device). A backend whose arrays name their stream gets new views at each
+    step, naming torch's current stream then."""
 
     def __init__(self, backend, device, tensors):
         self.backend, self.device, self.tensors = backend, device, tensors
-        if device.type == "cpu":
-            self.fixed = tuple(map(_numpy_view, tensors))
-        elif backend.name == "cupy":
-            import cupy
-            with cupy.cuda.Device(self._index()):
-                self.fixed = tuple(_StreamArray(t, None) if t.dtype == torch.bfloat16
-                                   else cupy.asarray(t) for t in tensors)
-        else:
-            self.fixed = None  # numba-cuda: views naming the current stream, per step
-
-    def _index(self):
-        return self.device.index if self.device.index is not None else \
-            torch.cuda.current_device()
-
-    def _stream(self):
-        return torch.cuda.current_stream(self.device).cuda_stream
+        self.fixed = None if backend.arrays_name_stream else \
+            tuple(map(backend.from_torch, tensors))
 
     def context(self):
-        if self.device.type == "cpu":
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        if self.backend.name == "cupy":
-            import cupy
-            stack.enter_context(cupy.cuda.Device(self._index()))
-            stack.enter_context(cupy.cuda.ExternalStream(self._stream(), self._index()))
-        else:
-            from numba import cuda
-            stack.enter_context(cuda.gpus[self._index()])
-        return stack
+        return self.backend.torch_context(self.device)
 
     def step_arrays(self):
         if self.fixed is not None:
             return self.fixed
-        stream = self._stream() or 1  # CAI v3: 1 is the legacy default stream, torch's 0
-        return tuple(_StreamArray(t, stream) for t in self.tensors)
-
-
-class _StreamArray:
-    """A torch CUDA tensor's __cuda_array_interface__ (version 3) naming `stream`. torch
-    gives bfloat16 tensors no interface: theirs is their bits' (an int16 view, described
-    as "<u2") with `dtype` ml_dtypes' bfloat16, which the library's checks read
-    (arrays.describe) and its kernels take as bits."""
-
-    def __init__(self, tensor, stream):
-        interface = tensor.__cuda_array_interface__ if tensor.dtype != torch.bfloat16 else \
-            {**tensor.view(torch.int16).__cuda_array_interface__, "typestr": "<u2"}
-        if tensor.dtype == torch.bfloat16:
-            self.dtype = NUMPY_DTYPES[torch.bfloat16]
-        self.__cuda_array_interface__ = {**interface, "version": 3, "stream": stream}
-
-
-def _numpy_view(tensor):
-    """A CPU tensor as a NumPy array over its memory: bfloat16 through its bits, as
-    ml_dtypes' bfloat16 (NumPy has no torch.bfloat16)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(NUMPY_DTYPES[torch.bfloat16])
-    return tensor.numpy()
+        stream = self.backend.torch_stream(self.device)
+        return tuple(self.backend.from_torch(t, stream) for t in self.tensors)
 
 
 def _real_dtype(dtype):

@@ -1,12 +1,15 @@
 """The cpu backend: NumPy arrays, updated by the Numba loops of kernels/cpu.py (parallel
 over the cores, or serial for small buffers)."""
 
+import contextlib
+
 import numpy as np
 
 from ..kernels.elementwise import storage_format
 from ..kernels.layout import LAST_STEP_SKIPPED, PRECISIONS, READ_COUNTERS
 from .contract import PreparedStep, bits_view
 from .runner import StepKernels, StepRunner
+from .torch_arrays import numpy_view
 
 NO_COUNTERS = np.zeros(0, np.int64)  # what the kernels get for counters=None
 NO_BUFFER = np.zeros(0, np.float32)  # for precision_buffer=None
@@ -17,6 +20,8 @@ class CpuBackend(PreparedStep):
     name = "cpu"
     dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = False  # Numba's loads handle any address
+    device_type = "cpu"
+    arrays_name_stream = False
 
     zeros = staticmethod(np.zeros)
     copy = staticmethod(np.copy)
@@ -47,6 +52,15 @@ class CpuBackend(PreparedStep):
 
     def capturing(self, param):
         return False
+
+    def torch_stream(self, device):
+        return None
+
+    def torch_context(self, device):
+        return contextlib.nullcontext()
+
+    def from_torch(self, tensor, stream=None):
+        return numpy_view(tensor)
 
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):

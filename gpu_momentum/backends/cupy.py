@@ -7,6 +7,7 @@ The module is compiled once per device (memoized RawModule) and each dtype's lau
 is worked out once per device.
 """
 
+import contextlib
 import functools
 
 import numpy as np
@@ -18,12 +19,15 @@ from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
 from ..kernels.layout import GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED, READ_COUNTERS
 from .contract import PreparedStep
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
+from .torch_arrays import CudaTensorArray, current_stream, device_index
 
 
 class CupyBackend(PreparedStep):
     name = "cupy"
     dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = True
+    device_type = "cuda"
+    arrays_name_stream = False  # it launches on CuPy's current stream (torch_context)
 
     def unavailable_reason(self):
         try:
@@ -84,6 +88,26 @@ class CupyBackend(PreparedStep):
         import cupy
 
         return cupy.cuda.get_current_stream().is_capturing()
+
+    torch_stream = staticmethod(current_stream)
+
+    def torch_context(self, device):
+        """torch's device current for CuPy, and torch's current stream CuPy's."""
+        import cupy
+
+        stack = contextlib.ExitStack()
+        index = device_index(device)
+        stack.enter_context(cupy.cuda.Device(index))
+        stack.enter_context(cupy.cuda.ExternalStream(current_stream(device), index))
+        return stack
+
+    def from_torch(self, tensor, stream=None):
+        import cupy
+        import torch
+
+        with cupy.cuda.Device(device_index(tensor.device)):
+            return (CudaTensorArray(tensor, None) if tensor.dtype == torch.bfloat16
+                    else cupy.asarray(tensor))
 
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):

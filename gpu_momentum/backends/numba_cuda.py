@@ -18,12 +18,17 @@ from ..kernels.elementwise import storage_format
 from ..kernels.layout import GROUP_SLOTS, PRECISIONS, READ_COUNTERS
 from .contract import PreparedStep, bits_view
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
+from .torch_arrays import CudaTensorArray, current_stream, device_index
 
 
 class NumbaCudaBackend(PreparedStep):
     name = "numba-cuda"
     dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = True
+    device_type = "cuda"
+    # Its launches follow the stream param names; torch's __cuda_array_interface__ names
+    # none, so the views of torch tensors name torch's current stream, made at each step.
+    arrays_name_stream = True
 
     def unavailable_reason(self):
         if importlib.util.find_spec("numba_cuda") is None:
@@ -121,6 +126,19 @@ class NumbaCudaBackend(PreparedStep):
         if error != driver.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"cuStreamIsCapturing failed: {error}")
         return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+    torch_stream = staticmethod(current_stream)
+
+    def torch_context(self, device):
+        from numba import cuda
+
+        return cuda.gpus[device_index(device)]
+
+    def from_torch(self, tensor, stream=None):
+        """A view naming `stream` (torch's current stream when None)."""
+        if stream is None:
+            stream = current_stream(tensor.device)
+        return CudaTensorArray(tensor, stream or 1)  # CAI v3: 1 is the legacy default
 
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):
