@@ -64,17 +64,21 @@ class CpuBackend(PreparedStep):
 
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):
-        return StepRunner(_CpuKernels(param, velocity, table, counters, precision,
-                                      precision_buffer, seed), param.size, check_nonfinite)
+        return StepRunner(_CpuKernels(param, velocity, table, counters, check_nonfinite,
+                                      precision, precision_buffer, seed), param.size,
+                          check_nonfinite)
 
 
 class _CpuKernels(StepKernels):
     """The CPU's launches: the Numba loops of kernels/cpu.py, called now. A loss scale
     and found_inf are read on the host when the step runs, as a kernel would read them.
-    The loop of a counted step's update also counts it (update_unless_skipped), so it
-    runs at "finish", which a counted step always reaches, even over no elements."""
+    A counted step's two loops each do two of the GPU's launches: find_nonfinite also
+    clears (or found_inf skips the step), so it runs at "clear"; update_unless_skipped
+    also counts, so it runs at "finish", which a counted step reaches even over no
+    elements."""
 
-    def __init__(self, param, velocity, table, counters, precision, precision_buffer, seed):
+    def __init__(self, param, velocity, table, counters, check_nonfinite, precision,
+                 precision_buffer, seed):
         from ..kernels.cpu import kernels_for, pieces_needed
 
         formats = storage_format(param.dtype), storage_format(velocity.dtype)
@@ -90,6 +94,8 @@ class _CpuKernels(StepKernels):
         if counters is not None:
             launch_flags |= READ_COUNTERS
         self.launch_flags, self.seed = np.uint32(launch_flags), np.uint64(seed)
+        self.check_nonfinite = check_nonfinite
+        self.current = None  # a counted step's kernel arguments, set by "clear"
 
     def kernel_grad(self, grad):
         return _bits(grad)
@@ -102,30 +108,34 @@ class _CpuKernels(StepKernels):
         return found_inf
 
     def launches(self):
-        return {"clear": self._clear, "find_nonfinite": self._find_nonfinite,
-                "update": self._update, "finish": self._finish}
+        if self.counters is None:
+            return {"update": self._update}
+        return {"clear": self._clear, "find_nonfinite": None, "update": None,
+                "finish": self._finish}
 
     def _arguments(self, step):
         inv = step.inv_grad_scale if step.grad_scale is None else step.grad_scale
         return (self.param, step.grad, self.velocity, self.buffer, *self.table, inv,
                 self.launch_flags)
 
-    def _clear(self, step):
-        found = step.found_inf is not None and step.found_inf[()] != 0
-        self.counters[LAST_STEP_SKIPPED] = 1 if found else 0
-
-    def _find_nonfinite(self, step):
-        if self.counters[LAST_STEP_SKIPPED] == 0:  # found_inf has not skipped the step
-            self.find_nonfinite(*self._arguments(step), self.counters, self.seed,
-                                NO_STEP_COUNT)
-
     def _update(self, step):
-        if self.counters is None:  # a counted step updates at "finish"
-            self.update(*self._arguments(step), NO_COUNTERS, self.seed, step.step_count)
+        self.update(*self._arguments(step), NO_COUNTERS, self.seed, step.step_count)
+
+    def _clear(self, step):
+        """LAST_STEP_SKIPPED set from found_inf, else from the gradient's values (or 0
+        for a step that does not look for non-finite values)."""
+        inv = step.inv_grad_scale if step.grad_scale is None else step.grad_scale
+        arguments = self.current = (self.param, step.grad, self.velocity, self.buffer,
+                                    *self.table, inv, self.launch_flags)
+        if step.found_inf is not None and step.found_inf[()] != 0:
+            self.counters[LAST_STEP_SKIPPED] = 1
+        elif self.check_nonfinite:
+            self.find_nonfinite(*arguments, self.counters, self.seed, NO_STEP_COUNT)
+        else:
+            self.counters[LAST_STEP_SKIPPED] = 0
 
     def _finish(self, step):
-        self.update_unless_skipped(*self._arguments(step), self.counters, self.seed,
-                                   NO_STEP_COUNT)
+        self.update_unless_skipped(*self.current, self.counters, self.seed, NO_STEP_COUNT)
 
 
 def _reciprocal(scale):

@@ -3,8 +3,8 @@
 A backend's `step_function` prepares a `StepKernels` (its kernels over the arrays, table
 and counters of one step, with everything that stays the same from step to step worked
 out) and returns a `StepRunner` over it. The runner does what every backend's step does
-alike: it converts what a step hands over (the gradient only when it is another object
-than the last step's, the loss scale in the compute dtype only when it changed),
+alike: it converts what a step hands over (the gradient, the loss scale in the compute
+dtype and the step count only when they are other objects than the last step's),
 refuses found_inf without counters, and queues the launches of
 kernels.cuda_launch.step_launches in order ("clear", "find_nonfinite", "agree",
 "update", "finish"), calling `agree` itself. The backend supplies the launches, the
@@ -75,7 +75,7 @@ class StepKernels:
     def launches(self):
         """{name: launch} for each name of KERNEL_LAUNCHES the step can run (see
         step_launches): each launch takes the runner's StepArguments and queues its
-        kernel."""
+        kernel; None for one whose work another launch of this backend does."""
         raise NotImplementedError
 
 
@@ -88,21 +88,24 @@ class StepRunner:
     check_nonfinite=False: a counted step without "find_nonfinite"."""
 
     __slots__ = ("kernels", "arguments", "counted", "before_step", "plain", "agreeing",
-                 "last_grad", "last_inv_grad_scale")
+                 "last_grad", "last_inv_grad_scale", "last_step_count", "no_grad_scale",
+                 "no_found_inf")
 
     def __init__(self, kernels, elements, check_nonfinite=True):
         self.kernels = kernels
         self.arguments = StepArguments(kernels.no_grad_scale, kernels.no_found_inf)
         self.counted = kernels.counters is not None
         self.before_step = kernels.before_step
+        self.no_grad_scale, self.no_found_inf = kernels.no_grad_scale, kernels.no_found_inf
         counters = kernels.counters
         launches = {**kernels.launches(),
                     "agree": lambda arguments: arguments.agree(counters)}
         self.plain, self.agreeing = (
             tuple(launches[name] for name in step_launches(elements, self.counted, agree,
-                                                           check_nonfinite))
+                                                           check_nonfinite)
+                  if launches[name] is not None)
             for agree in (False, True))
-        self.last_grad = self.last_inv_grad_scale = None
+        self.last_grad = self.last_inv_grad_scale = self.last_step_count = None
 
     def __call__(self, grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None,
                  step_count=0):
@@ -117,11 +120,13 @@ class StepRunner:
             self.last_inv_grad_scale = inv_grad_scale
         if not self.counted:
             refuse_found_inf_without_counters(found_inf)
-        arguments.found_inf = (kernels.no_found_inf if found_inf is None else
+        arguments.found_inf = (self.no_found_inf if found_inf is None else
                                kernels.kernel_found_inf(found_inf))
-        arguments.grad_scale = (kernels.no_grad_scale if grad_scale is None else
+        arguments.grad_scale = (self.no_grad_scale if grad_scale is None else
                                 kernels.kernel_grad_scale(grad_scale))
-        arguments.step_count = np.int64(step_count)
+        if step_count is not self.last_step_count:
+            arguments.step_count = np.int64(step_count)
+            self.last_step_count = step_count
         arguments.agree = agree
         for launch in self.plain if agree is None else self.agreeing:
             launch(arguments)
