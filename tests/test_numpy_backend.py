@@ -24,6 +24,7 @@ import test_update
 from configs import CONFIGS, hyper_at, problem
 from gpu_momentum.backends import (REGISTRY, backend_named, backends_for_device,
                                    register_backend, select_backend, unregister_backend)
+from gpu_momentum.backends.runner import StepKernels, StepRunner
 from gpu_momentum.reference import reference_step
 from harness import Harness
 from numpy_backend import NumpyBackend
@@ -138,3 +139,53 @@ def test_torch_sgd_steps_on_it_as_torch_optim_sgd():
             opt.step()
     for mine, reference in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-12)
+
+
+class _Recording(StepKernels):
+    """Launches that record their names and the arguments they were given."""
+
+    def __init__(self, counted):
+        self.counters = np.zeros(4, np.int64) if counted else None
+        self.log, self.converted = [], []
+        self.no_grad_scale, self.no_found_inf = "no scale", "no found_inf"
+
+    def kernel_grad(self, grad):
+        self.converted.append("grad")
+        return ("view", grad)
+
+    def kernel_grad_scale(self, grad_scale):
+        return ("scale", grad_scale)
+
+    def kernel_found_inf(self, found_inf):
+        return ("found", found_inf)
+
+    def launches(self):
+        record = lambda name: lambda step: self.log.append(
+            (name, step.grad, step.inv_grad_scale, step.grad_scale, step.found_inf,
+             int(step.step_count)))
+        return {"clear": record("clear"), "find_nonfinite": record("find_nonfinite"),
+                "update": record("update"), "finish": None}
+
+
+def test_the_runner_queues_step_launches_in_order_and_converts_only_what_changed():
+    counted = _Recording(counted=True)
+    runner = StepRunner(counted, elements=5)
+    agreed = []
+    grad = object()
+    runner(grad, 0.5, agree=agreed.append, grad_scale="s", found_inf="f", step_count=3)
+    assert [entry[0] for entry in counted.log] == ["clear", "find_nonfinite", "update"]
+    assert agreed == [counted.counters]  # between find_nonfinite and update
+    assert counted.log[1] == ("find_nonfinite", ("view", grad), np.float32(0.5),
+                              ("scale", "s"), ("found", "f"), 3)
+    counted.log.clear()
+    runner(grad, 0.5)
+    assert counted.converted == ["grad"]  # the same grad object: converted once
+    assert counted.log[0][3:] == ("no scale", "no found_inf", 0)
+    assert len(agreed) == 1
+
+    uncounted = _Recording(counted=False)
+    runner = StepRunner(uncounted, elements=0)
+    runner(grad, 1.0)
+    assert uncounted.log == []  # nothing over no elements without counters
+    with pytest.raises(ValueError, match="found_inf needs the step counters"):
+        runner(grad, 1.0, found_inf="f")
