@@ -2,8 +2,9 @@
 arguments, and the launches of one step.
 
 The cupy backend (gpu_momentum.backends.cupy) launches through these, and so does the
-host-built kernel of the tests (tests/host_kernel.py), so both launch alike; the numba-cuda
-backend queues its kernels in the order `step_launches` gives.
+host-built kernel of the tests (tests/host_kernel.py), so both launch alike; every
+backend's step (gpu_momentum.backends.runner.StepRunner) queues its launches in the order
+`step_launches` gives.
 """
 
 import dataclasses

@@ -433,7 +433,7 @@ ARRAY_ERRORS = [
     ("matrix-param", _matrix_param, TypeError, r"param is a numpy\.matrix, a subclass"),
     ("subclass-grad", _subclass_grad, TypeError, r"grad is a configs\.Tagged, a subclass"),
     ("interface-only-grad", _interface_only_grad, TypeError,
-     r"grad is a configs\.InterfaceOnly, which backend 'cpu' cannot read"),
+     r"grad is a configs\.InterfaceOnly, which backend '{backend}' cannot read"),
 ]
 
 
