@@ -13,9 +13,9 @@ TORCH_CPU_LOOP = {"peer": "torch SGD for-loop", "device": "cpu"}
 TORCH_GPU_FUSED = {"peer": "torch SGD fused", "device": "cuda"}
 # (what, the library's backend, compared with, goal, where). Compared with a row matching
 # those fields at the same point: the ratio is its time over the backend's; "roofline":
-# the backend's fraction of the memory roofline (on the GPU the SM stream kernel's). where: (workload, dtype, n) of the rows,
-# n None for a many-tensor workload (it has one size). In the torch workloads the backend
-# row is gpu_momentum.torch.SGD's.
+# the backend's fraction of the memory roofline (on the GPU the SM stream kernel's).
+# where: (workload, dtype, n) of the rows, n None for a many-tensor workload (it has one
+# size). In the torch workloads the backend row is gpu_momentum.torch.SGD's.
 TARGETS = (
     ("cpu >= 4x NumPy as users write it", "cpu",
      {"peer": "numpy naive", "device": "cpu"}, 4.0, FLAT),
