@@ -35,8 +35,10 @@ numba.cuda.bf16: that module is empty in the CUDA simulator, compiles to calls o
 functions linked in later (no self-contained PTX), and rounds NaNs unlike ml_dtypes.
 """
 
+import contextlib
 import functools
 from importlib.metadata import version
+from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda, types
@@ -56,6 +58,14 @@ from .vector_memory import VECTOR_BYTES, elements_per_word, vector_memory
 # `cuda.compile_ptx(..., cc=(9, 0))` works on a machine without a GPU. A device function
 # compiled on its own (inline="never") is built for the current device, which needs one.
 _inline = cuda.jit(device=True, inline="always")
+# The element updates are big, and called from several places of a kernel (the head and
+# tail, each element of a 128-bit word, the words that hold a range end): Numba's inlining
+# copies and retypes the whole body at each call (15 s to compile a 16-bit kind). These
+# are compiled once and inlined by LLVM instead (forceinline: the PTX holds no calls);
+# compile_ptx supplies the compute capability numba-cuda asks the current device for.
+# (The simulator, which runs them as Python, takes no forceinline.)
+_linked = (_inline if config.ENABLE_CUDASIM else
+           cuda.jit(device=True, forceinline=True))
 seek_range_cuda = _inline(seek_range)
 group_hyperparameters_cuda = _inline(group_hyperparameters)
 scaled_gradient_is_finite_cuda = _inline(scaled_gradient_is_finite)
@@ -261,9 +271,9 @@ def update_kernel(param_format, velocity_format, precision):
     `velocity_format` and `precision` (kernels.layout.PRECISIONS)."""
     suffix = (f"{FORMAT_NAMES[param_format]}_{FORMAT_NAMES[velocity_format]}_"
               f"{PRECISION_NAMES[precision]}")
-    update = storage_update(STORAGE, _inline, param_format, velocity_format, precision,
+    update = storage_update(STORAGE, _linked, param_format, velocity_format, precision,
                             key_per_element=True)
-    step_values = storage_step(STORAGE, _inline, param_format, velocity_format, precision,
+    step_values = storage_step(STORAGE, _linked, param_format, velocity_format, precision,
                                key_per_element=True)
     word = _word_elements(param_format)
     return cuda.jit(cache=True)(specialized(
@@ -414,7 +424,25 @@ def compile_ptx(param_dtype, cc, velocity_dtype=None, precision="nearest", names
 
     Needs the numba-cuda compiler (NVVM), not a GPU, and not the simulator.
     """
-    return {name: cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
-            for name, (kernel, signature) in kernel_signatures(
-                param_dtype, velocity_dtype, precision).items()
-            if names is None or name in names}
+    with _device_functions_built_for(cc):
+        return {name: cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
+                for name, (kernel, signature) in kernel_signatures(
+                    param_dtype, velocity_dtype, precision).items()
+                if names is None or name in names}
+
+
+@contextlib.contextmanager
+def _device_functions_built_for(cc):
+    """numba-cuda builds a device function that it does not inline itself (the _linked
+    element updates) with the options of the current device's compute capability, and
+    asks the driver for it, which fails without a GPU. Its LLVM IR is linked into the
+    kernel and compiled with the kernel for the kernel's `cc`: meanwhile the dispatcher
+    module's get_current_device answers a device of `cc`."""
+    from numba.cuda import dispatcher
+
+    asked = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = asked
