@@ -30,6 +30,11 @@ Hyperparameters are data, not compile-time constants: a schedule changing lr or 
 reuses the compiled kernel. The launches of a step are kernels.cuda_launch.step_launches'
 (gpu_momentum.backends.numba_cuda).
 
+Memory, as kernels/momentum.cu: the update moves 128 bits per load and store
+(kernels.vector_memory) from the first element where every array starts a 16-byte word,
+with a scalar head before it and a scalar tail; arrays misaligned against each other go
+element by element. Words of 4 float32/float64 or 8 16-bit params.
+
 16-bit values are converted with the bit operations of kernels.elementwise, not with
 numba.cuda.bf16: that module is empty in the CUDA simulator, compiles to calls of
 functions linked in later (no self-contained PTX), and rounds NaNs unlike ml_dtypes.

@@ -74,7 +74,7 @@ def test_update_moves_params_and_grads_in_128_bit_words(update_ptx):
         assert re.search(WORD_STORE[velocity], code), f"{where}: no 128-bit velocity store"
 
 
-def test_only_the_head_and_tail_move_single_elements(update_ptx):
+def test_words_beside_a_scalar_head_and_tail(update_ptx):
     """Scalar stores exist (the head and tail, and words that hold a range end), but every
     array also has a vector store: one of each kind per kernel at least."""
     for (param, velocity, precision, arch), ptx in update_ptx.items():
