@@ -19,9 +19,9 @@ from gpu_momentum.backends import (REGISTRY, BackendUnavailableError, backend_na
                                    backend_names)
 from gpu_momentum.kernels.layout import PRECISION_NAMES
 
-from .data import (CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS, NUMPY_TWO_LINE,
-                   ROOFLINE_PEERS, ROOFLINES, SIXTEEN_BIT, TORCH_API, WIDE, Absent, Built,
-                   Candidate, Problem, Unsupported, backend_name)
+from .data import (COPY_ROOFLINE, CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS,
+                   NUMPY_TWO_LINE, ROOFLINE_PEERS, ROOFLINES, SIXTEEN_BIT, TORCH_API, WIDE,
+                   Absent, Built, Candidate, Problem, Unsupported, backend_name)
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 from .peers import (copyto_builder, naive_builder, numpy_out_builder,
                     numpy_two_line_builder, stream_builder, torch_builder, torch_parameters,
@@ -261,7 +261,8 @@ def discover(devices=("cpu", "cuda")):
         found += gpu.candidates()
     elif "cuda" in devices:
         absent += [Absent(CUPY_PEER, "peer", gpu_reason),
-                   Absent(ROOFLINES["cuda"], "roofline", gpu_reason)]
+                   Absent(ROOFLINES["cuda"], "roofline", gpu_reason),
+                   Absent(COPY_ROOFLINE, "roofline", gpu_reason)]
     if "cpu" in devices:
         found += [
             Candidate("roofline", "cpu", stream_builder, stream_bytes, HostTimer(),

@@ -567,7 +567,7 @@ def test_precision_targets_compare_the_bfloat16_rows():
     assert ratio["value"] == pytest.approx(0.0004 / 0.00028) and ratio["met"] is True
     within = found["cupy bfloat16 stochastic within 5% of nearest"]
     assert within["value"] == pytest.approx(0.00028 / 0.00031) and within["met"] is False
-    kahan = found["cupy bfloat16 kahan >= 90% of the D2D copy roofline"]
+    kahan = found["cupy bfloat16 kahan >= 90% of the SM stream roofline"]
     assert kahan["value"] == pytest.approx((18 / 0.0004) / (4 / 0.00005))
 
 

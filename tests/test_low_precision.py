@@ -90,6 +90,7 @@ def _assert_matches(backend, opt, reference, step):
         assert (np.abs(wide(actual) - wide(expected)) <= tolerance)[finite].all(), what
 
 
+@pytest.mark.hardware_first
 @pytest.mark.parametrize("kind, config", LOW_PRECISION_CASES)
 def test_16_bit_params_match_the_reference(backend, kind, config):
     dtype = storage_dtype(kind[0])
@@ -159,6 +160,7 @@ def test_state_dict_round_trip_continues_bitwise(backend, precision):
                 == backend.to_numpy(getattr(second, name)).tobytes()), name
 
 
+@pytest.mark.hardware_first
 @pytest.mark.parametrize("velocity", ["float32", "bfloat16"])
 @pytest.mark.parametrize("precision", ["nearest", "stochastic", "kahan", "master"])
 def test_checkpoints_carry_the_mode_and_continue_bitwise(backend, tmp_path, precision,
