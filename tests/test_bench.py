@@ -21,7 +21,7 @@ from gpu_momentum.bench.run import (Options, groups, groups_shapes, make_problem
                                     memory_needed, problems, run, sampling_for, set_threads,
                                     shortfall)
 from gpu_momentum.reference import reference_step
-from harness import library_env
+from harness import library_env, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -231,6 +231,7 @@ def test_check_schema_rejects_broken_results():
 
 
 def test_plot_writes_a_png(tmp_path):
+    require("matplotlib")
     rows = []
     for n in (2**16, 2**18, 2**20):
         rows += [_row("gpu-momentum cpu", "backend", 1e-9 * n, n=n),
@@ -380,7 +381,9 @@ def test_torch_workload_candidates_do_the_same_update(device, dtype):
     """gpu_momentum.torch.SGD and torch.optim.SGD's variants over the same nn.Parameters:
     three steps of torch-style momentum, equal to the classic update the others do (in
     bfloat16 within its rounding: torch rounds each operation, the library each step)."""
-    pytest.importorskip("torch")
+    require("torch")
+    if dtype == "bfloat16":
+        require("ml_dtypes")
     problem = TENSORS if dtype == "float32" else make_problem(
         TENSORS.n, dtype, shapes=TENSORS.shapes)
     p, v = problem.p0.astype(np.float64), np.zeros(problem.n)
@@ -510,6 +513,7 @@ def test_bfloat16_rows_do_the_reference_update():
     in bfloat16 departs by up to 0.09 after two steps: it is held to 0.1)."""
     from gpu_momentum.reference import low_precision_step
 
+    require("ml_dtypes")
     problem = make_problem(1000, "bfloat16")
     found, _ = candidates.discover(("cpu",))
     rows = [c for c in found if c.kind == "backend" and c.runs("bfloat16")]
@@ -580,6 +584,8 @@ def test_python_m_bench_help():
 
 def test_quick_run_writes_valid_json_and_plot(tmp_path):
     """`gpu-momentum bench --quick` end to end, in its own process (numba before torch)."""
+    require("tqdm")
+    require("matplotlib")
     json_path, plot_path = tmp_path / "quick.json", tmp_path / "quick.png"
     done = subprocess.run(
         [sys.executable, "-m", "gpu_momentum", "bench", "--quick", "--no-progress",
@@ -693,6 +699,7 @@ def test_overhead_run_times_every_backend_and_peer_by_the_wall_clock(monkeypatch
     NumPy's two-line update among them, doing the same update; the plot has its panel."""
     from gpu_momentum.bench import run as run_module
 
+    require("matplotlib")
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setattr(run_module, "OVERHEAD_SIZES", (2**10, 2**11))
     options = dataclasses.replace(_tiny_options("float32"), workloads=("overhead",))
