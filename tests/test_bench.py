@@ -482,6 +482,7 @@ def test_gpu_peers_are_measured_or_listed_with_a_reason():
         assert not any(c.device == "cuda" for c in found)
 
 
+@pytest.mark.slow
 def test_16_bit_dtypes_run_a_row_per_precision_mode(monkeypatch):
     """float16 (bfloat16 alike): the library's rows are the precision modes, each with
     its bytes per element and its elements/s over the float32 row; the float32 row stays
@@ -507,6 +508,7 @@ def test_16_bit_dtypes_run_a_row_per_precision_mode(monkeypatch):
     assert "elements/s against float32" in report.table(result)
 
 
+@pytest.mark.slow
 def test_bfloat16_rows_do_the_reference_update():
     """Each precision row of bfloat16, two steps, bit for bit the reference's; the peers
     that run bfloat16 do the same update within its precision (torch 2.13's fused CPU SGD
@@ -582,6 +584,7 @@ def test_python_m_bench_help():
     assert "--quick" in done.stdout and "--json" in done.stdout
 
 
+@pytest.mark.slow
 def test_quick_run_writes_valid_json_and_plot(tmp_path):
     """`gpu-momentum bench --quick` end to end, in its own process (numba before torch)."""
     require("tqdm")

@@ -131,6 +131,7 @@ def _sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_bf16_example_writes_into_the_current_folder_never_over_committed_files(tmp_path):
     require("ml_dtypes")
     require("matplotlib")
