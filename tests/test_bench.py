@@ -436,6 +436,7 @@ def test_torch_workload_without_torch_lists_the_adapter_absent(monkeypatch):
     assert "torch is not installed" in reasons["torch SGD fused (cpu)"]
 
 
+@pytest.mark.slow
 def test_groups_run_measures_the_backends_only_and_reports_the_ratio(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     options = dataclasses.replace(_tiny_options("float32"), workloads=("groups",))
@@ -696,6 +697,7 @@ def test_overhead_targets_take_the_worst_ratio_over_their_sizes():
     assert all(t["value"] is None for t in flat if t.get("workload") == "overhead")
 
 
+@pytest.mark.slow
 def test_overhead_run_times_every_backend_and_peer_by_the_wall_clock(monkeypatch,
                                                                      tmp_path):
     """The overhead workload: one row per backend and peer (no roofline) at every size,
