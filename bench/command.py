@@ -192,7 +192,12 @@ def run_ranks(args):
         argv += ["--samples", str(args.samples)]
     if args.json:
         argv += ["--json", args.json]
-    return launch(args.ranks, argv)
+    try:
+        return launch(args.ranks, argv)
+    except SystemExit as refusal:  # launch's refusals (no mpiexec) are one message
+        if isinstance(refusal.code, str):
+            raise CommandError(refusal.code) from None
+        raise
 
 
 def main(argv=None):
