@@ -24,6 +24,9 @@ def pytest_configure(config):
                                        "present, skipped with a reason elsewhere")
     config.addinivalue_line("markers", "hardware_first: what had not yet run on a GPU; "
                                        ".ci/gpu runs these first (pytest -m hardware_first)")
+    config.addinivalue_line("markers", "slow: takes many seconds (MPI jobs, DDP, soak, big "
+                                       "simulator and host-shim tables); the fast loop "
+                                       "`pytest -m \"not slow\"` leaves it out, CI runs it")
 
 
 @pytest.fixture(params=HARNESSES, ids=lambda h: h.name)

@@ -83,6 +83,7 @@ class _NoDevice:
         return False
 
 
+@pytest.mark.slow
 def test_cupys_own_option_assembly_builds_the_same_code(module):
     """RawModule's compiler adds CuPy's include paths and --std=c++17 to our options
     (CuPy internals, checked here so that a CuPy upgrade that changes them is noticed);
@@ -177,6 +178,7 @@ def test_vector_body_uses_128_bit_loads_and_stores(module, tools, functions_sass
     assert "LDG.E.128" in functions_sass(module, check.lowered_name)
 
 
+@pytest.mark.slow
 def test_ptx_assembles_with_the_ptxas_on_path(module, tmp_path):
     ptxas = shutil.which("ptxas")
     if ptxas is None:

@@ -420,6 +420,7 @@ def _converge(precision, backend=None):
     return (x if opt is not None else reference.param).astype(np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["nearest", "stochastic", "kahan", "master"])
 def test_small_updates_converge_unless_rounded_to_nearest(precision):
     """The issue's test on the cpu backend, checked against the reference's run: round to
@@ -463,6 +464,7 @@ except TypeError as error:
 
 # ---- the CPU loops vectorize ----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [("float32", "float32", "nearest"),
                                   ("bfloat16", "float32", "nearest"),
                                   ("bfloat16", "float32", "stochastic"),
