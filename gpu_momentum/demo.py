@@ -4,8 +4,8 @@ import time
 
 import numpy as np
 
-from .backends import (BACKEND_NAMES, BackendUnavailableError, available_backends,
-                       backend_named)
+from .backends import (BackendUnavailableError, available_backends, backend_named,
+                       backend_names)
 from .cli import CommandError, at_least_one
 from .flat import FlatParams
 from .optimizer import MomentumSGD
@@ -16,7 +16,7 @@ def add_demo_command(commands):
     parser = commands.add_parser(
         "demo", help="minimise x**2, then update a ResNet-50-sized flat buffer",
         description=__doc__)
-    parser.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES),
+    parser.add_argument("--backend", default="auto", choices=("auto", *backend_names()),
                         help="backend for the flat-buffer update (default auto: the best "
                              "available)")
     parser.add_argument("--steps", type=at_least_one, default=50,
