@@ -2,7 +2,9 @@
 
 Every backend is tested against `reference_step` in float64. With `dtype=np.float32` it
 computes in float32 with the kernels' operation order, which the host-compiled CUDA C
-kernel must match bit for bit.
+kernel must match bit for bit. `low_precision_step` specifies 16-bit parameters and
+`float8_velocity_step` the 8-bit (FP8 E4M3, a float32 scale per block) velocity, whose
+format is described above `float32_to_e4m3`.
 """
 
 import numpy as np
@@ -211,6 +213,30 @@ def _low_precision_step(param, grad, velocity, precision, compensation, master, 
 
 
 # ---- An 8-bit velocity: FP8 E4M3 codes with one float32 scale per block ----
+#
+# The format (velocity_dtype "float8_e4m3fn", kernels.layout.FLOAT8_VELOCITY):
+# - codes: uint8[n], one float8_e4m3fn code per element of the flat buffer (no inf,
+#   largest 448, NaN 0x7f / 0xff; a kernel writes 0x7f only);
+# - scales: float32[ceil(n / B)], B = FLOAT8_BLOCK = 256: block b holds elements
+#   [b * B, (b + 1) * B) of the flat buffer, the last one partial. The velocity of
+#   element i is e4m3_to_float32(codes[i]) * scales[i // B].
+# State: 1 + 4 / B = 1.016 bytes per element (a float32 velocity: 4). Traffic per
+# element and step: param, grad and param again, plus a code read and written and
+# 8 / B bytes of scales: 14.03 for float32 params (20 with a float32 velocity), 8.03 for
+# 16-bit ones (14). B = 256 is the block the issue's side simulation trained with (same
+# accuracy as float32 on every seed); a smaller block costs more scale bytes (B = 32:
+# 14.25 bytes per element) and a larger one a longer reduction and coarser scales.
+# Blocks are of the flat buffer, not of segments or groups: a block may hold several
+# segments, the padding between them and several parameter groups. Every element is
+# updated with its own group's hyperparameters; a padding element (no group) counts as a
+# velocity of 0, its code becomes 0, and its param is neither read nor written. A group
+# that leaves its velocity alone (torch style, momentum 0) keeps its value, requantized
+# with its block's new scale where another group in the block writes; a block nobody
+# writes keeps its bits.
+# The kernels compute every element's new velocity in float32 and hold the block's in
+# registers (a warp per block on the GPU: 8 per lane; a 256-element scratch array per
+# CPU task) until the block's absmax is known (a warp reduction: shuffles in CUDA C,
+# shared memory and one barrier in Numba CUDA), then write codes and scale: one pass.
 
 def float32_to_e4m3(x, r16=None):
     """float32 `x` as float8_e4m3fn codes (uint8): round to nearest even, or with `r16`
