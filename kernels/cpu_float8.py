@@ -73,7 +73,8 @@ def _block(b, param, grad, codes, scales, precision_buffer, scalars, group_flags
     writes = False
     start = begin
     while start < stop:
-        r = seek_range_cpu(range_ends, start, r)
+        if r < 0 or start >= range_ends[r]:  # past range r (seek_range's premise)
+            r = seek_range_cpu(range_ends, start, r)
         end = min(stop, range_ends[r])
         k = range_groups[r]
         if k == NO_GROUP:
