@@ -14,7 +14,8 @@ the velocity is two arrays:
                             as kernels.cpu's
 
 `step`, and the halves of a step that skips non-finite gradients, `find_nonfinite` (the
-check of kernels.cpu, which reads only the gradient) and `update_unless_skipped`.
+check of kernels.cpu, which reads only the gradient) and `update_unless_skipped`, all
+with these arguments.
 Each task takes CHUNK elements (whole blocks); a block's new velocities wait in a
 FLOAT8_BLOCK-element scratch array (the cache, not memory) until its absmax is known.
 """
@@ -143,13 +144,23 @@ def _update_unless_skipped(param, grad, codes, scales, precision_buffer, scalars
     count_step_cpu(counters)
 
 
+def _find_nonfinite(param, grad, codes, scales, precision_buffer, scalars, group_flags,
+                    range_ends, range_groups, inv_grad_scale, launch_flags, counters, seed,
+                    step_count):
+    """kernels.cpu's check (which reads the gradient alone) with this module's
+    arguments."""
+    check(param, grad, codes, precision_buffer, scalars, group_flags,  # noqa: F821
+          range_ends, range_groups, inv_grad_scale, launch_flags, counters, seed,
+          step_count)
+
+
 @functools.cache
 def float8_kernels(param_format=NATIVE, precision=NEAREST, parallel=True):
     """(step, find_nonfinite, update_unless_skipped) for params stored as `param_format`
     (NATIVE float32, BFLOAT16, FLOAT16) with an FP8 velocity and `precision`
     (kernels.layout.PRECISIONS), compiled on first use; arguments in the module
-    docstring. find_nonfinite is kernels.cpu's, called with codes as its velocity (which
-    it does not read)."""
+    docstring. find_nonfinite calls kernels.cpu's, with codes as its velocity (which it
+    does not read)."""
     suffix = (f"{FORMAT_NAMES[param_format]}_float8_{PRECISION_NAMES[precision]}"
               + ("" if parallel else "_serial"))
     update = float8_update(STORAGE, _inline, param_format, precision)
@@ -162,7 +173,9 @@ def float8_kernels(param_format=NATIVE, precision=NEAREST, parallel=True):
         specialized(_step, f"momentum_step_{suffix}", chunk_of=chunk_of))
     update_unless_skipped = numba.njit(cache=True)(specialized(
         _update_unless_skipped, f"update_unless_skipped_{suffix}", step=step))
-    find_nonfinite = wide_kernels(param_format, NATIVE, NEAREST, parallel=parallel)[1]
+    find_nonfinite = numba.njit(cache=True)(specialized(
+        _find_nonfinite, f"find_nonfinite_{suffix}",
+        check=wide_kernels(param_format, NATIVE, NEAREST, parallel=parallel)[1]))
     return step, find_nonfinite, update_unless_skipped
 
 

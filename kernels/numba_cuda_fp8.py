@@ -32,9 +32,10 @@ from .elementwise import specialized
 from .float8 import LARGEST, float8_functions, float8_update, velocity_random_bits
 from .layout import (CLASSIC, FLOAT8_BLOCK, LAST_STEP_SKIPPED, NO_GROUP, PRECISION_NAMES,
                      READ_COUNTERS, STEP_COUNT, STOCHASTIC)
-from .numba_cuda import (FORMAT_NAMES, STORAGE, THREADS_PER_BLOCK, _inline, _inverse,
+from .numba_cuda import (FORMAT_NAMES, STORAGE, THREADS_PER_BLOCK,
                          group_hyperparameters_cuda, launch_key_cuda, seek_range_cuda)
 
+_inline = cuda.jit(device=True, inline="always")  # see kernels.numba_cuda
 FLOAT8 = float8_functions(STORAGE, _inline)
 to_code_cuda, from_code_cuda = FLOAT8.to_code, FLOAT8.from_code
 magnitude_bits_cuda = FLOAT8.magnitude_bits
@@ -44,6 +45,14 @@ WARP = 32
 PER_LANE = FLOAT8_BLOCK // WARP
 MOST_WARPS = THREADS_PER_BLOCK // WARP  # shared slots per set: launches use at most this
 SLOT_SETS = 3
+
+
+@cuda.jit(device=True, inline="always")
+def _inverse(inv_grad_scale, grad_scale):
+    """1 / the loss scale: from grad_scale[0] in device memory, else inv_grad_scale."""
+    if grad_scale.size != 0:
+        return grad_scale.dtype.type(1) / grad_scale[0]
+    return inv_grad_scale
 
 
 def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, range_ends,
@@ -157,10 +166,10 @@ def float8_kernel_signature(param_dtype, precision="nearest"):
 
     from .elementwise import storage_format
     from .layout import PRECISIONS
-    from .numba_cuda import _array_type
 
-    param = _array_type(param_dtype)
-    buffer = _array_type(param_dtype if precision == "kahan" else "float32")
+    sixteen_bit = param_dtype in ("bfloat16", "float16")
+    param = types.Array(types.uint16 if sixteen_bit else types.float32, 1, "C")
+    buffer = param if precision == "kahan" else types.Array(types.float32, 1, "C")
     counters = types.Array(types.int64, 1, "C")
     table = (types.Array(types.float32, 2, "C"), types.Array(types.uint32, 1, "C"),
              counters, types.Array(types.int32, 1, "C"))

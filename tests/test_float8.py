@@ -248,3 +248,58 @@ def test_numba_cuda_ptx_for_sm80_and_sm90_keeps_values_in_registers(tmp_path):
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
                             done.stderr + done.stdout)
         assert spills == [("0", "0")], f"{path}: {done.stderr}"
+
+
+@pytest.mark.parametrize("param_dtype, precision", [("float32", "nearest"),
+                                                    ("bfloat16", "stochastic")])
+def test_counted_steps_skip_nonfinite_gradients_with_a_loss_scale(param_dtype, precision,
+                                                                   host):
+    """A capturable, skipping optimizer's launches (counters in memory, READ_COUNTERS):
+    with a loss scale of 1024 (given as 1 / scale, and in device memory to the CUDA C
+    kernel), steps 0, 1, 3, 4 are taken as the reference takes them; step 2's NaN
+    gradient changes nothing but the counters, and the step count keying the random bits
+    counts taken steps only. The CPU and CUDA C kernels agree bit for bit."""
+    from gpu_momentum.groups import update_table
+    from gpu_momentum.hyperparams import Hyperparameters
+    from gpu_momentum.kernels.cpu_float8 import float8_kernels
+    from gpu_momentum.kernels.elementwise import storage_format
+    from gpu_momentum.kernels.layout import (GROUP_SLOTS, PRECISIONS, READ_COUNTERS,
+                                             SKIPPED_STEPS, STEP_COUNT)
+
+    p = single_group_problem(CONFIGS[1].values[0], 1023, param_dtype, precision, 5)
+    scale = 1024.0
+    grads = [(g.astype(np.float32) * np.float32(scale)).astype(g.dtype) for g in p.grads]
+    grads[2] = grads[2].copy()
+    grads[2][500] = np.nan
+    bits = lambda a: a.view(np.uint16) if a.dtype.itemsize == 2 else a
+    _, find_nonfinite, update_unless_skipped = float8_kernels(
+        storage_format(p.param.dtype), PRECISIONS[precision.upper()], parallel=False)
+    states = {name: (p.param.copy(), np.zeros(1023, np.uint8), np.zeros(4, np.float32),
+                     np.zeros(GROUP_SLOTS + 1, np.int64)) for name in ("cpu", "host")}
+    expected = (p.param.copy(), np.zeros(1023, np.uint8), np.zeros(4, np.float32))
+    taken = 0
+    hyper = {k: v for k, v in p.groups[0][0][2].items() if k != "first_step"}
+    for step, grad in enumerate(grads):
+        table = update_table([Hyperparameters(**hyper)], [False], np.float32, size=1023)
+        param, codes, scales, counters = states["cpu"]
+        arguments = (bits(param), bits(grad), codes, scales, np.empty(0, np.float32),
+                     *table.arrays(), np.float32(1 / scale),
+                     np.uint32(table.launch_flags | READ_COUNTERS), counters,
+                     np.uint64(p.seed), np.int64(0))
+        find_nonfinite(*arguments)
+        update_unless_skipped(*arguments)
+        param, codes, scales, counters = states["host"]
+        host.step_float8(param, grad, codes, scales, table, counters=counters,
+                         grad_scale=np.array([scale], np.float32), precision=precision,
+                         seed=p.seed)
+        if step != 2:
+            new_param, new_codes, new_scales, _ = float8_velocity_step(
+                expected[0], grad, *expected[1:], precision=precision, seed=p.seed, step_count=taken,
+                first_step=taken == 0, grad_scale=scale, **hyper)
+            expected = (new_param, new_codes, new_scales)
+            taken += 1
+        for name, (param, codes, scales, counters) in states.items():
+            assert_same_states([(*expected, None)], [(param, codes, scales, None)],
+                               f"{name}, step {step}")
+            assert counters[STEP_COUNT] == taken and counters[SKIPPED_STEPS] == (step >= 2)
+            assert counters[GROUP_SLOTS] == 1
