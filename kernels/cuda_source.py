@@ -206,7 +206,8 @@ def defines():
                 "GM_VECTOR_BYTES": VECTOR_BYTES, "GM_GROUP_COLUMNS": layout.GROUP_COLUMNS,
                 "GM_NO_GROUP": layout.NO_GROUP,
                 "GM_FLOAT8_MIN_BLOCKS_PER_SM": FLOAT8_MIN_BLOCKS_PER_SM,
-                "GM_FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER": FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER,
+                "GM_FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER":
+                    FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER,
                 "GM_FLOAT8_BLOCK": layout.FLOAT8_BLOCK,
                 "GM_FLOAT8_LARGEST": f"{layout.FLOAT8_MAX!r}f",
                 "GM_FLOAT8_NAN": f"{layout.FLOAT8_NAN:#x}u"}

@@ -40,7 +40,7 @@ __device__ __forceinline__ unsigned e4m3_code(float v, float scale, unsigned r16
         const unsigned dropped =
             static_cast<unsigned>((y - static_cast<float>(whole)) * 65536.0f);
         m = whole + ((dropped + r16) >> 16);
-    } else {  // |x| + 16384 rounds |x| to a multiple of 2**-9 (16384's ulp), to nearest even
+    } else {  // |x| + 16384 rounds |x| to a multiple of 2**-9 (its ulp), to nearest even
         m = bits_of(float_of(a) + 16384.0f) - 0x46800000u;
     }
     return m | sign;

@@ -13,7 +13,7 @@ clear_skip_kernel, finish_step_kernel), in kernels.cuda_launch.step_launches' or
 
 Each warp of a thread block takes one block of the buffer per round (rounds stride over
 the grid, the same number for every thread of a thread block); lane l updates elements
-begin + 32 j + l (j < 8, coalesced) and keeps their new velocities in a local array. The
+begin + 32 j + l (j < 8, coalesced) and keeps their new velocities in registers. The
 block's absmax, and whether any of its groups writes the velocity, meet in shared memory
 (atomic max, then one __syncthreads per round: three slot sets in turn, each cleared two
 rounds before its next use, so no second barrier is needed); then the lane writes its
@@ -55,6 +55,31 @@ def _inverse(inv_grad_scale, grad_scale):
     return inv_grad_scale
 
 
+# A lane's eight new velocities live in a tuple, written and read through a chain of
+# selects on j: a local array indexed in a loop LLVM does not unroll (the element update
+# is long) would sit in local memory.
+assert PER_LANE == 8, "_put and the tuples below hold eight values"
+
+
+@cuda.jit(device=True, inline="always")
+def _put(values, j, x):
+    """`values` with element j replaced by x."""
+    return (x if j == 0 else values[0], x if j == 1 else values[1],
+            x if j == 2 else values[2], x if j == 3 else values[3],
+            x if j == 4 else values[4], x if j == 5 else values[5],
+            x if j == 6 else values[6], x if j == 7 else values[7])
+
+
+@cuda.jit(device=True, inline="always")
+def _get(values, j):
+    """Element j of `values`, by selects."""
+    x = values[0]
+    for m in range(1, PER_LANE):
+        if j == m:
+            x = values[m]
+    return x
+
+
 def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, range_ends,
             range_groups, inv_grad_scale, grad_scale, launch_flags, counters, seed,
             step_count):
@@ -73,7 +98,7 @@ def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, 
         absmax[thread // MOST_WARPS, thread % MOST_WARPS] = uint32(0)
         writers[thread // MOST_WARPS, thread % MOST_WARPS] = uint32(0)
     cuda.syncthreads()
-    values = cuda.local.array(PER_LANE, np.float32)
+    zero = float32(0)
     r, end, k = -1, 0, NO_GROUP
     (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
      initialized) = \
@@ -87,12 +112,13 @@ def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, 
         block = first_block + warp
         writes = False
         magnitude = uint32(0)
+        values = (zero, zero, zero, zero, zero, zero, zero, zero)
         if block < scales.size:
             begin = block * FLOAT8_BLOCK
             old_scale = scales[block]
             for j in range(PER_LANE):
                 i = begin + j * WARP + lane
-                values[j] = float32(0)
+                v = zero
                 if i < n:
                     if i >= end:
                         r = seek_range_cuda(range_ends, i, r)
@@ -106,12 +132,13 @@ def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, 
                         old = float32(0)
                         if initialized:
                             old = from_code_cuda(codes[i]) * old_scale
-                        values[j] = update(  # noqa: F821
+                        v = update(  # noqa: F821
                             param, grad, precision_buffer, i, old, key, lr, momentum,
                             grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
                             nesterov, maximize, initialized)
                         writes = writes or classic or momentum != 0
-                magnitude = max(magnitude, magnitude_bits_cuda(values[j]))
+                values = _put(values, j, v)
+                magnitude = max(magnitude, magnitude_bits_cuda(v))
             cuda.atomic.max(absmax, (now, warp), magnitude)
             if writes:
                 cuda.atomic.max(writers, (now, warp), uint32(1))
@@ -126,7 +153,7 @@ def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, 
                 i = begin + j * WARP + lane
                 if i < n:
                     r16 = r16_cuda(key, i) if stochastic else uint32(0)  # noqa: F821
-                    codes[i] = to_code_cuda(values[j], scale, r16,
+                    codes[i] = to_code_cuda(_get(values, j), scale, r16,
                                             stochastic)  # noqa: F821
             if lane == 0:
                 scales[block] = scale

@@ -139,7 +139,8 @@ def test_every_entry_point_compiles_without_spills(module):
 def test_registers_allow_the_resident_blocks_launch_bounds_promise(module):
     blocks = {e.update_expression: e.min_blocks_per_sm for e in ENTRY_POINTS.values()}
     assert set(blocks.values()) == {MIN_BLOCKS_PER_SM, MIN_BLOCKS_PER_SM_FLOAT16_BUFFER}
-    float8 = {e.update_expression: e.min_blocks_per_sm for e in FLOAT8_ENTRY_POINTS.values()}
+    float8 = {e.update_expression: e.min_blocks_per_sm
+              for e in FLOAT8_ENTRY_POINTS.values()}
     assert set(float8.values()) == {FLOAT8_MIN_BLOCKS_PER_SM,
                                     FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER}
     blocks |= float8

@@ -294,7 +294,8 @@ def test_counted_steps_skip_nonfinite_gradients_with_a_loss_scale(param_dtype, p
                          seed=p.seed)
         if step != 2:
             new_param, new_codes, new_scales, _ = float8_velocity_step(
-                expected[0], grad, *expected[1:], precision=precision, seed=p.seed, step_count=taken,
+                expected[0], grad, *expected[1:], precision=precision, seed=p.seed,
+                step_count=taken,
                 first_step=taken == 0, grad_scale=scale, **hyper)
             expected = (new_param, new_codes, new_scales)
             taken += 1

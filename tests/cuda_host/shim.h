@@ -70,7 +70,8 @@ inline unsigned __shfl_xor_sync(unsigned, unsigned value, int lane_mask, int = 3
 template <typename Kernel, typename... Args>
 void gm_host_launch_warps(unsigned grid, unsigned block, Kernel kernel, Args... args) {
     if (block % 32 != 0) {
-        std::fprintf(stderr, "gm_host_launch_warps: %u threads is not whole warps\n", block);
+        std::fprintf(stderr, "gm_host_launch_warps: %u threads are not whole warps\n",
+                     block);
         std::abort();
     }
     constexpr std::size_t stack_bytes = 1 << 16;
