@@ -342,15 +342,16 @@ def float8_velocity_step(param, grad, codes, scales, groups=None, *, precision="
     over everything with `hyper` and `first_step`.
 
     Each element's old velocity is its dequantized value (0 on its group's first step,
-    when it is not read), updated in float32 as `reference_step` (float32 params) or
+    when it is not read, unless the group leaves its velocity alone), updated in float32 as `reference_step` (float32 params) or
     `low_precision_step` (16-bit params, `precision` and its buffer) with its group's
     options. Then each block of FLOAT8_BLOCK elements is quantized as a whole by
     quantize_velocity, padding elements counting as 0 (their codes become 0), with
     precision="stochastic" from the low 16 bits of random_bits(seed, step_count, i) (the
     high 16 round a 16-bit parameter). A velocity a group leaves alone (torch style,
-    momentum 0) keeps its dequantized value, requantized with its block; a block in which
-    no group writes the velocity (all of it left alone or padding) keeps its codes and
-    scale, bits and all.
+    momentum 0) keeps its dequantized value, first step or not (a zeroed state reads 0),
+    requantized with its block; a block in which no group writes the velocity (all of it
+    left alone or padding) keeps its codes and scale, bits and all. The state starts
+    zeroed (codes 0, scales 0): a velocity that was never written reads as 0.
     """
     n = np.asarray(param).size
     if groups is None:
@@ -365,7 +366,8 @@ def float8_velocity_step(param, grad, codes, scales, groups=None, *, precision="
     for start, end, options in groups:
         options = dict(options)
         first = options.pop("first_step", False)
-        velocity = np.zeros(n, np.float32) if first else old
+        keeps = options.get("style") == "torch" and options.get("momentum", 0.9) == 0
+        velocity = np.zeros(n, np.float32) if first and not keeps else old
         with np.errstate(over="ignore", invalid="ignore"):
             if sixteen_bit:
                 new_p, new_v, extra = low_precision_step(
@@ -380,7 +382,6 @@ def float8_velocity_step(param, grad, codes, scales, groups=None, *, precision="
         if extra is not None:
             buffer_out[start:end] = extra[start:end]
         values[start:end] = new_v[start:end]
-        keeps = options.get("style") == "torch" and options.get("momentum", 0.9) == 0
         writes[start:end] = not keeps
     r16 = None
     if precision == "stochastic":

@@ -54,7 +54,7 @@ def _update_piece(param, grad, codes, old_scale, precision_buffer, values, begin
     values[i - begin]."""
     for i in range(start, end):
         old = numba.float32(0)
-        if velocity_initialized:
+        if velocity_initialized or (not classic and momentum == 0):  # exists, or kept
             old = from_code_cpu(codes[i]) * old_scale
         values[i - begin] = update(  # noqa: F821
             param, grad, precision_buffer, i, old, key_of_block, lr, momentum, grad_coeff,

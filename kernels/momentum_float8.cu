@@ -99,7 +99,9 @@ __device__ __forceinline__ float step_fp8(typename P::storage& p, typename P::st
     } else {
         x = P::load(p);
     }
-    float w = h.has(GM_FLAG_VELOCITY_INITIALIZED) ? e4m3_value(code) * old_scale : 0.0f;
+    // Read where it exists, and where the group keeps it (a zeroed state reads 0).
+    const bool reads = h.has(GM_FLAG_VELOCITY_INITIALIZED) || h.has(GM_FLAG_KEEP_VELOCITY);
+    float w = reads ? e4m3_value(code) * old_scale : 0.0f;
     update(x, P::load(g), w, h);
     if constexpr (sizeof(typename P::storage) == 2) {
         if (x != x) x = float_of(0x7fc00000u);

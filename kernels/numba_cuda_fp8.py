@@ -130,7 +130,7 @@ def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, 
                                 scalars, group_flags, counters, k, read_counters)
                     if k != NO_GROUP:
                         old = float32(0)
-                        if initialized:
+                        if initialized or (not classic and momentum == 0):  # or kept
                             old = from_code_cuda(codes[i]) * old_scale
                         v = update(  # noqa: F821
                             param, grad, precision_buffer, i, old, key, lr, momentum,

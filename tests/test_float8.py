@@ -304,3 +304,43 @@ def test_counted_steps_skip_nonfinite_gradients_with_a_loss_scale(param_dtype, p
                                f"{name}, step {step}")
             assert counters[STEP_COUNT] == taken and counters[SKIPPED_STEPS] == (step >= 2)
             assert counters[GROUP_SLOTS] == 1
+
+
+@pytest.mark.parametrize("kind", [("float32", "nearest"), ("bfloat16", "stochastic")],
+                         ids=["float32-nearest", "bfloat16-stochastic"])
+def test_a_velocity_left_alone_keeps_its_value_in_a_shared_block(kind, host):
+    """Two torch-style groups, [0, 300) and [300, 600): from step 3 on the second has
+    momentum 0 and leaves its velocity alone. Block 1 (256..511) is shared: the second
+    group's velocities there keep their values, requantized with the first group's new
+    ones; block 2 (512..599) is the second group's alone and keeps its bits."""
+    from float8_runs import Problem
+    from gpu_momentum.groups import update_table
+    from gpu_momentum.hyperparams import Hyperparameters
+
+    p = single_group_problem(CONFIGS[7].values[0], 600, *kind, 5)
+    tables, groups = [], []
+    for step in range(5):
+        hypers = [{"style": "torch", "lr": 0.05, "momentum": 0.9},
+                  {"style": "torch", "lr": 0.02, "momentum": 0.9 if step < 3 else 0.0}]
+        tables.append(update_table([Hyperparameters(**h) for h in hypers],
+                                   [step > 0, step > 0], np.float32,
+                                   np.array([300, 600], np.int64),
+                                   np.array([0, 1], np.int32)))
+        groups.append([(0, 300, {**hypers[0], "first_step": step == 0}),
+                       (300, 600, {**hypers[1], "first_step": step == 0})])
+    grads = [np.concatenate([g[:300] * g.dtype.type(8), g[300:]]) for g in p.grads]
+    p = Problem(p.param, grads, tables, groups, kind[1])  # the first group's v dominate
+    expected = run(p, "reference")
+    cpu = run(p, "cpu")
+    assert_same_states(expected, cpu, "cpu")
+    assert_same_states(cpu, run(p, "cuda-host", host), "cuda-host")
+    for step in (3, 4):
+        _, codes, scales, _ = expected[step - 1]
+        _, new_codes, new_scales, _ = expected[step]
+        assert np.array_equal(new_codes[512:], codes[512:]) and new_scales[2] == scales[2]
+        assert new_scales[1] != scales[1]  # the first group's velocities moved
+        kept = dequantize_velocity(codes, scales)[300:512]
+        now = dequantize_velocity(new_codes, new_scales)[300:512]
+        ulp = np.maximum(np.abs(kept) * 2.0**-3, new_scales[1] * 2.0**-9)  # one E4M3 ulp
+        assert (np.abs(now - kept) <= ulp * (1 + 2.0**-20)).all(), step
+        assert np.abs(now).max() > 0
