@@ -344,3 +344,24 @@ def test_a_velocity_left_alone_keeps_its_value_in_a_shared_block(kind, host):
         ulp = np.maximum(np.abs(kept) * 2.0**-3, new_scales[1] * 2.0**-9)  # one E4M3 ulp
         assert (np.abs(now - kept) <= ulp * (1 + 2.0**-20)).all(), step
         assert np.abs(now).max() > 0
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "float16"])
+def test_cuda_c_views_off_their_words_take_the_element_path_alike(param_dtype, host):
+    """Params, gradients and codes that do not start on a 16-byte (or code) word: every
+    block goes element by element, with the same bits as the CPU; the bytes around the
+    views are not touched."""
+    from host_kernel import GUARD_BYTE, view_at
+
+    p = single_group_problem(CONFIGS[4].values[0], 1023, param_dtype, "nearest", 3)
+    expected = run(p, "cpu")
+    param, param_raw, (begin, end) = view_at(p.param, p.param.itemsize)
+    codes, codes_raw, (codes_begin, codes_end) = view_at(np.zeros(1023, np.uint8), 1)
+    scales = np.zeros(4, np.float32)
+    for step, (grad, table) in enumerate(zip(p.grads, p.tables)):
+        grad_view, _, _ = view_at(grad, 2 * grad.itemsize)
+        host.step_float8(param, grad_view, codes, scales, table, step_count=step)
+        assert_same_states([expected[step]], [(param, codes, scales, None)], f"{step}")
+    for raw, (first, last) in ((param_raw, (begin, end)),
+                               (codes_raw, (codes_begin, codes_end))):
+        assert (raw[:first] == GUARD_BYTE).all() and (raw[last:] == GUARD_BYTE).all()
