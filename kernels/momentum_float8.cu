@@ -136,8 +136,6 @@ template <int W> struct CodeWord;
 template <> struct CodeWord<4> { using type = unsigned; };
 template <> struct CodeWord<8> { using type = unsigned long long; };
 
-constexpr int FLOAT8_PER_LANE = GM_FLOAT8_BLOCK / 32;
-
 }  // namespace gm
 
 template <typename P, int MODE>
@@ -159,7 +157,7 @@ momentum_step_fp8(typename P::storage* __restrict__ param,
     using T = typename P::storage;
     using B = typename gm::Buffer<P, MODE>::type;
     constexpr int W = gm::vector_width<T>();
-    constexpr int L = gm::FLOAT8_PER_LANE;
+    constexpr int L = GM_FLOAT8_BLOCK / 32;  // elements per lane and block
     constexpr int VECTORS = L / W;  // per lane and block
     using PT = gm::Pack<T, W>;
     using PB = gm::Pack<B, W>;
