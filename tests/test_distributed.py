@@ -244,6 +244,7 @@ def test_nccl_is_found_or_said_why_not():
         assert re.search(r"CuPy cannot (be imported|load the NCCL library)", reason)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_the_mpich_wheel_is_not_taken_for_cuda_aware(runs, ranks):
     for result in runs[ranks]:
@@ -259,6 +260,7 @@ def test_importing_the_library_imports_no_mpi():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_16_bit_settings_sharding_does_not_carry_are_refused():
     """One process (COMM_SELF, in a child: this one never initialises MPI): stochastic,
     kahan and master rounding, a 16-bit velocity and bfloat16 parameters are refused
@@ -323,6 +325,7 @@ def _cases(results):
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_parameters_match_one_process_fed_the_average_gradient(runs, ranks):
     cases = _cases(runs[ranks])
@@ -340,6 +343,7 @@ def test_parameters_match_one_process_fed_the_average_gradient(runs, ranks):
             assert result["skipped_steps"] == result["reference_skipped_steps"], where
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_every_rank_holds_identical_parameters_after_every_step(runs, ranks):
     for name, per_rank in _cases(runs[ranks]).items():
@@ -348,6 +352,7 @@ def test_every_rank_holds_identical_parameters_after_every_step(runs, ranks):
             assert result["digests"] == per_rank[0]["digests"], f"{name}: rank {rank}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_each_rank_keeps_its_shard_of_the_velocity(runs, ranks):
     for name, per_rank in _cases(runs[ranks]).items():
@@ -362,6 +367,7 @@ def test_each_rank_keeps_its_shard_of_the_velocity(runs, ranks):
             assert abs(result["velocity_size"] - total / ranks) <= vector, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_one_rank_overflowing_makes_every_rank_skip(runs, ranks):
     expected = [step in (0, 4) for step in range(12)]
@@ -371,6 +377,7 @@ def test_one_rank_overflowing_makes_every_rank_skip(runs, ranks):
         assert result["skipping"]["step_count"] == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_checkpoints_reload_on_other_rank_counts_and_into_plain_optimizers(runs, ranks):
     for rank, result in enumerate(runs[ranks]):
@@ -385,6 +392,7 @@ def test_checkpoints_reload_on_other_rank_counts_and_into_plain_optimizers(runs,
             assert checkpoints["resharded"]["step_count"] == 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 @pytest.mark.parametrize("case, kind, failing, pattern, others, needs_two", DISTRIBUTED_ERRORS,
                          ids=[row[0] for row in DISTRIBUTED_ERRORS])
@@ -408,6 +416,7 @@ def test_a_check_failing_on_one_rank_makes_every_rank_raise(runs, ranks, case, k
         assert result["errors"]["step_count_after"] == (7 if ranks == 1 else 4)
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_on_two_ranks(tmp_path):
     require_mpi()
     from test_readme import MPI_EXAMPLES
@@ -429,6 +438,7 @@ def test_the_readme_example_runs_on_two_ranks(tmp_path):
     assert plain.step_count == 3 and plain.lr == 0.01
 
 
+@pytest.mark.slow
 def test_bench_ranks_runs_a_job_per_rank_count():
     require_mpi()
     from mpi_launch import run_command

@@ -284,7 +284,7 @@ class Bucket:
         table, the arrays, the counters, the seed and the stream it was prepared with
         stay the same."""
         made_with = (self.device_table, *arrays, self.counters)
-        context = (seed, None if self.device.type == "cpu" else self.arrays.stream())
+        context = (seed, self.arrays.stream())
         if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
                 or any(a is not b for a, b in zip(made_with, self._launch_made_with))):
             self._launch = self.backend.step_function(

@@ -93,7 +93,9 @@ class SGD(Optimizer):
       in their own precision, and a mode other than "nearest" without any 16-bit
       parameter is a ValueError;
     - style: "torch" (default) or "classic" (one per optimizer);
-    - backend: "auto", "cpu", "cupy" or "numba-cuda".
+    - backend: "auto" (the first available backend for each tensor's device type), "cpu",
+      "cupy", "numba-cuda" or another registered backend's name
+      (gpu_momentum.backends.register_backend).
     foreach and fused are accepted and ignored (the update is always one fused pass).
 
     differentiable=True is a path of its own, not the fused kernel: nothing is packed;
