@@ -115,6 +115,13 @@ def torch_sgd_builder(torch, device, backend):
         params = torch_parameters(torch, device, problem)
         try:
             opt = SGD(params, lr=LR, momentum=MOMENTUM, backend=backend)
+            # The gradients where a training step finds them: in the flat buffer, which
+            # backward fills after opt.zero_grad() (a .grad set from outside stays the
+            # parameter's own and is copied in at every step).
+            grads = [p.grad for p in params]
+            opt.zero_grad(set_to_none=False)
+            for p, grad in zip(params, grads):
+                p.grad.copy_(grad)
             opt.step()  # creates the momentum buffers, as in training
         except (TypeError, ValueError) as error:
             raise Unsupported(f"{TORCH_API}: {error}") from error

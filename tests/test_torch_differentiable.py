@@ -1,4 +1,4 @@
-"""gpu_momentum.torch_differentiable (the differentiable=True path) against
+"""gpu_momentum.torch.differentiable (the differentiable=True path) against
 torch.optim.SGD(differentiable=True): torch's own SGD inputs over a few steps of a
 meta-learning loop (parameters, momentum buffers and the gradients of a later loss with
 respect to the starting values and to tensor hyperparameters, bit for bit), gradcheck
@@ -17,7 +17,8 @@ torch = require("torch")
 require("expecttest")  # torch.testing._internal imports it
 from torch.testing._internal.common_optimizers import optim_inputs_func_sgd  # noqa: E402
 
-from gpu_momentum.torch_differentiable import sgd_update, step_param_groups  # noqa: E402
+from gpu_momentum.torch import SGD  # noqa: E402
+from gpu_momentum.torch.differentiable import sgd_update, step_param_groups  # noqa: E402
 
 # Meta-learning steps non-leaf copies, whose .grad torch warns about reading.
 pytestmark = pytest.mark.filterwarnings(
@@ -108,10 +109,16 @@ def outcome(make_stepper, kwargs):
         return type(error), str(error)
 
 
+# What steps: the path's function, and the optimizer that routes to it.
+STEPPERS = {"step_param_groups": GroupStepper,
+            "SGD": lambda params, **kw: SGD(params, differentiable=True, **kw)}
+
+
+@pytest.mark.parametrize("stepper", STEPPERS)
 @pytest.mark.parametrize("desc", INPUTS)
-def test_meta_learning_steps_are_torch_sgds(desc):
+def test_meta_learning_steps_are_torch_sgds(desc, stepper):
     kwargs = INPUTS[desc]
-    ours = outcome(GroupStepper, kwargs)
+    ours = outcome(STEPPERS[stepper], kwargs)
     theirs = outcome(
         lambda params, **kw: torch.optim.SGD(params, differentiable=True, **kw), kwargs)
     if isinstance(theirs[0], type):
@@ -157,6 +164,27 @@ def test_gradients_through_one_step_pass_gradcheck(case):
                        for _ in range(3))
     step, tensors = one_step(GRADCHECK_CASES[case])
     assert torch.autograd.gradcheck(step, (p, grad, buffer, *tensors))
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": 0.9}, {"lr": 0.3, "momentum": 0.9,
+                                                  "weight_decay": 0.1, "nesterov": True}],
+                         ids=["torch's test_sgd", "momentum, nesterov"])
+def test_gradients_through_the_optimizers_step_pass_gradcheck(kwargs):
+    """torch's TestDifferentiableOptimizer.test_sgd, through SGD(differentiable=True):
+    a fresh optimizer on a copy of p, given the gradient and the momentum buffer in its
+    state, one step; gradcheck of (new p, new buffer)."""
+    torch.manual_seed(3)
+    inputs = [torch.rand(10, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+    def step(p, grad, buffer):
+        p = p.clone()
+        p.grad = grad
+        opt = SGD([p], differentiable=True, **kwargs)
+        opt.state[p]["momentum_buffer"] = buffer.clone()
+        opt.step()
+        return p, opt.state[p]["momentum_buffer"]
+
+    assert torch.autograd.gradcheck(step, inputs)
 
 
 def test_the_first_buffer_is_the_gradients_value_outside_the_graph():

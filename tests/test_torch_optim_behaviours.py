@@ -34,27 +34,9 @@ def config_id(optim_input):
     return "-".join([optim_input.desc.replace(" ", "_"), *flags])
 
 
-REFUSES_DIFFERENTIABLE = "refuses differentiable=True"
-
-
-def failing_today(optim_input, otherwise):
-    """The xfail mark of a configuration gpu_momentum.torch.SGD fails today: those with
-    differentiable=True are refused at construction; `otherwise`, a reason that holds
-    for the other configurations, or None."""
-    differentiable = optim_input.kwargs.get("differentiable")
-    reason = REFUSES_DIFFERENTIABLE if differentiable else otherwise
-    if reason is None:
-        return []
-    return [pytest.mark.xfail(strict=True, reason=f"gpu_momentum.torch.SGD {reason}")]
-
-
-def configs(otherwise=None, every=None):
-    """torch's configurations as parameters; `every`: a reason that marks all of them."""
-    return [pytest.param(copy.deepcopy(i.kwargs), id=config_id(i),
-                         marks=failing_today(i, otherwise) if every is None else
-                         [pytest.mark.xfail(strict=True,
-                                            reason=f"gpu_momentum.torch.SGD {every}")])
-            for i in CONFIGS]
+def configs():
+    """torch's configurations as parameters."""
+    return [pytest.param(copy.deepcopy(i.kwargs), id=config_id(i)) for i in CONFIGS]
 
 
 def outcome(function):
@@ -113,9 +95,7 @@ def test_a_step_with_zero_gradients_does_what_torchs_does(kwargs):
     assert results[0][0] == results[1][0] and str(results[0][1]) == str(results[1][1])
 
 
-@pytest.mark.parametrize("kwargs", configs(
-    otherwise="prints its default momentum, dampening and weight_decay as 0.0, torch "
-              "as 0"))
+@pytest.mark.parametrize("kwargs", configs())
 def test_printed_as_torch_prints_it(kwargs):
     """torch's test_optimizer_can_be_printed, and the same text."""
     printed = [repr(cls([torch.nn.Parameter(torch.ones(2))], **copy.deepcopy(kwargs)))
@@ -148,8 +128,7 @@ def test_state_dict_hooks_run_as_in_torch(kwargs):
     assert torch.equal(seen[1], seen[0])
 
 
-@pytest.mark.parametrize("kwargs", configs(every="swaps a gradient the user assigned for a "
-                                                 "view of its flat buffer at step()"))
+@pytest.mark.parametrize("kwargs", configs())
 def test_gradients_are_never_replaced_nor_written_into(kwargs):
     """torch's test_grads_are_never_inplaced_into, and the gradient object kept: five
     steps leave each `.grad` the tensor assigned, at its version, and the parameter
