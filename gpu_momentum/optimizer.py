@@ -1,12 +1,14 @@
 """`MomentumSGD`: momentum SGD that owns the velocity of one flat parameter buffer.
 
-`momentum_step` (gpu_momentum.functional), `ParamGroup` and `ParamGroups`
-(gpu_momentum.param_groups) and the state format's names (gpu_momentum.optimizer_state)
-are importable from here too.
+MomentumSGD validates its arguments and owns the options, the groups and the state dict;
+`_FlatUpdate`, its base, holds the arrays, counters, update table and prepared launches
+of the fused step, and runs it. `momentum_step` (gpu_momentum.functional), `ParamGroup`
+and `ParamGroups` (gpu_momentum.param_groups) and the state format's names
+(gpu_momentum.optimizer_state) are importable from here too.
 
 MomentumSGD's interface for subclasses (protected: a subclass uses it through `self`;
-nothing else outside this module does). gpu_momentum.distributed's ShardUpdate, the update
-of one rank's shard, is built on it:
+nothing outside this module and its subclasses does). gpu_momentum.distributed's
+ShardUpdate, the update of one rank's shard, is built on it:
 - `_window`: None, or (start, stop), set before MomentumSGD.__init__ runs: the optimizer
   then updates these elements of its buffer alone, its velocity (and precision buffer)
   covers them alone, and its groups are cut at the window's edges.
@@ -55,119 +57,32 @@ def _size(array):
     return math.prod(describe("array", array).shape)
 
 
-class MomentumSGD:
-    """Momentum SGD over one flat parameter buffer, one fused kernel launch per step.
+class _FlatUpdate:
+    """The fused update a MomentumSGD runs over its flat buffer (or over the window of it
+    that `_window` names): the arrays it writes (param, velocity, precision buffer), the
+    step counters, the update table in the backend's memory and the prepared launches,
+    kept while nothing they depend on changes, and the step over them. It checks no
+    argument: MomentumSGD validates everything first, and owns the groups' options."""
 
-    Formulas as in `momentum_step` (style="classic" by default; style="torch" tracks
-    torch.optim.SGD step for step). The velocity starts at zero and the first `step()` does
-    not read it: classic starts from 0, torch style sets it to the gradient, skipping
-    dampening. In torch style that first step is the first one with momentum > 0, since
-    PyTorch creates its momentum buffer only then; with groups, each group has its own.
-
-    params: a FlatParams (then `step()` without arguments uses its gradient buffer) or one
-    contiguous array (one segment, index 0). lr, momentum, dampening, weight_decay, l1,
-    nesterov and maximize may be changed between steps (schedules); each change is
-    validated and costs no recompile.
-
-    groups: per-layer hyperparameters, as torch.optim's parameter groups: a list of dicts,
-    each with "params" (a list of FlatParams segment indices, or of the names given to
-    `FlatParams.from_arrays(..., names=...)`) and overrides of any of lr, momentum,
-    dampening, weight_decay, l1 and nesterov. A segment belongs to at most one group;
-    segments no group names use the optimizer's own hyperparameters (`opt.lr`, ...), which
-    are also the defaults of every group's missing options. `param_groups[i]` is groups[i],
-    settable like torch's; the groups themselves are fixed at construction (no
-    add_param_group). style, maximize and decoupled_weight_decay are the optimizer's.
-    Every value is also checked against the compute dtype (Hyperparameters.check_dtype).
-    Still one kernel launch per step, whatever the number of groups.
-
-    skip_nonfinite=True: a step whose (scaled) gradient holds a NaN or inf changes neither
-    params nor velocity, does not count in `step_count` (a skipped first step leaves the
-    next one first), and counts in `skipped_steps`; `last_step_skipped` tells. The check
-    and the skip run in the backend's memory without waiting for the device; reading
-    those counters then waits for it.
-
-    16-bit parameters (bfloat16 from ml_dtypes, float16) are computed in float32 and
-    stored back once per step as `precision` says (bytes moved per element with a float32
-    velocity in brackets; float32 parameters move 20):
-    - "nearest" (default; 14): rounded to nearest even, bit for bit the float32 update
-      cast as ml_dtypes (bfloat16) or NumPy (float16) cast. An update below half an ulp
-      of its parameter (2**-9 relative in bfloat16) is lost: training with small steps
-      stalls.
-    - "stochastic" (14): rounded up or down at random with the probabilities that make
-      the expected result exact; the random bits come from a hash of (`seed`, the step
-      count, the element's index), reproducible and the same on every backend. No extra
-      memory.
-    - "kahan" (18): `compensation`, a buffer of the parameter dtype (zeros at first),
-      carries each step's rounding error into the next (as optimi does); the update
-      reads param + compensation.
-    - "master" (20): `master`, a float32 copy of the parameters (taken at construction
-      and restored by load), is updated; the parameters are its rounding, written in the
-      same pass (as Apex's master weights; writes to the parameters themselves are lost).
-    velocity_dtype: float32 (default) or, for 16-bit parameters, their own dtype, which
-    halves the optimizer state (10 bytes per element with "nearest") but rounds the
-    velocity every step as the parameters are rounded: lossy. float32 and float64
-    parameters have "nearest" only. `seed`: an integer in [0, 2**64).
-    """
-
-    # (start, stop): the optimizer updates these elements of its buffer alone, and its
-    # velocity covers them alone (a shard: gpu_momentum.distributed); None: all of them.
-    _window = None
-
-    def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                 l1=0.0, nesterov=False, maximize=False, style="classic",
-                 decoupled_weight_decay=False, groups=None, skip_nonfinite=False,
-                 capturable=False, precision="nearest", velocity_dtype=None, seed=0,
-                 backend="auto"):
-        defaults = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
-                                   weight_decay=weight_decay, nesterov=nesterov,
-                                   maximize=maximize, style=style, l1=l1,
-                                   decoupled_weight_decay=decoupled_weight_decay)
-        self._skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
-        self._capturable = flag("capturable", capturable)
+    def __init__(self, param, backend, precision, plan, skip_nonfinite, capturable):
+        self.param, self._backend, self._precision = param, backend, precision
+        self._plan, self._hypers = plan, list(plan.hypers)
+        self._skip_nonfinite, self._capturable = skip_nonfinite, capturable
         # The step counters live in the backend's memory, counted by the kernels.
-        self._counted_on_device = self._skip_nonfinite or self._capturable
-        self.flat = params if isinstance(params, FlatParams) else None
-        self.param = params.data if self.flat is not None else params
-        info = describe("params", self.param)
-        self._backend = select_backend(backend, self.param)
-        check_param(info, self._backend.dtypes, self._backend.name)
-        self._param_dtype = info.dtype
+        self._counted_on_device = skip_nonfinite or capturable
+        info = describe("params", param)
         self._on_device = info.on_device
-        self._buffer_size = _size(self.param)
-        self._precision = Precision(info.dtype, precision, velocity_dtype, seed)
         self._compute_dtype = compute_dtype(info.dtype)
-        self._plan = self._resolve(groups, defaults)
-        if self._window is not None:
-            self.param = self.param.reshape(_size(self.param))[slice(*self._window)]
-            info = describe("params", self.param)
-        self._param_groups = ParamGroups(
-            ParamGroup(g["params"], lambda group=index + 1: self._hypers[group],
-                       functools.partial(self._set, index + 1))
-            for index, g in enumerate(groups or []))
-        self._hypers = list(self._plan.hypers)
-        self.velocity = self._backend.zeros(info.shape, self._precision.velocity_dtype)
+        self.velocity = backend.zeros(info.shape, precision.velocity_dtype)
         self._precision_buffer = self._new_precision_buffer()
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
         self._table = None  # the update table in the backend's memory
         self._table_stale = True  # hyperparameters or first-step flags changed since
         # What the latest step checked and prepared, so that a step repeating it does no
-        # more than compare (see step).
-        self._grad_scale = self._inv_grad_scale = _NOTHING
+        # more than compare (see MomentumSGD.step).
         self._grad = self._velocity = self._launch = self._launch_key = None
         self._array_states = None
         self._first_steps_pending = True  # some group's next step is its first
-        if self._capturable:
-            self.prepare()
-
-    def _resolve(self, groups, defaults):
-        if self.flat is None:
-            plan = resolve_groups(groups, defaults, [0], [self._buffer_size],
-                                  self._buffer_size, param_dtype=self._param_dtype)
-        else:
-            plan = resolve_groups(groups, defaults, self.flat.offsets, self.flat.sizes,
-                                  self._buffer_size, self.flat.names,
-                                  param_dtype=self._param_dtype)
-        return plan if self._window is None else plan.window(*self._window)
 
     def _new_precision_buffer(self):
         """kahan: a zero compensation; master: the parameters widened to float32 (through
@@ -240,45 +155,6 @@ class MomentumSGD:
         lambda self: self._precision_buffer if self.precision == "master" else None,
         doc="precision='master': the float32 master copy of the parameters; else None.")
 
-    @property
-    def style(self):
-        return self._hypers[0].style
-
-    @property
-    def decoupled_weight_decay(self):
-        return self._hypers[0].decoupled_weight_decay
-
-    @property
-    def param_groups(self):
-        """One ParamGroup per entry of the constructor's `groups`, in order: a read-only
-        sequence (the groups are fixed at construction) of settable mappings."""
-        return self._param_groups
-
-    def _set(self, group, **change):
-        hyper = self._hypers[group].replace(**change).check_dtype(self._param_dtype)
-        if self._capturable:
-            self._refuse_host_work("a hyperparameter change writes the table")
-        if group == 0 and "maximize" in change:  # one per launch: every group follows
-            self._hypers = [h.replace(maximize=hyper.maximize) for h in self._hypers]
-        self._hypers[group] = hyper
-        self._table_stale = True
-        if self._capturable:  # graphs replayed from now on read the new table
-            self._device_table()
-
-    def _default(name):
-        return property(lambda self: getattr(self._hypers[0], name),
-                        lambda self, value: self._set(0, **{name: value}),
-                        doc=f"{name} of the segments no group names.")
-
-    lr = _default("lr")
-    momentum = _default("momentum")
-    dampening = _default("dampening")
-    weight_decay = _default("weight_decay")
-    l1 = _default("l1")
-    nesterov = _default("nesterov")
-    maximize = _default("maximize")
-    del _default
-
     def _device_table(self):
         if self._table_stale:
             # Counters in the backend's memory: the kernels read first steps from them.
@@ -292,47 +168,6 @@ class MomentumSGD:
             self._first_steps_pending = not self._counted_on_device and bool(
                 ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
         return self._table
-
-    def step(self, grad=None, *, grad_scale=1.0, found_inf=None):
-        """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
-        divided by `grad_scale` (the loss scale, inside the same fused pass).
-
-        grad_scale: a number, checked as inverse_grad_scale says; or a 0-d float array in
-        the backend's memory (a CuPy array or torch CUDA tensor, such as
-        torch.amp.GradScaler's scale; a NumPy array on the CPU), which the kernels read
-        when they run (so a CUDA graph replays its value of the moment): the gradient is
-        multiplied by 1 / grad_scale worked out in the compute dtype, for the power-of-two
-        scales of loss scalers exactly the number's 1 / grad_scale. Its value is not
-        checked (that would wait for the device); with skip_nonfinite a scale whose
-        inverse is not finite skips the step. found_inf: None, or a 0-d array in the
-        backend's memory (GradScaler's found_inf): when it is nonzero the step is
-        skipped, changing nothing but the counters (on a GPU the counters must be in its
-        memory: capturable or skip_nonfinite).
-
-        A step with the grad and grad_scale objects of the step before, unchanged (same
-        shape, strides, dtype, flags: arrays.array_state), and unchanged hyperparameters
-        only compares them and launches the update prepared then (the backend's
-        step_function); anything else is checked in full first."""
-        device_scale = None
-        if grad_scale is self._grad_scale:
-            inv_grad_scale = self._inv_grad_scale
-        elif is_array(grad_scale):
-            device_scale = scalar_array("grad_scale", grad_scale, self._backend,
-                                         self._on_device, FLOAT_KINDS)
-            inv_grad_scale = 1.0  # not read
-        else:
-            inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
-            self._grad_scale, self._inv_grad_scale = grad_scale, inv_grad_scale
-        if found_inf is not None:
-            found_inf = scalar_array("found_inf", found_inf, self._backend,
-                                      self._on_device, NUMBER_KINDS)
-            if self._on_device and not self._counted_on_device:
-                raise ValueError("Invalid found_inf value: an array, but this optimizer "
-                                 "counts its steps on the host, which cannot read it "
-                                 "without waiting for the device (construct it with "
-                                 "capturable=True or skip_nonfinite=True)")
-        self._step(self._gradient(None) if grad is None else grad, inv_grad_scale,
-                   grad_scale=device_scale, found_inf=found_inf)
 
     def _gradient(self, grad):
         """`grad`, or the FlatParams' gradient buffer for None."""
@@ -414,6 +249,185 @@ class MomentumSGD:
             raise RuntimeError(f"MomentumSGD.step() is being captured into a CUDA graph, "
                                f"but {why}: a replay would not do it. Nothing was "
                                f"changed.")
+
+
+
+class MomentumSGD(_FlatUpdate):
+    """Momentum SGD over one flat parameter buffer, one fused kernel launch per step.
+
+    Formulas as in `momentum_step` (style="classic" by default; style="torch" tracks
+    torch.optim.SGD step for step). The velocity starts at zero and the first `step()` does
+    not read it: classic starts from 0, torch style sets it to the gradient, skipping
+    dampening. In torch style that first step is the first one with momentum > 0, since
+    PyTorch creates its momentum buffer only then; with groups, each group has its own.
+
+    params: a FlatParams (then `step()` without arguments uses its gradient buffer) or one
+    contiguous array (one segment, index 0). lr, momentum, dampening, weight_decay, l1,
+    nesterov and maximize may be changed between steps (schedules); each change is
+    validated and costs no recompile.
+
+    groups: per-layer hyperparameters, as torch.optim's parameter groups: a list of dicts,
+    each with "params" (a list of FlatParams segment indices, or of the names given to
+    `FlatParams.from_arrays(..., names=...)`) and overrides of any of lr, momentum,
+    dampening, weight_decay, l1 and nesterov. A segment belongs to at most one group;
+    segments no group names use the optimizer's own hyperparameters (`opt.lr`, ...), which
+    are also the defaults of every group's missing options. `param_groups[i]` is groups[i],
+    settable like torch's; the groups themselves are fixed at construction (no
+    add_param_group). style, maximize and decoupled_weight_decay are the optimizer's.
+    Every value is also checked against the compute dtype (Hyperparameters.check_dtype).
+    Still one kernel launch per step, whatever the number of groups.
+
+    skip_nonfinite=True: a step whose (scaled) gradient holds a NaN or inf changes neither
+    params nor velocity, does not count in `step_count` (a skipped first step leaves the
+    next one first), and counts in `skipped_steps`; `last_step_skipped` tells. The check
+    and the skip run in the backend's memory without waiting for the device; reading
+    those counters then waits for it.
+
+    16-bit parameters (bfloat16 from ml_dtypes, float16) are computed in float32 and
+    stored back once per step as `precision` says (bytes moved per element with a float32
+    velocity in brackets; float32 parameters move 20):
+    - "nearest" (default; 14): rounded to nearest even, bit for bit the float32 update
+      cast as ml_dtypes (bfloat16) or NumPy (float16) cast. An update below half an ulp
+      of its parameter (2**-9 relative in bfloat16) is lost: training with small steps
+      stalls.
+    - "stochastic" (14): rounded up or down at random with the probabilities that make
+      the expected result exact; the random bits come from a hash of (`seed`, the step
+      count, the element's index), reproducible and the same on every backend. No extra
+      memory.
+    - "kahan" (18): `compensation`, a buffer of the parameter dtype (zeros at first),
+      carries each step's rounding error into the next (as optimi does); the update
+      reads param + compensation.
+    - "master" (20): `master`, a float32 copy of the parameters (taken at construction
+      and restored by load), is updated; the parameters are its rounding, written in the
+      same pass (as Apex's master weights; writes to the parameters themselves are lost).
+    velocity_dtype: float32 (default) or, for 16-bit parameters, their own dtype, which
+    halves the optimizer state (10 bytes per element with "nearest") but rounds the
+    velocity every step as the parameters are rounded: lossy. float32 and float64
+    parameters have "nearest" only. `seed`: an integer in [0, 2**64).
+    """
+
+    _window = None  # the interface for subclasses: see the module docstring
+
+    def __init__(self, params, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                 l1=0.0, nesterov=False, maximize=False, style="classic",
+                 decoupled_weight_decay=False, groups=None, skip_nonfinite=False,
+                 capturable=False, precision="nearest", velocity_dtype=None, seed=0,
+                 backend="auto"):
+        defaults = Hyperparameters(lr=lr, momentum=momentum, dampening=dampening,
+                                   weight_decay=weight_decay, nesterov=nesterov,
+                                   maximize=maximize, style=style, l1=l1,
+                                   decoupled_weight_decay=decoupled_weight_decay)
+        skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
+        capturable = flag("capturable", capturable)
+        self.flat = params if isinstance(params, FlatParams) else None
+        param = params.data if self.flat is not None else params
+        info = describe("params", param)
+        backend = select_backend(backend, param)
+        check_param(info, backend.dtypes, backend.name)
+        self._param_dtype = info.dtype
+        self._buffer_size = _size(param)
+        precision = Precision(info.dtype, precision, velocity_dtype, seed)
+        plan = self._resolve(groups, defaults)
+        if self._window is not None:
+            param = param.reshape(self._buffer_size)[slice(*self._window)]
+        super().__init__(param, backend, precision, plan, skip_nonfinite, capturable)
+        self._param_groups = ParamGroups(
+            ParamGroup(g["params"], lambda group=index + 1: self._hypers[group],
+                       functools.partial(self._set, index + 1))
+            for index, g in enumerate(groups or []))
+        self._grad_scale = self._inv_grad_scale = _NOTHING  # the latest step's, checked
+        if self._capturable:
+            self.prepare()
+
+    def _resolve(self, groups, defaults):
+        if self.flat is None:
+            plan = resolve_groups(groups, defaults, [0], [self._buffer_size],
+                                  self._buffer_size, param_dtype=self._param_dtype)
+        else:
+            plan = resolve_groups(groups, defaults, self.flat.offsets, self.flat.sizes,
+                                  self._buffer_size, self.flat.names,
+                                  param_dtype=self._param_dtype)
+        return plan if self._window is None else plan.window(*self._window)
+
+    @property
+    def style(self):
+        return self._hypers[0].style
+
+    @property
+    def decoupled_weight_decay(self):
+        return self._hypers[0].decoupled_weight_decay
+
+    @property
+    def param_groups(self):
+        """One ParamGroup per entry of the constructor's `groups`, in order: a read-only
+        sequence (the groups are fixed at construction) of settable mappings."""
+        return self._param_groups
+
+    def _set(self, group, **change):
+        hyper = self._hypers[group].replace(**change).check_dtype(self._param_dtype)
+        if self._capturable:
+            self._refuse_host_work("a hyperparameter change writes the table")
+        if group == 0 and "maximize" in change:  # one per launch: every group follows
+            self._hypers = [h.replace(maximize=hyper.maximize) for h in self._hypers]
+        self._hypers[group] = hyper
+        self._table_stale = True
+        if self._capturable:  # graphs replayed from now on read the new table
+            self._device_table()
+
+    def _default(name):
+        return property(lambda self: getattr(self._hypers[0], name),
+                        lambda self, value: self._set(0, **{name: value}),
+                        doc=f"{name} of the segments no group names.")
+
+    lr = _default("lr")
+    momentum = _default("momentum")
+    dampening = _default("dampening")
+    weight_decay = _default("weight_decay")
+    l1 = _default("l1")
+    nesterov = _default("nesterov")
+    maximize = _default("maximize")
+    del _default
+
+    def step(self, grad=None, *, grad_scale=1.0, found_inf=None):
+        """Updates the parameters with `grad` (default: the FlatParams' gradient buffer)
+        divided by `grad_scale` (the loss scale, inside the same fused pass).
+
+        grad_scale: a number, checked as inverse_grad_scale says; or a 0-d float array in
+        the backend's memory (a CuPy array or torch CUDA tensor, such as
+        torch.amp.GradScaler's scale; a NumPy array on the CPU), which the kernels read
+        when they run (so a CUDA graph replays its value of the moment): the gradient is
+        multiplied by 1 / grad_scale worked out in the compute dtype, for the power-of-two
+        scales of loss scalers exactly the number's 1 / grad_scale. Its value is not
+        checked (that would wait for the device); with skip_nonfinite a scale whose
+        inverse is not finite skips the step. found_inf: None, or a 0-d array in the
+        backend's memory (GradScaler's found_inf): when it is nonzero the step is
+        skipped, changing nothing but the counters (on a GPU the counters must be in its
+        memory: capturable or skip_nonfinite).
+
+        A step with the grad and grad_scale objects of the step before, unchanged (same
+        shape, strides, dtype, flags: arrays.array_state), and unchanged hyperparameters
+        only compares them and launches the update prepared then (the backend's
+        step_function); anything else is checked in full first."""
+        device_scale = None
+        if grad_scale is self._grad_scale:
+            inv_grad_scale = self._inv_grad_scale
+        elif is_array(grad_scale):
+            device_scale = scalar_array("grad_scale", grad_scale, self._backend,
+                                         self._on_device, FLOAT_KINDS)
+            inv_grad_scale = 1.0  # not read
+        else:
+            inv_grad_scale = inverse_grad_scale(grad_scale, self._param_dtype)
+            self._grad_scale, self._inv_grad_scale = grad_scale, inv_grad_scale
+        if found_inf is not None:
+            found_inf = scalar_array("found_inf", found_inf, self._backend,
+                                      self._on_device, NUMBER_KINDS)
+            if self._on_device and not self._counted_on_device:
+                raise ValueError("Invalid found_inf value: an array, but this optimizer "
+                                 "counts its steps on the host, which cannot read it "
+                                 "without waiting for the device (construct it with "
+                                 "capturable=True or skip_nonfinite=True)")
+        self._step(self._gradient(None) if grad is None else grad, inv_grad_scale,
+                   grad_scale=device_scale, found_inf=found_inf)
 
     def state_dict(self):
         """A plain dict (format 3): format version, the optimizer's hyperparameters,

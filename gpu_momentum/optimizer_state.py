@@ -65,8 +65,8 @@ def read_header(state, precision, velocity_dtype, style):
     if version == 3:
         saved_velocity_dtype = state["velocity_dtype"]
         if saved_velocity_dtype != velocity_dtype.name:
-            raise ValueError(f"Invalid velocity_dtype value: {saved_velocity_dtype!r} (this "
-                             f"optimizer keeps a {velocity_dtype.name} velocity)")
+            raise ValueError(f"Invalid velocity_dtype value: {saved_velocity_dtype!r} "
+                             f"(this optimizer keeps a {velocity_dtype.name} velocity)")
     seed = check_seed(state["seed"]) if version == 3 else 0
     defaults = Hyperparameters(
         **{k: state[k] for k in Hyperparameters.__dataclass_fields__})
