@@ -17,7 +17,7 @@ from ..kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKI
                               NO_GROUP, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
 from ..precision import PRECISION_BUFFER_NAMES
 from .grad_views import GradientViews, Reshaped
-from .storage import own_storage
+from .storage import local_of, own_storage
 from .tensors import (NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, segment,
                       to_float)
 
@@ -322,7 +322,7 @@ class Bucket:
         for index in np.flatnonzero(new):
             view = self.buffer_views[index]
             if self.precision == "master":
-                view.copy_(self.param_views[index])
+                local_of(view).copy_(self.param_views[index])  # (a DTensor's shard)
             else:
                 view.zero_()
             state[self.params[index]][self.buffer_name] = view
