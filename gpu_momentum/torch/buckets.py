@@ -17,6 +17,7 @@ from ..kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKI
                               NO_GROUP, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
 from ..precision import PRECISION_BUFFER_NAMES
 from .grad_views import GradientViews, Reshaped
+from .storage import local_of, own_storage
 from .tensors import (NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, segment,
                       to_float)
 
@@ -36,8 +37,14 @@ class Bucket:
     once the parameter took a step), and the update table of its one launch (a row per
     parameter). The gradient views and their hooks are `grads`, a GradientViews."""
 
+    # The gradient side: GradientViews(params, flat gradient, offsets, device).
+    gradient_views = GradientViews
+
     def __init__(self, backend, device, dtype, params, groups, counted, check_nonfinite,
-                 precision):
+                 precision, likes=None):
+        """`likes`: the tensors whose shapes and strides the segments take, one per
+        parameter (default: the parameters themselves)."""
+        likes = params if likes is None else likes
         self.backend, self.device, self.params = backend, device, params
         self.groups = np.array(groups, np.intp)  # the param group of each row
         self.param_dtype = dtype
@@ -46,19 +53,20 @@ class Bucket:
         element = real.itemsize
         align = max(1, SEGMENT_ALIGNMENT_BYTES // element)
         offsets, ends, end = [], [], 0
-        for p in params:
+        for p in likes:
             offset = -(-end // align) * align
             end = offset + p.numel() * (2 if p.is_complex() else 1)
             offsets.append(offset)
             ends.append(end)
         total = -(-end // align) * align
         self.data = torch.zeros(total, dtype=dtype, device=device)
+        own_storage(self.data)
         grad = torch.zeros(total, dtype=dtype, device=device)
         self.velocity = torch.zeros(total, dtype=TORCH_DTYPES[self.compute_dtype],
                                     device=device)
-        self.param_views = [segment(self.data, o, p) for o, p in zip(offsets, params)]
-        self.grads = GradientViews(params, grad, offsets, device)
-        self.velocity_views = [segment(self.velocity, o, p) for o, p in zip(offsets, params)]
+        self.param_views = [segment(self.data, o, p) for o, p in zip(offsets, likes)]
+        self.grads = self.gradient_views(params, grad, offsets, device)
+        self.velocity_views = [segment(self.velocity, o, p) for o, p in zip(offsets, likes)]
         self.precision = precision
         self.buffer_name = PRECISION_BUFFER_NAMES.get(precision)  # None: no buffer
         tensors = (self.data, grad, self.velocity)
@@ -66,7 +74,7 @@ class Bucket:
         if self.buffer_name is not None:
             self.buffer = torch.zeros(total, dtype=dtype if precision == "kahan" else
                                       torch.float32, device=device)
-            self.buffer_views = [segment(self.buffer, o, p) for o, p in zip(offsets, params)]
+            self.buffer_views = [segment(self.buffer, o, p) for o, p in zip(offsets, likes)]
             tensors += (self.buffer,)
         self.buffered = np.zeros(len(params), bool)  # its buffer segment holds its state
         # Ranges: each parameter's elements (its row, or NO_GROUP while its grad is None),
@@ -314,7 +322,7 @@ class Bucket:
         for index in np.flatnonzero(new):
             view = self.buffer_views[index]
             if self.precision == "master":
-                view.copy_(self.param_views[index])
+                local_of(view).copy_(self.param_views[index])  # (a DTensor's shard)
             else:
                 view.zero_()
             state[self.params[index]][self.buffer_name] = view

@@ -234,6 +234,15 @@ class SGD(Optimizer):
             bucket.refresh(settings, self._style)
 
     @property
+    def pack_count(self):
+        """How many times parameters were packed (moved) into this optimizer's flat
+        buffers: once at construction, and again only after a parameter of its own left
+        its buffer (`model.to(...)`, `p.data = ...`) or the param groups changed.
+        Parameters in storage a wrapper owns (FSDP2's DTensors, ZeRO's bucket views,
+        FSDP1's flat parameters) are updated where they live and never counted."""
+        return self.__dict__.get("_pack_count", 0)
+
+    @property
     def backends(self):
         """{(device, dtype): backend name} of the flat buffers (none with
         differentiable=True)."""
@@ -471,6 +480,8 @@ class SGD(Optimizer):
                       counted_on_device=self._counted_on_device, step_count=self._counts[0])
         self._step_supports_amp_scaling = self._reads_scaler_values(
             bucket.device for bucket in layout.buckets)
+        if layout.moved:
+            self._pack_count = self.pack_count + 1
         return layout
 
     def _settle(self):
