@@ -9,8 +9,9 @@ from ..backends import backend_named
 from ..hyperparams import STYLES
 from ..kernels.layout import PRECISION_NAMES
 from ..precision import check_seed
-from .buckets import CAPTURE_REFUSED, group_settings
+from .buckets import CAPTURE_REFUSED
 from .grad_views import Reshaped
+from .group_values import GroupValues
 from .layout import pack
 from .state_dict import (STATE_KEY, check_loadable, extras_of, read_extras,
                          restore_uncast)
@@ -197,10 +198,10 @@ class SGD(Optimizer):
         after changing lr, momentum or any group value between graph replays (step()
         does it by itself when it runs eagerly)."""
         layout = self._current_layout()
-        settings = group_settings(self.param_groups)
+        self._take_group_values(layout)
         for bucket in layout.buckets:
             bucket.prepare()
-            bucket.refresh(settings, self._style)
+            bucket.refresh(self._style)
 
     @property
     def backends(self):
@@ -353,7 +354,7 @@ class SGD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         # Everything that can fail is checked before anything is written.
         layout.check_kept_out()
-        settings = group_settings(self.param_groups)
+        self._take_group_values(layout)
         # CUDA buffers read GradScaler's values on the device (see _reads_scaler_values).
         on_device = layout.on_cuda
         device_scaling = on_device and (grad_scale is not None or found_inf is not None)
@@ -366,6 +367,7 @@ class SGD(Optimizer):
                 raise RuntimeError(CAPTURE_REFUSED.format(
                     "a parameter has a new shape: the buffers must be packed again"))
             layout = self._layout = self._pack(layout)
+            self._take_group_values(layout)
             prepared = [bucket.prepare() for bucket in layout.buckets]
         if found_inf is not None and not on_device and to_float(found_inf) != 0:
             # GradScaler found an inf: nothing changes, and a parameter's first step
@@ -380,13 +382,25 @@ class SGD(Optimizer):
         scaling = {"grad_scale": grad_scale, "found_inf": found_inf} if device_scaling \
             else {}
         for bucket in layout.buckets:
-            skipped |= bucket.launch(settings, self._style, inv_grad_scale, self.state,
+            skipped |= bucket.launch(self._style, inv_grad_scale, self.state,
                                      capturing, seed=self.seed, step_count=self._counts[0],
                                      **scaling)
         if not layout.counted_on_device:
             self._counts[1 if skipped else 0] += 1
             self._last_step_skipped = skipped
         return loss
+
+    def _take_group_values(self, layout):
+        """The param groups' values that changed since the update tables took them,
+        checked against every buffer's compute dtype (nothing changes on a refusal, and
+        the next step refuses them again), then written into the tables' rows in place."""
+        changes = self._group_values.changes(self.param_groups)
+        if changes:
+            for bucket in layout.buckets:
+                bucket.check_values(changes)
+            self._group_values.accept(self.param_groups, changes)
+            for bucket in layout.buckets:
+                bucket.write_values(changes, self._style)
 
     # ---- packing -----------------------------------------------------------------------
 
@@ -414,6 +428,7 @@ class SGD(Optimizer):
                       counted_on_device=self._counted_on_device, step_count=self._counts[0])
         self._step_supports_amp_scaling = self._reads_scaler_values(
             bucket.device for bucket in layout.buckets)
+        self._group_values = GroupValues()  # the new buffers' tables take every group's
         return layout
 
     def _settle(self):
