@@ -15,12 +15,13 @@ import numpy as np
 
 from gpu_momentum import FlatParams, MomentumSGD
 from gpu_momentum.arrays import compute_dtype
-from gpu_momentum.backends import BACKEND_NAMES, BackendUnavailableError, backend_named
+from gpu_momentum.backends import (REGISTRY, BackendUnavailableError, backend_named,
+                                   backend_names)
 from gpu_momentum.kernels.layout import PRECISION_NAMES
 
-from .data import (CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS, NUMPY_TWO_LINE,
-                   ROOFLINE_PEERS, ROOFLINES, SIXTEEN_BIT, TORCH_API, WIDE, Absent, Built,
-                   Candidate, Problem, Unsupported, backend_name)
+from .data import (COPY_ROOFLINE, CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS,
+                   NUMPY_TWO_LINE, ROOFLINE_PEERS, ROOFLINES, SIXTEEN_BIT, TORCH_API, WIDE,
+                   Absent, Built, Candidate, Problem, Unsupported, backend_name)
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 from .peers import (copyto_builder, naive_builder, numpy_out_builder,
                     numpy_two_line_builder, stream_builder, torch_builder, torch_parameters,
@@ -81,7 +82,7 @@ def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocit
         return update_bytes(dtype, velocity, precision or "nearest")
 
     buffers = {"kahan": 1, "master": 2}.get(precision, 0)  # float32 counts twice
-    return Candidate("backend", "cpu" if name == "cpu" else "cuda", build,
+    return Candidate("backend", backend.device_type, build,
                      bytes_per_element, timer, arrays=4 + buffers, backend=name,
                      groups=groups, precision=precision,
                      velocity_dtype="param" if sixteen_bit_velocity else None,
@@ -114,6 +115,13 @@ def torch_sgd_builder(torch, device, backend):
         params = torch_parameters(torch, device, problem)
         try:
             opt = SGD(params, lr=LR, momentum=MOMENTUM, backend=backend)
+            # The gradients where a training step finds them: in the flat buffer, which
+            # backward fills after opt.zero_grad() (a .grad set from outside stays the
+            # parameter's own and is copied in at every step).
+            grads = [p.grad for p in params]
+            opt.zero_grad(set_to_none=False)
+            for p, grad in zip(params, grads):
+                p.grad.copy_(grad)
             opt.step()  # creates the momentum buffers, as in training
         except (TypeError, ValueError) as error:
             raise Unsupported(f"{TORCH_API}: {error}") from error
@@ -131,13 +139,13 @@ def torch_workload(devices=("cpu", "cuda")):
     try:
         import torch
     except ImportError as error:
-        names = [(n, "cpu" if n == "cpu" else "cuda") for n in BACKEND_NAMES]
+        names = [(n, REGISTRY[n].device_type) for n in backend_names()]
         return [], absent + [Absent(f"{TORCH_API} ({n})", "backend",
                                     f"torch is not installed ({error})")
                              for n, device in names if device in devices]
     ours = []
-    for name in BACKEND_NAMES:
-        device = "cpu" if name == "cpu" else "cuda"
+    for name in backend_names():
+        device = REGISTRY[name].device_type
         if device not in devices:
             continue
         reason = None
@@ -161,15 +169,15 @@ def overhead_candidates(found):
     """The overhead workload's candidates: every backend and peer among `found` (no
     rooflines), each timed by the wall clock around a loop of steps with one
     synchronisation of its device at the end, so that the per-step Python counts as the
-    user sees it; NumPy's two-line update where the CPU is measured; and where the cupy
-    backend is, its step replayed from a CUDA graph (wall clock, and the GPU's own
-    time)."""
+    user sees it; NumPy's two-line update where the CPU is measured; and where a GPU
+    backend is (timed with CuPy's events: the cupy backend is there), the cupy backend's
+    step replayed from a CUDA graph (wall clock, and the GPU's own time)."""
     timed = [dataclasses.replace(c, timer=HostTimer(_device_synchronize(c.device)))
              for c in found if c.kind != "roofline"]
     if any(c.device == "cpu" for c in found):
         timed.append(Candidate("peer", "cpu", numpy_two_line_builder, update_bytes,
                                HostTimer(), arrays=3, peer=NUMPY_TWO_LINE))
-    if any(c.kind == "backend" and c.backend == "cupy" for c in found):
+    if any(c.kind == "backend" and c.device == "cuda" for c in found):
         from . import gpu
         timed += gpu.graph_candidates()
     return timed
@@ -229,8 +237,8 @@ def discover(devices=("cpu", "cuda")):
     absent, found = [], []
     gpu, gpu_reason = gpu_probe(devices)
 
-    for name in BACKEND_NAMES:
-        device = "cpu" if name == "cpu" else "cuda"
+    for name in backend_names():
+        device = REGISTRY[name].device_type
         if device not in devices:
             continue
         try:
@@ -260,7 +268,8 @@ def discover(devices=("cpu", "cuda")):
         found += gpu.candidates()
     elif "cuda" in devices:
         absent += [Absent(CUPY_PEER, "peer", gpu_reason),
-                   Absent(ROOFLINES["cuda"], "roofline", gpu_reason)]
+                   Absent(ROOFLINES["cuda"], "roofline", gpu_reason),
+                   Absent(COPY_ROOFLINE, "roofline", gpu_reason)]
     if "cpu" in devices:
         found += [
             Candidate("roofline", "cpu", stream_builder, stream_bytes, HostTimer(),

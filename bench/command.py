@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from gpu_momentum.cli import CommandError, OneLineErrorParser, run_command
+
 WORKLOADS = ["resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2",
              "overhead"]
 FULL = {"sizes": list(range(16, 29)), "workloads": WORKLOADS, "samples": 25,
@@ -51,8 +53,9 @@ def add_arguments(parser):
                         help="parameter dtypes (default float32). bfloat16 and float16 "
                              "add the library's precision modes, one row each, and one "
                              "with a 16-bit velocity; bfloat16 needs ml_dtypes")
-    parser.add_argument("--workloads", nargs="*", choices=WORKLOADS + ["torch"],
-                        help="many-tensor workloads (default: all; none: leave them out). "
+    parser.add_argument("--workloads", nargs="*", choices=WORKLOADS + ["torch", "none"],
+                        help="many-tensor workloads (default: all; none, or the option alone: leave "
+                             "them out). "
                              "groups: the library's backends over 100 equal segments at "
                              "the largest size (at most 2**26), with 1 and with 100 "
                              "parameter groups. torch-resnet50, torch-gpt2 (torch: both): "
@@ -100,6 +103,10 @@ def options_from(args):
     preset = QUICK if args.quick else FULL
     sizes = sorted({e for group in (args.sizes or [preset["sizes"]]) for e in group})
     workloads = preset["workloads"] if args.workloads is None else args.workloads
+    if "none" in workloads and len(workloads) > 1:
+        raise CommandError(f"--workloads none leaves every workload out: it takes no "
+                           f"others (got {' '.join(workloads)})")
+    workloads = [name for name in workloads if name != "none"]
     workloads = [name for workload in workloads for name in (
         ("torch-resnet50", "torch-gpt2") if workload == "torch" else (workload,))]
     sampling = Sampling(samples=args.samples or preset["samples"],
@@ -127,12 +134,14 @@ def run_bench(args):
         if args.plot or args.save:
             import matplotlib  # noqa: F401
     except ImportError as error:
-        raise SystemExit(f"gpu-momentum bench needs tqdm and matplotlib: pip install "
-                         f"'gpu-momentum[bench]' ({error})")
+        raise CommandError(f"the benchmark needs tqdm and matplotlib ({error}): install "
+                           f"the bench extra from the checkout: pip install -e \".[bench]\"")
     for path in (args.json, args.plot):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
-            raise SystemExit(f"cannot write {path!r}: folder {folder!r} does not exist")
+            raise CommandError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise CommandError(f"cannot write into --save {args.save!r}: it is not a folder")
     with tqdm(total=0, unit="run", disable=args.no_progress or None,
               file=sys.stderr) as progress:
         result = run(options, progress)
@@ -141,6 +150,17 @@ def run_bench(args):
     report.finish(result, used)
     table = report.table(result)
     print(table)
+
+    try:
+        write_results(args, result, table)
+    except OSError as error:
+        raise CommandError(f"cannot write the results: {error}")
+    return 0
+
+
+def write_results(args, result, table):
+    """The files --save, --json and --plot ask for."""
+    from . import report
 
     paths = []
     if args.save:
@@ -158,7 +178,6 @@ def run_bench(args):
             with open(path, "w", encoding="utf-8") as out:
                 out.write(table + "\n")
         print(f"wrote {path}")
-    return 0
 
 
 def run_ranks(args):
@@ -173,10 +192,16 @@ def run_ranks(args):
         argv += ["--samples", str(args.samples)]
     if args.json:
         argv += ["--json", args.json]
-    return launch(args.ranks, argv)
+    try:
+        return launch(args.ranks, argv)
+    except SystemExit as refusal:  # launch's refusals (no mpiexec) are one message
+        if isinstance(refusal.code, str):
+            raise CommandError(refusal.code) from None
+        raise
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = OneLineErrorParser(prog="python -m bench", description=__doc__)
     add_arguments(parser)
-    return run_bench(parser.parse_args(argv))
+    parser.set_defaults(run=run_bench)
+    return run_command(parser.parse_args(argv), parser.prog)

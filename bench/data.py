@@ -13,9 +13,14 @@ WIDE = ("float32", "float64")  # the dtypes the library's other rows run
 # The groups comparison: the library over GROUPS equal segments, once with one group (the
 # optimizer's own hyperparameters) and once with each segment its own group.
 GROUPS = 100
-# The memory roofline of each device (`peer` of its roofline row), and its row's name.
-ROOFLINE_PEERS = {"cpu": "roofline: stream 3R+2W", "cuda": "roofline: D2D copy"}
+# The memory roofline of each device (`peer` of its roofline row), and its row's name: on
+# both, a streaming kernel with the update's traffic (read three arrays, write two). The
+# GPU's device-to-device copy is measured beside it (COPY_ROOFLINE), and its theoretical
+# peak is worked out from its attributes (bench.gpu.theoretical_peak_gbps).
+ROOFLINE_PEERS = {"cpu": "roofline: stream 3R+2W", "cuda": "roofline: stream 3R+2W"}
 ROOFLINES = {device: f"{peer} ({device})" for device, peer in ROOFLINE_PEERS.items()}
+COPY_ROOFLINE_PEER = "roofline: D2D copy"
+COPY_ROOFLINE = f"{COPY_ROOFLINE_PEER} (cuda)"
 CUPY_EXPRESSIONS = "cupy expressions"
 CUPY_PEER = f"{CUPY_EXPRESSIONS} (cuda)"
 # A naive update holds params, grads and velocity, plus up to three temporaries while

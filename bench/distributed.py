@@ -59,17 +59,9 @@ class _Job:
             self.xp.cuda.get_current_stream().synchronize()
 
     def allreduce(self, sharded, grad):
-        """Sums `grad` over ranks in place: MPI on the host, the sharded optimizer's NCCL
-        communicator on a GPU."""
-        from mpi4py import MPI
-
-        collectives = sharded._collectives
-        if collectives.transport == "mpi":
-            self.comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
-            return
-        address, _, kind = collectives._buffer("grad", grad)
-        collectives._run([("allReduce", address, address, grad.size, kind,
-                           collectives._nccl.NCCL_SUM)])
+        """Sums `grad` over ranks in place, through the sharded optimizer's collectives:
+        MPI on the host, its NCCL communicator on a GPU."""
+        sharded.collective_calls.all_reduce(grad)
 
     def seconds(self, call, samples):
         """Per sample, the slowest rank's time of `call()`; the median."""
@@ -98,7 +90,7 @@ def measure(comm, job, size, dtype, samples):
     sharded = ShardedMomentumSGD(job.array(values), comm=comm, lr=1e-3, momentum=0.9)
     plain = gm.MomentumSGD(job.array(values), lr=1e-3, momentum=0.9)
     scratch = grad.copy()
-    local = sharded._local
+    local = sharded.shard_optimizer
     shard_grad = grad[slice(*sharded.shard)]
 
     def unsharded():
@@ -110,7 +102,7 @@ def measure(comm, job, size, dtype, samples):
     row = {"ranks": ranks, "size": size, "dtype": str(np.dtype(dtype)),
            "device": job.device, "collectives": sharded.collectives,
            "sharded_step_s": job.seconds(lambda: sharded.step(grad), samples),
-           "sharded_update_s": job.seconds(lambda: local._step(shard_grad, 1.0), samples),
+           "sharded_update_s": job.seconds(lambda: local.update(shard_grad, 1.0), samples),
            "unsharded_step_s": job.seconds(unsharded, samples),
            "unsharded_update_s": job.seconds(lambda: plain.step(grad), samples),
            "bytes_sent_per_rank": 2 * (ranks - 1) * size * itemsize // ranks,

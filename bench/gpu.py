@@ -1,17 +1,25 @@
-"""The GPU side of the benchmark: CUDA-event timers, the CuPy peer, the D2D copy roofline.
+"""The GPU side of the benchmark: CUDA-event timers, the CuPy peer, the rooflines.
+
+Three GPU rooflines: the SM stream kernel (kernels/stream.cu: the update's traffic in
+128-bit accesses; the roofline of record), the device-to-device copy (cudaMemcpyAsync) and
+the theoretical peak from the device's attributes (`theoretical_peak_gbps`, no row: a
+number in the run's machine description).
 
 Only imported when the benchmark looks for a GPU; nothing here runs on a CPU-only machine
 beyond `unavailable_reason`.
 """
 
 import functools
+import importlib.resources
 import sys
+
+import numpy as np
 
 from gpu_momentum.backends import unavailable_reason as backend_unavailable_reason
 
-from .data import (CUPY_EXPRESSIONS, GRAPH_GPU_TIME, GRAPH_REPLAY, LR, MOMENTUM,
-                   NAIVE_ARRAYS, ROOFLINE_PEERS, Built, Candidate, Unsupported)
-from .measure import HostTimer, copy_bytes, update_bytes
+from .data import (COPY_ROOFLINE_PEER, CUPY_EXPRESSIONS, GRAPH_GPU_TIME, GRAPH_REPLAY, LR,
+                   MOMENTUM, NAIVE_ARRAYS, ROOFLINE_PEERS, Built, Candidate, Unsupported)
+from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 from .peers import naive_builder
 
 
@@ -146,14 +154,96 @@ def d2d_copy_builder(problem):
     return Built(step, lambda: [cupy.asnumpy(dst)])
 
 
+STREAM_KERNEL = "stream_read3_write2"
+STREAM_WORD_BYTES = 16  # one uint4 per thread and array per iteration
+STREAM_THREADS = 256
+
+
+def stream_source():
+    """kernels/stream.cu, as installed with the package."""
+    return importlib.resources.files("gpu_momentum.kernels").joinpath(
+        "stream.cu").read_text()
+
+
+@functools.cache
+def _stream_kernel(device_id):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=stream_source()).get_function(STREAM_KERNEL)
+
+
+def stream_blocks(multiprocessors, threads_per_multiprocessor, words):
+    """Blocks of STREAM_THREADS that fill the device once (more would only queue), and no
+    more than the words need; at least 1."""
+    filling = multiprocessors * (threads_per_multiprocessor // STREAM_THREADS)
+    return max(1, min(filling, -(-words // STREAM_THREADS)))
+
+
+def stream_builder(problem):
+    """The SM stream kernel over three arrays of the problem's dtype (param, velocity and
+    grad, each viewed as 16-byte words): a[i] += c[i]; b[i] += c[i], the update's traffic
+    (stream_bytes: 5 * itemsize per element) at 128 bits per access."""
+    import cupy
+
+    nbytes = problem.p0.nbytes
+    if nbytes % STREAM_WORD_BYTES:
+        raise Unsupported(f"the stream kernel moves 16-byte words: {nbytes} bytes is not "
+                          f"a multiple of {STREAM_WORD_BYTES}")
+    a = cupy.asarray(problem.p0.view(np.uint8)).view(np.uint32)
+    b = cupy.asarray(problem.p0.view(np.uint8)).view(np.uint32)
+    c = cupy.asarray(problem.g0.view(np.uint8)).view(np.uint32)
+    words = nbytes // STREAM_WORD_BYTES
+    device = cupy.cuda.Device()
+    attributes = device.attributes
+    blocks = stream_blocks(attributes["MultiProcessorCount"],
+                           attributes["MaxThreadsPerMultiProcessor"], words)
+    kernel = _stream_kernel(device.id)
+
+    def step():
+        kernel((blocks,), (STREAM_THREADS,), (a, b, c, np.int64(words)),
+               stream=cupy.cuda.get_current_stream())
+    return Built(step, lambda: [cupy.asnumpy(a)])
+
+
+# cudaDeviceAttr numbers (driver_types.h): the memory clock in kHz and the bus width in
+# bits. CUDA 13 dropped cudaDeviceProp.memoryClockRate; the attributes stay.
+MEMORY_CLOCK_RATE_ATTRIBUTE = 36
+GLOBAL_MEMORY_BUS_WIDTH_ATTRIBUTE = 37
+
+
+def theoretical_peak_gbps(memory_clock_khz, bus_width_bits):
+    """The memory's theoretical bandwidth in GB/s (1e9 bytes per second): the memory clock
+    times the bus width, twice per clock (DDR; the attribute reports HBM's and GDDR's
+    clocks so that this holds), over 8 bits per byte. An H200 (3201 MHz x 6144 bits)
+    gives 4917 GB/s, against NVIDIA's 4.8 TB/s."""
+    for name, value in (("memory_clock_khz", memory_clock_khz),
+                        ("bus_width_bits", bus_width_bits)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"Invalid {name} value: {value!r} ({name} must be a "
+                             f"positive integer)")
+    return memory_clock_khz * 1e3 * 2 * bus_width_bits / 8 / 1e9
+
+
+def memory_attributes(get_attribute, device_id):
+    """{memory_clock_khz, memory_bus_bits, peak_gbps} of a device, read through
+    `get_attribute(attribute, device_id)` (cupy.cuda.runtime.deviceGetAttribute)."""
+    clock = int(get_attribute(MEMORY_CLOCK_RATE_ATTRIBUTE, device_id))
+    bus = int(get_attribute(GLOBAL_MEMORY_BUS_WIDTH_ATTRIBUTE, device_id))
+    return {"memory_clock_khz": clock, "memory_bus_bits": bus,
+            "peak_gbps": theoretical_peak_gbps(clock, bus)}
+
+
 def candidates():
     import cupy
 
     return [
         Candidate("peer", "cuda", naive_builder(cupy.asarray, cupy.asnumpy), update_bytes,
                   CupyEventTimer(), arrays=NAIVE_ARRAYS, peer=CUPY_EXPRESSIONS),
+        Candidate("roofline", "cuda", stream_builder, stream_bytes, CupyEventTimer(),
+                  arrays=3, peer=ROOFLINE_PEERS["cuda"]),
         Candidate("roofline", "cuda", d2d_copy_builder, copy_bytes, CupyEventTimer(),
-                  arrays=2, peer=ROOFLINE_PEERS["cuda"]),
+                  arrays=2, peer=COPY_ROOFLINE_PEER),
     ]
 
 
@@ -185,4 +275,5 @@ def describe():
             "compute_capability": device.compute_capability,
             "memory_gib": round(device.mem_info[1] / 2**30, 1),
             "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
-            "cuda_driver": cupy.cuda.runtime.driverGetVersion()}
+            "cuda_driver": cupy.cuda.runtime.driverGetVersion(),
+            **memory_attributes(cupy.cuda.runtime.deviceGetAttribute, device.id)}

@@ -8,17 +8,21 @@ one fused update per step. Its forward and backward passes compute in float32 fr
 stored parameters (bfloat16 runs: widened), and hand the optimizer gradients in the
 parameters' dtype, as a bfloat16 model would.
 
-    python examples/bf16_training.py [--steps 3000] [--out examples/bf16_training.png]
+    python examples/bf16_training.py [--steps 3000] [--output bf16_training.png]
 
-needs ml_dtypes and matplotlib (`pip install "gpu-momentum[bf16,bench]"`).
+writes the PNG where --output says (by default bf16_training.png in the current folder;
+docs/bf16_training.png is the one the documentation shows). Needs ml_dtypes and
+matplotlib: `pip install -e ".[bf16,bench]"` from the checkout.
 """
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
 import gpu_momentum as gm
+from gpu_momentum.cli import at_least_one
 
 SAMPLES, INPUTS, HIDDEN, CLASSES = 1024, 32, 64, 10
 LR, MOMENTUM = 0.05, 0.9
@@ -78,13 +82,24 @@ def train(dtype, precision, steps, x, labels):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--out", default="examples/bf16_training.png")
+    parser.add_argument("--steps", type=at_least_one, default=3000,
+                        help="training steps per run (at least 1; default 3000)")
+    parser.add_argument("--output", "--out", default="bf16_training.png", metavar="PNG",
+                        help="where to write the plot (default: bf16_training.png in the "
+                             "current folder)")
     args = parser.parse_args(argv)
-    import matplotlib
+    # Checked before minutes of training, naming the path as given.
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        parser.error(f"cannot write {args.output!r}: folder {folder!r} does not exist")
+    try:
+        import matplotlib
+        import ml_dtypes
+    except ImportError as error:
+        parser.error(f"{error.name} is missing: pip install -e \".[bf16,bench]\" from the "
+                     f"checkout")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import ml_dtypes
 
     x, labels = data()
     dtypes = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -106,8 +121,8 @@ def main(argv=None):
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    figure.savefig(args.output, dpi=110)
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -3,7 +3,8 @@
 from .backends import BackendUnavailableError, available_backends
 from .checkpoint import CheckpointError
 from .flat import FlatParams
-from .optimizer import MomentumSGD, momentum_step
+from .functional import momentum_step
+from .optimizer import MomentumSGD
 
 __version__ = "0.1.0"
 __all__ = ["momentum_step", "MomentumSGD", "FlatParams", "available_backends",

@@ -209,10 +209,14 @@ def _temporary_name(name):
 
 def _replace(path, write):
     """Replaces `path` atomically with what `write(file)` writes, through its temporary."""
-    path = os.path.abspath(os.fsdecode(os.fspath(path)))
+    given = os.fsdecode(os.fspath(path))
+    path = os.path.abspath(given)
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, _temporary_name(name))
-    handle = _open_locked(temporary)
+    try:
+        handle = _open_locked(temporary)
+    except OSError as error:  # the temporary file is ours: name the caller's path
+        raise type(error)(error.errno, error.strerror, given) from error
     with os.fdopen(handle, "wb") as file:
         try:
             os.ftruncate(handle, 0)  # a crashed save may have left it half written

@@ -8,6 +8,13 @@ prints registers and spills per entry point. Exits 1 when any entry point spills
 import os
 import sys
 
+from .cli import CommandError
+
+# What `compile` needs beyond the package: NVRTC through cuda-bindings, and the CUDA
+# binary utilities that cuda-pathfinder finds. The CUDA extras bring both.
+CUDA_EXTRA_HINT = ('install the CUDA extra from the checkout: pip install -e ".[cuda13]" '
+                   '(or ".[cuda12]")')
+
 
 def add_compile_command(commands):
     parser = commands.add_parser(
@@ -27,15 +34,20 @@ def run_compile(args):
 
     try:
         module = compile_module(args.arch)
-    except (ValueError, CompileError, ImportError) as error:
-        print(f"gpu-momentum compile: error: {error}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
+    except ImportError as error:
+        raise CommandError(f"the CUDA compiler packages are missing ({error}): "
+                           f"{CUDA_EXTRA_HINT}")
+    except (ValueError, CompileError) as error:
+        raise CommandError(str(error))
     stem = os.path.join(args.out, f"momentum.{module.arch}")
-    with open(f"{stem}.cubin", "wb") as f:
-        f.write(module.cubin)
-    with open(f"{stem}.ptx", "w", encoding="utf-8") as f:
-        f.write(module.ptx)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with open(f"{stem}.cubin", "wb") as f:
+            f.write(module.cubin)
+        with open(f"{stem}.ptx", "w", encoding="utf-8") as f:
+            f.write(module.ptx)
+    except OSError as error:
+        raise CommandError(f"cannot write into --out {args.out!r}: {error}")
 
     version = ".".join(map(str, nvrtc_version()))
     print(f"momentum.cu for {module.arch} with NVRTC {version}, RawModule options: "

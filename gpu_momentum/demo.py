@@ -4,7 +4,9 @@ import time
 
 import numpy as np
 
-from .backends import available_backends, backend_named
+from .backends import (BackendUnavailableError, available_backends, backend_named,
+                       backend_names)
+from .cli import CommandError, at_least_one
 from .flat import FlatParams
 from .optimizer import MomentumSGD
 from .shapes import resnet50_shapes
@@ -14,10 +16,12 @@ def add_demo_command(commands):
     parser = commands.add_parser(
         "demo", help="minimise x**2, then update a ResNet-50-sized flat buffer",
         description=__doc__)
-    parser.add_argument("--backend", default="auto",
-                        help="backend for the flat-buffer update (default: the best "
+    parser.add_argument("--backend", default="auto", choices=("auto", *backend_names()),
+                        help="backend for the flat-buffer update (default auto: the best "
                              "available)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=at_least_one, default=50,
+                        help="timed steps of the flat-buffer update (at least 1; default "
+                             "50)")
     parser.set_defaults(run=run_demo)
 
 
@@ -31,11 +35,14 @@ def minimise_x_squared():
 
 
 def run_demo(args):
+    name = available_backends()[0] if args.backend == "auto" else args.backend
+    try:
+        backend = backend_named(name)
+    except BackendUnavailableError as error:  # before any output: nothing half done
+        raise CommandError(f"{error} (available: {', '.join(available_backends())})")
     print("Minimising f(x) = x**2 from x = 5 (lr 0.1, momentum 0.9):")
     minimise_x_squared()
 
-    name = available_backends()[0] if args.backend == "auto" else args.backend
-    backend = backend_named(name)
     rng = np.random.default_rng(0)
     layers = [backend.asarray(rng.standard_normal(s, dtype=np.float32))
               for s in resnet50_shapes()]

@@ -17,7 +17,8 @@ import numbers
 
 import numpy as np
 
-from .kernels.layout import PRECISION_NAMES
+from .kernels.layout import FLOAT8_BLOCK, FLOAT8_VELOCITY, PRECISION_NAMES, \
+    float8_scale_count
 
 BFLOAT16_EXTRA = 'pip install "gpu-momentum[bf16]"'
 PARAM_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -53,16 +54,48 @@ def precision_buffer_dtype(param_dtype, precision):
 PRECISION_BUFFER_NAMES = {"kahan": "compensation", "master": "master"}
 
 
+# ---- An 8-bit velocity (FLOAT8_VELOCITY): E4M3 codes and a float32 scale per block ----
+
+def is_float8(dtype):
+    """Whether `dtype` (a dtype or its name) is the FP8 velocity's, float8_e4m3fn."""
+    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", None)
+    return name == FLOAT8_VELOCITY
+
+
+def float8_precisions(param_dtype):
+    """The precision modes the FP8-velocity kernels have for parameters of `param_dtype`:
+    every mode for 16-bit ones; "nearest" and "stochastic" (which then rounds the codes
+    alone) for float32; none for float64."""
+    param_dtype = np.dtype(param_dtype)
+    if is_16_bit(param_dtype):
+        return PRECISION_NAMES
+    return ("nearest", "stochastic") if param_dtype == np.float32 else ()
+
+
+def float8_state_shapes(elements):
+    """((elements,), (blocks,)): the shapes of an FP8 velocity's codes (uint8) and scales
+    (float32, one per FLOAT8_BLOCK elements of the flat buffer, the last block partial)."""
+    return (int(elements),), (float8_scale_count(elements),)
+
+
+def float8_state_bytes(elements):
+    """Bytes an FP8 velocity over `elements` elements holds: 1 + 4 / FLOAT8_BLOCK each."""
+    return int(elements) + 4 * float8_scale_count(elements)
+
+
+FLOAT8_BYTES_PER_ELEMENT = 1 + 4 / FLOAT8_BLOCK
+
+
 def named_dtype(name, value):
     """`value` (a dtype, a type or a name such as "bfloat16") as a NumPy dtype; TypeError
     naming `name` when it is none, or when bfloat16 is asked for without ml_dtypes."""
-    if isinstance(value, str) and value == "bfloat16":
+    if isinstance(value, str) and value in ("bfloat16", FLOAT8_VELOCITY):
         try:
             import ml_dtypes
         except ImportError as error:
-            raise TypeError(f"Invalid {name} value: 'bfloat16' (bfloat16 needs ml_dtypes: "
+            raise TypeError(f"Invalid {name} value: {value!r} ({value} needs ml_dtypes: "
                             f"{BFLOAT16_EXTRA}; {error})") from None
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, value))
     try:
         return np.dtype(value)
     except TypeError:

@@ -2,10 +2,14 @@
 
 Every backend is tested against `reference_step` in float64. With `dtype=np.float32` it
 computes in float32 with the kernels' operation order, which the host-compiled CUDA C
-kernel must match bit for bit.
+kernel must match bit for bit. `low_precision_step` specifies 16-bit parameters and
+`float8_velocity_step` the 8-bit (FP8 E4M3, a float32 scale per block) velocity, whose
+format is described above `float32_to_e4m3`.
 """
 
 import numpy as np
+
+from .kernels.layout import FLOAT8_BLOCK, FLOAT8_MAX, float8_scale_count
 
 
 def reference_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
@@ -206,3 +210,185 @@ def _low_precision_step(param, grad, velocity, precision, compensation, master, 
     else:
         velocity_out = round_nearest(new_v, velocity_dtype)
     return param_out, velocity_out, extra
+
+
+# ---- An 8-bit velocity: FP8 E4M3 codes with one float32 scale per block ----
+#
+# The format (velocity_dtype "float8_e4m3fn", kernels.layout.FLOAT8_VELOCITY):
+# - codes: uint8[n], one float8_e4m3fn code per element of the flat buffer (no inf,
+#   largest 448, NaN 0x7f / 0xff; a kernel writes 0x7f only);
+# - scales: float32[ceil(n / B)], B = FLOAT8_BLOCK = 256: block b holds elements
+#   [b * B, (b + 1) * B) of the flat buffer, the last one partial. The velocity of
+#   element i is e4m3_to_float32(codes[i]) * scales[i // B].
+# State: 1 + 4 / B = 1.016 bytes per element (a float32 velocity: 4). Traffic per
+# element and step: param, grad and param again, plus a code read and written and
+# 8 / B bytes of scales: 14.03 for float32 params (20 with a float32 velocity), 8.03 for
+# 16-bit ones (14). B = 256 is the block the issue's side simulation trained with (same
+# accuracy as float32 on every seed); a smaller block costs more scale bytes (B = 32:
+# 14.25 bytes per element) and a larger one a longer reduction and coarser scales.
+# Blocks are of the flat buffer, not of segments or groups: a block may hold several
+# segments, the padding between them and several parameter groups. Every element is
+# updated with its own group's hyperparameters; a padding element (no group) counts as a
+# velocity of 0, its code becomes 0, and its param is neither read nor written. A group
+# that leaves its velocity alone (torch style, momentum 0) keeps its value, requantized
+# with its block's new scale where another group in the block writes; a block nobody
+# writes keeps its bits.
+# The kernels compute every element's new velocity in float32 and hold the block's in
+# registers (a warp per block on the GPU: 8 per lane; a 256-element scratch array per
+# CPU task) until the block's absmax is known (a warp reduction: shuffles in CUDA C,
+# shared memory and one barrier in Numba CUDA), then write codes and scale: one pass.
+
+def float32_to_e4m3(x, r16=None):
+    """float32 `x` as float8_e4m3fn codes (uint8): round to nearest even, or with `r16`
+    (16 random bits per element, < 2**16) stochastically, in integer operations on the
+    float32 bits (no FP8 instructions are needed, none exist on sm_80).
+
+    Finite values saturate: |x| is first clamped to 448, the largest E4M3 value, so a
+    finite input never becomes NaN (E4M3 has no inf). NaN and +-inf give the NaN code
+    0x7f. Otherwise the sign is kept (-0.0 is 0x80), and
+    - normal results (|x| >= 2**-6): the float32 exponent rebiased (- 120) and 20
+      mantissa bits dropped, rounded to nearest even, or stochastically: r16 << 4 added
+      below the kept bits, then truncated (rounds away from zero with probability
+      floor(dropped / 16) / 2**16, biased by less than 2**-16 of an ulp);
+    - subnormal results (multiples of 2**-9): |x| + 16384 rounds |x| to a multiple of
+      2**-9 as float32 addition rounds (to nearest even), or stochastically: the top 16
+      bits of the fraction |x| * 512 - floor(|x| * 512) against r16.
+    Round to nearest equals ml_dtypes' cast of the clamped value, bit for bit."""
+    x = np.asarray(x, np.float32)
+    u = _bits(x)
+    a = u & _U32(0x7FFFFFFF)
+    sign = (u >> _U32(24)) & _U32(0x80)
+    clamped = np.minimum(a, _U32(0x43E00000))  # 448
+    with np.errstate(over="ignore"):
+        if r16 is None:
+            normal = (clamped - _U32(0x3C000000) + _U32(0x7FFFF)
+                      + ((clamped >> _U32(20)) & _U32(1))) >> _U32(20)
+            subnormal = _bits(clamped.view(np.float32) + np.float32(16384)) - _U32(
+                0x46800000)
+        else:
+            r16 = np.asarray(r16, _U32)
+            normal = (clamped - _U32(0x3C000000) + (r16 << _U32(4))) >> _U32(20)
+            y = clamped.view(np.float32) * np.float32(512)
+            whole = y.astype(_U32)
+            dropped = ((y - whole.astype(np.float32)) * np.float32(65536)).astype(_U32)
+            subnormal = whole + ((dropped + r16) >> _U32(16))
+    magnitude = np.where(clamped >= _U32(0x3C800000), normal, subnormal)
+    codes = np.where(a >= _U32(0x7F800000), _U32(0x7F), magnitude | sign)
+    return codes.astype(np.uint8)
+
+
+def e4m3_to_float32(codes):
+    """float8_e4m3fn codes (uint8) as float32, exactly (as ml_dtypes casts): normal codes
+    by rebiasing the exponent in the bits, subnormal ones as m * 2**-9; 0x7f and 0xff
+    give the quiet NaN (float32 0x7fc00000, with the code's sign)."""
+    c = np.asarray(codes, np.uint8).astype(_U32)
+    magnitude = c & _U32(0x7F)
+    sign = (c & _U32(0x80)) << _U32(24)
+    normal = ((magnitude << _U32(20)) + _U32(0x3C000000)).view(np.float32)
+    subnormal = magnitude.astype(np.float32) * np.float32(2.0**-9)
+    value = np.where(magnitude >= _U32(8), normal, subnormal)
+    value = np.where(magnitude == _U32(0x7F), np.float32(np.nan), value)
+    return (_bits(value) | sign).view(np.float32)
+
+
+def _blocks(a, fill):
+    """`a` (1-D) padded with `fill` to whole FLOAT8_BLOCKs, as [blocks, FLOAT8_BLOCK]."""
+    blocks = float8_scale_count(a.size)
+    padded = np.full(blocks * FLOAT8_BLOCK, fill, a.dtype)
+    padded[:a.size] = a
+    return padded.reshape(blocks, FLOAT8_BLOCK)
+
+
+def quantize_velocity(values, r16=None):
+    """float32 velocities -> (codes uint8[n], scales float32[ceil(n / FLOAT8_BLOCK)]).
+
+    Per block: absmax = the largest finite |v| (NaN and inf left out), scale = absmax /
+    448 in float32, code = float32_to_e4m3(v / scale) (the division in float32; with r16,
+    stochastic). A block whose scale is 0 (all zeros, or an absmax so small that absmax /
+    448 underflows) has codes 0: it stays exactly zero and no division by 0 happens. A
+    non-finite v gets the NaN code 0x7f. Since |v / scale| <= 448 * (1 + 2**-23) and
+    float32_to_e4m3 saturates, a finite v never gives a NaN."""
+    v = np.asarray(values, np.float32).reshape(-1)
+    magnitude = _bits(v) & _U32(0x7FFFFFFF)
+    finite = np.where(magnitude < _U32(0x7F800000), magnitude, _U32(0))
+    absmax = _blocks(finite, _U32(0)).max(axis=1, initial=_U32(0)).view(np.float32)
+    scales = absmax / np.float32(FLOAT8_MAX)
+    per_element = np.repeat(scales, FLOAT8_BLOCK)[:v.size]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quotient = np.where(per_element > 0, v / np.where(per_element > 0, per_element,
+                                                           np.float32(1)), np.float32(0))
+    quotient = np.where(magnitude < _U32(0x7F800000), quotient, v)  # NaN, inf -> 0x7f
+    return float32_to_e4m3(quotient, r16), scales
+
+
+def dequantize_velocity(codes, scales):
+    """(codes, scales) -> float32 velocities: e4m3_to_float32(code) * its block's scale,
+    rounded in float32 (exact unless the product leaves float32's normal range)."""
+    codes = np.asarray(codes, np.uint8).reshape(-1)
+    per_element = np.repeat(np.asarray(scales, np.float32), FLOAT8_BLOCK)[:codes.size]
+    return e4m3_to_float32(codes) * per_element
+
+
+def float8_velocity_step(param, grad, codes, scales, groups=None, *, precision="nearest",
+                         compensation=None, master=None, seed=0, step_count=0,
+                         first_step=False, **hyper):
+    """One update with an FP8 velocity (codes, scales as quantize_velocity makes them), as
+    the kernels do it: returns (new_param, new_codes, new_scales, new compensation or new
+    master or None), new arrays; inputs are not modified.
+
+    groups: [(start, end, options)], the elements [start, end) updated with `options`
+    (keyword arguments of reference_step plus first_step); elements in no group are the
+    padding, left alone (param and buffer neither read nor written). Default: one group
+    over everything with `hyper` and `first_step`.
+
+    Each element's old velocity is its dequantized value (0 on its group's first step,
+    when it is not read, unless the group leaves its velocity alone), updated in float32 as `reference_step` (float32 params) or
+    `low_precision_step` (16-bit params, `precision` and its buffer) with its group's
+    options. Then each block of FLOAT8_BLOCK elements is quantized as a whole by
+    quantize_velocity, padding elements counting as 0 (their codes become 0), with
+    precision="stochastic" from the low 16 bits of random_bits(seed, step_count, i) (the
+    high 16 round a 16-bit parameter). A velocity a group leaves alone (torch style,
+    momentum 0) keeps its dequantized value, first step or not (a zeroed state reads 0),
+    requantized with its block; a block in which no group writes the velocity (all of it
+    left alone or padding) keeps its codes and scale, bits and all. The state starts
+    zeroed (codes 0, scales 0): a velocity that was never written reads as 0.
+    """
+    n = np.asarray(param).size
+    if groups is None:
+        groups = [(0, n, {**hyper, "first_step": first_step})]
+    param_out = np.array(param).reshape(-1)
+    buffer = compensation if precision == "kahan" else master
+    buffer_out = None if buffer is None else np.array(buffer).reshape(-1)
+    old = dequantize_velocity(codes, scales)
+    values = np.zeros(n, np.float32)
+    writes = np.zeros(n, bool)
+    sixteen_bit = np.dtype(param_out.dtype).itemsize == 2
+    for start, end, options in groups:
+        options = dict(options)
+        first = options.pop("first_step", False)
+        keeps = options.get("style") == "torch" and options.get("momentum", 0.9) == 0
+        velocity = np.zeros(n, np.float32) if first and not keeps else old
+        with np.errstate(over="ignore", invalid="ignore"):
+            if sixteen_bit:
+                new_p, new_v, extra = low_precision_step(
+                    param, grad, velocity, precision=precision, compensation=compensation,
+                    master=master, seed=seed, step_count=step_count, first_step=first,
+                    **options)
+            else:
+                new_p, new_v = reference_step(param, grad, velocity, first_step=first,
+                                              dtype=np.float32, **options)
+                extra = None
+        param_out[start:end] = new_p[start:end]
+        if extra is not None:
+            buffer_out[start:end] = extra[start:end]
+        values[start:end] = new_v[start:end]
+        writes[start:end] = not keeps
+    r16 = None
+    if precision == "stochastic":
+        r16 = random_bits(seed, step_count, np.arange(n)) & _U32(0xFFFF)
+    new_codes, new_scales = quantize_velocity(values, r16)
+    written = _blocks(writes, False).any(axis=1)
+    new_codes = np.where(np.repeat(written, FLOAT8_BLOCK)[:n], new_codes,
+                         np.asarray(codes, np.uint8).reshape(-1))
+    new_scales = np.where(written, new_scales, np.asarray(scales, np.float32))
+    return param_out, new_codes, new_scales, buffer_out

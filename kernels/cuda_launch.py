@@ -2,8 +2,9 @@
 arguments, and the launches of one step.
 
 The cupy backend (gpu_momentum.backends.cupy) launches through these, and so does the
-host-built kernel of the tests (tests/host_kernel.py), so both launch alike; the numba-cuda
-backend queues its kernels in the order `step_launches` gives.
+host-built kernel of the tests (tests/host_kernel.py), so both launch alike; every
+backend's step (gpu_momentum.backends.runner.StepRunner) queues its launches in the order
+`step_launches` gives.
 """
 
 import dataclasses
@@ -11,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from .cuda_source import BLOCK_SIZE, vector_width
-from .layout import GROUP_SLOTS, READ_COUNTERS
+from .layout import FLOAT8_BLOCK, GROUP_SLOTS, READ_COUNTERS
 
 
 def step_launches(elements, read_counters, agree=False, check_nonfinite=True):
@@ -44,6 +45,14 @@ def grid_size(n, dtype, max_blocks):
     wave of resident blocks; the grid-stride loop covers the rest). 0 for an empty update."""
     vectors = -(-n // vector_width(dtype))
     return min(max_blocks, -(-vectors // BLOCK_SIZE))
+
+
+def float8_grid_size(n, max_blocks):
+    """Blocks to launch for the FP8-velocity update: one warp per block of FLOAT8_BLOCK
+    elements, at most `max_blocks` (the grid-stride loop over blocks covers the rest). 0
+    for an empty update."""
+    warps = -(-n // FLOAT8_BLOCK)
+    return min(max_blocks, -(-warps // (BLOCK_SIZE // 32)))
 
 
 def finish_block(group_count):

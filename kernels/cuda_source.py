@@ -28,6 +28,11 @@ MIN_BLOCKS_PER_SM = 5
 # a fifth of its range) and spill within 48 registers; 4 blocks allow 64.
 MIN_BLOCKS_PER_SM_FLOAT16_BUFFER = 4
 VECTOR_BYTES = 16  # one 128-bit load or store
+# The FP8-velocity update (momentum_float8.cu) keeps a block's eight new velocities per
+# lane in registers until the warp knows the block's scale: 4 blocks (64 registers);
+# with a compensation or master copy it spills there (sm_80 and sm_90): 3 (80).
+FLOAT8_MIN_BLOCKS_PER_SM = 4
+FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER = 3
 
 
 # The storage formats of momentum.cu, by dtype name: (C++ struct, storage C type).
@@ -93,6 +98,66 @@ def _supported():
 
 # Only these combinations are compiled: (param dtype, velocity dtype, precision) -> entry.
 ENTRY_POINTS = {(e.param_dtype, e.velocity_dtype, e.precision): e for e in _supported()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Float8EntryPoint:
+    """The FP8-velocity update kernel (momentum_step_fp8) of one parameter dtype and
+    precision: its velocity is codes (unsigned char) and scales (float)."""
+
+    param_dtype: str
+    precision: str
+    velocity_dtype = layout.FLOAT8_VELOCITY
+    compute_dtype = np.dtype(np.float32)
+    compute_ctype = "float"
+
+    @property
+    def min_blocks_per_sm(self):  # its __launch_bounds__
+        if self.precision in ("kahan", "master"):
+            return FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER
+        return FLOAT8_MIN_BLOCKS_PER_SM
+
+    @property
+    def param_ctype(self):
+        return FORMATS[self.param_dtype][1]
+
+    @property
+    def buffer_ctype(self):
+        return "float" if self.precision == "master" else self.param_ctype
+
+    @property
+    def update_expression(self):
+        return (f"momentum_step_fp8<{FORMATS[self.param_dtype][0]}, "
+                f"GM_PRECISION_{self.precision.upper()}>")
+
+    @property
+    def check_expression(self):
+        return f"find_nonfinite<{FORMATS[self.param_dtype][0]}>"
+
+
+def _float8_supported():
+    # float32 params: nearest, or stochastic rounding of the codes alone
+    for precision in ("nearest", "stochastic"):
+        yield Float8EntryPoint("float32", precision)
+    for param in ("bfloat16", "float16"):
+        for precision in layout.PRECISION_NAMES:
+            yield Float8EntryPoint(param, precision)
+
+
+# (param dtype, precision) -> the FP8-velocity update; float64 params have none.
+FLOAT8_ENTRY_POINTS = {(e.param_dtype, e.precision): e for e in _float8_supported()}
+
+
+def float8_entry_point(param_dtype, precision="nearest"):
+    """The Float8EntryPoint of params of `param_dtype` with `precision`; TypeError naming
+    them for any other."""
+    param = np.dtype(param_dtype).name
+    entry = FLOAT8_ENTRY_POINTS.get((param, precision))
+    if entry is None:
+        raise TypeError(f"the CUDA C kernel has no entry point for {param} parameters with "
+                        f"a {layout.FLOAT8_VELOCITY} velocity and precision {precision!r} "
+                        f"(it has {sorted(FLOAT8_ENTRY_POINTS)})")
+    return entry
 FINISH_EXPRESSION = "finish_step"  # counts a step, marks velocities initialized
 
 
@@ -139,7 +204,13 @@ def defines():
     settings = {"GM_BLOCK_SIZE": BLOCK_SIZE, "GM_MIN_BLOCKS_PER_SM": MIN_BLOCKS_PER_SM,
                 "GM_MIN_BLOCKS_PER_SM_FLOAT16_BUFFER": MIN_BLOCKS_PER_SM_FLOAT16_BUFFER,
                 "GM_VECTOR_BYTES": VECTOR_BYTES, "GM_GROUP_COLUMNS": layout.GROUP_COLUMNS,
-                "GM_NO_GROUP": layout.NO_GROUP}
+                "GM_NO_GROUP": layout.NO_GROUP,
+                "GM_FLOAT8_MIN_BLOCKS_PER_SM": FLOAT8_MIN_BLOCKS_PER_SM,
+                "GM_FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER":
+                    FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER,
+                "GM_FLOAT8_BLOCK": layout.FLOAT8_BLOCK,
+                "GM_FLOAT8_LARGEST": f"{layout.FLOAT8_MAX!r}f",
+                "GM_FLOAT8_NAN": f"{layout.FLOAT8_NAN:#x}u"}
     settings |= {f"GM_FLAG_{name}": f"{bit}u" for name, bit in layout.FLAGS.items()}
     settings |= {f"GM_COUNTER_{name}": slot for name, slot in layout.COUNTERS.items()}
     settings |= {f"GM_COLUMN_{name}": column for name, column in layout.COLUMNS.items()}
@@ -149,9 +220,12 @@ def defines():
 
 @functools.cache
 def module_source():
-    """The exact CUDA C text of the module: settings as #defines, then momentum.cu."""
+    """The exact CUDA C text of the module: settings as #defines, then momentum.cu and
+    momentum_float8.cu."""
     lines = [f"#define {name} {value}" for name, value in defines().items()]
-    body = importlib.resources.files(__package__).joinpath("momentum.cu").read_text()
+    files = importlib.resources.files(__package__)
+    body = "\n".join(files.joinpath(name).read_text()
+                     for name in ("momentum.cu", "momentum_float8.cu"))
     return "\n".join(lines) + "\n" + body
 
 
@@ -172,5 +246,6 @@ def module_options():
 def name_expressions():
     """Every kernel of the module, as RawModule's name_expressions."""
     expressions = [e.update_expression for e in ENTRY_POINTS.values()]
+    expressions += [e.update_expression for e in FLOAT8_ENTRY_POINTS.values()]
     expressions += list(dict.fromkeys(e.check_expression for e in ENTRY_POINTS.values()))
     return [*expressions, FINISH_EXPRESSION]

@@ -391,6 +391,77 @@ def storage_functions(jit, simulated=False):
     return functions
 
 
+def storage_step(functions, jit, param_format, velocity_format, precision,
+                 l1_term=CHECKED, decay_term=CHECKED, key_per_element=False):
+    """One element's update on values, compiled by `jit` with `functions` (its target's
+    storage_functions), for params stored as `param_format`, a velocity stored as
+    `velocity_format` and a precision mode (kernels.layout.PRECISIONS):
+
+        step_values(p, g, stored_velocity, i, key_of_block, lr, momentum, grad_coeff,
+                    weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+                    velocity_initialized) -> (stored_param, stored_velocity, stored_buffer)
+
+    p is the param in the compute dtype as the precision mode reads it (`load_param_value`
+    of storage_update: the master copy, param + compensation, or the widened param), g the
+    widened gradient; the results are what element i stores (stored_buffer: the
+    compensation (KAHAN) or the master copy (MASTER), else p, not stored). The kernels
+    that move several elements per memory instruction (kernels.numba_cuda) call this on
+    each element of a word; storage_update on one element of the arrays."""
+    from numba import float32, uint32
+
+    update = jit(element_update(l1_term, decay_term))
+    stochastic, kahan, master = (precision == STOCHASTIC, precision == KAHAN,
+                                 precision == MASTER)
+    roundings = functions.round_stochastic if stochastic else functions.round_nearest
+    load_param, load_velocity = functions.load[param_format], functions.load[velocity_format]
+    round_param, round_velocity = roundings[param_format], roundings[velocity_format]
+    round_param_nearest = functions.round_nearest[param_format]
+    element_bits, block_key = functions.element_bits, functions.block_key
+    sixteen_bit_param, sixteen_bit_velocity = (param_format != NATIVE,
+                                               velocity_format != NATIVE)
+    if not (sixteen_bit_param or sixteen_bit_velocity or stochastic or kahan or master):
+        def step_wide_values(p, g, stored_velocity, i, key_of_block, lr, momentum,
+                             grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
+                             nesterov, maximize, velocity_initialized):
+            p, v = update(p, g, stored_velocity, lr, momentum, grad_coeff, weight_decay,
+                          l1, decay, inv_grad_scale, classic, nesterov, maximize,
+                          velocity_initialized)
+            return p, v, p
+
+        return jit(step_wide_values)
+
+    def step_values(p, g, stored_velocity, i, key_of_block, lr, momentum, grad_coeff,
+                    weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+                    velocity_initialized):
+        p, v = update(p, g, load_velocity(stored_velocity), lr, momentum, grad_coeff,
+                      weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+                      velocity_initialized)
+        if not stochastic:
+            bits = U1
+        elif key_per_element:
+            bits = element_bits(block_key(key_of_block, i), i)
+        else:
+            bits = element_bits(key_of_block, i)
+        if sixteen_bit_param and p != p:
+            p = QUIET_NAN  # which NaN the arithmetic made is the hardware's (and compiler's)
+        rounded = round_param(p, uint32(bits >> U16))
+        if kahan:
+            error = p - load_param(rounded)
+            finite_error = error if error - error == float32(0) else float32(0)
+            buffer = round_param_nearest(finite_error, U1)
+        else:
+            buffer = p
+        if sixteen_bit_velocity and not classic and momentum == 0:
+            velocity = stored_velocity
+        else:
+            if sixteen_bit_velocity and v != v:
+                v = QUIET_NAN
+            velocity = round_velocity(v, uint32(bits & LOW16))
+        return rounded, velocity, buffer
+
+    return jit(step_values)
+
+
 def storage_update(functions, jit, param_format, velocity_format, precision,
                    l1_term=CHECKED, decay_term=CHECKED, key_per_element=False):
     """One element's update, compiled by `jit` with `functions` (its target's
@@ -418,20 +489,11 @@ def storage_update(functions, jit, param_format, velocity_format, precision,
     would not survive a rounding). A NaN result is stored as the quiet NaN (float32 bits
     0x7fc00000 rounded: bfloat16 0x7fc0, float16 0x7e00): which NaN float32 arithmetic
     makes is up to the hardware (x86 passes an operand's on, NVIDIA GPUs make their own)
-    and the compiler (it may flip a NaN's sign)."""
-    from numba import float32, uint32
-
+    and the compiler (it may flip a NaN's sign). The update itself is storage_step's."""
     update = jit(element_update(l1_term, decay_term))
-    stochastic, kahan, master = (precision == STOCHASTIC, precision == KAHAN,
-                                 precision == MASTER)
-    roundings = functions.round_stochastic if stochastic else functions.round_nearest
-    load_param, load_velocity = functions.load[param_format], functions.load[velocity_format]
-    round_param, round_velocity = roundings[param_format], roundings[velocity_format]
-    round_param_nearest = functions.round_nearest[param_format]
-    element_bits, block_key = functions.element_bits, functions.block_key
-    sixteen_bit_param, sixteen_bit_velocity = (param_format != NATIVE,
-                                               velocity_format != NATIVE)
-    if not (sixteen_bit_param or sixteen_bit_velocity or stochastic or kahan or master):
+    kahan, master = precision == KAHAN, precision == MASTER
+    load_param = functions.load[param_format]
+    if not (param_format != NATIVE or velocity_format != NATIVE or precision != NEAREST):
         # Stored as computed: nothing to widen, round or keep. Written out, since the
         # CUDA simulator runs every call and conversion below as Python, per element.
         def update_wide_element(param, grad, velocity, precision_buffer, i, key_of_block,
@@ -444,40 +506,23 @@ def storage_update(functions, jit, param_format, velocity_format, precision,
 
         return jit(update_wide_element)
 
+    step_values = storage_step(functions, jit, param_format, velocity_format, precision,
+                               l1_term, decay_term, key_per_element)
+
     def update_element(param, grad, velocity, precision_buffer, i, key_of_block, lr,
                        momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale,
                        classic, nesterov, maximize, velocity_initialized):
-        stored_velocity = velocity[i]
         if master:
             p = precision_buffer[i]
         elif kahan:
             p = load_param(param[i]) + load_param(precision_buffer[i])
         else:
             p = load_param(param[i])
-        p, v = update(p, load_param(grad[i]), load_velocity(stored_velocity), lr, momentum,
-                      grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
-                      nesterov, maximize, velocity_initialized)
-        if not stochastic:
-            bits = U1
-        elif key_per_element:
-            bits = element_bits(block_key(key_of_block, i), i)
-        else:
-            bits = element_bits(key_of_block, i)
-        if sixteen_bit_param and p != p:
-            p = QUIET_NAN  # which NaN the arithmetic made is the hardware's (and compiler's)
-        rounded = round_param(p, uint32(bits >> U16))
-        param[i] = rounded
-        if kahan:
-            error = p - load_param(rounded)
-            precision_buffer[i] = round_param_nearest(
-                error if error - error == float32(0) else float32(0), U1)
-        elif master:
-            precision_buffer[i] = p
-        if sixteen_bit_velocity and not classic and momentum == 0:
-            velocity[i] = stored_velocity
-        else:
-            if sixteen_bit_velocity and v != v:
-                v = QUIET_NAN
-            velocity[i] = round_velocity(v, uint32(bits & LOW16))
+        param[i], velocity[i], buffer = step_values(
+            p, load_param(grad[i]), velocity[i], i, key_of_block, lr, momentum, grad_coeff,
+            weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+            velocity_initialized)
+        if kahan or master:
+            precision_buffer[i] = buffer
 
     return jit(update_element)

@@ -86,3 +86,19 @@ STEP_COUNT, SKIPPED_STEPS, LAST_STEP_SKIPPED, GROUP_SLOTS = COUNTERS.values()
 PRECISIONS = {"NEAREST": 0, "STOCHASTIC": 1, "KAHAN": 2, "MASTER": 3}
 NEAREST, STOCHASTIC, KAHAN, MASTER = PRECISIONS.values()
 PRECISION_NAMES = tuple(name.lower() for name in PRECISIONS)  # as users spell them
+
+# An 8-bit velocity: FP8 E4M3 codes (float8_e4m3fn: no inf, largest 448, NaN 0x7f/0xff),
+# one byte per element of the flat buffer, and one float32 scale per block of
+# FLOAT8_BLOCK consecutive elements (block b is elements [b * FLOAT8_BLOCK, (b + 1) *
+# FLOAT8_BLOCK) of the buffer, the last one partial). The format itself is defined in
+# gpu_momentum.reference (quantize_velocity, float8_velocity_step); FLOAT8_VELOCITY is the
+# velocity_dtype that asks for it, its one spelling.
+FLOAT8_VELOCITY = "float8_e4m3fn"
+FLOAT8_BLOCK = 256
+FLOAT8_MAX = 448.0  # the largest finite E4M3 value: a block's absmax maps to it
+FLOAT8_NAN = 0x7F  # the one NaN code a kernel writes (a non-finite velocity)
+
+
+def float8_scale_count(elements):
+    """The number of float32 scales of an FP8 velocity over `elements` elements."""
+    return -(-int(elements) // FLOAT8_BLOCK)

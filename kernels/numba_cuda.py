@@ -30,13 +30,20 @@ Hyperparameters are data, not compile-time constants: a schedule changing lr or 
 reuses the compiled kernel. The launches of a step are kernels.cuda_launch.step_launches'
 (gpu_momentum.backends.numba_cuda).
 
+Memory, as kernels/momentum.cu: the update moves 128 bits per load and store
+(kernels.vector_memory) from the first element where every array starts a 16-byte word,
+with a scalar head before it and a scalar tail; arrays misaligned against each other go
+element by element. Words of 4 float32/float64 or 8 16-bit params.
+
 16-bit values are converted with the bit operations of kernels.elementwise, not with
 numba.cuda.bf16: that module is empty in the CUDA simulator, compiles to calls of
 functions linked in later (no self-contained PTX), and rounds NaNs unlike ml_dtypes.
 """
 
+import contextlib
 import functools
 from importlib.metadata import version
+from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda, types
@@ -45,9 +52,10 @@ from numba.core import config
 from .elementwise import (BFLOAT16, FLOAT16, NATIVE, count_step, group_hyperparameters,
                           mark_velocities_initialized, scaled_gradient_is_finite,
                           seek_range, specialized, storage_format, storage_functions,
-                          storage_update)
-from .layout import (CLASSIC, LAST_STEP_SKIPPED, NO_GROUP, PRECISION_NAMES, PRECISIONS,
-                     READ_COUNTERS, STEP_COUNT)
+                          storage_step, storage_update)
+from .layout import (CLASSIC, KAHAN, LAST_STEP_SKIPPED, MASTER, NO_GROUP, PRECISION_NAMES,
+                     PRECISIONS, READ_COUNTERS, STEP_COUNT)
+from .vector_memory import VECTOR_BYTES, elements_per_word, vector_memory
 
 # The CPU kernels compile the same Python functions with numba.njit. Here they become CUDA
 # device functions with inline="always": Numba inlines their IR into the kernel, so the
@@ -55,6 +63,14 @@ from .layout import (CLASSIC, LAST_STEP_SKIPPED, NO_GROUP, PRECISION_NAMES, PREC
 # `cuda.compile_ptx(..., cc=(9, 0))` works on a machine without a GPU. A device function
 # compiled on its own (inline="never") is built for the current device, which needs one.
 _inline = cuda.jit(device=True, inline="always")
+# The element updates are big, and called from several places of a kernel (the head and
+# tail, each element of a 128-bit word, the words that hold a range end): Numba's inlining
+# copies and retypes the whole body at each call (15 s to compile a 16-bit kind). These
+# are compiled once and inlined by LLVM instead (forceinline: the PTX holds no calls);
+# compile_ptx supplies the compute capability numba-cuda asks the current device for.
+# (The simulator, which runs them as Python, takes no forceinline.)
+_linked = (_inline if config.ENABLE_CUDASIM else
+           cuda.jit(device=True, forceinline=True))
 seek_range_cuda = _inline(seek_range)
 group_hyperparameters_cuda = _inline(group_hyperparameters)
 scaled_gradient_is_finite_cuda = _inline(scaled_gradient_is_finite)
@@ -63,6 +79,7 @@ mark_velocities_initialized_cuda = _inline(mark_velocities_initialized)
 # The simulator runs the conversions as Python: its bit casts are NumPy views.
 STORAGE = storage_functions(_inline, simulated=bool(config.ENABLE_CUDASIM))
 launch_key_cuda = STORAGE.launch_key
+VECTORS = vector_memory(bool(config.ENABLE_CUDASIM))
 FORMAT_NAMES = {NATIVE: "native", BFLOAT16: "bfloat16", FLOAT16: "float16"}
 
 THREADS_PER_BLOCK = 256
@@ -84,6 +101,30 @@ def _inverse(inv_grad_scale, grad_scale):
     return inv_grad_scale
 
 
+@cuda.jit(device=True, inline="always")
+def _seek(scalars, group_flags, counters, range_ends, range_groups, read_counters, i, r,
+          end, k, hyper):
+    """The cursor (range r, its end, its group k, k's hyperparameters) at element i, moved
+    from the cursor of a smaller index: a lookup only when i passes the range's end."""
+    if i >= end:
+        r = seek_range_cuda(range_ends, i, r)
+        end = range_ends[r]
+        k = range_groups[r]
+        if k != NO_GROUP:
+            hyper = group_hyperparameters_cuda(scalars, group_flags, counters, k,
+                                               read_counters)
+    return r, end, k, hyper
+
+
+def _update_one(param, grad, velocity, precision_buffer, i, key, hyper, inv_grad_scale,
+                classic):
+    (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
+     initialized) = hyper
+    update(param, grad, velocity, precision_buffer, i, key, lr,  # noqa: F821
+           momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
+           nesterov, maximize, initialized)
+
+
 def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range_ends,
             range_groups, inv_grad_scale, grad_scale, launch_flags, counters, seed,
             step_count):
@@ -95,28 +136,122 @@ def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range
     key = launch_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
     # (each element finds its block key: 2**32 elements cross blocks, and a thread's
     # indices are a stride apart)
-    # Each thread's indices only grow: it looks its range up only when an index passes
-    # the current range's end (seek_range); a NO_GROUP range's elements are left alone.
-    r, end, k = -1, 0, NO_GROUP
-    # Group 0's values until the first lookup (never the table at NO_GROUP).
-    (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
-     initialized) = \
-        group_hyperparameters_cuda(scalars, group_flags, counters, 0, read_counters)
+    # As kernels/momentum.cu: a scalar head up to the first element where every array
+    # starts a 16-byte word, WORD elements per load and store from there, a scalar tail.
+    # Each thread's indices only grow through the three loops: it looks its range up
+    # only when an index passes the current range's end (_seek); a NO_GROUP range's
+    # elements are left alone. Group 0's values until the first lookup (never the table
+    # at NO_GROUP).
     # param.size is 64-bit, so i is too: buffers past 2**31 elements index correctly.
-    for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
-        if i >= end:
-            r = seek_range_cuda(range_ends, i, r)
-            end = range_ends[r]
-            k = range_groups[r]
+    n = param.size
+    start = vector_start(param, grad, velocity, precision_buffer, n)  # noqa: F821
+    words = (n - start) // WORD  # noqa: F821
+    thread, stride = cuda.grid(1), cuda.gridsize(1)
+    r, end, k = -1, 0, NO_GROUP
+    hyper = group_hyperparameters_cuda(scalars, group_flags, counters, 0, read_counters)
+    for i in range(thread, start, stride):
+        r, end, k, hyper = _seek(scalars, group_flags, counters, range_ends, range_groups,
+                                 read_counters, i, r, end, k, hyper)
+        if k != NO_GROUP:
+            update_one(param, grad, velocity, precision_buffer, i, key,  # noqa: F821
+                       hyper, inv_grad_scale, classic)
+    for word in range(thread, words, stride):
+        first = start + word * WORD  # noqa: F821
+        r, end, k, hyper = _seek(scalars, group_flags, counters, range_ends, range_groups,
+                                 read_counters, first, r, end, k, hyper)
+        if first + WORD <= end:  # noqa: F821
             if k != NO_GROUP:
                 (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
-                 initialized) = \
-                    group_hyperparameters_cuda(scalars, group_flags, counters, k,
-                                               read_counters)
+                 initialized) = hyper
+                update_word(param, grad, velocity, precision_buffer,  # noqa: F821
+                            first, key, lr, momentum, grad_coeff, weight_decay, l1, decay,
+                            inv_grad_scale, classic, nesterov, maximize, initialized)
+        else:
+            # The word holds a range end: each element with its own group's scalars (only
+            # views whose ranges do not start on a word get here, once per range end).
+            for i in range(first, first + WORD):  # noqa: F821
+                r, end, k, hyper = _seek(scalars, group_flags, counters, range_ends,
+                                         range_groups, read_counters, i, r, end, k, hyper)
+                if k != NO_GROUP:
+                    update_one(param, grad, velocity, precision_buffer,  # noqa: F821
+                               i, key, hyper, inv_grad_scale, classic)
+    for i in range(start + words * WORD + thread, n, stride):  # noqa: F821
+        r, end, k, hyper = _seek(scalars, group_flags, counters, range_ends, range_groups,
+                                 read_counters, i, r, end, k, hyper)
         if k != NO_GROUP:
-            update(param, grad, velocity, precision_buffer, i, key, lr,  # noqa: F821
-                   momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
-                   nesterov, maximize, initialized)
+            update_one(param, grad, velocity, precision_buffer, i, key,  # noqa: F821
+                       hyper, inv_grad_scale, classic)
+
+
+def vector_start_function(has_buffer):
+    """vector_start(param, grad, velocity, precision_buffer, n): the first element where
+    the arrays (the buffer only when has_buffer) all start a 16-byte word, or n when there
+    is none (views misaligned against each other: every element is then scalar). Arrays
+    are element-aligned, so the head is shorter than one word."""
+    address = VECTORS.address
+
+    def vector_start(param, grad, velocity, precision_buffer, n):
+        head = ((VECTOR_BYTES - address(param) % VECTOR_BYTES) % VECTOR_BYTES
+                // param.itemsize)
+        together = (
+            (address(grad) + head * grad.itemsize) % VECTOR_BYTES == 0 and
+            (address(velocity) + head * velocity.itemsize) % VECTOR_BYTES == 0 and
+            (not has_buffer or
+             (address(precision_buffer) + head * precision_buffer.itemsize)
+             % VECTOR_BYTES == 0))
+        return head if together and head < n else n
+
+    return _inline(vector_start)
+
+
+# update_word(param, grad, velocity, precision_buffer, first, key, <hyperparameters>):
+# WORD elements from `first` loaded as whole 16-byte words, each updated by storage_step,
+# stored as whole words. Written out per element (the elements of a word are a tuple,
+# indexed by constants), so its source is made for each kind's WORD.
+_WORD_UPDATE = """
+def update_word(param, grad, velocity, precision_buffer, first, key, lr, momentum,
+                grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic, nesterov,
+                maximize, initialized):
+    {g} = load_param_word(grad, first)
+    {v} = load_velocity_word(velocity, first)
+{read_param}
+{steps}
+    store(param, first, ({new_p},))
+    store(velocity, first, ({new_v},))
+{store_buffer}
+"""
+
+
+def _word_update(word, param_format, precision, step_values):
+    """update_word for `word` elements per word."""
+    names = lambda prefix: [f"{prefix}{k}" for k in range(word)]
+    joined = lambda prefix: ", ".join(names(prefix))
+    if precision == MASTER:
+        read_param = f"    {joined('b')} = load_buffer_word(precision_buffer, first)\n" + \
+            "\n".join(f"    p{k} = b{k}" for k in range(word))
+    elif precision == KAHAN:
+        read_param = (f"    {joined('q')} = load_param_word(param, first)\n"
+                      f"    {joined('b')} = load_param_word(precision_buffer, first)\n" +
+                      "\n".join(f"    p{k} = load_param(q{k}) + load_param(b{k})"
+                                 for k in range(word)))
+    else:
+        read_param = (f"    {joined('q')} = load_param_word(param, first)\n" +
+                      "\n".join(f"    p{k} = load_param(q{k})" for k in range(word)))
+    steps = "\n".join(
+        f"    r{k}, w{k}, c{k} = step_values(p{k}, load_param(g{k}), v{k}, first + {k}, "
+        "key, lr, momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic, "
+        "nesterov, maximize, initialized)" for k in range(word))
+    store_buffer = (f"    store(precision_buffer, first, ({joined('c')},))"
+                    if precision in (KAHAN, MASTER) else "")
+    source = _WORD_UPDATE.format(g=joined("g"), v=joined("v"), read_param=read_param,
+                                 steps=steps, new_p=joined("r"), new_v=joined("w"),
+                                 store_buffer=store_buffer)
+    namespace = {
+        "load_param_word": VECTORS.load(word), "load_velocity_word": VECTORS.load(word),
+        "load_buffer_word": VECTORS.load(word), "store": VECTORS.store,
+        "load_param": STORAGE.load[param_format], "step_values": step_values}
+    exec(compile(source, f"<update_word {word}>", "exec"), namespace)
+    return _inline(namespace["update_word"])
 
 
 def _find_nonfinite(grad, range_ends, range_groups, inv_grad_scale, grad_scale, counters):
@@ -141,10 +276,23 @@ def update_kernel(param_format, velocity_format, precision):
     `velocity_format` and `precision` (kernels.layout.PRECISIONS)."""
     suffix = (f"{FORMAT_NAMES[param_format]}_{FORMAT_NAMES[velocity_format]}_"
               f"{PRECISION_NAMES[precision]}")
-    update = storage_update(STORAGE, _inline, param_format, velocity_format, precision,
+    update = storage_update(STORAGE, _linked, param_format, velocity_format, precision,
                             key_per_element=True)
-    return cuda.jit(cache=True)(specialized(_update, f"momentum_step_{suffix}",
-                                            update=update))
+    step_values = storage_step(STORAGE, _linked, param_format, velocity_format, precision,
+                               key_per_element=True)
+    word = _word_elements(param_format)
+    return cuda.jit(cache=True)(specialized(
+        _update, f"momentum_step_{suffix}",
+        update_one=_inline(specialized(_update_one, f"update_one_{suffix}", update=update)),
+        update_word=_word_update(word, param_format, precision, step_values),
+        vector_start=vector_start_function(precision in (KAHAN, MASTER)), WORD=word))
+
+
+def _word_elements(param_format):
+    """Elements per word of the update: a 16-byte word of 16-bit params; 4 float32 or
+    float64 params (one kernel serves both), one 16-byte word of float32, two of float64.
+    Either way every word starts on a 16-byte boundary."""
+    return elements_per_word(4 if param_format == NATIVE else 2)
 
 
 @functools.cache
@@ -281,7 +429,25 @@ def compile_ptx(param_dtype, cc, velocity_dtype=None, precision="nearest", names
 
     Needs the numba-cuda compiler (NVVM), not a GPU, and not the simulator.
     """
-    return {name: cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
-            for name, (kernel, signature) in kernel_signatures(
-                param_dtype, velocity_dtype, precision).items()
-            if names is None or name in names}
+    with _device_functions_built_for(cc):
+        return {name: cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
+                for name, (kernel, signature) in kernel_signatures(
+                    param_dtype, velocity_dtype, precision).items()
+                if names is None or name in names}
+
+
+@contextlib.contextmanager
+def _device_functions_built_for(cc):
+    """numba-cuda builds a device function that it does not inline itself (the _linked
+    element updates) with the options of the current device's compute capability, and
+    asks the driver for it, which fails without a GPU. Its LLVM IR is linked into the
+    kernel and compiled with the kernel for the kernel's `cc`: meanwhile the dispatcher
+    module's get_current_device answers a device of `cc`."""
+    from numba.cuda import dispatcher
+
+    asked = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = asked

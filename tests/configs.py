@@ -433,7 +433,7 @@ ARRAY_ERRORS = [
     ("matrix-param", _matrix_param, TypeError, r"param is a numpy\.matrix, a subclass"),
     ("subclass-grad", _subclass_grad, TypeError, r"grad is a configs\.Tagged, a subclass"),
     ("interface-only-grad", _interface_only_grad, TypeError,
-     r"grad is a configs\.InterfaceOnly, which backend 'cpu' cannot read"),
+     r"grad is a configs\.InterfaceOnly, which backend '{backend}' cannot read"),
 ]
 
 
@@ -513,8 +513,12 @@ TORCH_SGD_ERRORS = [
      r"`fused` and `foreach` cannot be `True` together"),
     ("fused-and-differentiable", {"fused": True, "differentiable": True}, RuntimeError,
      r"`fused` does not support `differentiable`"),
-    ("differentiable", {"differentiable": True}, ValueError,
-     r"Invalid differentiable value: True \(.*torch\.optim\.SGD\(differentiable=True\)"),
+    ("differentiable-with-l1", {"differentiable": True, "l1": 0.01}, ValueError,
+     r"^Invalid l1 value: 0\.01 with differentiable=True \(.*torch\.optim\.SGD's update"),
+    ("differentiable-with-skip-nonfinite", {"differentiable": True, "skip_nonfinite": True},
+     ValueError, r"^Invalid skip_nonfinite value: True with differentiable=True"),
+    ("differentiable-with-classic-style", {"differentiable": True, "style": "classic"},
+     ValueError, r"^Invalid style value: 'classic' with differentiable=True"),
     ("l1-negative", {"l1": -0.01}, ValueError, r"Invalid l1 value: -0\.01"),
     ("decoupled-not-bool", {"decoupled_weight_decay": 1}, TypeError,
      r"Invalid decoupled_weight_decay value: 1"),
@@ -550,8 +554,11 @@ LOW_PRECISION_KINDS = [pytest.param((param, velocity, precision),
 LOW_PRECISION_CONFIGS = [c for c in CONFIGS if c.id in (
     "classic-nesterov-wd-maximize", "torch-no-momentum-dampening", "torch-dampening",
     "classic-decoupled-wd", "torch-nesterov-l1-wd")]
+# Those few kinds' other configurations are marked slow: the fast loop (`pytest -m "not
+# slow"`) leaves them out, CI runs them.
 LOW_PRECISION_CASES = [
-    pytest.param(kind.values[0], config.values[0], id=f"{kind.id}-{config.id}")
+    pytest.param(kind.values[0], config.values[0], id=f"{kind.id}-{config.id}",
+                 marks=[] if config in LOW_PRECISION_CONFIGS[:2] else [pytest.mark.slow])
     for kind in LOW_PRECISION_KINDS for config in LOW_PRECISION_CONFIGS
     if config in LOW_PRECISION_CONFIGS[:2] or kind.id in (
         "bfloat16-float32-velocity-stochastic", "float16-float16-velocity-kahan",

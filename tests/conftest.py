@@ -22,6 +22,11 @@ from harness import HARNESSES, usable  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a real CUDA GPU; runs wherever one is "
                                        "present, skipped with a reason elsewhere")
+    config.addinivalue_line("markers", "hardware_first: what had not yet run on a GPU; "
+                                       ".ci/gpu runs these first (pytest -m hardware_first)")
+    config.addinivalue_line("markers", "slow: takes many seconds (MPI jobs, DDP, soak, big "
+                                       "simulator and host-shim tables); the fast loop "
+                                       "`pytest -m \"not slow\"` leaves it out, CI runs it")
 
 
 @pytest.fixture(params=HARNESSES, ids=lambda h: h.name)

@@ -21,10 +21,13 @@ from gpu_momentum.backends import check_arrays
 from gpu_momentum.backends.cupy import CupyBackend
 from gpu_momentum.groups import check_table, resolve_groups, update_table
 from gpu_momentum.hyperparams import Hyperparameters, inverse_grad_scale
-from gpu_momentum.kernels.cuda_launch import check_counters, launch_plan, step_launches
+from gpu_momentum.kernels.cuda_launch import (check_counters, float8_grid_size,
+                                              launch_plan, step_launches)
 from gpu_momentum.kernels.cuda_source import (ENTRY_POINTS, FINISH_EXPRESSION,
-                                              cuda_include_dir, entry_point, module_source)
-from gpu_momentum.kernels.layout import LAST_STEP_SKIPPED
+                                              FLOAT8_ENTRY_POINTS, cuda_include_dir,
+                                              entry_point, float8_entry_point,
+                                              module_source)
+from gpu_momentum.kernels.layout import LAST_STEP_SKIPPED, float8_scale_count
 from gpu_momentum.precision import compute_dtype
 from harness import missing_tool
 
@@ -82,6 +85,11 @@ def launcher_name(entry):
     return f"gm_update_{entry.param_dtype}_{entry.velocity_dtype}_{entry.precision}"
 
 
+def float8_launcher_name(entry):
+    """The extern "C" launcher of a Float8EntryPoint's update kernel."""
+    return f"gm_update_fp8_{entry.param_dtype}_{entry.precision}"
+
+
 def launchers_source(module_path):
     """One extern "C" launcher per entry point, calling it by its name expression."""
     lines = [f'#include "{module_path}"']
@@ -101,6 +109,21 @@ def launchers_source(module_path):
             f"static_cast<{v}*>(velocity), static_cast<{b}*>(precision_buffer), n, "
             f"group_scalars, group_flags, range_ends, range_groups, range_count, "
             f"inv_grad_scale, grad_scale, launch_flags, counters, seed, step_count);\n}}")
+    for entry in FLOAT8_ENTRY_POINTS.values():  # warp-synchronous: lanes as coroutines
+        t, b = entry.param_ctype, entry.buffer_ctype
+        lines.append(
+            f'extern "C" void {float8_launcher_name(entry)}(unsigned grid, unsigned block, '
+            f"void* param, const void* grad, unsigned char* codes, float* scales, "
+            f"void* precision_buffer, long long n, const float* group_scalars, "
+            f"const unsigned* group_flags, const long long* range_ends, "
+            f"const int* range_groups, int range_count, float inv_grad_scale, "
+            f"const float* grad_scale, unsigned launch_flags, const long long* counters, "
+            f"unsigned long long seed, long long step_count) {{\n"
+            f"    gm_host_launch_warps(grid, block, &{entry.update_expression}, "
+            f"static_cast<{t}*>(param), static_cast<const {t}*>(grad), codes, scales, "
+            f"static_cast<{b}*>(precision_buffer), n, group_scalars, group_flags, "
+            f"range_ends, range_groups, range_count, inv_grad_scale, grad_scale, "
+            f"launch_flags, counters, seed, step_count);\n}}")
     checks = {entry.param_dtype: entry for entry in ENTRY_POINTS.values()}
     for dtype, entry in checks.items():
         t, c = entry.param_ctype, entry.compute_ctype
@@ -181,6 +204,11 @@ class HostKernel:
                           ctypes.c_longlong)
             self._declare(f"gm_check_{entry.param_dtype}", unsigned, unsigned, pointer, n,
                           pointer, pointer, int_, scalar, pointer, pointer)
+        for entry in FLOAT8_ENTRY_POINTS.values():
+            self._declare(float8_launcher_name(entry), unsigned, unsigned, pointer, pointer,
+                          pointer, pointer, pointer, n, pointer, pointer, pointer, pointer,
+                          int_, ctypes.c_float, pointer, unsigned, pointer,
+                          ctypes.c_ulonglong, ctypes.c_longlong)
         self._declare("gm_finish", unsigned, pointer, pointer, int_)
         self._declare("gm_random_bits", ctypes.c_ulonglong, ctypes.c_longlong, pointer,
                       pointer, n)
@@ -249,6 +277,50 @@ class HostKernel:
                                             *table_args[2:], scale, scale_pointer,
                                             counters_pointer),
             "update": lambda: update(grid, block, *pointers, buffer, int(plan.n),
+                                     *table_args, scale, scale_pointer, flags,
+                                     counters_pointer, int(plan.seed),
+                                     int(plan.step_count)),
+            "finish": lambda: self.library.gm_finish(plan.finish_block, counters_pointer,
+                                                     table.group_flags.ctypes.data,
+                                                     int(plan.group_count)),
+        }
+        for launch in step_launches(grid, counters is not None,
+                                    check_nonfinite=check_nonfinite):
+            launches[launch]()
+
+    def step_float8(self, param, grad, codes, scales, table, inv_grad_scale=1.0,
+                    counters=None, max_blocks=4, grad_scale=None, found_inf=None,
+                    check_nonfinite=True, precision="nearest", precision_buffer=None,
+                    seed=0, step_count=0):
+        """`step` with an FP8 velocity (codes uint8[n], scales float32[ceil(n / B)]): the
+        same launches, the update being momentum_step_fp8 with a grid of whole warps over
+        the blocks (kernels.cuda_launch.float8_grid_size)."""
+        entry = float8_entry_point(param.dtype, precision)
+        n = param.size
+        assert codes.dtype == np.uint8 and codes.shape == (n,)
+        assert scales.dtype == np.float32 and scales.shape == (float8_scale_count(n),)
+        assert param.dtype == grad.dtype and param.shape == grad.shape == (n,)
+        check_table(table, n, entry.compute_dtype)
+        if counters is not None:
+            check_counters(counters, table.group_count)
+        plan = launch_plan(param.dtype, n, table, inv_grad_scale, max_blocks,
+                           counters is not None, seed, step_count)
+        grid = float8_grid_size(n, max_blocks)
+        table_args = [a.ctypes.data for a in table.arrays()] + [int(plan.range_count)]
+        buffer = None if precision_buffer is None else precision_buffer.ctypes.data
+        scale, flags = float(plan.inv_grad_scale), int(plan.launch_flags)
+        counters_pointer = None if counters is None else counters.ctypes.data
+        scale_pointer = None if grad_scale is None else grad_scale.ctypes.data
+        update = getattr(self.library, float8_launcher_name(entry))
+        check = getattr(self.library, f"gm_check_{entry.param_dtype}")
+        launches = {
+            "clear": lambda: counters.__setitem__(
+                LAST_STEP_SKIPPED, 0 if found_inf is None else int(found_inf != 0)),
+            "find_nonfinite": lambda: check(plan.grid, plan.block, grad.ctypes.data, n,
+                                            *table_args[2:], scale, scale_pointer,
+                                            counters_pointer),
+            "update": lambda: update(grid, plan.block, param.ctypes.data, grad.ctypes.data,
+                                     codes.ctypes.data, scales.ctypes.data, buffer, n,
                                      *table_args, scale, scale_pointer, flags,
                                      counters_pointer, int(plan.seed),
                                      int(plan.step_count)),

@@ -155,6 +155,7 @@ def test_momentum_step_inside_a_capture_needs_its_table_copied_before(backend,
     assert backend.to_numpy(p).tobytes() == before
 
 
+@pytest.mark.hardware_first
 @pytest.mark.gpu
 def test_cupy_graph_replays_are_the_eager_steps():
     """A step captured once with CuPy (stream.begin_capture / end_capture) and replayed

@@ -52,6 +52,7 @@ print(json.dumps({{"base_mib": base, "rows": rows}}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="ru_maxrss is in KiB on Linux only")
 def test_crafted_files_are_refused_in_bounded_memory(tmp_path):
@@ -148,6 +149,7 @@ for line in iter(sys.stdin.readline, ""):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the saver loop forks (POSIX)")
 def test_kill_9_during_saves_always_leaves_a_checkpoint(tmp_path):
     """30 savers killed with SIGKILL at seeded random moments: after each, the checkpoint

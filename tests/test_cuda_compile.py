@@ -15,7 +15,10 @@ from gpu_momentum.cli import main
 from gpu_momentum.backends import cupy as cupy_backend
 from gpu_momentum.kernels import layout
 from gpu_momentum.kernels.cuda_source import (BLOCK_SIZE, CUPY_ADDED_OPTIONS, ENTRY_POINTS,
-                                              FINISH_EXPRESSION, MIN_BLOCKS_PER_SM,
+                                              FINISH_EXPRESSION, FLOAT8_ENTRY_POINTS,
+                                              FLOAT8_MIN_BLOCKS_PER_SM,
+                                              FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER,
+                                              MIN_BLOCKS_PER_SM,
                                               MIN_BLOCKS_PER_SM_FLOAT16_BUFFER,
                                               VECTOR_BYTES, module_options, module_source,
                                               name_expressions)
@@ -83,6 +86,7 @@ class _NoDevice:
         return False
 
 
+@pytest.mark.slow
 def test_cupys_own_option_assembly_builds_the_same_code(module):
     """RawModule's compiler adds CuPy's include paths and --std=c++17 to our options
     (CuPy internals, checked here so that a CuPy upgrade that changes them is noticed);
@@ -122,8 +126,8 @@ def test_source_carries_the_settings_python_launches_with():
 
 def test_every_entry_point_compiles_without_spills(module):
     assert set(module.kernels) == set(name_expressions())
-    # an update per entry point, a check per param dtype, finish_step
-    assert len(module.kernels) == len(ENTRY_POINTS) + 4 + 1
+    # an update per entry point (and per FP8 one), a check per param dtype, finish_step
+    assert len(module.kernels) == len(ENTRY_POINTS) + len(FLOAT8_ENTRY_POINTS) + 4 + 1
     assert module.kernels[FINISH_EXPRESSION].registers > 0
     for expression, kernel in module.kernels.items():
         assert kernel.spill_store_bytes == kernel.spill_load_bytes == 0, (
@@ -136,6 +140,11 @@ def test_every_entry_point_compiles_without_spills(module):
 def test_registers_allow_the_resident_blocks_launch_bounds_promise(module):
     blocks = {e.update_expression: e.min_blocks_per_sm for e in ENTRY_POINTS.values()}
     assert set(blocks.values()) == {MIN_BLOCKS_PER_SM, MIN_BLOCKS_PER_SM_FLOAT16_BUFFER}
+    float8 = {e.update_expression: e.min_blocks_per_sm
+              for e in FLOAT8_ENTRY_POINTS.values()}
+    assert set(float8.values()) == {FLOAT8_MIN_BLOCKS_PER_SM,
+                                    FLOAT8_MIN_BLOCKS_PER_SM_WITH_BUFFER}
+    blocks |= float8
     for expression, kernel in module.kernels.items():
         limit = REGISTERS_PER_SM // (BLOCK_SIZE * blocks.get(expression, MIN_BLOCKS_PER_SM))
         assert 0 < kernel.registers <= limit, (expression, kernel.registers)
@@ -177,6 +186,30 @@ def test_vector_body_uses_128_bit_loads_and_stores(module, tools, functions_sass
     assert "LDG.E.128" in functions_sass(module, check.lowered_name)
 
 
+@pytest.mark.parametrize("entry", list(FLOAT8_ENTRY_POINTS.values()),
+                         ids=lambda e: f"{e.param_dtype}-float8-{e.precision}")
+def test_float8_body_uses_128_bit_loads_and_stores(module, tools, functions_sass, entry):
+    """momentum_step_fp8's whole blocks: each lane moves its 8 params and gradients (and
+    compensation or master copy) as 128-bit words (two each of float32), its 8 codes as
+    one coalesced word (32 bits per 4 float32 params, 64 per 8 16-bit ones), and the
+    block's absmax goes round the warp by shuffles; no FP8 or 16-bit conversion
+    instruction (sm_80 has none for FP8): the bit operations convert."""
+    kernel = module.kernels[entry.update_expression]
+    code = functions_sass(module, kernel.lowered_name)
+    instructions = [line.split("*/", 1)[-1] for line in code.splitlines()]
+    count = lambda pattern: sum(bool(re.search(pattern, line)) for line in instructions)
+    words = 2 if entry.param_dtype == "float32" else 1  # per lane and stream
+    buffer = {"kahan": words, "master": 2}.get(entry.precision, 0)
+    param_read = 0 if entry.precision == "master" else words
+    assert count(r"LDG\.E[.\w]*\.128") >= param_read + words + buffer, code
+    assert count(r"STG\.E[.\w]*\.128") >= words + buffer, code
+    if words == 1:  # the codes: the only 64-bit store
+        assert count(r"STG\.E(\.\w+)*\.64\b") >= 1, code
+    assert count(r"SHFL\.BFLY") >= 10, code  # absmax and "any group writes", 5 each
+    assert "F2F" not in code and "F2FP" not in code, "a hardware conversion"
+
+
+@pytest.mark.slow
 def test_ptx_assembles_with_the_ptxas_on_path(module, tmp_path):
     ptxas = shutil.which("ptxas")
     if ptxas is None:

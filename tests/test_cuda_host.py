@@ -251,6 +251,7 @@ def test_element_misaligned_arrays_are_rejected(kernel, dtype, name, byte_offset
     assert [a.tobytes() for a in arrays.values()] == before
 
 
+@pytest.mark.slow
 def test_sanitizers_find_nothing(tmp_path):
     """AddressSanitizer and UBSan over odd sizes, every misaligned start and every flag
     combination; the vector body must also agree with the scalar path bit for bit."""

@@ -26,8 +26,8 @@ import pytest
 import gpu_momentum as gm
 from configs import DISTRIBUTED_ERRORS, SEGMENT_SIZES
 from cuda_driver import cuda_device_count
-from gpu_momentum.distributed import (NcclCollectives, ShardedMomentumSGD, _nccl_module,
-                                      _transport, shard_bounds)
+from gpu_momentum.distributed import NcclCollectives, ShardedMomentumSGD, shard_bounds
+from gpu_momentum.distributed.collectives import nccl_module, transport_for
 from gpu_momentum.groups import resolve_groups
 from gpu_momentum.hyperparams import Hyperparameters
 from gpu_momentum.kernels.layout import LAST_STEP_SKIPPED, NO_GROUP
@@ -157,10 +157,12 @@ def _carry_out(calls, memory, nccl, stream):
             for call in together:
                 memory.view(call[2], count)[...] = value
         elif method == "allReduce":
-            assert together[0][5] == nccl.NCCL_MAX
-            value = max(memory.view(call[1], 1)[0] for call in together)
+            count, op = together[0][3], together[0][5]
+            assert op in (nccl.NCCL_MAX, nccl.NCCL_SUM)
+            reduce = np.maximum.reduce if op == nccl.NCCL_MAX else np.add.reduce
+            value = reduce([memory.view(call[1], count).copy() for call in together])
             for call in together:
-                memory.view(call[2], 1)[...] = value
+                memory.view(call[2], count)[...] = value
         else:
             raise AssertionError(f"unexpected NCCL call {method}")
 
@@ -203,6 +205,8 @@ def test_nccl_collectives_reduce_scatter_and_gather_as_mpi_does(ranks, size):
     expected_methods = ({"reduceScatter", "allGather"} if len(set(counts)) == 1 else
                         {"reduce", "broadcast"}) if size else set()
     assert {call[0] for call in recorders[0].calls} == expected_methods | {"allReduce"}
+    assert [call[5] for call in recorders[0].calls if call[0] == "allReduce"] == [
+        nccl.NCCL_MAX]  # agree_skip: a maximum of one counter
     for rank, (start, stop) in enumerate(bounds):
         np.testing.assert_allclose(shards[rank], sum(g[start:stop] for g in grads),
                                    rtol=1e-15)
@@ -210,6 +214,28 @@ def test_nccl_collectives_reduce_scatter_and_gather_as_mpi_does(ranks, size):
         assert (params[rank][start:stop] == rank + np.arange(stop - start)).all()
         assert counters[rank][LAST_STEP_SKIPPED] == 1 and counters[rank][3] == 1
     assert nccl.groups.count("start") == nccl.groups.count("end")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("size", [0, 1, 37])
+def test_nccl_all_reduce_sums_every_ranks_buffer_in_place(ranks, size):
+    nccl, stream = _FakeNccl(), 0x5EED
+    recorders = [_Recorder() for _ in range(ranks)]
+    collectives = [NcclCollectives(_Comm(rank, ranks), shard_bounds(size, ranks, 8), nccl,
+                                   recorders[rank], lambda: stream) for rank in range(ranks)]
+    buffers = [np.random.default_rng([rank, size, 1]).standard_normal(size)
+               for rank in range(ranks)]
+    total = np.add.reduce([buffer.copy() for buffer in buffers])
+    for rank in range(ranks):
+        collectives[rank].all_reduce(buffers[rank])
+    _carry_out([recorder.calls for recorder in recorders], memory=_Memory(buffers),
+               nccl=nccl, stream=stream)
+
+    assert [call[0] for call in recorders[0].calls] == (["allReduce"] if size else [])
+    assert all(call[3:6] == (size, nccl.NCCL_FLOAT64, nccl.NCCL_SUM)
+               for call in recorders[0].calls)
+    for buffer in buffers:
+        assert buffer.tobytes() == total.tobytes()
 
 
 @pytest.mark.parametrize("comm", [None, 42, "COMM_WORLD", object()],
@@ -223,27 +249,28 @@ def test_comm_must_be_an_mpi_communicator(comm):
 
 
 def test_collectives_are_chosen_by_where_the_arrays_are():
-    assert _transport("auto", on_device=False) == "mpi"
-    assert _transport("auto", on_device=True) == "nccl"
-    assert _transport("nccl", on_device=True) == "nccl"
+    assert transport_for("auto", on_device=False) == "mpi"
+    assert transport_for("auto", on_device=True) == "nccl"
+    assert transport_for("nccl", on_device=True) == "nccl"
     with pytest.raises(ValueError, match=r"Invalid collectives value: 'nccl' \(NCCL moves "
                                          r"GPU memory"):
-        _transport("nccl", on_device=False)
+        transport_for("nccl", on_device=False)
     with pytest.raises(ValueError, match=r"Invalid collectives value: 'NCCL'"):
-        _transport("NCCL", on_device=True)
+        transport_for("NCCL", on_device=True)
     # This process loaded no MPI library, so none is known to be CUDA-aware.
     with pytest.raises(gm.BackendUnavailableError, match=r"needs a CUDA-aware MPI: no MPI "
                                                           r"library is loaded"):
-        _transport("mpi", on_device=True)
+        transport_for("mpi", on_device=True)
 
 
 def test_nccl_is_found_or_said_why_not():
-    nccl, reason = _nccl_module()
+    nccl, reason = nccl_module()
     assert (nccl is None) == (reason is not None)
     if reason is not None:
         assert re.search(r"CuPy cannot (be imported|load the NCCL library)", reason)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_the_mpich_wheel_is_not_taken_for_cuda_aware(runs, ranks):
     for result in runs[ranks]:
@@ -259,6 +286,7 @@ def test_importing_the_library_imports_no_mpi():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_16_bit_settings_sharding_does_not_carry_are_refused():
     """One process (COMM_SELF, in a child: this one never initialises MPI): stochastic,
     kahan and master rounding, a 16-bit velocity and bfloat16 parameters are refused
@@ -323,6 +351,7 @@ def _cases(results):
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_parameters_match_one_process_fed_the_average_gradient(runs, ranks):
     cases = _cases(runs[ranks])
@@ -340,6 +369,7 @@ def test_parameters_match_one_process_fed_the_average_gradient(runs, ranks):
             assert result["skipped_steps"] == result["reference_skipped_steps"], where
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_every_rank_holds_identical_parameters_after_every_step(runs, ranks):
     for name, per_rank in _cases(runs[ranks]).items():
@@ -348,6 +378,7 @@ def test_every_rank_holds_identical_parameters_after_every_step(runs, ranks):
             assert result["digests"] == per_rank[0]["digests"], f"{name}: rank {rank}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_each_rank_keeps_its_shard_of_the_velocity(runs, ranks):
     for name, per_rank in _cases(runs[ranks]).items():
@@ -362,6 +393,7 @@ def test_each_rank_keeps_its_shard_of_the_velocity(runs, ranks):
             assert abs(result["velocity_size"] - total / ranks) <= vector, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_one_rank_overflowing_makes_every_rank_skip(runs, ranks):
     expected = [step in (0, 4) for step in range(12)]
@@ -371,6 +403,7 @@ def test_one_rank_overflowing_makes_every_rank_skip(runs, ranks):
         assert result["skipping"]["step_count"] == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 def test_checkpoints_reload_on_other_rank_counts_and_into_plain_optimizers(runs, ranks):
     for rank, result in enumerate(runs[ranks]):
@@ -385,6 +418,7 @@ def test_checkpoints_reload_on_other_rank_counts_and_into_plain_optimizers(runs,
             assert checkpoints["resharded"]["step_count"] == 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", RANK_COUNTS)
 @pytest.mark.parametrize("case, kind, failing, pattern, others, needs_two", DISTRIBUTED_ERRORS,
                          ids=[row[0] for row in DISTRIBUTED_ERRORS])
@@ -408,6 +442,7 @@ def test_a_check_failing_on_one_rank_makes_every_rank_raise(runs, ranks, case, k
         assert result["errors"]["step_count_after"] == (7 if ranks == 1 else 4)
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_on_two_ranks(tmp_path):
     require_mpi()
     from test_readme import MPI_EXAMPLES
@@ -429,6 +464,7 @@ def test_the_readme_example_runs_on_two_ranks(tmp_path):
     assert plain.step_count == 3 and plain.lr == 0.01
 
 
+@pytest.mark.slow
 def test_bench_ranks_runs_a_job_per_rank_count():
     require_mpi()
     from mpi_launch import run_command
@@ -446,7 +482,7 @@ def _gpu_run(ranks, **env):
     if cuda_device_count() == 0:
         pytest.skip("needs a CUDA GPU")
     require_mpi()
-    reason = _nccl_module()[1]
+    reason = nccl_module()[1]
     if reason is not None:
         missing_tool(f"NCCL is not usable here: {reason}")
     from mpi_launch import rank_env

@@ -77,6 +77,7 @@ def test_optimizer_updates_every_view_and_keeps_padding_zero(backend):
     assert not backend.to_numpy(opt.velocity)[~used].any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["", "skip-nonfinite"])
 @pytest.mark.parametrize("style", ["classic", "torch"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

@@ -345,6 +345,7 @@ def test_bad_names_are_refused(names, error, pattern):
         gm.FlatParams.from_arrays([np.zeros(3), np.zeros(2)], names=names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_cpu_element_variants_are_the_reference_bitwise(config, dtype):

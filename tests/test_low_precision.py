@@ -90,6 +90,7 @@ def _assert_matches(backend, opt, reference, step):
         assert (np.abs(wide(actual) - wide(expected)) <= tolerance)[finite].all(), what
 
 
+@pytest.mark.hardware_first
 @pytest.mark.parametrize("kind, config", LOW_PRECISION_CASES)
 def test_16_bit_params_match_the_reference(backend, kind, config):
     dtype = storage_dtype(kind[0])
@@ -159,6 +160,7 @@ def test_state_dict_round_trip_continues_bitwise(backend, precision):
                 == backend.to_numpy(getattr(second, name)).tobytes()), name
 
 
+@pytest.mark.hardware_first
 @pytest.mark.parametrize("velocity", ["float32", "bfloat16"])
 @pytest.mark.parametrize("precision", ["nearest", "stochastic", "kahan", "master"])
 def test_checkpoints_carry_the_mode_and_continue_bitwise(backend, tmp_path, precision,
@@ -418,6 +420,7 @@ def _converge(precision, backend=None):
     return (x if opt is not None else reference.param).astype(np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["nearest", "stochastic", "kahan", "master"])
 def test_small_updates_converge_unless_rounded_to_nearest(precision):
     """The issue's test on the cpu backend, checked against the reference's run: round to
@@ -461,6 +464,7 @@ except TypeError as error:
 
 # ---- the CPU loops vectorize ----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [("float32", "float32", "nearest"),
                                   ("bfloat16", "float32", "nearest"),
                                   ("bfloat16", "float32", "stochastic"),

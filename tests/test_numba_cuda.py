@@ -40,6 +40,7 @@ def _same_precision_model(param, grads, config):
     return p, v
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [1023, 278011])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("config", CONFIGS)
@@ -202,6 +203,7 @@ def kernel_ptx(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_ptx_for_sm80_and_sm90_has_no_spills(kernel_ptx, tmp_path):
     ptxas = _require_tool("ptxas")
     for path in kernel_ptx:

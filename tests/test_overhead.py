@@ -170,6 +170,7 @@ def test_a_grad_scale_after_a_refused_one_is_checked():
     assert opt.step_count == 1
 
 
+@pytest.mark.slow
 def test_small_buffers_run_the_serial_kernels_with_the_same_bits():
     """Below SERIAL_BELOW elements the CPU backend runs the serial compilation of the
     same loops; both compilations give the same bits at any size."""

@@ -7,6 +7,8 @@ import gpu_momentum as gm
 from configs import problem
 from gpu_momentum.reference import reference_step
 
+pytestmark = pytest.mark.slow  # thousands of steps, large buffers: CI runs them
+
 
 def _host_rss_bytes():
     with open("/proc/self/statm") as statm:

@@ -25,6 +25,7 @@ def free_port():
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_on_two_gloo_processes_ends_where_torch_sgd_does(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip(f"torch {torch.__version__} has no gloo backend")

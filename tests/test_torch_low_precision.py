@@ -8,8 +8,10 @@ import copy
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-ml_dtypes = pytest.importorskip("ml_dtypes")
+from harness import require
+
+torch = require("torch")
+ml_dtypes = require("ml_dtypes")
 
 import gpu_momentum as gm  # noqa: E402
 from gpu_momentum.reference import low_precision_step  # noqa: E402

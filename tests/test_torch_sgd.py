@@ -283,10 +283,39 @@ def test_bad_arguments_change_nothing(name, kwargs, error, pattern):
             torch.optim.SGD(model.parameters(), **kwargs)
 
 
-def test_differentiable_is_refused_as_an_unsupported_option():
+@pytest.mark.parametrize("option", [{"l1": 0.01}, {"decoupled_weight_decay": True},
+                                    {"skip_nonfinite": True}, {"capturable": True},
+                                    {"precision": "kahan"}, {"style": "classic"}],
+                         ids=lambda option: next(iter(option)))
+def test_differentiable_refuses_the_fused_kernels_options(option):
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
     with pytest.raises(UnsupportedOptionError) as raised:
-        SGD([torch.nn.Parameter(torch.zeros(2))], differentiable=True)
+        SGD([p], differentiable=True, **option)
     assert isinstance(raised.value, ValueError) and isinstance(raised.value, RuntimeError)
+
+
+@pytest.mark.filterwarnings(
+    "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_differentiable_packs_nothing_and_steps_as_torch():
+    """differentiable=True leaves each tensor where it lives and steps (a non-leaf copy,
+    as torch steps one) exactly as torch.optim.SGD(differentiable=True)."""
+    ends = []
+    for cls in (torch.optim.SGD, SGD):
+        torch.manual_seed(0)
+        leaf = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        p = leaf.clone()
+        address = p.data_ptr()
+        opt = cls([p], lr=0.1, momentum=0.9, weight_decay=0.01, differentiable=True)
+        weights = torch.linspace(-1, 1, 12, dtype=torch.float64).view(4, 3)
+        for _ in range(3):  # (the loss saves no p for its backward: p changes in place)
+            loss = (p * weights).sum() ** 2
+            p.grad = torch.autograd.grad(loss, p, create_graph=True)[0]
+            opt.step()
+        assert p.data_ptr() == address
+        (meta,) = torch.autograd.grad(p.sum(), leaf)
+        ends.append((p.detach(), opt.state[p]["momentum_buffer"], meta))
+    for ours, theirs in zip(ends[1], ends[0]):
+        assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
@@ -678,8 +707,9 @@ def test_backward_accumulates_into_the_flat_gradient_without_a_copy(monkeypatch,
 def test_gradients_outside_the_buffer_are_used(monkeypatch, zero):
     """model.zero_grad() (None: autograd's new tensors), the optimizer's zero_grad either
     way, gradients the user assigns, and create_graph=True (autograd replaces the view),
-    against torch.optim.SGD; each step copies what came from outside in one call, and the
-    gradients are views of the buffer after it."""
+    against torch.optim.SGD; each step copies what came from outside in one call. As in
+    torch, a step never replaces a gradient object: after the optimizer's zero_grad the
+    gradients are views of one buffer, otherwise the tensors autograd or the user made."""
     theirs_model, ours_model = twins()
     theirs = torch.optim.SGD(theirs_model.parameters(), lr=0.05, momentum=0.9,
                              weight_decay=1e-3)
@@ -705,12 +735,14 @@ def test_gradients_outside_the_buffer_are_used(monkeypatch, zero):
                     F.cross_entropy(model(x), y).backward(create_graph=True)
             else:
                 backward(model, batch)
+            handed = [p.grad for p in model.parameters()]
             opt.step()
+            assert all(p.grad is grad for p, grad in zip(model.parameters(), handed))
         assert_close(ours_model.parameters(), theirs_model.parameters(), torch.float64,
                      f"step {step + 1}")
         if zero in ("model", "user-grads", "create-graph"):
             assert len(copies) == step + 1  # one copy per step, of what came from outside
-        if zero != "create-graph":  # (those keep their graph, and so their tensors)
+        if zero in ("opt-none", "opt-zeros"):
             assert len(_storages(p.grad for p in ours_model.parameters())) == 1
     assert state_keys(ours) == state_keys(theirs)
     if zero in ("opt-none", "opt-zeros"):

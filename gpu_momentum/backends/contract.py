@@ -1,7 +1,10 @@
 """The backend contract: what every backend provides (`Backend`), and what they share.
 
-A backend is one module of this package with one class implementing `Backend`, listed in
-`gpu_momentum.backends.REGISTRY`; its kernels live in the `kernels` package. The optimizer
+A backend is one class implementing `Backend`, listed in `gpu_momentum.backends.REGISTRY`
+(the built-in ones are modules of this package, with their kernels in the `kernels`
+package; others join with `gpu_momentum.backends.register_backend`). Its step is
+`runner.StepRunner`, the same for every backend: a backend supplies its kernels, array
+views and streams as a `runner.StepKernels`. The optimizer
 and `momentum_step` reach the kernels only through these methods, in this order per step:
 `check_arrays` (every array check, before anything is written), `device_table` (the
 hyperparameters' UpdateTable in the memory where the update runs, copied only when it
@@ -25,6 +28,10 @@ class Backend(Protocol):
     name: str
     dtypes: tuple  # names of the parameter dtypes its kernels update ("bfloat16", ...)
     element_aligned: bool  # its kernels need element-aligned arrays (a GPU faults)
+    device_type: str  # the torch device type whose tensors it updates: "cpu", "cuda"
+    # Its arrays name the stream its work on them runs on: from_torch's views are made
+    # again at each step, naming torch's current stream then.
+    arrays_name_stream: bool
 
     def unavailable_reason(self) -> str | None:
         """None when the backend can run here, else why not."""
@@ -71,11 +78,27 @@ class Backend(Protocol):
         """The host NumPy `array` copied into `target`, an array `upload` returned, in
         place (same addresses), queued on param's stream without waiting."""
 
+    def torch_stream(self, device) -> Hashable:
+        """The stream its work over tensors on torch `device` runs on now: torch's current
+        stream there (None on the CPU). A step prepared on one stream is prepared again
+        on another."""
+
+    def torch_context(self, device):
+        """A context manager under which its work over tensors on torch `device` follows
+        torch: that device current, its launches queued on torch's current stream."""
+
+    def from_torch(self, tensor, stream=None):
+        """One of its arrays over the memory of the torch tensor `tensor` (of its
+        device_type), without a copy, as its checks and kernels take it (bfloat16 as
+        ml_dtypes' bfloat16). stream: for arrays_name_stream, the torch stream handle it
+        names (torch_stream's; None: the current one)."""
+
     def step_function(self, param, velocity, table: UpdateTable, counters=None,
                       check_nonfinite=True, *, precision="nearest", precision_buffer=None,
                       seed=0):
         """The step of these arrays, table and counters with everything that stays the
-        same from step to step prepared once (views, kernels, launch geometry, kernel
+        same from step to step prepared once (a runner.StepRunner over the backend's
+        runner.StepKernels) (views, kernels, launch geometry, kernel
         arguments; the kernels compiled and loaded): a function `launch(grad,
         inv_grad_scale, agree=None, grad_scale=None, found_inf=None, step_count=0)` that
         queues what `step(param, grad, velocity, table, inv_grad_scale, counters, agree,

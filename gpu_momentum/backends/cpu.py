@@ -1,11 +1,15 @@
 """The cpu backend: NumPy arrays, updated by the Numba loops of kernels/cpu.py (parallel
 over the cores, or serial for small buffers)."""
 
+import contextlib
+
 import numpy as np
 
 from ..kernels.elementwise import storage_format
 from ..kernels.layout import LAST_STEP_SKIPPED, PRECISIONS, READ_COUNTERS
-from .contract import PreparedStep, bits_view, refuse_found_inf_without_counters
+from .contract import PreparedStep, bits_view
+from .runner import StepKernels, StepRunner
+from .torch_arrays import numpy_view
 
 NO_COUNTERS = np.zeros(0, np.int64)  # what the kernels get for counters=None
 NO_BUFFER = np.zeros(0, np.float32)  # for precision_buffer=None
@@ -16,6 +20,8 @@ class CpuBackend(PreparedStep):
     name = "cpu"
     dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = False  # Numba's loads handle any address
+    device_type = "cpu"
+    arrays_name_stream = False
 
     zeros = staticmethod(np.zeros)
     copy = staticmethod(np.copy)
@@ -47,53 +53,89 @@ class CpuBackend(PreparedStep):
     def capturing(self, param):
         return False
 
+    def torch_stream(self, device):
+        return None
+
+    def torch_context(self, device):
+        return contextlib.nullcontext()
+
+    def from_torch(self, tensor, stream=None):
+        return numpy_view(tensor)
+
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):
+        return StepRunner(_CpuKernels(param, velocity, table, counters, check_nonfinite,
+                                      precision, precision_buffer, seed), param.size,
+                          check_nonfinite)
+
+
+class _CpuKernels(StepKernels):
+    """The CPU's launches: the Numba loops of kernels/cpu.py, called now. A loss scale
+    and found_inf are read on the host when the step runs, as a kernel would read them.
+    A counted step's two loops each do two of the GPU's launches: find_nonfinite also
+    clears (or found_inf skips the step), so it runs at "clear"; update_unless_skipped
+    also counts, so it runs at "finish", which a counted step reaches even over no
+    elements."""
+
+    def __init__(self, param, velocity, table, counters, check_nonfinite, precision,
+                 precision_buffer, seed):
         from ..kernels.cpu import kernels_for, pieces_needed
 
         formats = storage_format(param.dtype), storage_format(velocity.dtype)
-        param, velocity = _bits(param), _bits(velocity)
-        update, find_nonfinite, update_unless_skipped = kernels_for(
-            param.size, *formats, PRECISIONS[precision.upper()],
+        self.param, self.velocity = _bits(param), _bits(velocity)
+        self.update, self.find_nonfinite, self.update_unless_skipped = kernels_for(
+            self.param.size, *formats, PRECISIONS[precision.upper()],
             pieces_needed(table.scalars))
-        buffer = NO_BUFFER if precision_buffer is None else _bits(precision_buffer)
-        scalars, group_flags, range_ends, range_groups = table.arrays()
-        scalar = table.scalars.dtype.type
+        self.buffer = NO_BUFFER if precision_buffer is None else _bits(precision_buffer)
+        self.table = table.arrays()
+        self.scalar = table.scalars.dtype.type
+        self.counters = counters
         launch_flags = table.launch_flags
         if counters is not None:
             launch_flags |= READ_COUNTERS
-        launch_flags, seed = np.uint32(launch_flags), np.uint64(seed)
-        # The latest grad and scale as the kernels take them: a step repeating them (the
-        # same objects) converts nothing.
-        last_grad = flat_grad = last_scale = inv = None
+        self.launch_flags, self.seed = np.uint32(launch_flags), np.uint64(seed)
+        self.check_nonfinite = check_nonfinite
+        self.current = None  # a counted step's kernel arguments, set by "clear"
 
-        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None,
-                   step_count=0):
-            nonlocal last_grad, flat_grad, last_scale, inv
-            if grad is not last_grad:
-                last_grad, flat_grad = grad, _bits(grad)
-            if grad_scale is not None:  # host memory: read now, as a kernel would
-                last_scale, inv = None, _reciprocal(scalar(grad_scale[()]))
-            elif inv_grad_scale is not last_scale:
-                last_scale, inv = inv_grad_scale, scalar(inv_grad_scale)
-            arguments = (param, flat_grad, velocity, buffer, scalars, group_flags,
-                         range_ends, range_groups, inv, launch_flags)
-            if counters is None:
-                refuse_found_inf_without_counters(found_inf)
-                update(*arguments, NO_COUNTERS, seed, np.int64(step_count))
-                return
-            if found_inf is not None and found_inf[()] != 0:
-                counters[LAST_STEP_SKIPPED] = 1
-            elif check_nonfinite:
-                find_nonfinite(*arguments, counters, seed, NO_STEP_COUNT)
-            else:
-                counters[LAST_STEP_SKIPPED] = 0
-            if agree is not None:
-                agree(counters)
-            update_unless_skipped(*arguments, counters, seed, NO_STEP_COUNT)
+    def kernel_grad(self, grad):
+        return _bits(grad)
 
-        return launch
+    def kernel_grad_scale(self, grad_scale):
+        """1 / grad_scale, read now (host memory), in the compute dtype."""
+        return _reciprocal(self.scalar(grad_scale[()]))
 
+    def kernel_found_inf(self, found_inf):
+        return found_inf
+
+    def launches(self):
+        if self.counters is None:
+            return {"update": self._update}
+        return {"clear": self._clear, "find_nonfinite": None, "update": None,
+                "finish": self._finish}
+
+    def _arguments(self, step):
+        inv = step.inv_grad_scale if step.grad_scale is None else step.grad_scale
+        return (self.param, step.grad, self.velocity, self.buffer, *self.table, inv,
+                self.launch_flags)
+
+    def _update(self, step):
+        self.update(*self._arguments(step), NO_COUNTERS, self.seed, step.step_count)
+
+    def _clear(self, step):
+        """LAST_STEP_SKIPPED set from found_inf, else from the gradient's values (or 0
+        for a step that does not look for non-finite values)."""
+        inv = step.inv_grad_scale if step.grad_scale is None else step.grad_scale
+        arguments = self.current = (self.param, step.grad, self.velocity, self.buffer,
+                                    *self.table, inv, self.launch_flags)
+        if step.found_inf is not None and step.found_inf[()] != 0:
+            self.counters[LAST_STEP_SKIPPED] = 1
+        elif self.check_nonfinite:
+            self.find_nonfinite(*arguments, self.counters, self.seed, NO_STEP_COUNT)
+        else:
+            self.counters[LAST_STEP_SKIPPED] = 0
+
+    def _finish(self, step):
+        self.update_unless_skipped(*self.current, self.counters, self.seed, NO_STEP_COUNT)
 
 
 def _reciprocal(scale):

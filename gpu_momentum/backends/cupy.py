@@ -7,6 +7,7 @@ The module is compiled once per device (memoized RawModule) and each dtype's lau
 is worked out once per device.
 """
 
+import contextlib
 import functools
 
 import numpy as np
@@ -16,13 +17,17 @@ from ..kernels.cuda_launch import check_counters, launch_plan, step_launches
 from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
                                    module_options, module_source, name_expressions)
 from ..kernels.layout import GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED, READ_COUNTERS
-from .contract import PreparedStep, refuse_found_inf_without_counters
+from .contract import PreparedStep
+from .runner import StepKernels, StepRunner, null_array, warm_up_once
+from .torch_arrays import CudaTensorArray, current_stream, device_index
 
 
 class CupyBackend(PreparedStep):
     name = "cupy"
     dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = True
+    device_type = "cuda"
+    arrays_name_stream = False  # it launches on CuPy's current stream (torch_context)
 
     def unavailable_reason(self):
         try:
@@ -84,10 +89,41 @@ class CupyBackend(PreparedStep):
 
         return cupy.cuda.get_current_stream().is_capturing()
 
+    torch_stream = staticmethod(current_stream)
+
+    def torch_context(self, device):
+        """torch's device current for CuPy, and torch's current stream CuPy's."""
+        import cupy
+
+        stack = contextlib.ExitStack()
+        index = device_index(device)
+        stack.enter_context(cupy.cuda.Device(index))
+        stack.enter_context(cupy.cuda.ExternalStream(current_stream(device), index))
+        return stack
+
+    def from_torch(self, tensor, stream=None):
+        import cupy
+        import torch
+
+        with cupy.cuda.Device(device_index(tensor.device)):
+            return (CudaTensorArray(tensor, None) if tensor.dtype == torch.bfloat16
+                    else cupy.asarray(tensor))
+
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):
         """Launches on the current stream of the device the arrays are on, which must be
         the current device at every step (checked: one runtime call)."""
+        kernels = _CupyKernels(self, param, velocity, table, counters, precision,
+                               precision_buffer, seed)
+        return StepRunner(kernels, kernels.plan.grid, check_nonfinite)
+
+
+class _CupyKernels(StepKernels):
+    """The CUDA C kernels' launches (kernels.cuda_launch) on CuPy's current stream, with
+    the views, launch geometry and scalar arguments worked out once."""
+
+    def __init__(self, backend, param, velocity, table, counters, precision,
+                 precision_buffer, seed):
         import cupy
 
         named = {"param": param, "velocity": velocity}
@@ -103,78 +139,80 @@ class CupyBackend(PreparedStep):
         if counters is not None:
             check_counters(counters, table.group_count)
             named.append(("counters", counters))
-        device = _on_current_device(named)
+        self.device = device = _on_current_device(named)
+        self.named = named
         entry = entry_point(infos["param"].dtype, infos["velocity"].dtype, precision)
-        update, check, finish, max_blocks = _kernels(device, entry)
-        plan = launch_plan(infos["param"].dtype, param.size, table, 1.0, max_blocks,
-                           counters is not None, seed)
-        buffer = arrays.get("precision_buffer", _empty(device, np.uint16))
-        scalar = type(plan.inv_grad_scale)
-        grid, block = (plan.grid,), (plan.block,)
-        skipped = None if counters is None else \
+        self.update, self.check, self.finish, max_blocks = _kernels(device, entry)
+        self.plan = plan = launch_plan(infos["param"].dtype, param.size, table, 1.0,
+                                       max_blocks, counters is not None, seed)
+        self.buffer = arrays.get("precision_buffer", null_array(backend, device, np.uint16))
+        self.scalar = type(plan.inv_grad_scale)
+        self.grid, self.block = (plan.grid,), (plan.block,)
+        self.counters = counters
+        self.skipped = None if counters is None else \
             counters[LAST_STEP_SKIPPED:LAST_STEP_SKIPPED + 1]
-        update_tail = (plan.n, *table.arrays(), plan.range_count)
-        update_counters = _empty(device, np.int64) if counters is None else counters
-        finish_args = (counters, table.group_flags, plan.group_count)
-        compute = scalar(0).dtype
-        no_scale = _empty(device, compute)  # a null pointer: inv_grad_scale is read
-        # Set by each step: its grad as a CuPy array, 1 / grad_scale in the compute dtype
-        # (a step repeating the objects of the one before converts nothing), the loss
-        # scale in device memory, GradScaler's found_inf and `agree`.
-        last_grad = kernel_grad = last_scale = inv = agreement = found = scale_slot = None
-        device_scale, step = no_scale, plan.step_count
-        launches = {
-            "clear": lambda: skipped.fill(0) if found is None else cupy.not_equal(
-                found, 0, out=skipped),
-            "find_nonfinite": lambda: check(grid, block, (
-                kernel_grad, plan.n, table.range_ends, table.range_groups,
-                plan.range_count, inv, device_scale, counters)),
-            "agree": lambda: agreement(counters),
-            "update": lambda: update(grid, block, (
-                param, kernel_grad, velocity, buffer, *update_tail, inv, device_scale,
-                plan.launch_flags, update_counters, plan.seed, step)),
-            "finish": lambda: finish((1,), (plan.finish_block,), finish_args),
+        self.param, self.velocity, self.table = param, velocity, table
+        self.update_tail = (plan.n, *table.arrays(), plan.range_count)
+        self.update_counters = (null_array(backend, device, np.int64) if counters is None
+                                else counters)
+        self.finish_args = (counters, table.group_flags, plan.group_count)
+        self.compute = self.scalar(0).dtype
+        # A null pointer for a step without a loss scale in device memory: the kernels
+        # read inv_grad_scale then.
+        self.no_grad_scale = null_array(backend, device, self.compute)
+        self.scale_slot = None  # a loss scale of another dtype, converted (made once)
+        self.runtime = cupy.cuda.runtime
+
+    def before_step(self):
+        if self.runtime.getDevice() != self.device:
+            _on_current_device(self.named)  # raises, naming the arrays' device
+
+    def kernel_grad(self, grad):
+        kernel_grad = _kernel_array(grad, describe("grad", grad))
+        _on_current_device([("grad", kernel_grad)])
+        return kernel_grad
+
+    def kernel_found_inf(self, found_inf):
+        return _on_device("found_inf", found_inf)
+
+    def kernel_grad_scale(self, grad_scale):
+        import cupy
+
+        device_scale = _on_device("grad_scale", grad_scale).reshape(1)
+        if device_scale.dtype != self.compute:  # converted on the stream, in order
+            if self.scale_slot is None:  # made once, by the first such step
+                self.scale_slot = cupy.empty(1, self.compute)
+            cupy.copyto(self.scale_slot, device_scale, casting="same_kind")
+            device_scale = self.scale_slot
+        return device_scale
+
+    def launches(self):
+        import cupy
+
+        plan, table, counters = self.plan, self.table, self.counters
+        grid, block, skipped = self.grid, self.block, self.skipped
+        finish_block = (plan.finish_block,)
+        return {
+            "clear": lambda step: skipped.fill(0) if step.found_inf is None else
+            cupy.not_equal(step.found_inf, 0, out=skipped),
+            "find_nonfinite": lambda step: self.check(grid, block, (
+                step.grad, plan.n, table.range_ends, table.range_groups,
+                plan.range_count, step.inv_grad_scale, step.grad_scale, counters)),
+            "update": lambda step: self.update(grid, block, (
+                self.param, step.grad, self.velocity, self.buffer, *self.update_tail,
+                step.inv_grad_scale, step.grad_scale, plan.launch_flags,
+                self.update_counters, plan.seed, step.step_count)),
+            "finish": lambda step: self.finish((1,), finish_block, self.finish_args),
         }
-        plain, agreeing = ([launches[name] for name in step_launches(
-            plan.grid, counters is not None, agree, check_nonfinite)]
-            for agree in (False, True))
-        runtime = cupy.cuda.runtime
 
-        def on_device(name, array):
-            as_cupy = cupy.asarray(array)
-            _on_current_device([(name, as_cupy)])
-            return as_cupy
 
-        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None,
-                   step_count=0):
-            nonlocal last_grad, kernel_grad, last_scale, inv, agreement, found, device_scale
-            nonlocal scale_slot, step
-            if runtime.getDevice() != device:
-                _on_current_device(named)  # raises, naming the arrays' device
-            if grad is not last_grad:
-                kernel_grad = _kernel_array(grad, describe("grad", grad))
-                _on_current_device([("grad", kernel_grad)])
-                last_grad = grad
-            step = np.int64(step_count)
-            if inv_grad_scale is not last_scale:
-                last_scale, inv = inv_grad_scale, scalar(inv_grad_scale)
-            if counters is None:
-                refuse_found_inf_without_counters(found_inf)
-            found = None if found_inf is None else on_device("found_inf", found_inf)
-            device_scale = no_scale
-            if grad_scale is not None:
-                device_scale = on_device("grad_scale", grad_scale).reshape(1)
-                if device_scale.dtype != compute:  # converted on the stream, in order
-                    if scale_slot is None:  # made once, by the first such step
-                        scale_slot = cupy.empty(1, compute)
-                    cupy.copyto(scale_slot, device_scale, casting="same_kind")
-                    device_scale = scale_slot
-            agreement = agree
-            for queue in plain if agree is None else agreeing:
-                queue()
+def _on_device(name, array):
+    """`array` as a CuPy array, on the current device (else a ValueError naming it)."""
+    import cupy
 
-        return launch
-
+    as_cupy = cupy.asarray(array)
+    _on_current_device([(name, as_cupy)])
+    return as_cupy
 
 
 def _kernel_array(array, info):
@@ -217,12 +255,14 @@ def _kernels(device_id, entry):
         sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
         per_sm = min(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
             kernel.kernel.ptr, BLOCK_SIZE, 0) for kernel in (update, check))
-        _warm_up(update, check, finish, entry)
+        warm_up_once(("cupy", device_id, entry),
+                     lambda: _launch_each(update, check, finish, entry),
+                     lambda: cupy.cuda.get_current_stream().synchronize())
     return update, check, finish, sms * per_sm
 
 
-def _warm_up(update, check, finish, entry):
-    """Each kernel launched once over no elements, with scratch counters, and waited for."""
+def _launch_each(update, check, finish, entry):
+    """Each kernel launched once over no elements, with scratch counters."""
     import cupy
 
     compute = entry.compute_dtype
@@ -239,19 +279,6 @@ def _warm_up(update, check, finish, entry):
     check((1,), (BLOCK_SIZE,), (param, np.int64(0), table[2], table[3], np.int32(1), one,
                                 scale, counters))
     finish((1,), (32,), (counters, table[1], np.int32(1)))
-    cupy.cuda.get_current_stream().synchronize()
-
-
-@functools.cache
-def _empty(device_id, dtype):
-    """An empty array of `dtype` on a device: a null pointer for an optional argument
-    (counters=None, precision_buffer=None, grad_scale=None)."""
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.zeros(0, dtype)
-
-
 
 
 def _on_current_device(named_arrays):

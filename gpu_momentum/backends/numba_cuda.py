@@ -9,22 +9,26 @@ streams: its tensors' updates go to the legacy default stream, which is torch's 
 stream too.
 """
 
-import functools
 import importlib.util
 
 import numpy as np
 
 from ..arrays import describe
-from ..kernels.cuda_launch import step_launches
 from ..kernels.elementwise import storage_format
 from ..kernels.layout import GROUP_SLOTS, PRECISIONS, READ_COUNTERS
-from .contract import PreparedStep, refuse_found_inf_without_counters
+from .contract import PreparedStep, bits_view
+from .runner import StepKernels, StepRunner, null_array, warm_up_once
+from .torch_arrays import CudaTensorArray, current_stream, device_index
 
 
 class NumbaCudaBackend(PreparedStep):
     name = "numba-cuda"
     dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = True
+    device_type = "cuda"
+    # Its launches follow the stream param names; torch's __cuda_array_interface__ names
+    # none, so the views of torch tensors name torch's current stream, made at each step.
+    arrays_name_stream = True
 
     def unavailable_reason(self):
         if importlib.util.find_spec("numba_cuda") is None:
@@ -123,134 +127,136 @@ class NumbaCudaBackend(PreparedStep):
             raise RuntimeError(f"cuStreamIsCapturing failed: {error}")
         return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
 
+    torch_stream = staticmethod(current_stream)
+
+    def torch_context(self, device):
+        from numba import cuda
+
+        return cuda.gpus[device_index(device)]
+
+    def from_torch(self, tensor, stream=None):
+        """A view naming `stream` (torch's current stream when None)."""
+        if stream is None:
+            stream = current_stream(tensor.device)
+        return CudaTensorArray(tensor, stream or 1)  # CAI v3: 1 is the legacy default
+
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):
         """For arrays of another exporter (CuPy, PyTorch) the launches follow the stream
         it names: each step reads param's interface and prepares them again when the
         stream changed (CuPy names its current stream)."""
-        prepare = lambda: _Launches(param, velocity, table, counters, check_nonfinite,
-                                    precision, precision_buffer, seed)
+        prepare = lambda: _prepared(self, param, velocity, table, counters,
+                                    check_nonfinite, precision, precision_buffer, seed)
         if _is_numba_array(param):
-            return prepare().launch
-        exported, launches = _exported_stream(param), prepare()
+            return prepare()
+        exported, launch = _exported_stream(param), prepare()
 
-        def launch(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None,
-                   step_count=0):
-            nonlocal exported, launches
+        def launch_on_exported_stream(grad, inv_grad_scale, agree=None, grad_scale=None,
+                                      found_inf=None, step_count=0):
+            nonlocal exported, launch
             if _exported_stream(param) != exported:
-                exported, launches = _exported_stream(param), prepare()
-            launches.launch(grad, inv_grad_scale, agree, grad_scale, found_inf, step_count)
+                exported, launch = _exported_stream(param), prepare()
+            launch(grad, inv_grad_scale, agree, grad_scale, found_inf, step_count)
 
-        return launch
+        return launch_on_exported_stream
 
 
+def _prepared(backend, param, velocity, table, counters, check_nonfinite, precision,
+              precision_buffer, seed):
+    kernels = _NumbaKernels(backend, param, velocity, table, counters, precision,
+                            precision_buffer, seed)
+    return StepRunner(kernels, kernels.param.size, check_nonfinite)
 
-class _Launches:
-    """The launches of a step (kernels.cuda_launch.step_launches) on param's stream, with
-    everything but the gradient, the loss scale and `agree` prepared: views, launch
-    geometry and the configured kernels, each compiled and loaded (launched once over no
-    elements, the first time for its kind on a device)."""
 
-    def __init__(self, param, velocity, table, counters, check_nonfinite, precision,
+class _NumbaKernels(StepKernels):
+    """The launches of a step on param's stream, with everything but the gradient, the
+    loss scale and `agree` prepared: views, launch geometry and the configured kernels,
+    each compiled and loaded (launched once over no elements, the first time for its kind
+    on a device)."""
+
+    def __init__(self, backend, param, velocity, table, counters, precision,
                  precision_buffer, seed):
         from ..kernels import numba_cuda as kernels
 
         formats = tuple(storage_format(describe(name, array).dtype) for name, array in
                         (("param", param), ("velocity", velocity)))
-        param, velocity = (_kernel_view(a) for a in (param, velocity))
-        buffer = (_empty(_current_device(), np.float32) if precision_buffer is None else
-                  _kernel_view(precision_buffer))
-        blocks, threads = kernels.launch_config(param.size)
-        stream = param.stream
-        launch_flags = table.launch_flags
+        param, velocity = self.param, self.velocity = (_kernel_view(param),
+                                                        _kernel_view(velocity))
         device = _current_device()
+        self.buffer = (null_array(backend, device, np.float32) if precision_buffer is None
+                       else _kernel_view(precision_buffer))
+        blocks, threads = kernels.launch_config(param.size)
+        self.stream = stream = param.stream
+        launch_flags = table.launch_flags
         if counters is None:
-            counters = _empty(device, np.int64)
+            self.update_counters = null_array(backend, device, np.int64)
         else:
-            counters = _stream_view(counters)
+            self.counters = self.update_counters = _stream_view(counters)
             launch_flags |= READ_COUNTERS
         kind = (*formats, PRECISIONS[precision.upper()])
-        update = kernels.update_kernel(*kind)[blocks, threads, stream]
-        find_nonfinite = kernels.check_kernel(formats[0])[blocks, threads, stream]
-        clear = kernels.clear_skip_kernel[1, 1, stream]
-        finish = kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream]
-        self._convert_scale = kernels.convert_scale_kernel[1, 1, stream]
-        arrays = table.arrays()
-        self._scalar = table.scalars.dtype.type  # the compute dtype
-        compute = self._scalar(0).dtype
-        seed, self._step_count = np.uint64(seed), np.int64(0)
-        launch_flags = np.uint32(launch_flags)
-        self._counted = counters.size != 0
-        self._no_scale = _empty(device, compute)  # inv_grad_scale is read
-        self._no_found_inf = _empty(device, np.float32)
-        self._scale_slot = None  # a loss scale of another dtype converted (made once)
-        self._stream = stream
-        self._last_grad = self._last_scale = self._grad = self._inv = self._agree = None
-        self._scale, self._found = self._no_scale, self._no_found_inf
-        launches = {
-            "clear": lambda: clear(counters, self._found),
-            "find_nonfinite": lambda: find_nonfinite(self._grad, table.range_ends,
-                                                     table.range_groups, self._inv,
-                                                     self._scale, counters),
-            "agree": lambda: self._agree(counters),
-            "update": lambda: update(param, self._grad, velocity, buffer, *arrays,
-                                     self._inv, self._scale, launch_flags, counters, seed,
-                                     self._step_count),
-            "finish": lambda: finish(counters, table.group_flags),
+        self.update = kernels.update_kernel(*kind)[blocks, threads, stream]
+        self.find_nonfinite = kernels.check_kernel(formats[0])[blocks, threads, stream]
+        self.clear = kernels.clear_skip_kernel[1, 1, stream]
+        self.finish = kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream]
+        self.convert_scale = kernels.convert_scale_kernel[1, 1, stream]
+        self.table, self.table_arrays = table, table.arrays()
+        self.scalar = table.scalars.dtype.type  # the compute dtype
+        self.compute = compute = self.scalar(0).dtype
+        self.seed, self.launch_flags = np.uint64(seed), np.uint32(launch_flags)
+        self.no_grad_scale = null_array(backend, device, compute)  # inv_grad_scale is read
+        self.no_found_inf = null_array(backend, device, np.float32)
+        self.scale_slot = None  # a loss scale of another dtype converted (made once)
+        warm_up_once(("numba-cuda", device, *kind),
+                     lambda: _launch_each(backend, param, velocity, self.buffer, table,
+                                          stream, kind, compute),
+                     backend.synchronize)
+
+    def kernel_grad(self, grad):
+        return _kernel_view(grad)
+
+    def kernel_found_inf(self, found_inf):
+        return _stream_view(found_inf).reshape(1)
+
+    def kernel_grad_scale(self, grad_scale):
+        scale = _stream_view(grad_scale).reshape(1)
+        if scale.dtype != self.compute:  # converted first, in order
+            if self.scale_slot is None:
+                from numba import cuda
+                self.scale_slot = cuda.device_array(1, self.compute, stream=self.stream)
+            self.convert_scale(self.scale_slot, scale)
+            scale = self.scale_slot
+        return scale
+
+    def launches(self):
+        counters, table = self.update_counters, self.table
+        return {
+            "clear": lambda step: self.clear(counters, step.found_inf),
+            "find_nonfinite": lambda step: self.find_nonfinite(
+                step.grad, table.range_ends, table.range_groups, step.inv_grad_scale,
+                step.grad_scale, counters),
+            "update": lambda step: self.update(
+                self.param, step.grad, self.velocity, self.buffer, *self.table_arrays,
+                step.inv_grad_scale, step.grad_scale, self.launch_flags, counters,
+                self.seed, step.step_count),
+            "finish": lambda step: self.finish(counters, table.group_flags),
         }
-        read_counters = launch_flags & READ_COUNTERS != 0
-        self._launches, self._agreeing = (
-            [launches[name] for name in step_launches(param.size, read_counters, agree,
-                                                      check_nonfinite)]
-            for agree in (False, True))
-        _warm_up(param, velocity, buffer, table, stream, kind, compute)
-
-    def launch(self, grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None,
-               step_count=0):
-        if grad is not self._last_grad:
-            self._last_grad, self._grad = grad, _kernel_view(grad)
-        self._step_count = np.int64(step_count)
-        if inv_grad_scale is not self._last_scale:
-            self._last_scale, self._inv = inv_grad_scale, self._scalar(inv_grad_scale)
-        if not self._counted:
-            refuse_found_inf_without_counters(found_inf)
-        self._found = (self._no_found_inf if found_inf is None else
-                       _stream_view(found_inf).reshape(1))
-        self._scale = self._no_scale
-        if grad_scale is not None:
-            self._scale = _stream_view(grad_scale).reshape(1)
-            if self._scale.dtype != self._scalar(0).dtype:  # converted first, in order
-                if self._scale_slot is None:
-                    from numba import cuda
-                    self._scale_slot = cuda.device_array(1, self._scalar(0).dtype,
-                                                         stream=self._stream)
-                self._convert_scale(self._scale_slot, self._scale)
-                self._scale = self._scale_slot
-        self._agree = agree
-        for queue in self._launches if agree is None else self._agreeing:
-            queue()
 
 
-_WARM = set()  # (device, param format, velocity format, precision) launched once
-
-
-def _warm_up(param, velocity, buffer, table, stream, kind, compute):
+def _launch_each(backend, param, velocity, buffer, table, stream, kind, compute):
     """Each kernel launched once over no elements (empty views of the arrays) with scratch
-    counters and waited for: compiled and loaded, so that a CUDA graph captured later
-    records launches only (for the argument types of steps without a loss scale or
-    found_inf in device memory: a step with them compiles their kernels on first use)."""
+    counters (for the argument types of steps without a loss scale or found_inf in device
+    memory: a step with them compiles their kernels on first use)."""
     from numba import cuda
 
     from ..kernels import numba_cuda as kernels
 
-    key = (_current_device(), *kind)
-    if key in _WARM:
-        return
+    device = _current_device()
     p, v, b = param[:0], velocity[:0], buffer[:0]
     counters = cuda.to_device(np.zeros(GROUP_SLOTS + table.group_count, np.int64),
                               stream=stream)
-    one, no_scale = compute.type(1), _empty(key[0], compute)
-    kernels.clear_skip_kernel[1, 1, stream](counters, _empty(key[0], np.float32))
+    one, no_scale = compute.type(1), null_array(backend, device, compute)
+    kernels.clear_skip_kernel[1, 1, stream](counters,
+                                            null_array(backend, device, np.float32))
     kernels.check_kernel(kind[0])[1, 32, stream](p, table.range_ends, table.range_groups,
                                                  one, no_scale, counters)
     kernels.update_kernel(*kind)[1, 32, stream](
@@ -258,8 +264,6 @@ def _warm_up(param, velocity, buffer, table, stream, kind, compute):
         np.uint32(table.launch_flags | READ_COUNTERS), counters, np.uint64(0), np.int64(0))
     kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream](counters,
                                                                   table.group_flags)
-    cuda.synchronize()
-    _WARM.add(key)
 
 
 def _current_device():
@@ -289,15 +293,4 @@ def _stream_view(array):
 def _kernel_view(array):
     """`array` as the kernels take it: a 1-D Numba device array on the stream it names,
     16-bit elements (bfloat16, float16) as their uint16 bits."""
-    array = _stream_view(array)
-    array = array if array.ndim == 1 else array.reshape(array.size)
-    return array.view(np.uint16) if array.dtype.itemsize == 2 else array
-
-
-@functools.cache
-def _empty(device_id, dtype):
-    """An empty array of `dtype` on a device: what the kernels get for an optional array
-    argument (counters=None, no loss scale or found_inf in device memory); never read."""
-    from numba import cuda
-
-    return cuda.device_array(0, dtype)
+    return bits_view(_stream_view(array))

@@ -28,17 +28,27 @@ How it works:
 - A `.grad` that is not the view at `step()` (autograd's own after `model.zero_grad()`,
   DDP's bucket views, a `p.grad` the user assigned, a gradient with a graph) is a
   gradient: all of them are copied into the buffer with one `torch._foreach_copy_`, and
-  a standalone tensor is then replaced by its view (same values). A None `.grad` at
-  `step()` is no gradient. In a `torch.distributed` process group `zero_grad()` leaves a
-  None `.grad` None and makes DDP's bucket views None, as torch does: DDP would hand a
-  view given to a parameter that no rank used back as a zero bucket view, which `step()`
-  cannot tell from a reduced gradient.
+  each stays its parameter's `.grad` (torch never replaces a gradient object at a step;
+  `zero_grad()` points them at their views again). A view that `p.grad.data = g` or
+  `p.grad.set_(g)` moved off the buffer is found by its data pointer (one comparison per
+  parameter per step) and copied the same way; `zero_grad()` puts it back over the
+  buffer. A None `.grad` at `step()` is no gradient. In a `torch.distributed` process
+  group `zero_grad()` leaves a None `.grad` None and makes DDP's bucket views None, as
+  torch does: DDP would hand a view given to a parameter that no rank used back as a
+  zero bucket view, which `step()` cannot tell from a reduced gradient.
 - `step()` reads every parameter group's hyperparameters (any change, such as a
   scheduler's, reaches the kernel without a recompile) into one row of the kernels' update
   table per parameter, so each parameter has its group's values and its own first step,
   and a parameter whose `.grad` is None is left alone (its range is NO_GROUP). The table is
   rewritten, in place, only when a value changed; then one launch updates the whole
   buffer.
+- `opt.state` is torch's defaultdict(dict) that counts its edits (and its entries'):
+  a step compares one counter, and only after an edit looks at the entries, taking them
+  as torch.optim.SGD's next step would: a cleared or deleted momentum buffer makes that
+  parameter's next step a first step, and an assigned one is copied into the flat
+  velocity, whose view then stands in `opt.state` again.
+- `differentiable=True` packs nothing: `step()` is torch's update through torch
+  operations under autograd (the `differentiable` module), for meta-learning.
 - A parameter moved out of its buffer after construction (`model.to(...)`,
   `p.data = ...`, `model.to_empty(...)`) is found at the next `step()` or `zero_grad()`
   and everything is packed again from the current tensors, keeping momentum buffers and
@@ -52,7 +62,9 @@ torch.optim.SGD's for-loop reads it).
 The package's modules: `optimizer` (SGD: torch.optim.SGD's signature, checks and
 methods), `layout` (which parameters go into which buffer), `buckets` (one buffer: its
 flat tensors, update table, counters and launch), `grad_views` (the gradient views and
-their hooks), `state_dict` (the library's extras in a state dict and their checks),
+their hooks), `state` (`opt.state`, counting its edits), `differentiable` (the
+differentiable=True path), `state_dict` (the library's extras in a state dict and their
+checks),
 `tensors` (torch tensors as the backends' arrays). They are the package's own: its API
 is the names below.
 """

@@ -177,23 +177,34 @@ class Bucket:
         """After load_state_dict: the loaded momentum buffers and precision buffers
         (checked by check_state) become views of the flat buffers; parameters without one
         start afresh."""
+        self._take_state(state)
+        self._write_counters(0, 0)
+
+    def sync_state(self, state):
+        """After `state` was edited (checked by check_state; counters settled): a tensor
+        assigned there is copied into its flat buffer, whose view then stands in `state`
+        again; a parameter whose momentum buffer (or precision buffer) is gone takes its
+        next step as a first step, as in torch."""
+        self._take_state(state)
+        self._write_counters(*self.base)
+
+    def _take_state(self, state):
         for index in range(len(self.params)):
             for _, tensor, view in self._state_pairs(state, index):
                 if tensor is not None and tensor is not view:
                     view.copy_(dense(tensor))
             self._point_state(state, index)
         self.table_stale = True
-        self._write_counters(0, 0)
 
     # -- a step --
 
     def prepare(self):
         """Which parameters have a gradient this step (not None, and not cleared unless a
         gradient came in outside the view), and the gradients that are not views of the
-        flat buffer [(index, gradient)], checked."""
+        flat buffer, or views the user moved off it [(index, gradient)], checked."""
         grads = list(map(_grad_of, self.params))
         views, cleared = self.grads.views, self.grads.cleared
-        if all(map(operator.is_, grads, views)):
+        if all(map(operator.is_, grads, views)) and self.grads.attached():
             if not any(cleared):  # the common step: every parameter has a gradient
                 if not all(self.present):
                     self.present = [True] * len(grads)
@@ -204,17 +215,19 @@ class Bucket:
                 self.present = present
                 self.table_stale = True
             return []
-        present = [grad is not None and (grad is not view or not was_cleared)
-                   for grad, view, was_cleared in zip(grads, views, cleared)]
+        # A view moved off its segment (p.grad.data = g) holds a gradient like any other.
+        moved = self.grads.detached()
+        present = [grad is not None and (grad is not view or off or not was_cleared)
+                   for grad, view, off, was_cleared in zip(grads, views, moved, cleared)]
         if present != self.present:
             self.present = present
             self.table_stale = True
         foreign = []
         for index, (grad, view) in enumerate(zip(grads, views)):
-            if grad is None or grad is view:
+            if grad is None or (grad is view and not moved[index]):
                 continue
             p = self.params[index]
-            if p.shape != view.shape:
+            if p.shape != self.grads.slots[index].shape:
                 raise Reshaped  # p.data = p.data.view(...): same memory, a new shape
             if grad.shape != p.shape or grad.device != p.device or grad.dtype != p.dtype:
                 raise RuntimeError(f"a parameter's .grad ({grad.dtype}, shape "
@@ -331,7 +344,7 @@ class Bucket:
         stay the same, and the table's rows use only terms it was prepared for
         (write_values and _write_table forget it otherwise)."""
         made_with = (self.device_table, *arrays, self.counters)
-        context = (seed, None if self.device.type == "cpu" else self.arrays.stream())
+        context = (seed, self.arrays.stream())
         if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
                 or any(a is not b for a, b in zip(made_with, self._launch_made_with))):
             self._launch = self.backend.step_function(
@@ -429,9 +442,12 @@ class Bucket:
             counters = self.backend.to_numpy(self.counters).copy()
         initialized = counters[GROUP_SLOTS:] != 0
         for index in np.flatnonzero(self.pending & ~initialized):
-            del state[self.params[index]]["momentum_buffer"]
-            if not state[self.params[index]]:
-                del state[self.params[index]]
+            entry = state.get(self.params[index])  # (unless the user removed it since)
+            if entry is not None and entry.get("momentum_buffer") is \
+                    self.velocity_views[index]:
+                del entry["momentum_buffer"]
+                if not entry:
+                    del state[self.params[index]]
         if (self.initialized != initialized).any():
             self.table_stale = True
         self.initialized = initialized

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from .tensors import dense, segment
+from .tensors import data_ptr, dense, segment
 
 _ENGINE = torch.autograd.Variable._execution_engine
 
@@ -29,9 +29,15 @@ class GradientViews:
 
     def __init__(self, params, grad, offsets, device):
         self.params, self.grad = params, grad
+        # The segments the kernels read: where a gradient that is not (or no longer) a view
+        # is copied to. The views given to the parameters as .grad start over the same
+        # memory; `p.grad.data = g` or `p.grad.set_(g)` moves one elsewhere (the same
+        # object), which a step notices by its data pointer (attached()).
+        self.slots = [segment(grad, o, p) for o, p in zip(offsets, params)]
         # .data: each gradient view with a version counter of its own (views share their
         # base's), so that an in-place write into one parameter's gradient shows.
-        self.views = [segment(grad, o, p).data for o, p in zip(offsets, params)]
+        self.views = [slot.data for slot in self.slots]
+        self.ptrs = list(map(data_ptr, self.views))
         # Parameters whose .grad is their view but which torch would show None: zeroed by
         # zero_grad(set_to_none=True), no gradient accumulated since (the hooks say).
         self.cleared = [False] * len(params)
@@ -52,15 +58,15 @@ class GradientViews:
         return {id(view): cleared for view, cleared in zip(self.views, self.cleared)}
 
     def commit(self, old_views):
-        """Points each parameter's .grad at its view where it may be (the bucket copied
-        its values), then hooks the parameters. `old_views`: cleared_by_view() of the
+        """Points each parameter's .grad that was a view of the replaced buffers at its
+        new view (the bucket copied its values; any other gradient object stays, as torch
+        never replaces one), then hooks the parameters. `old_views`: cleared_by_view() of the
         buffers replaced."""
         for index, p in enumerate(self.params):
             grad = p.grad
             view = self.views[index]
             cleared = old_views.get(id(grad))
-            if grad is not None and grad.shape == view.shape and (
-                    cleared is not None or _replaceable(grad, view)):
+            if grad is not None and grad.shape == view.shape and cleared is not None:
                 p.grad = view  # the bucket's fill() copied its values
                 self.cleared[index] = bool(cleared)
             elif cleared:
@@ -145,6 +151,7 @@ class GradientViews:
         still becomes the view. `capturing`: this zeroing is in a CUDA graph, so its
         replays zero the buffer before a backward captured after it."""
         self.watch()  # parameters thawed since they were packed
+        self.reattach()
         self.grad.zero_()
         self.zeroed_in_graph = capturing
         unwatched = set(self.unwatched)
@@ -176,6 +183,27 @@ class GradientViews:
         self.versions = [view._version for view in self.views]
         self.backward_pending = False  # (a failed backward runs no callbacks)
 
+    def attached(self):
+        """Whether every gradient view is still over its segment of the flat gradient
+        (the common step: one data pointer per view)."""
+        return list(map(data_ptr, self.views)) == self.ptrs
+
+    def detached(self):
+        """Per parameter, whether its gradient view was moved off its segment
+        (`p.grad.data = g`, `p.grad.set_(g)`): the object is still `.grad`, its values are
+        elsewhere."""
+        return [data_ptr(view) != ptr for view, ptr in zip(self.views, self.ptrs)]
+
+    def reattach(self):
+        """Puts each moved gradient view back over its segment (in zero_grad(), which
+        zeroes or drops the values: the object stays the parameter's .grad, and the next
+        backward accumulates into the flat buffer again)."""
+        if self.attached():
+            return
+        for view, slot, moved in zip(self.views, self.slots, self.detached()):
+            if moved:
+                view.data = slot
+
     def reshaped(self):
         """Whether a parameter has a new shape over the same memory (see Reshaped)."""
         return any(p.shape != view.shape for p, view in zip(self.params, self.views))
@@ -187,16 +215,13 @@ class GradientViews:
         p.grad = view
 
     def gather(self, foreign):
-        """Copies gradients that live outside the flat buffer into it, in one launch; a
-        standalone one is replaced by its view (same values)."""
+        """Copies gradients that live outside the flat buffer (and views moved off it)
+        into it, in one launch. Each stays its parameter's .grad, as torch never
+        replaces a gradient object at a step."""
         if not foreign:
             return
-        views = [self.views[index] for index, _ in foreign]
-        torch._foreach_copy_(views, [dense(grad) for _, grad in foreign])
-        for (index, grad), view in zip(foreign, views):
-            if _replaceable(grad, view):
-                self.params[index].grad = view
-                self.cleared[index] = False
+        torch._foreach_copy_([self.slots[index] for index, _ in foreign],
+                             [dense(grad) for _, grad in foreign])
 
 
 def _replaceable(grad, view):

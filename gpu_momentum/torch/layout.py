@@ -6,15 +6,12 @@ import operator
 
 import torch
 
-from ..backends import REGISTRY, BackendUnavailableError, backend_named, unavailable_reason
+from ..backends import (REGISTRY, BackendUnavailableError, backend_named,
+                        backends_for_device, unavailable_reason)
 from ..precision import BFLOAT16_EXTRA
 from .buckets import Bucket
 from .grad_views import zero_in_place
 from .tensors import NUMPY_DTYPES, TORCH_DTYPES, data_ptr, real_dtype
-
-
-# The backends for each torch device type, in the order "auto" tries them.
-DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cupy", "numba-cuda")}
 
 
 def pack(param_groups, state, old, *, backend_choice, skip_nonfinite, precision,
@@ -78,8 +75,8 @@ def _backend_for(number, p, choice):
     update); a trainable parameter no backend can update raises."""
     if p.layout != torch.strided or not (p.is_floating_point() or p.is_complex()):
         return None
-    names = DEVICE_BACKENDS.get(p.device.type)
-    if names is None:
+    names = backends_for_device(p.device.type)
+    if not names:
         return None  # meta tensors (model.to_empty() follows), other accelerators
     if choice == "auto":
         reasons = [f"{name}: {unavailable_reason(name)}" for name in names]

@@ -10,9 +10,11 @@ from ..hyperparams import STYLES
 from ..kernels.layout import PRECISION_NAMES
 from ..precision import check_seed
 from .buckets import CAPTURE_REFUSED
+from .differentiable import step_param_groups
 from .grad_views import Reshaped
 from .group_values import GroupValues
 from .layout import pack
+from .state import edits_of, plain, take_edits, tracked
 from .state_dict import (STATE_KEY, check_loadable, extras_of, read_extras,
                          restore_uncast)
 from .tensors import to_float
@@ -26,11 +28,17 @@ TORCH_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
 # The library's own per-group options, kept in `defaults` (and so in every group) only
 # when given other values: with the defaults the groups hold exactly torch's keys.
 EXTRA_GROUP_DEFAULTS = {"l1": 0.0, "decoupled_weight_decay": False}
+# The library's options that differentiable=True (torch's update, through torch
+# operations) has no part of: they must keep these values.
+FUSED_ONLY_DEFAULTS = {**EXTRA_GROUP_DEFAULTS, "skip_nonfinite": False,
+                       "capturable": False, "precision": "nearest", "style": "torch"}
 
 
 class UnsupportedOptionError(ValueError, NotImplementedError):
-    """An option torch.optim.SGD has and this optimizer does not (differentiable=True).
-    A ValueError, as every invalid value here, and a NotImplementedError (a RuntimeError,
+    """A combination of options this optimizer does not support: one of the library's
+    own options (l1, decoupled_weight_decay, skip_nonfinite, capturable, precision,
+    style) with differentiable=True, which computes torch.optim.SGD's update alone. A
+    ValueError, as every invalid value here, and a NotImplementedError (a RuntimeError,
     what torch raises for options its fused SGD lacks)."""
 
 
@@ -86,9 +94,20 @@ class SGD(Optimizer):
       in their own precision, and a mode other than "nearest" without any 16-bit
       parameter is a ValueError;
     - style: "torch" (default) or "classic" (one per optimizer);
-    - backend: "auto", "cpu", "cupy" or "numba-cuda".
-    foreach and fused are accepted and ignored (the update is always one fused pass);
-    differentiable=True raises UnsupportedOptionError.
+    - backend: "auto" (the first available backend for each tensor's device type), "cpu",
+      "cupy", "numba-cuda" or another registered backend's name
+      (gpu_momentum.backends.register_backend).
+    foreach and fused are accepted and ignored (the update is always one fused pass).
+
+    differentiable=True is a path of its own, not the fused kernel: nothing is packed;
+    `step()` is torch.optim.SGD(differentiable=True)'s, through torch operations under
+    autograd (gpu_momentum.torch.differentiable), as meta-learning needs, and
+    `zero_grad()` is torch's. The library's options above (but backend and seed, unused
+    there) raise UnsupportedOptionError with it.
+
+    `p.grad` and `opt.state` are torch's (see the package's docstring): `step()` never
+    replaces a gradient object, notices `p.grad.data = g` and `p.grad.set_(g)`, and
+    takes edits of `opt.state` as torch's next step would.
 
     Parameters in bfloat16 (with ml_dtypes installed), float16, float32 or float64 (and
     their complex types) are updated on every device; 16-bit ones are computed in float32,
@@ -98,7 +117,7 @@ class SGD(Optimizer):
     stay out of the buffers (a gradient on one at `step()` is an error).
     """
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, l1=0.0, decoupled_weight_decay=False,
                  skip_nonfinite=False, capturable=False, precision="nearest", seed=0,
                  style="torch", backend="auto", foreach=None, fused=None,
@@ -119,13 +138,12 @@ class SGD(Optimizer):
             raise RuntimeError("`fused` does not support `differentiable`")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if differentiable:
-            raise UnsupportedOptionError(
-                "Invalid differentiable value: True (gpu_momentum.torch.SGD updates in "
-                "place in a fused kernel outside autograd; use torch.optim.SGD("
-                "differentiable=True) to differentiate through the update)")
         seed = _check_library_options(l1, decoupled_weight_decay, skip_nonfinite,
                                       capturable, style, precision, seed, backend)
+        if differentiable:
+            _refuse_fused_only_options(l1=l1, decoupled_weight_decay=decoupled_weight_decay,
+                                       skip_nonfinite=skip_nonfinite, capturable=capturable,
+                                       precision=precision, style=style)
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov,
                     "maximize": maximize, "foreach": foreach,
@@ -142,7 +160,12 @@ class SGD(Optimizer):
         self._last_step_skipped = False
         self._layout = None  # add_param_group packs only once the optimizer exists
         super().__init__(params, defaults)
-        self._layout = self._pack(None)
+        self.state = tracked(self.state)
+        if differentiable:
+            self._step_supports_amp_scaling = False  # GradScaler unscales, as for torch's
+        else:
+            self._layout = self._pack(None)
+        self._state_seen = edits_of(self.state)
 
     # ---- the public surface torch.optim.SGD does not have -----------------------------
 
@@ -168,6 +191,11 @@ class SGD(Optimizer):
     @property
     def capturable(self):
         return self.__dict__.get("_capturable", False)
+
+    @property
+    def _through_autograd(self):
+        """differentiable=True: steps through torch operations, nothing packed."""
+        return bool(self.defaults.get("differentiable", False))
 
     @property
     def _counted_on_device(self):
@@ -196,7 +224,10 @@ class SGD(Optimizer):
         """Rewrites each buffer's update table from the param groups' current values, in
         place (same device addresses), now: a CUDA graph replayed next uses them. Call it
         after changing lr, momentum or any group value between graph replays (step()
-        does it by itself when it runs eagerly)."""
+        does it by itself when it runs eagerly). With differentiable=True there is no
+        table: it does nothing."""
+        if self._through_autograd:
+            return
         layout = self._current_layout()
         self._take_group_values(layout)
         for bucket in layout.buckets:
@@ -205,7 +236,10 @@ class SGD(Optimizer):
 
     @property
     def backends(self):
-        """{(device, dtype): backend name} of the flat buffers."""
+        """{(device, dtype): backend name} of the flat buffers (none with
+        differentiable=True)."""
+        if self._through_autograd:
+            return {}
         return {(str(b.device), b.param_dtype): b.backend.name
                 for b in self._current_layout().buckets}
 
@@ -252,6 +286,8 @@ class SGD(Optimizer):
         """Called by load_state_dict (with the new state and groups) and by unpickling
         and copy.deepcopy (a copy packs its new parameters at its first step)."""
         super().__setstate__(state)
+        self.state = tracked(self.state)
+        self._state_seen = edits_of(self.state)
         for group in self.param_groups:
             for key, default in TORCH_GROUP_DEFAULTS.items():
                 group.setdefault(key, default)
@@ -261,8 +297,9 @@ class SGD(Optimizer):
         layout = self.__dict__.get("_layout")
         if layout is None:
             self._layout = None
-            self._step_supports_amp_scaling = self._reads_scaler_values(
-                p.device for g in self.param_groups for p in g["params"])
+            self._step_supports_amp_scaling = not self._through_autograd and \
+                self._reads_scaler_values(
+                    p.device for g in self.param_groups for p in g["params"])
         else:
             for bucket in layout.buckets:
                 bucket.check_state(self.state)
@@ -279,6 +316,8 @@ class SGD(Optimizer):
         torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state)."""
         self._settle()
         state_dict = super().state_dict()
+        if isinstance(state_dict.get("state"), dict):  # torch's dicts, not opt.state's
+            state_dict["state"] = plain(state_dict["state"])
         state_dict[STATE_KEY] = extras_of(self._style, self.precision, self.seed,
                                           *self._counts)
         return state_dict
@@ -297,8 +336,9 @@ class SGD(Optimizer):
         except BaseException:
             self.state, self.param_groups = before
             raise
-        restore_uncast(state_dict, self.param_groups, self.state,
-                       self.__dict__.get("_layout") is not None)
+        if not self._through_autograd:  # (which keeps torch's casts)
+            restore_uncast(state_dict, self.param_groups, self.state,
+                           self.__dict__.get("_layout") is not None)
         if extras is not None:
             self._counts = [extras["step_count"], extras["skipped_steps"]]
             self._seed = extras.get("seed", 0)
@@ -306,6 +346,7 @@ class SGD(Optimizer):
         layout = self.__dict__.get("_layout")
         for bucket in [] if layout is None else layout.buckets:
             bucket.count_from(self._counts[0])
+        self._state_seen = edits_of(self.state)
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none=True):
@@ -318,7 +359,10 @@ class SGD(Optimizer):
         `step()`, as in torch) and one that had none still has none. A gradient that was
         not a view of the buffer (one DDP hands over, one the user assigned) is dropped
         (True) or zeroed (False) as torch does, and the view takes its place where that is
-        safe. Tensors kept out of the buffers get torch's zero_grad."""
+        safe. Tensors kept out of the buffers get torch's zero_grad, and so does
+        everything with differentiable=True."""
+        if self._through_autograd:
+            return super().zero_grad(set_to_none)
         capturing = self._on_cuda() and torch.cuda.is_current_stream_capturing()
         layout = self._current_layout(capturing)
         if capturing and any(bucket.grads.reshaped() for bucket in layout.buckets):
@@ -344,6 +388,10 @@ class SGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._through_autograd:
+            step_param_groups(self.param_groups, self.state)
+            self._counts[0] += 1
+            return loss
         capturing = self._on_cuda() and torch.cuda.is_current_stream_capturing()
         if capturing and not self._counted_on_device:
             raise RuntimeError(CAPTURE_REFUSED.format(
@@ -369,6 +417,14 @@ class SGD(Optimizer):
             layout = self._layout = self._pack(layout)
             self._take_group_values(layout)
             prepared = [bucket.prepare() for bucket in layout.buckets]
+        if edits_of(self.state) != self._state_seen:  # opt.state was edited or replaced
+            if capturing:
+                raise RuntimeError(CAPTURE_REFUSED.format(
+                    "opt.state was edited: its tensors must be taken into the buffers "
+                    "(take a step outside the capture first)"))
+            self._settle()
+            self.state = take_edits(self.state, layout.buckets)
+            self._state_seen = edits_of(self.state)
         if found_inf is not None and not on_device and to_float(found_inf) != 0:
             # GradScaler found an inf: nothing changes, and a parameter's first step
             # stays its first step (torch's fused SGD gets this wrong; its for-loop not).
@@ -388,6 +444,7 @@ class SGD(Optimizer):
         if not layout.counted_on_device:
             self._counts[1 if skipped else 0] += 1
             self._last_step_skipped = skipped
+        self._state_seen = edits_of(self.state)  # (its own edits: first steps' buffers)
         return loss
 
     def _take_group_values(self, layout):
@@ -442,6 +499,18 @@ class SGD(Optimizer):
                 self._counts[1] += skipped
                 if taken or skipped:
                     self._last_step_skipped = last
+
+
+def _refuse_fused_only_options(**given):
+    """differentiable=True computes torch.optim.SGD's update alone: UnsupportedOptionError
+    naming the first of the library's options `given` a value other than its default."""
+    for name, value in given.items():
+        default = FUSED_ONLY_DEFAULTS[name]
+        if value != default:
+            raise UnsupportedOptionError(
+                f"Invalid {name} value: {value!r} with differentiable=True (which steps "
+                f"through torch.optim.SGD's update as torch operations, without {name}; "
+                f"it must be {default!r})")
 
 
 def _check_library_options(l1, decoupled_weight_decay, skip_nonfinite, capturable, style,

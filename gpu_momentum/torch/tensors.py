@@ -2,8 +2,6 @@
 flat buffers as each backend's arrays and the context its launches run in, and the views
 that make a parameter's tensors segments of a flat buffer."""
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -19,71 +17,28 @@ data_ptr = torch.Tensor.data_ptr  # looked up once: read for every parameter at 
 
 
 class ArraysFor:
-    """The flat tensors as the backend's arrays, and the context its launches run in:
-    NumPy views on the CPU; on CUDA, torch's current stream of the buffers' device (CuPy
-    launches on its current stream; numba-cuda on the stream an array names, and torch's
-    __cuda_array_interface__ names none)."""
+    """The flat tensors as the backend's arrays (Backend.from_torch), and the context its
+    launches run in (Backend.torch_context: on CUDA, torch's current stream of the
+    buffers' device). A backend whose arrays name their stream gets new views at each
+    step, naming torch's current stream then."""
 
     def __init__(self, backend, device, tensors):
         self.backend, self.device, self.tensors = backend, device, tensors
-        if device.type == "cpu":
-            self.fixed = tuple(map(_numpy_view, tensors))
-        elif backend.name == "cupy":
-            import cupy
-            with cupy.cuda.Device(self._index()):
-                self.fixed = tuple(_StreamArray(t, None) if t.dtype == torch.bfloat16
-                                   else cupy.asarray(t) for t in tensors)
-        else:
-            self.fixed = None  # numba-cuda: views naming the current stream, per step
-
-    def _index(self):
-        return self.device.index if self.device.index is not None else \
-            torch.cuda.current_device()
+        self.fixed = None if backend.arrays_name_stream else \
+            tuple(map(backend.from_torch, tensors))
 
     def stream(self):
-        """torch's current CUDA stream of the buffers' device, as its handle."""
-        return torch.cuda.current_stream(self.device).cuda_stream
+        """The backend's handle of torch's current stream on the buffers' device."""
+        return self.backend.torch_stream(self.device)
 
     def context(self):
-        if self.device.type == "cpu":
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        if self.backend.name == "cupy":
-            import cupy
-            stack.enter_context(cupy.cuda.Device(self._index()))
-            stack.enter_context(cupy.cuda.ExternalStream(self.stream(), self._index()))
-        else:
-            from numba import cuda
-            stack.enter_context(cuda.gpus[self._index()])
-        return stack
+        return self.backend.torch_context(self.device)
 
     def step_arrays(self):
         if self.fixed is not None:
             return self.fixed
-        stream = self.stream() or 1  # CAI v3: 1 is the legacy default stream, torch's 0
-        return tuple(_StreamArray(t, stream) for t in self.tensors)
-
-
-class _StreamArray:
-    """A torch CUDA tensor's __cuda_array_interface__ (version 3) naming `stream`. torch
-    gives bfloat16 tensors no interface: theirs is their bits' (an int16 view, described
-    as "<u2") with `dtype` ml_dtypes' bfloat16, which the library's checks read
-    (arrays.describe) and its kernels take as bits."""
-
-    def __init__(self, tensor, stream):
-        interface = tensor.__cuda_array_interface__ if tensor.dtype != torch.bfloat16 else \
-            {**tensor.view(torch.int16).__cuda_array_interface__, "typestr": "<u2"}
-        if tensor.dtype == torch.bfloat16:
-            self.dtype = NUMPY_DTYPES[torch.bfloat16]
-        self.__cuda_array_interface__ = {**interface, "version": 3, "stream": stream}
-
-
-def _numpy_view(tensor):
-    """A CPU tensor as a NumPy array over its memory: bfloat16 through its bits, as
-    ml_dtypes' bfloat16 (NumPy has no torch.bfloat16)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(NUMPY_DTYPES[torch.bfloat16])
-    return tensor.numpy()
+        stream = self.stream()
+        return tuple(self.backend.from_torch(t, stream) for t in self.tensors)
 
 
 def real_dtype(dtype):
