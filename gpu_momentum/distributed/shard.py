@@ -46,10 +46,10 @@ class ShardUpdate(MomentumSGD):
         return self._backend
 
     @property
-    def table_stale(self):
-        """Whether the update table changed since the last step built it: after a
-        hyperparameter change or a loaded state."""
-        return self._table_stale
+    def hyperparameters_version(self):
+        """A number that changes with every change of the hyperparameters (a setter, a
+        loaded state)."""
+        return self._hypers_version
 
     def hyperparameters(self):
         """Every group's hyperparameters ([0]: the optimizer's own), as dicts."""

@@ -103,6 +103,7 @@ class ShardedMomentumSGD:
                                              self._whole)
         self._scratch = backend.zeros(self._local.velocity.shape, info.dtype)
         self._fingerprint = None  # of the hyperparameters, for the steps' agreement
+        self._fingerprint_version = None  # the hyperparameters_version it digests
 
     def _description(self, params, info, transport):
         """What must be the same on every rank (compared in this order)."""
@@ -151,10 +152,12 @@ class ShardedMomentumSGD:
 
     def _hyperparameter_fingerprint(self):
         """A 56-bit digest of every group's hyperparameters, recomputed after a change."""
-        if self._fingerprint is None or self._local.table_stale:
+        version = self._local.hyperparameters_version
+        if self._fingerprint is None or self._fingerprint_version != version:
             text = repr(self._local.hyperparameters()).encode()
             self._fingerprint = int.from_bytes(hashlib.blake2b(text, digest_size=7)
                                                .digest(), "little")
+            self._fingerprint_version = version
         return self._fingerprint
 
     def step(self, grad=None, *, grad_scale=1.0, grads_reduced=False):

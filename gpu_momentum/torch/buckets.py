@@ -412,7 +412,11 @@ class Bucket:
                                          param_array)
             self.device_table = device_table(self.backend, table, param_array,
                                              reuse=self.device_table)
-        self.host_table = table
+        if self.host_table is None:
+            self.host_table = table
+        else:  # in place: on the CPU the host table's arrays are the table's
+            for name in ("scalars", "group_flags", "range_groups"):
+                getattr(self.host_table, name)[...] = getattr(table, name)
         self.table_stale = False
         self.awaiting_first = not (self.initialized | self.param_keeps).all()
         if not table_terms(rows) <= self._launch_terms:

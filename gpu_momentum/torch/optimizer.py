@@ -402,7 +402,7 @@ class SGD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         # Everything that can fail is checked before anything is written.
         layout.check_kept_out()
-        self._take_group_values(layout)
+        self._take_group_values(layout, capturing)
         # CUDA buffers read GradScaler's values on the device (see _reads_scaler_values).
         on_device = layout.on_cuda
         device_scaling = on_device and (grad_scale is not None or found_inf is not None)
@@ -447,11 +447,15 @@ class SGD(Optimizer):
         self._state_seen = edits_of(self.state)  # (its own edits: first steps' buffers)
         return loss
 
-    def _take_group_values(self, layout):
+    def _take_group_values(self, layout, capturing=False):
         """The param groups' values that changed since the update tables took them,
         checked against every buffer's compute dtype (nothing changes on a refusal, and
         the next step refuses them again), then written into the tables' rows in place."""
         changes = self._group_values.changes(self.param_groups)
+        if changes and capturing:
+            raise RuntimeError(CAPTURE_REFUSED.format(
+                "the update table must be written (call opt.prepare() after changing a "
+                "group's values)"))
         if changes:
             for bucket in layout.buckets:
                 bucket.check_values(changes)
