@@ -138,7 +138,7 @@ def torch_sgd_builder(torch, device, backend, schedule=None):
             opt.step()  # creates the momentum buffers, as in training
         except (TypeError, ValueError) as error:
             raise Unsupported(f"{TORCH_API}: {error}") from error
-        return Built(scheduled(torch, opt, opt.step, schedule),
+        return Built(scheduled(torch, opt, schedule),
                      lambda: torch_values(torch, params, problem.dtype))
     return build
 

@@ -57,14 +57,15 @@ def scheduled_numpy_two_line_builder(problem):
     return Built(step, lambda: [param.copy()])
 
 
-def scheduled(torch, opt, step, schedule):
-    """`step` with the lr changed as `schedule` says (bench.data): None, `step` itself;
-    LR_EACH_STEP, every group's lr set from SCHEDULED_LRS before it (the first value
-    taken by the first call); ONE_CYCLE, torch's OneCycleLR (peak LR) stepped after it."""
+def scheduled(torch, opt, schedule):
+    """`opt.step` with the lr changed as `schedule` says (bench.data): None, `opt.step`
+    itself; LR_EACH_STEP, every group's lr set from SCHEDULED_LRS before it (the first
+    value taken by the first call); ONE_CYCLE, torch's OneCycleLR (peak LR) stepped after
+    it."""
     if schedule is None:
-        return step
+        return opt.step
     if schedule == LR_EACH_STEP:
-        lrs, groups = itertools.cycle(SCHEDULED_LRS), opt.param_groups
+        lrs, groups, step = itertools.cycle(SCHEDULED_LRS), opt.param_groups, opt.step
 
         def step_at_next_lr():
             lr = next(lrs)
@@ -75,6 +76,7 @@ def scheduled(torch, opt, step, schedule):
     if schedule == ONE_CYCLE:
         scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR,
                                                         total_steps=ONE_CYCLE_STEPS)
+        step = opt.step  # the scheduler's wrapper, which counts the optimizer's steps
 
         def step_and_schedule():
             step()
@@ -132,7 +134,7 @@ def torch_builder(torch, device, options, schedule=None):
             opt.step()
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
             raise Unsupported(f"torch: {error}") from error
-        return Built(scheduled(torch, opt, opt.step, schedule),
+        return Built(scheduled(torch, opt, schedule),
                      lambda: torch_values(torch, params, problem.dtype))
     return build
 
