@@ -83,6 +83,13 @@ def _computes_in(param_dtype):
     return compute, _Why(compute, param_dtype)
 
 
+@functools.cache
+def _compute_and_largest(param_dtype):
+    """(compute dtype, its largest finite value) for parameters of `param_dtype`."""
+    compute = _computes_in(param_dtype)[0]
+    return compute, _largest(compute)
+
+
 def inverse_grad_scale(grad_scale, param_dtype):
     """1 / grad_scale, after checking that grad_scale is a finite number > 0 whose inverse
     is a finite, normal number in the compute dtype of `param_dtype` parameters (the
@@ -234,6 +241,23 @@ class Hyperparameters:
             raise ValueError(_decay_product_message(self.lr, self.weight_decay, largest,
                                                     compute, why))
         return self
+
+    def with_lr(self, lr, param_dtype):
+        """`replace(lr=lr).check_dtype(param_dtype)`, on a schedule's path: a float lr
+        that every rule accepts (finite, >= 0, at most the compute dtype's largest, and
+        with decoupled weight decay a finite lr * weight_decay) is checked alone, the other
+        values being this checked group's; anything else takes the full checks, which
+        raise as they do at construction."""
+        compute, largest = _compute_and_largest(param_dtype)
+        if type(lr) is float and 0 <= lr <= largest and (
+                not self.decoupled_weight_decay or _product_is_finite(
+                    lr, self.weight_decay, compute)):
+            changed = object.__new__(Hyperparameters)
+            values = changed.__dict__
+            values.update(self.__dict__)
+            values["lr"] = lr
+            return changed
+        return self.replace(lr=lr).check_dtype(param_dtype)
 
     @property
     def keeps_velocity(self):

@@ -41,8 +41,8 @@ from .functional import (FLOAT_KINDS, NUMBER_KINDS, STATELESS_TABLES_KEPT, is_ar
 from .groups import GROUP_FIELDS, resolve_groups, row_terms, table_terms, update_table
 from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .kernels.elementwise import count_step, mark_velocities_initialized
-from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, SKIPPED_STEPS,
-                             STEP_COUNT, VELOCITY_INITIALIZED)
+from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, LR,
+                             SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
 from .optimizer_state import (COUNT_LIMIT, STATE_FORMAT, STATE_FORMATS, count, like,
                               read_header, state_dict_keys)
 from .param_groups import ParamGroup, ParamGroups
@@ -186,20 +186,28 @@ class _FlatUpdate:
                 ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
         return self._table
 
-    def _write_rows(self, groups):
+    def _write_rows(self, groups, lr_only=False):
         """The rows (scalars, flags) of `groups`, whose Hyperparameters changed, written
         into the update table in place: in host memory, then each changed row copied into
         the backend's table with `upload_into` (queued on param's stream, no waiting; on
         the CPU the host table is the table). No table is built and no array allocated;
         the prepared launch stays, unless a row now uses a term of the update it was not
         prepared for (groups.row_terms). A change of whether a group keeps its velocity
-        (momentum 0 in torch style) rewrites the table at the next step instead."""
+        (momentum 0 in torch style) rewrites the table at the next step instead.
+        lr_only: only the lr changed, which (without decoupled weight decay) is the lr
+        column alone."""
         host = self._host_table
         if self._table_stale or host is None:
             return  # the next step (or prepare) builds the table from _hypers
         dtype, shared = self._compute_dtype, host.scalars is self._table.scalars
         for group in groups:
             hyper = self._hypers[group]
+            if lr_only and not hyper.decoupled_weight_decay:
+                host.scalars[group, LR] = hyper.lr  # cast as table_row casts it
+                if not shared:
+                    self._backend.upload_into(self._table.scalars[group:group + 1],
+                                              host.scalars[group:group + 1], self.param)
+                continue
             if self._counted_on_device:
                 initialized = True
             else:
@@ -422,7 +430,9 @@ class MomentumSGD(_FlatUpdate):
     def _set(self, group, **change):
         """Validates the change once (as at construction) and writes the changed rows of
         the update table in place (_write_rows): a scalar write, no table built."""
-        hyper = self._hypers[group].replace(**change).check_dtype(self._param_dtype)
+        lr_only = len(change) == 1 and "lr" in change
+        hyper = self._hypers[group].with_lr(change["lr"], self._param_dtype) if lr_only \
+            else self._hypers[group].replace(**change).check_dtype(self._param_dtype)
         if self._capturable:
             self._refuse_host_work("a hyperparameter change writes the table")
         changed = [group]
@@ -431,7 +441,7 @@ class MomentumSGD(_FlatUpdate):
             changed = range(len(self._hypers))
         self._hypers[group] = hyper
         self._hypers_version += 1
-        self._write_rows(changed)
+        self._write_rows(changed, lr_only)
         if self._capturable:  # graphs replayed from now on read the new table
             self.prepare()
 

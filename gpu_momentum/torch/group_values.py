@@ -65,8 +65,8 @@ class GroupValues:
 
     def _remember(self, index, objects, values):
         self._seen[index] = objects
-        self._tensors[index] = tuple((value, value._version) for value in objects
-                                     if isinstance(value, torch.Tensor))
+        self._tensors[index] = tuple((tensor, tensor._version) for tensor in objects
+                                     if isinstance(tensor, torch.Tensor))
         self.values[index] = values
 
 
