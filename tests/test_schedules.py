@@ -175,3 +175,152 @@ def test_momentum_sgd_refusals_change_nothing(key, value, pattern, how):
     after = opt.state_dict()
     assert {k: v for k, v in after.items() if k != "velocity"} == \
         {k: v for k, v in state.items() if k != "velocity"}
+
+
+# Every step's values (the optimizer's own, then its group's): the lr changes each step;
+# momentum, weight decay, l1 (a term turned on: the CPU prepares its loop again) and
+# nesterov change at some steps.
+EVERY_BACKEND_SCHEDULE = [
+    ({"lr": 0.1}, {"lr": 0.05}),
+    ({"lr": 0.07}, {"lr": 0.02, "momentum": 0.5}),
+    ({"lr": 0.03, "weight_decay": 0.01}, {"lr": 0.2}),
+    ({"lr": 0.01}, {"lr": 0.2, "l1": 0.001}),
+    ({"lr": 0.0, "nesterov": True}, {"lr": 0.11}),
+    ({"lr": 0.3}, {"lr": 0.04, "momentum": 0.8}),
+]
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["eager", "capturable"])
+def test_schedule_on_every_backend_equals_fresh_optimizers(backend, capturable):
+    """A MomentumSGD whose values change before every step (attribute and group item)
+    takes, bit for bit, the steps of a fresh optimizer built at each step's values with
+    the state (velocity, counters) carried over."""
+    import gpu_momentum as gm
+
+    rng = np.random.default_rng(2)
+    sizes = (37, 64)
+    start = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [rng.standard_normal(sum(sizes) + 8).astype(np.float32)
+             for _ in EVERY_BACKEND_SCHEDULE]
+
+    def flat_params():
+        flat = gm.FlatParams.from_arrays([backend.from_numpy(a) for a in start])
+        return flat
+
+    base = {"momentum": 0.9, "style": "torch", "capturable": capturable,
+            "backend": backend.name}
+    scheduled_flat = flat_params()
+    scheduled = gm.MomentumSGD(scheduled_flat, lr=0.1, groups=[{"params": [1]}], **base)
+    own = {"lr": 0.1}
+    # every option of the group: a fresh optimizer's groups would take its own values
+    group = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "l1": 0.0, "nesterov": False}
+    fresh_flat, state = flat_params(), None
+    for step, ((own_change, group_change), grad) in enumerate(
+            zip(EVERY_BACKEND_SCHEDULE, grads)):
+        own, group = {**own, **own_change}, {**group, **group_change}
+        for key, value in own_change.items():
+            setattr(scheduled, key, value)
+        scheduled.param_groups[0].update(group_change)
+        backend.assign(scheduled_flat.grad, grad[:scheduled_flat.grad.size])
+        scheduled.step()
+
+        fresh = gm.MomentumSGD(fresh_flat, **{**base, **own},
+                               groups=[{"params": [1], **group}])
+        if state is not None:
+            fresh.load_state_dict({**state, **own, "groups": [{"params": [1], **group}]})
+        backend.assign(fresh_flat.grad, grad[:fresh_flat.grad.size])
+        fresh.step()
+        state = fresh.state_dict()
+        for name, got, want in (("params", scheduled_flat.data, fresh_flat.data),
+                                ("velocity", scheduled.velocity, fresh.velocity)):
+            assert backend.to_numpy(got).tobytes() == backend.to_numpy(want).tobytes(), \
+                f"{name} after step {step + 1}"
+    assert scheduled.step_count == len(EVERY_BACKEND_SCHEDULE)
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["eager", "counted"])
+def test_cuda_c_kernel_reads_a_row_rewritten_in_place(tmp_path_factory, counted):
+    """The CUDA C kernel (on the CPU through the host shim) over one table whose row is
+    rewritten in place before every step equals, bit for bit, the kernel over a table
+    built afresh at each step's values (a counted step: the counters decide first steps,
+    as with capturable=True)."""
+    from gpu_momentum.groups import update_table
+    from gpu_momentum.hyperparams import Hyperparameters
+    from gpu_momentum.kernels.layout import GROUP_SLOTS
+    from host_kernel import HostKernel, build_library
+
+    kernel = HostKernel(build_library(tmp_path_factory.mktemp("cuda-host-schedule")))
+    rng = np.random.default_rng(3)
+    n = 1000
+    start = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in EVERY_BACKEND_SCHEDULE]
+    values = {"lr": 0.1, "momentum": 0.9, "style": "torch"}
+    in_place = None
+    runs = {name: (start.copy(), np.zeros(n, np.float32),
+                   np.zeros(GROUP_SLOTS + 1, np.int64) if counted else None)
+            for name in ("in place", "fresh")}
+    for step, ((change, _), grad) in enumerate(zip(EVERY_BACKEND_SCHEDULE, grads)):
+        values = {**values, **change}
+        hyper = Hyperparameters(**values)
+        initialized = [counted or step > 0]
+        fresh = update_table([hyper], initialized, np.dtype(np.float32), size=n)
+        if in_place is None:
+            in_place = update_table([hyper], initialized, np.dtype(np.float32), size=n)
+        else:  # the row and flags written into the same arrays
+            in_place.scalars[0] = hyper.group_row(np.float32)
+            in_place.group_flags[0] = hyper.group_flags(initialized[0])
+        for name, table in (("in place", in_place), ("fresh", fresh)):
+            param, velocity, counters = runs[name]
+            kernel.step(param, grad, velocity, table, counters=counters,
+                        check_nonfinite=False)
+        assert runs["in place"][0].tobytes() == runs["fresh"][0].tobytes(), step
+        assert runs["in place"][1].tobytes() == runs["fresh"][1].tobytes(), step
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["eager", "capturable"])
+def test_lr_changed_every_step_moves_only_the_changed_rows(backend, monkeypatch,
+                                                           capturable):
+    """Through the backend interface, on every backend: after warm-up, a step with the
+    optimizer's lr and its group's lr changed before it builds no table, prepares no
+    launch, checks no array and allocates nothing; the only copies are the two changed
+    rows (GROUP_COLUMNS scalars each) into a device table, none into the CPU's."""
+    import gpu_momentum as gm
+    from gpu_momentum.kernels.layout import GROUP_COLUMNS
+
+    flat = gm.FlatParams.from_arrays([backend.from_numpy(np.full(n, 1.0, np.float32))
+                                      for n in (37, 64)])
+    backend.assign(flat.grad, np.linspace(-1, 1, flat.grad.size))
+    opt = gm.MomentumSGD(flat, lr=0.1, momentum=0.9, groups=[{"params": [1]}],
+                         capturable=capturable, backend=backend.name)
+    for _ in range(2):  # warm-up: the first step's flags are written after it
+        opt.step()
+    engine = gm.backends.backend_named(backend.name)
+    probe = np.zeros(1)
+    host_table = engine.upload(probe, flat.data) is probe
+    calls = dict.fromkeys(("zeros", "copy", "asarray", "assign", "to_numpy", "upload",
+                           "step_function", "check_arrays", "update_table"), 0)
+    copied = []
+
+    def counted(owner, name):
+        method = getattr(owner, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return method(*args, **kwargs)
+        monkeypatch.setattr(owner, name, call)
+
+    for name in ("zeros", "copy", "asarray", "assign", "to_numpy", "upload",
+                 "step_function"):
+        counted(engine, name)
+    for name in ("check_arrays", "update_table"):
+        counted(optimizer_module, name)
+    upload_into = engine.upload_into
+    monkeypatch.setattr(engine, "upload_into", lambda target, array, param: (
+        copied.append(np.asarray(array).nbytes), upload_into(target, array, param))[1])
+    for step in range(6):
+        opt.lr = 0.1 / (step + 2)
+        opt.param_groups[0]["lr"] = 0.05 * (step + 1)
+        opt.step()
+    assert calls == dict.fromkeys(calls, 0)
+    row = GROUP_COLUMNS * np.dtype(np.float32).itemsize
+    assert copied == ([] if host_table else [row] * 12)
