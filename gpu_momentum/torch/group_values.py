@@ -87,8 +87,10 @@ def read_values(objects, index):
     for name, value in zip(KEYS, objects):
         if value is None and name in ABSENT:
             value = ABSENT[name]
-        values.append(_number(name, value, index) if len(values) < NUMBERS else
-                      bool(value))
+        if len(values) >= NUMBERS:
+            values.append(bool(value))
+        else:  # a float (what schedulers set) needs no conversion
+            values.append(value if type(value) is float else _number(name, value, index))
     return tuple(values)
 
 
