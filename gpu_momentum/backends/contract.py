@@ -108,8 +108,10 @@ class Backend(Protocol):
         counters): a counted step that does not look for non-finite values (the launches
         without "find_nonfinite"). Each grad it gets must be one that
         `check_arrays` accepted with param and velocity, unchanged since (see
-        arrays.array_state); a table `device_table` rewrote in place at the same addresses
-        keeps it valid."""
+        arrays.array_state); a table rewritten in place at the same addresses
+        (`device_table` with reuse, or rows through `upload_into`) keeps it valid while
+        its rows use only the terms they used when it was prepared
+        (gpu_momentum.groups.row_terms)."""
 
     def step(self, param, grad, velocity, table: UpdateTable, inv_grad_scale,
              counters=None, agree=None, check_nonfinite=True, grad_scale=None,
