@@ -16,9 +16,7 @@ from .kernels.elementwise import count_step, mark_velocities_initialized
 from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, PRECISION_NAMES,
                              SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
 from .precision import PRECISION_BUFFER_NAMES, Precision, check_key_integer, check_seed
-
-STATE_FORMAT = 3  # 2: before precision, velocity_dtype, seed and the precision buffers
-STATE_FORMATS = (2, 3)  # what load_state_dict reads
+from .state_format import STATE_VERSION, momentum_sgd_keys, state_version
 
 
 COUNT_LIMIT = 2**63 - 1  # the counters are int64
@@ -687,14 +685,14 @@ class MomentumSGD:
                                f"changed.")
 
     def state_dict(self):
-        """A plain dict (format 3): format version, the optimizer's hyperparameters,
-        precision, velocity_dtype (its name) and seed, its groups (each with "params" as
-        given and every option), step count, whether each group's velocity is initialized
-        (the optimizer's own first, then one per group), a velocity copy and, with
-        precision "kahan" or "master", a copy of the compensation or master buffer under
-        that name."""
+        """A plain dict: format (the state version, gpu_momentum.state_format), the
+        optimizer's hyperparameters, precision, velocity_dtype (its name) and seed, its
+        groups (each with "params" as given and every option), step count, whether each
+        group's velocity is initialized (the optimizer's own first, then one per group), a
+        velocity copy and, with precision "kahan" or "master", a copy of the compensation
+        or master buffer under that name."""
         counters = self._host_counters()
-        state = {"format": STATE_FORMAT, **self._hypers[0].as_dict(),
+        state = {"format": STATE_VERSION, **self._hypers[0].as_dict(),
                  "precision": self.precision, "velocity_dtype": self.velocity_dtype.name,
                  "seed": self.seed,
                  "groups": [dict(group) for group in self.param_groups],
@@ -707,7 +705,7 @@ class MomentumSGD:
         return state
 
     def load_state_dict(self, state, params=None):
-        """Restores `state_dict()` output (format 3, or format 2 of earlier versions:
+        """Restores `state_dict()` output (of any state version: before version 4 as
         precision "nearest", the default velocity dtype, seed 0) and, given `params` (an
         array of the flat buffer's shape and dtype, in host or this backend's memory), the
         parameters too. The state's precision must be this optimizer's. Validates everything before changing anything: every value (also against the
@@ -720,26 +718,21 @@ class MomentumSGD:
         without arguments that restores them, which cannot fail."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type_name(state)}")
-        version = state.get("format")
-        if (isinstance(version, (bool, np.bool_)) or not isinstance(version, numbers.Integral)
-                or version not in STATE_FORMATS):
-            raise ValueError(f"Invalid format value: {version!r} (this version reads "
-                             f"formats {' and '.join(map(str, STATE_FORMATS))})")
-        version = int(version)
-        precision = state.get("precision", "nearest") if version == 3 else "nearest"
+        version = state_version("MomentumSGD", state.get("format"))
+        precision = state.get("precision", "nearest") if version >= 4 else "nearest"
         if precision != self.precision:
             raise ValueError(f"Invalid precision value: {precision!r} (the state was saved "
                              f"with precision {precision!r}, this optimizer uses "
                              f"{self.precision!r})")
-        expected = set(self.state_dict_keys(self.precision, version))
+        expected = set(momentum_sgd_keys(self.precision, version))
         if set(state) != expected:
             raise ValueError(f"state has keys {sorted(state)}, expected {sorted(expected)}")
-        if version == 3:
+        if version >= 4:
             velocity_dtype = state["velocity_dtype"]
             if velocity_dtype != self.velocity_dtype.name:
                 raise ValueError(f"Invalid velocity_dtype value: {velocity_dtype!r} (this "
                                  f"optimizer keeps a {self.velocity_dtype.name} velocity)")
-        seed = check_seed(state["seed"]) if version == 3 else 0
+        seed = check_seed(state["seed"]) if version >= 4 else 0
         defaults = Hyperparameters(
             **{k: state[k] for k in Hyperparameters.__dataclass_fields__})
         if defaults.style != self.style:
@@ -816,17 +809,6 @@ class MomentumSGD:
             raise ValueError(f"{name} has shape {have.shape} and dtype {have.dtype}; "
                              f"this optimizer needs shape {want.shape}, dtype {want.dtype}")
         return array
-
-    @staticmethod
-    def state_dict_keys(precision="nearest", version=STATE_FORMAT):
-        """The keys of a state dict of `version` (2 or 3) saved with `precision`."""
-        keys = ("format", *Hyperparameters.__dataclass_fields__, "groups", "step_count",
-                "velocity_initialized", "skipped_steps", "velocity")
-        if version == 2:
-            return keys
-        buffer = PRECISION_BUFFER_NAMES.get(precision)
-        return (*keys[:-5], "precision", "velocity_dtype", "seed", *keys[-5:],
-                *((buffer,) if buffer else ()))
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self._hypers[0].as_dict().items())

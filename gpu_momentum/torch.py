@@ -74,14 +74,10 @@ from .kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIP
                              NO_GROUP, PRECISION_NAMES, SKIPPED_STEPS, STEP_COUNT,
                              VELOCITY_INITIALIZED)
 from .precision import BFLOAT16_EXTRA, PRECISION_BUFFER_NAMES, check_seed
+from .state_format import STATE_KEY, STATE_VERSION, state_version, torch_extras_keys
 
 __all__ = ["SGD", "UnsupportedOptionError"]
 
-# The library's extras in a state_dict, under one top-level key that torch.optim.SGD's
-# load_state_dict ignores (it reads "state" and "param_groups" only).
-STATE_KEY = "gpu_momentum"
-STATE_FORMAT = 2  # 1: before precision and seed
-STATE_FORMATS = (1, 2)  # what load_state_dict reads
 # What torch.optim.SGD.__setstate__ fills into the param groups of an older checkpoint.
 TORCH_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
                         "differentiable": False, "fused": False}
@@ -370,11 +366,12 @@ class SGD(Optimizer):
         that have one, views of the flat velocity, and with precision "kahan" or "master"
         `state[i]["compensation"]` or `state[i]["master"]` for the 16-bit parameters that
         took a step; `param_groups` with torch's keys), plus the library's extras under
-        "gpu_momentum" (format 2: style, precision, seed and the step counts), which
-        torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state)."""
+        "gpu_momentum" (format: the state version of gpu_momentum.state_format; style,
+        precision, seed and the step counts), which torch.optim.SGD ignores (it keeps the
+        extra per-parameter tensors as state)."""
         self._settle()
         state_dict = super().state_dict()
-        state_dict[STATE_KEY] = {"format": STATE_FORMAT, "style": self._style,
+        state_dict[STATE_KEY] = {"format": STATE_VERSION, "style": self._style,
                                  "precision": self.precision, "seed": self.seed,
                                  "step_count": self._counts[0],
                                  "skipped_steps": self._counts[1]}
@@ -1404,19 +1401,15 @@ def _extras(state_dict):
     extras = state_dict.get(STATE_KEY)
     if extras is None:
         return None
-    version = extras.get("format") if isinstance(extras, dict) else None
-    if type(version) is not int or version not in STATE_FORMATS:
-        raise ValueError(f"Invalid {STATE_KEY} format value: {version!r} (this version "
-                         f"reads formats {' and '.join(map(str, STATE_FORMATS))})")
-    keys = {"format", "style", "step_count", "skipped_steps"}
-    if version == 2:
-        keys |= {"precision", "seed"}
+    version = state_version("torch.SGD", extras.get("format") if isinstance(extras, dict)
+                            else None, f"{STATE_KEY} format")
+    keys = set(torch_extras_keys(version))
     if set(extras) != keys:
         raise ValueError(f"Invalid {STATE_KEY} value in state_dict: {extras!r} (a dict "
                          f"with keys {sorted(keys)})")
     if extras["style"] not in STYLES:
         raise ValueError(f"Invalid {STATE_KEY} style value: {extras['style']!r}")
-    if version == 2:
+    if version >= 4:
         if extras["precision"] not in PRECISION_NAMES:
             raise ValueError(f"Invalid {STATE_KEY} precision value: "
                              f"{extras['precision']!r}")
