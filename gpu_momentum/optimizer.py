@@ -13,9 +13,10 @@ from .flat import FlatParams
 from .groups import GROUP_OPTIONS, resolve_groups, update_table
 from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .kernels.elementwise import count_step, mark_velocities_initialized
-from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, PRECISION_NAMES,
-                             SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
-from .precision import PRECISION_BUFFER_NAMES, Precision, check_key_integer, check_seed
+from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, SKIPPED_STEPS,
+                             STEP_COUNT, VELOCITY_INITIALIZED)
+from .precision import (PRECISION_BUFFER_NAMES, Precision, check_key_integer,
+                        check_precision_name, check_same_precision, check_seed)
 from .state_format import STATE_VERSION, momentum_sgd_keys, state_version
 
 
@@ -100,9 +101,7 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
 
     hyper, first_step = checked() if key is None else _recent(_STATELESS_HYPERS, key, checked)
     seed, step_count = check_seed(seed), _step_count(step_count)
-    if not isinstance(precision, str) or precision not in PRECISION_NAMES:
-        raise ValueError(f"Invalid precision value: {precision!r} (precision must be one "
-                         f"of {PRECISION_NAMES})")
+    check_precision_name(precision)
     buffer = _precision_buffer(precision, compensation, master)
     info = describe("param", param)
     backend = select_backend(backend, param)
@@ -719,11 +718,8 @@ class MomentumSGD:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type_name(state)}")
         version = state_version("MomentumSGD", state.get("format"))
-        precision = state.get("precision", "nearest") if version >= 4 else "nearest"
-        if precision != self.precision:
-            raise ValueError(f"Invalid precision value: {precision!r} (the state was saved "
-                             f"with precision {precision!r}, this optimizer uses "
-                             f"{self.precision!r})")
+        check_same_precision(state.get("precision", "nearest") if version >= 4 else
+                             "nearest", self.precision)
         expected = set(momentum_sgd_keys(self.precision, version))
         if set(state) != expected:
             raise ValueError(f"state has keys {sorted(state)}, expected {sorted(expected)}")

@@ -50,10 +50,10 @@ PRECISION_BUFFER_MEMBERS = tuple(PRECISION_BUFFER_NAMES.values())
 
 
 def state_version(container, number, name="format"):
-    """The state version that `number`, the version a state of `container`
-    ("MomentumSGD", "torch.SGD") says it holds, stands for: STATE_VERSION and the
-    versions before, or a number of LEGACY_FORMATS. ValueError naming `name` for any
-    other value (bools and non-integers included)."""
+    """The state version that `number`, the "format" a state dict of `container`
+    ("MomentumSGD", "torch.SGD") says, stands for: STATE_VERSION itself, or what
+    LEGACY_FORMATS maps one of the container's earlier numbers to. ValueError naming
+    `name` for any other value (bools and non-integers included)."""
     legacy = LEGACY_FORMATS[container]
     readable = sorted({*legacy, STATE_VERSION})
     if (isinstance(number, (bool, np.bool_)) or not isinstance(number, numbers.Integral)

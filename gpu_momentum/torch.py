@@ -73,7 +73,8 @@ from .hyperparams import STYLES, keeps_velocity, row_flags, table_row
 from .kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED,
                              NO_GROUP, PRECISION_NAMES, SKIPPED_STEPS, STEP_COUNT,
                              VELOCITY_INITIALIZED)
-from .precision import BFLOAT16_EXTRA, PRECISION_BUFFER_NAMES, check_seed
+from .precision import (BFLOAT16_EXTRA, PRECISION_BUFFER_NAMES, check_precision_name,
+                        check_same_precision, check_seed)
 from .state_format import STATE_KEY, STATE_VERSION, state_version, torch_extras_keys
 
 __all__ = ["SGD", "UnsupportedOptionError"]
@@ -211,9 +212,7 @@ class SGD(Optimizer):
         if not isinstance(style, str) or style not in STYLES:
             raise ValueError(f"Invalid style value: {style!r} (style must be one of "
                              f"{STYLES})")
-        if not isinstance(precision, str) or precision not in PRECISION_NAMES:
-            raise ValueError(f"Invalid precision value: {precision!r} (precision must be "
-                             f"one of {PRECISION_NAMES})")
+        check_precision_name(precision)
         seed = check_seed(seed)
         if backend != "auto":
             backend_named(backend)  # an unknown or unavailable backend fails here
@@ -386,12 +385,8 @@ class SGD(Optimizer):
         style = "torch" if extras is None else extras["style"]
         # A state that names its precision must have this optimizer's (torch.optim.SGD's
         # and format 1's name none, and hold no precision buffers: those start afresh).
-        precision = self.precision if extras is None else extras.get("precision",
-                                                                        self.precision)
-        if precision != self.precision:
-            raise ValueError(f"Invalid precision value: {precision!r} (the state was saved "
-                             f"with precision {precision!r}, this optimizer uses "
-                             f"{self.precision!r})")
+        check_same_precision(self.precision if extras is None else
+                             extras.get("precision", self.precision), self.precision)
         if style != self._style and _has_momentum_buffers(state_dict):
             source = ("torch.optim.SGD state" if extras is None else
                       f"state of a style={style!r} optimizer")

@@ -59,11 +59,11 @@ class EntryPoint:
 
     @property
     def compute_dtype(self):
-        return np.dtype(np.float64 if self.param_dtype == "float64" else np.float32)
+        return np.dtype(layout.compute_dtype_name(self.param_dtype))
 
     @property
     def compute_ctype(self):
-        return "double" if self.param_dtype == "float64" else "float"
+        return FORMATS[layout.compute_dtype_name(self.param_dtype)][1]
 
     @property
     def update_expression(self):
@@ -103,7 +103,7 @@ def entry_point(param_dtype, velocity_dtype=None, precision="nearest"):
     if velocity_dtype is not None:
         velocity = np.dtype(velocity_dtype).name
     else:
-        velocity = "float64" if param == "float64" else "float32"
+        velocity = layout.compute_dtype_name(param)
     entry = ENTRY_POINTS.get((param, velocity, precision))
     if entry is None:
         raise TypeError(f"the CUDA C kernel has no entry point for {param} parameters with "

@@ -86,3 +86,11 @@ STEP_COUNT, SKIPPED_STEPS, LAST_STEP_SKIPPED, GROUP_SLOTS = COUNTERS.values()
 PRECISIONS = {"NEAREST": 0, "STOCHASTIC": 1, "KAHAN": 2, "MASTER": 3}
 NEAREST, STOCHASTIC, KAHAN, MASTER = PRECISIONS.values()
 PRECISION_NAMES = tuple(name.lower() for name in PRECISIONS)  # as users spell them
+
+
+def compute_dtype_name(param_dtype_name):
+    """The dtype (its name) the update computes in for parameters of `param_dtype_name`
+    (bfloat16, float16, float32, float64): float64 for float64, else float32. The table's
+    scalars and 1 / loss scale are in it; 16-bit values are widened to it and rounded back
+    once per step."""
+    return "float64" if param_dtype_name == "float64" else "float32"

@@ -47,7 +47,7 @@ from .elementwise import (BFLOAT16, FLOAT16, NATIVE, count_step, group_hyperpara
                           seek_range, specialized, storage_format, storage_functions,
                           storage_update)
 from .layout import (CLASSIC, LAST_STEP_SKIPPED, NO_GROUP, PRECISION_NAMES, PRECISIONS,
-                     READ_COUNTERS, STEP_COUNT)
+                     READ_COUNTERS, STEP_COUNT, compute_dtype_name)
 
 # The CPU kernels compile the same Python functions with numba.njit. Here they become CUDA
 # device functions with inline="always": Numba inlines their IR into the kernel, so the
@@ -252,7 +252,7 @@ def _array_type(dtype_name, ndim=1):
 def kernel_signatures(param_dtype, velocity_dtype=None, precision="nearest"):
     """{name: (kernel, argument types)} of every kernel of one kind of update (dtype
     names; velocity_dtype None: the compute dtype)."""
-    compute_name = "float64" if param_dtype == "float64" else "float32"
+    compute_name = compute_dtype_name(param_dtype)
     velocity_dtype = velocity_dtype or compute_name
     formats = (storage_format(param_dtype), storage_format(velocity_dtype))
     compute = types.float64 if compute_name == "float64" else types.float32

@@ -16,6 +16,7 @@ from ..kernels.cuda_launch import check_counters, launch_plan, step_launches
 from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
                                    module_options, module_source, name_expressions)
 from ..kernels.layout import GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED, READ_COUNTERS
+from ..precision import as_bits, storage_dtype
 from .contract import PreparedStep, refuse_found_inf_without_counters
 
 
@@ -186,7 +187,7 @@ def _kernel_array(array, info):
     if info.dtype.itemsize != 2:
         return cupy.asarray(array)
     if isinstance(array, cupy.ndarray):
-        return array.view(np.uint16)
+        return as_bits(array)
     if info.nbytes == 0:
         return cupy.empty(info.shape, np.uint16)
     memory = cupy.cuda.UnownedMemory(info.address, info.nbytes, array)
@@ -226,9 +227,8 @@ def _warm_up(update, check, finish, entry):
     import cupy
 
     compute = entry.compute_dtype
-    storage = lambda dtype: np.uint16 if dtype in ("bfloat16", "float16") else dtype
-    param = cupy.zeros(0, storage(entry.param_dtype))
-    velocity = cupy.zeros(0, storage(entry.velocity_dtype))
+    param = cupy.zeros(0, storage_dtype(entry.param_dtype))
+    velocity = cupy.zeros(0, storage_dtype(entry.velocity_dtype))
     table = (cupy.zeros((1, GROUP_COLUMNS), compute), cupy.zeros(1, np.uint32),
              cupy.zeros(1, np.int64), cupy.zeros(1, np.int32))
     counters = cupy.zeros(GROUP_SLOTS + 1, np.int64)

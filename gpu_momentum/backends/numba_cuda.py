@@ -18,6 +18,7 @@ from ..arrays import describe
 from ..kernels.cuda_launch import step_launches
 from ..kernels.elementwise import storage_format
 from ..kernels.layout import GROUP_SLOTS, PRECISIONS, READ_COUNTERS
+from ..precision import as_bits
 from .contract import PreparedStep, refuse_found_inf_without_counters
 
 
@@ -83,8 +84,7 @@ class NumbaCudaBackend(PreparedStep):
         target = self.asarray(target)
         source = self.asarray(source) if self.owns(source) else np.asarray(source)
         if target.size:
-            if target.dtype.itemsize == 2:
-                target, source = target.view(np.uint16), source.view(np.uint16)
+            target, source = as_bits(target), as_bits(source)
             target.copy_to_device(source)
 
     def synchronize(self):
@@ -291,7 +291,7 @@ def _kernel_view(array):
     16-bit elements (bfloat16, float16) as their uint16 bits."""
     array = _stream_view(array)
     array = array if array.ndim == 1 else array.reshape(array.size)
-    return array.view(np.uint16) if array.dtype.itemsize == 2 else array
+    return as_bits(array)
 
 
 @functools.cache
