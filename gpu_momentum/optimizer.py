@@ -43,14 +43,13 @@ from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .kernels.elementwise import count_step, mark_velocities_initialized
 from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, LR,
                              SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
-from .optimizer_state import (COUNT_LIMIT, STATE_FORMAT, STATE_FORMATS, count, like,
-                              read_header, state_dict_keys)
+from .optimizer_state import COUNT_LIMIT, count, like, read_header, state_dict_keys
 from .param_groups import ParamGroup, ParamGroups
 from .precision import Precision
+from .state_format import STATE_VERSION
 
-__all__ = ["MomentumSGD", "momentum_step", "ParamGroup", "ParamGroups", "STATE_FORMAT",
-           "STATE_FORMATS", "COUNT_LIMIT", "STATELESS_TABLES_KEPT", "FLOAT_KINDS",
-           "NUMBER_KINDS"]
+__all__ = ["MomentumSGD", "momentum_step", "ParamGroup", "ParamGroups", "STATE_VERSION",
+           "COUNT_LIMIT", "STATELESS_TABLES_KEPT", "FLOAT_KINDS", "NUMBER_KINDS"]
 
 _NOTHING = object()  # no grad_scale checked yet
 
@@ -501,14 +500,14 @@ class MomentumSGD(_FlatUpdate):
                    grad_scale=device_scale, found_inf=found_inf)
 
     def state_dict(self):
-        """A plain dict (format 3): format version, the optimizer's hyperparameters,
-        precision, velocity_dtype (its name) and seed, its groups (each with "params" as
-        given and every option), step count, whether each group's velocity is initialized
-        (the optimizer's own first, then one per group), a velocity copy and, with
-        precision "kahan" or "master", a copy of the compensation or master buffer under
-        that name."""
+        """A plain dict: format (the state version, gpu_momentum.state_format), the
+        optimizer's hyperparameters, precision, velocity_dtype (its name) and seed, its
+        groups (each with "params" as given and every option), step count, whether each
+        group's velocity is initialized (the optimizer's own first, then one per group), a
+        velocity copy and, with precision "kahan" or "master", a copy of the compensation
+        or master buffer under that name."""
         counters = self._host_counters()
-        state = {"format": STATE_FORMAT, **self._hypers[0].as_dict(),
+        state = {"format": STATE_VERSION, **self._hypers[0].as_dict(),
                  "precision": self.precision, "velocity_dtype": self.velocity_dtype.name,
                  "seed": self.seed,
                  "groups": [dict(group) for group in self.param_groups],
@@ -521,12 +520,13 @@ class MomentumSGD(_FlatUpdate):
         return state
 
     def load_state_dict(self, state, params=None):
-        """Restores `state_dict()` output (format 3, or format 2 of earlier versions:
+        """Restores `state_dict()` output (of any state version: before version 4 as
         precision "nearest", the default velocity dtype, seed 0) and, given `params` (an
         array of the flat buffer's shape and dtype, in host or this backend's memory), the
-        parameters too. The state's precision must be this optimizer's. Validates everything before changing anything: every value (also against the
-        compute dtype), and that every array it writes (the velocity; the parameters,
-        given params) is writable and fits."""
+        parameters too. The state's precision must be this optimizer's. Validates
+        everything before changing anything: every value (also against the compute
+        dtype), and that every array it writes (the velocity; the parameters, given
+        params) is writable and fits."""
         self._checked_state(state, params)()
 
     def _checked_state(self, state, params=None):

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..arrays import check_update, compute_dtype, describe, type_name
 from ..groups import ARRAY_FIELDS, GROUP_FIELDS, UpdateTable, check_table
-from ..precision import PRECISION_BUFFER_NAMES
+from ..precision import PRECISION_BUFFER_NAMES, as_bits
 
 
 class Backend(Protocol):
@@ -218,4 +218,4 @@ def bits_view(array):
     """A 1-D view of a contiguous array of one backend's memory: 16-bit elements
     (bfloat16, float16) as uint16, the rest as they are."""
     flat = array.reshape(array.size) if array.ndim != 1 else array
-    return flat.view(np.uint16) if np.dtype(flat.dtype).itemsize == 2 else flat
+    return as_bits(flat)

@@ -17,6 +17,7 @@ from ..kernels.cuda_launch import check_counters, launch_plan, step_launches
 from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
                                    module_options, module_source, name_expressions)
 from ..kernels.layout import GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED, READ_COUNTERS
+from ..precision import BITS_DTYPE, as_bits, storage_dtype
 from .contract import PreparedStep
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
 from .torch_arrays import CudaTensorArray, current_stream, device_index
@@ -146,7 +147,7 @@ class _CupyKernels(StepKernels):
         self.update, self.check, self.finish, max_blocks = _kernels(device, entry)
         self.plan = plan = launch_plan(infos["param"].dtype, param.size, table, 1.0,
                                        max_blocks, counters is not None, seed)
-        self.buffer = arrays.get("precision_buffer", null_array(backend, device, np.uint16))
+        self.buffer = arrays.get("precision_buffer", null_array(backend, device, BITS_DTYPE))
         self.scalar = type(plan.inv_grad_scale)
         self.grid, self.block = (plan.grid,), (plan.block,)
         self.counters = counters
@@ -225,11 +226,11 @@ def _kernel_array(array, info):
     if info.dtype.itemsize != 2:
         return cupy.asarray(array)
     if isinstance(array, cupy.ndarray):
-        return array.view(np.uint16)
+        return as_bits(array)
     if info.nbytes == 0:
-        return cupy.empty(info.shape, np.uint16)
+        return cupy.empty(info.shape, BITS_DTYPE)
     memory = cupy.cuda.UnownedMemory(info.address, info.nbytes, array)
-    return cupy.ndarray(info.shape, np.uint16, cupy.cuda.MemoryPointer(memory, 0))
+    return cupy.ndarray(info.shape, BITS_DTYPE, cupy.cuda.MemoryPointer(memory, 0))
 
 
 @functools.cache
@@ -267,9 +268,8 @@ def _launch_each(update, check, finish, entry):
     import cupy
 
     compute = entry.compute_dtype
-    storage = lambda dtype: np.uint16 if dtype in ("bfloat16", "float16") else dtype
-    param = cupy.zeros(0, storage(entry.param_dtype))
-    velocity = cupy.zeros(0, storage(entry.velocity_dtype))
+    param = cupy.zeros(0, storage_dtype(entry.param_dtype))
+    velocity = cupy.zeros(0, storage_dtype(entry.velocity_dtype))
     table = (cupy.zeros((1, GROUP_COLUMNS), compute), cupy.zeros(1, np.uint32),
              cupy.zeros(1, np.int64), cupy.zeros(1, np.int32))
     counters = cupy.zeros(GROUP_SLOTS + 1, np.int64)

@@ -4,7 +4,7 @@ its elements alone (`ShardUpdate`), with the 16-bit settings sharding refuses.""
 import numbers
 
 from ..arrays import describe
-from ..flat import SEGMENT_ALIGNMENT_BYTES
+from ..flat import aligned, vector_elements
 from ..optimizer import MomentumSGD
 from .agreement import abbreviated
 
@@ -22,8 +22,8 @@ def shard_bounds(size, ranks, itemsize):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"Invalid {name} value: {abbreviated(value)} ({name} must be "
                              f"an integer >= {least})")
-    vector = max(1, SEGMENT_ALIGNMENT_BYTES // itemsize)  # one 128-bit vector
-    vectors = -(-size // vector)
+    vector = vector_elements(itemsize)  # one 128-bit vector
+    vectors = aligned(size, itemsize) // vector
     edges = [min(size, vector * (rank * vectors // ranks)) for rank in range(ranks + 1)]
     return [(edges[rank], edges[rank + 1]) for rank in range(ranks)]
 

@@ -83,7 +83,7 @@ except ImportError as error:
                       f"'gpu-momentum[torch]' ({error})") from error
 
 from .optimizer import SGD, UnsupportedOptionError
-from .state_dict import STATE_FORMAT, STATE_FORMATS, STATE_KEY
+from .state_dict import STATE_KEY
 
 # Named by the path users import them from (in reprs, tracebacks and pickles), not by
 # the module that defines them.

@@ -10,7 +10,7 @@ import torch
 
 from ..arrays import compute_dtype
 from ..backends import check_arrays, device_table
-from ..flat import SEGMENT_ALIGNMENT_BYTES
+from ..flat import aligned
 from ..groups import UpdateTable, row_terms, table_terms
 from ..hyperparams import check_row_fits, keeps_velocity, row_flags, table_row
 from ..kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED,
@@ -59,14 +59,13 @@ class Bucket:
         real = NUMPY_DTYPES[dtype]
         self.compute_dtype = compute_dtype(real)
         element = real.itemsize
-        align = max(1, SEGMENT_ALIGNMENT_BYTES // element)
         offsets, ends, end = [], [], 0
         for p in likes:
-            offset = -(-end // align) * align
+            offset = aligned(end, element)
             end = offset + p.numel() * (2 if p.is_complex() else 1)
             offsets.append(offset)
             ends.append(end)
-        total = -(-end // align) * align
+        total = aligned(end, element)
         self.data = torch.zeros(total, dtype=dtype, device=device)
         own_storage(self.data)
         grad = torch.zeros(total, dtype=dtype, device=device)

@@ -7,8 +7,7 @@ from torch.optim.optimizer import Optimizer
 
 from ..backends import backend_named
 from ..hyperparams import STYLES
-from ..kernels.layout import PRECISION_NAMES
-from ..precision import check_seed
+from ..precision import check_precision_name, check_seed
 from .buckets import CAPTURE_REFUSED
 from .differentiable import step_param_groups
 from .grad_views import Reshaped
@@ -543,9 +542,7 @@ def _check_library_options(l1, decoupled_weight_decay, skip_nonfinite, capturabl
     if not isinstance(style, str) or style not in STYLES:
         raise ValueError(f"Invalid style value: {style!r} (style must be one of "
                          f"{STYLES})")
-    if not isinstance(precision, str) or precision not in PRECISION_NAMES:
-        raise ValueError(f"Invalid precision value: {precision!r} (precision must be "
-                         f"one of {PRECISION_NAMES})")
+    check_precision_name(precision)
     seed = check_seed(seed)
     if backend != "auto":
         backend_named(backend)  # an unknown or unavailable backend fails here
