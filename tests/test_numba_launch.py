@@ -24,9 +24,10 @@ class CountingDriver:
     def compiled(self, configured, args):
         self.compiled_count += 1
         kernel = [type(value) for value in args]
-        geometry = getattr(configured, "griddim", None), getattr(configured, "blockdim", None)
         if self.run:  # the simulator's kernel object, reconfigured by each [grid, block]
             geometry = configured.grid_dim, configured.block_dim
+        else:
+            geometry = configured.griddim, configured.blockdim
         return kernel, configured, geometry, configured.stream
 
     def type_of(self, configured, value):
