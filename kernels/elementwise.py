@@ -100,7 +100,9 @@ def seek_range(range_ends, i, r):
         return r + 1
     low, high = 0, range_ends.size - 1
     while low < high:
-        middle = (low + high) // 2
+        # A shift, as kernels/momentum.cu: `//` on signed integers compiles to a floor
+        # division's sign corrections, six instructions per step of the search.
+        middle = (low + high) >> 1
         if i < range_ends[middle]:
             high = middle
         else:

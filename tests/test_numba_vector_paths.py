@@ -122,3 +122,33 @@ def test_the_head_ends_where_the_params_start_a_word(numba_cuda_harness, itemsiz
     assert vector_start(view, view, view, other, view.size) == start  # no buffer read
     with_buffer = numba_cuda.vector_start_function(True)
     assert with_buffer(view, view, view, other, view.size) == view.size
+
+
+def test_each_thread_looks_a_range_up_once_per_range_it_enters(numba_cuda_harness,
+                                                               monkeypatch):
+    """The group lookup is a cursor, as in kernels/momentum.cu: a thread's indices only
+    grow, and it calls seek_range only when an index passes its range's end, so at most
+    once per range it enters, never once per element or word."""
+    lookups = []
+    seek_range = numba_cuda.seek_range_cuda
+
+    def counted(range_ends, i, r):
+        lookups.append(range_ends.size)
+        return seek_range(range_ends, i, r)
+
+    monkeypatch.setattr(numba_cuda, "seek_range_cuda", counted)
+    sizes = (1000, 1200, 900)
+    arrays = [numba_cuda_harness.from_numpy(np.full(n, 1.0, np.float32)) for n in sizes]
+    flat = gm.FlatParams.from_arrays(arrays)
+    groups = [{"params": [k], "lr": 0.1 * (k + 1)} for k in range(len(sizes))]
+    opt = gm.MomentumSGD(flat, lr=0.1, momentum=0.9, groups=groups, backend="numba-cuda")
+    numba_cuda_harness.assign(flat.grad, np.ones(flat.grad.size, np.float32))
+    lookups.clear()  # the warm-up's launches over no elements
+    opt.step()
+    threads = numba_cuda.SIMULATOR_BLOCKS * numba_cuda.SIMULATOR_THREADS_PER_BLOCK
+    ranges = lookups[0]
+    assert threads <= len(lookups) <= threads * ranges
+    assert len(lookups) * 4 < flat.data.size // 4  # a lookup per word: 775
+    for k, view in enumerate(flat.params):  # and each group's own lr
+        np.testing.assert_allclose(numba_cuda_harness.to_numpy(view), 1 - 0.1 * (k + 1),
+                                   rtol=1e-6)

@@ -18,6 +18,7 @@ from ..kernels.elementwise import storage_format
 from ..kernels.layout import GROUP_SLOTS, PRECISIONS, READ_COUNTERS
 from ..precision import as_bits
 from .contract import PreparedStep, bits_view
+from .numba_launch import launcher
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
 from .torch_arrays import CudaTensorArray, current_stream, device_index
 
@@ -228,17 +229,21 @@ class _NumbaKernels(StepKernels):
         return scale
 
     def launches(self):
+        # Prepared launches (numba_launch): after the first step, a step repacks only
+        # the arguments that changed (the gradient, the loss scale, the step count).
         counters, table = self.update_counters, self.table
+        clear, find_nonfinite, update, finish = (launcher(configured) for configured in (
+            self.clear, self.find_nonfinite, self.update, self.finish))
         return {
-            "clear": lambda step: self.clear(counters, step.found_inf),
-            "find_nonfinite": lambda step: self.find_nonfinite(
+            "clear": lambda step: clear(counters, step.found_inf),
+            "find_nonfinite": lambda step: find_nonfinite(
                 step.grad, table.range_ends, table.range_groups, step.inv_grad_scale,
                 step.grad_scale, counters),
-            "update": lambda step: self.update(
+            "update": lambda step: update(
                 self.param, step.grad, self.velocity, self.buffer, *self.table_arrays,
                 step.inv_grad_scale, step.grad_scale, self.launch_flags, counters,
                 self.seed, step.step_count),
-            "finish": lambda step: self.finish(counters, table.group_flags),
+            "finish": lambda step: finish(counters, table.group_flags),
         }
 
 
