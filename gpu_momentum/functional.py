@@ -52,8 +52,9 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     decoupled_weight_decay=True (SGDW, as AdamW and Keras decay weights): g' has no
     weight_decay * param term; instead param *= 1 - lr*weight_decay before the update.
 
-    first_step=True means the old velocity is not read (it may be uninitialised): classic
-    starts from velocity 0, torch sets velocity = g' without dampening, as PyTorch does on
+    first_step=True: the step that initializes the velocity (after it, the optimizers'
+    state says velocity_initialized), so the old velocity is not read (it may be
+    garbage): classic starts from velocity 0, torch sets velocity = g' without dampening, as PyTorch does on
     its first step. Torch style with momentum 0 is param -= lr*g' and leaves the velocity
     as it is, as PyTorch leaves its momentum buffer.
 

@@ -86,7 +86,7 @@ class _FlatUpdate:
         # more than compare (see MomentumSGD.step).
         self._grad = self._velocity = self._launch = self._launch_key = None
         self._array_states = None
-        self._first_steps_pending = True  # some group's next step is its first
+        self._velocities_uninitialized = True  # some group's velocity is not yet initialized
 
     def _new_precision_buffer(self):
         """kahan: a zero compensation; master: the parameters widened to float32 (through
@@ -181,7 +181,7 @@ class _FlatUpdate:
             if not table_terms(table.scalars) <= self._launch_terms:
                 self._launch_key = None  # its rows use a term the launch was not made for
             self._table_stale = False
-            self._first_steps_pending = not self._counted_on_device and bool(
+            self._velocities_uninitialized = not self._counted_on_device and bool(
                 ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
         return self._table
 
@@ -264,7 +264,7 @@ class _FlatUpdate:
         if skipped or counters[LAST_STEP_SKIPPED]:
             counters[LAST_STEP_SKIPPED] = skipped
         count_step(counters)
-        if self._first_steps_pending and not skipped:  # their flags change: the table too
+        if self._velocities_uninitialized and not skipped:  # their flags change: the table too
             mark_velocities_initialized(counters, self._group_flags, 0, 1)
             self._table_stale = True
 

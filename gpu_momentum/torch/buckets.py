@@ -96,7 +96,7 @@ class Bucket:
             range_ends.append(total)
         self.range_ends = np.array(range_ends, np.int64)
         self.present = [False] * len(params)
-        self.initialized = np.zeros(len(params), bool)
+        self.velocity_initialized = np.zeros(len(params), bool)
         self.arrays = ArraysFor(backend, device, tensors)
         with self.arrays.context():
             check_arrays(backend, *self.arrays.step_arrays()[:3], precision,
@@ -174,7 +174,7 @@ class Bucket:
         for key, tensor, view in pairs:
             if tensor is not None:
                 state[self.params[index]][key] = view
-        self.initialized[index] = pairs[0][1] is not None
+        self.velocity_initialized[index] = pairs[0][1] is not None
         self.buffered[index] = len(pairs) > 1 and pairs[1][1] is not None
 
     def in_place(self):
@@ -328,10 +328,10 @@ class Bucket:
             self._launcher(arrays, seed)(arrays[1], inv_grad_scale, None,
                                          scaling.get("grad_scale"),
                                          scaling.get("found_inf"), step_count)
-        if not self.awaiting_first:  # every velocity this table can create exists
+        if not self.velocities_uninitialized:  # every velocity this table can create exists
             return bool(self.counters is not None and self.device.type == "cpu"
                         and self.counters[LAST_STEP_SKIPPED])
-        first = np.fromiter(self.present, bool, len(self.present)) & ~self.initialized
+        first = np.fromiter(self.present, bool, len(self.present)) & ~self.velocity_initialized
         first &= ~self.param_keeps
         if self.counters is not None and self.device.type == "cpu":
             if self.counters[LAST_STEP_SKIPPED]:
@@ -341,7 +341,7 @@ class Bucket:
         if first.any():
             for index in np.flatnonzero(first):
                 state[self.params[index]]["momentum_buffer"] = self.velocity_views[index]
-            self.initialized |= first
+            self.velocity_initialized |= first
             self.table_stale = True
         return False
 
@@ -401,7 +401,7 @@ class Bucket:
                           for v, keep in zip(values, keeps)], np.uint32)[position]
         self.param_keeps = keeps[position]
         if self.counters is None:  # else the counters say which velocities exist
-            flags |= np.where(self.initialized & ~self.param_keeps,
+            flags |= np.where(self.velocity_initialized & ~self.param_keeps,
                               np.uint32(VELOCITY_INITIALIZED), np.uint32(0))
         present = np.fromiter(self.present, bool, len(self.present))
         # A row no range reads must not count as initialized after a skipping step.
@@ -425,7 +425,7 @@ class Bucket:
             for name in ("scalars", "group_flags", "range_groups"):
                 getattr(self.host_table, name)[...] = getattr(table, name)
         self.table_stale = False
-        self.awaiting_first = not (self.initialized | self.param_keeps).all()
+        self.velocities_uninitialized = not (self.velocity_initialized | self.param_keeps).all()
         if not table_terms(rows) <= self._launch_terms:
             self._launch_made_with = ()  # prepared again at the next launch
 
@@ -441,7 +441,7 @@ class Bucket:
             return
         counters = np.zeros(GROUP_SLOTS + len(self.params), np.int64)
         counters[[STEP_COUNT, SKIPPED_STEPS]] = taken, skipped
-        counters[GROUP_SLOTS:] = self.initialized
+        counters[GROUP_SLOTS:] = self.velocity_initialized
         with self.arrays.context():
             self.backend.assign(self.counters, counters)
 
@@ -459,9 +459,9 @@ class Bucket:
                 del entry["momentum_buffer"]
                 if not entry:
                     del state[self.params[index]]
-        if (self.initialized != initialized).any():
+        if (self.velocity_initialized != initialized).any():
             self.table_stale = True
-        self.initialized = initialized
+        self.velocity_initialized = initialized
         self.pending = np.zeros(len(self.params), bool)
         taken, skipped = int(counters[STEP_COUNT]), int(counters[SKIPPED_STEPS])
         base, self.base = self.base, (taken, skipped)
