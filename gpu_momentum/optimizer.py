@@ -84,7 +84,7 @@ class _FlatUpdate:
         self._launch_terms = frozenset()  # the row_terms the prepared launch handles
         # What the latest step checked and prepared, so that a step repeating it does no
         # more than compare (see MomentumSGD.step).
-        self._grad = self._velocity = self._launch = self._launch_key = None
+        self._grad = self._velocity = self._prepared_step = self._prepared_with = None
         self._array_states = None
         self._velocities_uninitialized = True  # some group's velocity is not yet initialized
 
@@ -179,7 +179,7 @@ class _FlatUpdate:
                 self._host_table.scalars[...] = table.scalars
                 self._host_table.group_flags[...] = table.group_flags
             if not table_terms(table.scalars) <= self._launch_terms:
-                self._launch_key = None  # its rows use a term the launch was not made for
+                self._prepared_with = None  # its rows use a term the launch was not made for
             self._table_stale = False
             self._velocities_uninitialized = not self._counted_on_device and bool(
                 ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
@@ -218,7 +218,7 @@ class _FlatUpdate:
             row = hyper.group_row(dtype)
             host.scalars[group] = row
             if row_terms(host.scalars[group]) not in self._launch_terms:
-                self._launch_key = None  # the launch is prepared again for it
+                self._prepared_with = None  # the launch is prepared again for it
             flags_changed = flags != host.group_flags[group]
             if flags_changed:
                 host.group_flags[group] = flags
@@ -243,13 +243,13 @@ class _FlatUpdate:
         """The step over `param` (the window's elements) with `grad` of its shape; `agree`
         as in Backend.step, with skip_nonfinite; grad_scale and found_inf checked 0-d
         arrays in the backend's memory, or None."""
-        if (self._table_stale or self._launch_key is None or grad is not self._grad
+        if (self._table_stale or self._prepared_with is None or grad is not self._grad
                 or self.velocity is not self._velocity
                 or self._array_states != (array_state(self.param), array_state(grad),
                                           array_state(self.velocity))):
             self._prepare_step(grad)
         if self._counted_on_device:
-            self._launch(grad, inv_grad_scale, agree, grad_scale, found_inf)
+            self._prepared_step(grad, inv_grad_scale, agree, grad_scale, found_inf)
             return
         if self._on_device:  # a CUDA graph would replay the launch, not the counting
             self._refuse_host_work("the step counters are in host memory (construct the "
@@ -259,7 +259,7 @@ class _FlatUpdate:
         counters = self._counters
         skipped = found_inf is not None and bool(found_inf[()] != 0)
         if not skipped:
-            self._launch(grad, inv_grad_scale, agree, grad_scale, step_count=counters[
+            self._prepared_step(grad, inv_grad_scale, agree, grad_scale, step_count=counters[
                 STEP_COUNT])
         if skipped or counters[LAST_STEP_SKIPPED]:
             counters[LAST_STEP_SKIPPED] = skipped
@@ -290,19 +290,20 @@ class _FlatUpdate:
         whose state loads another seed needs its graphs captured again."""
         velocity, counters = self.velocity, self._counters
         key = (self._table, velocity, counters, self._precision)
-        if not self._table_stale and self._launch_key is not None and all(
-                a is b for a, b in zip(key, self._launch_key)):
+        if not self._table_stale and self._prepared_with is not None and all(
+                a is b for a, b in zip(key, self._prepared_with)):
             return
         self._refuse_host_work("the update table or the launches must be prepared (call "
                                "opt.prepare() before capturing)")
         table = self._device_table()
         key = (table, velocity, counters, self._precision)
-        if self._launch_key is None or any(a is not b for a, b in zip(key, self._launch_key)):
-            self._launch = self._backend.step_function(
+        if self._prepared_with is None or any(
+                a is not b for a, b in zip(key, self._prepared_with)):
+            self._prepared_step = self._backend.step_function(
                 self.param, velocity, table, counters if self._counted_on_device else None,
                 check_nonfinite=self._skip_nonfinite, precision=self.precision,
                 precision_buffer=self._precision_buffer, seed=self.seed)
-            self._launch_key = key
+            self._prepared_with = key
             self._launch_terms = table_terms(self._host_table.scalars)
 
     def _refuse_host_work(self, why):

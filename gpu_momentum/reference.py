@@ -74,7 +74,7 @@ def _mix32(x):
         return x ^ (x >> _U32(16))
 
 
-def launch_key(seed, step_count):
+def step_key(seed, step_count):
     """The 32-bit key of one step's random bits: the 64-bit seed and the count of steps
     taken before this one, each as two 32-bit halves, mixed in turn (the seed's low half
     salted with 0x9E3779B9)."""
@@ -87,12 +87,12 @@ def launch_key(seed, step_count):
 
 def random_bits(seed, step_count, index):
     """32 random bits per element index (flat position in the buffer):
-    mix32(lo(i) * 0x9E3779B9 + mix32(launch_key ^ hi(i))) mod 2**32, lo and hi the 32-bit
+    mix32(lo(i) * 0x9E3779B9 + mix32(step_key ^ hi(i))) mod 2**32, lo and hi the 32-bit
     halves of i. The high 16 round a 16-bit parameter stochastically, the low 16 a 16-bit
     velocity."""
     index = np.asarray(index, np.int64).astype(np.uint64)
     low = (index & np.uint64(0xFFFFFFFF)).astype(_U32)
-    key_of_block = _mix32(launch_key(seed, step_count) ^ (index >> np.uint64(32)).astype(_U32))
+    key_of_block = _mix32(step_key(seed, step_count) ^ (index >> np.uint64(32)).astype(_U32))
     with np.errstate(over="ignore"):
         return _mix32(low * _U32(0x9E3779B9) + key_of_block)
 

@@ -38,7 +38,7 @@ count_step_cpu = _inline(count_step)
 mark_velocities_initialized_cpu = _inline(mark_velocities_initialized)
 scaled_gradient_is_finite_cpu = _inline(scaled_gradient_is_finite)
 STORAGE = storage_functions(_inline)  # conversions and hash, compiled for the CPU
-launch_key_cpu, block_key_cpu = STORAGE.launch_key, STORAGE.block_key
+step_key_cpu, block_key_cpu = STORAGE.step_key, STORAGE.block_key
 FORMAT_NAMES = {NATIVE: "native", BFLOAT16: "bfloat16", FLOAT16: "float16"}
 
 # Elements per parallel task: each task finds its first range by binary search, then runs
@@ -118,7 +118,7 @@ def _step(param, grad, velocity, precision_buffer, scalars, group_flags, range_e
     """In place; scalars in the compute dtype."""
     if launch_flags & READ_COUNTERS != 0:
         step_count = counters[STEP_COUNT]
-    key = launch_key_cpu(seed, step_count)
+    key = step_key_cpu(seed, step_count)
     for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
         chunk_of(chunk, param, grad, velocity, precision_buffer, scalars,  # noqa: F821
                  group_flags, range_ends, range_groups, inv_grad_scale, launch_flags,

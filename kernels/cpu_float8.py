@@ -39,7 +39,7 @@ _inline = numba.njit(inline="always", cache=True)
 FLOAT8 = float8_functions(STORAGE, _inline)
 to_code_cpu, from_code_cpu = FLOAT8.to_code, FLOAT8.from_code
 magnitude_bits_cpu = FLOAT8.magnitude_bits
-launch_key_cpu, block_key_cpu = STORAGE.launch_key, STORAGE.block_key
+step_key_cpu, block_key_cpu = STORAGE.step_key, STORAGE.block_key
 r16_cpu = velocity_random_bits(STORAGE, _inline, key_per_element=False)
 f32_from_bits_cpu = STORAGE.f32_from_bits
 
@@ -124,7 +124,7 @@ def _step(param, grad, codes, scales, precision_buffer, scalars, group_flags, ra
     """In place; scalars in float32."""
     if launch_flags & READ_COUNTERS != 0:
         step_count = counters[STEP_COUNT]
-    key = launch_key_cpu(seed, step_count)
+    key = step_key_cpu(seed, step_count)
     for chunk in numba.prange((param.size + CHUNK - 1) // CHUNK):
         chunk_of(chunk, param, grad, codes, scales, precision_buffer,  # noqa: F821
                  scalars, group_flags, range_ends, range_groups, inv_grad_scale,

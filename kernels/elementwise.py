@@ -338,7 +338,7 @@ def storage_functions(jit, simulated=False):
         return uint32(x ^ uint32(x >> U16))
 
     @jit
-    def launch_key(seed, step_count):
+    def step_key(seed, step_count):
         """The 32-bit key of one step's random bits, from the 64-bit seed and the count of
         steps taken before it: for one seed, distinct step counts below 2**32 give
         distinct keys."""
@@ -389,7 +389,7 @@ def storage_functions(jit, simulated=False):
         f32_from_bits=f32_from_bits, bits_from_f32=bits_from_f32, bf16_to_f32=bf16_to_f32,
         f32_to_bf16_rn=f32_to_bf16_rn, f32_to_bf16_sr=f32_to_bf16_sr,
         f16_to_f32=f16_to_f32, f32_to_f16_rn=f32_to_f16_rn, f32_to_f16_sr=f32_to_f16_sr,
-        mix32=mix32, launch_key=launch_key, block_key=block_key, element_bits=element_bits)
+        mix32=mix32, step_key=step_key, block_key=block_key, element_bits=element_bits)
     return functions
 
 
@@ -478,7 +478,7 @@ def storage_update(functions, jit, param_format, velocity_format, precision,
     updated by momentum_update, then stored:
     - NEAREST: param rounded to nearest even;
     - STOCHASTIC: param rounded stochastically with the high 16 of element_bits(
-      key_of_block, i) (key_of_block: block_key(launch_key(seed, step_count), i), or with
+      key_of_block, i) (key_of_block: block_key(step_key(seed, step_count), i), or with
       key_per_element the launch key itself, whose block key is then found here), a
       16-bit velocity with the low 16;
     - KAHAN: updated from param + compensation (precision_buffer, the param's format);

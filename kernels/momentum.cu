@@ -193,7 +193,7 @@ __device__ __forceinline__ unsigned mix32(unsigned x) {
 }
 
 // The key of one step's random bits, from the seed and the steps taken before it.
-__device__ __forceinline__ unsigned launch_key(unsigned long long seed, long long steps) {
+__device__ __forceinline__ unsigned step_key(unsigned long long seed, long long steps) {
     const unsigned long long count = static_cast<unsigned long long>(steps);
     unsigned k = mix32(static_cast<unsigned>(seed) ^ 0x9e3779b9u);
     k = mix32(k ^ static_cast<unsigned>(seed >> 32));
@@ -557,7 +557,7 @@ momentum_step(typename P::storage* __restrict__ param,
     }
     unsigned key = 0;
     if constexpr (MODE == GM_PRECISION_STOCHASTIC) {
-        key = gm::launch_key(seed, (launch_flags & GM_FLAG_READ_COUNTERS)
+        key = gm::step_key(seed, (launch_flags & GM_FLAG_READ_COUNTERS)
                                        ? counters[GM_COUNTER_STEP_COUNT] : step_count);
     }
     auto* const buffer = gm::has_buffer(MODE) ? precision_buffer : nullptr;

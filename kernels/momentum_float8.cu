@@ -169,7 +169,7 @@ momentum_step_fp8(typename P::storage* __restrict__ param,
     }
     unsigned key = 0;
     if constexpr (MODE == GM_PRECISION_STOCHASTIC) {
-        key = gm::launch_key(seed, (launch_flags & GM_FLAG_READ_COUNTERS)
+        key = gm::step_key(seed, (launch_flags & GM_FLAG_READ_COUNTERS)
                                        ? counters[GM_COUNTER_STEP_COUNT] : step_count);
     }
     auto* const buffer = gm::has_buffer(MODE) ? precision_buffer : nullptr;

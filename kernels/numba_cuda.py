@@ -78,7 +78,7 @@ count_step_cuda = _inline(count_step)
 mark_velocities_initialized_cuda = _inline(mark_velocities_initialized)
 # The simulator runs the conversions as Python: its bit casts are NumPy views.
 STORAGE = storage_functions(_inline, simulated=bool(config.ENABLE_CUDASIM))
-launch_key_cuda = STORAGE.launch_key
+step_key_cuda = STORAGE.step_key
 VECTORS = vector_memory(bool(config.ENABLE_CUDASIM))
 FORMAT_NAMES = {NATIVE: "native", BFLOAT16: "bfloat16", FLOAT16: "float16"}
 
@@ -133,7 +133,7 @@ def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range
     inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
-    key = launch_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
+    key = step_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
     # (each element finds its block key: 2**32 elements cross blocks, and a thread's
     # indices are a stride apart)
     # As kernels/momentum.cu: a scalar head up to the first element where every array

@@ -33,7 +33,7 @@ from .float8 import LARGEST, float8_functions, float8_update, velocity_random_bi
 from .layout import (CLASSIC, FLOAT8_BLOCK, LAST_STEP_SKIPPED, NO_GROUP, PRECISION_NAMES,
                      READ_COUNTERS, STEP_COUNT, STOCHASTIC)
 from .numba_cuda import (FORMAT_NAMES, STORAGE, THREADS_PER_BLOCK,
-                         group_hyperparameters_cuda, launch_key_cuda, seek_range_cuda)
+                         group_hyperparameters_cuda, step_key_cuda, seek_range_cuda)
 
 _inline = cuda.jit(device=True, inline="always")  # see kernels.numba_cuda
 FLOAT8 = float8_functions(STORAGE, _inline)
@@ -88,7 +88,7 @@ def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, 
     inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
-    key = launch_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
+    key = step_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
     absmax = cuda.shared.array((SLOT_SETS, MOST_WARPS), np.uint32)
     writers = cuda.shared.array((SLOT_SETS, MOST_WARPS), np.uint32)
     thread = cuda.threadIdx.x

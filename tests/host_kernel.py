@@ -59,7 +59,7 @@ def write_module_source(directory):
 STORAGE_HOOKS = """
 extern "C" void gm_random_bits(unsigned long long seed, long long step_count,
                                const long long* index, unsigned* out, long long n) {
-    const unsigned key = gm::launch_key(seed, step_count);
+    const unsigned key = gm::step_key(seed, step_count);
     for (long long i = 0; i < n; ++i) out[i] = gm::element_bits(key, index[i]);
 }
 extern "C" void gm_round(const float* x, const unsigned* r16, unsigned short* out,
@@ -216,7 +216,7 @@ class HostKernel:
         self._declare("gm_widen", pointer, pointer, n)
 
     def random_bits(self, seed, step_count, index):
-        """The kernel's element_bits(launch_key(seed, step_count), i) of each index."""
+        """The kernel's element_bits(step_key(seed, step_count), i) of each index."""
         index = np.ascontiguousarray(index, np.int64)
         out = np.empty(index.size, np.uint32)
         self.library.gm_random_bits(seed, step_count, index.ctypes.data, out.ctypes.data,

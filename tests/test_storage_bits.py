@@ -27,7 +27,7 @@ f32_from_bits, bits_from_f32 = F.f32_from_bits, F.bits_from_f32
 bf16_to_f32, f16_to_f32 = F.bf16_to_f32, F.f16_to_f32
 f32_to_bf16_rn, f32_to_bf16_sr = F.f32_to_bf16_rn, F.f32_to_bf16_sr
 f32_to_f16_rn, f32_to_f16_sr = F.f32_to_f16_rn, F.f32_to_f16_sr
-launch_key, block_key, element_bits = F.launch_key, F.block_key, F.element_bits
+step_key, block_key, element_bits = F.step_key, F.block_key, F.element_bits
 
 
 @numba.njit
@@ -49,7 +49,7 @@ def _widen_cpu(bits, out):
 
 @numba.njit
 def _random_bits_cpu(seed, step_count, index, out):
-    key = launch_key(seed, step_count)
+    key = step_key(seed, step_count)
     for i in range(index.size):
         out[i] = element_bits(block_key(key, index[i]), index[i])
 
@@ -60,7 +60,7 @@ G = numba_cuda.STORAGE  # the same functions as numba-cuda device functions
 @cuda.jit
 def _numba_cuda_kernel(seed, step_count, index, hashed, bits, r16, rounded, halves,
                        widened):
-    key = G.launch_key(seed, step_count)
+    key = G.step_key(seed, step_count)
     for i in range(cuda.grid(1), index.size, cuda.gridsize(1)):
         hashed[i] = G.element_bits(G.block_key(key, index[i]), index[i])
     for i in range(cuda.grid(1), bits.size, cuda.gridsize(1)):

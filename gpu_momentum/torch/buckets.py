@@ -109,7 +109,7 @@ class Bucket:
         self.host_table = None
         self.device_table = None
         self.ptrs = None
-        self._launch = None  # the prepared step, and what it was prepared with
+        self._prepared_step = None  # the prepared step, and what it was prepared with
         self._launch_made_with, self._launch_context = (), None
         self._launch_terms = frozenset()
 
@@ -354,13 +354,13 @@ class Bucket:
         context = (seed, self.arrays.stream())
         if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
                 or any(a is not b for a, b in zip(made_with, self._launch_made_with))):
-            self._launch = self.backend.step_function(
+            self._prepared_step = self.backend.step_function(
                 arrays[0], arrays[2], self.device_table, self.counters,
                 self.check_nonfinite, precision=self.precision,
                 precision_buffer=self._buffer_array(arrays), seed=seed)
             self._launch_made_with, self._launch_context = made_with, context
             self._launch_terms = table_terms(self.host_table.scalars)
-        return self._launch
+        return self._prepared_step
 
     def _buffer_array(self, arrays):
         """The precision buffer among the backend's `arrays`, or None."""
