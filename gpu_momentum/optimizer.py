@@ -34,6 +34,7 @@ import numpy as np
 from .arrays import array_state, check_param, compute_dtype, describe, overlaps
 from .backends import check_arrays, device_table, select_backend
 from .flat import FlatParams
+from .float8_velocity import is_float8_velocity, zeros_float8_velocity
 from .functional import (FLOAT_KINDS, NUMBER_KINDS, STATELESS_TABLES_KEPT, is_array,
                          momentum_step, scalar_array)
 from .groups import resolve_groups, update_table
@@ -45,6 +46,7 @@ from .optimizer_state import (COUNT_LIMIT, STATE_FORMAT, STATE_FORMATS, count, l
                               read_header, state_dict_keys)
 from .param_groups import ParamGroup, ParamGroups
 from .precision import Precision
+from .reference import dequantize_velocity
 
 __all__ = ["MomentumSGD", "momentum_step", "ParamGroup", "ParamGroups", "STATE_FORMAT",
            "STATE_FORMATS", "COUNT_LIMIT", "STATELESS_TABLES_KEPT", "FLOAT_KINDS",
@@ -55,6 +57,13 @@ _NOTHING = object()  # no grad_scale checked yet
 
 def _size(array):
     return math.prod(describe("array", array).shape)
+
+
+def _velocity_state(velocity):
+    """array_state of the velocity, or of both arrays of a Float8Velocity."""
+    if is_float8_velocity(velocity):
+        return tuple(array_state(array) for array in velocity)
+    return array_state(velocity)
 
 
 class _FlatUpdate:
@@ -73,7 +82,9 @@ class _FlatUpdate:
         info = describe("params", param)
         self._on_device = info.on_device
         self._compute_dtype = compute_dtype(info.dtype)
-        self.velocity = backend.zeros(info.shape, precision.velocity_dtype)
+        self.velocity = (zeros_float8_velocity(backend, math.prod(info.shape))
+                         if precision.float8 else
+                         backend.zeros(info.shape, precision.velocity_dtype))
         self._precision_buffer = self._new_precision_buffer()
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
         self._table = None  # the update table in the backend's memory
@@ -147,6 +158,28 @@ class _FlatUpdate:
                     doc="The seed of stochastic rounding's random bits.")
     velocity_dtype = property(lambda self: self._precision.velocity_dtype,
                               doc="The velocity's dtype.")
+
+    @property
+    def velocity_codes(self):
+        """An FP8 velocity's E4M3 codes (uint8, one per element of the flat buffer, in
+        the backend's memory; `velocity.codes`); None for another velocity."""
+        return self.velocity.codes if self._precision.float8 else None
+
+    @property
+    def velocity_scales(self):
+        """An FP8 velocity's float32 scales, one per FLOAT8_BLOCK elements of the flat
+        buffer (`velocity.scales`); None for another velocity."""
+        return self.velocity.scales if self._precision.float8 else None
+
+    def dequantized_velocity(self):
+        """The velocity as a new float32 array of the parameters' shape in host memory
+        (NumPy): an FP8 one decoded (e4m3 value of each code times its block's scale, as
+        reference.dequantize_velocity), any other one widened."""
+        shape = describe("params", self.param).shape
+        if not self._precision.float8:
+            return self._backend.to_numpy(self.velocity).astype(np.float32).reshape(shape)
+        codes, scales = (self._backend.to_numpy(a) for a in self.velocity)
+        return dequantize_velocity(codes, scales).reshape(shape)
     compensation = property(
         lambda self: self._precision_buffer if self.precision == "kahan" else None,
         doc="precision='kahan': each parameter's rounding error, in the parameter "
@@ -184,7 +217,7 @@ class _FlatUpdate:
         arrays in the backend's memory, or None."""
         if (self._table_stale or grad is not self._grad or self.velocity is not self._velocity
                 or self._array_states != (array_state(self.param), array_state(grad),
-                                          array_state(self.velocity))):
+                                          _velocity_state(self.velocity))):
             self._prepare_step(grad)
         if self._counted_on_device:
             self._launch(grad, inv_grad_scale, agree, grad_scale, found_inf)
@@ -213,7 +246,8 @@ class _FlatUpdate:
         check_arrays(self._backend, param, grad, velocity, self.precision,
                      self._precision_buffer)
         self.prepare()
-        self._array_states = (array_state(param), array_state(grad), array_state(velocity))
+        self._array_states = (array_state(param), array_state(grad),
+                              _velocity_state(velocity))
         self._grad, self._velocity = grad, velocity
 
     def prepare(self):
@@ -304,6 +338,16 @@ class MomentumSGD(_FlatUpdate):
     halves the optimizer state (10 bytes per element with "nearest") but rounds the
     velocity every step as the parameters are rounded: lossy. float32 and float64
     parameters have "nearest" only. `seed`: an integer in [0, 2**64).
+
+    velocity_dtype="float8_e4m3fn" (or ml_dtypes.float8_e4m3fn), for float32 and 16-bit
+    parameters: an 8-bit velocity, E4M3 codes with one float32 scale per 256 elements of
+    the flat buffer (1 + 4/256 bytes per element; a step moves 14 bytes per float32
+    element, 8 per bfloat16 one with "nearest"), requantized in the same pass. `velocity`
+    is then a Float8Velocity: `velocity.codes` (uint8, one per element) and
+    `velocity.scales` (float32, one per block), also `velocity_codes` and
+    `velocity_scales`; `dequantized_velocity()` decodes it. float32 parameters have
+    "stochastic" with it too, which rounds the codes stochastically; 16-bit ones every
+    mode. float64 parameters refuse it. See docs/precision.md.
     """
 
     _window = None  # the interface for subclasses: see the module docstring

@@ -154,3 +154,196 @@ def test_codes_overlapping_the_parameters_are_refused():
     velocity = Float8Velocity(memory.view(np.uint8)[:300], np.zeros(2, np.float32))
     with pytest.raises(ValueError, match="overlaps"):
         check_arrays(engine, param, grad, velocity)
+
+
+# ---- MomentumSGD(velocity_dtype="float8_e4m3fn") ----
+
+OPTIMIZER_OPTIONS = [
+    dict(style="classic", momentum=0.9, nesterov=True, weight_decay=0.01),
+    dict(style="torch", momentum=0.8, dampening=0.1, l1=0.001, maximize=True),
+    dict(style="torch", momentum=0.9, weight_decay=0.05, decoupled_weight_decay=True),
+]
+OPTIMIZER_KINDS = BACKEND_KINDS
+LRS = (0.05, 0.1, 0.02, 0.07)
+
+
+def _problem_arrays(size, dtype, steps, seed=5):
+    rng = np.random.default_rng(seed)
+    param = rng.standard_normal(size).astype(dtype)
+    grads = [(0.5 * rng.standard_normal(size)).astype(dtype) for _ in range(steps)]
+    return param, grads
+
+
+def reference_run(param, grads, options, precision, seed=0, groups=None):
+    """(param, codes, scales) after each step of float8_velocity_step with `options` and
+    LRS (groups: [(start, end, options)] instead, each with its lr)."""
+    from gpu_momentum.kernels.layout import float8_scale_count
+    from gpu_momentum.reference import float8_velocity_step
+
+    n = param.size
+    codes, scales = np.zeros(n, np.uint8), np.zeros(float8_scale_count(n), np.float32)
+    buffer = {"kahan": np.zeros_like(param), "master": param.astype(np.float32)}.get(
+        precision)
+    states = []
+    for step, grad in enumerate(grads):
+        ranges = [(start, end, {**o, "first_step": step == 0}) for start, end, o in
+                  (groups or [(0, n, {**options, "lr": LRS[step]})])]
+        param, codes, scales, new_buffer = float8_velocity_step(
+            param, grad, codes, scales, ranges, precision=precision,
+            compensation=buffer, master=buffer, seed=seed, step_count=step)
+        buffer = new_buffer if buffer is not None else None
+        states.append((param, codes, scales))
+    return states
+
+
+def optimizer_run(harness, param, grads, options, precision, schedule=True, **kwargs):
+    """(param, codes, scales) after each MomentumSGD step on the backend `harness` names."""
+    dtype = param.dtype
+    flat = kwargs.pop("flat", None)
+    params = flat if flat is not None else _to_backend(harness, param)
+    opt = gm.MomentumSGD(params, lr=LRS[0], **options, precision=precision,
+                         velocity_dtype="float8_e4m3fn", backend=harness.name, **kwargs)
+    states = []
+    for step, grad in enumerate(grads):
+        if schedule:
+            opt.lr = LRS[step]
+        opt.step(_to_backend(harness, grad))
+        data = flat.data if flat is not None else params
+        states.append((_to_numpy(harness, data, dtype), harness.to_numpy(opt.velocity_codes),
+                       harness.to_numpy(opt.velocity_scales)))
+    return opt, states
+
+
+def assert_same(expected, got, what):
+    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
+        for name, a, b in zip(("param", "codes", "scales"), want, have):
+            bits = np.uint8 if a.dtype.itemsize == 1 else (
+                np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+            differ = np.flatnonzero(np.asarray(a).view(bits) != np.asarray(b).view(bits))
+            assert differ.size == 0, f"{what}: step {step}, {name} differs at {differ[:8]}"
+
+
+@pytest.mark.parametrize("counted", [{}, {"skip_nonfinite": True}, {"capturable": True}],
+                         ids=["plain", "skip_nonfinite", "capturable"])
+@pytest.mark.parametrize("kind", OPTIMIZER_KINDS, ids=[f"{p}-{m}" for p, m in
+                                                       OPTIMIZER_KINDS])
+@pytest.mark.parametrize("options", OPTIMIZER_OPTIONS, ids=["classic", "torch-l1", "torch-dwd"])
+def test_momentum_sgd_equals_the_reference_on_every_backend(backend, options, kind,
+                                                            counted):
+    param_dtype, precision = kind
+    param, grads = _problem_arrays(700, np.dtype(_dtype(param_dtype)), len(LRS))
+    expected = reference_run(param, grads, options, precision)
+    _, got = optimizer_run(backend, param, grads, options, precision, **counted)
+    assert_same(expected, got, backend.name)
+
+
+def _dtype(name):
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16 if name == "bfloat16" else name
+
+
+def test_ml_dtypes_float8_names_the_same_velocity():
+    import ml_dtypes
+
+    opt = gm.MomentumSGD(np.zeros(10, np.float32), lr=0.1, backend="cpu",
+                         velocity_dtype=ml_dtypes.float8_e4m3fn)
+    assert opt.velocity_dtype.name == "float8_e4m3fn"
+    assert opt.velocity_codes.dtype == np.uint8 and opt.velocity_codes.shape == (10,)
+    assert opt.velocity_scales.dtype == np.float32 and opt.velocity_scales.shape == (1,)
+
+
+def test_groups_and_padding_equal_the_reference(backend):
+    sizes = (300, 5, 411, 1, 256, 33)
+    param, grads = _problem_arrays(sum(sizes), np.float32, len(LRS), seed=2)
+    arrays = np.split(param, np.cumsum(sizes)[:-1])
+    names = [f"s{i}" for i in range(len(sizes))]
+    flat = gm.FlatParams.from_arrays([_to_backend(backend, a) for a in arrays],
+                                     names=names)
+    options = OPTIMIZER_OPTIONS[1]
+    group = {"params": ["s1", "s4"], "lr": 0.01, "momentum": 0.5, "l1": 0.0}
+    host = gm.FlatParams.from_arrays(arrays, names=names)
+    total = host.data.size
+    full_grads = []
+    for g in grads:
+        padded = np.zeros(total, np.float32)
+        for offset, size, piece in zip(host.offsets, host.sizes,
+                                       np.split(g, np.cumsum(sizes)[:-1])):
+            padded[offset:offset + size] = piece
+        full_grads.append(padded)
+    in_group = {1, 4}
+    own = {k: v for k, v in group.items() if k != "params"}
+    start_param = np.asarray(host.data, np.float32).copy()
+    ranges = [[(int(o), int(o) + int(s), {**options, **(own if i in in_group else
+                                                         {"lr": LRS[step]})})
+               for i, (o, s) in enumerate(zip(host.offsets, host.sizes))]
+              for step in range(len(LRS))]
+    states = _reference_with_ranges(start_param, full_grads, ranges)
+    opt, got = optimizer_run(backend, start_param, full_grads, options, "nearest",
+                             flat=flat, groups=[group])
+    assert_same(states, got, backend.name)
+
+
+def _reference_with_ranges(param, grads, ranges_per_step):
+    from gpu_momentum.kernels.layout import float8_scale_count
+    from gpu_momentum.reference import float8_velocity_step
+
+    n = param.size
+    codes, scales = np.zeros(n, np.uint8), np.zeros(float8_scale_count(n), np.float32)
+    states = []
+    for step, (grad, ranges) in enumerate(zip(grads, ranges_per_step)):
+        ranges = [(a, b, {**o, "first_step": step == 0}) for a, b, o in ranges]
+        param, codes, scales, _ = float8_velocity_step(param, grad, codes, scales, ranges,
+                                                       seed=0, step_count=step)
+        states.append((param, codes, scales))
+    return states
+
+
+@pytest.mark.parametrize("param_dtype, precision, velocity_dtype, error, message", [
+    ("float64", "nearest", "float8_e4m3fn", ValueError,
+     "velocity_dtype value: 'float8_e4m3fn' .float64 parameters cannot"),
+    ("float32", "kahan", "float8_e4m3fn", ValueError, "precision value: 'kahan'"),
+    ("float32", "nearest", "float8_e5m2", ValueError, "velocity_dtype value: 'float8_e5m2'"),
+    ("float32", "nearest", "float9", ValueError, "velocity_dtype value: 'float9'"),
+])
+def test_refusals_name_the_value_and_change_nothing(param_dtype, precision,
+                                                    velocity_dtype, error, message):
+    param = np.linspace(-1, 1, 300).astype(param_dtype)
+    before = param.copy()
+    with pytest.raises(error, match=message):
+        gm.MomentumSGD(param, lr=0.1, precision=precision, velocity_dtype=velocity_dtype,
+                       backend="cpu")
+    assert np.array_equal(param.view(np.uint8), before.view(np.uint8))
+
+
+def test_dequantized_velocity_is_the_codes_times_their_scales():
+    from gpu_momentum.reference import dequantize_velocity
+
+    param, grads = _problem_arrays(600, np.float32, 2)
+    opt = gm.MomentumSGD(param.reshape(20, 30), lr=0.1, velocity_dtype="float8_e4m3fn",
+                         backend="cpu")
+    for g in grads:
+        opt.step(g.reshape(20, 30))
+    velocity = opt.dequantized_velocity()
+    assert velocity.shape == (20, 30) and velocity.dtype == np.float32
+    assert np.array_equal(velocity.reshape(-1),
+                          dequantize_velocity(opt.velocity_codes, opt.velocity_scales))
+    assert np.abs(velocity).max() > 0
+
+
+def test_momentum_step_takes_a_float8_velocity(backend):
+    param, grads = _problem_arrays(700, np.float32, 3)
+    options = OPTIMIZER_OPTIONS[0]
+    expected = reference_run(param, grads, options, "stochastic", seed=9)
+    engine = backend_named(backend.name)
+    p = backend.from_numpy(param)
+    velocity = zeros_float8_velocity(engine, 700)
+    assert isinstance(velocity, gm.Float8Velocity)
+    for step, grad in enumerate(grads):
+        gm.momentum_step(p, backend.from_numpy(grad), velocity, **{**options,
+                         "lr": LRS[step]}, first_step=step == 0, precision="stochastic",
+                         seed=9, step_count=step, backend=backend.name)
+        assert_same(expected[step:step + 1], [(backend.to_numpy(p),
+                                               backend.to_numpy(velocity.codes),
+                                               backend.to_numpy(velocity.scales))],
+                    f"step {step}")
