@@ -490,6 +490,26 @@ DISTRIBUTED_ERRORS = [
      r"^rank {last} of {ranks} failed: checkpoint \S*damaged\.npz is truncated", False),
     ("save-unwritable", "FileNotFoundError", 0, r"No such file or directory",
      r"^rank 0 of {ranks} failed: .*No such file or directory", False),
+    # What the ranks must agree on beyond their own checks (mpi_checks.disagreements).
+    ("values-swapped-segments", "ValueError", "all",
+     r"^rank {last} differs from rank 0 in initial parameter values \(checksum\)", None,
+     True),
+    ("capturable-lr-on-one-rank", "ValueError", "all",
+     r"^hyperparameters differs between ranks: rank {last} has hyperparameters\[0\]\['lr'\]"
+     r" = 0\.3, rank 0 has 0\.1", None, True),
+    ("capturable-group-lr-on-one-rank", "ValueError", "all",
+     r"^hyperparameters differs between ranks: rank {last} has hyperparameters\[1\]\['lr'\]"
+     r" = 0\.02, rank 0 has 0\.01", None, True),
+    ("load-other-step-on-one-rank", "ValueError", "all",
+     r"^step_count of the checkpoint read differs between ranks: rank {last} has step_count "
+     r"of the checkpoint read = 4, rank 0 has 3", None, True),
+    ("load-other-content-on-one-rank", "ValueError", "all",
+     r"^content of the checkpoint read \(digest\) differs between ranks: rank {last} has "
+     r"content of the checkpoint read \(digest\) = '[0-9a-f]{{14}}', rank 0 has "
+     r"'[0-9a-f]{{14}}'", None, True),
+    ("load-state-other-content-on-one-rank", "ValueError", "all",
+     r"^content of the state given \(digest\) differs between ranks: rank {last} has",
+     None, True),
 ]
 
 

@@ -177,7 +177,8 @@ def snapshot(*watched):
         if isinstance(item, np.ndarray):
             state.append(item.tobytes())
         else:
-            state += [item.velocity.tobytes(), item.step_count, item.skipped_steps, item.lr,
+            state += [item.velocity.tobytes(), item.step_count, item.skipped_steps,
+                      item.last_step_skipped, item.velocity_initialized, item.lr,
                       item.param_groups[0]["lr"] if item.param_groups else None]
     return state
 
@@ -268,6 +269,80 @@ def errors(out):
     return results
 
 
+def disagreements(out):
+    """What the ranks must agree on beyond their own checks: initial values in their
+    places, hyperparameters changed between capturable steps, and the checkpoint or state
+    each loads. ({case: outcome} for the error table, {case: result} of the cases where
+    the ranks agree.)"""
+    results, agreeing = {}, {}
+    options = dict(lr=0.1, momentum=0.9)
+    mine = lambda value, others: value if RANK == LAST else others
+
+    # Two segments of 30 float64 swapped: offsets 0 and 30, a multiple of 6 elements.
+    first, second = np.arange(30.0), np.arange(30.0) ** 2
+    swapped = gm.FlatParams.from_arrays(mine([second, first], [first, second]))
+    results["values-swapped-segments"] = outcome(
+        lambda: ShardedMomentumSGD(swapped, comm=COMM, **options), swapped.data)
+
+    flat = model()
+    captured = ShardedMomentumSGD(flat, comm=COMM, capturable=True,
+                                  groups=[{"params": ["head.w"], "lr": 0.01}], **options)
+    for step in range(2):
+        captured.step(gradients(flat.data.size, step)[RANK])
+    grad = gradients(flat.data.size, 2)[RANK]
+
+    def changed_on_one_rank(change, undo):
+        def call():
+            if RANK == LAST:
+                change()
+            try:
+                captured.step(grad)
+            finally:
+                undo()
+        return call
+
+    results["capturable-lr-on-one-rank"] = outcome(changed_on_one_rank(
+        lambda: setattr(captured, "lr", 0.3), lambda: setattr(captured, "lr", 0.1)),
+        flat.data, captured)
+    group = captured.param_groups[0]
+    results["capturable-group-lr-on-one-rank"] = outcome(changed_on_one_rank(
+        lambda: group.update(lr=0.02), lambda: group.update(lr=0.01)), flat.data, captured)
+    captured.lr = 0.05  # on every rank: agreed
+    captured.step(grad)
+    agreeing["capturable-lr-everywhere"] = {"step_count": captured.step_count,
+                                            "lr": captured.lr, "digest": digest(flat.data)}
+
+    # Checkpoints A (step 3), B (step 4) and C (step 4 from A with another gradient).
+    paths = {name: os.path.join(out, f"agree-{name}.npz") for name in "ABC"}
+    captured.save(paths["A"])
+    captured.step(gradients(flat.data.size, 3)[RANK])
+    captured.save(paths["B"])
+    captured.load(paths["A"])
+    captured.step(gradients(flat.data.size, 4)[RANK])
+    captured.save(paths["C"])
+    results["load-other-step-on-one-rank"] = outcome(
+        lambda: captured.load(mine(paths["B"], paths["A"])), flat.data, captured)
+    results["load-other-content-on-one-rank"] = outcome(
+        lambda: captured.load(mine(paths["C"], paths["B"])), flat.data, captured)
+    state = captured.state_dict()
+    if RANK == LAST:
+        state["velocity"][-1] = np.nextafter(state["velocity"][-1], 9.0)
+    results["load-state-other-content-on-one-rank"] = outcome(
+        lambda: captured.load_state_dict(state), flat.data, captured)
+
+    # Every rank reads its own copy of B: the same checkpoint, wherever it lies.
+    copy = os.path.join(out, f"agree-B-copy{RANK}.npz")
+    with open(paths["B"], "rb") as source, open(copy, "wb") as target:
+        target.write(source.read())
+    captured.load(copy)
+    agreeing["load-own-copies"] = {"step_count": captured.step_count,
+                                   "digest": digest(flat.data)}
+    captured.load_state_dict(captured.state_dict(), params=flat.data.copy())
+    agreeing["load-state-everywhere"] = {"step_count": captured.step_count,
+                                         "digest": digest(flat.data)}
+    return results, agreeing
+
+
 CHECKPOINT_OPTIONS = dict(lr=0.05, momentum=0.9, style="torch", dampening=0.1,
                           skip_nonfinite=True,
                           groups=[{"params": ["block.w", "head.b"], "lr": 0.02,
@@ -345,6 +420,8 @@ def main():
                                            skip_nonfinite=True)
     results["cuda_aware_mpi_reason"] = cuda_aware_mpi_reason()
     results["errors"] = errors(out)
+    disagreed, results["agreements"] = disagreements(out)
+    results["errors"].update(disagreed)
     results["checkpoints"] = checkpoints(out, checkpoint_in)
     with open(os.path.join(out, f"rank{RANK}.json"), "w") as file:
         json.dump(results, file)

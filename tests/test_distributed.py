@@ -26,7 +26,8 @@ import pytest
 import gpu_momentum as gm
 from configs import DISTRIBUTED_ERRORS, SEGMENT_SIZES
 from cuda_driver import cuda_device_count
-from gpu_momentum.distributed import NcclCollectives, ShardedMomentumSGD, shard_bounds
+from gpu_momentum.distributed import (NcclCollectives, ShardedMomentumSGD, agreement,
+                                      shard_bounds)
 from gpu_momentum.distributed.collectives import nccl_module, transport_for
 from gpu_momentum.groups import resolve_groups
 from gpu_momentum.hyperparams import Hyperparameters
@@ -238,6 +239,68 @@ def test_nccl_all_reduce_sums_every_ranks_buffer_in_place(ranks, size):
         assert buffer.tobytes() == total.tobytes()
 
 
+# The agreement's digests (no MPI: they are plain functions of arrays).
+
+def _checksum_by_definition(array):
+    """checksum's formula, in Python integers: sum of mix(bits_i ^ i * golden) mod 2**64."""
+    mask = 2**64 - 1
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    words = array.reshape(-1).view(f"u{array.dtype.itemsize}")
+    total = sum(mix(int(word) ^ (index * 0x9E3779B97F4A7C15 & mask))
+                for index, word in enumerate(words))
+    return f"{total & mask:016x}"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("size", [0, 1, 7, 100])
+def test_checksum_is_its_formula_across_chunks(monkeypatch, dtype, size):
+    """Chunks of 16 elements make sizes 7 and 100 one partial chunk and several chunks
+    with a partial last one: the formula in integers says every backend's result."""
+    monkeypatch.setattr(agreement, "CHECKSUM_CHUNK", 16)
+    array = np.random.default_rng(size).standard_normal(size).astype(dtype)
+    assert agreement.checksum(None, array) == _checksum_by_definition(array)
+
+
+def test_checksum_sees_values_moved_to_other_places():
+    """Swapped equal-size segments at offsets 6k apart (every second and third element
+    keeps its residue: sums over strided subsets miss them), a rotation by one, and a
+    sign moved between two elements; the same bits in another array agree."""
+    values = np.random.default_rng(3).standard_normal(600)
+    checksum = lambda array: agreement.checksum(None, array)
+    for offset in (30, 36, 300):
+        swapped = values.copy()
+        swapped[:30], swapped[offset:offset + 30] = values[offset:offset + 30], values[:30]
+        assert not np.array_equal(swapped, values)
+        assert checksum(swapped) != checksum(values), offset
+    assert checksum(np.roll(values, 1)) != checksum(values)
+    pair = np.abs(values[:2])
+    assert checksum(pair * [1, -1]) != checksum(pair * [-1, 1])
+    assert checksum(values.copy()) == checksum(values)
+    assert checksum(values.reshape(20, 30)) == checksum(values)
+
+
+def test_content_digest_is_of_every_value_and_array():
+    state = {"format": 3, "lr": 0.1, "step_count": 4, "groups": [{"params": ["a"]}],
+             "velocity": np.arange(10.0)}
+    params = np.ones(10)
+    digest = lambda s, p: agreement.content_digest(None, s, {"velocity": s["velocity"],
+                                                              "params": p})
+    same = {**state, "velocity": state["velocity"].copy()}
+    assert digest(same, params.copy()) == digest(state, params) < 2**56
+    velocity = state["velocity"].copy()
+    velocity[-1] = np.nextafter(velocity[-1], 99.0)
+    for other, other_params in [({**state, "velocity": velocity}, params),
+                                ({**state, "lr": 0.2}, params),
+                                ({**state, "groups": [{"params": ["b"]}]}, params),
+                                (state, params * 2), (state, None)]:
+        assert digest(other, other_params) != digest(state, params)
+
+
 @pytest.mark.parametrize("comm", [None, 42, "COMM_WORLD", object()],
                          ids=["none", "int", "str", "object"])
 def test_comm_must_be_an_mpi_communicator(comm):
@@ -440,6 +503,23 @@ def test_a_check_failing_on_one_rank_makes_every_rank_raise(runs, ranks, case, k
         assert result["errors"]["still-steps"]["type"] is None
         # The steps that passed: 4, and on one rank the 3 steps that cannot differ.
         assert result["errors"]["step_count_after"] == (7 if ranks == 1 else 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", RANK_COUNTS)
+def test_ranks_that_agree_change_capturable_hyperparameters_and_load_copies(runs, ranks):
+    """The agreeing peers of the disagreements in the error table: a capturable
+    hyperparameter changed on every rank, every rank loading its own copy of one
+    checkpoint, and one state given to every rank."""
+    first = runs[ranks][0]["agreements"]
+    # The steps that passed: 3, and on one rank the 2 with a change that cannot differ.
+    steps = 3 if ranks > 1 else 5
+    assert first["capturable-lr-everywhere"]["step_count"] == steps
+    assert first["capturable-lr-everywhere"]["lr"] == 0.05
+    assert first["load-own-copies"]["step_count"] == steps + 1  # checkpoint B's
+    assert first["load-state-everywhere"] == first["load-own-copies"]
+    for rank, result in enumerate(runs[ranks][1:], 1):
+        assert result["agreements"] == first, f"rank {rank}"
 
 
 @pytest.mark.slow

@@ -2,9 +2,12 @@
 
 A check that fails on one rank must raise on every rank, and nothing may change anywhere:
 `agree` settles that in one small host allreduce (never waiting for a device), and
-`first_difference` and `checksum` compare what must be the same on every rank.
+`first_difference`, `checksum` and `content_digest` compare what must be the same on every
+rank.
 """
 
+import hashlib
+import json
 import reprlib
 import sys
 
@@ -107,10 +110,23 @@ def first_difference(comm, description):
                                  f"initial parameters)")
 
 
+# splitmix64's finaliser (Steele, Lea and Flood 2014; Vigna's constants): a bijection of
+# 64-bit words whose every output bit depends on every input bit.
+_GOLDEN = 0x9E3779B97F4A7C15  # odd: i -> i * _GOLDEN is a bijection modulo 2**64
+_MIX_STEPS = ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB))
+_LAST_SHIFT = 31
+CHECKSUM_CHUNK = 1 << 16  # elements mixed at a time: the temporaries stay in cache
+
+
 def checksum(backend, param):
-    """Wrapping sums of param's bit patterns (all words, every second, every third: most
-    swaps show), in hex: integers, so equal on every rank holding the same bits, in any
-    summation order; one pass in param's memory (a host copy where CuPy is absent)."""
+    """A position-sensitive checksum of param's bits, as 16 hex digits: the sum modulo
+    2**64 over its elements i (in C order) of mix(bits_i XOR i * 0x9E3779B97F4A7C15),
+    mix splitmix64's finaliser and bits_i the element's bit pattern widened to 64 bits.
+    Integers only, so every rank holding the same bits gets the same number on any
+    backend and in any summation order; the index in each term makes moving values to
+    other places show, whatever the distance (swapped segments, a shift). One pass in
+    param's memory, CHECKSUM_CHUNK elements at a time (a host copy where CuPy is
+    absent)."""
     info = describe("params", param)
     xp, array = np, param
     if info.on_device:
@@ -120,5 +136,34 @@ def checksum(backend, param):
         except ImportError:
             xp, array = np, backend.to_numpy(param)
     words = array.reshape(-1).view(f"u{info.dtype.itemsize}")
-    return "-".join(f"{int(xp.sum(words[start::stride], dtype=xp.uint64)):016x}"
-                    for start, stride in ((0, 1), (0, 2), (1, 3)))
+    size = words.shape[0]
+    u64 = xp.uint64
+    weights = xp.arange(min(size, CHECKSUM_CHUNK), dtype=u64) * u64(_GOLDEN)
+    mixed, shifted = xp.empty_like(weights), xp.empty_like(weights)
+    total = xp.zeros((), u64)
+    for start in range(0, size, CHECKSUM_CHUNK):
+        stop = min(size, start + CHECKSUM_CHUNK)
+        x, t = mixed[:stop - start], shifted[:stop - start]
+        # (start + k) * _GOLDEN, wrapping: the weights of this chunk's indices.
+        xp.add(weights[:stop - start], u64(start * _GOLDEN % 2**64), out=x)
+        xp.bitwise_xor(x, words[start:stop].astype(u64), out=x)
+        for shift, factor in _MIX_STEPS:
+            xp.right_shift(x, u64(shift), out=t)
+            xp.bitwise_xor(x, t, out=x)
+            xp.multiply(x, u64(factor), out=x)
+        xp.right_shift(x, u64(_LAST_SHIFT), out=t)
+        xp.bitwise_xor(x, t, out=x)
+        total += x.sum(dtype=u64)
+    return f"{int(total):016x}"
+
+
+def content_digest(backend, state, arrays):
+    """A 56-bit digest of a state dict and of `arrays` (name: array or None): of the
+    state's entries that are not arrays (as sorted JSON) and of each array's `checksum`;
+    equal on ranks that hold the same values, in any memory."""
+    plain = {key: value for key, value in state.items() if key not in arrays}
+    parts = [json.dumps(plain, sort_keys=True, default=repr)]
+    parts += [f"{name}:{None if array is None else checksum(backend, array)}"
+              for name, array in sorted(arrays.items())]
+    digest = hashlib.blake2b("\n".join(parts).encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")

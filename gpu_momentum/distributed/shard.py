@@ -45,11 +45,11 @@ class ShardUpdate(MomentumSGD):
         """The Backend object updating the shard (`backend` is its name)."""
         return self._backend
 
-    @property
-    def table_stale(self):
-        """Whether the update table changed since the last step built it: after a
-        hyperparameter change or a loaded state."""
-        return self._table_stale
+    def hyperparameter_key(self):
+        """Every group's Hyperparameters object, in order: immutable, and replaced by
+        every change (the option setters, param_groups, a loaded state), so that the
+        same objects (compared with `is`) mean the same values, capturable or not."""
+        return tuple(self._hypers)
 
     def hyperparameters(self):
         """Every group's hyperparameters ([0]: the optimizer's own), as dicts."""

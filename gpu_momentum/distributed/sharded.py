@@ -11,7 +11,7 @@ from ..flat import FlatParams
 from ..groups import GROUP_OPTIONS
 from ..hyperparams import flag, inverse_grad_scale
 from ..optimizer import MomentumSGD
-from .agreement import agree, check_comm, checksum, first_difference
+from .agreement import agree, check_comm, checksum, content_digest, first_difference
 from .collectives import make_collectives, transport_for
 from .shard import ShardUpdate, check_sharded_precision, shard_bounds
 
@@ -26,7 +26,8 @@ class _Whole:
     precision = "nearest"  # the only one sharding takes (check_sharded_precision)
 
     def __init__(self, sharded, state=None):
-        self._sharded, self._state, self.restore = sharded, state, None
+        self._sharded, self._state = sharded, state
+        self.restore = self.identity = None  # of the state read, once it passed the checks
         self.flat = sharded.flat
         self.velocity_dtype = sharded.shard_optimizer.velocity_dtype
         if state is None:  # to load: what the reader expects, without a whole velocity
@@ -41,7 +42,15 @@ class _Whole:
         return dict(self._state)
 
     def load_state_dict(self, state, params=None):
-        self.restore = self._sharded._checked_state(state, params)
+        self.restore, self.identity = self._sharded._checked_state(state, params)
+
+
+def _identity_values(what, identity):
+    """agree's values comparing the (step count, content digest) of the state each rank
+    loads (zeros on a rank whose checks failed: its error decides then)."""
+    step_count, digest = identity or (0, 0)
+    return {f"step_count of {what}": (step_count, lambda: step_count),
+            f"content of {what} (digest)": (digest, lambda: f"{digest:014x}")}
 
 
 def _forward(name, settable=False):
@@ -59,8 +68,9 @@ class ShardedMomentumSGD:
 
     params: a FlatParams (or one contiguous array) of the same layout and the same initial
     values on every rank; the constructor compares layouts and options across ranks and
-    the values by a checksum, and refuses a mismatch with an error naming the first rank
-    that differs. comm: an mpi4py intracommunicator (mpi4py.MPI.COMM_WORLD). Every other
+    the values by a position-sensitive checksum (agreement.checksum), and refuses a
+    mismatch with an error naming the first rank that differs. comm: an mpi4py
+    intracommunicator (mpi4py.MPI.COMM_WORLD). Every other
     keyword is MomentumSGD's (lr, momentum, dampening, weight_decay, l1, nesterov,
     maximize, style, decoupled_weight_decay, groups, skip_nonfinite, backend; formulas,
     first steps and groups as there) and must be the same on every rank. collectives: "auto" (NCCL for GPU arrays, MPI for host arrays),
@@ -72,6 +82,8 @@ class ShardedMomentumSGD:
     `load_state_dict`, `save` and `load` are collective: every rank calls them, in the
     same order. Each first checks its arguments on every rank and agrees on the outcome
     (one small host allreduce, never waiting for a device): when a rank's check fails,
+    or what must be the same on every rank differs (a step's hyperparameters as they are
+    then, capturable or not; the step count and content digest of the state a load read),
     every rank raises and nothing changes anywhere.
     """
 
@@ -102,7 +114,8 @@ class ShardedMomentumSGD:
         self._collectives = make_collectives(comm, self.shards, transport, backend,
                                              self._whole)
         self._scratch = backend.zeros(self._local.velocity.shape, info.dtype)
-        self._fingerprint = None  # of the hyperparameters, for the steps' agreement
+        # The hyperparameters' digest for the steps' agreement, and the objects it is of.
+        self._fingerprint = self._fingerprinted = None
 
     def _description(self, params, info, transport):
         """What must be the same on every rank (compared in this order)."""
@@ -150,11 +163,17 @@ class ShardedMomentumSGD:
         return self._collectives
 
     def _hyperparameter_fingerprint(self):
-        """A 56-bit digest of every group's hyperparameters, recomputed after a change."""
-        if self._fingerprint is None or self._local.table_stale:
+        """A 56-bit digest of every group's hyperparameters as they are now: taken again
+        whenever a group's Hyperparameters object was replaced since the last one (every
+        change does that, capturable or not; a capturable optimizer writes its table at
+        the change, so whether the table is stale cannot tell)."""
+        key = self._local.hyperparameter_key()
+        if self._fingerprinted is None or len(key) != len(self._fingerprinted) or any(
+                now is not then for now, then in zip(key, self._fingerprinted)):
             text = repr(self._local.hyperparameters()).encode()
             self._fingerprint = int.from_bytes(hashlib.blake2b(text, digest_size=7)
                                                .digest(), "little")
+            self._fingerprinted = key
         return self._fingerprint
 
     def step(self, grad=None, *, grad_scale=1.0, grads_reduced=False):
@@ -240,19 +259,21 @@ class ShardedMomentumSGD:
         """Collective: restores a whole optimizer's state (`state_dict()` of a MomentumSGD
         or ShardedMomentumSGD of this layout, on any number of ranks) and, given `params`
         (the whole flat buffer), the parameters. Each rank keeps its shard of the
-        velocity. Checked on every rank first: when one rank's check fails, every rank
-        raises and nothing changes anywhere."""
-        error = restore = None
+        velocity. Checked on every rank first: when one rank's check fails, or the ranks
+        were given different states (step counts, or contents: `content_digest` of the
+        state and params), every rank raises and nothing changes anywhere."""
+        error = restore = identity = None
         try:
-            restore = self._checked_state(state, params)
+            restore, identity = self._checked_state(state, params)
         except Exception as failure:  # every rank must hear of it
             error = failure
-        agree(self.comm, error)
+        agree(self.comm, error, _identity_values("the state given", identity))
         restore()
 
     def _checked_state(self, state, params):
         """Checks a whole state (and params) on this rank alone; returns the collective
-        function that restores them (every rank calls it once all ranks agreed)."""
+        function that restores them (every rank calls it once all ranks agreed) and
+        (step count, content_digest of state and params), which the ranks compare."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type_name(state)}")
         shard_state = dict(state)
@@ -265,9 +286,12 @@ class ShardedMomentumSGD:
             restore_shard()
             if params is not None:
                 self._collectives.all_gather(self._whole)
-            self._fingerprint = None
 
-        return restore
+        # What every rank must have alike, or each would restore a state of its own.
+        identity = (int(state["step_count"]), content_digest(
+            self._local.array_backend, state, {"velocity": state.get("velocity"),
+                                               "params": params}))
+        return restore, identity
 
     def save(self, path):
         """Collective: writes a checkpoint of the whole optimizer and parameters, in
@@ -292,7 +316,10 @@ class ShardedMomentumSGD:
         """Collective: restores params and state from a checkpoint of a MomentumSGD or of
         a ShardedMomentumSGD on any number of ranks, resharded: every rank reads the file
         (into host memory), checks it as MomentumSGD.load does and keeps its shard; when
-        one rank's check fails, every rank raises and nothing changes anywhere."""
+        one rank's check fails, or the ranks read different checkpoints (their step
+        counts, or contents: `content_digest` of the state and parameters read, so that
+        copies of one checkpoint agree wherever they lie), every rank raises and nothing
+        changes anywhere."""
         from ..checkpoint import load_checkpoint
 
         error = whole = None
@@ -301,7 +328,8 @@ class ShardedMomentumSGD:
             load_checkpoint(whole, path)
         except Exception as failure:  # every rank must hear of it
             error = failure
-        agree(self.comm, error)
+        identity = None if whole is None else whole.identity
+        agree(self.comm, error, _identity_values("the checkpoint read", identity))
         whole.restore()
 
     def _shard_of(self, name, array):
