@@ -347,3 +347,30 @@ def test_momentum_step_takes_a_float8_velocity(backend):
                                                backend.to_numpy(velocity.codes),
                                                backend.to_numpy(velocity.scales))],
                     f"step {step}")
+
+
+def test_sharded_momentum_sgd_refuses_a_float8_velocity():
+    """In a subprocess with MPI (as tests/test_distributed.py runs its single-rank
+    checks): a clear ValueError, parameters unchanged."""
+    import subprocess
+    import sys
+
+    from harness import library_env
+    from mpi_launch import require_mpi
+
+    require_mpi()
+    code = """if True:
+        import numpy as np
+        from mpi4py import MPI
+        from gpu_momentum.distributed import ShardedMomentumSGD
+        params = np.ones(600, np.float32)
+        try:
+            ShardedMomentumSGD(params, comm=MPI.COMM_SELF, lr=0.5,
+                               velocity_dtype="float8_e4m3fn")
+        except ValueError as error:
+            print(error, bool((params == 1).all()))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=library_env(), check=True, timeout=300).stdout
+    assert "Invalid velocity_dtype value: 'float8_e4m3fn' (ShardedMomentumSGD" in out
+    assert out.strip().endswith("True")
