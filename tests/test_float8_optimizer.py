@@ -374,3 +374,26 @@ def test_sharded_momentum_sgd_refuses_a_float8_velocity():
                          env=library_env(), check=True, timeout=300).stdout
     assert "Invalid velocity_dtype value: 'float8_e4m3fn' (ShardedMomentumSGD" in out
     assert out.strip().endswith("True")
+
+
+@pytest.mark.slow
+def test_the_example_trains_with_both_velocities_into_the_current_folder(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    from harness import library_env
+
+    require("matplotlib")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "examples" / "fp8_velocity.py"),
+                           "--steps", "40"], cwd=tmp_path, env=library_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fp8_velocity.png").read_bytes().startswith(b"\x89PNG")
+    losses = [float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines()
+              if "loss after" in line]
+    assert len(losses) == 4
+    # Each FP8 run within 5% of its float32-velocity twin after 40 steps.
+    assert abs(losses[1] - losses[0]) < 0.05 * losses[0]
+    assert abs(losses[3] - losses[2]) < 0.05 * losses[2]
