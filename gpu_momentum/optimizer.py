@@ -347,7 +347,9 @@ class MomentumSGD(_FlatUpdate):
     `velocity.scales` (float32, one per block), also `velocity_codes` and
     `velocity_scales`; `dequantized_velocity()` decodes it. float32 parameters have
     "stochastic" with it too, which rounds the codes stochastically; 16-bit ones every
-    mode. float64 parameters refuse it. See docs/precision.md.
+    mode. float64 parameters refuse it; its state cannot be saved or loaded yet
+    (state_dict, load_state_dict, save and load raise ValueError). See
+    docs/precision.md.
     """
 
     _window = None  # the interface for subclasses: see the module docstring
@@ -479,7 +481,8 @@ class MomentumSGD(_FlatUpdate):
         given and every option), step count, whether each group's velocity is initialized
         (the optimizer's own first, then one per group), a velocity copy and, with
         precision "kahan" or "master", a copy of the compensation or master buffer under
-        that name."""
+        that name. An FP8 velocity has no state dict yet: a ValueError says so."""
+        self._refuse_float8_state("state_dict()")
         counters = self._host_counters()
         state = {"format": STATE_FORMAT, **self._hypers[0].as_dict(),
                  "precision": self.precision, "velocity_dtype": self.velocity_dtype.name,
@@ -502,9 +505,18 @@ class MomentumSGD(_FlatUpdate):
         given params) is writable and fits."""
         self._checked_state(state, params)()
 
+    def _refuse_float8_state(self, what):
+        """ValueError for saving or loading the state of an FP8 velocity, which the state
+        format does not hold yet (nothing is changed)."""
+        if self._precision.float8:
+            raise ValueError(f"Invalid velocity_dtype value: 'float8_e4m3fn' ({what} does "
+                             f"not save or load an FP8 velocity yet; its codes and scales "
+                             f"are opt.velocity_codes and opt.velocity_scales)")
+
     def _checked_state(self, state, params=None):
         """Validates `state` and `params` as load_state_dict does and returns a function
         without arguments that restores them, which cannot fail."""
+        self._refuse_float8_state("load_state_dict()")
         header = read_header(state, self.precision, self.velocity_dtype, self.style)
         seed, defaults = header.seed, header.defaults
         plan = self._resolve(state["groups"], defaults)
@@ -557,11 +569,13 @@ class MomentumSGD(_FlatUpdate):
     def save(self, path):
         """Writes a checkpoint atomically (see `gpu_momentum.checkpoint`)."""
         from .checkpoint import save_checkpoint
+        self._refuse_float8_state("save()")
         save_checkpoint(self, path)
 
     def load(self, path):
         """Restores params and state from `save(path)`, all or nothing."""
         from .checkpoint import load_checkpoint
+        self._refuse_float8_state("load()")
         load_checkpoint(self, path)
 
     state_dict_keys = staticmethod(state_dict_keys)
