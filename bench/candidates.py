@@ -9,6 +9,7 @@ dtype, is reported with the reason and never replaced by something else.
 """
 
 import dataclasses
+import itertools
 
 import numba  # noqa: F401  (before torch: two OpenMP runtimes loaded the other way stall)
 import numpy as np
@@ -19,13 +20,14 @@ from gpu_momentum.backends import (REGISTRY, BackendUnavailableError, backend_na
                                    backend_names)
 from gpu_momentum.kernels.layout import PRECISION_NAMES
 
-from .data import (COPY_ROOFLINE, CUPY_PEER, GROUPS, LR, MOMENTUM, NAIVE_ARRAYS,
-                   NUMPY_TWO_LINE, ROOFLINE_PEERS, ROOFLINES, SIXTEEN_BIT, TORCH_API, WIDE,
-                   Absent, Built, Candidate, Problem, Unsupported, backend_name)
+from .data import (COPY_ROOFLINE, CUPY_PEER, GROUPS, LR, LR_EACH_STEP, MOMENTUM,
+                   NAIVE_ARRAYS, NUMPY_TWO_LINE, ONE_CYCLE, ROOFLINE_PEERS, ROOFLINES,
+                   SCHEDULED_LRS, SIXTEEN_BIT, TORCH_API, WIDE, Absent, Built, Candidate,
+                   Problem, Unsupported, backend_name)
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 from .peers import (copyto_builder, naive_builder, numpy_out_builder,
-                    numpy_two_line_builder, stream_builder, torch_builder, torch_parameters,
-                    torch_values)
+                    numpy_two_line_builder, scheduled, scheduled_numpy_two_line_builder,
+                    stream_builder, torch_builder, torch_parameters, torch_values)
 
 __all__ = ["CUPY_PEER", "GROUPS", "LR", "MOMENTUM", "ROOFLINES", "TORCH_API", "Absent",
            "Built", "Candidate", "Problem", "Unsupported", "discover", "group_spec",
@@ -43,13 +45,16 @@ def group_spec(count):
             for i in range(count)]
 
 
-def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocity=False):
+def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocity=False,
+                      schedule=None):
     """MomentumSGD (classic style, `v = mu*v - lr*g; p += v`) on backend `name`: the flat
     workload as one array, the many-tensor workloads packed into one FlatParams. With
     groups > 1 (the groups comparison), a workload of that many tensors, each its own
     parameter group (`group_spec`), still one launch per step. With a `precision` (a
     mode of 16-bit parameters) it runs 16-bit dtypes only, in that mode, with a velocity
-    of the param dtype if `sixteen_bit_velocity`; without, float32 and float64 only."""
+    of the param dtype if `sixteen_bit_velocity`; without, float32 and float64 only.
+    schedule=LR_EACH_STEP (the flat workload): `opt.lr` set from SCHEDULED_LRS before
+    every step."""
     backend = backend_named(name)
     options = {} if precision is None else {"precision": precision}
     dtypes = WIDE if precision is None else SIXTEEN_BIT
@@ -69,6 +74,13 @@ def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocit
             param = backend.copy(backend.asarray(problem.p0))
             grad = backend.copy(backend.asarray(problem.g0))
             opt = MomentumSGD(param, **hyper)
+            if schedule == LR_EACH_STEP:
+                lrs = itertools.cycle(SCHEDULED_LRS)
+
+                def step_at_next_lr():
+                    opt.lr = next(lrs)
+                    opt.step(grad)
+                return Built(step_at_next_lr, lambda: [backend.to_numpy(param)])
             return Built(lambda: opt.step(grad), lambda: [backend.to_numpy(param)])
         layers = [backend.asarray(t) for t in problem.tensors(problem.p0)]
         flat = FlatParams.from_arrays(layers)
@@ -86,7 +98,7 @@ def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocit
                      bytes_per_element, timer, arrays=4 + buffers, backend=name,
                      groups=groups, precision=precision,
                      velocity_dtype="param" if sixteen_bit_velocity else None,
-                     param_dtypes=dtypes)
+                     param_dtypes=dtypes, schedule=schedule)
 
 
 def precision_candidates(name, timer):
@@ -105,10 +117,11 @@ def groups_comparison(found):
             for variant in (c, library_candidate(c.backend, c.timer, GROUPS))]
 
 
-def torch_sgd_builder(torch, device, backend):
+def torch_sgd_builder(torch, device, backend, schedule=None):
     """gpu_momentum.torch.SGD(momentum=0.9) on `backend` over the workload's tensors as
     nn.Parameters with gradients (packed into its flat buffers when it is built); its step
-    is all of opt.step(), the per-step Python included."""
+    is all of opt.step(), the per-step Python included, and the lr's change as `schedule`
+    says (bench.peers.scheduled)."""
     def build(problem):
         from gpu_momentum.torch import SGD
 
@@ -125,14 +138,16 @@ def torch_sgd_builder(torch, device, backend):
             opt.step()  # creates the momentum buffers, as in training
         except (TypeError, ValueError) as error:
             raise Unsupported(f"{TORCH_API}: {error}") from error
-        return Built(opt.step, lambda: torch_values(torch, params, problem.dtype))
+        return Built(scheduled(torch, opt, schedule),
+                     lambda: torch_values(torch, params, problem.dtype))
     return build
 
 
 def torch_workload(devices=("cpu", "cuda")):
     """(candidates, absent) of the torch workloads: gpu_momentum.torch.SGD on each backend
     for the device beside torch.optim.SGD's for-loop, foreach and fused on that device, all
-    over the same nn.Parameters with gradients."""
+    over the same nn.Parameters with gradients; then each backend's row and torch fused
+    with OneCycleLR stepped after every step."""
     gpu, gpu_reason = gpu_probe(devices)
     absent = []
     peers = torch_candidates(absent, devices, gpu, gpu_reason)
@@ -162,7 +177,14 @@ def torch_workload(devices=("cpu", "cuda")):
         timer = HostTimer() if device == "cpu" else gpu.TorchEventTimer(torch)
         ours.append(Candidate("backend", device, torch_sgd_builder(torch, device, name),
                               update_bytes, timer, arrays=5, backend=name, api=TORCH_API))
-    return ours + peers, absent
+    one_cycle = [dataclasses.replace(c, build=torch_sgd_builder(torch, c.device, c.backend,
+                                                                ONE_CYCLE),
+                                     schedule=ONE_CYCLE) for c in ours]
+    one_cycle += [dataclasses.replace(c, build=torch_builder(torch, c.device, {"fused": True},
+                                                             ONE_CYCLE),
+                                      schedule=ONE_CYCLE)
+                  for c in peers if c.peer == "torch SGD fused"]
+    return ours + peers + one_cycle, absent
 
 
 def overhead_candidates(found):
@@ -171,16 +193,41 @@ def overhead_candidates(found):
     synchronisation of its device at the end, so that the per-step Python counts as the
     user sees it; NumPy's two-line update where the CPU is measured; and where a GPU
     backend is (timed with CuPy's events: the cupy backend is there), the cupy backend's
-    step replayed from a CUDA graph (wall clock, and the GPU's own time)."""
+    step replayed from a CUDA graph (wall clock, and the GPU's own time). Then the
+    scheduled rows: each backend, NumPy's two-line update and each torch.optim.SGD with the
+    lr set before every step (LR_EACH_STEP)."""
     timed = [dataclasses.replace(c, timer=HostTimer(_device_synchronize(c.device)))
              for c in found if c.kind != "roofline"]
     if any(c.device == "cpu" for c in found):
         timed.append(Candidate("peer", "cpu", numpy_two_line_builder, update_bytes,
                                HostTimer(), arrays=3, peer=NUMPY_TWO_LINE))
+    timed += _scheduled_overhead_candidates(timed)
     if any(c.kind == "backend" and c.device == "cuda" for c in found):
         from . import gpu
         timed += gpu.graph_candidates()
     return timed
+
+
+def _scheduled_overhead_candidates(timed):
+    """The LR_EACH_STEP variants of the overhead workload's eager backends (MomentumSGD,
+    one group, float32/float64), NumPy's two-line update and torch.optim.SGD's variants."""
+    variants = dict(TORCH_VARIANTS)
+    found = []
+    for c in timed:
+        if c.kind == "backend" and c.precision is None and c.launch == "eager" \
+                and c.api == "MomentumSGD" and c.groups == 1:
+            found.append(library_candidate(c.backend, c.timer, schedule=LR_EACH_STEP))
+        elif c.peer == NUMPY_TWO_LINE:
+            found.append(dataclasses.replace(c, build=scheduled_numpy_two_line_builder,
+                                             schedule=LR_EACH_STEP))
+        elif c.kind == "peer" and c.peer.startswith("torch SGD "):
+            import torch
+
+            options = variants[c.peer[len("torch SGD "):]]
+            found.append(dataclasses.replace(
+                c, build=torch_builder(torch, c.device, options, LR_EACH_STEP),
+                schedule=LR_EACH_STEP))
+    return found
 
 
 def _device_synchronize(device):

@@ -9,7 +9,7 @@ import sys
 from gpu_momentum.cli import CommandError, OneLineErrorParser, run_command
 
 WORKLOADS = ["resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2",
-             "overhead"]
+             "torch-cnn", "overhead"]
 FULL = {"sizes": list(range(16, 29)), "workloads": WORKLOADS, "samples": 25,
         "max_time": 3.0}
 QUICK = {"sizes": [16, 18, 20, 22], "workloads": ["resnet50", "groups", "torch-resnet50"],
@@ -58,9 +58,11 @@ def add_arguments(parser):
                              "them out). "
                              "groups: the library's backends over 100 equal segments at "
                              "the largest size (at most 2**26), with 1 and with 100 "
-                             "parameter groups. torch-resnet50, torch-gpt2 (torch: both): "
+                             "parameter groups. torch-resnet50, torch-gpt2, torch-cnn (a "
+                             "small CNN; torch: all three): "
                              "gpu_momentum.torch.SGD's opt.step() against torch.optim."
-                             "SGD's over those shapes as nn.Parameters with gradients. "
+                             "SGD's over those shapes as nn.Parameters with gradients, "
+                             "constant lr and with OneCycleLR stepped every step. "
                              "overhead: per-step time of every backend and peer from "
                              "2**10 to 2**20 elements, wall clock with one "
                              "synchronisation per loop of steps")
@@ -108,7 +110,8 @@ def options_from(args):
                            f"others (got {' '.join(workloads)})")
     workloads = [name for name in workloads if name != "none"]
     workloads = [name for workload in workloads for name in (
-        ("torch-resnet50", "torch-gpt2") if workload == "torch" else (workload,))]
+        ("torch-resnet50", "torch-gpt2", "torch-cnn") if workload == "torch" else
+        (workload,))]
     sampling = Sampling(samples=args.samples or preset["samples"],
                         min_samples=min(5, args.samples or 5),
                         warmup_s=0.02 if args.quick else 0.2,

@@ -35,6 +35,13 @@ TORCH_API = "gpu_momentum.torch.SGD"
 OVERHEAD = "overhead"
 OVERHEAD_SIZES = tuple(2**e for e in range(10, 21))
 NUMPY_TWO_LINE = "numpy two-line"
+# Scheduled rows (`schedule` of a candidate): LR_EACH_STEP, in the overhead workload, sets
+# the lr before every step, cycling through SCHEDULED_LRS (the same values for every
+# backend and peer); ONE_CYCLE, in the torch workloads, steps torch's OneCycleLR after
+# every step (over ONE_CYCLE_STEPS steps, more than any run takes).
+LR_EACH_STEP, ONE_CYCLE = "lr each step", "OneCycleLR"
+SCHEDULED_LRS = tuple(LR * (1 + k / 8) for k in range(8))
+ONE_CYCLE_STEPS = 10**9
 GRAPH_REPLAY, GRAPH_GPU_TIME = "graph replay", "graph replay, GPU time"
 
 
@@ -94,7 +101,8 @@ class Candidate:
     nn.Parameters, in the torch workloads), `launch` how its steps are launched:
     "eager" (step() each time), GRAPH_REPLAY (one step captured in a CUDA graph, the
     graph launched) or GRAPH_GPU_TIME (the same, timed by CUDA events around each
-    replay: the GPU's own time for the step's kernels), and `precision` and
+    replay: the GPU's own time for the step's kernels), `schedule` how the lr changes
+    between steps (None: it stays; LR_EACH_STEP, ONE_CYCLE), and `precision` and
     `velocity_dtype` ("param": the param dtype; None: float32) the library's rows of
     16-bit parameters (precision None: its float32 and float64 rows). `param_dtypes` names
     the dtypes a candidate runs (None: every dtype)."""
@@ -112,22 +120,25 @@ class Candidate:
     precision: str = None
     velocity_dtype: str = None
     param_dtypes: tuple = None
+    schedule: str = None
 
     @property
     def name(self):
         """The display name: "gpu-momentum cpu", "gpu-momentum cpu stochastic",
         "gpu-momentum cpu nearest, 16-bit velocity", "torch SGD fused (cpu)",
-        "gpu_momentum.torch.SGD (cpu)", ..."""
+        "gpu_momentum.torch.SGD (cpu)", "gpu-momentum cpu + lr each step",
+        "torch SGD fused + OneCycleLR (cpu)", ..."""
+        scheduled = "" if self.schedule is None else f" + {self.schedule}"
         if self.kind == "backend" and self.api == TORCH_API:
-            return f"{TORCH_API} ({self.backend})"
+            return f"{TORCH_API} ({self.backend}){scheduled}"
         if self.kind == "backend":
             many = f" ({self.groups} groups)" if self.groups > 1 else ""
             mode = "" if self.precision is None else f" {self.precision}"
             if self.velocity_dtype is not None:
                 mode += ", 16-bit velocity"
             launch = f" ({self.launch})" if self.launch != "eager" else ""
-            return f"{backend_name(self.backend)}{mode}{many}{launch}"
-        return f"{self.peer} ({self.device})"
+            return f"{backend_name(self.backend)}{mode}{many}{launch}{scheduled}"
+        return f"{self.peer}{scheduled} ({self.device})"
 
     def runs(self, dtype):
         """Whether this candidate runs parameters of `dtype` (a name)."""

@@ -1,9 +1,12 @@
 """The peers' builders: the update as users write it without this library (NumPy, CuPy,
 torch.optim.SGD), and the CPU memory rooflines. Each takes a Problem and returns a Built."""
 
+import itertools
+
 import numpy as np
 
-from .data import LR, MOMENTUM, Built, Unsupported
+from .data import (LR, LR_EACH_STEP, MOMENTUM, ONE_CYCLE, ONE_CYCLE_STEPS, SCHEDULED_LRS,
+                   Built, Unsupported)
 
 
 def naive_builder(to_device, to_numpy):
@@ -38,6 +41,48 @@ def numpy_two_line_builder(problem):
         velocity[...] = MOMENTUM * velocity - LR * grad
         param[...] += velocity
     return Built(step, lambda: [param.copy()])
+
+
+def scheduled_numpy_two_line_builder(problem):
+    """The two lines with the lr of SCHEDULED_LRS taken before every step (NumPy pays
+    nothing for a new lr: it is a Python float in the expression)."""
+    param, grad = problem.p0.copy(), problem.g0.copy()
+    velocity = np.zeros_like(param)
+    lrs = itertools.cycle(SCHEDULED_LRS)
+
+    def step():
+        lr = next(lrs)
+        velocity[...] = MOMENTUM * velocity - lr * grad
+        param[...] += velocity
+    return Built(step, lambda: [param.copy()])
+
+
+def scheduled(torch, opt, schedule):
+    """`opt.step` with the lr changed as `schedule` says (bench.data): None, `opt.step`
+    itself; LR_EACH_STEP, every group's lr set from SCHEDULED_LRS before it (the first
+    value taken by the first call); ONE_CYCLE, torch's OneCycleLR (peak LR) stepped after
+    it."""
+    if schedule is None:
+        return opt.step
+    if schedule == LR_EACH_STEP:
+        lrs, groups, step = itertools.cycle(SCHEDULED_LRS), opt.param_groups, opt.step
+
+        def step_at_next_lr():
+            lr = next(lrs)
+            for group in groups:
+                group["lr"] = lr
+            step()
+        return step_at_next_lr
+    if schedule == ONE_CYCLE:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR,
+                                                        total_steps=ONE_CYCLE_STEPS)
+        step = opt.step  # the scheduler's wrapper, which counts the optimizer's steps
+
+        def step_and_schedule():
+            step()
+            scheduler.step()
+        return step_and_schedule
+    raise ValueError(f"Invalid schedule value: {schedule!r}")
 
 
 def numpy_out_builder(problem):
@@ -77,8 +122,9 @@ def torch_values(torch, params, dtype):
             else p.detach().cpu().numpy().copy() for p in params]
 
 
-def torch_builder(torch, device, options):
-    """torch.optim.SGD(momentum=0.9) over the workload's tensors, grads already set."""
+def torch_builder(torch, device, options, schedule=None):
+    """torch.optim.SGD(momentum=0.9) over the workload's tensors, grads already set; the
+    lr changed between steps as `schedule` says (`scheduled`), after the first step."""
     def build(problem):
         params = torch_parameters(torch, device, problem)
         try:
@@ -88,7 +134,8 @@ def torch_builder(torch, device, options):
             opt.step()
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
             raise Unsupported(f"torch: {error}") from error
-        return Built(opt.step, lambda: torch_values(torch, params, problem.dtype))
+        return Built(scheduled(torch, opt, schedule),
+                     lambda: torch_values(torch, params, problem.dtype))
     return build
 
 

@@ -3,8 +3,9 @@
 import json
 import re
 
-from .data import (COPY_ROOFLINE, GRAPH_GPU_TIME, GRAPH_REPLAY, KINDS, NUMPY_TWO_LINE,
-                   OVERHEAD, OVERHEAD_SIZES, SIXTEEN_BIT, backend_name)
+from .data import (COPY_ROOFLINE, GRAPH_GPU_TIME, GRAPH_REPLAY, KINDS, LR_EACH_STEP,
+                   NUMPY_TWO_LINE, ONE_CYCLE, OVERHEAD, OVERHEAD_SIZES, SIXTEEN_BIT,
+                   backend_name)
 
 TARGET_N = 2**26
 FLAT = ("flat", "float32", TARGET_N)
@@ -37,6 +38,11 @@ TARGETS = (
     ("torch.SGD cupy >= 1.2x torch fused, GPT-2", "cupy", TORCH_GPU_FUSED, 1.2,
      ("torch-gpt2", "float32", None)),
 )
+# TARGETS of the scheduled rows: the backend's and the peer's rows both follow `schedule`.
+SCHEDULED_TARGETS = tuple(
+    (f"torch.SGD cpu + OneCycleLR >= torch fused + OneCycleLR, {shapes}", "cpu",
+     TORCH_CPU_FUSED, 1.0, (workload, "float32", None), ONE_CYCLE)
+    for shapes, workload in (("small CNN", "torch-cnn"), ("ResNet-50", "torch-resnet50")))
 # The overhead workload's targets, as TARGETS but each at its sizes (float32), met when
 # the worst ratio over them reaches the goal.
 OVERHEAD_TARGETS = (
@@ -47,6 +53,14 @@ OVERHEAD_TARGETS = (
     *((f"{backend} >= torch fused SGD on the GPU, every size", backend,
        {"peer": "torch SGD fused", "device": "cuda"}, 1.0, tuple(2**e for e in range(16, 21)))
       for backend in ("cupy", "numba-cuda")),
+)
+# OVERHEAD_TARGETS of the scheduled rows (the lr set before every step, LR_EACH_STEP):
+# the backend's and the peer's rows both change their lr.
+OVERHEAD_SCHEDULED_TARGETS = (
+    ("cpu step() + lr each step <= 2x NumPy's two-line update + lr each step", "cpu",
+     {"peer": NUMPY_TWO_LINE, "device": "cpu"}, 0.5, (2**10,)),
+    *(("cpu + lr each step >= torch fused SGD + lr each step", "cpu",
+       {"peer": "torch SGD fused", "device": "cpu"}, 1.0, (n,)) for n in (2**10, 2**16, 2**20)),
 )
 # The cupy backend's graph replay: at most this much longer per step than the GPU's own
 # time for the step's kernels, at every size of the overhead workload.
@@ -113,9 +127,11 @@ def add_ratios(result):
 def targets(result):
     """The project's performance targets, as measured (each at its TARGETS point)."""
     found = []
-    for what, backend, other, goal, (workload, dtype, n) in TARGETS:
+    for what, backend, other, goal, (workload, dtype, n), schedule in (
+            *(target + (None,) for target in TARGETS), *SCHEDULED_TARGETS):
         rows = [r for r in result["results"] if r["workload"] == workload
-                and r["dtype"] == dtype and (n is None or r["n"] == n)]
+                and r["dtype"] == dtype and (n is None or r["n"] == n)
+                and r.get("schedule") == schedule]
         row = _find(rows, kind="backend", backend=backend, groups=1)
         value = None
         if row is not None and other == "roofline":
@@ -137,11 +153,13 @@ def overhead_targets(result):
             if (r["workload"], r["dtype"]) == (OVERHEAD, "float32")]
     eager = [r for r in rows if r.get("launch", "eager") == "eager"]
     found = []
-    for what, backend, other, goal, sizes in OVERHEAD_TARGETS:
+    for what, backend, other, goal, sizes, schedule in (
+            *(target + (None,) for target in OVERHEAD_TARGETS),
+            *(target + (LR_EACH_STEP,) for target in OVERHEAD_SCHEDULED_TARGETS)):
         ratios = []
         for n in sizes:
-            row = _find(eager, kind="backend", backend=backend, n=n)
-            peer = _find(eager, n=n, **other)
+            row = _find(eager, kind="backend", backend=backend, n=n, schedule=schedule)
+            peer = _find(eager, n=n, schedule=schedule, **other)
             ratios.append(None if row is None or peer is None
                           else peer["median_s"] / row["median_s"])
         value = None if None in ratios else min(ratios)

@@ -13,7 +13,7 @@ import numpy as np
 from gpu_momentum import __version__
 from gpu_momentum.arrays import compute_dtype
 from gpu_momentum.precision import named_dtype
-from gpu_momentum.shapes import resnet50_shapes, transformer_shapes
+from gpu_momentum.shapes import resnet50_shapes, small_cnn_shapes, transformer_shapes
 
 from .candidates import (discover, groups_comparison, overhead_candidates,
                          torch_workload)
@@ -39,8 +39,9 @@ WORKLOADS = {
     # gpu_momentum.torch.SGD against torch.optim.SGD over nn.Parameters of these shapes
     "torch-resnet50": lambda sizes: resnet50_shapes(),
     "torch-gpt2": lambda sizes: transformer_shapes(),
+    "torch-cnn": lambda sizes: small_cnn_shapes(),
 }
-TORCH_WORKLOADS = ("torch-resnet50", "torch-gpt2")
+TORCH_WORKLOADS = ("torch-resnet50", "torch-gpt2", "torch-cnn")
 # p0 and g0 stay on the host while a problem's candidates run; 20% of free memory is left
 # for everything else.
 HOST_ORIGINALS, HEADROOM = 2, 0.8
@@ -304,6 +305,7 @@ def describe(candidate, workload, tensors, dtype, n):
     row = {"name": candidate.name, "kind": candidate.kind, "device": candidate.device,
            "backend": candidate.backend, "peer": candidate.peer,
            "groups": candidate.groups, "api": candidate.api, "launch": candidate.launch,
+           "schedule": candidate.schedule,
            "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
     if candidate.kind == "backend":  # the precision of 16-bit rows; float32 has nearest
         row["precision"] = candidate.precision or "nearest"

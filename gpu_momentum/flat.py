@@ -59,13 +59,12 @@ class FlatParams:
                 raise TypeError(f"arrays[{i}] is a {type_name(array)} but arrays[0] is a "
                                 f"{type_name(arrays[0])}; pack arrays of one kind")
 
-        align = max(1, SEGMENT_ALIGNMENT_BYTES // dtype.itemsize)
         offsets, end = [], 0
         for info in infos:
-            offset = _round_up(end, align)
+            offset = aligned(end, dtype.itemsize)
             offsets.append(offset)
             end = offset + info.nbytes // dtype.itemsize
-        total = _round_up(end, align)
+        total = aligned(end, dtype.itemsize)
 
         data, grad = backend.zeros(total, dtype), backend.zeros(total, dtype)
         flat = cls(data, grad, [info.shape for info in infos], offsets, names)
@@ -102,5 +101,14 @@ def _check_names(names, count):
     return names
 
 
-def _round_up(value, multiple):
-    return -(-value // multiple) * multiple
+def vector_elements(itemsize):
+    """The elements of `itemsize` bytes in one SEGMENT_ALIGNMENT_BYTES vector (at least
+    one): the unit segments, buckets and shards start on."""
+    return max(1, SEGMENT_ALIGNMENT_BYTES // itemsize)
+
+
+def aligned(elements, itemsize):
+    """`elements` (elements of `itemsize` bytes) rounded up to a whole number of vectors
+    (vector_elements): where the next segment may start."""
+    vector = vector_elements(itemsize)
+    return -(-elements // vector) * vector

@@ -12,8 +12,9 @@ from .backends import check_arrays, device_table, select_backend
 from .groups import update_table
 from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .float8_velocity import is_float8_velocity
-from .kernels.layout import FLOAT8_VELOCITY, PRECISION_NAMES
-from .precision import PRECISION_BUFFER_NAMES, Precision, check_key_integer, check_seed
+from .kernels.layout import FLOAT8_VELOCITY
+from .precision import (PRECISION_BUFFER_NAMES, Precision, check_key_integer,
+                        check_precision_name, check_seed)
 
 
 def _step_count(step_count):
@@ -89,9 +90,7 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
 
     hyper, first_step = checked() if key is None else _recent(_STATELESS_HYPERS, key, checked)
     seed, step_count = check_seed(seed), _step_count(step_count)
-    if not isinstance(precision, str) or precision not in PRECISION_NAMES:
-        raise ValueError(f"Invalid precision value: {precision!r} (precision must be one "
-                         f"of {PRECISION_NAMES})")
+    check_precision_name(precision)
     buffer = _precision_buffer(precision, compensation, master)
     info = describe("param", param)
     backend = select_backend(backend, param)

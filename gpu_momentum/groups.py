@@ -21,7 +21,7 @@ import numbers
 import numpy as np
 
 from .hyperparams import shown
-from .kernels.layout import GROUP_COLUMNS, NO_GROUP
+from .kernels.layout import DECAY, GROUP_COLUMNS, L1, NO_GROUP
 
 GROUP_OPTIONS = ("lr", "momentum", "dampening", "weight_decay", "l1", "nesterov")
 
@@ -52,6 +52,20 @@ ARRAY_FIELDS = ("scalars", "group_flags", "range_ends", "range_groups")
 # What changes when a hyperparameter or a group's velocity_initialized does: a reused
 # device table gets these rewritten in place; the ranges are fixed for an optimizer.
 GROUP_FIELDS = ("scalars", "group_flags")
+
+
+def row_terms(row):
+    """The optional terms of the update a table row (kernels.layout.GroupRow) uses: (an
+    l1 term, a decoupled decay), as (l1 != 0, decay != 1). A backend may prepare a step
+    for the terms its table's rows use alone (the CPU backend compiles a loop for each),
+    so a row rewritten in place that uses others needs the step prepared again
+    (Backend.step_function)."""
+    return bool(row[L1] != 0), bool(row[DECAY] != 1)
+
+
+def table_terms(scalars):
+    """The set of row_terms of the rows of a scalar table."""
+    return frozenset(zip((scalars[:, L1] != 0).tolist(), (scalars[:, DECAY] != 1).tolist()))
 
 
 def update_table(hypers, velocity_initialized, compute_dtype, range_ends=None,

@@ -75,11 +75,19 @@ class _Why:
         return f"the update computes in {self.compute} for {self.param_dtype} parameters"
 
 
+@functools.cache
 def _computes_in(param_dtype):
     """(compute dtype, why) for parameters of `param_dtype`: why names the rule's reason."""
     param_dtype = np.dtype(param_dtype)
     compute = compute_dtype(param_dtype)
     return compute, _Why(compute, param_dtype)
+
+
+@functools.cache
+def _compute_and_largest(param_dtype):
+    """(compute dtype, its largest finite value) for parameters of `param_dtype`."""
+    compute = _computes_in(param_dtype)[0]
+    return compute, _largest(compute)
 
 
 def inverse_grad_scale(grad_scale, param_dtype):
@@ -101,6 +109,40 @@ def inverse_grad_scale(grad_scale, param_dtype):
                                   f"least {smallest!r}, the smallest normal {compute} "
                                   f"(below it the gradient vanishes): {why}"))
     return inverse
+
+
+def check_row_fits(lr, momentum, dampening, weight_decay, l1, decoupled_weight_decay,
+                   param_dtype):
+    """Raises ValueError unless the compute dtype of `param_dtype` parameters holds the
+    table row (`table_row`) of these values, which are not otherwise checked (torch.optim.SGD
+    takes a momentum above 1, a negative dampening or lr): each of lr, momentum,
+    1 - dampening, weight_decay and l1 at most its largest finite value in magnitude, and
+    with decoupled weight decay a finite lr * weight_decay, so that finite inputs never
+    turn into inf there. Hyperparameters.check_dtype says the same of checked values."""
+    compute, why = _computes_in(param_dtype)
+    largest = _largest(compute)
+    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
+                        ("weight_decay", weight_decay), ("l1", l1)):
+        held = 1 - value if name == "dampening" else value
+        if abs(held) > largest:
+            rule = f"at most {largest!r} in magnitude, the largest {compute}: {why}"
+            if name == "dampening":
+                rule = f"such that 1 - dampening is {rule}"
+            raise ValueError(_invalid(name, value, rule))
+    if decoupled_weight_decay and not _product_is_finite(lr, weight_decay, compute):
+        raise ValueError(_decay_product_message(lr, weight_decay, largest, compute, why))
+
+
+def _product_is_finite(lr, weight_decay, compute):
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(compute.type(lr) * compute.type(weight_decay)))
+
+
+def _decay_product_message(lr, weight_decay, largest, compute, why):
+    return (f"Invalid lr * weight_decay value: {lr!r} * {weight_decay!r} (with "
+            f"decoupled_weight_decay, parameters are multiplied by 1 - lr * weight_decay, "
+            f"so lr * weight_decay must be at most {largest!r}, the largest {compute}: "
+            f"{why})")
 
 
 def keeps_velocity(style, momentum):
@@ -194,17 +236,28 @@ class Hyperparameters:
             raise ValueError(_invalid("momentum", self.momentum,
                                       f"at most {below_one!r}, the largest {compute} below "
                                       f"1 (it rounds to 1.0 in {compute}): {why}"))
-        if self.decoupled_weight_decay and not self._decay_product_is_finite(compute):
-            raise ValueError(f"Invalid lr * weight_decay value: {self.lr!r} * "
-                             f"{self.weight_decay!r} (with decoupled_weight_decay, "
-                             f"parameters are multiplied by 1 - lr * weight_decay, so lr * "
-                             f"weight_decay must be at most {largest!r}, the largest "
-                             f"{compute}: {why})")
+        if self.decoupled_weight_decay and not _product_is_finite(self.lr, self.weight_decay,
+                                                                  compute):
+            raise ValueError(_decay_product_message(self.lr, self.weight_decay, largest,
+                                                    compute, why))
         return self
 
-    def _decay_product_is_finite(self, compute):
-        with np.errstate(over="ignore"):
-            return np.isfinite(compute.type(self.lr) * compute.type(self.weight_decay))
+    def with_lr(self, lr, param_dtype):
+        """`replace(lr=lr).check_dtype(param_dtype)`, on a schedule's path: a float lr
+        that every rule accepts (finite, >= 0, at most the compute dtype's largest, and
+        with decoupled weight decay a finite lr * weight_decay) is checked alone, the other
+        values being this checked group's; anything else takes the full checks, which
+        raise as they do at construction."""
+        compute, largest = _compute_and_largest(param_dtype)
+        if type(lr) is float and 0 <= lr <= largest and (
+                not self.decoupled_weight_decay or _product_is_finite(
+                    lr, self.weight_decay, compute)):
+            changed = object.__new__(Hyperparameters)
+            values = changed.__dict__
+            values.update(self.__dict__)
+            values["lr"] = lr
+            return changed
+        return self.replace(lr=lr).check_dtype(param_dtype)
 
     @property
     def keeps_velocity(self):

@@ -15,8 +15,10 @@ ShardUpdate, the update of one rank's shard, is built on it:
 - `_backend`: the Backend object running the updates (`backend` is its name).
 - `_hypers`: every group's Hyperparameters, [0] the optimizer's own; read-only (changes
   go through the option setters and `param_groups`).
-- `_table_stale`: True from a change of the hyperparameters (or a loaded state, or a first
-  step's flags) until the next step writes the update table.
+- `_table_stale`: True from a loaded state (or a first step's flags, or a change of
+  whether a group keeps its velocity) until the next step writes the update table. A
+  changed hyperparameter is written into the table's row in place at once instead.
+- `_hypers_version`: counts the changes of `_hypers` (option setters, loaded states).
 - `_gradient(grad)`: `grad`, or the FlatParams' gradient buffer for None.
 - `_step(grad, inv_grad_scale, agree=None, grad_scale=None, found_inf=None)`: one step
   over the window with `grad` of its shape, multiplied by `inv_grad_scale`: step() after
@@ -37,20 +39,19 @@ from .flat import FlatParams
 from .float8_velocity import is_float8_velocity, zeros_float8_velocity
 from .functional import (FLOAT_KINDS, NUMBER_KINDS, STATELESS_TABLES_KEPT, is_array,
                          momentum_step, scalar_array)
-from .groups import resolve_groups, update_table
+from .groups import GROUP_FIELDS, resolve_groups, row_terms, table_terms, update_table
 from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .kernels.elementwise import count_step, mark_velocities_initialized
-from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, SKIPPED_STEPS,
-                             STEP_COUNT, VELOCITY_INITIALIZED)
-from .optimizer_state import (COUNT_LIMIT, STATE_FORMAT, STATE_FORMATS, count, like,
-                              read_header, state_dict_keys)
+from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, LR,
+                             SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
+from .optimizer_state import COUNT_LIMIT, count, like, read_header, state_dict_keys
 from .param_groups import ParamGroup, ParamGroups
 from .precision import Precision
 from .reference import dequantize_velocity
+from .state_format import STATE_VERSION
 
-__all__ = ["MomentumSGD", "momentum_step", "ParamGroup", "ParamGroups", "STATE_FORMAT",
-           "STATE_FORMATS", "COUNT_LIMIT", "STATELESS_TABLES_KEPT", "FLOAT_KINDS",
-           "NUMBER_KINDS"]
+__all__ = ["MomentumSGD", "momentum_step", "ParamGroup", "ParamGroups", "STATE_VERSION",
+           "COUNT_LIMIT", "STATELESS_TABLES_KEPT", "FLOAT_KINDS", "NUMBER_KINDS"]
 
 _NOTHING = object()  # no grad_scale checked yet
 
@@ -88,7 +89,10 @@ class _FlatUpdate:
         self._precision_buffer = self._new_precision_buffer()
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
         self._table = None  # the update table in the backend's memory
+        self._host_table = None  # the same in host memory (the very table on the CPU)
         self._table_stale = True  # hyperparameters or first-step flags changed since
+        self._hypers_version = 0
+        self._launch_terms = frozenset()  # the row_terms the prepared launch handles
         # What the latest step checked and prepared, so that a step repeating it does no
         # more than compare (see MomentumSGD.step).
         self._grad = self._velocity = self._launch = self._launch_key = None
@@ -195,12 +199,69 @@ class _FlatUpdate:
                            self._counters[GROUP_SLOTS:])
             table = update_table(self._hypers, initialized, self._compute_dtype,
                                  self._plan.range_ends, self._plan.range_groups)
+            if self._host_table is not None:  # the rows _write_rows writes stay the same
+                for name in GROUP_FIELDS:
+                    getattr(self._host_table, name)[...] = getattr(table, name)
+                table = dataclasses.replace(self._host_table,
+                                            launch_flags=table.launch_flags)
             self._group_flags = table.group_flags  # in host memory, for the host's counting
             self._table = device_table(self._backend, table, self.param, reuse=self._table)
+            if self._host_table is None:
+                self._host_table = table
+            else:  # in place: on the CPU the host table's arrays are the table's
+                self._host_table.scalars[...] = table.scalars
+                self._host_table.group_flags[...] = table.group_flags
+            if not table_terms(table.scalars) <= self._launch_terms:
+                self._launch_key = None  # its rows use a term the launch was not made for
             self._table_stale = False
             self._first_steps_pending = not self._counted_on_device and bool(
                 ((table.group_flags & (VELOCITY_INITIALIZED | KEEP_VELOCITY)) == 0).any())
         return self._table
+
+    def _write_rows(self, groups, lr_only=False):
+        """The rows (scalars, flags) of `groups`, whose Hyperparameters changed, written
+        into the update table in place: in host memory, then each changed row copied into
+        the backend's table with `upload_into` (queued on param's stream, no waiting; on
+        the CPU the host table is the table). No table is built and no array allocated;
+        the prepared launch stays, unless a row now uses a term of the update it was not
+        prepared for (groups.row_terms). A change of whether a group keeps its velocity
+        (momentum 0 in torch style) rewrites the table at the next step instead.
+        lr_only: only the lr changed, which (without decoupled weight decay) is the lr
+        column alone."""
+        host = self._host_table
+        if self._table_stale or host is None:
+            return  # the next step (or prepare) builds the table from _hypers
+        dtype, shared = self._compute_dtype, host.scalars is self._table.scalars
+        for group in groups:
+            hyper = self._hypers[group]
+            if lr_only and not hyper.decoupled_weight_decay:
+                host.scalars[group, LR] = hyper.lr  # cast as table_row casts it
+                if not shared:
+                    self._backend.upload_into(self._table.scalars[group:group + 1],
+                                              host.scalars[group:group + 1], self.param)
+                continue
+            if self._counted_on_device:
+                initialized = True
+            else:
+                initialized = bool(self._counters[GROUP_SLOTS + group])
+            flags = hyper.group_flags(initialized)
+            if (flags ^ int(host.group_flags[group])) & KEEP_VELOCITY:
+                self._table_stale = True
+                return
+            row = hyper.group_row(dtype)
+            host.scalars[group] = row
+            if row_terms(host.scalars[group]) not in self._launch_terms:
+                self._launch_key = None  # the launch is prepared again for it
+            flags_changed = flags != host.group_flags[group]
+            if flags_changed:
+                host.group_flags[group] = flags
+            if not shared:
+                self._backend.upload_into(self._table.scalars[group:group + 1],
+                                          host.scalars[group:group + 1], self.param)
+                if flags_changed:
+                    self._backend.upload_into(self._table.group_flags[group:group + 1],
+                                              host.group_flags[group:group + 1],
+                                              self.param)
 
     def _gradient(self, grad):
         """`grad`, or the FlatParams' gradient buffer for None."""
@@ -215,7 +276,8 @@ class _FlatUpdate:
         """The step over `param` (the window's elements) with `grad` of its shape; `agree`
         as in Backend.step, with skip_nonfinite; grad_scale and found_inf checked 0-d
         arrays in the backend's memory, or None."""
-        if (self._table_stale or grad is not self._grad or self.velocity is not self._velocity
+        if (self._table_stale or self._launch_key is None or grad is not self._grad
+                or self.velocity is not self._velocity
                 or self._array_states != (array_state(self.param), array_state(grad),
                                           _velocity_state(self.velocity))):
             self._prepare_step(grad)
@@ -275,6 +337,7 @@ class _FlatUpdate:
                 check_nonfinite=self._skip_nonfinite, precision=self.precision,
                 precision_buffer=self._precision_buffer, seed=self.seed)
             self._launch_key = key
+            self._launch_terms = table_terms(self._host_table.scalars)
 
     def _refuse_host_work(self, why):
         """RuntimeError when param's stream is being captured into a CUDA graph, which
@@ -410,15 +473,22 @@ class MomentumSGD(_FlatUpdate):
         return self._param_groups
 
     def _set(self, group, **change):
-        hyper = self._hypers[group].replace(**change).check_dtype(self._param_dtype)
+        """Validates the change once (as at construction) and writes the changed rows of
+        the update table in place (_write_rows): a scalar write, no table built."""
+        lr_only = len(change) == 1 and "lr" in change
+        hyper = self._hypers[group].with_lr(change["lr"], self._param_dtype) if lr_only \
+            else self._hypers[group].replace(**change).check_dtype(self._param_dtype)
         if self._capturable:
             self._refuse_host_work("a hyperparameter change writes the table")
+        changed = [group]
         if group == 0 and "maximize" in change:  # one per launch: every group follows
             self._hypers = [h.replace(maximize=hyper.maximize) for h in self._hypers]
+            changed = range(len(self._hypers))
         self._hypers[group] = hyper
-        self._table_stale = True
+        self._hypers_version += 1
+        self._write_rows(changed, lr_only)
         if self._capturable:  # graphs replayed from now on read the new table
-            self._device_table()
+            self.prepare()
 
     def _default(name):
         return property(lambda self: getattr(self._hypers[0], name),
@@ -476,15 +546,16 @@ class MomentumSGD(_FlatUpdate):
                    grad_scale=device_scale, found_inf=found_inf)
 
     def state_dict(self):
-        """A plain dict (format 3): format version, the optimizer's hyperparameters,
-        precision, velocity_dtype (its name) and seed, its groups (each with "params" as
-        given and every option), step count, whether each group's velocity is initialized
-        (the optimizer's own first, then one per group), a velocity copy and, with
-        precision "kahan" or "master", a copy of the compensation or master buffer under
-        that name. An FP8 velocity has no state dict yet: a ValueError says so."""
+        """A plain dict: format (the state version, gpu_momentum.state_format), the
+        optimizer's hyperparameters, precision, velocity_dtype (its name) and seed, its
+        groups (each with "params" as given and every option), step count, whether each
+        group's velocity is initialized (the optimizer's own first, then one per group), a
+        velocity copy and, with precision "kahan" or "master", a copy of the compensation
+        or master buffer under that name. An FP8 velocity has no state dict yet: a
+        ValueError says so."""
         self._refuse_float8_state("state_dict()")
         counters = self._host_counters()
-        state = {"format": STATE_FORMAT, **self._hypers[0].as_dict(),
+        state = {"format": STATE_VERSION, **self._hypers[0].as_dict(),
                  "precision": self.precision, "velocity_dtype": self.velocity_dtype.name,
                  "seed": self.seed,
                  "groups": [dict(group) for group in self.param_groups],
@@ -497,12 +568,13 @@ class MomentumSGD(_FlatUpdate):
         return state
 
     def load_state_dict(self, state, params=None):
-        """Restores `state_dict()` output (format 3, or format 2 of earlier versions:
+        """Restores `state_dict()` output (of any state version: before version 4 as
         precision "nearest", the default velocity dtype, seed 0) and, given `params` (an
         array of the flat buffer's shape and dtype, in host or this backend's memory), the
-        parameters too. The state's precision must be this optimizer's. Validates everything before changing anything: every value (also against the
-        compute dtype), and that every array it writes (the velocity; the parameters,
-        given params) is writable and fits."""
+        parameters too. The state's precision must be this optimizer's. Validates
+        everything before changing anything: every value (also against the compute
+        dtype), and that every array it writes (the velocity; the parameters, given
+        params) is writable and fits."""
         self._checked_state(state, params)()
 
     def _refuse_float8_state(self, what):
@@ -561,6 +633,7 @@ class MomentumSGD(_FlatUpdate):
             else:
                 self._counters[...] = counters
             self._table_stale = True
+            self._hypers_version += 1
             if self._capturable:
                 self._device_table()
 

@@ -1,4 +1,5 @@
-"""The format of MomentumSGD's state dict: its versions, its keys, and the checks of its
+"""The format of MomentumSGD's state dict: its keys (of every state version,
+gpu_momentum.state_format), and the checks of its
 plain values and arrays that need no optimizer's internals (MomentumSGD.load_state_dict
 runs them before it checks the rest against its groups and counters)."""
 
@@ -9,15 +10,13 @@ import numpy as np
 
 from .arrays import describe, type_name
 from .hyperparams import Hyperparameters
-from .precision import PRECISION_BUFFER_NAMES, check_seed
-
-STATE_FORMAT = 3  # 2: before precision, velocity_dtype, seed and the precision buffers
-STATE_FORMATS = (2, 3)  # what load_state_dict reads
+from .precision import check_same_precision, check_seed
+from .state_format import STATE_VERSION, momentum_sgd_keys, state_version
 
 COUNT_LIMIT = 2**63 - 1  # the counters are int64
 
 # What a state dict's plain values say, checked: its format version, seed (0 before
-# format 3) and the optimizer's own hyperparameters (the groups' defaults).
+# state version 4) and the optimizer's own hyperparameters (the groups' defaults).
 StateHeader = collections.namedtuple("StateHeader", "version seed defaults")
 
 
@@ -31,43 +30,31 @@ def count(name, value):
     return int(value)
 
 
-def state_dict_keys(precision="nearest", version=STATE_FORMAT):
-    """The keys of a state dict of `version` (2 or 3) saved with `precision`."""
-    keys = ("format", *Hyperparameters.__dataclass_fields__, "groups", "step_count",
-            "velocity_initialized", "skipped_steps", "velocity")
-    if version == 2:
-        return keys
-    buffer = PRECISION_BUFFER_NAMES.get(precision)
-    return (*keys[:-5], "precision", "velocity_dtype", "seed", *keys[-5:],
-            *((buffer,) if buffer else ()))
+def state_dict_keys(precision="nearest", version=STATE_VERSION):
+    """The keys of a state dict of state `version` saved with `precision`
+    (state_format.momentum_sgd_keys)."""
+    return momentum_sgd_keys(precision, version)
 
 
 def read_header(state, precision, velocity_dtype, style):
-    """The StateHeader of `state`, after checking that it is a dict of a format this
+    """The StateHeader of `state` (its version: the state version its "format" stands
+    for, state_format.state_version), after checking that it is a dict of a format this
     version reads, with its keys, of an optimizer with this `precision`, `velocity_dtype`
     and `style`, with valid hyperparameters and a list of groups."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type_name(state)}")
-    version = state.get("format")
-    if (isinstance(version, (bool, np.bool_)) or not isinstance(version, numbers.Integral)
-            or version not in STATE_FORMATS):
-        raise ValueError(f"Invalid format value: {version!r} (this version reads "
-                         f"formats {' and '.join(map(str, STATE_FORMATS))})")
-    version = int(version)
-    saved_precision = state.get("precision", "nearest") if version == 3 else "nearest"
-    if saved_precision != precision:
-        raise ValueError(f"Invalid precision value: {saved_precision!r} (the state was "
-                         f"saved with precision {saved_precision!r}, this optimizer uses "
-                         f"{precision!r})")
-    expected = set(state_dict_keys(precision, version))
+    version = state_version("MomentumSGD", state.get("format"))
+    check_same_precision(state.get("precision", "nearest") if version >= 4 else "nearest",
+                         precision)
+    expected = set(momentum_sgd_keys(precision, version))
     if set(state) != expected:
         raise ValueError(f"state has keys {sorted(state)}, expected {sorted(expected)}")
-    if version == 3:
+    if version >= 4:
         saved_velocity_dtype = state["velocity_dtype"]
         if saved_velocity_dtype != velocity_dtype.name:
             raise ValueError(f"Invalid velocity_dtype value: {saved_velocity_dtype!r} "
                              f"(this optimizer keeps a {velocity_dtype.name} velocity)")
-    seed = check_seed(state["seed"]) if version == 3 else 0
+    seed = check_seed(state["seed"]) if version >= 4 else 0
     defaults = Hyperparameters(
         **{k: state[k] for k in Hyperparameters.__dataclass_fields__})
     if defaults.style != style:

@@ -18,10 +18,13 @@ import numbers
 import numpy as np
 
 from .kernels.layout import FLOAT8_BLOCK, FLOAT8_VELOCITY, PRECISION_NAMES, \
-    float8_scale_count
+    compute_dtype_name, float8_scale_count
 
 BFLOAT16_EXTRA = 'pip install "gpu-momentum[bf16]"'
 PARAM_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+# How the kernels hold 16-bit elements: as their bits (Numba has no bfloat16, and no
+# float16 on the CPU; the CUDA C kernel converts the bits itself).
+BITS_DTYPE = np.dtype(np.uint16)
 
 
 def is_16_bit(dtype):
@@ -29,11 +32,48 @@ def is_16_bit(dtype):
     return np.dtype(dtype).itemsize == 2
 
 
+def storage_dtype(dtype):
+    """The dtype the kernels hold elements of `dtype` (a dtype, or its name: "bfloat16"
+    needs no ml_dtypes here) as: BITS_DTYPE for 16-bit ones (bfloat16, float16), else
+    `dtype` itself."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return BITS_DTYPE
+    dtype = np.dtype(dtype)
+    return BITS_DTYPE if is_16_bit(dtype) else dtype
+
+
+def as_bits(array):
+    """`array` (NumPy, CuPy or a Numba device array) as the kernels take it: 16-bit
+    elements (bfloat16, float16) as their bits, a BITS_DTYPE view of the same memory;
+    any other array as it is."""
+    return array.view(BITS_DTYPE) if is_16_bit(array.dtype) else array
+
+
+def check_precision_name(precision, name="precision"):
+    """`precision`, after checking that it names a precision mode (PRECISION_NAMES):
+    ValueError naming the value (and `name`, what holds it) otherwise."""
+    if not isinstance(precision, str) or precision not in PRECISION_NAMES:
+        raise ValueError(f"Invalid {name} value: {precision!r} ({name} must be one of "
+                         f"{PRECISION_NAMES})")
+    return precision
+
+
+def check_same_precision(saved, precision):
+    """ValueError unless a state saved with precision `saved` can load into an optimizer
+    of `precision`: the two must be the same (the buffers and roundings differ)."""
+    if saved != precision:
+        raise ValueError(f"Invalid precision value: {saved!r} (the state was saved with "
+                         f"precision {saved!r}, this optimizer uses {precision!r})")
+
+
 def compute_dtype(param_dtype):
-    """The dtype the update computes in: float32 for 16-bit parameters, else the param
-    dtype (float32, float64)."""
+    """The dtype the update computes in (kernels.layout.compute_dtype_name): float32 for
+    16-bit parameters, else the param dtype (float32, float64). A dtype the library does
+    not update is returned as it is, for the messages that refuse it."""
     param_dtype = np.dtype(param_dtype)
-    return np.dtype(np.float32) if is_16_bit(param_dtype) else param_dtype
+    if param_dtype.name not in PARAM_DTYPE_NAMES:
+        return param_dtype
+    return np.dtype(compute_dtype_name(param_dtype.name))
 
 
 def velocity_dtypes(param_dtype):
@@ -152,9 +192,7 @@ class Precision:
         set_ = lambda name, value: object.__setattr__(self, name, value)
         param = np.dtype(self.param_dtype)
         set_("param_dtype", param)
-        if not isinstance(self.precision, str) or self.precision not in PRECISION_NAMES:
-            raise ValueError(f"Invalid precision value: {self.precision!r} (precision must "
-                             f"be one of {PRECISION_NAMES})")
+        check_precision_name(self.precision)
         allowed = velocity_dtypes(param)
         velocity = (allowed[0] if self.velocity_dtype is None else
                     _velocity_dtype(self.velocity_dtype, param, allowed))

@@ -18,6 +18,12 @@ def resnet50_shapes():
     return shapes + [(1000, 2048), (1000,)]
 
 
+def small_cnn_shapes():
+    """A small CNN for 28x28 digits: two 3x3 convolutions (16 and 32 channels, each
+    followed by 2x2 pooling) and a linear classifier (6 tensors, 20,490 elements)."""
+    return [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 32 * 7 * 7), (10,)]
+
+
 def transformer_shapes(layers=12, width=768, vocab=50257, context=1024):
     """A GPT-2-small-like stack: embeddings, then per block attention, MLP and norms."""
     shapes = [(vocab, width), (context, width)]

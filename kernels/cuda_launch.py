@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from .cuda_source import BLOCK_SIZE, vector_width
-from .layout import FLOAT8_BLOCK, GROUP_SLOTS, READ_COUNTERS
+from .layout import FLOAT8_BLOCK, GROUP_SLOTS, READ_COUNTERS, compute_dtype_name
 
 
 def step_launches(elements, read_counters, agree=False, check_nonfinite=True):
@@ -82,7 +82,7 @@ def launch_plan(dtype, n, table, inv_grad_scale, max_blocks, read_counters=False
     `table` (an UpdateTable that `gpu_momentum.groups.check_table` accepted, host or
     device arrays). Scalars are numpy scalars of the types the kernel takes."""
     dtype = np.dtype(dtype)
-    compute = np.dtype(np.float64 if dtype.itemsize == 8 else np.float32)
+    compute = np.dtype(compute_dtype_name(dtype.name))
     flags = int(table.launch_flags) | (READ_COUNTERS if read_counters else 0)
     return LaunchPlan(grid_size(n, dtype, max_blocks), BLOCK_SIZE, np.int64(n),
                       compute.type(inv_grad_scale), np.uint32(flags),

@@ -64,11 +64,11 @@ class EntryPoint:
 
     @property
     def compute_dtype(self):
-        return np.dtype(np.float64 if self.param_dtype == "float64" else np.float32)
+        return np.dtype(layout.compute_dtype_name(self.param_dtype))
 
     @property
     def compute_ctype(self):
-        return "double" if self.param_dtype == "float64" else "float"
+        return FORMATS[layout.compute_dtype_name(self.param_dtype)][1]
 
     @property
     def update_expression(self):
@@ -108,8 +108,14 @@ class Float8EntryPoint:
     param_dtype: str
     precision: str
     velocity_dtype = layout.FLOAT8_VELOCITY
-    compute_dtype = np.dtype(np.float32)
-    compute_ctype = "float"
+
+    @property
+    def compute_dtype(self):  # float32: float64 params have no FP8 velocity
+        return np.dtype(layout.compute_dtype_name(self.param_dtype))
+
+    @property
+    def compute_ctype(self):
+        return FORMATS[layout.compute_dtype_name(self.param_dtype)][1]
 
     @property
     def min_blocks_per_sm(self):  # its __launch_bounds__
@@ -168,7 +174,7 @@ def entry_point(param_dtype, velocity_dtype=None, precision="nearest"):
     if velocity_dtype is not None:
         velocity = np.dtype(velocity_dtype).name
     else:
-        velocity = "float64" if param == "float64" else "float32"
+        velocity = layout.compute_dtype_name(param)
     entry = ENTRY_POINTS.get((param, velocity, precision))
     if entry is None:
         raise TypeError(f"the CUDA C kernel has no entry point for {param} parameters with "

@@ -102,3 +102,11 @@ FLOAT8_NAN = 0x7F  # the one NaN code a kernel writes (a non-finite velocity)
 def float8_scale_count(elements):
     """The number of float32 scales of an FP8 velocity over `elements` elements."""
     return -(-int(elements) // FLOAT8_BLOCK)
+
+
+def compute_dtype_name(param_dtype_name):
+    """The dtype (its name) the update computes in for parameters of `param_dtype_name`
+    (bfloat16, float16, float32, float64): float64 for float64, else float32. The table's
+    scalars and 1 / loss scale are in it; 16-bit values are widened to it and rounded back
+    once per step."""
+    return "float64" if param_dtype_name == "float64" else "float32"

@@ -54,7 +54,7 @@ from .elementwise import (BFLOAT16, FLOAT16, NATIVE, count_step, group_hyperpara
                           seek_range, specialized, storage_format, storage_functions,
                           storage_step, storage_update)
 from .layout import (CLASSIC, KAHAN, LAST_STEP_SKIPPED, MASTER, NO_GROUP, PRECISION_NAMES,
-                     PRECISIONS, READ_COUNTERS, STEP_COUNT)
+                     PRECISIONS, READ_COUNTERS, STEP_COUNT, compute_dtype_name)
 from .vector_memory import VECTOR_BYTES, elements_per_word, vector_memory
 
 # The CPU kernels compile the same Python functions with numba.njit. Here they become CUDA
@@ -400,10 +400,10 @@ def _array_type(dtype_name, ndim=1):
 def kernel_signatures(param_dtype, velocity_dtype=None, precision="nearest"):
     """{name: (kernel, argument types)} of every kernel of one kind of update (dtype
     names; velocity_dtype None: the compute dtype)."""
-    compute_name = "float64" if param_dtype == "float64" else "float32"
+    compute_name = compute_dtype_name(param_dtype)
     velocity_dtype = velocity_dtype or compute_name
     formats = (storage_format(param_dtype), storage_format(velocity_dtype))
-    compute = types.float64 if compute_name == "float64" else types.float32
+    compute = getattr(types, compute_name)  # types.float32 or types.float64
     param, velocity = _array_type(param_dtype), _array_type(velocity_dtype)
     buffer = _array_type("float32" if precision == "master" else
                          param_dtype if precision == "kahan" else "float32")

@@ -299,9 +299,10 @@ def test_sizes_and_quick_defaults():
     assert full.sizes == (2**20, 2**21, 2**26) and full.workloads == ()
     assert full.sampling.samples == 25
     assert command.options_from(parser.parse_args([])).workloads == (
-        "resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2", "overhead")
+        "resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2", "torch-cnn",
+        "overhead")
     torch_only = command.options_from(parser.parse_args(["--workloads", "torch"]))
-    assert torch_only.workloads == ("torch-resnet50", "torch-gpt2")
+    assert torch_only.workloads == ("torch-resnet50", "torch-gpt2", "torch-cnn")
     only = command.options_from(parser.parse_args(["--sizes", "18", "--workloads", "groups"]))
     assert only.workloads == ("groups",)
 
@@ -397,13 +398,90 @@ def test_torch_workload_candidates_do_the_same_update(device, dtype):
         ("backend", f"gpu_momentum.torch.SGD ({'cpu' if device == 'cpu' else 'cupy'})")]
     assert {c.peer for c in found if c.kind == "peer"} == {
         "torch SGD for-loop", "torch SGD foreach", "torch SGD fused"}
+    assert {c.name for c in found if c.schedule == "OneCycleLR"} == {
+        f"gpu_momentum.torch.SGD ({'cpu' if device == 'cpu' else 'cupy'}) + OneCycleLR",
+        f"torch SGD fused + OneCycleLR ({device})"}
     for candidate in found:
         assert candidate.device == device
+        if candidate.schedule is not None:
+            continue  # test_one_cycle_rows_follow_the_same_schedule
         built = candidate.build(problem)
         for _ in range(2):
             built.step()  # the build took the first step
         got = np.concatenate([a.reshape(-1) for a in built.params()]).astype(np.float64)
         np.testing.assert_allclose(got, p, *tolerance, err_msg=candidate.name)
+
+
+def test_one_cycle_rows_follow_the_same_schedule():
+    """gpu_momentum.torch.SGD and torch fused, each with OneCycleLR stepped after every
+    step, take the same steps (the lr changes: the rows differ from the constant ones)."""
+    require("torch")
+    found, _ = candidates.torch_workload(("cpu",))
+    got = {}
+    for candidate in found:
+        built = candidate.build(TENSORS)
+        for _ in range(4):
+            built.step()
+        got[candidate.name] = np.concatenate([a.reshape(-1) for a in built.params()])
+    ours = got["gpu_momentum.torch.SGD (cpu) + OneCycleLR"]
+    np.testing.assert_allclose(ours, got["torch SGD fused + OneCycleLR (cpu)"], 1e-5, 1e-6)
+    assert not np.allclose(ours, got["gpu_momentum.torch.SGD (cpu)"], 1e-5, 1e-6)
+
+
+def test_scheduled_overhead_rows_change_the_lr_before_every_step():
+    """Every backend, NumPy's two-line update and torch's variants get a row with the lr
+    set before every step, the same lrs for all: they take the same steps."""
+    require("torch")
+    found, _ = candidates.discover(("cpu",))
+    timed = candidates.overhead_candidates(found)
+    scheduled = [c for c in timed if c.schedule == "lr each step"]
+    assert {c.name for c in scheduled} >= {
+        "gpu-momentum cpu + lr each step", "numpy two-line + lr each step (cpu)",
+        "torch SGD fused + lr each step (cpu)"}
+    assert all(type(c.timer).__name__ == "HostTimer" for c in scheduled)
+    p, v = SMALL.p0.astype(np.float64), np.zeros(SMALL.n)
+    for lr in candidates_data.SCHEDULED_LRS[:3]:
+        v = candidates.MOMENTUM * v - lr * SMALL.g0
+        p = p + v
+    for candidate in scheduled:
+        if candidate.peer is not None and candidate.peer.startswith("torch"):
+            continue  # torch style, and its build takes a first step at LR
+        if candidate.backend is not None and candidate.backend != "cpu":
+            continue  # the simulator: slow; the CPU backend stands for the library
+        built = candidate.build(SMALL)
+        for _ in range(3):
+            built.step()
+        np.testing.assert_allclose(built.params()[0], p, rtol=1e-5, atol=1e-6,
+                                   err_msg=candidate.name)
+
+
+def test_scheduled_targets_compare_scheduled_rows_only():
+    def overhead(name, kind, median, n, schedule):
+        plain = name.replace(" + lr each step", "")  # the fields of the constant row
+        return {**_row(plain, kind, median, n=n, workload="overhead"), "name": name,
+                "schedule": schedule}
+
+    rows = []
+    for n in (2**10, 2**16, 2**20):
+        rows += [overhead("gpu-momentum cpu", "backend", 1e-6, n, None),
+                 overhead("gpu-momentum cpu + lr each step", "backend", 5e-6, n,
+                          "lr each step"),
+                 overhead("numpy two-line (cpu)", "peer", 3e-6, n, None),
+                 overhead("numpy two-line + lr each step (cpu)", "peer", 2e-6, n,
+                          "lr each step"),
+                 overhead("torch SGD fused (cpu)", "peer", 4e-6, n, None),
+                 overhead("torch SGD fused + lr each step (cpu)", "peer", 6e-6, n,
+                          "lr each step")]
+    found = {t["target"]: t for t in report.targets(_result(rows))}
+    two_line = found["cpu step() + lr each step <= 2x NumPy's two-line update + lr each "
+                     "step (overhead, 2**10)"]
+    assert two_line["value"] == pytest.approx(0.4) and two_line["met"] is False
+    fused = found["cpu + lr each step >= torch fused SGD + lr each step (overhead, 2**16)"]
+    assert fused["value"] == pytest.approx(1.2) and fused["met"] is True
+    constant = found["cpu step() <= 2x NumPy's two-line update (overhead, 2**10)"]
+    assert constant["value"] == pytest.approx(3.0)  # the constant rows, never scheduled
+    cycle = found["torch.SGD cpu + OneCycleLR >= torch fused + OneCycleLR, small CNN"]
+    assert cycle["met"] is None  # not measured
 
 
 def test_torch_targets_compare_the_adapter_with_torch_at_its_workload():

@@ -508,6 +508,15 @@ def _as_version_3(path):
     _rewrite(path, _before_precision(3))
 
 
+def _as_version_4_of_format_3(path):
+    """Rewrites a checkpoint as gpu-momentum wrote version 4 before the state dicts shared
+    its version number: the state's format 3."""
+    def edit(meta):
+        assert meta["state"]["format"] == 4
+        meta["state"]["format"] = 3
+    _rewrite(path, edit)
+
+
 def _as_version_2(path):
     """Rewrites a checkpoint as gpu-momentum wrote format 2: no meta_sha256 either."""
     _rewrite(path, _before_precision(2), meta_sha256=None)
@@ -518,6 +527,7 @@ def _as_version_2(path):
 
 @pytest.mark.parametrize("rewrite", [
     pytest.param(lambda p: None, id="version-4"),
+    pytest.param(_as_version_4_of_format_3, id="version-4-format-3"),
     pytest.param(_as_version_3, id="version-3"),
     pytest.param(_as_version_2, id="version-2"),
     pytest.param(lambda p: _zip(p, _members(p), zipfile.ZIP_DEFLATED), id="deflated"),

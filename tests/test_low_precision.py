@@ -20,6 +20,7 @@ from bitwise import assert_bitwise
 from configs import (CONSTRUCTOR_ONLY, LOW_PRECISION_CASES, PRECISION_ERRORS, SEED,
                      hyper_at, low_precision_problem, problem, storage_dtype)
 from gpu_momentum.reference import low_precision_step
+from gpu_momentum.state_format import STATE_VERSION
 from harness import CpuHarness, library_env, require
 
 ml_dtypes = require("ml_dtypes")
@@ -391,6 +392,20 @@ def test_float32_and_float64_state_dicts_of_format_2_still_load():
     other.load_state_dict({**old, "format": 2})
     assert (other.lr, other.step_count, other.seed) == (0.1, 1, 0)
     assert other.velocity.tobytes() == opt.velocity.tobytes()
+
+
+def test_state_dicts_of_format_3_still_load():
+    """Format 3 is the number a state dict of version 4 said before the state version
+    was shared (gpu_momentum.state_format)."""
+    opt = gm.MomentumSGD(np.ones(16, np.float16), lr=0.1, precision="kahan", seed=3)
+    opt.step(np.full(16, 0.001, np.float16))
+    state = opt.state_dict()
+    assert state["format"] == STATE_VERSION
+    other = gm.MomentumSGD(np.zeros(16, np.float16), lr=0.5, precision="kahan", seed=9)
+    other.load_state_dict({**state, "format": 3}, params=opt.param)
+    assert (other.lr, other.step_count, other.seed) == (0.1, 1, 3)
+    for name in ("param", "velocity", "compensation"):
+        assert getattr(other, name).tobytes() == getattr(opt, name).tobytes()
 
 
 # ---- convergence: every update below half an ulp ----

@@ -27,7 +27,13 @@ KNOWN_TORCH_REACHES = {
     "torch._disable_dynamo",
     "torch._foreach_copy_",
     "view._version",
+    "tensor._version",
     "grad._base",
+    # Whether another tensor holds a parameter's storage (storage.lives_elsewhere): torch
+    # has no public use count of a storage.
+    "torch._C._storage_Use_Count",
+    "torch._C",
+    "storage._cdata",
 }
 
 

@@ -26,6 +26,7 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
 
 import gpu_momentum.torch as gm_torch  # noqa: E402
 from gpu_momentum.backends import CpuBackend  # noqa: E402
+from gpu_momentum.state_format import STATE_VERSION  # noqa: E402
 from gpu_momentum.torch import SGD, UnsupportedOptionError  # noqa: E402
 
 F = torch.nn.functional
@@ -512,6 +513,28 @@ def test_an_older_state_dict_without_the_newer_flags_loads():
     opt.zero_grad()
     model(x).sum().backward()
     opt.step()
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_state_dicts_of_the_earlier_extras_formats_load(number):
+    """The extras' format numbers from before the state version was shared: 1 (no
+    precision or seed: loaded as seed 0) and 2 (the state of version 4)."""
+    model = Net()
+    opt = SGD(model.parameters(), lr=0.05, momentum=0.9, seed=5)
+    train([(model, opt)], batches(2))
+    state = copy.deepcopy(opt.state_dict())
+    assert state[gm_torch.STATE_KEY]["format"] == STATE_VERSION
+    state[gm_torch.STATE_KEY]["format"] = number
+    if number == 1:
+        del state[gm_torch.STATE_KEY]["precision"], state[gm_torch.STATE_KEY]["seed"]
+    other_model = copy.deepcopy(model)
+    other = SGD(other_model.parameters(), lr=0.5, momentum=0.9, seed=3)
+    other.load_state_dict(state)
+    assert (other.seed, other.param_groups[0]["lr"]) == (5 if number == 2 else 0, 0.05)
+    assert other.state_dict()[gm_torch.STATE_KEY]["step_count"] == 2
+    train([(model, opt), (other_model, other)], batches(2, seed=2))
+    for a, b in zip(model.parameters(), other_model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_state_dict_hooks_and_string_keys():

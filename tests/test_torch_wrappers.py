@@ -30,24 +30,6 @@ TOLERANCE = {"float32": torch.finfo(torch.float32).eps / 2,
              "float64": torch.finfo(torch.float64).eps / 2}
 
 
-def failing_today(reason):
-    return pytest.mark.xfail(strict=True, reason=f"gpu_momentum.torch.SGD: {reason}")
-
-
-def expectation(case):
-    """The mark of a case gpu_momentum.torch.SGD does not handle yet, or none."""
-    if case.startswith("fsdp2-") or case.startswith("dcp-"):
-        return [failing_today("DTensor parameters (FSDP2) are refused as sharing memory "
-                              "(every DTensor's data_ptr() is 0)")]
-    if case.startswith("zero-bucket_view_True"):
-        return [failing_today("re-packs the parameters ZeRO moved into its buckets, so "
-                              "ZeRO's broadcasts miss them and the ranks diverge")]
-    if case.startswith("fsdp1-use_orig_params_True"):
-        return [failing_today("packs again at every step (FSDP1 re-points the original "
-                              "parameters into its flat parameter)")]
-    return []
-
-
 def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -110,8 +92,7 @@ def initial_state(case):
     return {key: value.detach() for key, value in start.items()}
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=expectation(case))
-                                  for case in worker.CASES])
+@pytest.mark.parametrize("case", worker.CASES)
 def test_wrapper_trains_as_torch_sgd_does(ranks, case):
     dtype = case.split("-")[-1]
     ours_on_ranks = []
@@ -139,8 +120,8 @@ def test_checkpoint_reference_round_trips(ranks):
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param(case, marks=expectation(case)) for case, (saved, loaded, _, _)
-    in worker.CHECKPOINT_CASES.items() if (saved, loaded) != ("torch", "torch")])
+    case for case, (saved, loaded, _, _) in worker.CHECKPOINT_CASES.items()
+    if (saved, loaded) != ("torch", "torch")])
 def test_checkpoint_moves_state_as_torch_sgd_does(ranks, case):
     """Saved by one optimizer, loaded into the other (or the same) under FSDP2: the
     momentum buffers after the load, and the parameters after further steps, are those

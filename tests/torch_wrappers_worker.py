@@ -82,29 +82,28 @@ def train(forward_model, opt, data):
         opt.step()
 
 
+# The optimizers the case running now built (a ZeroRedundancyOptimizer's inner one).
+BUILT = []
+
+
+def built(opt):
+    """Notes `opt` for counting_packs; returns it."""
+    BUILT.append(getattr(opt, "optim", opt))
+    return opt
+
+
 @contextlib.contextmanager
-def counting_packs(optimizer_class):
-    """Counts gpu_momentum.torch.SGD's packings of its flat buffers (its `_pack`, called
-    once at construction and again whenever a parameter left its buffer): the count is
-    what this yields, filled while the block runs. torch.optim.SGD counts none."""
+def counting_packs():
+    """Counts the packings of the flat buffers (SGD.pack_count) of the gpu_momentum
+    optimizers built while the block runs: the count is what this yields, filled when
+    the block ends. torch.optim.SGD counts none."""
     counter = {"packs": 0}
-    original = getattr(optimizer_class, "_pack", None)
-    if original is None:
-        if optimizer_class.__module__.startswith("gpu_momentum"):
-            raise AttributeError(f"{optimizer_class.__qualname__} has no _pack: count its "
-                                 f"packings another way here")
-        yield counter
-        return
-
-    def pack(self, old):
-        counter["packs"] += 1
-        return original(self, old)
-
-    optimizer_class._pack = pack
+    BUILT.clear()
     try:
         yield counter
     finally:
-        optimizer_class._pack = original
+        counter["packs"] = sum(getattr(opt, "pack_count", 0) for opt in BUILT)
+        BUILT.clear()
 
 
 def full_state(module):
@@ -132,7 +131,7 @@ def fsdp2(name, dtype, per_layer):
 
 def run_fsdp2(optimizer_class, rank, name, dtype, per_layer):
     net = fsdp2(name, dtype, per_layer)
-    opt = optimizer_class(net.parameters(), **HYPERPARAMETERS)
+    opt = built(optimizer_class(net.parameters(), **HYPERPARAMETERS))
     train(net, opt, batches(name, dtype, rank, STEPS))
     return full_state(net)
 
@@ -143,9 +142,9 @@ def run_zero(optimizer_class, rank, name, dtype, bucket_view):
 
     net = model(name, dtype)
     ddp = DistributedDataParallel(net)
-    opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=optimizer_class,
-                                  parameters_as_bucket_view=bucket_view,
-                                  **HYPERPARAMETERS)
+    opt = built(ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=optimizer_class,
+                                        parameters_as_bucket_view=bucket_view,
+                                        **HYPERPARAMETERS))
     train(ddp, opt, batches(name, dtype, rank, STEPS))
     return full_state(net)
 
@@ -155,7 +154,7 @@ def run_fsdp1(optimizer_class, rank, name, dtype, use_orig_params):
 
     net = FullyShardedDataParallel(model(name, dtype), use_orig_params=use_orig_params,
                                    device_id=torch.device("cpu"))  # (else it wants a GPU)
-    opt = optimizer_class(net.parameters(), **HYPERPARAMETERS)
+    opt = built(optimizer_class(net.parameters(), **HYPERPARAMETERS))
     train(net, opt, batches(name, dtype, rank, STEPS))
     return full_state(net)  # (FSDP1's default state dict is the full one)
 
@@ -172,14 +171,14 @@ def run_checkpoint(classes, rank, name, dtype, directory):
 
     saved_class, loaded_class = classes
     net = fsdp2(name, dtype, per_layer=True)
-    opt = saved_class(net.parameters(), **HYPERPARAMETERS)
+    opt = built(saved_class(net.parameters(), **HYPERPARAMETERS))
     train(net, opt, batches(name, dtype, rank, STEPS))
     dcp.save({"model": get_model_state_dict(net),
               "optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=directory)
     del net, opt
 
     net = fsdp2(name, dtype, per_layer=True)
-    opt = loaded_class(net.parameters(), **HYPERPARAMETERS)
+    opt = built(loaded_class(net.parameters(), **HYPERPARAMETERS))
     state = {"model": get_model_state_dict(net),
              "optim": get_optimizer_state_dict(net, opt)}
     dcp.load(state, checkpoint_id=directory)
@@ -251,13 +250,13 @@ def run(rank, out_dir, port, names):
         if case in CHECKPOINT_CASES:
             saved, loaded, name, dtype = CHECKPOINT_CASES[case]
             directory = os.path.join(out_dir, case)
-            with counting_packs(SGD) as counter:
+            with counting_packs() as counter:
                 result, error = attempt(lambda: run_checkpoint(
                     (classes[saved], classes[loaded]), rank, name, dtype, directory))
             outcome["result"] = (result, error, counter["packs"])
         else:
             for label, cls in classes.items():
-                with counting_packs(cls) as counter:
+                with counting_packs() as counter:
                     result, error = attempt(lambda: CASES[case](cls, rank))
                 outcome[label] = (result, error, counter["packs"])
         results[case] = outcome

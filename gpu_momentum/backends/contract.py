@@ -22,7 +22,7 @@ import numpy as np
 from ..arrays import check_update, compute_dtype, describe, type_name
 from ..groups import ARRAY_FIELDS, GROUP_FIELDS, UpdateTable, check_table
 from ..float8_velocity import is_float8_velocity
-from ..precision import PRECISION_BUFFER_NAMES
+from ..precision import PRECISION_BUFFER_NAMES, as_bits
 
 
 class Backend(Protocol):
@@ -109,8 +109,10 @@ class Backend(Protocol):
         counters): a counted step that does not look for non-finite values (the launches
         without "find_nonfinite"). Each grad it gets must be one that
         `check_arrays` accepted with param and velocity, unchanged since (see
-        arrays.array_state); a table `device_table` rewrote in place at the same addresses
-        keeps it valid."""
+        arrays.array_state); a table rewritten in place at the same addresses
+        (`device_table` with reuse, or rows through `upload_into`) keeps it valid while
+        its rows use only the terms they used when it was prepared
+        (gpu_momentum.groups.row_terms)."""
 
     def step(self, param, grad, velocity, table: UpdateTable, inv_grad_scale,
              counters=None, agree=None, check_nonfinite=True, grad_scale=None,
@@ -231,4 +233,4 @@ def bits_view(array):
     """A 1-D view of a contiguous array of one backend's memory: 16-bit elements
     (bfloat16, float16) as uint16, the rest as they are."""
     flat = array.reshape(array.size) if array.ndim != 1 else array
-    return flat.view(np.uint16) if np.dtype(flat.dtype).itemsize == 2 else flat
+    return as_bits(flat)

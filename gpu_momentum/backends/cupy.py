@@ -21,6 +21,7 @@ from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
                                    name_expressions)
 from ..kernels.layout import (FLOAT8_VELOCITY, GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED,
                               READ_COUNTERS)
+from ..precision import BITS_DTYPE, as_bits, storage_dtype
 from .contract import PreparedStep
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
 from .torch_arrays import CudaTensorArray, current_stream, device_index
@@ -85,8 +86,9 @@ class CupyBackend(PreparedStep):
         return cupy.asarray(array)
 
     def upload_into(self, target, array, param):
-        import cupy
-        cupy.copyto(target, cupy.asarray(array))
+        # Straight from host memory on the current stream: no device array is made
+        # (a changed table row is a few bytes).
+        target.set(np.ascontiguousarray(array))
 
     def capturing(self, param):
         import cupy
@@ -160,7 +162,7 @@ class _CupyKernels(StepKernels):
         # the plan's grid.
         self.update_grid = ((float8_grid_size(param.size, max_blocks),) if float8 else
                             (plan.grid,))
-        self.buffer = arrays.get("precision_buffer", null_array(backend, device, np.uint16))
+        self.buffer = arrays.get("precision_buffer", null_array(backend, device, BITS_DTYPE))
         self.scalar = type(plan.inv_grad_scale)
         self.grid, self.block = (plan.grid,), (plan.block,)
         self.counters = counters
@@ -239,11 +241,11 @@ def _kernel_array(array, info):
     if info.dtype.itemsize != 2:
         return cupy.asarray(array)
     if isinstance(array, cupy.ndarray):
-        return array.view(np.uint16)
+        return as_bits(array)
     if info.nbytes == 0:
-        return cupy.empty(info.shape, np.uint16)
+        return cupy.empty(info.shape, BITS_DTYPE)
     memory = cupy.cuda.UnownedMemory(info.address, info.nbytes, array)
-    return cupy.ndarray(info.shape, np.uint16, cupy.cuda.MemoryPointer(memory, 0))
+    return cupy.ndarray(info.shape, BITS_DTYPE, cupy.cuda.MemoryPointer(memory, 0))
 
 
 @functools.cache
@@ -281,11 +283,10 @@ def _launch_each(update, check, finish, entry):
     import cupy
 
     compute = entry.compute_dtype
-    storage = lambda dtype: np.uint16 if dtype in ("bfloat16", "float16") else dtype
-    param = cupy.zeros(0, storage(entry.param_dtype))
+    param = cupy.zeros(0, storage_dtype(entry.param_dtype))
     velocity = ((cupy.zeros(0, np.uint8), cupy.zeros(0, np.float32))
                 if entry.velocity_dtype == FLOAT8_VELOCITY else
-                (cupy.zeros(0, storage(entry.velocity_dtype)),))
+                (cupy.zeros(0, storage_dtype(entry.velocity_dtype)),))
     table = (cupy.zeros((1, GROUP_COLUMNS), compute), cupy.zeros(1, np.uint32),
              cupy.zeros(1, np.int64), cupy.zeros(1, np.int32))
     counters = cupy.zeros(GROUP_SLOTS + 1, np.int64)

@@ -17,6 +17,7 @@ from ..arrays import describe
 from ..float8_velocity import is_float8_velocity
 from ..kernels.elementwise import storage_format
 from ..kernels.layout import GROUP_SLOTS, PRECISIONS, READ_COUNTERS
+from ..precision import as_bits
 from .contract import PreparedStep, bits_view
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
 from .torch_arrays import CudaTensorArray, current_stream, device_index
@@ -88,8 +89,7 @@ class NumbaCudaBackend(PreparedStep):
         target = self.asarray(target)
         source = self.asarray(source) if self.owns(source) else np.asarray(source)
         if target.size:
-            if target.dtype.itemsize == 2:
-                target, source = target.view(np.uint16), source.view(np.uint16)
+            target, source = as_bits(target), as_bits(source)
             target.copy_to_device(source)
 
     def synchronize(self):

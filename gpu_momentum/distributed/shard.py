@@ -4,7 +4,7 @@ its elements alone (`ShardUpdate`), with the 16-bit settings sharding refuses.""
 import numbers
 
 from ..arrays import describe
-from ..flat import SEGMENT_ALIGNMENT_BYTES
+from ..flat import aligned, vector_elements
 from ..optimizer import MomentumSGD
 from .agreement import abbreviated
 
@@ -22,8 +22,8 @@ def shard_bounds(size, ranks, itemsize):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"Invalid {name} value: {abbreviated(value)} ({name} must be "
                              f"an integer >= {least})")
-    vector = max(1, SEGMENT_ALIGNMENT_BYTES // itemsize)  # one 128-bit vector
-    vectors = -(-size // vector)
+    vector = vector_elements(itemsize)  # one 128-bit vector
+    vectors = aligned(size, itemsize) // vector
     edges = [min(size, vector * (rank * vectors // ranks)) for rank in range(ranks + 1)]
     return [(edges[rank], edges[rank + 1]) for rank in range(ranks)]
 
@@ -45,11 +45,11 @@ class ShardUpdate(MomentumSGD):
         """The Backend object updating the shard (`backend` is its name)."""
         return self._backend
 
-    def hyperparameter_key(self):
-        """Every group's Hyperparameters object, in order: immutable, and replaced by
-        every change (the option setters, param_groups, a loaded state), so that the
-        same objects (compared with `is`) mean the same values, capturable or not."""
-        return tuple(self._hypers)
+    @property
+    def hyperparameters_version(self):
+        """A number that changes with every change of the hyperparameters (a setter, a
+        loaded state)."""
+        return self._hypers_version
 
     def hyperparameters(self):
         """Every group's hyperparameters ([0]: the optimizer's own), as dicts."""

@@ -114,8 +114,8 @@ class ShardedMomentumSGD:
         self._collectives = make_collectives(comm, self.shards, transport, backend,
                                              self._whole)
         self._scratch = backend.zeros(self._local.velocity.shape, info.dtype)
-        # The hyperparameters' digest for the steps' agreement, and the objects it is of.
-        self._fingerprint = self._fingerprinted = None
+        self._fingerprint = None  # of the hyperparameters, for the steps' agreement
+        self._fingerprint_version = None  # the hyperparameters_version it digests
 
     def _description(self, params, info, transport):
         """What must be the same on every rank (compared in this order)."""
@@ -163,17 +163,13 @@ class ShardedMomentumSGD:
         return self._collectives
 
     def _hyperparameter_fingerprint(self):
-        """A 56-bit digest of every group's hyperparameters as they are now: taken again
-        whenever a group's Hyperparameters object was replaced since the last one (every
-        change does that, capturable or not; a capturable optimizer writes its table at
-        the change, so whether the table is stale cannot tell)."""
-        key = self._local.hyperparameter_key()
-        if self._fingerprinted is None or len(key) != len(self._fingerprinted) or any(
-                now is not then for now, then in zip(key, self._fingerprinted)):
+        """A 56-bit digest of every group's hyperparameters, recomputed after a change."""
+        version = self._local.hyperparameters_version
+        if self._fingerprint is None or self._fingerprint_version != version:
             text = repr(self._local.hyperparameters()).encode()
             self._fingerprint = int.from_bytes(hashlib.blake2b(text, digest_size=7)
                                                .digest(), "little")
-            self._fingerprinted = key
+            self._fingerprint_version = version
         return self._fingerprint
 
     def step(self, grad=None, *, grad_scale=1.0, grads_reduced=False):

@@ -53,6 +53,11 @@ How it works:
   `p.data = ...`, `model.to_empty(...)`) is found at the next `step()` or `zero_grad()`
   and everything is packed again from the current tensors, keeping momentum buffers and
   gradients.
+- Storage a wrapper owns is never packed: DTensor parameters (FSDP2: their local shards),
+  views into a larger tensor (FSDP1's flat parameter, ZeroRedundancyOptimizer's buckets)
+  and parameters re-pointed after packing into storage another tensor holds are updated
+  where they live, their values and gradients copied into a bucket of their own around
+  its launch (`foreign`); a DTensor parameter's momentum buffer is a DTensor.
 
 Devices: CPU tensors are updated by the "cpu" backend through NumPy views; CUDA tensors by
 "cupy" (or "numba-cuda" when asked), zero-copy, queued on torch's current CUDA stream,
@@ -61,7 +66,9 @@ torch.optim.SGD's for-loop reads it).
 
 The package's modules: `optimizer` (SGD: torch.optim.SGD's signature, checks and
 methods), `layout` (which parameters go into which buffer), `buckets` (one buffer: its
-flat tensors, update table, counters and launch), `grad_views` (the gradient views and
+flat tensors, update table, counters and launch), `storage` (whose storage a parameter
+lives in), `foreign` (the bucket of parameters in storage a wrapper owns, updated where
+they live), `grad_views` (the gradient views and
 their hooks), `state` (`opt.state`, counting its edits), `differentiable` (the
 differentiable=True path), `state_dict` (the library's extras in a state dict and their
 checks),
@@ -76,7 +83,7 @@ except ImportError as error:
                       f"'gpu-momentum[torch]' ({error})") from error
 
 from .optimizer import SGD, UnsupportedOptionError
-from .state_dict import STATE_FORMAT, STATE_FORMATS, STATE_KEY
+from .state_dict import STATE_KEY
 
 # Named by the path users import them from (in reprs, tracebacks and pickles), not by
 # the module that defines them.

@@ -10,15 +10,16 @@ import torch
 
 from ..arrays import compute_dtype
 from ..backends import check_arrays, device_table
-from ..flat import SEGMENT_ALIGNMENT_BYTES
-from ..groups import UpdateTable
-from ..hyperparams import keeps_velocity, row_flags, table_row
+from ..flat import aligned
+from ..groups import UpdateTable, row_terms, table_terms
+from ..hyperparams import check_row_fits, keeps_velocity, row_flags, table_row
 from ..kernels.layout import (CLASSIC, GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED,
-                              NO_GROUP, SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
+                              MAXIMIZE, NESTEROV, NO_GROUP, SKIPPED_STEPS, STEP_COUNT,
+                              VELOCITY_INITIALIZED)
 from ..precision import PRECISION_BUFFER_NAMES
 from .grad_views import GradientViews, Reshaped
-from .tensors import (NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, segment,
-                      to_float)
+from .storage import local_of, own_storage
+from .tensors import NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, segment
 
 CAPTURE_REFUSED = ("gpu_momentum.torch.SGD is being captured into a CUDA graph (step() "
                     "or zero_grad()), but {}: a replay would not do it. Nothing was "
@@ -36,29 +37,43 @@ class Bucket:
     once the parameter took a step), and the update table of its one launch (a row per
     parameter). The gradient views and their hooks are `grads`, a GradientViews."""
 
+    # The gradient side: GradientViews(params, flat gradient, offsets, device).
+    gradient_views = GradientViews
+
     def __init__(self, backend, device, dtype, params, groups, counted, check_nonfinite,
-                 precision):
+                 precision, likes=None):
+        """`likes`: the tensors whose shapes and strides the segments take, one per
+        parameter (default: the parameters themselves)."""
+        likes = params if likes is None else likes
         self.backend, self.device, self.params = backend, device, params
         self.groups = np.array(groups, np.intp)  # the param group of each row
+        # Each group's rows: a slice where they are consecutive (the usual case), else
+        # their indices; and the span of rows a change of the group rewrites.
+        self.group_rows = {}
+        for group in sorted(set(groups)):
+            rows = np.flatnonzero(self.groups == group)
+            span = (int(rows[0]), int(rows[-1]) + 1)
+            whole = len(rows) == span[1] - span[0]
+            self.group_rows[group] = (slice(*span) if whole else rows, span)
         self.param_dtype = dtype
         real = NUMPY_DTYPES[dtype]
         self.compute_dtype = compute_dtype(real)
         element = real.itemsize
-        align = max(1, SEGMENT_ALIGNMENT_BYTES // element)
         offsets, ends, end = [], [], 0
-        for p in params:
-            offset = -(-end // align) * align
+        for p in likes:
+            offset = aligned(end, element)
             end = offset + p.numel() * (2 if p.is_complex() else 1)
             offsets.append(offset)
             ends.append(end)
-        total = -(-end // align) * align
+        total = aligned(end, element)
         self.data = torch.zeros(total, dtype=dtype, device=device)
+        own_storage(self.data)
         grad = torch.zeros(total, dtype=dtype, device=device)
         self.velocity = torch.zeros(total, dtype=TORCH_DTYPES[self.compute_dtype],
                                     device=device)
-        self.param_views = [segment(self.data, o, p) for o, p in zip(offsets, params)]
-        self.grads = GradientViews(params, grad, offsets, device)
-        self.velocity_views = [segment(self.velocity, o, p) for o, p in zip(offsets, params)]
+        self.param_views = [segment(self.data, o, p) for o, p in zip(offsets, likes)]
+        self.grads = self.gradient_views(params, grad, offsets, device)
+        self.velocity_views = [segment(self.velocity, o, p) for o, p in zip(offsets, likes)]
         self.precision = precision
         self.buffer_name = PRECISION_BUFFER_NAMES.get(precision)  # None: no buffer
         tensors = (self.data, grad, self.velocity)
@@ -66,7 +81,7 @@ class Bucket:
         if self.buffer_name is not None:
             self.buffer = torch.zeros(total, dtype=dtype if precision == "kahan" else
                                       torch.float32, device=device)
-            self.buffer_views = [segment(self.buffer, o, p) for o, p in zip(offsets, params)]
+            self.buffer_views = [segment(self.buffer, o, p) for o, p in zip(offsets, likes)]
             tensors += (self.buffer,)
         self.buffered = np.zeros(len(params), bool)  # its buffer segment holds its state
         # Ranges: each parameter's elements (its row, or NO_GROUP while its grad is None),
@@ -89,13 +104,14 @@ class Bucket:
             self.counters = (backend.asarray(np.zeros(GROUP_SLOTS + len(params), np.int64))
                              if counted else None)
         self.check_nonfinite = check_nonfinite  # with counters: skip non-finite steps
-        self.settings = None  # the group settings the table was last built from
+        self.values = {}  # each group's values (GroupValues) as the table holds them
         self.table_stale = True
         self.host_table = None
         self.device_table = None
         self.ptrs = None
         self._launch = None  # the prepared step, and what it was prepared with
         self._launch_made_with, self._launch_context = (), None
+        self._launch_terms = frozenset()
 
     # -- packing: check, fill, commit --
 
@@ -228,13 +244,63 @@ class Bucket:
             foreign.append((index, grad))
         return foreign
 
-    def refresh(self, settings, style, capturing=False):
-        """The update table rewritten in place when the group settings, the gradients
-        present or the first steps taken changed since it was written (refused while a
-        CUDA graph is captured: a replay would not write it)."""
-        if settings != self.settings:
-            self.settings = settings
-            self.table_stale = True
+    def check_values(self, changes):
+        """Raises ValueError, before anything changes, unless this bucket's compute dtype
+        holds the table rows of the changed groups' values ({group: values}, GroupValues)
+        that have parameters here."""
+        for group, values in changes.items():
+            if group in self.group_rows:
+                try:
+                    check_row_fits(*values[:6], NUMPY_DTYPES[self.param_dtype])
+                except ValueError as error:
+                    raise ValueError(f"param_groups[{group}]: {error}") from None
+
+    def write_values(self, changes, style):
+        """The changed groups' values ({group: values}, checked by check_values) written
+        into the update table in place: each group's rows of scalars (and flags, if
+        nesterov or maximize changed) on the host, then the span of rows that changed
+        copied into the backend's table on the step's stream, without waiting; a change
+        of whether a group keeps its velocity (momentum 0 in torch style) rewrites the
+        table instead. No array is made and the prepared launch stays, unless the new
+        rows use a term of the update it was not prepared for (table_terms)."""
+        table = self.host_table
+        low = high = None
+        flags_changed = False
+        for group, values in changes.items():
+            if group not in self.group_rows:
+                continue
+            old, self.values[group] = self.values.get(group), values
+            if table is None or self.table_stale:
+                continue
+            if keeps_velocity(style, old[1]) != keeps_velocity(style, values[1]):
+                self.table_stale = True
+                continue
+            rows, (start, stop) = self.group_rows[group]
+            row = table_row(*values[:6], self.compute_dtype)
+            table.scalars[rows] = row
+            if row_terms(row) not in self._launch_terms:
+                self._launch_made_with = ()  # prepared again at the next launch
+            if values[6:] != old[6:]:
+                bits = row_flags(values[6], values[7], False, False)
+                table.group_flags[rows] = (table.group_flags[rows] & ~np.uint32(
+                    NESTEROV | MAXIMIZE)) | np.uint32(bits)
+                flags_changed = True
+            low = start if low is None else min(low, start)
+            high = stop if high is None else max(high, stop)
+        if low is None or self.table_stale or self.device_table.scalars is table.scalars:
+            return  # nothing to copy (or the table is the host's: the CPU backend's)
+        with self.arrays.context():
+            param = self.arrays.step_arrays()[0]
+            self.backend.upload_into(self.device_table.scalars[low:high],
+                                     table.scalars[low:high], param)
+            if flags_changed:
+                self.backend.upload_into(self.device_table.group_flags[low:high],
+                                         table.group_flags[low:high], param)
+
+    def refresh(self, style, capturing=False):
+        """The update table rewritten in place when the gradients present or the first
+        steps taken changed since it was written, or a change of the group values needs
+        it (refused while a CUDA graph is captured: a replay would not write it)."""
         if self.table_stale:
             if capturing:
                 raise RuntimeError(CAPTURE_REFUSED.format(
@@ -243,7 +309,7 @@ class Bucket:
             with self.arrays.context():
                 self._write_table(style, self.arrays.step_arrays()[0])
 
-    def launch(self, settings, style, inv_grad_scale, state, capturing=False,
+    def launch(self, style, inv_grad_scale, state, capturing=False,
                grad_scale=None, found_inf=None, seed=0, step_count=0):
         """The fused update of every parameter with a gradient, one launch; then the
         momentum buffers of first steps enter `state`. Returns whether the step was
@@ -251,7 +317,7 @@ class Bucket:
         grad_scale and found_inf: GradScaler's 0-d CUDA tensors, read by the kernels.
         seed and step_count (the steps taken before this one; counters hold their own)
         key stochastic rounding."""
-        self.refresh(settings, style, capturing)
+        self.refresh(style, capturing)
         self._set_up_buffers(state, capturing)
         scaling = {name: value if value.device == self.device else
                    value.to(self.device, non_blocking=True)
@@ -266,7 +332,7 @@ class Bucket:
             return bool(self.counters is not None and self.device.type == "cpu"
                         and self.counters[LAST_STEP_SKIPPED])
         first = np.fromiter(self.present, bool, len(self.present)) & ~self.initialized
-        first &= ~self.keeps[self.groups]
+        first &= ~self.param_keeps
         if self.counters is not None and self.device.type == "cpu":
             if self.counters[LAST_STEP_SKIPPED]:
                 return True
@@ -282,7 +348,8 @@ class Bucket:
     def _launcher(self, arrays, seed):
         """The backend's step prepared once (Backend.step_function) and kept while the
         table, the arrays, the counters, the seed and the stream it was prepared with
-        stay the same."""
+        stay the same, and the table's rows use only terms it was prepared for
+        (write_values and _write_table forget it otherwise)."""
         made_with = (self.device_table, *arrays, self.counters)
         context = (seed, self.arrays.stream())
         if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
@@ -292,6 +359,7 @@ class Bucket:
                 self.check_nonfinite, precision=self.precision,
                 precision_buffer=self._buffer_array(arrays), seed=seed)
             self._launch_made_with, self._launch_context = made_with, context
+            self._launch_terms = table_terms(self.host_table.scalars)
         return self._launch
 
     def _buffer_array(self, arrays):
@@ -314,23 +382,26 @@ class Bucket:
         for index in np.flatnonzero(new):
             view = self.buffer_views[index]
             if self.precision == "master":
-                view.copy_(self.param_views[index])
+                local_of(view).copy_(self.param_views[index])  # (a DTensor's shard)
             else:
                 view.zero_()
             state[self.params[index]][self.buffer_name] = view
         self.buffered |= new
 
     def _write_table(self, style, param_array):
-        """The update table from the group settings, the gradients present and the first
+        """The update table from the group values, the gradients present and the first
         steps taken; rewritten in place in the backend's memory."""
-        rows = np.array([table_row(*s[:6], self.compute_dtype) for s in self.settings],
-                        self.compute_dtype)
-        self.keeps = np.array([keeps_velocity(style, s[1]) for s in self.settings], bool)
-        flags = np.array([row_flags(s[6], s[7], keep, False)
-                          for s, keep in zip(self.settings, self.keeps)], np.uint32)
-        flags = flags[self.groups]
+        groups = sorted(self.group_rows)
+        position = np.searchsorted(groups, self.groups)
+        values = [self.values[group] for group in groups]
+        rows = np.array([table_row(*v[:6], self.compute_dtype) for v in values],
+                        self.compute_dtype)[position]
+        keeps = np.array([keeps_velocity(style, v[1]) for v in values], bool)
+        flags = np.array([row_flags(v[6], v[7], keep, False)
+                          for v, keep in zip(values, keeps)], np.uint32)[position]
+        self.param_keeps = keeps[position]
         if self.counters is None:  # else the counters say which velocities exist
-            flags |= np.where(self.initialized & ~self.keeps[self.groups],
+            flags |= np.where(self.initialized & ~self.param_keeps,
                               np.uint32(VELOCITY_INITIALIZED), np.uint32(0))
         present = np.fromiter(self.present, bool, len(self.present))
         # A row no range reads must not count as initialized after a skipping step.
@@ -338,7 +409,7 @@ class Bucket:
         range_groups = np.full(len(self.range_ends), NO_GROUP, np.int32)
         range_groups[np.asarray(self.param_ranges, np.intp)[present]] = np.flatnonzero(
             present)
-        table = UpdateTable(rows[self.groups], flags, self.range_ends, range_groups,
+        table = UpdateTable(rows, flags, self.range_ends, range_groups,
                             CLASSIC if style == "classic" else 0)
         if self.device_table is None:
             self.device_table = device_table(self.backend, table, param_array)
@@ -348,9 +419,15 @@ class Bucket:
                                          param_array)
             self.device_table = device_table(self.backend, table, param_array,
                                              reuse=self.device_table)
-        self.host_table = table
+        if self.host_table is None:
+            self.host_table = table
+        else:  # in place: on the CPU the host table's arrays are the table's
+            for name in ("scalars", "group_flags", "range_groups"):
+                getattr(self.host_table, name)[...] = getattr(table, name)
         self.table_stale = False
-        self.awaiting_first = not (self.initialized | self.keeps[self.groups]).all()
+        self.awaiting_first = not (self.initialized | self.param_keeps).all()
+        if not table_terms(rows) <= self._launch_terms:
+            self._launch_made_with = ()  # prepared again at the next launch
 
     # -- counters of buffers that skip non-finite steps --
 
@@ -394,18 +471,6 @@ class Bucket:
         """The optimizer's step count is `taken` (a state was loaded): the counters'
         STEP_COUNT, which keys stochastic rounding on the device, continues from it."""
         self._write_counters(taken, 0)
-
-
-def group_settings(param_groups):
-    """Each param group's values as the kernels take them, what Bucket.refresh and
-    Bucket.launch read: (lr, momentum, dampening, weight_decay, l1,
-    decoupled_weight_decay, nesterov, maximize) per group."""
-    return tuple(
-        (to_float(g["lr"]), to_float(g["momentum"]), to_float(g["dampening"]),
-         to_float(g["weight_decay"]), to_float(g.get("l1", 0.0)),
-         bool(g.get("decoupled_weight_decay", False)), bool(g["nesterov"]),
-         bool(g["maximize"]))
-        for g in param_groups)
 
 
 def _check_state_tensor(name, tensor, p, view):

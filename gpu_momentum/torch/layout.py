@@ -10,7 +10,9 @@ from ..backends import (REGISTRY, BackendUnavailableError, backend_named,
                         backends_for_device, unavailable_reason)
 from ..precision import BFLOAT16_EXTRA
 from .buckets import Bucket
+from .foreign import ForeignBucket
 from .grad_views import zero_in_place
+from .storage import local_of, lives_elsewhere
 from .tensors import NUMPY_DTYPES, TORCH_DTYPES, data_ptr, real_dtype
 
 
@@ -29,19 +31,23 @@ def pack(param_groups, state, old, *, backend_choice, skip_nonfinite, precision,
                 group_of[id(p)] = index
                 order.append(p)
     packed, kept_out = {}, []
+    was_packed = set() if old is None else {
+        id(p) for bucket in old.buckets for p in bucket.params}
     for number, p in enumerate(order):
         backend = _backend_for(number, p, backend_choice)
         if backend is None:
             kept_out.append(p)
         else:
-            key = (backend.name, p.device, real_dtype(p.dtype))
+            key = (backend.name, p.device, real_dtype(p.dtype),
+                   lives_elsewhere(p, moved=id(p) in was_packed))
             packed.setdefault(key, []).append(p)
     if skip_nonfinite and len(packed) > 1:
-        where = ", ".join(f"{device} {dtype}" for _, device, dtype in packed)
+        where = ", ".join(f"{device} {dtype}" + (" in a wrapper's storage" if theirs else "")
+                          for _, device, dtype, theirs in packed)
         raise ValueError(f"Invalid skip_nonfinite value: True (a step is skipped "
                          f"for all parameters or none, decided in one buffer's "
                          f"memory; these parameters need several: {where})")
-    sixteen_bit = {dtype: dtype.itemsize == 2 for _, _, dtype in packed}
+    sixteen_bit = {dtype: dtype.itemsize == 2 for _, _, dtype, _ in packed}
     if precision != "nearest" and packed and not any(sixteen_bit.values()):
         dtypes = ", ".join(sorted({str(dtype) for dtype in sixteen_bit}))
         raise ValueError(f"Invalid precision value: {precision!r} (the parameters "
@@ -52,10 +58,11 @@ def pack(param_groups, state, old, *, backend_choice, skip_nonfinite, precision,
     old_views = {} if old is None else {
         key: cleared for bucket in old.buckets
         for key, cleared in bucket.grads.cleared_by_view().items()}
-    buckets = [Bucket(REGISTRY[name], device, dtype, params,
-                      [group_of[id(p)] for p in params], counted_on_device,
-                      skip_nonfinite, precision if sixteen_bit[dtype] else "nearest")
-               for (name, device, dtype), params in packed.items()]
+    buckets = [(ForeignBucket if theirs else Bucket)(
+                   REGISTRY[name], device, dtype, params, [group_of[id(p)] for p in params],
+                   counted_on_device, skip_nonfinite,
+                   precision if sixteen_bit[dtype] else "nearest")
+               for (name, device, dtype, theirs), params in packed.items()]
     for bucket in buckets:
         bucket.check_state(state)
     for bucket in buckets:
@@ -118,6 +125,10 @@ class Layout:
     def __init__(self, param_groups, buckets, kept_out, counted_on_device):
         self.param_lists = [list(group["params"]) for group in param_groups]
         self.buckets = buckets
+        # Whether this packing moved parameters into the optimizer's own buffers (not
+        # only storage a wrapper owns, left where it is).
+        self.moved = any(bucket.params and not isinstance(bucket, ForeignBucket)
+                         for bucket in buckets)
         self.kept_out = kept_out
         self.kept_out_ptrs = [data_ptr(p) for p in kept_out]
         self.counted_on_device = counted_on_device and bool(buckets)
@@ -160,10 +171,11 @@ def _check_disjoint(params, order):
     """Two parameters sharing memory cannot be packed apart: ValueError naming them."""
     spans = []
     for p in params:
-        if p.numel():
-            extent = 1 + sum((s - 1) * t for s, t in zip(p.shape, p.stride()))
-            start = data_ptr(p)
-            spans.append((start, start + extent * p.element_size(), p))
+        local = local_of(p)  # (a DTensor's data_ptr() is 0: its shard's is not)
+        if local.numel():
+            extent = 1 + sum((s - 1) * t for s, t in zip(local.shape, local.stride()))
+            start = data_ptr(local)
+            spans.append((start, start + extent * local.element_size(), p))
     spans.sort(key=operator.itemgetter(0))
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:

@@ -7,11 +7,11 @@ from torch.optim.optimizer import Optimizer
 
 from ..backends import backend_named
 from ..hyperparams import STYLES
-from ..kernels.layout import PRECISION_NAMES
-from ..precision import check_seed
-from .buckets import CAPTURE_REFUSED, group_settings
+from ..precision import check_precision_name, check_seed
+from .buckets import CAPTURE_REFUSED
 from .differentiable import step_param_groups
 from .grad_views import Reshaped
+from .group_values import GroupValues
 from .layout import pack
 from .state import edits_of, plain, take_edits, tracked
 from .state_dict import (STATE_KEY, check_loadable, extras_of, read_extras,
@@ -228,10 +228,19 @@ class SGD(Optimizer):
         if self._through_autograd:
             return
         layout = self._current_layout()
-        settings = group_settings(self.param_groups)
+        self._take_group_values(layout)
         for bucket in layout.buckets:
             bucket.prepare()
-            bucket.refresh(settings, self._style)
+            bucket.refresh(self._style)
+
+    @property
+    def pack_count(self):
+        """How many times parameters were packed (moved) into this optimizer's flat
+        buffers: once at construction, and again only after a parameter of its own left
+        its buffer (`model.to(...)`, `p.data = ...`) or the param groups changed.
+        Parameters in storage a wrapper owns (FSDP2's DTensors, ZeRO's bucket views,
+        FSDP1's flat parameters) are updated where they live and never counted."""
+        return self.__dict__.get("_pack_count", 0)
 
     @property
     def backends(self):
@@ -401,7 +410,7 @@ class SGD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         # Everything that can fail is checked before anything is written.
         layout.check_kept_out()
-        settings = group_settings(self.param_groups)
+        self._take_group_values(layout, capturing)
         # CUDA buffers read GradScaler's values on the device (see _reads_scaler_values).
         on_device = layout.on_cuda
         device_scaling = on_device and (grad_scale is not None or found_inf is not None)
@@ -414,6 +423,7 @@ class SGD(Optimizer):
                 raise RuntimeError(CAPTURE_REFUSED.format(
                     "a parameter has a new shape: the buffers must be packed again"))
             layout = self._layout = self._pack(layout)
+            self._take_group_values(layout)
             prepared = [bucket.prepare() for bucket in layout.buckets]
         if edits_of(self.state) != self._state_seen:  # opt.state was edited or replaced
             if capturing:
@@ -436,7 +446,7 @@ class SGD(Optimizer):
         scaling = {"grad_scale": grad_scale, "found_inf": found_inf} if device_scaling \
             else {}
         for bucket in layout.buckets:
-            skipped |= bucket.launch(settings, self._style, inv_grad_scale, self.state,
+            skipped |= bucket.launch(self._style, inv_grad_scale, self.state,
                                      capturing, seed=self.seed, step_count=self._counts[0],
                                      **scaling)
         if not layout.counted_on_device:
@@ -444,6 +454,22 @@ class SGD(Optimizer):
             self._last_step_skipped = skipped
         self._state_seen = edits_of(self.state)  # (its own edits: first steps' buffers)
         return loss
+
+    def _take_group_values(self, layout, capturing=False):
+        """The param groups' values that changed since the update tables took them,
+        checked against every buffer's compute dtype (nothing changes on a refusal, and
+        the next step refuses them again), then written into the tables' rows in place."""
+        changes = self._group_values.changes(self.param_groups)
+        if changes and capturing:
+            raise RuntimeError(CAPTURE_REFUSED.format(
+                "the update table must be written (call opt.prepare() after changing a "
+                "group's values)"))
+        if changes:
+            for bucket in layout.buckets:
+                bucket.check_values(changes)
+            self._group_values.accept(self.param_groups, changes)
+            for bucket in layout.buckets:
+                bucket.write_values(changes, self._style)
 
     # ---- packing -----------------------------------------------------------------------
 
@@ -471,6 +497,9 @@ class SGD(Optimizer):
                       counted_on_device=self._counted_on_device, step_count=self._counts[0])
         self._step_supports_amp_scaling = self._reads_scaler_values(
             bucket.device for bucket in layout.buckets)
+        if layout.moved:
+            self._pack_count = self.pack_count + 1
+        self._group_values = GroupValues()  # the new buffers' tables take every group's
         return layout
 
     def _settle(self):
@@ -513,9 +542,7 @@ def _check_library_options(l1, decoupled_weight_decay, skip_nonfinite, capturabl
     if not isinstance(style, str) or style not in STYLES:
         raise ValueError(f"Invalid style value: {style!r} (style must be one of "
                          f"{STYLES})")
-    if not isinstance(precision, str) or precision not in PRECISION_NAMES:
-        raise ValueError(f"Invalid precision value: {precision!r} (precision must be "
-                         f"one of {PRECISION_NAMES})")
+    check_precision_name(precision)
     seed = check_seed(seed)
     if backend != "auto":
         backend_named(backend)  # an unknown or unavailable backend fails here

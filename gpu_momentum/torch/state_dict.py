@@ -1,5 +1,5 @@
 """The library's part of `SGD.state_dict()`: the extras it saves beside torch.optim.SGD's
-state and param groups, their format versions, the checks a state must pass to load, and
+state and param groups (their versions are gpu_momentum.state_format's), the checks a state must pass to load, and
 the 16-bit parameters' float32 state that torch's load_state_dict would cast."""
 
 import itertools
@@ -7,20 +7,16 @@ import itertools
 import torch
 
 from ..hyperparams import STYLES
-from ..kernels.layout import PRECISION_NAMES
-from ..precision import PRECISION_BUFFER_NAMES, check_seed
+from ..precision import (PRECISION_BUFFER_NAMES, check_precision_name, check_same_precision,
+                        check_seed)
+from ..state_format import STATE_KEY, STATE_VERSION, state_version, torch_extras_keys
 from .tensors import dense
-
-# The library's extras in a state_dict, under one top-level key that torch.optim.SGD's
-# load_state_dict ignores (it reads "state" and "param_groups" only).
-STATE_KEY = "gpu_momentum"
-STATE_FORMAT = 2  # 1: before precision and seed
-STATE_FORMATS = (1, 2)  # what load_state_dict reads
 
 
 def extras_of(style, precision, seed, step_count, skipped_steps):
-    """The extras `SGD.state_dict()` saves under STATE_KEY (format STATE_FORMAT)."""
-    return {"format": STATE_FORMAT, "style": style, "precision": precision, "seed": seed,
+    """The extras `SGD.state_dict()` saves under STATE_KEY (their format: the state
+    version, gpu_momentum.state_format.STATE_VERSION)."""
+    return {"format": STATE_VERSION, "style": style, "precision": precision, "seed": seed,
             "step_count": step_count, "skipped_steps": skipped_steps}
 
 
@@ -32,22 +28,16 @@ def read_extras(state_dict):
     extras = state_dict.get(STATE_KEY)
     if extras is None:
         return None
-    version = extras.get("format") if isinstance(extras, dict) else None
-    if type(version) is not int or version not in STATE_FORMATS:
-        raise ValueError(f"Invalid {STATE_KEY} format value: {version!r} (this version "
-                         f"reads formats {' and '.join(map(str, STATE_FORMATS))})")
-    keys = {"format", "style", "step_count", "skipped_steps"}
-    if version == 2:
-        keys |= {"precision", "seed"}
+    version = state_version("torch.SGD", extras.get("format") if isinstance(extras, dict)
+                            else None, f"{STATE_KEY} format")
+    keys = set(torch_extras_keys(version))
     if set(extras) != keys:
         raise ValueError(f"Invalid {STATE_KEY} value in state_dict: {extras!r} (a dict "
                          f"with keys {sorted(keys)})")
     if extras["style"] not in STYLES:
         raise ValueError(f"Invalid {STATE_KEY} style value: {extras['style']!r}")
-    if version == 2:
-        if extras["precision"] not in PRECISION_NAMES:
-            raise ValueError(f"Invalid {STATE_KEY} precision value: "
-                             f"{extras['precision']!r}")
+    if version >= 4:
+        check_precision_name(extras["precision"], f"{STATE_KEY} precision")
         check_seed(extras["seed"])
     for key in ("step_count", "skipped_steps"):
         value = extras[key]
@@ -63,12 +53,9 @@ def check_loadable(state_dict, extras, style, precision):
     the optimizer's style."""
     saved_style = "torch" if extras is None else extras["style"]
     # A state that names its precision must have this optimizer's (torch.optim.SGD's
-    # and format 1's name none, and hold no precision buffers: those start afresh).
-    saved_precision = precision if extras is None else extras.get("precision", precision)
-    if saved_precision != precision:
-        raise ValueError(f"Invalid precision value: {saved_precision!r} (the state was "
-                         f"saved with precision {saved_precision!r}, this optimizer uses "
-                         f"{precision!r})")
+    # and version 2's name none, and hold no precision buffers: those start afresh).
+    check_same_precision(precision if extras is None else
+                         extras.get("precision", precision), precision)
     if saved_style != style and _has_momentum_buffers(state_dict):
         source = ("torch.optim.SGD state" if extras is None else
                   f"state of a style={saved_style!r} optimizer")
