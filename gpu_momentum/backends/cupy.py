@@ -19,8 +19,8 @@ from ..kernels.cuda_launch import (check_counters, float8_grid_size, launch_plan
 from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
                                    float8_entry_point, module_options, module_source,
                                    name_expressions)
-from ..kernels.layout import (FLOAT8_VELOCITY, GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED,
-                              READ_COUNTERS)
+from ..kernels.layout import (FLOAT8_VELOCITY, GROUP_COLUMNS, GROUP_SLOTS,
+                              LAST_STEP_SKIPPED, READ_COUNTERS)
 from ..precision import BITS_DTYPE, as_bits, storage_dtype
 from .contract import PreparedStep
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
