@@ -3,9 +3,11 @@
 from .backends import BackendUnavailableError, available_backends
 from .checkpoint import CheckpointError
 from .flat import FlatParams
+from .float8_velocity import Float8Velocity
 from .functional import momentum_step
 from .optimizer import MomentumSGD
 
 __version__ = "0.1.0"
-__all__ = ["momentum_step", "MomentumSGD", "FlatParams", "available_backends",
+__all__ = ["momentum_step", "MomentumSGD", "FlatParams", "Float8Velocity",
+           "available_backends",
            "BackendUnavailableError", "CheckpointError", "__version__"]

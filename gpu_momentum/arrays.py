@@ -11,8 +11,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .kernels.layout import FLOAT8_VELOCITY
 from .precision import (PARAM_DTYPE_NAMES, PRECISION_BUFFER_NAMES, compute_dtype,
-                        precision_buffer_dtype, velocity_dtypes)
+                        float8_precisions, float8_state_shapes, precision_buffer_dtype,
+                        velocity_dtypes)
 
 __all__ = ["ArrayInfo", "array_state", "check_param", "check_param_dtype", "check_plain",
            "check_update", "compute_dtype", "describe", "overlaps", "type_name"]
@@ -139,14 +141,19 @@ def check_param(info, supported_dtypes, backend_name):
 
 
 def check_update(param, grad, velocity, supported_dtypes, backend_name,
-                 element_aligned=False, precision="nearest", precision_buffer=None):
+                 element_aligned=False, precision="nearest", precision_buffer=None,
+                 float8_velocity=None):
     """Validates the ArrayInfos of one update against each other; element_aligned: each
     array must start on a multiple of its element size (a GPU faults otherwise).
     velocity None checks param and grad alone: the whole gradient of a sharded step, whose
     velocity covers a shard (gpu_momentum.distributed). `precision_buffer`: the ArrayInfo
     of `precision`'s extra buffer (kahan: the compensation, of param's dtype; master: the
-    float32 master copy), None for the other modes."""
+    float32 master copy), None for the other modes. float8_velocity: instead of velocity,
+    the ArrayInfos (codes, scales) of an FP8 velocity (gpu_momentum.float8_velocity)."""
     check_param(param, supported_dtypes, backend_name)
+    if float8_velocity is not None:
+        _check_float8(param, *float8_velocity, precision)
+        velocity = float8_velocity[0]  # where a velocity is, for the checks below
     arrays = [param, grad] if velocity is None else [param, grad, velocity]
     buffer_dtype = precision_buffer_dtype(param.dtype, precision)
     if buffer_dtype is not None and precision_buffer is None and velocity is not None:
@@ -168,17 +175,20 @@ def check_update(param, grad, velocity, supported_dtypes, backend_name,
     if grad.dtype != param.dtype:
         raise TypeError(f"grad has dtype {grad.dtype} but param has dtype {param.dtype}; "
                         f"they must match")
-    if velocity is not None:
+    if velocity is not None and float8_velocity is None:
         allowed = velocity_dtypes(param.dtype)
         if velocity.dtype not in allowed:
             names = " or ".join(str(d) for d in allowed)
             raise TypeError(f"velocity has dtype {velocity.dtype}; parameters of dtype "
                             f"{param.dtype} need a {names} velocity")
     for other in arrays[1:]:
-        if other.shape != param.shape:
+        if other.shape != param.shape and (float8_velocity is None
+                                           or other is not float8_velocity[0]):
             raise ValueError(f"{other.name} has shape {other.shape} but param has shape "
                              f"{param.shape}; they must match")
         _check_layout(other)
+    if float8_velocity is not None:
+        arrays.insert(3, float8_velocity[1])
     for written in arrays[2:]:
         if written.readonly:
             raise ValueError(f"{written.name} is read-only; the update writes it in place")
@@ -194,6 +204,31 @@ def check_update(param, grad, velocity, supported_dtypes, backend_name,
                     f"{info.name} starts at address {info.address:#x}, which is not a "
                     f"multiple of its {info.dtype.itemsize}-byte element size; the CUDA "
                     f"kernels need element-aligned arrays (make an aligned copy)")
+
+
+def param_size(info):
+    """The number of elements of an ArrayInfo."""
+    return int(np.prod(info.shape, dtype=np.int64))
+
+
+def _check_float8(param, codes, scales, precision):
+    """An FP8 velocity's arrays (codes uint8[n], scales float32[ceil(n / FLOAT8_BLOCK)],
+    contiguous) and whether param's dtype and `precision` have FP8 kernels."""
+    allowed = float8_precisions(param.dtype)
+    if not allowed:
+        raise TypeError(f"{param.dtype} parameters cannot have a {FLOAT8_VELOCITY} "
+                        f"velocity (it is for float32, bfloat16 and float16 parameters)")
+    if precision not in allowed:
+        raise ValueError(f"precision {precision!r} has no {FLOAT8_VELOCITY} kernel for "
+                         f"{param.dtype} parameters (they have {allowed})")
+    codes_shape, scales_shape = float8_state_shapes(param_size(param))
+    for info, dtype, shape in ((codes, np.uint8, codes_shape),
+                               (scales, np.float32, scales_shape)):
+        if info.dtype != dtype or tuple(info.shape) != shape:
+            raise TypeError(f"{info.name} is {info.dtype}{list(info.shape)}; a "
+                            f"{FLOAT8_VELOCITY} velocity over {param_size(param)} elements "
+                            f"needs {np.dtype(dtype)}{list(shape)}")
+        _check_layout(info)
 
 
 def _check_layout(info):

@@ -11,6 +11,8 @@ from .arrays import compute_dtype, describe, type_name
 from .backends import check_arrays, device_table, select_backend
 from .groups import update_table
 from .hyperparams import Hyperparameters, flag, inverse_grad_scale
+from .float8_velocity import is_float8_velocity
+from .kernels.layout import FLOAT8_VELOCITY
 from .precision import (PRECISION_BUFFER_NAMES, Precision, check_key_integer,
                         check_precision_name, check_seed)
 
@@ -66,7 +68,11 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     (a float32 copy of the parameters) and writes its rounding to param.
 
     Arrays are contiguous, of one shape, with grad of param's dtype and a velocity of
-    param's dtype (float32 or param's dtype for 16-bit params). backend=None picks the
+    param's dtype (float32 or param's dtype for 16-bit params); or, for float32 and
+    16-bit params, an FP8 velocity: a gpu_momentum.Float8Velocity(codes, scales) (uint8
+    E4M3 codes of param's size and one float32 scale per FLOAT8_BLOCK = 256 elements,
+    zeros at first; reference.float8_velocity_step), with which float32 params have
+    precision "stochastic" too (rounding the codes). backend=None picks the
     best backend for the arrays' type. Every argument is checked before anything is
     written, hyperparameters also against the compute dtype (float32 for 16-bit and
     float32 params, float64 for float64: see Hyperparameters.check_dtype and
@@ -89,7 +95,8 @@ def momentum_step(param, grad, velocity, *, lr, momentum=0.9, dampening=0.0,
     buffer = _precision_buffer(precision, compensation, master)
     info = describe("param", param)
     backend = select_backend(backend, param)
-    Precision(info.dtype, precision, seed=seed)
+    Precision(info.dtype, precision,
+              FLOAT8_VELOCITY if is_float8_velocity(velocity) else None, seed=seed)
     check_arrays(backend, param, grad, velocity, precision, buffer)
     hyper.check_dtype(info.dtype)
     device_scale = None

@@ -36,6 +36,7 @@ import numpy as np
 from .arrays import array_state, check_param, compute_dtype, describe, overlaps
 from .backends import check_arrays, device_table, select_backend
 from .flat import FlatParams
+from .float8_velocity import is_float8_velocity, zeros_float8_velocity
 from .functional import (FLOAT_KINDS, NUMBER_KINDS, STATELESS_TABLES_KEPT, is_array,
                          momentum_step, scalar_array)
 from .groups import GROUP_FIELDS, resolve_groups, row_terms, table_terms, update_table
@@ -46,6 +47,7 @@ from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, LR,
 from .optimizer_state import COUNT_LIMIT, count, like, read_header, state_dict_keys
 from .param_groups import ParamGroup, ParamGroups
 from .precision import Precision
+from .reference import dequantize_velocity
 from .state_format import STATE_VERSION
 
 __all__ = ["MomentumSGD", "momentum_step", "ParamGroup", "ParamGroups", "STATE_VERSION",
@@ -56,6 +58,13 @@ _NOTHING = object()  # no grad_scale checked yet
 
 def _size(array):
     return math.prod(describe("array", array).shape)
+
+
+def _velocity_state(velocity):
+    """array_state of the velocity, or of both arrays of a Float8Velocity."""
+    if is_float8_velocity(velocity):
+        return tuple(array_state(array) for array in velocity)
+    return array_state(velocity)
 
 
 class _FlatUpdate:
@@ -74,7 +83,9 @@ class _FlatUpdate:
         info = describe("params", param)
         self._on_device = info.on_device
         self._compute_dtype = compute_dtype(info.dtype)
-        self.velocity = backend.zeros(info.shape, precision.velocity_dtype)
+        self.velocity = (zeros_float8_velocity(backend, math.prod(info.shape))
+                         if precision.float8 else
+                         backend.zeros(info.shape, precision.velocity_dtype))
         self._precision_buffer = self._new_precision_buffer()
         self._counters = self._new_counters(0, [False] * len(self._hypers), 0)
         self._table = None  # the update table in the backend's memory
@@ -151,6 +162,28 @@ class _FlatUpdate:
                     doc="The seed of stochastic rounding's random bits.")
     velocity_dtype = property(lambda self: self._precision.velocity_dtype,
                               doc="The velocity's dtype.")
+
+    @property
+    def velocity_codes(self):
+        """An FP8 velocity's E4M3 codes (uint8, one per element of the flat buffer, in
+        the backend's memory; `velocity.codes`); None for another velocity."""
+        return self.velocity.codes if self._precision.float8 else None
+
+    @property
+    def velocity_scales(self):
+        """An FP8 velocity's float32 scales, one per FLOAT8_BLOCK elements of the flat
+        buffer (`velocity.scales`); None for another velocity."""
+        return self.velocity.scales if self._precision.float8 else None
+
+    def dequantized_velocity(self):
+        """The velocity as a new float32 array of the parameters' shape in host memory
+        (NumPy): an FP8 one decoded (e4m3 value of each code times its block's scale, as
+        reference.dequantize_velocity), any other one widened."""
+        shape = describe("params", self.param).shape
+        if not self._precision.float8:
+            return self._backend.to_numpy(self.velocity).astype(np.float32).reshape(shape)
+        codes, scales = (self._backend.to_numpy(a) for a in self.velocity)
+        return dequantize_velocity(codes, scales).reshape(shape)
     compensation = property(
         lambda self: self._precision_buffer if self.precision == "kahan" else None,
         doc="precision='kahan': each parameter's rounding error, in the parameter "
@@ -246,7 +279,7 @@ class _FlatUpdate:
         if (self._table_stale or self._prepared_with is None or grad is not self._grad
                 or self.velocity is not self._velocity
                 or self._array_states != (array_state(self.param), array_state(grad),
-                                          array_state(self.velocity))):
+                                          _velocity_state(self.velocity))):
             self._prepare_step(grad)
         if self._counted_on_device:
             self._prepared_step(grad, inv_grad_scale, agree, grad_scale, found_inf)
@@ -275,7 +308,8 @@ class _FlatUpdate:
         check_arrays(self._backend, param, grad, velocity, self.precision,
                      self._precision_buffer)
         self.prepare()
-        self._array_states = (array_state(param), array_state(grad), array_state(velocity))
+        self._array_states = (array_state(param), array_state(grad),
+                              _velocity_state(velocity))
         self._grad, self._velocity = grad, velocity
 
     def prepare(self):
@@ -368,6 +402,18 @@ class MomentumSGD(_FlatUpdate):
     halves the optimizer state (10 bytes per element with "nearest") but rounds the
     velocity every step as the parameters are rounded: lossy. float32 and float64
     parameters have "nearest" only. `seed`: an integer in [0, 2**64).
+
+    velocity_dtype="float8_e4m3fn" (or ml_dtypes.float8_e4m3fn), for float32 and 16-bit
+    parameters: an 8-bit velocity, E4M3 codes with one float32 scale per 256 elements of
+    the flat buffer (1 + 4/256 bytes per element; a step moves 14 bytes per float32
+    element, 8 per bfloat16 one with "nearest"), requantized in the same pass. `velocity`
+    is then a Float8Velocity: `velocity.codes` (uint8, one per element) and
+    `velocity.scales` (float32, one per block), also `velocity_codes` and
+    `velocity_scales`; `dequantized_velocity()` decodes it. float32 parameters have
+    "stochastic" with it too, which rounds the codes stochastically; 16-bit ones every
+    mode. float64 parameters refuse it; its state cannot be saved or loaded yet
+    (state_dict, load_state_dict, save and load raise ValueError). See
+    docs/precision.md.
     """
 
     _window = None  # the interface for subclasses: see the module docstring
@@ -506,7 +552,9 @@ class MomentumSGD(_FlatUpdate):
         groups (each with "params" as given and every option), step count, whether each
         group's velocity is initialized (the optimizer's own first, then one per group), a
         velocity copy and, with precision "kahan" or "master", a copy of the compensation
-        or master buffer under that name."""
+        or master buffer under that name. An FP8 velocity has no state dict yet: a
+        ValueError says so."""
+        self._refuse_float8_state("state_dict()")
         counters = self._host_counters()
         state = {"format": STATE_VERSION, **self._hypers[0].as_dict(),
                  "precision": self.precision, "velocity_dtype": self.velocity_dtype.name,
@@ -530,9 +578,18 @@ class MomentumSGD(_FlatUpdate):
         params) is writable and fits."""
         self._checked_state(state, params)()
 
+    def _refuse_float8_state(self, what):
+        """ValueError for saving or loading the state of an FP8 velocity, which the state
+        format does not hold yet (nothing is changed)."""
+        if self._precision.float8:
+            raise ValueError(f"Invalid velocity_dtype value: 'float8_e4m3fn' ({what} does "
+                             f"not save or load an FP8 velocity yet; its codes and scales "
+                             f"are opt.velocity_codes and opt.velocity_scales)")
+
     def _checked_state(self, state, params=None):
         """Validates `state` and `params` as load_state_dict does and returns a function
         without arguments that restores them, which cannot fail."""
+        self._refuse_float8_state("load_state_dict()")
         header = read_header(state, self.precision, self.velocity_dtype, self.style)
         seed, defaults = header.seed, header.defaults
         plan = self._resolve(state["groups"], defaults)
@@ -586,11 +643,13 @@ class MomentumSGD(_FlatUpdate):
     def save(self, path):
         """Writes a checkpoint atomically (see `gpu_momentum.checkpoint`)."""
         from .checkpoint import save_checkpoint
+        self._refuse_float8_state("save()")
         save_checkpoint(self, path)
 
     def load(self, path):
         """Restores params and state from `save(path)`, all or nothing."""
         from .checkpoint import load_checkpoint
+        self._refuse_float8_state("load()")
         load_checkpoint(self, path)
 
     state_dict_keys = staticmethod(state_dict_keys)

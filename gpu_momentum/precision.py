@@ -159,12 +159,29 @@ def check_seed(seed):
     return check_key_integer("seed", seed, 64)
 
 
+def _velocity_dtype(value, param, allowed):
+    """velocity_dtype's `value` as a dtype: a name NumPy and ml_dtypes do not know is a
+    ValueError naming it and the dtypes `param` parameters can have."""
+    try:
+        return named_dtype("velocity_dtype", value)
+    except TypeError:
+        if not isinstance(value, str):
+            raise
+        names = [d.name for d in allowed]
+        if float8_precisions(param):
+            names.append(FLOAT8_VELOCITY)
+        raise ValueError(f"Invalid velocity_dtype value: {value!r} (not a dtype; {param} "
+                         f"parameters can have {names})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Precision:
     """How parameters of `param_dtype` are updated; invalid combinations cannot exist.
 
     velocity_dtype None means the default (float32 for 16-bit parameters, else the param
-    dtype)."""
+    dtype); float8_e4m3fn (ml_dtypes') is the FP8 velocity of float32 and 16-bit
+    parameters, with which float32 parameters have "stochastic" too (rounding the codes
+    alone)."""
 
     param_dtype: np.dtype
     precision: str = "nearest"
@@ -176,20 +193,36 @@ class Precision:
         param = np.dtype(self.param_dtype)
         set_("param_dtype", param)
         check_precision_name(self.precision)
-        if self.precision != "nearest" and not is_16_bit(param):
+        allowed = velocity_dtypes(param)
+        velocity = (allowed[0] if self.velocity_dtype is None else
+                    _velocity_dtype(self.velocity_dtype, param, allowed))
+        if is_float8(velocity):
+            modes = float8_precisions(param)
+            if not modes:
+                raise ValueError(f"Invalid velocity_dtype value: {velocity.name!r} ({param} "
+                                 f"parameters cannot have an FP8 velocity; float32, "
+                                 f"bfloat16 and float16 parameters can)")
+            if self.precision not in modes:
+                raise ValueError(f"Invalid precision value: {self.precision!r} ({param} "
+                                 f"parameters with a {velocity.name} velocity have "
+                                 f"{modes})")
+            allowed = (velocity,)
+        elif self.precision != "nearest" and not is_16_bit(param):
             raise ValueError(f"Invalid precision value: {self.precision!r} ({param} "
                              f"parameters are computed in their own precision: only "
                              f"'nearest' applies to them; the other modes are for "
                              f"bfloat16 and float16 parameters)")
-        allowed = velocity_dtypes(param)
-        velocity = (allowed[0] if self.velocity_dtype is None else
-                    named_dtype("velocity_dtype", self.velocity_dtype))
         if velocity not in allowed:
             names = " or ".join(repr(d.name) for d in allowed)
             raise ValueError(f"Invalid velocity_dtype value: {velocity.name!r} ({param} "
                              f"parameters keep a {names} velocity)")
         set_("velocity_dtype", velocity)
         set_("seed", check_seed(self.seed))
+
+    @property
+    def float8(self):
+        """Whether the velocity is an FP8 one (codes and block scales)."""
+        return is_float8(self.velocity_dtype)
 
     @property
     def buffer_dtype(self):

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..arrays import check_update, compute_dtype, describe, type_name
 from ..groups import ARRAY_FIELDS, GROUP_FIELDS, UpdateTable, check_table
+from ..float8_velocity import is_float8_velocity
 from ..precision import PRECISION_BUFFER_NAMES, as_bits
 
 
@@ -152,6 +153,11 @@ class Backend(Protocol):
         master copy; else None). The random bits of "stochastic" are keyed by `seed` (an
         int in [0, 2**64)) and the count of steps taken before this one: counters[
         STEP_COUNT], read by the kernels, when there are counters, else `step_count`.
+
+        velocity a gpu_momentum.float8_velocity.Float8Velocity (float32 and 16-bit
+        parameters): the FP8 kernels run, rewriting its codes and block scales in place
+        (reference.float8_velocity_step; float32 parameters have "nearest" and
+        "stochastic", which rounds the codes).
         """
 
 
@@ -179,17 +185,26 @@ def refuse_found_inf_without_counters(found_inf):
 def check_arrays(backend, param, grad, velocity, precision="nearest",
                  precision_buffer=None):
     """Every check of one update's arrays for `backend`; raises before anything is
-    written. velocity None: param and grad alone (a sharded step's whole gradient).
-    precision_buffer: see Backend.step, described by the name the user knows it by."""
+    written. velocity None: param and grad alone (a sharded step's whole gradient); a
+    Float8Velocity: its codes and scales. precision_buffer: see Backend.step, described
+    by the name the user knows it by."""
     buffer = None
     if precision_buffer is not None:
         buffer = describe(PRECISION_BUFFER_NAMES.get(precision, "precision_buffer"),
                           precision_buffer)
+    float8 = is_float8_velocity(velocity)
+    owned = [("grad", grad), (PRECISION_BUFFER_NAMES.get(precision), precision_buffer)]
+    if float8:
+        owned += [("velocity codes", velocity.codes), ("velocity scales", velocity.scales)]
+    else:
+        owned.append(("velocity", velocity))
     check_update(describe("param", param), describe("grad", grad),
-                 None if velocity is None else describe("velocity", velocity),
-                 backend.dtypes, backend.name, backend.element_aligned, precision, buffer)
-    for name, array in (("grad", grad), ("velocity", velocity),
-                        (PRECISION_BUFFER_NAMES.get(precision), precision_buffer)):
+                 None if velocity is None or float8 else describe("velocity", velocity),
+                 backend.dtypes, backend.name, backend.element_aligned, precision, buffer,
+                 float8_velocity=(describe("velocity codes", velocity.codes),
+                                  describe("velocity scales", velocity.scales))
+                 if float8 else None)
+    for name, array in owned:
         if array is not None and not backend.owns(array):
             raise TypeError(f"{name} is a {type_name(array)}, which backend "
                             f"{backend.name!r} cannot read; pass arrays of param's kind "

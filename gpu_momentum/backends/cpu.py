@@ -6,6 +6,7 @@ import contextlib
 import numpy as np
 
 from ..kernels.elementwise import storage_format
+from ..float8_velocity import is_float8_velocity
 from ..kernels.layout import LAST_STEP_SKIPPED, PRECISIONS, READ_COUNTERS
 from .contract import PreparedStep, bits_view
 from .runner import StepKernels, StepRunner
@@ -64,8 +65,11 @@ class CpuBackend(PreparedStep):
 
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):
-        return StepRunner(_CpuKernels(param, velocity, table, counters, check_nonfinite,
-                                      precision, precision_buffer, seed), param.size,
+        """velocity: an array, or a Float8Velocity (the FP8 kernels of
+        kernels/cpu_float8.py then run)."""
+        kind = _CpuFloat8Kernels if is_float8_velocity(velocity) else _CpuKernels
+        return StepRunner(kind(param, velocity, table, counters, check_nonfinite,
+                               precision, precision_buffer, seed), param.size,
                           check_nonfinite)
 
 
@@ -79,13 +83,9 @@ class _CpuKernels(StepKernels):
 
     def __init__(self, param, velocity, table, counters, check_nonfinite, precision,
                  precision_buffer, seed):
-        from ..kernels.cpu import kernels_for, pieces_needed
-
-        formats = storage_format(param.dtype), storage_format(velocity.dtype)
-        self.param, self.velocity = _bits(param), _bits(velocity)
-        self.update, self.find_nonfinite, self.update_unless_skipped = kernels_for(
-            self.param.size, *formats, PRECISIONS[precision.upper()],
-            pieces_needed(table.scalars))
+        self.param = _bits(param)
+        self.update, self.find_nonfinite, self.update_unless_skipped = self._kernels(
+            param, velocity, table, PRECISIONS[precision.upper()])
         self.buffer = NO_BUFFER if precision_buffer is None else _bits(precision_buffer)
         self.table = table.arrays()
         self.scalar = table.scalars.dtype.type
@@ -96,6 +96,16 @@ class _CpuKernels(StepKernels):
         self.launch_flags, self.seed = np.uint32(launch_flags), np.uint64(seed)
         self.check_nonfinite = check_nonfinite
         self.current = None  # a counted step's kernel arguments, set by "clear"
+
+    def _kernels(self, param, velocity, table, precision):
+        """The kernels' (step, find_nonfinite, update_unless_skipped); sets the velocity
+        arguments (self.velocity: the arrays between grad and the precision buffer)."""
+        from ..kernels.cpu import kernels_for, pieces_needed
+
+        self.velocity = (_bits(velocity),)
+        formats = storage_format(param.dtype), storage_format(velocity.dtype)
+        return kernels_for(self.param.size, *formats, precision,
+                           pieces_needed(table.scalars))
 
     def kernel_grad(self, grad):
         return _bits(grad)
@@ -115,7 +125,7 @@ class _CpuKernels(StepKernels):
 
     def _arguments(self, step):
         inv = step.inv_grad_scale if step.grad_scale is None else step.grad_scale
-        return (self.param, step.grad, self.velocity, self.buffer, *self.table, inv,
+        return (self.param, step.grad, *self.velocity, self.buffer, *self.table, inv,
                 self.launch_flags)
 
     def _update(self, step):
@@ -124,9 +134,7 @@ class _CpuKernels(StepKernels):
     def _clear(self, step):
         """LAST_STEP_SKIPPED set from found_inf, else from the gradient's values (or 0
         for a step that does not look for non-finite values)."""
-        inv = step.inv_grad_scale if step.grad_scale is None else step.grad_scale
-        arguments = self.current = (self.param, step.grad, self.velocity, self.buffer,
-                                    *self.table, inv, self.launch_flags)
+        arguments = self.current = self._arguments(step)
         if step.found_inf is not None and step.found_inf[()] != 0:
             self.counters[LAST_STEP_SKIPPED] = 1
         elif self.check_nonfinite:
@@ -136,6 +144,18 @@ class _CpuKernels(StepKernels):
 
     def _finish(self, step):
         self.update_unless_skipped(*self.current, self.counters, self.seed, NO_STEP_COUNT)
+
+
+class _CpuFloat8Kernels(_CpuKernels):
+    """The CPU's launches with an FP8 velocity: kernels/cpu_float8.py's loops, which take
+    the codes and scales where the others take the velocity."""
+
+    def _kernels(self, param, velocity, table, precision):
+        from ..kernels.cpu_float8 import float8_kernels_for
+
+        self.velocity = (np.asarray(velocity.codes).reshape(-1),
+                         np.asarray(velocity.scales).reshape(-1))
+        return float8_kernels_for(self.param.size, storage_format(param.dtype), precision)
 
 
 def _reciprocal(scale):

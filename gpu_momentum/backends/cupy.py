@@ -13,10 +13,14 @@ import functools
 import numpy as np
 
 from ..arrays import describe
-from ..kernels.cuda_launch import check_counters, launch_plan, step_launches
+from ..float8_velocity import is_float8_velocity
+from ..kernels.cuda_launch import (check_counters, float8_grid_size, launch_plan,
+                                   step_launches)
 from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
-                                   module_options, module_source, name_expressions)
-from ..kernels.layout import GROUP_COLUMNS, GROUP_SLOTS, LAST_STEP_SKIPPED, READ_COUNTERS
+                                   float8_entry_point, module_options, module_source,
+                                   name_expressions)
+from ..kernels.layout import (FLOAT8_VELOCITY, GROUP_COLUMNS, GROUP_SLOTS,
+                              LAST_STEP_SKIPPED, READ_COUNTERS)
 from ..precision import BITS_DTYPE, as_bits, storage_dtype
 from .contract import PreparedStep
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
@@ -128,12 +132,18 @@ class _CupyKernels(StepKernels):
                  precision_buffer, seed):
         import cupy
 
-        named = {"param": param, "velocity": velocity}
+        float8 = is_float8_velocity(velocity)
+        named = ({"param": param, "velocity codes": velocity.codes,
+                  "velocity scales": velocity.scales} if float8 else
+                 {"param": param, "velocity": velocity})
         if precision_buffer is not None:
             named["precision_buffer"] = precision_buffer
         infos = {name: describe(name, array) for name, array in named.items()}
         arrays = {name: _kernel_array(array, infos[name]) for name, array in named.items()}
-        param, velocity = arrays["param"], arrays["velocity"]
+        param = arrays["param"]
+        # The arrays the update takes between grad and the precision buffer.
+        velocity = ((arrays["velocity codes"], arrays["velocity scales"]) if float8 else
+                    (arrays["velocity"],))
         named = [*arrays.items(),
                  *((f"table.{name}", array) for name, array in
                    zip(("scalars", "group_flags", "range_ends", "range_groups"),
@@ -143,10 +153,15 @@ class _CupyKernels(StepKernels):
             named.append(("counters", counters))
         self.device = device = _on_current_device(named)
         self.named = named
-        entry = entry_point(infos["param"].dtype, infos["velocity"].dtype, precision)
+        entry = (float8_entry_point(infos["param"].dtype, precision) if float8 else
+                 entry_point(infos["param"].dtype, infos["velocity"].dtype, precision))
         self.update, self.check, self.finish, max_blocks = _kernels(device, entry)
         self.plan = plan = launch_plan(infos["param"].dtype, param.size, table, 1.0,
                                        max_blocks, counters is not None, seed)
+        # The FP8 update runs a warp per block of the buffer; the other launches keep
+        # the plan's grid.
+        self.update_grid = ((float8_grid_size(param.size, max_blocks),) if float8 else
+                            (plan.grid,))
         self.buffer = arrays.get("precision_buffer", null_array(backend, device, BITS_DTYPE))
         self.scalar = type(plan.inv_grad_scale)
         self.grid, self.block = (plan.grid,), (plan.block,)
@@ -200,8 +215,8 @@ class _CupyKernels(StepKernels):
             "find_nonfinite": lambda step: self.check(grid, block, (
                 step.grad, plan.n, table.range_ends, table.range_groups,
                 plan.range_count, step.inv_grad_scale, step.grad_scale, counters)),
-            "update": lambda step: self.update(grid, block, (
-                self.param, step.grad, self.velocity, self.buffer, *self.update_tail,
+            "update": lambda step: self.update(self.update_grid, block, (
+                self.param, step.grad, *self.velocity, self.buffer, *self.update_tail,
                 step.inv_grad_scale, step.grad_scale, plan.launch_flags,
                 self.update_counters, plan.seed, step.step_count)),
             "finish": lambda step: self.finish((1,), finish_block, self.finish_args),
@@ -269,12 +284,14 @@ def _launch_each(update, check, finish, entry):
 
     compute = entry.compute_dtype
     param = cupy.zeros(0, storage_dtype(entry.param_dtype))
-    velocity = cupy.zeros(0, storage_dtype(entry.velocity_dtype))
+    velocity = ((cupy.zeros(0, np.uint8), cupy.zeros(0, np.float32))
+                if entry.velocity_dtype == FLOAT8_VELOCITY else
+                (cupy.zeros(0, storage_dtype(entry.velocity_dtype)),))
     table = (cupy.zeros((1, GROUP_COLUMNS), compute), cupy.zeros(1, np.uint32),
              cupy.zeros(1, np.int64), cupy.zeros(1, np.int32))
     counters = cupy.zeros(GROUP_SLOTS + 1, np.int64)
     one, scale = compute.type(1), cupy.ones(1, compute)
-    update((1,), (BLOCK_SIZE,), (param, param, velocity, param, np.int64(0), *table,
+    update((1,), (BLOCK_SIZE,), (param, param, *velocity, param, np.int64(0), *table,
                                  np.int32(1), one, scale, np.uint32(READ_COUNTERS),
                                  counters, np.uint64(0), np.int64(0)))
     check((1,), (BLOCK_SIZE,), (param, np.int64(0), table[2], table[3], np.int32(1), one,

@@ -14,6 +14,7 @@ import importlib.util
 import numpy as np
 
 from ..arrays import describe
+from ..float8_velocity import is_float8_velocity
 from ..kernels.elementwise import storage_format
 from ..kernels.layout import GROUP_SLOTS, PRECISIONS, READ_COUNTERS
 from ..precision import as_bits
@@ -179,10 +180,14 @@ class _NumbaKernels(StepKernels):
                  precision_buffer, seed):
         from ..kernels import numba_cuda as kernels
 
-        formats = tuple(storage_format(describe(name, array).dtype) for name, array in
-                        (("param", param), ("velocity", velocity)))
-        param, velocity = self.param, self.velocity = (_kernel_view(param),
-                                                        _kernel_view(velocity))
+        float8 = is_float8_velocity(velocity)
+        param_format = storage_format(describe("param", param).dtype)
+        formats = (param_format,) if float8 else (
+            param_format, storage_format(describe("velocity", velocity).dtype))
+        param = self.param = _kernel_view(param)
+        # The arrays the update takes between grad and the precision buffer.
+        velocity = self.velocity = (tuple(_stream_view(a) for a in velocity) if float8
+                                    else (_kernel_view(velocity),))
         device = _current_device()
         self.buffer = (null_array(backend, device, np.float32) if precision_buffer is None
                        else _kernel_view(precision_buffer))
@@ -195,7 +200,8 @@ class _NumbaKernels(StepKernels):
             self.counters = self.update_counters = _stream_view(counters)
             launch_flags |= READ_COUNTERS
         kind = (*formats, PRECISIONS[precision.upper()])
-        self.update = kernels.update_kernel(*kind)[blocks, threads, stream]
+        update_blocks, update_threads = _update_config(kind, param.size)
+        self.update = _update_kernel(kind)[update_blocks, update_threads, stream]
         self.find_nonfinite = kernels.check_kernel(formats[0])[blocks, threads, stream]
         self.clear = kernels.clear_skip_kernel[1, 1, stream]
         self.finish = kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream]
@@ -240,7 +246,7 @@ class _NumbaKernels(StepKernels):
                 step.grad, table.range_ends, table.range_groups, step.inv_grad_scale,
                 step.grad_scale, counters),
             "update": lambda step: update(
-                self.param, step.grad, self.velocity, self.buffer, *self.table_arrays,
+                self.param, step.grad, *self.velocity, self.buffer, *self.table_arrays,
                 step.inv_grad_scale, step.grad_scale, self.launch_flags, counters,
                 self.seed, step.step_count),
             "finish": lambda step: finish(counters, table.group_flags),
@@ -256,7 +262,8 @@ def _launch_each(backend, param, velocity, buffer, table, stream, kind, compute)
     from ..kernels import numba_cuda as kernels
 
     device = _current_device()
-    p, v, b = param[:0], velocity[:0], buffer[:0]
+    p, b = param[:0], buffer[:0]
+    v = tuple(a[:0] for a in velocity)
     counters = cuda.to_device(np.zeros(GROUP_SLOTS + table.group_count, np.int64),
                               stream=stream)
     one, no_scale = compute.type(1), null_array(backend, device, compute)
@@ -264,11 +271,36 @@ def _launch_each(backend, param, velocity, buffer, table, stream, kind, compute)
                                             null_array(backend, device, np.float32))
     kernels.check_kernel(kind[0])[1, 32, stream](p, table.range_ends, table.range_groups,
                                                  one, no_scale, counters)
-    kernels.update_kernel(*kind)[1, 32, stream](
-        p, p, v, b, *table.arrays(), one, no_scale,
+    _update_kernel(kind)[1, _update_config(kind, 0)[1], stream](
+        p, p, *v, b, *table.arrays(), one, no_scale,
         np.uint32(table.launch_flags | READ_COUNTERS), counters, np.uint64(0), np.int64(0))
     kernels.finish_step_kernel[1, kernels.FINISH_THREADS, stream](counters,
                                                                   table.group_flags)
+
+
+def _update_kernel(kind):
+    """The update kernel of `kind`: (param format, velocity format, precision), or (param
+    format, precision) for an FP8 velocity."""
+    if len(kind) == 2:
+        from ..kernels.numba_cuda_fp8 import float8_update_kernel
+
+        return float8_update_kernel(*kind)
+    from ..kernels.numba_cuda import update_kernel
+
+    return update_kernel(*kind)
+
+
+def _update_config(kind, size):
+    """(blocks, threads) of the update kernel of `kind` over `size` elements: the FP8
+    kernel takes whole warps per block of the buffer, up to as many thread blocks as the
+    others launch at most (launch_config of an unbounded size)."""
+    from ..kernels import numba_cuda as kernels
+
+    if len(kind) == 2:
+        from ..kernels.numba_cuda_fp8 import float8_launch_config
+
+        return float8_launch_config(size, kernels.launch_config(1 << 62)[0])
+    return kernels.launch_config(size)
 
 
 def _current_device():

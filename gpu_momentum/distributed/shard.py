@@ -76,11 +76,12 @@ def check_sharded_precision(local):
     """ValueError for the 16-bit settings sharding does not carry: stochastic rounding
     keys its random bits by an element's index in the buffer a kernel sees (a shard's
     would differ from one process's), the compensation and master buffers and a 16-bit
-    velocity are not gathered into checkpoints, and MPI has no bfloat16 sum."""
+    velocity are not gathered into checkpoints, and MPI has no bfloat16 sum. An FP8
+    velocity's block scales would not follow a shard's edges."""
     if local.precision != "nearest":
         raise ValueError(f"Invalid precision value: {local.precision!r} "
                          f"(ShardedMomentumSGD updates with precision 'nearest' only)")
-    if local.velocity_dtype.itemsize == 2:
+    if local.velocity_dtype.itemsize < 4:  # 16-bit or FP8
         raise ValueError(f"Invalid velocity_dtype value: {local.velocity_dtype.name!r} "
                          f"(ShardedMomentumSGD keeps a float32 or float64 velocity)")
     if describe("params", local.param).dtype.name == "bfloat16":
