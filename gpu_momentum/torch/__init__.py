@@ -66,13 +66,13 @@ torch.optim.SGD's for-loop reads it).
 
 The package's modules: `optimizer` (SGD: torch.optim.SGD's signature, checks and
 methods), `layout` (which parameters go into which buffer), `buckets` (one buffer: its
-flat tensors, update table, counters and launch), `storage` (whose storage a parameter
-lives in), `foreign` (the bucket of parameters in storage a wrapper owns, updated where
-they live), `grad_views` (the gradient views and
-their hooks), `state` (`opt.state`, counting its edits), `differentiable` (the
-differentiable=True path), `state_dict` (the library's extras in a state dict and their
-checks),
-`tensors` (torch tensors as the backends' arrays). They are the package's own: its API
+flat tensors, counters and launch), `bucket_table` (a bucket's update table, written in
+place), `group_values` (which param groups changed since the last step), `storage`
+(whose storage a parameter lives in), `foreign` (the bucket of parameters in storage a
+wrapper owns, updated where they live), `grad_views` (the gradient views and their
+hooks), `state` (`opt.state`, counting its edits), `differentiable` (the
+differentiable=True path), `state_dict` (pickling and the state dict: the library's
+extras and their checks), `tensors` (torch tensors as the backends' arrays). They are the package's own: its API
 is the names below.
 """
 

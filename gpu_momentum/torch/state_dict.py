@@ -10,7 +10,15 @@ from ..hyperparams import STYLES
 from ..precision import (PRECISION_BUFFER_NAMES, check_precision_name, check_same_precision,
                         check_seed)
 from ..state_format import STATE_KEY, STATE_VERSION, state_version, torch_extras_keys
+from .state import edits_of, plain, tracked
 from .tensors import dense
+
+# What torch.optim.SGD.__setstate__ fills into the param groups of an older checkpoint.
+TORCH_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
+                        "differentiable": False, "fused": False}
+# The library's own per-group options, kept in `defaults` (and so in every group) only
+# when given other values: with the defaults the groups hold exactly torch's keys.
+EXTRA_GROUP_DEFAULTS = {"l1": 0.0, "decoupled_weight_decay": False}
 
 
 def extras_of(style, precision, seed, step_count, skipped_steps):
@@ -91,3 +99,84 @@ def _has_momentum_buffers(state_dict):
     state = state_dict.get("state", {})
     return any(isinstance(entry, dict) and entry.get("momentum_buffer") is not None
                for entry in state.values())
+
+
+class SavedState:
+    """SGD's pickling and state-dict methods (a base class of SGD, before
+    torch.optim.Optimizer): torch's, with the flat buffers settled first, opt.state kept
+    tracked, and the library's extras saved under STATE_KEY and checked on loading."""
+
+    def __getstate__(self):
+        self._settle()
+        return {**super().__getstate__(), "_style": self._style,
+                "_precision": self.precision, "_seed": self.seed,
+                "_backend_choice": self._backend_choice,
+                "_skip_nonfinite": self._skip_nonfinite, "_capturable": self.capturable,
+                "_counts": list(self._counts),
+                "_last_step_skipped": self._last_step_skipped}
+
+    def __setstate__(self, state):
+        """Called by load_state_dict (with the new state and groups) and by unpickling
+        and copy.deepcopy (a copy packs its new parameters at its first step)."""
+        super().__setstate__(state)
+        self.state = tracked(self.state)
+        self._state_seen = edits_of(self.state)
+        for group in self.param_groups:
+            for key, default in TORCH_GROUP_DEFAULTS.items():
+                group.setdefault(key, default)
+            for key in EXTRA_GROUP_DEFAULTS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
+        layout = self.__dict__.get("_layout")
+        if layout is None:
+            self._layout = None
+            self._step_supports_amp_scaling = not self._through_autograd and \
+                self._reads_scaler_values(
+                    p.device for g in self.param_groups for p in g["params"])
+        else:
+            for bucket in layout.buckets:
+                bucket.check_state(self.state)
+            for bucket in layout.buckets:
+                bucket.adopt_state(self.state)
+
+    @torch._disable_dynamo
+    def state_dict(self):
+        """torch.optim.SGD's state dict (`state[i]["momentum_buffer"]` for the parameters
+        that have one, views of the flat velocity, and with precision "kahan" or "master"
+        `state[i]["compensation"]` or `state[i]["master"]` for the 16-bit parameters that
+        took a step; `param_groups` with torch's keys), plus the library's extras under
+        "gpu_momentum" (format 2: style, precision, seed and the step counts), which
+        torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state)."""
+        self._settle()
+        state_dict = super().state_dict()
+        if isinstance(state_dict.get("state"), dict):  # torch's dicts, not opt.state's
+            state_dict["state"] = plain(state_dict["state"])
+        state_dict[STATE_KEY] = extras_of(self._style, self.precision, self.seed,
+                                          *self._counts)
+        return state_dict
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict):
+        """Loads a state dict of this optimizer or of torch.optim.SGD: momentum buffers are
+        copied into the flat velocity (cast to its dtype and device). Checked before
+        anything changes; a rejected state leaves the optimizer as it was."""
+        extras = read_extras(state_dict)
+        check_loadable(state_dict, extras, self._style, self.precision)
+        self._settle()
+        before = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
+        if not self._through_autograd:  # (which keeps torch's casts)
+            restore_uncast(state_dict, self.param_groups, self.state,
+                           self.__dict__.get("_layout") is not None)
+        if extras is not None:
+            self._counts = [extras["step_count"], extras["skipped_steps"]]
+            self._seed = extras.get("seed", 0)
+        self._last_step_skipped = False
+        layout = self.__dict__.get("_layout")
+        for bucket in [] if layout is None else layout.buckets:
+            bucket.count_from(self._counts[0])
+        self._state_seen = edits_of(self.state)

@@ -1,0 +1,129 @@
+"""A bucket's update table (a row per parameter): written whole from the group values,
+the gradients present and the first steps taken, or, when only group values changed, row
+by row in place (a changed hyperparameter is a scalar write)."""
+
+import numpy as np
+
+from ..backends import device_table
+from ..groups import UpdateTable, row_terms, table_terms
+from ..hyperparams import check_row_fits, keeps_velocity, row_flags, table_row
+from ..kernels.layout import CLASSIC, KEEP_VELOCITY, MAXIMIZE, NESTEROV, NO_GROUP, \
+    VELOCITY_INITIALIZED
+from .tensors import NUMPY_DTYPES
+
+CAPTURE_REFUSED = ("gpu_momentum.torch.SGD is being captured into a CUDA graph (step() "
+                    "or zero_grad()), but {}: a replay would not do it. Nothing was "
+                    "changed.")
+
+
+class TableUpkeep:
+    """Bucket's update table (a base class of Bucket, which holds the state it reads:
+    `values` {group: values}, `group_rows`, `groups`, `present`, `velocity_initialized`,
+    the ranges, the host and device tables and the prepared launch's update terms)."""
+
+    def check_values(self, changes):
+        """Raises ValueError, before anything changes, unless this bucket's compute dtype
+        holds the table rows of the changed groups' values ({group: values}, GroupValues)
+        that have parameters here."""
+        for group, values in changes.items():
+            if group in self.group_rows:
+                try:
+                    check_row_fits(*values[:6], NUMPY_DTYPES[self.param_dtype])
+                except ValueError as error:
+                    raise ValueError(f"param_groups[{group}]: {error}") from None
+
+    def write_values(self, changes, style):
+        """The changed groups' values ({group: values}, checked by check_values) written
+        into the update table in place: each group's rows of scalars (and flags, if
+        nesterov or maximize changed) on the host, then the span of rows that changed
+        copied into the backend's table on the step's stream, without waiting; a change
+        of whether a group keeps its velocity (momentum 0 in torch style) rewrites the
+        table instead. No array is made and the prepared launch stays, unless the new
+        rows use a term of the update it was not prepared for (table_terms)."""
+        table = self.host_table
+        low = high = None
+        flags_changed = False
+        for group, values in changes.items():
+            if group not in self.group_rows:
+                continue
+            old, self.values[group] = self.values.get(group), values
+            if table is None or self.table_stale:
+                continue
+            if keeps_velocity(style, old[1]) != keeps_velocity(style, values[1]):
+                self.table_stale = True
+                continue
+            rows, (start, stop) = self.group_rows[group]
+            row = table_row(*values[:6], self.compute_dtype)
+            table.scalars[rows] = row
+            if row_terms(row) not in self._launch_terms:
+                self._launch_made_with = ()  # prepared again at the next launch
+            if values[6:] != old[6:]:
+                bits = row_flags(values[6], values[7], False, False)
+                table.group_flags[rows] = (table.group_flags[rows] & ~np.uint32(
+                    NESTEROV | MAXIMIZE)) | np.uint32(bits)
+                flags_changed = True
+            low = start if low is None else min(low, start)
+            high = stop if high is None else max(high, stop)
+        if low is None or self.table_stale or self.device_table.scalars is table.scalars:
+            return  # nothing to copy (or the table is the host's: the CPU backend's)
+        with self.arrays.context():
+            param = self.arrays.step_arrays()[0]
+            self.backend.upload_into(self.device_table.scalars[low:high],
+                                     table.scalars[low:high], param)
+            if flags_changed:
+                self.backend.upload_into(self.device_table.group_flags[low:high],
+                                         table.group_flags[low:high], param)
+
+    def refresh(self, style, capturing=False):
+        """The update table rewritten in place when the gradients present or the first
+        steps taken changed since it was written, or a change of the group values needs
+        it (refused while a CUDA graph is captured: a replay would not write it)."""
+        if self.table_stale:
+            if capturing:
+                raise RuntimeError(CAPTURE_REFUSED.format(
+                    "the update table must be written (call opt.prepare() after changing "
+                    "a group's values, and take the first steps before capturing)"))
+            with self.arrays.context():
+                self._write_table(style, self.arrays.step_arrays()[0])
+
+    def _write_table(self, style, param_array):
+        """The update table from the group values, the gradients present and the first
+        steps taken; rewritten in place in the backend's memory."""
+        groups = sorted(self.group_rows)
+        position = np.searchsorted(groups, self.groups)
+        values = [self.values[group] for group in groups]
+        rows = np.array([table_row(*v[:6], self.compute_dtype) for v in values],
+                        self.compute_dtype)[position]
+        keeps = np.array([keeps_velocity(style, v[1]) for v in values], bool)
+        flags = np.array([row_flags(v[6], v[7], keep, False)
+                          for v, keep in zip(values, keeps)], np.uint32)[position]
+        self.param_keeps = keeps[position]
+        if self.counters is None:  # else the counters say which velocities exist
+            flags |= np.where(self.velocity_initialized & ~self.param_keeps,
+                              np.uint32(VELOCITY_INITIALIZED), np.uint32(0))
+        present = np.fromiter(self.present, bool, len(self.present))
+        # A row no range reads must not count as initialized after a skipping step.
+        flags |= np.where(present, np.uint32(0), np.uint32(KEEP_VELOCITY))
+        range_groups = np.full(len(self.range_ends), NO_GROUP, np.int32)
+        range_groups[np.asarray(self.param_ranges, np.intp)[present]] = np.flatnonzero(
+            present)
+        table = UpdateTable(rows, flags, self.range_ends, range_groups,
+                            CLASSIC if style == "classic" else 0)
+        if self.device_table is None:
+            self.device_table = device_table(self.backend, table, param_array)
+        else:
+            if not np.array_equal(range_groups, self.host_table.range_groups):
+                self.backend.upload_into(self.device_table.range_groups, range_groups,
+                                         param_array)
+            self.device_table = device_table(self.backend, table, param_array,
+                                             reuse=self.device_table)
+        if self.host_table is None:
+            self.host_table = table
+        else:  # in place: on the CPU the host table's arrays are the table's
+            for name in ("scalars", "group_flags", "range_groups"):
+                getattr(self.host_table, name)[...] = getattr(table, name)
+        self.table_stale = False
+        self.velocities_uninitialized = not (self.velocity_initialized
+                                             | self.param_keeps).all()
+        if not table_terms(rows) <= self._launch_terms:
+            self._launch_made_with = ()  # prepared again at the next launch
