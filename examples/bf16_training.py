@@ -65,10 +65,12 @@ def loss_and_gradients(layers, x, labels):
     return float(loss), [x.T @ back, back.sum(axis=0), hidden.T @ delta, delta.sum(axis=0)]
 
 
-def train(dtype, precision, steps, x, labels):
-    """The loss before each step of one run."""
+def train(dtype, precision, steps, x, labels, velocity_dtype=None):
+    """The loss before each step of one run (velocity_dtype: None for the default)."""
     flat = gm.FlatParams.from_arrays([layer.astype(dtype) for layer in initial_layers()])
     options = {} if precision is None else {"precision": precision}
+    if velocity_dtype is not None:
+        options["velocity_dtype"] = velocity_dtype
     opt = gm.MomentumSGD(flat, lr=LR, momentum=MOMENTUM, seed=7, **options)
     losses = []
     for _ in range(steps):

@@ -20,9 +20,7 @@ import sys
 
 import numpy as np
 
-import gpu_momentum as gm
-from bf16_training import (CLASSES, HIDDEN, INPUTS, LR, MOMENTUM, data, initial_layers,
-                           loss_and_gradients)
+from bf16_training import CLASSES, HIDDEN, INPUTS, LR, MOMENTUM, data, train
 from gpu_momentum.cli import at_least_one
 from gpu_momentum.precision import FLOAT8_BYTES_PER_ELEMENT
 
@@ -33,21 +31,6 @@ RUNS = [("float32 params, float32 velocity", "float32", "nearest", "float32"),
          "float32"),
         ("bfloat16 params (stochastic), FP8 velocity", "bfloat16", "stochastic",
          "float8_e4m3fn")]
-
-
-def train(dtype, precision, velocity_dtype, steps, x, labels):
-    """The loss before each step of one run."""
-    flat = gm.FlatParams.from_arrays([layer.astype(dtype) for layer in initial_layers()])
-    opt = gm.MomentumSGD(flat, lr=LR, momentum=MOMENTUM, precision=precision,
-                         velocity_dtype=velocity_dtype, seed=7)
-    losses = []
-    for _ in range(steps):
-        loss, grads = loss_and_gradients(flat.params, x, labels)
-        losses.append(loss)
-        for view, grad in zip(flat.grads, grads):
-            view[...] = grad.astype(dtype)
-        opt.step()
-    return losses
 
 
 def main(argv=None):
@@ -74,7 +57,8 @@ def main(argv=None):
     dtypes = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
     figure, axis = plt.subplots(figsize=(8, 5))
     for label, dtype, precision, velocity_dtype in RUNS:
-        losses = train(dtypes[dtype], precision, velocity_dtype, args.steps, x, labels)
+        losses = train(dtypes[dtype], precision, args.steps, x, labels,
+                       velocity_dtype=velocity_dtype)
         state = FLOAT8_BYTES_PER_ELEMENT if velocity_dtype != "float32" else 4
         print(f"{label:48s} velocity {state:.3f} B/element, loss after {args.steps} "
               f"steps: {losses[-1]:.4f}")
