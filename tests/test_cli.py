@@ -38,6 +38,7 @@ def assert_one_line_error(done, command_name, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+@pytest.mark.slow  # the demo's own benchmark, in a child process
 def test_demo_prints_the_example_and_a_throughput():
     out = subprocess.run([sys.executable, "-m", "gpu_momentum", "demo", "--steps", "2"],
                          env=library_env(), check=True, capture_output=True,

@@ -30,7 +30,10 @@ ARCHS = ("sm_80", "sm_90")
 REGISTERS_PER_SM = 65536  # sm_80 and sm_90
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+# One architecture in the fast loop: each NVRTC build takes tens of seconds; CI runs both.
+@pytest.fixture(scope="module", params=[
+    pytest.param(arch, marks=[] if arch == ARCHS[-1] else [pytest.mark.slow])
+    for arch in ARCHS])
 def module(request):
     require("cuda.bindings.nvrtc")
     return compile_module(request.param)

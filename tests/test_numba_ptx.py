@@ -15,6 +15,9 @@ import pytest
 from gpu_momentum.kernels.cuda_toolchain import find_tool
 from harness import library_env, missing_tool
 
+# The real numba-cuda compiler and ptxas, run in a child process: tens of seconds.
+pytestmark = pytest.mark.slow
+
 CCS = ((8, 0), (9, 0))
 # (param, velocity, precision): the wide formats, bfloat16 in each precision and with a
 # bfloat16 velocity, float16 once.

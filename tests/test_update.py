@@ -20,8 +20,13 @@ def _assert_close(actual, expected, what, step):
                                err_msg=f"{what} after step {step + 1}")
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("config", CONFIGS)
+# The largest size takes seconds a configuration: the fast loop runs it with the first.
+SIZED_CONFIGS = [pytest.param(config.values[0], size, id=f"{config.id}-{size}",
+                              marks=[pytest.mark.slow] if size == max(SIZES) and i else [])
+                 for i, config in enumerate(CONFIGS) for size in SIZES]
+
+
+@pytest.mark.parametrize("config, size", SIZED_CONFIGS)
 def test_momentum_step_matches_reference(backend, config, size):
     if backend.size_limit(size) is not None:
         pytest.skip(backend.size_limit(size))
@@ -96,7 +101,13 @@ def test_float32_tracks_float64_reference(backend):
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+# A second of the simulator a configuration: the fast loop round-trips the first four.
+ROUND_TRIP_CONFIGS = [pytest.param(config.values[0], id=config.id,
+                                   marks=[] if i < 4 else [pytest.mark.slow])
+                      for i, config in enumerate(CONFIGS)]
+
+
+@pytest.mark.parametrize("config", ROUND_TRIP_CONFIGS)
 def test_state_dict_round_trip_is_bitwise(backend, config):
     param, grads = problem(1023, steps=10)
     first = gm.MomentumSGD(backend.from_numpy(param), backend=backend.name,
