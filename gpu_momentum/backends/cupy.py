@@ -14,8 +14,7 @@ import numpy as np
 
 from ..arrays import describe
 from ..float8_velocity import is_float8_velocity
-from ..kernels.cuda_launch import (check_counters, float8_grid_size, launch_plan,
-                                   step_launches)
+from ..kernels.cuda_launch import check_counters, float8_grid_size, launch_plan
 from ..kernels.cuda_source import (BLOCK_SIZE, FINISH_EXPRESSION, entry_point,
                                    float8_entry_point, module_options, module_source,
                                    name_expressions)
