@@ -614,7 +614,8 @@ class MomentumSGD(_FlatUpdate):
                                                 name, self._precision_buffer)
         if params is not None:
             params = like(backend, "params", params, "params", self.param)
-            written = (list(self.velocity) if self._precision.float8 else [self.velocity])
+            written = (list(self.velocity) if self._precision.float8
+                       else [self.velocity])
             written += [] if buffer is None else [self._precision_buffer]
             if any(overlaps(describe("params", params), describe("written", array))
                    for array in written):
@@ -660,7 +661,8 @@ class MomentumSGD(_FlatUpdate):
                          in zip(("velocity_codes", "velocity_scales"), converted,
                                 self.velocity))
         if converted is not None:
-            return like(backend, 'state["velocity"]', converted, "velocity", self.velocity)
+            return like(backend, 'state["velocity"]', converted, "velocity",
+                        self.velocity)
         return like(backend, 'state["velocity"]', state["velocity"], "velocity",
                     self.velocity)
 

@@ -23,7 +23,8 @@ COUNT_LIMIT = 2**63 - 1  # the counters are int64
 # state version 4) and the optimizer's own hyperparameters (the groups' defaults).
 # velocity_dtype: the name of the saved velocity's dtype (None before version 4: the
 # optimizer's own).
-StateHeader = collections.namedtuple("StateHeader", "version seed defaults velocity_dtype")
+StateHeader = collections.namedtuple("StateHeader",
+                                     "version seed defaults velocity_dtype")
 
 
 def count(name, value):
@@ -127,8 +128,8 @@ def saved_float8_velocity(backend, state, elements):
 def converted_velocity(backend, state, saved_velocity_dtype, float8, shape):
     """A saved velocity converted across formats, as a host NumPy array: an FP8 state's
     dequantized (reference.dequantize_velocity) to float32 of `shape` when `float8` (the
-    loading optimizer's) is False; a float32 state's quantized (reference.quantize_velocity,
-    nearest) to (codes, scales) when it is True. None when no conversion is needed."""
+    loading optimizer's) is False; a float32 state's quantized
+    (reference.quantize_velocity, nearest) to (codes, scales) when it is True. None when no conversion is needed."""
     saved_float8 = saved_velocity_dtype == FLOAT8_VELOCITY
     elements = int(np.prod(shape))
     if saved_float8 and not float8:
