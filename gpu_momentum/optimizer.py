@@ -44,7 +44,8 @@ from .hyperparams import Hyperparameters, flag, inverse_grad_scale
 from .kernels.elementwise import count_step, mark_velocities_initialized
 from .kernels.layout import (GROUP_SLOTS, KEEP_VELOCITY, LAST_STEP_SKIPPED, LR,
                              SKIPPED_STEPS, STEP_COUNT, VELOCITY_INITIALIZED)
-from .optimizer_state import COUNT_LIMIT, count, like, read_header, state_dict_keys
+from .optimizer_state import (COUNT_LIMIT, converted_velocity, count, like, read_header,
+                              saved_float8_velocity, state_dict_keys)
 from .param_groups import ParamGroup, ParamGroups
 from .precision import Precision
 from .reference import dequantize_velocity
@@ -551,10 +552,10 @@ class MomentumSGD(_FlatUpdate):
         optimizer's hyperparameters, precision, velocity_dtype (its name) and seed, its
         groups (each with "params" as given and every option), step count, whether each
         group's velocity is initialized (the optimizer's own first, then one per group), a
-        velocity copy and, with precision "kahan" or "master", a copy of the compensation
-        or master buffer under that name. An FP8 velocity has no state dict yet: a
-        ValueError says so."""
-        self._refuse_float8_state("state_dict()")
+        velocity copy (an FP8 velocity's as copies of its codes and scales, under
+        "velocity_codes" and "velocity_scales", with velocity_dtype "float8_e4m3fn") and,
+        with precision "kahan" or "master", a copy of the compensation or master buffer
+        under that name."""
         counters = self._host_counters()
         state = {"format": STATE_VERSION, **self._hypers[0].as_dict(),
                  "precision": self.precision, "velocity_dtype": self.velocity_dtype.name,
@@ -562,8 +563,12 @@ class MomentumSGD(_FlatUpdate):
                  "groups": [dict(group) for group in self.param_groups],
                  "step_count": int(counters[STEP_COUNT]),
                  "velocity_initialized": [bool(c) for c in counters[GROUP_SLOTS:]],
-                 "skipped_steps": int(counters[SKIPPED_STEPS]),
-                 "velocity": self._backend.copy(self.velocity)}
+                 "skipped_steps": int(counters[SKIPPED_STEPS])}
+        if self._precision.float8:
+            state["velocity_codes"] = self._backend.copy(self.velocity.codes)
+            state["velocity_scales"] = self._backend.copy(self.velocity.scales)
+        else:
+            state["velocity"] = self._backend.copy(self.velocity)
         if self._precision_buffer is not None:
             state[self._precision.buffer_name] = self._backend.copy(self._precision_buffer)
         return state
@@ -575,21 +580,17 @@ class MomentumSGD(_FlatUpdate):
         parameters too. The state's precision must be this optimizer's. Validates
         everything before changing anything: every value (also against the compute
         dtype), and that every array it writes (the velocity; the parameters, given
-        params) is writable and fits."""
-        self._checked_state(state, params)()
+        params) is writable and fits.
 
-    def _refuse_float8_state(self, what):
-        """ValueError for saving or loading the state of an FP8 velocity, which the state
-        format does not hold yet (nothing is changed)."""
-        if self._precision.float8:
-            raise ValueError(f"Invalid velocity_dtype value: 'float8_e4m3fn' ({what} does "
-                             f"not save or load an FP8 velocity yet; its codes and scales "
-                             f"are opt.velocity_codes and opt.velocity_scales)")
+        An FP8 state (codes uint8[n], scales float32[ceil(n / 256)], finite and >= 0)
+        loads into an FP8 optimizer bit for bit, and into a float32-velocity one
+        dequantized (reference.dequantize_velocity); a float32 velocity loads into an FP8
+        optimizer quantized (reference.quantize_velocity, rounded to nearest)."""
+        self._checked_state(state, params)()
 
     def _checked_state(self, state, params=None):
         """Validates `state` and `params` as load_state_dict does and returns a function
         without arguments that restores them, which cannot fail."""
-        self._refuse_float8_state("load_state_dict()")
         header = read_header(state, self.precision, self.velocity_dtype, self.style)
         seed, defaults = header.seed, header.defaults
         plan = self._resolve(state["groups"], defaults)
@@ -607,20 +608,25 @@ class MomentumSGD(_FlatUpdate):
             [flag("velocity_initialized", value) for value in initialized],
             count("skipped_steps", state["skipped_steps"]))
         backend = self._backend
-        velocity = like(backend, 'state["velocity"]', state["velocity"], "velocity",
-                        self.velocity)
+        velocity = self._saved_velocity(state, header.velocity_dtype)
         name = self._precision.buffer_name
         buffer = None if name is None else like(backend, f'state["{name}"]', state[name],
                                                 name, self._precision_buffer)
         if params is not None:
             params = like(backend, "params", params, "params", self.param)
-            written = [self.velocity] + ([] if buffer is None else [self._precision_buffer])
+            written = (list(self.velocity) if self._precision.float8
+                       else [self.velocity])
+            written += [] if buffer is None else [self._precision_buffer]
             if any(overlaps(describe("params", params), describe("written", array))
                    for array in written):
                 params = self._backend.copy(params)  # read before the state is written
 
         def restore():  # everything is checked: nothing can fail half way
-            self._backend.assign(self.velocity, velocity)
+            if self._precision.float8:
+                for array, saved in zip(self.velocity, velocity):
+                    self._backend.assign(array, saved)
+            else:
+                self._backend.assign(self.velocity, velocity)
             if buffer is not None:
                 self._backend.assign(self._precision_buffer, buffer)
             if params is not None:
@@ -640,16 +646,34 @@ class MomentumSGD(_FlatUpdate):
 
         return restore
 
+    def _saved_velocity(self, state, saved_velocity_dtype):
+        """A checked `state`'s velocity in this backend's memory, in this optimizer's
+        format: an array like self.velocity, or for an FP8 velocity a (codes, scales)
+        pair; converted across the float32 and FP8 formats (converted_velocity)."""
+        backend = self._backend
+        shape = describe("param", self.param).shape
+        converted = converted_velocity(backend, state, saved_velocity_dtype,
+                                       self._precision.float8, shape)
+        if self._precision.float8:
+            if converted is None:
+                converted = saved_float8_velocity(backend, state, math.prod(shape))
+            return tuple(like(backend, name, array, name, target) for name, array, target
+                         in zip(("velocity_codes", "velocity_scales"), converted,
+                                self.velocity))
+        if converted is not None:
+            return like(backend, 'state["velocity"]', converted, "velocity",
+                        self.velocity)
+        return like(backend, 'state["velocity"]', state["velocity"], "velocity",
+                    self.velocity)
+
     def save(self, path):
         """Writes a checkpoint atomically (see `gpu_momentum.checkpoint`)."""
         from .checkpoint import save_checkpoint
-        self._refuse_float8_state("save()")
         save_checkpoint(self, path)
 
     def load(self, path):
         """Restores params and state from `save(path)`, all or nothing."""
         from .checkpoint import load_checkpoint
-        self._refuse_float8_state("load()")
         load_checkpoint(self, path)
 
     state_dict_keys = staticmethod(state_dict_keys)

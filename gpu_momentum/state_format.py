@@ -11,7 +11,9 @@ version number for all three, STATE_VERSION; every version in VERSIONS still loa
   are those of version 2);
 - 4: the 16-bit settings: `precision`, `velocity_dtype` (MomentumSGD) and `seed`, the
   precision buffer (`compensation` or `master`), and in checkpoint files the `dtypes` of
-  their arrays.
+  their arrays. A state whose velocity_dtype is float8_e4m3fn holds the FP8 velocity's
+  two arrays, FLOAT8_VELOCITY_KEYS (E4M3 codes uint8[n], scales float32[ceil(n / 256)]),
+  in place of `velocity` (no earlier reader saw such a state: they refused FP8 ones).
 
 Before the three shared this number, the state dicts counted their own versions: a
 MomentumSGD state says "format" 2 (version 2) or 3 (version 4), a torch.SGD state's
@@ -27,7 +29,7 @@ import numbers
 import numpy as np
 
 from .hyperparams import Hyperparameters
-from .precision import PRECISION_BUFFER_NAMES
+from .precision import PRECISION_BUFFER_NAMES, is_float8
 
 STATE_VERSION = 4
 VERSIONS = (2, 3, 4)  # what loads
@@ -36,16 +38,20 @@ VERSIONS = (2, 3, 4)  # what loads
 LEGACY_FORMATS = {"MomentumSGD": {2: 2, 3: 4}, "torch.SGD": {1: 2, 2: 4}}
 # The state the 16-bit settings added in version 4.
 PRECISION_KEYS = ("precision", "velocity_dtype", "seed")
+# What holds an FP8 velocity (velocity_dtype float8_e4m3fn) in place of "velocity".
+FLOAT8_VELOCITY_KEYS = ("velocity_codes", "velocity_scales")
 
 # gpu_momentum.torch.SGD: the library's extras in a state_dict, under one top-level key
 # that torch.optim.SGD's load_state_dict ignores (it reads "state" and "param_groups").
 STATE_KEY = "gpu_momentum"
 
 # Checkpoint files: the members of each version, each an .npy array; version 4 adds at
-# most one of PRECISION_BUFFER_MEMBERS.
+# most one of PRECISION_BUFFER_MEMBERS, and holds FLOAT8_VELOCITY_KEYS in place of
+# velocity for an FP8 velocity (FLOAT8_CHECKPOINT_MEMBERS).
 CHECKPOINT_MEMBERS = {2: ("param", "velocity", "meta"),
                       3: ("param", "velocity", "meta", "meta_sha256"),
                       4: ("param", "velocity", "meta", "meta_sha256")}
+FLOAT8_CHECKPOINT_MEMBERS = ("param", *FLOAT8_VELOCITY_KEYS, "meta", "meta_sha256")
 PRECISION_BUFFER_MEMBERS = tuple(PRECISION_BUFFER_NAMES.values())
 
 
@@ -64,14 +70,25 @@ def state_version(container, number, name="format"):
     return legacy.get(number, number)
 
 
-def momentum_sgd_keys(precision="nearest", version=STATE_VERSION):
-    """The keys of a MomentumSGD state dict of `version` saved with `precision`."""
+def velocity_keys(velocity_dtype=None, version=STATE_VERSION):
+    """The keys that hold a velocity of `velocity_dtype` (a dtype or its name; None: not
+    an FP8 one) in a state of `version`: FLOAT8_VELOCITY_KEYS for float8_e4m3fn (version
+    4), ("velocity",) otherwise."""
+    if version >= 4 and velocity_dtype is not None and is_float8(velocity_dtype):
+        return FLOAT8_VELOCITY_KEYS
+    return ("velocity",)
+
+
+def momentum_sgd_keys(precision="nearest", version=STATE_VERSION, velocity_dtype=None):
+    """The keys of a MomentumSGD state dict of `version` saved with `precision` and a
+    velocity of `velocity_dtype` (velocity_keys)."""
     keys = ("format", *Hyperparameters.__dataclass_fields__, "groups", "step_count",
-            "velocity_initialized", "skipped_steps", "velocity")
+            "velocity_initialized", "skipped_steps")
     if version < 4:
-        return keys
+        return (*keys, "velocity")
     buffer = PRECISION_BUFFER_NAMES.get(precision)
-    return (*keys[:-5], *PRECISION_KEYS, *keys[-5:], *((buffer,) if buffer else ()))
+    return (*keys[:-4], *PRECISION_KEYS, *keys[-4:], *velocity_keys(velocity_dtype),
+            *((buffer,) if buffer else ()))
 
 
 def torch_extras_keys(version=STATE_VERSION):
@@ -87,7 +104,9 @@ def checkpoint_meta_keys(version):
     return keys if version < 4 else (*keys, "dtypes")
 
 
-def checkpoint_arrays(version, precision):
-    """The array members of a checkpoint file of `version` saved with `precision`."""
+def checkpoint_arrays(version, precision, velocity_dtype=None):
+    """The array members of a checkpoint file of `version` saved with `precision` and a
+    velocity of `velocity_dtype` (velocity_keys)."""
     buffer = PRECISION_BUFFER_NAMES.get(precision) if version >= 4 else None
-    return ("param", "velocity", *((buffer,) if buffer else ()))
+    return ("param", *velocity_keys(velocity_dtype, version),
+            *((buffer,) if buffer else ()))

@@ -1,9 +1,13 @@
 """Checkpoints of a MomentumSGD: one `.npz` file, written atomically, read without trust.
 
 Format version 4 is NumPy's `.npz` (a zip of `.npy` arrays, stored uncompressed) holding
-four or five arrays:
+four to six arrays:
 
-- `param`, `velocity`: the flat buffers, in host memory, of the optimizer's dtypes;
+- `param`, `velocity`: the flat buffers, in host memory, of the optimizer's dtypes; an
+  FP8 velocity (velocity dtype float8_e4m3fn) as `velocity_codes` (uint8, one per
+  element) and `velocity_scales` (float32, one per block of 256) in place of `velocity`,
+  which load across: an FP8 file into a float32 velocity dequantized, a float32 one into
+  an FP8 velocity quantized (MomentumSGD.load_state_dict);
 - with precision "kahan" `compensation` (of the param dtype), with "master" `master`
   (float32): the precision buffer;
 - `meta`: UTF-8 JSON as uint8 bytes: `format` ("gpu-momentum checkpoint"), `version` (4),
@@ -27,8 +31,8 @@ Reading trusts nothing in the file and never calls `np.load` or unpickles:
 
 - `zipfile` parses the zip's central directory through a file that hands out at most
   DIRECTORY_LIMIT bytes a read; the members must be exactly those of version 2, 3 or 4
-  (with one precision buffer at most), each stored or deflated, unencrypted, needing at
-  most zip 4.5 (zip64) to extract;
+  (with one precision buffer at most, and the FP8 pair or `velocity`), each stored or
+  deflated, unencrypted, needing at most zip 4.5 (zip64) to extract;
 - each member's declared size is checked against what this optimizer's layout allows
   before it is read; its `.npy` header (at most NPY_HEADER_LIMIT bytes) is parsed and its
   shape and dtype are checked before its array is allocated; its bytes are read or

@@ -19,9 +19,10 @@ from ..arrays import describe
 from ..backends import backend_named
 from ..groups import GROUP_OPTIONS
 from ..kernels.layout import PRECISION_NAMES
-from ..precision import PRECISION_BUFFER_NAMES, Precision, precision_buffer_dtype
-from ..state_format import (VERSIONS, checkpoint_arrays, checkpoint_meta_keys,
-                            momentum_sgd_keys)
+from ..precision import (PRECISION_BUFFER_NAMES, Precision, float8_state_shapes,
+                         precision_buffer_dtype)
+from ..state_format import (STATE_VERSION, VERSIONS, checkpoint_arrays,
+                            checkpoint_meta_keys, momentum_sgd_keys)
 
 FORMAT_NAME = "gpu-momentum checkpoint"
 META_LIMIT = 1 << 20  # plus 4x this optimizer's layout in JSON (names may repeat in groups)
@@ -39,8 +40,14 @@ def expected_contents(optimizer):
     precision = Precision(param.dtype, optimizer.precision, optimizer.velocity_dtype)
     # Every array a checkpoint of this layout may hold, with its shape and dtype: the
     # buffers of the other precisions too, so that their sizes are bounded as well.
+    # The velocity as a float32 array or as FP8 codes and scales: either loads (converted
+    # when it is not the optimizer's own format).
+    velocity_dtype = np.float32 if precision.float8 else precision.velocity_dtype
+    codes_shape, scales_shape = float8_state_shapes(math.prod(param.shape))
     arrays = {"param": (param.shape, param.dtype),
-              "velocity": (param.shape, precision.velocity_dtype)}
+              "velocity": (param.shape, velocity_dtype),
+              "velocity_codes": (codes_shape, np.dtype(np.uint8)),
+              "velocity_scales": (scales_shape, np.dtype(np.float32))}
     for mode, name in PRECISION_BUFFER_NAMES.items():
         arrays[name] = (param.shape, precision_buffer_dtype(param.dtype, mode))
     return Expected(json.loads(json.dumps(layout)), segments, arrays,
@@ -48,15 +55,15 @@ def expected_contents(optimizer):
 
 
 def host_state(optimizer):
-    """(arrays, state): `arrays` the param, velocity and precision buffer as host NumPy
-    arrays, by member name (on the cpu backend param is the live buffer, not a copy),
-    `state` the state_dict() without its arrays."""
+    """(arrays, state): `arrays` the param, velocity (an FP8 one's codes and scales) and
+    precision buffer as host NumPy arrays, by member name (on the cpu backend param is the
+    live buffer, not a copy), `state` the state_dict() without its arrays."""
     state = optimizer.state_dict()
     to_numpy = backend_named(optimizer.backend).to_numpy
-    arrays = {"param": to_numpy(optimizer.param), "velocity": to_numpy(state.pop("velocity"))}
-    buffer = PRECISION_BUFFER_NAMES.get(optimizer.precision)
-    if buffer is not None:
-        arrays[buffer] = to_numpy(state.pop(buffer))
+    arrays = {"param": to_numpy(optimizer.param)}
+    for name in checkpoint_arrays(STATE_VERSION, optimizer.precision,
+                                  optimizer.velocity_dtype)[1:]:
+        arrays[name] = to_numpy(state.pop(name))
     return arrays, state
 
 
@@ -162,7 +169,8 @@ def check_meta(meta, digested, path, expected):
     try:
         _keys("the metadata", meta, checkpoint_meta_keys(said))
         _check_state(meta["state"], expected.segments, said)
-        arrays = checkpoint_arrays(said, saved_precision(meta["state"], said))
+        arrays = checkpoint_arrays(said, saved_precision(meta["state"], said),
+                                   saved_velocity_dtype(meta["state"], said))
         sha256 = meta["sha256"]
         _keys("sha256", sha256, arrays)
         for name, digest in sha256.items():
@@ -284,6 +292,12 @@ def _same(a, b):
     if type(a) is dict:
         return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
     return a == b
+
+
+def saved_velocity_dtype(state, version):
+    """The velocity dtype's name a checkpoint's checked `state` of `version` was saved
+    with (None before version 4: the optimizer's own)."""
+    return state["velocity_dtype"] if version >= 4 else None
 
 
 def saved_precision(state, version):

@@ -17,10 +17,10 @@ import zlib
 import numpy as np
 from numpy.lib import format as npy_format
 
-from ..state_format import (CHECKPOINT_MEMBERS, PRECISION_BUFFER_MEMBERS, STATE_VERSION,
-                            checkpoint_arrays)
+from ..state_format import (CHECKPOINT_MEMBERS, FLOAT8_CHECKPOINT_MEMBERS,
+                            PRECISION_BUFFER_MEMBERS, STATE_VERSION, checkpoint_arrays)
 from .format import (CheckpointError, brief, check_meta, expected_contents, parse_meta,
-                     restore, saved_precision, short)
+                     restore, saved_precision, saved_velocity_dtype, short)
 
 CHUNK = 1 << 20  # bytes read, inflated and hashed at a time
 DIRECTORY_LIMIT = 1 << 20  # the most zipfile may read at once while parsing the directory
@@ -88,7 +88,8 @@ def _read_file(file, path, expected):
         raise CheckpointError(f"checkpoint {path!s} was saved with precision "
                               f"{precision!r}; this optimizer uses precision "
                               f"{expected.precision!r}")
-    names = list(checkpoint_arrays(version, precision))
+    names = list(checkpoint_arrays(version, precision,
+                                   saved_velocity_dtype(meta["state"], version)))
     unexpected = sorted(set(members) - {"meta", "meta_sha256", *names})
     if unexpected or any(name not in members for name in names):
         raise CheckpointError(f"checkpoint {path!s} is corrupted: precision {precision!r} "
@@ -145,14 +146,18 @@ def _members(infos, path, expected):
     names = [info.orig_filename for info in infos]
     files = lambda members: sorted(f"{name}.npy" for name in members)
     allowed = [files(members) for members in CHECKPOINT_MEMBERS.values()]
-    allowed += [files((*CHECKPOINT_MEMBERS[STATE_VERSION], buffer))
-                for buffer in PRECISION_BUFFER_MEMBERS]
+    allowed += [files((*members, buffer)) for buffer in PRECISION_BUFFER_MEMBERS
+                for members in (CHECKPOINT_MEMBERS[STATE_VERSION],
+                                FLOAT8_CHECKPOINT_MEMBERS)]
+    allowed.append(files(FLOAT8_CHECKPOINT_MEMBERS))
     if sorted(names) not in allowed:
         raise CheckpointError(
             f"checkpoint {path!s} is corrupted or not a gpu-momentum checkpoint: it holds "
             f"the members {brief(sorted(names))}; a checkpoint holds "
             f"{files(CHECKPOINT_MEMBERS[4])} and, with precision 'kahan' or 'master', "
-            f"{' or '.join(f'{b}.npy' for b in PRECISION_BUFFER_MEMBERS)} (version 4), "
+            f"{' or '.join(f'{b}.npy' for b in PRECISION_BUFFER_MEMBERS)}, with an FP8 "
+            f"velocity velocity_codes.npy and velocity_scales.npy for velocity.npy "
+            f"(version 4), "
             f"{files(CHECKPOINT_MEMBERS[3])} (version 3) or "
             f"{files(CHECKPOINT_MEMBERS[2])} (version 2)")
     prefix = len(_NPY_MAGIC) + 2 + 4 + NPY_HEADER_LIMIT  # magic, version, length, header
