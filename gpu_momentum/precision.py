@@ -161,12 +161,13 @@ def check_seed(seed):
 
 def _velocity_dtype(value, param, allowed):
     """velocity_dtype's `value` as a dtype: a name NumPy and ml_dtypes do not know is a
-    ValueError naming it and the dtypes `param` parameters can have."""
+    ValueError naming it and the dtypes `param` parameters can have (a known name whose
+    package is missing stays named_dtype's TypeError)."""
     try:
         return named_dtype("velocity_dtype", value)
     except TypeError:
-        if not isinstance(value, str):
-            raise
+        if not isinstance(value, str) or value in ("bfloat16", FLOAT8_VELOCITY):
+            raise  # not a name, or a known one whose package (ml_dtypes) is missing
         names = [d.name for d in allowed]
         if float8_precisions(param):
             names.append(FLOAT8_VELOCITY)

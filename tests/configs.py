@@ -640,7 +640,7 @@ PRECISION_ERRORS = [
      r"'bfloat16'"),
     ("velocity-float64-on-float16", {"velocity_dtype": np.float64}, "float16", ValueError,
      r"velocity_dtype value: 'float64'"),
-    ("velocity-not-a-dtype", {"velocity_dtype": "fp8"}, "bfloat16", TypeError,
+    ("velocity-not-a-dtype", {"velocity_dtype": "fp8"}, "bfloat16", ValueError,
      r"Invalid velocity_dtype value: 'fp8'"),
     ("seed-string", {"seed": "7"}, "bfloat16", TypeError, r"Invalid seed value: '7'"),
     ("seed-float", {"seed": 7.0}, "bfloat16", TypeError, r"Invalid seed value: 7\.0"),

@@ -685,7 +685,8 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
     adapter = [r for r in rows if r["workload"] == "torch-resnet50"]
     assert {r["name"] for r in adapter} == {
         "gpu_momentum.torch.SGD (cpu)", "torch SGD for-loop (cpu)",
-        "torch SGD foreach (cpu)", "torch SGD fused (cpu)"}
+        "torch SGD foreach (cpu)", "torch SGD fused (cpu)",
+        "gpu_momentum.torch.SGD (cpu) + OneCycleLR", "torch SGD fused + OneCycleLR (cpu)"}
     assert "torch.SGD cpu >= 0.95x torch fused, ResNet-50" in done.stdout
     measured = {r["name"] for r in rows}
     absent = {a["name"] for a in result["absent"]}

@@ -71,7 +71,7 @@ def test_capturable_writes_changes_through_and_steps_do_only_launches(backend,
     assert calls == dict.fromkeys(calls, 0)
     # Only the changed group's row moves: its scalars, then its scalars and flags (none
     # on the CPU, whose table is in host memory).
-    on_host = backend.name == "cpu"
+    on_host = engine.device_type == "cpu"  # its tables are host memory
     opt.lr = 0.2
     assert calls == {**dict.fromkeys(calls, 0), "upload_into": 0 if on_host else 1}
     opt.param_groups[0].update(lr=0.3, nesterov=True)
