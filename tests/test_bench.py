@@ -739,9 +739,10 @@ def test_committed_results_keep_the_json_shape(name):
         result = json.load(file)
     report.check_schema(result)
     # -groups: a run of the groups comparison alone (`--workloads groups`);
-    # -bf16-torch-overhead: `--dtypes float32 bfloat16 --workloads torch overhead`
+    # -bf16-torch-overhead: `--dtypes float32 bfloat16 --workloads torch overhead`;
+    # -schedules: `--sizes 20 --workloads overhead torch` (the scheduled rows)
     assert name in {report.result_name(result) + suffix + ".json"
-                    for suffix in ("", "-groups", "-bf16-torch-overhead")}
+                    for suffix in ("", "-groups", "-bf16-torch-overhead", "-schedules")}
 
 
 def test_the_groups_comparison_alternates_sample_by_sample():
