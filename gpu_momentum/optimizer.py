@@ -477,9 +477,10 @@ class MomentumSGD(_FlatUpdate):
     def _set(self, group, **change):
         """Validates the change once (as at construction) and writes the changed rows of
         the update table in place (_write_rows): a scalar write, no table built."""
-        lr_only = len(change) == 1 and "lr" in change
-        hyper = self._hypers[group].with_lr(change["lr"], self._param_dtype) if lr_only \
-            else self._hypers[group].replace(**change).check_dtype(self._param_dtype)
+        if len(change) == 1 and "lr" in change:
+            self._set_lr(group, change["lr"])
+            return
+        hyper = self._hypers[group].replace(**change).check_dtype(self._param_dtype)
         if self._capturable:
             self._refuse_host_work("a hyperparameter change writes the table")
         changed = [group]
@@ -488,8 +489,20 @@ class MomentumSGD(_FlatUpdate):
             changed = range(len(self._hypers))
         self._hypers[group] = hyper
         self._hypers_version += 1
-        self._write_rows(changed, lr_only)
+        self._write_rows(changed)
         if self._capturable:  # graphs replayed from now on read the new table
+            self.prepare()
+
+    def _set_lr(self, group, lr):
+        """_set(group, lr=lr), on a schedule's path (Hyperparameters.with_lr): without
+        decoupled weight decay the row's lr alone is written."""
+        hyper = self._hypers[group].with_lr(lr, self._param_dtype)
+        if self._capturable:
+            self._refuse_host_work("a hyperparameter change writes the table")
+        self._hypers[group] = hyper
+        self._hypers_version += 1
+        self._write_rows((group,), lr_only=True)
+        if self._capturable:
             self.prepare()
 
     def _default(name):
@@ -497,7 +510,8 @@ class MomentumSGD(_FlatUpdate):
                         lambda self, value: self._set(0, **{name: value}),
                         doc=f"{name} of the segments no group names.")
 
-    lr = _default("lr")
+    lr = property(lambda self: self._hypers[0].lr, lambda self, lr: self._set_lr(0, lr),
+                  doc="lr of the segments no group names.")
     momentum = _default("momentum")
     dampening = _default("dampening")
     weight_decay = _default("weight_decay")

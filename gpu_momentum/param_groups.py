@@ -30,7 +30,10 @@ class ParamGroup(collections.abc.MutableMapping):
         return getattr(self._options(), key)
 
     def __setitem__(self, key, value):
-        self.update({key: value})
+        if key in GROUP_OPTIONS:  # a scheduler's path: one option, no dict checked
+            self._set_options(**{key: value})
+        else:
+            self.update({key: value})
 
     def update(self, other=(), /, **options):
         """Sets every given option at once, validated together: all of them or none.
