@@ -82,15 +82,16 @@ def train(dtype, precision, steps, x, labels, velocity_dtype=None):
     return losses
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def plot_arguments(description, default_png, argv):
+    """(parsed --steps/--output, matplotlib.pyplot, ml_dtypes) for a loss-plot example,
+    the output folder checked before minutes of training (named as given)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=at_least_one, default=3000,
                         help="training steps per run (at least 1; default 3000)")
-    parser.add_argument("--output", "--out", default="bf16_training.png", metavar="PNG",
-                        help="where to write the plot (default: bf16_training.png in the "
+    parser.add_argument("--output", "--out", default=default_png, metavar="PNG",
+                        help=f"where to write the plot (default: {default_png} in the "
                              "current folder)")
     args = parser.parse_args(argv)
-    # Checked before minutes of training, naming the path as given.
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         parser.error(f"cannot write {args.output!r}: folder {folder!r} does not exist")
@@ -103,28 +104,46 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return args, plt, ml_dtypes
+
+
+def plot_losses(axis, losses, label, wide, **style):
+    """One run's losses against step; `wide` runs are drawn dashed, on top, as the
+    reference the others run along."""
+    axis.plot(np.arange(1, len(losses) + 1), losses, label=label,
+              linewidth=1.6 if wide else 2.4, linestyle="--" if wide else "-",
+              zorder=3 if wide else 2, **style)
+
+
+def save_plot(figure, axis, title, output):
+    """Log-log axes, labels, grid and legend; the PNG written to `output`."""
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss (cross-entropy)")
+    axis.set_title(title)
+    axis.title.set_fontsize(9)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    print(f"wrote {output}")
+
+
+def main(argv=None):
+    args, plt, ml_dtypes = plot_arguments(__doc__.split("\n\n")[0], "bf16_training.png",
+                                          argv)
     x, labels = data()
     dtypes = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
     figure, axis = plt.subplots(figsize=(8, 5))
     for label, dtype, precision in RUNS:
         losses = train(dtypes[dtype], precision, args.steps, x, labels)
         print(f"{label:22s} loss after {args.steps} steps: {losses[-1]:.4f}")
-        wide = dtype == "float32"  # drawn on top, dashed: the others run along it
-        axis.plot(np.arange(1, args.steps + 1), losses, label=label,
-                  linewidth=1.6 if wide else 2.4, linestyle="--" if wide else "-",
-                  color="black" if wide else None, zorder=3 if wide else 2)
-    axis.set_xscale("log")
-    axis.set_yscale("log")
-    axis.set_xlabel("step")
-    axis.set_ylabel("training loss (cross-entropy)")
-    axis.set_title(f"MLP {INPUTS}-{HIDDEN}-{CLASSES} from scratch, momentum SGD "
-                   f"(lr {LR}, momentum {MOMENTUM}), bfloat16 parameters by precision")
-    axis.title.set_fontsize(9)
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(args.output, dpi=110)
-    print(f"wrote {args.output}")
+        wide = dtype == "float32"
+        plot_losses(axis, losses, label, wide, color="black" if wide else None)
+    save_plot(figure, axis, f"MLP {INPUTS}-{HIDDEN}-{CLASSES} from scratch, momentum SGD "
+              f"(lr {LR}, momentum {MOMENTUM}), bfloat16 parameters by precision",
+              args.output)
     return 0
 
 

@@ -14,14 +14,12 @@ writes the PNG where --output says (by default fp8_velocity.png in the current f
 Needs ml_dtypes and matplotlib: `pip install -e ".[bf16,bench]"` from the checkout.
 """
 
-import argparse
-import os
 import sys
 
 import numpy as np
 
-from bf16_training import CLASSES, HIDDEN, INPUTS, LR, MOMENTUM, data, train
-from gpu_momentum.cli import at_least_one
+from bf16_training import (CLASSES, HIDDEN, INPUTS, LR, MOMENTUM, data, plot_arguments,
+                           plot_losses, save_plot, train)
 from gpu_momentum.precision import FLOAT8_BYTES_PER_ELEMENT
 
 # (label, param dtype, precision, velocity dtype)
@@ -34,25 +32,8 @@ RUNS = [("float32 params, float32 velocity", "float32", "nearest", "float32"),
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=at_least_one, default=3000,
-                        help="training steps per run (at least 1; default 3000)")
-    parser.add_argument("--output", "--out", default="fp8_velocity.png", metavar="PNG",
-                        help="where to write the plot (default: fp8_velocity.png in the "
-                             "current folder)")
-    args = parser.parse_args(argv)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        parser.error(f"cannot write {args.output!r}: folder {folder!r} does not exist")
-    try:
-        import matplotlib
-        import ml_dtypes
-    except ImportError as error:
-        parser.error(f"{error.name} is missing: pip install -e \".[bf16,bench]\" from the "
-                     f"checkout")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    args, plt, ml_dtypes = plot_arguments(__doc__.split("\n\n")[0], "fp8_velocity.png",
+                                          argv)
     x, labels = data()
     dtypes = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
     figure, axis = plt.subplots(figsize=(8, 5))
@@ -62,22 +43,10 @@ def main(argv=None):
         state = FLOAT8_BYTES_PER_ELEMENT if velocity_dtype != "float32" else 4
         print(f"{label:48s} velocity {state:.3f} B/element, loss after {args.steps} "
               f"steps: {losses[-1]:.4f}")
-        wide = velocity_dtype == "float32"  # dashed: the FP8 runs run along them
-        axis.plot(np.arange(1, args.steps + 1), losses, label=label,
-                  linewidth=1.6 if wide else 2.4, linestyle="--" if wide else "-",
-                  zorder=3 if wide else 2)
-    axis.set_xscale("log")
-    axis.set_yscale("log")
-    axis.set_xlabel("step")
-    axis.set_ylabel("training loss (cross-entropy)")
-    axis.set_title(f"MLP {INPUTS}-{HIDDEN}-{CLASSES} from scratch, momentum SGD "
-                   f"(lr {LR}, momentum {MOMENTUM}): float32 and FP8 E4M3 velocities")
-    axis.title.set_fontsize(9)
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(args.output, dpi=110)
-    print(f"wrote {args.output}")
+        plot_losses(axis, losses, label, wide=velocity_dtype == "float32")
+    save_plot(figure, axis, f"MLP {INPUTS}-{HIDDEN}-{CLASSES} from scratch, momentum SGD "
+              f"(lr {LR}, momentum {MOMENTUM}): float32 and FP8 E4M3 velocities",
+              args.output)
     return 0
 
 
