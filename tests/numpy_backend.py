@@ -1,6 +1,7 @@
 """A backend from outside the library: the update as NumPy array operations, no Numba.
 
-It implements gpu_momentum.backends.contract.Backend and is added with
+It implements gpu_momentum.backends.contract.Backend (its memory methods those of
+gpu_momentum.backends.host_memory.HostMemory) and is added with
 gpu_momentum.backends.register_backend alone (tests/test_numpy_backend.py); its step is
 the shared runner.StepRunner over its own StepKernels. It takes float32 and float64
 parameters, computed in their own dtype with the operations of
@@ -8,11 +9,9 @@ kernels.elementwise.momentum_update in the same order (one rounding each), range
 range of the update table.
 """
 
-import contextlib
-
 import numpy as np
 
-from gpu_momentum.backends.contract import PreparedStep
+from gpu_momentum.backends.host_memory import HostMemory
 from gpu_momentum.backends.runner import StepKernels, StepRunner
 from gpu_momentum.kernels.elementwise import count_step, mark_velocities_initialized
 from gpu_momentum.kernels.layout import (CLASSIC, DECAY, GRAD_COEFF, GROUP_SLOTS, L1,
@@ -21,52 +20,13 @@ from gpu_momentum.kernels.layout import (CLASSIC, DECAY, GRAD_COEFF, GROUP_SLOTS
                                          WEIGHT_DECAY)
 
 
-class NumpyBackend(PreparedStep):
+class NumpyBackend(HostMemory):
     name = "numpy"
     dtypes = ("float32", "float64")
     element_aligned = False
-    device_type = "cpu"
-    arrays_name_stream = False
-
-    zeros = staticmethod(np.zeros)
-    copy = staticmethod(np.copy)
-    asarray = to_numpy = staticmethod(np.asarray)
-
-    def unavailable_reason(self):
-        return None
-
-    def owns(self, array):
-        return isinstance(array, np.ndarray)
 
     def native(self, array):
         return False  # NumPy arrays are the cpu backend's first
-
-    def assign(self, target, source):
-        target[...] = source
-
-    def synchronize(self):
-        pass
-
-    def place(self, param):
-        return None
-
-    def upload(self, array, param):
-        return array
-
-    def upload_into(self, target, array, param):
-        target[...] = array
-
-    def capturing(self, param):
-        return False
-
-    def torch_stream(self, device):
-        return None
-
-    def torch_context(self, device):
-        return contextlib.nullcontext()
-
-    def from_torch(self, tensor, stream=None):
-        return tensor.numpy()
 
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):

@@ -1,67 +1,24 @@
 """The cpu backend: NumPy arrays, updated by the Numba loops of kernels/cpu.py (parallel
 over the cores, or serial for small buffers)."""
 
-import contextlib
-
 import numpy as np
 
 from ..kernels.elementwise import storage_format
 from ..float8_velocity import is_float8_velocity
 from ..kernels.layout import LAST_STEP_SKIPPED, PRECISIONS, READ_COUNTERS
-from .contract import PreparedStep, bits_view
+from .contract import bits_view
+from .host_memory import HostMemory
 from .runner import StepKernels, StepRunner
-from .torch_arrays import numpy_view
 
 NO_COUNTERS = np.zeros(0, np.int64)  # what the kernels get for counters=None
 NO_BUFFER = np.zeros(0, np.float32)  # for precision_buffer=None
 NO_STEP_COUNT = np.int64(0)  # counted steps read counters[STEP_COUNT]
 
 
-class CpuBackend(PreparedStep):
+class CpuBackend(HostMemory):
     name = "cpu"
     dtypes = ("float16", "bfloat16", "float32", "float64")
     element_aligned = False  # Numba's loads handle any address
-    device_type = "cpu"
-    arrays_name_stream = False
-
-    zeros = staticmethod(np.zeros)
-    copy = staticmethod(np.copy)
-    asarray = to_numpy = staticmethod(np.asarray)
-
-    def unavailable_reason(self):
-        return None
-
-    def owns(self, array):
-        return isinstance(array, np.ndarray)
-
-    native = owns
-
-    def assign(self, target, source):
-        target[...] = source
-
-    def synchronize(self):
-        pass
-
-    def place(self, param):
-        return None
-
-    def upload(self, array, param):
-        return array  # the update runs in host memory: the host table is the table
-
-    def upload_into(self, target, array, param):
-        target[...] = array
-
-    def capturing(self, param):
-        return False
-
-    def torch_stream(self, device):
-        return None
-
-    def torch_context(self, device):
-        return contextlib.nullcontext()
-
-    def from_torch(self, tensor, stream=None):
-        return numpy_view(tensor)
 
     def step_function(self, param, velocity, table, counters=None, check_nonfinite=True, *,
                       precision="nearest", precision_buffer=None, seed=0):
