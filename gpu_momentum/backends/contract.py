@@ -8,7 +8,8 @@ views and streams as a `runner.StepKernels`. The optimizer
 and `momentum_step` reach the kernels only through these methods, in this order per step:
 `check_arrays` (every array check, before anything is written), `device_table` (the
 hyperparameters' UpdateTable in the memory where the update runs, copied only when it
-changed), then `step`.
+changed), then `step`. A changed hyperparameter is written into that table in place:
+its rows alone, through `upload_into`, on the step's stream and without waiting.
 
 16-bit parameters reach the kernels as their bits (`bits_view`): Numba has no bfloat16
 (and no float16 on the CPU), and the CUDA C kernel stores both as unsigned short.
@@ -76,8 +77,18 @@ class Backend(Protocol):
         queued on its stream without waiting for the device."""
 
     def upload_into(self, target, array, param) -> None:
-        """The host NumPy `array` copied into `target`, an array `upload` returned, in
-        place (same addresses), queued on param's stream without waiting."""
+        """The host NumPy `array` copied into `target` (contiguous: an array `upload`
+        returned, or a span of its rows), in place (same addresses), queued on the stream
+        param's step launches on, so that the next launch reads it: a changed
+        hyperparameter's rows of the update table. Once warmed up it neither waits for the
+        device nor allocates device memory, and `array` may be rewritten as soon as it
+        returns (the GPU backends copy from pinned staging slots, backends.staging).
+
+        Never called while param's stream is being captured into a CUDA graph (the
+        optimizers refuse a hyperparameter change there: see `capturing`): the graph
+        would record the copy, reading a staging slot that is reused by then. Between
+        replays it is a plain copy on the stream, and a replay queued after it reads the
+        rewritten rows: that is how capturable optimizers take a new lr."""
 
     def torch_stream(self, device) -> Hashable:
         """The stream its work over tensors on torch `device` runs on now: torch's current

@@ -1,13 +1,16 @@
 """The cupy backend: the CUDA C kernel (kernels/momentum.cu) compiled by CuPy's RawModule,
 over CuPy arrays or any `__cuda_array_interface__` array that cupy.asarray takes without
 a copy. A step queues its launches on CuPy's current stream and returns: no
-synchronisation and no device allocation.
+synchronisation and no device allocation. So does a changed hyperparameter's row of the
+update table (upload_into): one asynchronous copy from a pinned staging slot on that
+stream (backends.staging).
 
 The module is compiled once per device (memoized RawModule) and each dtype's launch limit
 is worked out once per device.
 """
 
 import contextlib
+import ctypes
 import functools
 
 import numpy as np
@@ -23,6 +26,7 @@ from ..kernels.layout import (FLOAT8_VELOCITY, GROUP_COLUMNS, GROUP_SLOTS,
 from ..precision import BITS_DTYPE, as_bits, storage_dtype
 from .contract import PreparedStep
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
+from .staging import StagingRing
 from .torch_arrays import CudaTensorArray, current_stream, device_index
 
 
@@ -85,11 +89,12 @@ class CupyBackend(PreparedStep):
         return cupy.asarray(array)
 
     def upload_into(self, target, array, param):
-        # Staged through CuPy's pinned and device pools on the current stream, without
-        # waiting: ndarray.set from pageable memory would wait for the stream (a changed
-        # table row is a few bytes, so the pools' blocks cost next to nothing).
+        # One asynchronous copy from a pinned staging slot on the current stream, which
+        # the step launches on: no device allocation and no waiting (backends.staging).
         import cupy
-        cupy.copyto(target, cupy.asarray(array))
+
+        staging_ring(cupy.cuda.runtime.getDevice()).copy(
+            target, array, cupy.cuda.get_current_stream())
 
     def capturing(self, param):
         import cupy
@@ -222,6 +227,39 @@ class _CupyKernels(StepKernels):
                 self.update_counters, plan.seed, step.step_count)),
             "finish": lambda step: self.finish((1,), finish_block, self.finish_args),
         }
+
+
+@functools.cache
+def staging_ring(device_id):
+    """The pinned staging slots of `upload_into` on a device (backends.staging)."""
+    return StagingRing(CupyStagingMemory())
+
+
+class CupyStagingMemory:
+    """A StagingRing's CUDA calls through CuPy, on the current device."""
+
+    def pinned(self, nbytes):
+        import cupyx
+
+        return cupyx.empty_pinned(nbytes, np.uint8)
+
+    def new_event(self):
+        import cupy
+
+        return cupy.cuda.Event(disable_timing=True)
+
+    def record(self, event, stream):
+        event.record(stream)
+
+    def completed(self, event):
+        return event.done  # cudaEventQuery: asks, never waits
+
+    def copy(self, target, host, address, stream):
+        if not target.flags.c_contiguous:
+            raise ValueError(f"the table rows to upload into are not contiguous (strides "
+                             f"{target.strides}): upload_into copies whole rows")
+        # A ctypes pointer: CuPy takes it in every version (an int only in newer ones).
+        target.data.copy_from_host_async(ctypes.c_void_p(address), host.nbytes, stream)
 
 
 def _on_device(name, array):

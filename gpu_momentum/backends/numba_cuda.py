@@ -9,6 +9,7 @@ streams: its tensors' updates go to the legacy default stream, which is torch's 
 stream too.
 """
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -21,6 +22,7 @@ from ..precision import as_bits
 from .contract import PreparedStep, bits_view
 from .numba_launch import launcher
 from .runner import StepKernels, StepRunner, null_array, warm_up_once
+from .staging import StagingRing
 from .torch_arrays import CudaTensorArray, current_stream, device_index
 
 
@@ -110,7 +112,9 @@ class NumbaCudaBackend(PreparedStep):
         return cuda.to_device(array, stream=_stream_view(param).stream)
 
     def upload_into(self, target, array, param):
-        target.copy_to_device(array, stream=_stream_view(param).stream)
+        # One asynchronous copy from a pinned staging slot on the stream the step launches
+        # on: no device allocation and no waiting (backends.staging).
+        staging_ring(_current_device()).copy(target, array, _stream_view(param).stream)
 
     def capturing(self, param):
         from numba.core import config
@@ -301,6 +305,55 @@ def _update_config(kind, size):
 
         return float8_launch_config(size, kernels.launch_config(1 << 62)[0])
     return kernels.launch_config(size)
+
+
+@functools.cache
+def staging_ring(device_id):
+    """The pinned staging slots of `upload_into` on a device (backends.staging)."""
+    return StagingRing(NumbaStagingMemory())
+
+
+class NumbaStagingMemory:
+    """A StagingRing's CUDA calls through numba-cuda, in the current context. In the CUDA
+    simulator, whose copies are done when they return, its Event (which takes no timing
+    argument and has no query) only records."""
+
+    def __init__(self):
+        from numba.core import config
+
+        self.simulated = bool(config.ENABLE_CUDASIM)
+        self.default_stream = None  # made at the first copy on stream 0
+
+    def pinned(self, nbytes):
+        from numba import cuda
+
+        return cuda.pinned_array(nbytes, np.uint8)
+
+    def new_event(self):
+        from numba import cuda
+
+        return cuda.event() if self.simulated else cuda.event(timing=False)
+
+    def record(self, event, stream):
+        event.record(self.stream(stream))
+
+    def completed(self, event):
+        return self.simulated or event.query()  # cuEventQuery: asks, never waits
+
+    def copy(self, target, host, address, stream):
+        target.copy_to_device(host, stream=self.stream(stream))
+
+    def stream(self, stream):
+        """`stream` as copy_to_device queues on it: stream 0 (an array bound to none,
+        whose launches go to the default stream) would make its copies synchronous, so
+        the default stream's object stands for it."""
+        if stream:
+            return stream
+        if self.default_stream is None:
+            from numba import cuda
+
+            self.default_stream = cuda.default_stream()
+        return self.default_stream
 
 
 def _current_device():
