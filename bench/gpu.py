@@ -9,8 +9,10 @@ Only imported when the benchmark looks for a GPU; nothing here runs on a CPU-onl
 beyond `unavailable_reason`.
 """
 
+import dataclasses
 import functools
 import importlib.resources
+import itertools
 import sys
 
 import numpy as np
@@ -18,7 +20,8 @@ import numpy as np
 from gpu_momentum.backends import unavailable_reason as backend_unavailable_reason
 
 from .data import (COPY_ROOFLINE_PEER, CUPY_EXPRESSIONS, GRAPH_GPU_TIME, GRAPH_REPLAY, LR,
-                   MOMENTUM, NAIVE_ARRAYS, ROOFLINE_PEERS, Built, Candidate, Unsupported)
+                   LR_EACH_STEP, MOMENTUM, NAIVE_ARRAYS, ROOFLINE_PEERS, SCHEDULED_LRS, Built,
+                   Candidate, Unsupported)
 from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
 from .peers import naive_builder
 
@@ -77,10 +80,12 @@ def graph_stream():
     return cupy.cuda.Stream(non_blocking=True)
 
 
-def graph_replay_builder(problem):
+def graph_replay_builder(problem, schedule=None):
     """The cupy backend's step (a capturable MomentumSGD, classic style as the library's
     other rows) captured once in a CUDA graph; each call launches the graph: the step
-    without its per-step Python."""
+    without its per-step Python. schedule=LR_EACH_STEP: `opt.lr` set from SCHEDULED_LRS
+    before each launch, on the graph's stream (the table row's copy is queued on the
+    current stream, ahead of the replay that reads it)."""
     import cupy
 
     from gpu_momentum import MomentumSGD
@@ -98,6 +103,14 @@ def graph_replay_builder(problem):
     stream.synchronize()
     # The graph holds opt's device addresses (velocity, table, counters), not opt itself:
     # the step keeps opt alive for as long as the graph can be launched.
+    if schedule == LR_EACH_STEP:
+        lrs = itertools.cycle(SCHEDULED_LRS)
+
+        def replay_at_next_lr(opt=opt):
+            with stream:
+                opt.lr = next(lrs)
+            graph.launch(stream)
+        return Built(replay_at_next_lr, lambda: [cupy.asnumpy(param)])
     return Built(lambda opt=opt: graph.launch(stream),
                  lambda: [cupy.asnumpy(param)])
 
@@ -122,15 +135,20 @@ class ReplayEventTimer:
 
 def graph_candidates():
     """The cupy backend's graph replay rows: by the wall clock (one synchronisation per
-    loop of replays) and by CUDA events (the kernels' own time)."""
+    loop of replays) and by CUDA events (the kernels' own time), and by the wall clock
+    with the lr changed between replays (LR_EACH_STEP)."""
     from gpu_momentum.arrays import compute_dtype
 
     library = lambda launch, timer: Candidate(
         "backend", "cuda", graph_replay_builder,
         lambda dtype: update_bytes(dtype, compute_dtype(dtype)), timer, arrays=4,
         backend="cupy", launch=launch)
+    scheduled = dataclasses.replace(
+        library(GRAPH_REPLAY, HostTimer(synchronize_device)),
+        build=functools.partial(graph_replay_builder, schedule=LR_EACH_STEP),
+        schedule=LR_EACH_STEP)
     return [library(GRAPH_REPLAY, HostTimer(synchronize_device)),
-            library(GRAPH_GPU_TIME, ReplayEventTimer())]
+            library(GRAPH_GPU_TIME, ReplayEventTimer()), scheduled]
 
 
 def synchronize_device():

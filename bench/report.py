@@ -65,6 +65,9 @@ OVERHEAD_SCHEDULED_TARGETS = (
 # The cupy backend's graph replay: at most this much longer per step than the GPU's own
 # time for the step's kernels, at every size of the overhead workload.
 GRAPH_REPLAY_WITHIN_S = 5e-6
+# On the GPU backends, a step with the lr set before it: at most this much longer than
+# the constant-lr step, at every size of the overhead workload.
+SCHEDULED_WITHIN_BACKENDS, SCHEDULED_WITHIN_S = ("cupy", "numba-cuda"), 2e-6
 # bfloat16 at TARGET_N on the GPU, per mode: (what, precision, compared with, goal).
 # "float32": elements per second over the same backend's float32 row; "nearest": over the
 # nearest row's; "roofline": the fraction of the memory roofline at the row's own bytes
@@ -168,23 +171,51 @@ def overhead_targets(result):
         found.append({"target": f"{what} ({OVERHEAD}, {where})", "workload": OVERHEAD,
                       "n": list(sizes), "dtype": "float32", "goal": goal, "value": value,
                       "met": None if value is None else value >= goal})
-    return found + [graph_replay_target(rows)]
+    return (found + [graph_replay_target(rows), graph_replay_target(rows, LR_EACH_STEP)]
+            + scheduled_step_targets(rows))
 
 
-def graph_replay_target(rows):
-    """The cupy backend's graph replay against the GPU's own time for its kernels: the
-    largest difference per step over the overhead workload's sizes, in microseconds
-    (None unless both rows exist at every size)."""
+def graph_replay_target(rows, schedule=None):
+    """The cupy backend's graph replay (with the lr changed between replays as `schedule`
+    says) against the GPU's own time for its kernels: the largest difference per step
+    over the overhead workload's sizes, in microseconds (None unless both rows exist at
+    every size)."""
     gaps = []
     for n in OVERHEAD_SIZES:
-        replay = _find(rows, backend="cupy", launch=GRAPH_REPLAY, n=n)
+        replay = _find(rows, backend="cupy", launch=GRAPH_REPLAY, n=n, schedule=schedule)
         kernels = _find(rows, backend="cupy", launch=GRAPH_GPU_TIME, n=n)
         gaps.append(None if replay is None or kernels is None
                     else (replay["median_s"] - kernels["median_s"]) * 1e6)
-    value = None if None in gaps else max(gaps)
-    within = GRAPH_REPLAY_WITHIN_S * 1e6
-    return {"target": f"cupy graph replay within {within:g} us of its kernels' GPU time "
-                      f"({OVERHEAD}, every size)", "workload": OVERHEAD,
+    changed = "" if schedule is None else f", {schedule}"
+    return _within_target(f"cupy graph replay{changed} within "
+                          f"{GRAPH_REPLAY_WITHIN_S * 1e6:g} us of its kernels' GPU time",
+                          gaps, GRAPH_REPLAY_WITHIN_S)
+
+
+def scheduled_step_targets(rows):
+    """Each GPU backend's eager step with the lr set before it against its constant-lr
+    step: the largest difference per step over the overhead workload's sizes."""
+    found = []
+    for backend in SCHEDULED_WITHIN_BACKENDS:
+        gaps = []
+        for n in OVERHEAD_SIZES:
+            constant, changed = (_find(rows, kind="backend", backend=backend, n=n,
+                                       launch="eager", schedule=schedule)
+                                 for schedule in (None, LR_EACH_STEP))
+            gaps.append(None if constant is None or changed is None
+                        else (changed["median_s"] - constant["median_s"]) * 1e6)
+        found.append(_within_target(
+            f"{backend} step() + {LR_EACH_STEP} within {SCHEDULED_WITHIN_S * 1e6:g} us of "
+            f"its constant-lr step", gaps, SCHEDULED_WITHIN_S))
+    return found
+
+
+def _within_target(what, gaps_us, within_s):
+    """A target met when the largest of `gaps_us` (microseconds per step, one per size of
+    the overhead workload) is at most `within_s`."""
+    value = None if None in gaps_us else max(gaps_us)
+    within = within_s * 1e6
+    return {"target": f"{what} ({OVERHEAD}, every size)", "workload": OVERHEAD,
             "n": list(OVERHEAD_SIZES), "dtype": "float32", "goal": within, "at_most": True,
             "unit": "us", "value": value, "met": None if value is None else value <= within}
 

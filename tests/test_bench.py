@@ -843,3 +843,40 @@ def test_graph_replay_target_is_the_largest_gap_to_the_kernels_gpu_time():
     assert candidates_data.Candidate(
         "backend", "cuda", None, None, None, 4, backend="cupy",
         launch="graph replay").name == "gpu-momentum cupy (graph replay)"
+
+
+def test_gpu_schedule_targets_are_the_largest_gap_to_the_constant_lr_rows():
+    """On the GPU: the eager step with the lr set before it within 2 us of the constant-lr
+    step, and the graph replay with the lr set between replays within 5 us of the
+    kernels' GPU time, at every size of the overhead workload."""
+    def gpu_row(backend, median, n, launch="eager", schedule=None):
+        return {**_row(f"gpu-momentum {backend}", "backend", median, n=n,
+                       workload="overhead"),
+                "device": "cuda", "launch": launch, "schedule": schedule}
+
+    sizes = candidates_data.OVERHEAD_SIZES
+    scheduled = candidates_data.LR_EACH_STEP
+    rows = []
+    for n in sizes:
+        rows += [gpu_row("cupy", 20e-6, n), gpu_row("cupy", 21e-6, n, schedule=scheduled),
+                 gpu_row("numba-cuda", 30e-6, n),
+                 gpu_row("numba-cuda", 30.5e-6, n, schedule=scheduled),
+                 gpu_row("cupy", 8e-6, n, "graph replay, GPU time"),
+                 gpu_row("cupy", 10e-6, n, "graph replay"),
+                 gpu_row("cupy", 12e-6, n, "graph replay", scheduled)]
+    rows[-4]["median_s"] = 33.5e-6  # the last size: numba-cuda 3.5 us over its constant lr
+    found = {t["target"]: t for t in report.targets(_result(rows))}
+    every = " (overhead, every size)"
+    cupy = found["cupy step() + lr each step within 2 us of its constant-lr step" + every]
+    numba = found["numba-cuda step() + lr each step within 2 us of its constant-lr step"
+                  + every]
+    replay = found["cupy graph replay, lr each step within 5 us of its kernels' GPU time"
+                   + every]
+    assert (cupy["value"], cupy["met"]) == (pytest.approx(1.0), True)
+    assert (numba["value"], numba["met"]) == (pytest.approx(3.5), False)
+    assert (replay["value"], replay["met"]) == (pytest.approx(4.0), True)
+    constant = found["cupy graph replay within 5 us of its kernels' GPU time" + every]
+    assert constant["value"] == pytest.approx(2.0)
+    alone = {t["target"]: t for t in report.targets(_result(rows[:-7]))}
+    assert alone["cupy step() + lr each step within 2 us of its constant-lr step"
+                 + every]["met"] is None  # a size without its rows: not measured
