@@ -10,6 +10,8 @@ from ..hyperparams import STYLES
 from ..precision import (PRECISION_BUFFER_NAMES, check_precision_name, check_same_precision,
                         check_seed)
 from ..state_format import STATE_KEY, STATE_VERSION, state_version, torch_extras_keys
+from .float8_state import adopt_velocities, check_float8_extras, exact_velocities, \
+    export_float8
 from .state import edits_of, plain, tracked
 from .tensors import dense
 
@@ -38,7 +40,7 @@ def read_extras(state_dict):
         return None
     version = state_version("torch.SGD", extras.get("format") if isinstance(extras, dict)
                             else None, f"{STATE_KEY} format")
-    keys = set(torch_extras_keys(version))
+    keys = set(torch_extras_keys(version, extras.get("velocity_dtype")))
     if set(extras) != keys:
         raise ValueError(f"Invalid {STATE_KEY} value in state_dict: {extras!r} (a dict "
                          f"with keys {sorted(keys)})")
@@ -47,6 +49,7 @@ def read_extras(state_dict):
     if version >= 4:
         check_precision_name(extras["precision"], f"{STATE_KEY} precision")
         check_seed(extras["seed"])
+        check_float8_extras(extras)
     for key in ("step_count", "skipped_steps"):
         value = extras[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -112,6 +115,7 @@ class SavedState:
                 "_precision": self.precision, "_seed": self.seed,
                 "_backend_choice": self._backend_choice,
                 "_skip_nonfinite": self._skip_nonfinite, "_capturable": self.capturable,
+                "_velocity_dtype": self.velocity_dtype_name,
                 "_counts": list(self._counts),
                 "_last_step_skipped": self._last_step_skipped}
 
@@ -153,6 +157,8 @@ class SavedState:
             state_dict["state"] = plain(state_dict["state"])
         state_dict[STATE_KEY] = extras_of(self._style, self.precision, self.seed,
                                           *self._counts)
+        if self.velocity_dtype_name is not None:
+            export_float8(state_dict, state_dict[STATE_KEY])
         return state_dict
 
     @torch._disable_dynamo
@@ -162,6 +168,8 @@ class SavedState:
         anything changes; a rejected state leaves the optimizer as it was."""
         extras = read_extras(state_dict)
         check_loadable(state_dict, extras, self._style, self.precision)
+        velocities = {} if self.velocity_dtype_name is None else exact_velocities(
+            state_dict, extras, self.param_groups)
         self._settle()
         before = self.state, self.param_groups
         try:
@@ -169,6 +177,10 @@ class SavedState:
         except BaseException:
             self.state, self.param_groups = before
             raise
+        if velocities:
+            layout = self.__dict__.get("_layout")
+            adopt_velocities(self.state, velocities, [] if layout is None else
+                             layout.buckets)
         if not self._through_autograd:  # (which keeps torch's casts)
             restore_uncast(state_dict, self.param_groups, self.state,
                            self.__dict__.get("_layout") is not None)
