@@ -81,7 +81,7 @@ def check_float8_extras(extras):
         raise ValueError(f"Invalid {STATE_KEY} velocity_dtype value: "
                          f"{extras['velocity_dtype']!r} (a state's extras name "
                          f"{FLOAT8_VELOCITY!r} alone)")
-    codes, scales = extras[CODES_KEY], extras[SCALES_KEY]
+    codes, scales = extras.get(CODES_KEY), extras.get(SCALES_KEY)
     if not (isinstance(codes, dict) and isinstance(scales, dict)) or set(codes) != set(
             scales):
         raise ValueError(f"Invalid {STATE_KEY} {CODES_KEY} and {SCALES_KEY} values: "

@@ -40,6 +40,8 @@ def read_extras(state_dict):
         return None
     version = state_version("torch.SGD", extras.get("format") if isinstance(extras, dict)
                             else None, f"{STATE_KEY} format")
+    if version >= 4:
+        check_float8_extras(extras)
     keys = set(torch_extras_keys(version, extras.get("velocity_dtype")))
     if set(extras) != keys:
         raise ValueError(f"Invalid {STATE_KEY} value in state_dict: {extras!r} (a dict "
@@ -49,7 +51,6 @@ def read_extras(state_dict):
     if version >= 4:
         check_precision_name(extras["precision"], f"{STATE_KEY} precision")
         check_seed(extras["seed"])
-        check_float8_extras(extras)
     for key in ("step_count", "skipped_steps"):
         value = extras[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
