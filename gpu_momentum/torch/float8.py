@@ -262,12 +262,3 @@ class Float8Bucket(Bucket):
             self._take_velocity(state, index)
             self._point_state(state, index)
         self.table_stale = True
-
-    def momentum_buffer(self, index):
-        """Parameter `index`'s velocity decoded: a new float32 tensor of its shape on its
-        device, or None before its first step."""
-        if not self.velocity_initialized[index]:
-            return None
-        codes = self.codes_views[index]
-        return dequantized(codes.cpu(), self.scales_views[index].cpu(), codes).to(
-            self.device)

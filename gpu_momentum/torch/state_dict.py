@@ -151,7 +151,9 @@ class SavedState:
         `state[i]["compensation"]` or `state[i]["master"]` for the 16-bit parameters that
         took a step; `param_groups` with torch's keys), plus the library's extras under
         "gpu_momentum" (format 2: style, precision, seed and the step counts), which
-        torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state)."""
+        torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state). With
+        an FP8 velocity each momentum_buffer is the decoded velocity (a new float32
+        tensor) and the extras hold the codes and scales too (float8_state)."""
         self._settle()
         state_dict = super().state_dict()
         if isinstance(state_dict.get("state"), dict):  # torch's dicts, not opt.state's
@@ -165,7 +167,9 @@ class SavedState:
     @torch._disable_dynamo
     def load_state_dict(self, state_dict):
         """Loads a state dict of this optimizer or of torch.optim.SGD: momentum buffers are
-        copied into the flat velocity (cast to its dtype and device). Checked before
+        copied into the flat velocity (cast to its dtype and device); with an FP8 velocity
+        an FP8 state's codes and scales are taken bit for bit and other momentum buffers
+        quantized (float8_state). Checked before
         anything changes; a rejected state leaves the optimizer as it was."""
         extras = read_extras(state_dict)
         check_loadable(state_dict, extras, self._style, self.precision)
