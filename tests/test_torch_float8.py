@@ -27,8 +27,6 @@ from gpu_momentum.torch import SGD, UnsupportedOptionError  # noqa: E402
 FP8 = torch.float8_e4m3fn
 NUMPY = {torch.float32: np.dtype(np.float32), torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
          torch.float16: np.dtype(np.float16)}
-TORCH_CONFIGS = [c for c in CONFIGS if c.values[0]["style"] == "torch"]
-TORCH_GROUP_CONFIGS = [c for c in GROUP_CONFIGS if c.values[0]["options"]["style"] == "torch"]
 STEPS = 5
 
 
@@ -70,7 +68,7 @@ class Twin:
     """A MomentumSGD over a FlatParams laid out as SGD's Float8Bucket lays out `params`
     (torch style, FP8 velocity), stepped with the same gradients."""
 
-    def __init__(self, params, groups=None, **options):
+    def __init__(self, params, groups=None, style="torch", **options):
         self.offsets, end = _block_offsets(SEGMENT_SIZES)
         dtype = NUMPY[params[0].dtype]
         total = -(-end // 16) * 16
@@ -79,7 +77,7 @@ class Twin:
             data[offset:offset + p.numel()] = _numpy(p)
         self.flat = FlatParams(data, np.zeros(total, dtype), [(s,) for s in SEGMENT_SIZES],
                                self.offsets, names=list(SEGMENT_NAMES))
-        self.opt = gm.MomentumSGD(self.flat, style="torch", velocity_dtype="float8_e4m3fn",
+        self.opt = gm.MomentumSGD(self.flat, style=style, velocity_dtype="float8_e4m3fn",
                                   groups=groups, backend="cpu", **options)
 
     def step(self, grads, grad_scale=1.0):
@@ -114,13 +112,12 @@ def _torch_groups(params, options, groups):
     return ([{"params": rest}] if rest else []) + result, bool(rest)
 
 
-@pytest.mark.parametrize("config", TORCH_CONFIGS)
+@pytest.mark.parametrize("config", CONFIGS)
 def test_steps_equal_momentum_sgd(config):
-    """Each configuration's schedule (lr and momentum changed between steps), float32
-    parameters: bit for bit MomentumSGD's FP8 torch-style steps."""
+    """Each configuration's schedule (lr and momentum changed between steps), both
+    styles, float32 parameters: bit for bit MomentumSGD's FP8 steps."""
     params = _params(torch.float32)
-    first = hyper_at(config, 0)
-    options = {k: v for k, v in first.items() if k != "style"}
+    options = hyper_at(config, 0)
     twin = Twin(params, **options)
     opt = SGD(params, velocity_dtype=FP8, backend="cpu", **options)
     for step in range(STEPS):
@@ -135,12 +132,11 @@ def test_steps_equal_momentum_sgd(config):
         twin.assert_same(opt, params)
 
 
-@pytest.mark.parametrize("config", TORCH_GROUP_CONFIGS)
+@pytest.mark.parametrize("config", GROUP_CONFIGS)
 def test_groups_equal_momentum_sgd(config):
     """Several param groups with their own values and a per-group lr schedule."""
     params = _params(torch.float32)
-    options = {"lr": LR_SCHEDULE[0],
-               **{k: v for k, v in config["options"].items() if k != "style"}}
+    options = {"lr": LR_SCHEDULE[0], **config["options"]}
     groups = config["groups"]
     torch_groups, has_rest = _torch_groups(params, options, groups)
     twin = Twin(params, groups=groups, **options)
@@ -347,12 +343,17 @@ def test_state_edits():
     assert set(opt.state[p]) == {"momentum_codes", "momentum_scales"}
     assert np.array_equal(opt.state[p]["momentum_codes"].numpy(), codes)
     assert np.array_equal(opt.state[p]["momentum_scales"].numpy(), scales)
-    del opt.state[p]["momentum_codes"], opt.state[p]["momentum_scales"]
     grad = _grads(0, torch.float32)[0]
-    p.grad = grad
-    opt.step()
-    codes, _ = quantize_velocity(grad.numpy())
-    assert np.array_equal(opt.state[p]["momentum_codes"].numpy(), codes)
+    for reset in ("delete", "none"):
+        if reset == "delete":
+            del opt.state[p]["momentum_codes"], opt.state[p]["momentum_scales"]
+        else:
+            opt.state[p]["momentum_buffer"] = None
+        p.grad = grad
+        opt.step()
+        codes, _ = quantize_velocity(grad.numpy())
+        assert np.array_equal(opt.state[p]["momentum_codes"].numpy(), codes)
+        assert set(opt.state[p]) == {"momentum_codes", "momentum_scales"}
 
 
 def _snapshot(opt, params):

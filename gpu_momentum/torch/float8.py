@@ -15,7 +15,8 @@ alone decode it. `opt.state[p]` holds them as views of the flat arrays:
 A "momentum_buffer" assigned there (a float tensor of the parameter's shape, as
 torch.optim.SGD holds) is quantized into the velocity at the next step (rounded to
 nearest) and leaves the state; deleting the codes (or clearing the entry) makes the next
-step a first step, as deleting a momentum buffer does in torch. `SGD.momentum_buffer(p)`
+step a first step, as deleting a momentum buffer (or setting it to None) does in
+torch; so does setting "momentum_buffer" to None. `SGD.momentum_buffer(p)`
 decodes one parameter's velocity."""
 
 import numpy as np
@@ -242,6 +243,10 @@ class Float8Bucket(Bucket):
     def _point_state(self, state, index):
         p = self.params[index]
         entry = state.get(p)
+        if entry is not None and "momentum_buffer" in entry and \
+                entry["momentum_buffer"] is None:  # a momentum buffer set to None: reset
+            for key in ("momentum_buffer", CODES_KEY, SCALES_KEY):
+                entry.pop(key, None)
         initialized = entry is not None and (entry.get("momentum_buffer") is not None
                                              or entry.get(CODES_KEY) is not None)
         pairs = self._state_pairs(state, index)
