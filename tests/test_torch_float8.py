@@ -7,13 +7,15 @@ scales and their edits; state dicts both ways with torch.optim.SGD and bit-exact
 and the refusals, with nothing changed."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from configs import (CONFIGS, GROUP_CONFIGS, LR_SCHEDULE, SEGMENT_NAMES, SEGMENT_SIZES,
                      TORCH_FLOAT8_ERRORS, group_lr, hyper_at)
-from harness import require
+from harness import library_env, require
 
 torch = require("torch")
 ml_dtypes = require("ml_dtypes")
@@ -303,6 +305,42 @@ def test_resume_bit_for_bit(dtype):
                 assert torch.equal(opt.state[ours][key], resumed.state[theirs][key])
 
 
+def test_channels_last_blocks_follow_memory_order():
+    """A channels_last weight's blocks are blocks of its memory: the codes view has its
+    strides, and a state resumes bit for bit into the same memory format; into another
+    one the momentum buffer is quantized again (within FP8's rounding of it)."""
+    def model(memory_format):
+        torch.manual_seed(0)
+        return torch.nn.Conv2d(8, 16, 3).to(memory_format=memory_format)
+
+    ours = model(torch.channels_last)
+    opt = SGD(ours.parameters(), lr=0.1, momentum=0.9, velocity_dtype=FP8)
+    x = torch.randn(2, 8, 6, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        ours(x).square().mean().backward()
+        opt.step()
+    codes = opt.state[ours.weight]["momentum_codes"]
+    assert codes.stride() == ours.weight.stride()
+    flat = codes.permute(0, 2, 3, 1).reshape(-1)  # memory order of channels_last
+    decoded = dequantize_velocity(flat.numpy(), opt.state[ours.weight][
+        "momentum_scales"].numpy())
+    expected = opt.momentum_buffer(ours.weight).permute(0, 2, 3, 1).reshape(-1)
+    assert np.array_equal(decoded, expected.numpy())
+    state = opt.state_dict()
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        twin = model(memory_format)
+        twin.load_state_dict(ours.state_dict())
+        resumed = SGD(twin.parameters(), lr=0.1, momentum=0.9, velocity_dtype=FP8)
+        resumed.load_state_dict(state)
+        buffer, saved = resumed.momentum_buffer(twin.weight), opt.momentum_buffer(
+            ours.weight)
+        if memory_format == torch.channels_last:
+            assert torch.equal(resumed.state[twin.weight]["momentum_codes"], codes)
+        else:
+            assert torch.allclose(buffer, saved, rtol=2**-3, atol=saved.abs().max() / 2**9)
+
+
 def test_torch_state_loads_quantized_and_fp8_state_loads_decoded():
     """torch.optim.SGD's state loads into an FP8 SGD quantized (reference.quantize_velocity
     of each momentum buffer), and an FP8 state into a float32-velocity SGD decoded."""
@@ -384,6 +422,45 @@ def test_constructor_refusals(id_, kwargs, param_dtype, error, pattern):
     with pytest.raises(error, match=pattern):
         SGD([p], lr=0.1, momentum=0.9, **kwargs)
     assert torch.equal(p.detach(), before) and p.grad is None
+
+
+@pytest.mark.parametrize("name", ["torch", "string", "ml_dtypes"])
+def test_velocity_dtype_names(name):
+    """torch.float8_e4m3fn, "float8_e4m3fn" and ml_dtypes.float8_e4m3fn name the FP8
+    velocity; None, torch.float32 and "float32" the default one."""
+    fp8 = {"torch": FP8, "string": "float8_e4m3fn", "ml_dtypes": ml_dtypes.float8_e4m3fn}
+    default = {"torch": torch.float32, "string": "float32", "ml_dtypes": None}
+    p = torch.nn.Parameter(torch.ones(3))
+    assert SGD([p], lr=0.1, velocity_dtype=fp8[name]).velocity_dtype == FP8
+    opt = SGD([p], lr=0.1, momentum=0.9, velocity_dtype=default[name])
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.velocity_dtype is None and set(opt.state[p]) == {"momentum_buffer"}
+
+
+def test_known_name_without_ml_dtypes_is_a_type_error():
+    """As MomentumSGD: a known name whose package is missing is a TypeError."""
+    script = """
+import sys
+class NoMlDtypes:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ml_dtypes" or name.startswith("ml_dtypes."):
+            raise ImportError("ml_dtypes is not installed")
+sys.meta_path.insert(0, NoMlDtypes())
+import torch
+from gpu_momentum.torch import SGD
+for value in ("float8_e4m3fn", torch.float8_e4m3fn):
+    try:
+        SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, velocity_dtype=value)
+    except TypeError as error:
+        print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=library_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all("Invalid velocity_dtype value: 'float8_e4m3fn'" in line
+                                   and "needs ml_dtypes" in line for line in lines)
 
 
 def test_differentiable_refuses_fp8():

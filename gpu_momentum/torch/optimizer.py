@@ -32,9 +32,9 @@ FUSED_ONLY_DEFAULTS = {**EXTRA_GROUP_DEFAULTS, "skip_nonfinite": False,
 class UnsupportedOptionError(ValueError, NotImplementedError):
     """A combination of options this optimizer does not support: one of the library's
     own options (l1, decoupled_weight_decay, skip_nonfinite, capturable, precision,
-    style, velocity_dtype) with differentiable=True, which computes torch.optim.SGD's update alone. A
-    ValueError, as every invalid value here, and a NotImplementedError (a RuntimeError,
-    what torch raises for options its fused SGD lacks)."""
+    style, velocity_dtype) with differentiable=True, which computes torch.optim.SGD's
+    update alone. A ValueError, as every invalid value here, and a NotImplementedError (a
+    RuntimeError, what torch raises for options its fused SGD lacks)."""
 
 
 class SGD(Float8Surface, SavedState, Optimizer):
