@@ -14,6 +14,9 @@ version number for all three, STATE_VERSION; every version in VERSIONS still loa
   their arrays. A state whose velocity_dtype is float8_e4m3fn holds the FP8 velocity's
   two arrays, FLOAT8_VELOCITY_KEYS (E4M3 codes uint8[n], scales float32[ceil(n / 256)]),
   in place of `velocity` (no earlier reader saw such a state: they refused FP8 ones).
+  A torch.SGD state with an FP8 velocity: its extras add TORCH_FLOAT8_EXTRAS_KEYS, the
+  velocity's name and each parameter's codes and scales (its momentum buffers are decoded,
+  as torch.optim.SGD loads them).
 
 Before the three shared this number, the state dicts counted their own versions: a
 MomentumSGD state says "format" 2 (version 2) or 3 (version 4), a torch.SGD state's
@@ -44,6 +47,10 @@ FLOAT8_VELOCITY_KEYS = ("velocity_codes", "velocity_scales")
 # gpu_momentum.torch.SGD: the library's extras in a state_dict, under one top-level key
 # that torch.optim.SGD's load_state_dict ignores (it reads "state" and "param_groups").
 STATE_KEY = "gpu_momentum"
+# What the extras add for an FP8 velocity (version 4): "float8_e4m3fn", then {parameter
+# index: its E4M3 codes (uint8, the parameter's shape)} and {parameter index: its block
+# scales (float32[ceil(numel / 256)])}.
+TORCH_FLOAT8_EXTRAS_KEYS = ("velocity_dtype", "momentum_codes", "momentum_scales")
 
 # Checkpoint files: the members of each version, each an .npy array; version 4 adds at
 # most one of PRECISION_BUFFER_MEMBERS, and holds FLOAT8_VELOCITY_KEYS in place of
@@ -91,11 +98,15 @@ def momentum_sgd_keys(precision="nearest", version=STATE_VERSION, velocity_dtype
             *((buffer,) if buffer else ()))
 
 
-def torch_extras_keys(version=STATE_VERSION):
+def torch_extras_keys(version=STATE_VERSION, velocity_dtype=None):
     """The keys of the library's extras (under STATE_KEY) in a torch.SGD state dict of
-    `version`."""
+    `version` with a velocity of `velocity_dtype` (its name, or None for the default):
+    TORCH_FLOAT8_EXTRAS_KEYS added for float8_e4m3fn (version 4)."""
     keys = ("format", "style", "step_count", "skipped_steps")
-    return keys if version < 4 else (*keys, "precision", "seed")
+    if version < 4:
+        return keys
+    float8 = isinstance(velocity_dtype, str) and is_float8(velocity_dtype)
+    return (*keys, "precision", "seed", *(TORCH_FLOAT8_EXTRAS_KEYS if float8 else ()))
 
 
 def checkpoint_meta_keys(version):

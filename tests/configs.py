@@ -546,6 +546,30 @@ TORCH_SGD_ERRORS = [
      r"Invalid skip_nonfinite value: 'yes'"),
     ("style-unknown", {"style": "adam"}, ValueError, r"Invalid style value: 'adam'"),
     ("backend-unknown", {"backend": "tpu"}, ValueError, r"Invalid backend value: 'tpu'"),
+    ("velocity-dtype-unknown", {"velocity_dtype": "fp8"}, ValueError,
+     r"Invalid velocity_dtype value: 'fp8'"),
+    ("differentiable-with-float8", {"differentiable": True,
+                                    "velocity_dtype": "float8_e4m3fn"}, ValueError,
+     r"^Invalid velocity_dtype value: 'float8_e4m3fn' with differentiable=True"),
+]
+
+# gpu_momentum.torch.SGD's velocity_dtype refused: (id, keyword arguments, param dtype
+# name, exception type, message pattern); nothing is packed when one fails.
+TORCH_FLOAT8_ERRORS = [
+    ("unknown-name", {"velocity_dtype": "fp8"}, "float32", ValueError,
+     r"Invalid velocity_dtype value: 'fp8' \(not a dtype"),
+    ("float16-velocity", {"velocity_dtype": "float16"}, "float16", ValueError,
+     r"Invalid velocity_dtype value: 'float16' \(the velocity is float32"),
+    ("torch-bfloat16-velocity", {"velocity_dtype": "torch.bfloat16"}, "bfloat16",
+     ValueError, r"Invalid velocity_dtype value: 'bfloat16'"),
+    ("not-a-dtype", {"velocity_dtype": 8}, "float32", TypeError,
+     r"Invalid velocity_dtype value: 8"),
+    ("float64-params", {"velocity_dtype": "float8_e4m3fn"}, "float64", ValueError,
+     r"Invalid velocity_dtype value: 'float8_e4m3fn' \(float64 parameters cannot"),
+    ("complex-params", {"velocity_dtype": "float8_e4m3fn"}, "complex64", ValueError,
+     r"Invalid velocity_dtype value: 'float8_e4m3fn' \(complex parameters"),
+    ("kahan-on-float32", {"velocity_dtype": "float8_e4m3fn", "precision": "kahan"},
+     "float32", ValueError, r"Invalid precision value: 'kahan'"),
 ]
 
 # What torch.optim.SGD accepts although it looks odd (no upper bound on momentum, negative

@@ -72,7 +72,9 @@ place), `group_values` (which param groups changed since the last step), `storag
 wrapper owns, updated where they live), `grad_views` (the gradient views and their
 hooks), `state` (`opt.state`, counting its edits), `differentiable` (the
 differentiable=True path), `state_dict` (pickling and the state dict: the library's
-extras and their checks), `tensors` (torch tensors as the backends' arrays). They are the package's own: its API
+extras and their checks), `tensors` (torch tensors as the backends' arrays), `float8`
+(velocity_dtype=torch.float8_e4m3fn: the FP8 velocity's Bucket and opt.state entries)
+and `float8_state` (its state dict and the methods that read it). They are the package's own: its API
 is the names below.
 """
 

@@ -56,7 +56,7 @@ class Bucket(TableUpkeep):
         element = real.itemsize
         offsets, ends, end = [], [], 0
         for p in likes:
-            offset = aligned(end, element)
+            offset = self.segment_start(end, element)
             end = offset + p.numel() * (2 if p.is_complex() else 1)
             offsets.append(offset)
             ends.append(end)
@@ -64,14 +64,12 @@ class Bucket(TableUpkeep):
         self.data = torch.zeros(total, dtype=dtype, device=device)
         own_storage(self.data)
         grad = torch.zeros(total, dtype=dtype, device=device)
-        self.velocity = torch.zeros(total, dtype=TORCH_DTYPES[self.compute_dtype],
-                                    device=device)
+        velocity = self.new_velocity(total, offsets, likes)
         self.param_views = [segment(self.data, o, p) for o, p in zip(offsets, likes)]
         self.grads = self.gradient_views(params, grad, offsets, device)
-        self.velocity_views = [segment(self.velocity, o, p) for o, p in zip(offsets, likes)]
         self.precision = precision
         self.buffer_name = PRECISION_BUFFER_NAMES.get(precision)  # None: no buffer
-        tensors = (self.data, grad, self.velocity)
+        tensors = (self.data, grad, *velocity)
         self.buffer = self.buffer_views = None
         if self.buffer_name is not None:
             self.buffer = torch.zeros(total, dtype=dtype if precision == "kahan" else
@@ -92,7 +90,7 @@ class Bucket(TableUpkeep):
         self.range_ends = np.array(range_ends, np.int64)
         self.present = [False] * len(params)
         self.velocity_initialized = np.zeros(len(params), bool)
-        self.arrays = ArraysFor(backend, device, tensors)
+        self.arrays = self.arrays_for(backend, device, tensors)
         with self.arrays.context():
             check_arrays(backend, *self.arrays.step_arrays()[:3], precision,
                          self._buffer_array(self.arrays.step_arrays()))
@@ -107,6 +105,29 @@ class Bucket(TableUpkeep):
         self._prepared_step = None  # the prepared step, and what it was prepared with
         self._launch_made_with, self._launch_context = (), None
         self._launch_terms = frozenset()
+
+    # The backend's arrays of the flat tensors (tensors.ArraysFor).
+    arrays_for = ArraysFor
+
+    @staticmethod
+    def segment_start(end, element):
+        """Where a parameter's segment starts after the previous one's `end` (elements
+        of `element` bytes): at the next 16-byte boundary, as FlatParams lays them out."""
+        return aligned(end, element)
+
+    def new_velocity(self, total, offsets, likes):
+        """The flat velocity tensors over `total` elements (here one, of the compute
+        dtype), with `velocity_views`, each parameter's momentum buffer, a segment of it
+        at its offset shaped like its `likes` tensor."""
+        self.velocity = torch.zeros(total, dtype=TORCH_DTYPES[self.compute_dtype],
+                                    device=self.device)
+        self.velocity_views = [segment(self.velocity, o, p) for o, p in zip(offsets, likes)]
+        return (self.velocity,)
+
+    def velocity_state(self, index):
+        """{state key: view}: what parameter `index`'s state holds of its velocity once it
+        exists (here its momentum buffer)."""
+        return {"momentum_buffer": self.velocity_views[index]}
 
     # -- packing: check, fill, commit --
 
@@ -270,7 +291,7 @@ class Bucket(TableUpkeep):
             self.pending |= first  # settle() checks them against the device's counters
         if first.any():
             for index in np.flatnonzero(first):
-                state[self.params[index]]["momentum_buffer"] = self.velocity_views[index]
+                state[self.params[index]].update(self.velocity_state(index))
             self.velocity_initialized |= first
             self.table_stale = True
         return False
@@ -343,9 +364,11 @@ class Bucket(TableUpkeep):
         initialized = counters[GROUP_SLOTS:] != 0
         for index in np.flatnonzero(self.pending & ~initialized):
             entry = state.get(self.params[index])  # (unless the user removed it since)
-            if entry is not None and entry.get("momentum_buffer") is \
-                    self.velocity_views[index]:
-                del entry["momentum_buffer"]
+            views = self.velocity_state(index)
+            if entry is not None and all(entry.get(key) is view
+                                         for key, view in views.items()):
+                for key in views:
+                    del entry[key]
                 if not entry:
                     del state[self.params[index]]
         if (self.velocity_initialized != initialized).any():

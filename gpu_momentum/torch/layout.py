@@ -10,6 +10,7 @@ from ..backends import (REGISTRY, BackendUnavailableError, backend_named,
                         backends_for_device, unavailable_reason)
 from ..precision import BFLOAT16_EXTRA
 from .buckets import Bucket
+from .float8 import Float8Bucket, check_float8_packing
 from .foreign import ForeignBucket
 from .grad_views import zero_in_place
 from .storage import local_of, lives_elsewhere
@@ -17,13 +18,14 @@ from .tensors import NUMPY_DTYPES, TORCH_DTYPES, data_ptr, real_dtype
 
 
 def pack(param_groups, state, old, *, backend_choice, skip_nonfinite, precision,
-         counted_on_device, step_count):
+         counted_on_device, step_count, velocity_dtype=None):
     """A new Layout of `param_groups`, holding the parameters' current values, gradients
     and the momentum and precision buffers in `state`; everything is checked and copied
     into new buffers before any parameter is re-pointed, so a failure changes nothing.
     `old`: the Layout it replaces (its hooks are removed), or None; `step_count`: the
     optimizer's steps taken; the others: the optimizer's options (`backend_choice`: its
-    `backend` argument; `counted_on_device`: whether the kernels count the steps)."""
+    `backend` argument; `counted_on_device`: whether the kernels count the steps;
+    `velocity_dtype`: None, or float8_e4m3fn for FP8 velocities, float8.Float8Bucket)."""
     order, group_of = [], {}
     for index, group in enumerate(param_groups):
         for p in group["params"]:
@@ -48,7 +50,12 @@ def pack(param_groups, state, old, *, backend_choice, skip_nonfinite, precision,
                          f"for all parameters or none, decided in one buffer's "
                          f"memory; these parameters need several: {where})")
     sixteen_bit = {dtype: dtype.itemsize == 2 for _, _, dtype, _ in packed}
-    if precision != "nearest" and packed and not any(sixteen_bit.values()):
+    modes = {key: precision if sixteen_bit[key[2]] else "nearest" for key in packed}
+    if velocity_dtype is not None:
+        modes = {key: check_float8_packing(key, params, precision)
+                 for key, params in packed.items()}
+    if precision != "nearest" and packed and all(mode == "nearest"
+                                                 for mode in modes.values()):
         dtypes = ", ".join(sorted({str(dtype) for dtype in sixteen_bit}))
         raise ValueError(f"Invalid precision value: {precision!r} (the parameters "
                          f"are {dtypes}, computed in their own precision: only "
@@ -58,10 +65,10 @@ def pack(param_groups, state, old, *, backend_choice, skip_nonfinite, precision,
     old_views = {} if old is None else {
         key: cleared for bucket in old.buckets
         for key, cleared in bucket.grads.cleared_by_view().items()}
-    buckets = [(ForeignBucket if theirs else Bucket)(
+    kind = Bucket if velocity_dtype is None else Float8Bucket
+    buckets = [(ForeignBucket if theirs else kind)(
                    REGISTRY[name], device, dtype, params, [group_of[id(p)] for p in params],
-                   counted_on_device, skip_nonfinite,
-                   precision if sixteen_bit[dtype] else "nearest")
+                   counted_on_device, skip_nonfinite, modes[name, device, dtype, theirs])
                for (name, device, dtype, theirs), params in packed.items()]
     for bucket in buckets:
         bucket.check_state(state)

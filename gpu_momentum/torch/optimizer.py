@@ -10,6 +10,8 @@ from ..hyperparams import STYLES
 from ..precision import check_precision_name, check_seed
 from .bucket_table import CAPTURE_REFUSED
 from .differentiable import step_param_groups
+from .float8 import torch_velocity_dtype
+from .float8_state import Float8Surface
 from .grad_views import Reshaped
 from .group_values import GroupValues
 from .layout import pack
@@ -23,18 +25,19 @@ __all__ = ["SGD", "UnsupportedOptionError"]
 # The library's options that differentiable=True (torch's update, through torch
 # operations) has no part of: they must keep these values.
 FUSED_ONLY_DEFAULTS = {**EXTRA_GROUP_DEFAULTS, "skip_nonfinite": False,
-                       "capturable": False, "precision": "nearest", "style": "torch"}
+                       "capturable": False, "precision": "nearest", "style": "torch",
+                       "velocity_dtype": None}
 
 
 class UnsupportedOptionError(ValueError, NotImplementedError):
     """A combination of options this optimizer does not support: one of the library's
     own options (l1, decoupled_weight_decay, skip_nonfinite, capturable, precision,
-    style) with differentiable=True, which computes torch.optim.SGD's update alone. A
-    ValueError, as every invalid value here, and a NotImplementedError (a RuntimeError,
-    what torch raises for options its fused SGD lacks)."""
+    style, velocity_dtype) with differentiable=True, which computes torch.optim.SGD's
+    update alone. A ValueError, as every invalid value here, and a NotImplementedError (a
+    RuntimeError, what torch raises for options its fused SGD lacks)."""
 
 
-class SGD(SavedState, Optimizer):
+class SGD(Float8Surface, SavedState, Optimizer):
     r"""Stochastic gradient descent with momentum, as torch.optim.SGD, in one fused pass
     over flat buffers (see the package's docstring for how).
 
@@ -86,6 +89,16 @@ class SGD(SavedState, Optimizer):
       in their own precision, and a mode other than "nearest" without any 16-bit
       parameter is a ValueError;
     - style: "torch" (default) or "classic" (one per optimizer);
+    - velocity_dtype: None (default; torch.float32 and "float32" say the same) or
+      torch.float8_e4m3fn ("float8_e4m3fn", ml_dtypes.float8_e4m3fn): an 8-bit velocity,
+      E4M3 codes with one float32 scale per 256 elements (MomentumSGD's format, see
+      docs/precision.md), each parameter owning whole blocks. For float32 and 16-bit
+      parameters (float32 ones have precision "nearest" and "stochastic", which rounds
+      the codes); float64 and complex ones, and storage a wrapper owns, refuse it.
+      `opt.state[p]` then holds "momentum_codes" and "momentum_scales" (views of the
+      velocity) instead of "momentum_buffer"; `momentum_buffer(p)` decodes it, and an
+      assigned "momentum_buffer" is quantized into it (gpu_momentum.torch.float8);
+      `state_dict()` holds each momentum_buffer decoded, as torch.optim.SGD loads it;
     - backend: "auto" (the first available backend for each tensor's device type), "cpu",
       "cupy", "numba-cuda" or another registered backend's name
       (gpu_momentum.backends.register_backend).
@@ -113,7 +126,7 @@ class SGD(SavedState, Optimizer):
                  nesterov=False, *, maximize=False, l1=0.0, decoupled_weight_decay=False,
                  skip_nonfinite=False, capturable=False, precision="nearest", seed=0,
                  style="torch", backend="auto", foreach=None, fused=None,
-                 differentiable=False):
+                 differentiable=False, velocity_dtype=None):
         # torch.optim.SGD's checks, in its order and with its messages, before params are
         # looked at (torch's own error inputs pass params=None with a bad lr or momentum).
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -132,10 +145,12 @@ class SGD(SavedState, Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         seed = _check_library_options(l1, decoupled_weight_decay, skip_nonfinite,
                                       capturable, style, precision, seed, backend)
+        velocity_dtype = torch_velocity_dtype(velocity_dtype)
         if differentiable:
             _refuse_fused_only_options(l1=l1, decoupled_weight_decay=decoupled_weight_decay,
                                        skip_nonfinite=skip_nonfinite, capturable=capturable,
-                                       precision=precision, style=style)
+                                       precision=precision, style=style,
+                                       velocity_dtype=velocity_dtype)
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov,
                     "maximize": maximize, "foreach": foreach,
@@ -145,6 +160,7 @@ class SGD(SavedState, Optimizer):
                 defaults[name] = type(EXTRA_GROUP_DEFAULTS[name])(value)
         self._style = style
         self._precision, self._seed = precision, seed
+        self._velocity_dtype = velocity_dtype
         self._backend_choice = backend
         self._skip_nonfinite = bool(skip_nonfinite)
         self._capturable = bool(capturable)
@@ -412,7 +428,8 @@ class SGD(SavedState, Optimizer):
         layout = pack(self.param_groups, self.state, old,
                       backend_choice=self._backend_choice,
                       skip_nonfinite=self._skip_nonfinite, precision=self.precision,
-                      counted_on_device=self._counted_on_device, step_count=self._counts[0])
+                      counted_on_device=self._counted_on_device, step_count=self._counts[0],
+                      velocity_dtype=self.velocity_dtype_name)
         self._step_supports_amp_scaling = self._reads_scaler_values(
             bucket.device for bucket in layout.buckets)
         if layout.moved:

@@ -10,6 +10,8 @@ from ..hyperparams import STYLES
 from ..precision import (PRECISION_BUFFER_NAMES, check_precision_name, check_same_precision,
                         check_seed)
 from ..state_format import STATE_KEY, STATE_VERSION, state_version, torch_extras_keys
+from .float8_state import adopt_velocities, check_float8_extras, exact_velocities, \
+    export_float8
 from .state import edits_of, plain, tracked
 from .tensors import dense
 
@@ -38,7 +40,9 @@ def read_extras(state_dict):
         return None
     version = state_version("torch.SGD", extras.get("format") if isinstance(extras, dict)
                             else None, f"{STATE_KEY} format")
-    keys = set(torch_extras_keys(version))
+    if version >= 4:
+        check_float8_extras(extras)
+    keys = set(torch_extras_keys(version, extras.get("velocity_dtype")))
     if set(extras) != keys:
         raise ValueError(f"Invalid {STATE_KEY} value in state_dict: {extras!r} (a dict "
                          f"with keys {sorted(keys)})")
@@ -112,6 +116,7 @@ class SavedState:
                 "_precision": self.precision, "_seed": self.seed,
                 "_backend_choice": self._backend_choice,
                 "_skip_nonfinite": self._skip_nonfinite, "_capturable": self.capturable,
+                "_velocity_dtype": self.velocity_dtype_name,
                 "_counts": list(self._counts),
                 "_last_step_skipped": self._last_step_skipped}
 
@@ -146,22 +151,30 @@ class SavedState:
         `state[i]["compensation"]` or `state[i]["master"]` for the 16-bit parameters that
         took a step; `param_groups` with torch's keys), plus the library's extras under
         "gpu_momentum" (format 2: style, precision, seed and the step counts), which
-        torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state)."""
+        torch.optim.SGD ignores (it keeps the extra per-parameter tensors as state). With
+        an FP8 velocity each momentum_buffer is the decoded velocity (a new float32
+        tensor) and the extras hold the codes and scales too (float8_state)."""
         self._settle()
         state_dict = super().state_dict()
         if isinstance(state_dict.get("state"), dict):  # torch's dicts, not opt.state's
             state_dict["state"] = plain(state_dict["state"])
         state_dict[STATE_KEY] = extras_of(self._style, self.precision, self.seed,
                                           *self._counts)
+        if self.velocity_dtype_name is not None:
+            export_float8(state_dict, state_dict[STATE_KEY])
         return state_dict
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict):
         """Loads a state dict of this optimizer or of torch.optim.SGD: momentum buffers are
-        copied into the flat velocity (cast to its dtype and device). Checked before
+        copied into the flat velocity (cast to its dtype and device); with an FP8 velocity
+        an FP8 state's codes and scales are taken bit for bit and other momentum buffers
+        quantized (float8_state). Checked before
         anything changes; a rejected state leaves the optimizer as it was."""
         extras = read_extras(state_dict)
         check_loadable(state_dict, extras, self._style, self.precision)
+        velocities = {} if self.velocity_dtype_name is None else exact_velocities(
+            state_dict, extras, self.param_groups)
         self._settle()
         before = self.state, self.param_groups
         try:
@@ -169,6 +182,10 @@ class SavedState:
         except BaseException:
             self.state, self.param_groups = before
             raise
+        if velocities:
+            layout = self.__dict__.get("_layout")
+            adopt_velocities(self.state, velocities, [] if layout is None else
+                             layout.buckets)
         if not self._through_autograd:  # (which keeps torch's casts)
             restore_uncast(state_dict, self.param_groups, self.state,
                            self.__dict__.get("_layout") is not None)
