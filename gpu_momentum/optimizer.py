@@ -412,8 +412,8 @@ class MomentumSGD(_FlatUpdate):
     `velocity.scales` (float32, one per block), also `velocity_codes` and
     `velocity_scales`; `dequantized_velocity()` decodes it. float32 parameters have
     "stochastic" with it too, which rounds the codes stochastically; 16-bit ones every
-    mode. float64 parameters refuse it; its state cannot be saved or loaded yet
-    (state_dict, load_state_dict, save and load raise ValueError). See
+    mode. float64 parameters refuse it. state_dict() and checkpoints hold the codes and
+    scales, and load into a float32 velocity (decoded) or from one (quantized). See
     docs/precision.md.
     """
 
