@@ -51,7 +51,8 @@ GRAPH_REPLAY, GRAPH_GPU_TIME = "graph replay", "graph replay, GPU time"
 # 16-bit params, every precision mode they have).
 FLOAT32_VELOCITY = "float32"
 VELOCITY_DTYPES = (FLOAT32_VELOCITY, FLOAT8_VELOCITY)
-# How a row's name shows a velocity other than the compute dtype's (Candidate.velocity_dtype)
+# How a row's name shows a velocity other than the compute dtype's
+# (Candidate.velocity_dtype).
 VELOCITY_LABELS = {"param": ", 16-bit velocity", FLOAT8_VELOCITY: ", FP8 velocity"}
 
 

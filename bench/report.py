@@ -243,8 +243,9 @@ def float8_targets(result):
             row = _find(rows, kind="backend", backend=backend, groups=1, dtype=dtype,
                         precision="nearest", velocity_dtype=FLOAT8_VELOCITY)
             value = None if row is None else row.get("float8_ratio")
-            found.append({"target": f"{backend} {dtype} + FP8 velocity >= {goal:g}x "
-                                    f"{dtype} + float32 velocity elements/s",
+            what = dtype if dtype == "float32" else f"{dtype} nearest"
+            found.append({"target": f"{backend} {what} + FP8 velocity >= {goal:g}x "
+                                    f"{what} + float32 velocity elements/s",
                           "n": TARGET_N, "dtype": dtype, "goal": goal, "value": value,
                           "met": None if value is None else value >= goal})
     return found

@@ -77,7 +77,8 @@ def test_bytes_per_element_of_an_fp8_velocity(param, precision, moved, state):
     assert update_bytes(param, FLOAT8_VELOCITY, precision) == pytest.approx(moved)
     assert state_bytes(param, FLOAT8_VELOCITY, precision) == pytest.approx(state)
     assert velocity_bytes(FLOAT8_VELOCITY) == pytest.approx(FLOAT8_STATE)
-    assert state_bytes(param, "float32", precision) == pytest.approx(state - FLOAT8_STATE + 4)
+    assert state_bytes(param, "float32", precision) == pytest.approx(
+        state - FLOAT8_STATE + 4)
     assert update_bytes("float32", FLOAT8_VELOCITY) < 20 - 5.9
     assert update_bytes("bfloat16", FLOAT8_VELOCITY) < 14 - 5.9
 
@@ -293,8 +294,8 @@ def test_fp8_ratios_compare_the_same_backend_dtype_and_mode():
     found = {t["target"]: t for t in result["targets"]}
     f32 = found["cpu float32 + FP8 velocity >= 1.3x float32 + float32 velocity elements/s"]
     assert (f32["value"], f32["met"]) == (pytest.approx(1.5), True)
-    bf16 = found["cpu bfloat16 + FP8 velocity >= 1.6x bfloat16 + float32 velocity "
-                 "elements/s"]
+    bf16 = found["cpu bfloat16 nearest + FP8 velocity >= 1.6x bfloat16 nearest + float32 "
+                 "velocity elements/s"]
     assert (bf16["value"], bf16["met"]) == (pytest.approx(1.5), False)
     assert not any(t["target"].startswith("cupy") and "FP8" in t["target"]
                    for t in result["targets"])  # no cupy rows: no cupy FP8 targets
@@ -312,8 +313,8 @@ def test_fp8_targets_are_not_measured_without_their_rows():
     found = {t["target"]: t for t in result["targets"] if "FP8" in t["target"]}
     assert found["cupy float32 + FP8 velocity >= 1.3x float32 + float32 velocity "
                  "elements/s"]["met"] is False
-    assert found["cupy bfloat16 + FP8 velocity >= 1.6x bfloat16 + float32 velocity "
-                 "elements/s"]["met"] is None
+    assert found["cupy bfloat16 nearest + FP8 velocity >= 1.6x bfloat16 nearest + float32 "
+                 "velocity elements/s"]["met"] is None
     plain = report.finish(_result([_row("gpu-momentum cpu", "backend", 0.05)]), {})
     assert not any("FP8" in t["target"] for t in plain["targets"])
 
