@@ -20,18 +20,18 @@ from gpu_momentum.backends import (REGISTRY, BackendUnavailableError, backend_na
                                    backend_names)
 from gpu_momentum.kernels.layout import PRECISION_NAMES
 
-from .data import (COPY_ROOFLINE, CUPY_PEER, GROUPS, LR, LR_EACH_STEP, MOMENTUM,
-                   NAIVE_ARRAYS, NUMPY_TWO_LINE, ONE_CYCLE, ROOFLINE_PEERS, ROOFLINES,
-                   SCHEDULED_LRS, SIXTEEN_BIT, TORCH_API, WIDE, Absent, Built, Candidate,
-                   Problem, Unsupported, backend_name)
-from .measure import HostTimer, copy_bytes, stream_bytes, update_bytes
+from .data import (COPY_ROOFLINE, CUPY_PEER, FLOAT8_VELOCITY, FLOAT32_VELOCITY, GROUPS,
+                   LR, LR_EACH_STEP, MOMENTUM, NAIVE_ARRAYS, NUMPY_TWO_LINE, ONE_CYCLE,
+                   ROOFLINE_PEERS, ROOFLINES, SCHEDULED_LRS, SIXTEEN_BIT, TORCH_API, WIDE,
+                   Absent, Built, Candidate, Problem, Unsupported, backend_name)
+from .measure import HostTimer, copy_bytes, state_bytes, stream_bytes, update_bytes
 from .peers import (copyto_builder, naive_builder, numpy_out_builder,
                     numpy_two_line_builder, scheduled, scheduled_numpy_two_line_builder,
                     stream_builder, torch_builder, torch_parameters, torch_values)
 
 __all__ = ["CUPY_PEER", "GROUPS", "LR", "MOMENTUM", "ROOFLINES", "TORCH_API", "Absent",
-           "Built", "Candidate", "Problem", "Unsupported", "discover", "group_spec",
-           "groups_comparison", "library_candidate", "overhead_candidates",
+           "Built", "Candidate", "Problem", "Unsupported", "discover", "float8_candidates",
+           "group_spec", "groups_comparison", "library_candidate", "overhead_candidates",
            "torch_workload"]
 TORCH_VARIANTS = (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}),
                   ("fused", {"fused": True}))
@@ -45,19 +45,22 @@ def group_spec(count):
             for i in range(count)]
 
 
-def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocity=False,
+def library_candidate(name, timer, groups=1, precision=None, velocity=None,
                       schedule=None):
     """MomentumSGD (classic style, `v = mu*v - lr*g; p += v`) on backend `name`: the flat
     workload as one array, the many-tensor workloads packed into one FlatParams. With
     groups > 1 (the groups comparison), a workload of that many tensors, each its own
     parameter group (`group_spec`), still one launch per step. With a `precision` (a
-    mode of 16-bit parameters) it runs 16-bit dtypes only, in that mode, with a velocity
-    of the param dtype if `sixteen_bit_velocity`; without, float32 and float64 only.
+    mode of 16-bit parameters) it runs 16-bit dtypes only, in that mode; without, float32
+    and float64 only. velocity: None, the compute dtype's (float32; float64 for float64
+    params); "param", the param dtype's (16-bit params); FLOAT8_VELOCITY, E4M3 codes with
+    a scale per block (float32 and 16-bit params: without a precision, float32 only).
     schedule=LR_EACH_STEP (the flat workload): `opt.lr` set from SCHEDULED_LRS before
     every step."""
     backend = backend_named(name)
     options = {} if precision is None else {"precision": precision}
-    dtypes = WIDE if precision is None else SIXTEEN_BIT
+    dtypes = SIXTEEN_BIT if precision is not None else (
+        ("float32",) if velocity == FLOAT8_VELOCITY else WIDE)
 
     def build(problem):
         if problem.dtype.name not in backend.dtypes:
@@ -68,8 +71,8 @@ def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocit
         if groups > 1 and (problem.shapes is None or len(problem.shapes) != groups):
             raise Unsupported(f"{groups} groups need a workload of {groups} tensors")
         hyper = {"lr": LR, "momentum": MOMENTUM, "backend": name, **options}
-        if sixteen_bit_velocity:
-            hyper["velocity_dtype"] = problem.dtype
+        if velocity is not None:
+            hyper["velocity_dtype"] = problem.dtype if velocity == "param" else velocity
         if problem.shapes is None:
             param = backend.copy(backend.asarray(problem.p0))
             grad = backend.copy(backend.asarray(problem.g0))
@@ -89,16 +92,21 @@ def library_candidate(name, timer, groups=1, precision=None, sixteen_bit_velocit
         opt = MomentumSGD(flat, groups=group_spec(groups) if groups > 1 else None, **hyper)
         return Built(opt.step, lambda: [backend.to_numpy(p) for p in flat.params])
 
+    def velocity_of(dtype):
+        return {None: compute_dtype(dtype), "param": dtype}.get(velocity, velocity)
+
     def bytes_per_element(dtype):
-        velocity = dtype if sixteen_bit_velocity else compute_dtype(dtype)
-        return update_bytes(dtype, velocity, precision or "nearest")
+        return update_bytes(dtype, velocity_of(dtype), precision or "nearest")
+
+    def state_bytes_per_element(dtype):
+        return state_bytes(dtype, velocity_of(dtype), precision or "nearest")
 
     buffers = {"kahan": 1, "master": 2}.get(precision, 0)  # float32 counts twice
     return Candidate("backend", backend.device_type, build,
                      bytes_per_element, timer, arrays=4 + buffers, backend=name,
-                     groups=groups, precision=precision,
-                     velocity_dtype="param" if sixteen_bit_velocity else None,
-                     param_dtypes=dtypes, schedule=schedule)
+                     groups=groups, precision=precision, velocity_dtype=velocity,
+                     param_dtypes=dtypes, schedule=schedule,
+                     state_bytes=state_bytes_per_element)
 
 
 def precision_candidates(name, timer):
@@ -106,14 +114,24 @@ def precision_candidates(name, timer):
     "nearest" with a velocity of the param dtype."""
     return [*(library_candidate(name, timer, precision=precision)
               for precision in PRECISION_NAMES),
-            library_candidate(name, timer, precision="nearest", sixteen_bit_velocity=True)]
+            library_candidate(name, timer, precision="nearest", velocity="param")]
+
+
+def float8_candidates(name, timer):
+    """The rows with an FP8 velocity: float32 params, and 16-bit params in each precision
+    mode (beside the float32-velocity rows of `library_candidate` and
+    `precision_candidates`, which the FP8 rows' ratios compare against)."""
+    return [library_candidate(name, timer, velocity=FLOAT8_VELOCITY),
+            *(library_candidate(name, timer, precision=precision, velocity=FLOAT8_VELOCITY)
+              for precision in PRECISION_NAMES)]
 
 
 def groups_comparison(found):
     """The library's backends among `found`, each followed by its GROUPS-group variant
-    (timed in turns with it, over the same FlatParams layout); peers, rooflines and the
-    precision modes' rows sit this comparison out."""
+    (timed in turns with it, over the same FlatParams layout); peers, rooflines, the
+    precision modes' rows and the FP8 velocity's sit this comparison out."""
     return [variant for c in found if c.kind == "backend" and c.precision is None
+            and c.velocity_dtype is None
             for variant in (c, library_candidate(c.backend, c.timer, GROUPS))]
 
 
@@ -191,13 +209,14 @@ def overhead_candidates(found):
     """The overhead workload's candidates: every backend and peer among `found` (no
     rooflines), each timed by the wall clock around a loop of steps with one
     synchronisation of its device at the end, so that the per-step Python counts as the
-    user sees it; NumPy's two-line update where the CPU is measured; and where a GPU
+    user sees it (the FP8 velocity's rows sit it out); NumPy's two-line update where the
+    CPU is measured; and where a GPU
     backend is (timed with CuPy's events: the cupy backend is there), the cupy backend's
     step replayed from a CUDA graph (wall clock, and the GPU's own time). Then the
     scheduled rows: each backend, NumPy's two-line update and each torch.optim.SGD with the
     lr set before every step (LR_EACH_STEP)."""
     timed = [dataclasses.replace(c, timer=HostTimer(_device_synchronize(c.device)))
-             for c in found if c.kind != "roofline"]
+             for c in found if c.kind != "roofline" and c.velocity_dtype != FLOAT8_VELOCITY]
     if any(c.device == "cpu" for c in found):
         timed.append(Candidate("peer", "cpu", numpy_two_line_builder, update_bytes,
                                HostTimer(), arrays=3, peer=NUMPY_TWO_LINE))
@@ -279,8 +298,9 @@ def gpu_probe(devices):
     return (gpu_module if reason is None else None), reason
 
 
-def discover(devices=("cpu", "cuda")):
-    """(candidates, absent): what runs here on `devices`, and what does not with why."""
+def discover(devices=("cpu", "cuda"), velocity_dtypes=(FLOAT32_VELOCITY,)):
+    """(candidates, absent): what runs here on `devices`, and what does not with why; the
+    library's rows with each of `velocity_dtypes` (VELOCITY_DTYPES)."""
     absent, found = [], []
     gpu, gpu_reason = gpu_probe(devices)
 
@@ -301,7 +321,10 @@ def discover(devices=("cpu", "cuda")):
             continue
         else:
             timer = gpu.CupyEventTimer()
-        found += [library_candidate(name, timer), *precision_candidates(name, timer)]
+        if FLOAT32_VELOCITY in velocity_dtypes:
+            found += [library_candidate(name, timer), *precision_candidates(name, timer)]
+        if FLOAT8_VELOCITY in velocity_dtypes:
+            found += float8_candidates(name, timer)
 
     if "cpu" in devices:
         found += [

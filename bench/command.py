@@ -8,6 +8,8 @@ import sys
 
 from gpu_momentum.cli import CommandError, OneLineErrorParser, run_command
 
+from .data import FLOAT32_VELOCITY, VELOCITY_DTYPES
+
 WORKLOADS = ["resnet50", "transformer", "groups", "torch-resnet50", "torch-gpt2",
              "torch-cnn", "overhead"]
 FULL = {"sizes": list(range(16, 29)), "workloads": WORKLOADS, "samples": 25,
@@ -53,6 +55,15 @@ def add_arguments(parser):
                         help="parameter dtypes (default float32). bfloat16 and float16 "
                              "add the library's precision modes, one row each, and one "
                              "with a 16-bit velocity; bfloat16 needs ml_dtypes")
+    parser.add_argument("--velocity-dtypes", nargs="+", default=[FLOAT32_VELOCITY],
+                        choices=list(VELOCITY_DTYPES),
+                        help="the library's velocities (default float32). float32: the "
+                             "update's compute dtype (float64 for float64 params), with "
+                             "the 16-bit velocity row of 16-bit params; float8_e4m3fn: E4M3 "
+                             "codes with a float32 scale per block, a row for float32 "
+                             "params and one per precision mode of 16-bit ones, each with "
+                             "its elements/s over the float32 velocity's (give both); "
+                             "needs ml_dtypes")
     parser.add_argument("--workloads", nargs="*", choices=WORKLOADS + ["torch", "none"],
                         help="many-tensor workloads (default: all; none, or the option alone: leave "
                              "them out). "
@@ -119,7 +130,8 @@ def options_from(args):
     return Options(sizes=tuple(2**e for e in sizes), dtypes=tuple(args.dtypes),
                    workloads=tuple(dict.fromkeys(workloads)),
                    devices=tuple(dict.fromkeys(args.devices)), threads=args.threads,
-                   sampling=sampling)
+                   sampling=sampling,
+                   velocity_dtypes=tuple(dict.fromkeys(args.velocity_dtypes)))
 
 
 def run_bench(args):
@@ -129,6 +141,10 @@ def run_bench(args):
     from .run import run
 
     if args.ranks:
+        if args.velocity_dtypes != [FLOAT32_VELOCITY]:
+            raise CommandError(f"--ranks runs ShardedMomentumSGD, which has a float32 "
+                               f"velocity only (got --velocity-dtypes "
+                               f"{' '.join(args.velocity_dtypes)})")
         return run_ranks(args)
     options = options_from(args)
     # Fail now, not after minutes of measuring.

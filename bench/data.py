@@ -6,6 +6,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from gpu_momentum.kernels.layout import FLOAT8_VELOCITY
+
 LR, MOMENTUM = 0.01, 0.9
 LIBRARY = "gpu-momentum"
 SIXTEEN_BIT = ("bfloat16", "float16")  # the dtypes of the precision modes' rows
@@ -43,6 +45,15 @@ LR_EACH_STEP, ONE_CYCLE = "lr each step", "OneCycleLR"
 SCHEDULED_LRS = tuple(LR * (1 + k / 8) for k in range(8))
 ONE_CYCLE_STEPS = 10**9
 GRAPH_REPLAY, GRAPH_GPU_TIME = "graph replay", "graph replay, GPU time"
+# The library's velocities (`--velocity-dtypes`): FLOAT32_VELOCITY, the update's compute
+# dtype (float32; float64 for float64 params) and, for 16-bit params, also a velocity of
+# the param dtype; FLOAT8_VELOCITY, E4M3 codes with a float32 scale per block (float32 and
+# 16-bit params, every precision mode they have).
+FLOAT32_VELOCITY = "float32"
+VELOCITY_DTYPES = (FLOAT32_VELOCITY, FLOAT8_VELOCITY)
+# How a row's name shows a velocity other than the compute dtype's
+# (Candidate.velocity_dtype).
+VELOCITY_LABELS = {"param": ", 16-bit velocity", FLOAT8_VELOCITY: ", FP8 velocity"}
 
 
 class Unsupported(Exception):
@@ -103,9 +114,10 @@ class Candidate:
     graph launched) or GRAPH_GPU_TIME (the same, timed by CUDA events around each
     replay: the GPU's own time for the step's kernels), `schedule` how the lr changes
     between steps (None: it stays; LR_EACH_STEP, ONE_CYCLE), and `precision` and
-    `velocity_dtype` ("param": the param dtype; None: float32) the library's rows of
-    16-bit parameters (precision None: its float32 and float64 rows). `param_dtypes` names
-    the dtypes a candidate runs (None: every dtype)."""
+    `velocity_dtype` ("param": the param dtype; FLOAT8_VELOCITY: E4M3 codes with a scale
+    per block; None: the compute dtype, float32 or float64) the library's rows of 16-bit
+    parameters (precision None: its float32 and float64 rows). `param_dtypes` names the
+    dtypes a candidate runs (None: every dtype)."""
     kind: str  # one of KINDS
     device: str  # "cpu" or "cuda"
     build: Callable
@@ -121,11 +133,13 @@ class Candidate:
     velocity_dtype: str = None
     param_dtypes: tuple = None
     schedule: str = None
+    state_bytes: Callable = None  # the library's rows: optimizer state bytes per element
 
     @property
     def name(self):
         """The display name: "gpu-momentum cpu", "gpu-momentum cpu stochastic",
-        "gpu-momentum cpu nearest, 16-bit velocity", "torch SGD fused (cpu)",
+        "gpu-momentum cpu nearest, 16-bit velocity", "gpu-momentum cpu, FP8 velocity",
+        "gpu-momentum cpu nearest, FP8 velocity", "torch SGD fused (cpu)",
         "gpu_momentum.torch.SGD (cpu)", "gpu-momentum cpu + lr each step",
         "torch SGD fused + OneCycleLR (cpu)", ..."""
         scheduled = "" if self.schedule is None else f" + {self.schedule}"
@@ -135,7 +149,7 @@ class Candidate:
             many = f" ({self.groups} groups)" if self.groups > 1 else ""
             mode = "" if self.precision is None else f" {self.precision}"
             if self.velocity_dtype is not None:
-                mode += ", 16-bit velocity"
+                mode += VELOCITY_LABELS[self.velocity_dtype]
             launch = f" ({self.launch})" if self.launch != "eager" else ""
             return f"{backend_name(self.backend)}{mode}{many}{launch}{scheduled}"
         return f"{self.peer}{scheduled} ({self.device})"

@@ -6,21 +6,39 @@ import time
 
 import numpy as np
 
+from gpu_momentum.kernels.layout import FLOAT8_BLOCK, FLOAT8_VELOCITY
+
 
 def update_bytes(param_dtype, velocity_dtype=None, precision="nearest"):
     """Bytes a momentum update moves per element: read param, grad, velocity; write param,
     velocity (grad has the param's dtype). float32: 3*4 + 2*4 = 20. 16-bit params with a
     float32 velocity: 14 ("nearest", "stochastic"), 10 with a 16-bit velocity; "kahan"
     reads and writes a compensation of the param dtype too (18); "master" reads the
-    float32 master copy instead of the params and writes both (20)."""
+    float32 master copy instead of the params and writes both (20). An FP8 velocity
+    ("float8_e4m3fn") moves its code and its share of the block's scale each way
+    (`velocity_bytes`): 14 + 8/B for float32 params, 8 + 8/B for 16-bit ones."""
     param = _itemsize(param_dtype)
-    velocity = _itemsize(velocity_dtype or param_dtype)
-    moved = 3 * param + 2 * velocity
+    moved = 3 * param + 2 * velocity_bytes(velocity_dtype or param_dtype)
     if precision == "kahan":
         moved += 2 * param
     elif precision == "master":
         moved += 2 * 4 - param
     return moved
+
+
+def velocity_bytes(velocity_dtype):
+    """Bytes of velocity per element: its itemsize, or for an FP8 velocity one code and
+    a float32 scale shared by a block of FLOAT8_BLOCK elements: 1 + 4/B (B = 256: 1.016)."""
+    if isinstance(velocity_dtype, str) and velocity_dtype == FLOAT8_VELOCITY:
+        return 1 + np.dtype(np.float32).itemsize / FLOAT8_BLOCK
+    return _itemsize(velocity_dtype)
+
+
+def state_bytes(param_dtype, velocity_dtype=None, precision="nearest"):
+    """Bytes of optimizer state per element: the velocity (`velocity_bytes`), plus the
+    compensation of the param dtype ("kahan") or the float32 master copy ("master")."""
+    extra = {"kahan": _itemsize(param_dtype), "master": 4}.get(precision, 0)
+    return velocity_bytes(velocity_dtype or param_dtype) + extra
 
 
 def _itemsize(dtype):

@@ -3,9 +3,9 @@
 import json
 import re
 
-from .data import (COPY_ROOFLINE, GRAPH_GPU_TIME, GRAPH_REPLAY, KINDS, LR_EACH_STEP,
-                   NUMPY_TWO_LINE, ONE_CYCLE, OVERHEAD, OVERHEAD_SIZES, SIXTEEN_BIT,
-                   backend_name)
+from .data import (COPY_ROOFLINE, FLOAT8_VELOCITY, GRAPH_GPU_TIME, GRAPH_REPLAY, KINDS,
+                   LR_EACH_STEP, NUMPY_TWO_LINE, ONE_CYCLE, OVERHEAD, OVERHEAD_SIZES,
+                   SIXTEEN_BIT, backend_name)
 
 TARGET_N = 2**26
 FLAT = ("flat", "float32", TARGET_N)
@@ -79,6 +79,11 @@ PRECISION_TARGETS = (
       for mode in ("nearest", "stochastic", "kahan", "master")),
 )
 PRECISION_TARGET_BACKEND = "cupy"
+# An FP8 velocity at TARGET_N, flat, for each backend measured: (param dtype, goal) of
+# the elements per second with an FP8 velocity over those with a float32 velocity (the
+# same backend, param dtype and precision mode: "nearest"), from the same run. The goals
+# are the GPU's; the CPU's ratios are held to them too, as measured.
+FLOAT8_TARGETS = (("float32", 1.3), ("bfloat16", 1.6))
 # The groups comparison: 100 groups and 1 group run within 5% of each other.
 GROUPS_WITHIN = 0.05
 REQUIRED_ROW_KEYS = ("name", "kind", "backend", "peer", "groups", "dtype", "n", "median_s",
@@ -100,7 +105,10 @@ def add_ratios(result):
     groups comparison's many-group rows, groups_ratio: their time over the time of the
     same backend with one group (None where that was not measured). GPU rows also get
     copy_fraction (of the D2D copy's GB/s at the same point) and peak_fraction (of the
-    device's theoretical peak, machine.gpu.peak_gbps), None where not known."""
+    device's theoretical peak, machine.gpu.peak_gbps), None where not known. Rows with an
+    FP8 velocity get float8_ratio: their elements per second over the row with a float32
+    velocity at the same point (the same backend, groups, precision and schedule; None
+    where that was not measured)."""
     by_point = {}
     for row in result["results"]:
         by_point.setdefault(_point(row), []).append(row)
@@ -120,11 +128,24 @@ def add_ratios(result):
             one = _find(same, kind="backend", backend=row["backend"], groups=1)
             row["groups_ratio"] = row["median_s"] / one["median_s"] if one else None
         if row["kind"] == "backend" and row["dtype"] in SIXTEEN_BIT:
-            base = _find(by_point.get((row["workload"], "float32", row["n"]), []),
+            base = _find(_wide_velocity(by_point.get((row["workload"], "float32", row["n"]),
+                                                     [])),
                          kind="backend", backend=row["backend"], groups=1)
             row["float32_ratio"] = (row["elements_per_s"] / base["elements_per_s"]
                                     if base else None)
+        if row["kind"] == "backend" and row.get("velocity_dtype") == FLOAT8_VELOCITY:
+            base = _find(same, kind="backend", backend=row["backend"], api=row.get("api"),
+                         groups=row["groups"], precision=row.get("precision"),
+                         schedule=row.get("schedule"), velocity_dtype="float32")
+            row["float8_ratio"] = (row["elements_per_s"] / base["elements_per_s"]
+                                   if base else None)
     return result
+
+
+def _wide_velocity(rows):
+    """`rows` without those of an FP8 velocity: the rows other rows and the targets are
+    measured against."""
+    return [r for r in rows if r.get("velocity_dtype") != FLOAT8_VELOCITY]
 
 
 def targets(result):
@@ -132,7 +153,7 @@ def targets(result):
     found = []
     for what, backend, other, goal, (workload, dtype, n), schedule in (
             *(target + (None,) for target in TARGETS), *SCHEDULED_TARGETS):
-        rows = [r for r in result["results"] if r["workload"] == workload
+        rows = [r for r in _wide_velocity(result["results"]) if r["workload"] == workload
                 and r["dtype"] == dtype and (n is None or r["n"] == n)
                 and r.get("schedule") == schedule]
         row = _find(rows, kind="backend", backend=backend, groups=1)
@@ -152,7 +173,7 @@ def targets(result):
 def overhead_targets(result):
     """OVERHEAD_TARGETS as measured: each one's worst ratio over its sizes (None where a
     size lacks the backend's or the peer's row)."""
-    rows = [r for r in result["results"]
+    rows = [r for r in _wide_velocity(result["results"])
             if (r["workload"], r["dtype"]) == (OVERHEAD, "float32")]
     eager = [r for r in rows if r.get("launch", "eager") == "eager"]
     found = []
@@ -242,6 +263,25 @@ def precision_targets(result):
     return found
 
 
+def float8_targets(result):
+    """FLOAT8_TARGETS as measured, for each backend with a row in the run."""
+    rows = [r for r in result["results"] if (r["workload"], r["n"]) == ("flat", TARGET_N)]
+    found = []
+    for backend in dict.fromkeys(r["backend"] for r in result["results"]
+                                 if r["kind"] == "backend"
+                                 and r.get("api", "MomentumSGD") == "MomentumSGD"):
+        for dtype, goal in FLOAT8_TARGETS:
+            row = _find(rows, kind="backend", backend=backend, groups=1, dtype=dtype,
+                        precision="nearest", velocity_dtype=FLOAT8_VELOCITY)
+            value = None if row is None else row.get("float8_ratio")
+            what = dtype if dtype == "float32" else f"{dtype} nearest"
+            found.append({"target": f"{backend} {what} + FP8 velocity >= {goal:g}x "
+                                    f"{what} + float32 velocity elements/s",
+                          "n": TARGET_N, "dtype": dtype, "goal": goal, "value": value,
+                          "met": None if value is None else value >= goal})
+    return found
+
+
 def finish(result, options):
     """The complete result: rows with ratios, the targets, and the options used."""
     add_ratios(result)
@@ -249,6 +289,8 @@ def finish(result, options):
     result["targets"] = targets(result)
     if any(r["dtype"] == "bfloat16" for r in result["results"]):
         result["targets"] += precision_targets(result)
+    if any(r.get("velocity_dtype") == FLOAT8_VELOCITY for r in result["results"]):
+        result["targets"] += float8_targets(result)
     return result
 
 
@@ -328,16 +370,18 @@ def table(result):
         lines = []
         for row in rows:
             fraction = row["roofline_fraction"]
+            state = row.get("state_bytes_per_element")
             lines.append([size_label(row["n"]), row["name"],
                           seconds_label(row["median_s"]),
                           f"{seconds_label(row['p25_s'])} .. {seconds_label(row['p75_s'])}",
                           f"{row['elements_per_s'] / 1e9:.2f}", f"{row['gbps']:.1f}",
-                          row["bytes_per_element"],
-                          "-" if fraction is None else f"{fraction:.0%}"])
+                          f"{row['bytes_per_element']:.4g}",
+                          "-" if fraction is None else f"{fraction:.0%}",
+                          "-" if state is None else f"{state:.4g}"])
         out += _columns(["n", "name", "median", "p25 .. p75", "Gelem/s", "GB/s", "B/elem",
-                         "of roofline"], lines)
+                         "of roofline", "state B/elem"], lines)
         out += ([""] + speedup_lines(rows) + groups_lines(rows) + float32_lines(rows) +
-                gpu_roofline_lines(rows) + [""])
+                float8_lines(rows) + gpu_roofline_lines(rows) + [""])
     out += target_lines(result)
     not_run = [f"  {a['name']}: {a['reason']}" for a in result["absent"]]
     reasons = {}
@@ -412,6 +456,22 @@ def float32_lines(rows):
     lines = [[name] + [found.get(n, "-") for n in sizes] for name, found in ratios.items()]
     return (["elements/s against float32 (the same backend and size):"]
             + _columns(["row"] + [size_label(n) for n in sizes], lines))
+
+
+def float8_lines(rows):
+    """FP8-velocity rows: elements per second over the same backend's float32-velocity row
+    (the same param dtype, precision and size; bytes per element moved and of state are in
+    the table above)."""
+    sizes = sorted({row["n"] for row in rows})
+    ratios = {}
+    for row in rows:
+        if row.get("float8_ratio") is not None:
+            ratios.setdefault(row["name"], {})[row["n"]] = f"{row['float8_ratio']:.2f}x"
+    if not ratios:
+        return []
+    lines = [[name] + [found.get(n, "-") for n in sizes] for name, found in ratios.items()]
+    return (["elements/s, FP8 velocity over float32 velocity (the same backend, mode and "
+             "size):"] + _columns(["row"] + [size_label(n) for n in sizes], lines))
 
 
 def target_lines(result):

@@ -17,7 +17,8 @@ from gpu_momentum.shapes import resnet50_shapes, small_cnn_shapes, transformer_s
 
 from .candidates import (discover, groups_comparison, overhead_candidates,
                          torch_workload)
-from .data import GROUPS, OVERHEAD, OVERHEAD_SIZES, Problem, Unsupported
+from .data import (FLOAT32_VELOCITY, GROUPS, OVERHEAD, OVERHEAD_SIZES, Problem,
+                   Unsupported)
 from .measure import Sampling, measure, summarize
 
 GROUPS_N = 2**26  # the size at which the issue compares 1 and GROUPS parameter groups
@@ -57,6 +58,7 @@ class Options:
     devices: tuple  # "cpu", "cuda"
     threads: int
     sampling: Sampling
+    velocity_dtypes: tuple = (FLOAT32_VELOCITY,)  # the library's rows, VELOCITY_DTYPES
 
 
 def available_host_bytes():
@@ -203,7 +205,7 @@ def groups(candidates, n, dtype, limits):
 def run(options, progress=None):
     """Measures everything; returns the result dict (rows without derived ratios)."""
     usage_before = cpu_usage()
-    candidates, absent = discover(options.devices)
+    candidates, absent = discover(options.devices, options.velocity_dtypes)
     torch_found = []
     if set(options.workloads) & set(TORCH_WORKLOADS):
         torch_found, torch_absent = torch_workload(options.devices)
@@ -309,17 +311,20 @@ def describe(candidate, workload, tensors, dtype, n):
            "workload": workload, "tensors": tensors, "dtype": dtype, "n": n}
     if candidate.kind == "backend":  # the precision of 16-bit rows; float32 has nearest
         row["precision"] = candidate.precision or "nearest"
-        row["velocity_dtype"] = (dtype if candidate.velocity_dtype == "param" else
-                                 compute_dtype(named_dtype("dtypes", dtype)).name)
+        row["velocity_dtype"] = {
+            None: compute_dtype(named_dtype("dtypes", dtype)).name, "param": dtype}.get(
+                candidate.velocity_dtype, candidate.velocity_dtype)
     return row
 
 
 def summary_row(row, candidate, seconds, calls):
     median, p25, p75 = summarize(seconds)
-    per_element = candidate.bytes_per_element(named_dtype("dtypes", row["dtype"]))
+    dtype = named_dtype("dtypes", row["dtype"])
+    per_element = candidate.bytes_per_element(dtype)
+    state = None if candidate.state_bytes is None else candidate.state_bytes(dtype)
     return {**row, "median_s": median, "p25_s": p25, "p75_s": p75,
             "samples": len(seconds), "calls_per_sample": calls,
-            "bytes_per_element": per_element,
+            "bytes_per_element": per_element, "state_bytes_per_element": state,
             "elements_per_s": row["n"] / median,
             "gbps": row["n"] * per_element / median / 1e9,
             "roofline": candidate.roofline}

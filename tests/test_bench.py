@@ -15,8 +15,10 @@ import pytest
 
 from gpu_momentum.bench import candidates, command, gpu, report
 from gpu_momentum.bench import data as candidates_data
-from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, stream_bytes,
-                                        summarize, update_bytes)
+from gpu_momentum.bench.measure import (Sampling, copy_bytes, measure, state_bytes,
+                                        stream_bytes, summarize, update_bytes,
+                                        velocity_bytes)
+from gpu_momentum.kernels.layout import FLOAT8_BLOCK, FLOAT8_VELOCITY
 from gpu_momentum.bench.run import (Options, groups, groups_shapes, make_problem,
                                     memory_needed, problems, run, sampling_for, set_threads,
                                     shortfall)
@@ -57,6 +59,41 @@ def test_bytes_per_element_of_the_precision_modes(velocity, precision, moved):
     assert update_bytes("bfloat16", velocity, precision) == moved
     assert update_bytes(np.float16, np.float16 if velocity == "bfloat16" else velocity,
                         precision) == moved
+
+
+# An FP8 velocity per element: one code, and a float32 scale per FLOAT8_BLOCK elements,
+# read and written once per step each.
+FLOAT8_STATE = 1 + 4 / FLOAT8_BLOCK
+
+
+@pytest.mark.parametrize("param, precision, moved, state", [
+    ("float32", "nearest", 3 * 4 + 2 * FLOAT8_STATE, FLOAT8_STATE),  # 14.03 (20)
+    ("bfloat16", "nearest", 3 * 2 + 2 * FLOAT8_STATE, FLOAT8_STATE),  # 8.03 (14)
+    ("bfloat16", "stochastic", 3 * 2 + 2 * FLOAT8_STATE, FLOAT8_STATE),
+    ("bfloat16", "kahan", 5 * 2 + 2 * FLOAT8_STATE, 2 + FLOAT8_STATE),
+    ("float16", "master", 3 * 2 + 2 * FLOAT8_STATE + 8 - 2, 4 + FLOAT8_STATE),
+])
+def test_bytes_per_element_of_an_fp8_velocity(param, precision, moved, state):
+    assert update_bytes(param, FLOAT8_VELOCITY, precision) == pytest.approx(moved)
+    assert state_bytes(param, FLOAT8_VELOCITY, precision) == pytest.approx(state)
+    assert velocity_bytes(FLOAT8_VELOCITY) == pytest.approx(FLOAT8_STATE)
+    assert state_bytes(param, "float32", precision) == pytest.approx(
+        state - FLOAT8_STATE + 4)
+    assert update_bytes("float32", FLOAT8_VELOCITY) < 20 - 5.9
+    assert update_bytes("bfloat16", FLOAT8_VELOCITY) < 14 - 5.9
+
+
+def test_fp8_state_bytes_are_what_the_optimizer_holds():
+    """The benchmark's state bytes per element, against the arrays of a real optimizer
+    with an FP8 velocity (codes and scales) over whole blocks."""
+    require("ml_dtypes")
+    import gpu_momentum as gm
+
+    n = 64 * FLOAT8_BLOCK
+    opt = gm.MomentumSGD(np.zeros(n, np.float32), lr=0.1, momentum=0.9,
+                         velocity_dtype=FLOAT8_VELOCITY)
+    held = opt.velocity_codes.nbytes + opt.velocity_scales.nbytes
+    assert held / n == pytest.approx(state_bytes("float32", FLOAT8_VELOCITY))
 
 
 def test_summarize_gives_median_and_quartiles():
@@ -133,7 +170,7 @@ def _row(name, kind, median, n=2**26, bytes_per_element=20, roofline="R", **extr
     """A row as the benchmark writes it; its backend, peer and groups fields from `name`
     ("gpu-momentum cpu (100 groups)", "torch SGD fused (cpu)")."""
     if kind == "backend":
-        backend, groups = re.fullmatch(r"gpu-momentum (\S+)(?: [a-z0-9, -]+)?"
+        backend, groups = re.fullmatch(r"gpu-momentum ([a-z0-9-]+),?(?: [A-Za-z0-9, -]+)?"
                                        r"(?: \((\d+) groups\))?", name).groups()
         fields = {"backend": backend, "peer": None, "groups": int(groups or 1)}
     else:
@@ -216,6 +253,118 @@ def test_groups_ratio_and_its_lines():
     report.add_ratios(result)
     assert ["gpu-momentum", "cpu", "2**26", "0.938", "MISSED"] in [
         line.split() for line in report.table({**result, "targets": []}).splitlines()]
+
+
+def _float8_rows(backend="cpu", device="cpu"):
+    """float32 and bfloat16 rows of `backend` at 2**26, each with a float32 and an FP8
+    velocity ("nearest"), and a "kahan" pair in bfloat16."""
+    rows = []
+    for dtype, precision, wide_s, narrow_s, wide_b, narrow_b in (
+            ("float32", "nearest", 0.060, 0.040, 20, 14.03),
+            ("bfloat16", "nearest", 0.045, 0.030, 14, 8.03),
+            ("bfloat16", "kahan", 0.050, 0.050, 18, 12.03)):
+        for velocity, seconds, moved in (("float32", wide_s, wide_b),
+                                         (FLOAT8_VELOCITY, narrow_s, narrow_b)):
+            mode = "" if dtype == "float32" else f" {precision}"
+            label = ", FP8 velocity" if velocity == FLOAT8_VELOCITY else ""
+            rows.append({**_row(f"gpu-momentum {backend}{mode}{label}", "backend", seconds,
+                                bytes_per_element=moved),
+                         "dtype": dtype, "device": device, "api": "MomentumSGD",
+                         "precision": precision, "velocity_dtype": velocity,
+                         "schedule": None})
+    return rows
+
+
+def test_fp8_ratios_compare_the_same_backend_dtype_and_mode():
+    rows = _float8_rows()
+    rows.append({**rows[1], "n": 2**20, "median_s": 0.001})  # no float32 velocity here
+    result = report.finish(_result(rows), {})
+    by_name = {(r["name"], r["n"]): r for r in result["results"]}
+    assert by_name["gpu-momentum cpu, FP8 velocity", 2**26]["float8_ratio"] == \
+        pytest.approx(0.060 / 0.040)
+    assert by_name["gpu-momentum cpu nearest, FP8 velocity", 2**26]["float8_ratio"] == \
+        pytest.approx(0.045 / 0.030)
+    assert by_name["gpu-momentum cpu kahan, FP8 velocity", 2**26]["float8_ratio"] == \
+        pytest.approx(1.0)
+    assert by_name["gpu-momentum cpu, FP8 velocity", 2**20]["float8_ratio"] is None
+    assert "float8_ratio" not in by_name["gpu-momentum cpu", 2**26]
+    # the float32 targets and 16-bit ratios keep comparing float32-velocity rows
+    fp8_bf16 = by_name["gpu-momentum cpu nearest, FP8 velocity", 2**26]
+    assert fp8_bf16["float32_ratio"] == pytest.approx(0.060 / 0.030)
+    found = {t["target"]: t for t in result["targets"]}
+    f32 = found["cpu float32 + FP8 velocity >= 1.3x float32 + float32 velocity elements/s"]
+    assert (f32["value"], f32["met"]) == (pytest.approx(1.5), True)
+    bf16 = found["cpu bfloat16 nearest + FP8 velocity >= 1.6x bfloat16 nearest + float32 "
+                 "velocity elements/s"]
+    assert (bf16["value"], bf16["met"]) == (pytest.approx(1.5), False)
+    assert not any(t["target"].startswith("cupy") and "FP8" in t["target"]
+                   for t in result["targets"])  # no cupy rows: no cupy FP8 targets
+    table = report.table(result)
+    assert "elements/s, FP8 velocity over float32 velocity" in table
+    assert ["gpu-momentum", "cpu", "nearest,", "FP8", "velocity", "1.50x"] in [
+        line.split() for line in table.splitlines()]
+
+
+def test_fp8_targets_are_not_measured_without_their_rows():
+    rows = [r for r in _float8_rows("cupy", "cuda") if r["dtype"] == "float32"]
+    for row, seconds in zip(rows, (0.0006, 0.0005)):  # FP8 1.2x the float32 velocity
+        row.update(median_s=seconds, elements_per_s=row["n"] / seconds)
+    result = report.finish(_result(rows), {})
+    found = {t["target"]: t for t in result["targets"] if "FP8" in t["target"]}
+    assert found["cupy float32 + FP8 velocity >= 1.3x float32 + float32 velocity "
+                 "elements/s"]["met"] is False
+    assert found["cupy bfloat16 nearest + FP8 velocity >= 1.6x bfloat16 nearest + float32 "
+                 "velocity elements/s"]["met"] is None
+    plain = report.finish(_result([_row("gpu-momentum cpu", "backend", 0.05)]), {})
+    assert not any("FP8" in t["target"] for t in plain["targets"])
+
+
+def test_fp8_rows_sit_out_the_groups_and_overhead_comparisons():
+    found, _ = candidates.discover(("cpu",), ("float32", FLOAT8_VELOCITY))
+    fp8 = [c for c in found if c.velocity_dtype == FLOAT8_VELOCITY]
+    assert [c.name for c in fp8] == [
+        "gpu-momentum cpu, FP8 velocity", "gpu-momentum cpu nearest, FP8 velocity",
+        "gpu-momentum cpu stochastic, FP8 velocity", "gpu-momentum cpu kahan, FP8 velocity",
+        "gpu-momentum cpu master, FP8 velocity"]
+    assert fp8[0].runs("float32") and not fp8[0].runs("float64")
+    assert all(c.runs("bfloat16") and not c.runs("float32") for c in fp8[1:])
+    assert [c.name for c in candidates.groups_comparison(found)] == [
+        "gpu-momentum cpu", "gpu-momentum cpu (100 groups)"]
+    assert not any(c.velocity_dtype == FLOAT8_VELOCITY
+                   for c in candidates.overhead_candidates(found))
+    only, _ = candidates.discover(("cpu",), (FLOAT8_VELOCITY,))
+    assert [c.name for c in only if c.kind == "backend"] == [c.name for c in fp8]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_rows_do_the_reference_update(dtype):
+    """Each FP8-velocity row, two steps, bit for bit the reference's (codes, scales and
+    params), at an odd size (a partial last block)."""
+    from gpu_momentum.reference import float8_velocity_step
+
+    require("ml_dtypes")
+    n = 3 * FLOAT8_BLOCK + 5
+    problem = make_problem(n, dtype)
+    rows = [c for c in candidates.float8_candidates("cpu", candidates.HostTimer())
+            if c.runs(dtype)]
+    assert len(rows) == (1 if dtype == "float32" else 4)
+    for candidate in rows:
+        built = candidate.build(problem)
+        built.step()
+        built.step()
+        precision = candidate.precision or "nearest"
+        buffers = {"kahan": {"compensation": np.zeros(n, problem.dtype)},
+                   "master": {"master": problem.p0.astype(np.float32)}}.get(precision, {})
+        p = problem.p0
+        codes, scales = np.zeros(n, np.uint8), np.zeros(-(-n // FLOAT8_BLOCK), np.float32)
+        for step in range(2):
+            p, codes, scales, new = float8_velocity_step(
+                p, problem.g0, codes, scales, precision=precision, step_count=step,
+                first_step=step == 0, lr=candidates.LR, momentum=candidates.MOMENTUM,
+                **buffers)
+            buffers = {name: new for name in buffers}
+        assert built.params()[0].tobytes() == p.tobytes(), candidate.name
+        assert np.any(codes != 0), "the velocity moved"
 
 
 def test_check_schema_rejects_broken_results():
@@ -305,6 +454,19 @@ def test_sizes_and_quick_defaults():
     assert torch_only.workloads == ("torch-resnet50", "torch-gpt2", "torch-cnn")
     only = command.options_from(parser.parse_args(["--sizes", "18", "--workloads", "groups"]))
     assert only.workloads == ("groups",)
+
+
+def test_velocity_dtypes_option():
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.options_from(parser.parse_args([])).velocity_dtypes == ("float32",)
+    both = parser.parse_args(["--velocity-dtypes", "float32", FLOAT8_VELOCITY, "float32"])
+    assert command.options_from(both).velocity_dtypes == ("float32", FLOAT8_VELOCITY)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--velocity-dtypes", "float8_e5m2"])
+    with pytest.raises(command.CommandError, match="--ranks .* float32 velocity only"):
+        command.run_bench(parser.parse_args(["--ranks", "2", "--velocity-dtypes",
+                                             FLOAT8_VELOCITY]))
 
 
 def test_groups_workload_is_at_the_largest_size_up_to_2_26():
@@ -712,6 +874,50 @@ def test_quick_run_writes_valid_json_and_plot(tmp_path):
     assert saved.with_suffix(".txt").read_text() in done.stdout
 
 
+@pytest.mark.slow
+def test_quick_fp8_run_reports_its_rows_bytes_and_ratios(tmp_path):
+    """`python -m bench --quick --velocity-dtypes float32 float8_e4m3fn` end to end: every
+    FP8 row beside its float32-velocity row, with the bytes per element moved and held
+    computed from the format, its ratio, and the FP8 targets."""
+    require("tqdm")
+    require("ml_dtypes")
+    json_path = tmp_path / "fp8.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-progress", "--devices", "cpu",
+         "--sizes", "16", "--workloads", "none", "--dtypes", "float32", "bfloat16",
+         "--velocity-dtypes", "float32", FLOAT8_VELOCITY, "--json", str(json_path)],
+        cwd=ROOT, env=library_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(json_path.read_text())
+    report.check_schema(result)
+    assert result["options"]["velocity_dtypes"] == ["float32", FLOAT8_VELOCITY]
+    backends = {(r["dtype"], r["precision"], r["velocity_dtype"]): r
+                for r in result["results"] if r["kind"] == "backend"}
+    modes = [("float32", "nearest")] + [("bfloat16", mode) for mode in
+                                        ("nearest", "stochastic", "kahan", "master")]
+    for dtype, mode in modes:
+        wide = backends[dtype, mode, "float32"]
+        fp8 = backends[dtype, mode, FLOAT8_VELOCITY]
+        assert fp8["name"].endswith(", FP8 velocity") and fp8["n"] == 2**16
+        assert fp8["bytes_per_element"] == pytest.approx(
+            wide["bytes_per_element"] - 2 * (4 - FLOAT8_STATE))
+        assert fp8["state_bytes_per_element"] == pytest.approx(
+            wide["state_bytes_per_element"] - 4 + FLOAT8_STATE)
+        assert fp8["float8_ratio"] == pytest.approx(
+            fp8["elements_per_s"] / wide["elements_per_s"])
+        assert fp8["gbps"] == pytest.approx(
+            fp8["n"] * fp8["bytes_per_element"] / fp8["median_s"] / 1e9)
+    assert backends["float32", "nearest", FLOAT8_VELOCITY]["bytes_per_element"] == \
+        pytest.approx(14 + 8 / FLOAT8_BLOCK)
+    assert backends["bfloat16", "nearest", FLOAT8_VELOCITY]["bytes_per_element"] == \
+        pytest.approx(8 + 8 / FLOAT8_BLOCK)
+    fp8_targets = [t for t in result["targets"] if "FP8" in t["target"]]
+    assert [(t["dtype"], t["goal"], t["met"]) for t in fp8_targets] == [
+        ("float32", 1.3, None), ("bfloat16", 1.6, None)]  # measured at 2**26 only
+    assert "elements/s, FP8 velocity over float32 velocity" in done.stdout
+    assert "state B/elem" in done.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_REASON is not None, reason=f"no GPU: {GPU_REASON}")
 def test_quick_gpu_run_times_every_gpu_candidate(tmp_path):
@@ -740,9 +946,12 @@ def test_committed_results_keep_the_json_shape(name):
     report.check_schema(result)
     # -groups: a run of the groups comparison alone (`--workloads groups`);
     # -bf16-torch-overhead: `--dtypes float32 bfloat16 --workloads torch overhead`;
-    # -schedules: `--sizes 20 --workloads overhead torch` (the scheduled rows)
+    # -schedules: `--sizes 20 --workloads overhead torch` (the scheduled rows);
+    # -fp8: `--dtypes float32 bfloat16 --velocity-dtypes float32 float8_e4m3fn` (the FP8
+    # velocity's rows beside the float32 velocity's)
     assert name in {report.result_name(result) + suffix + ".json"
-                    for suffix in ("", "-groups", "-bf16-torch-overhead", "-schedules")}
+                    for suffix in ("", "-groups", "-bf16-torch-overhead", "-schedules",
+                                   "-fp8")}
 
 
 def test_the_groups_comparison_alternates_sample_by_sample():
