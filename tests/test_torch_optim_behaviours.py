@@ -226,17 +226,26 @@ def assert_state_dicts_equal(actual, expected):
         assert actual == expected
 
 
-@pytest.mark.parametrize("named", [False, True], ids=["", "named"])
+def without_param_names(state_dict):
+    return {**state_dict, "param_groups": [
+        {k: v for k, v in group.items() if k != "param_names"}
+        for group in state_dict["param_groups"]]}
+
+
+@pytest.mark.parametrize("named_saving", [False, True], ids=["", "named"])
+@pytest.mark.parametrize("named_loading", [False, True], ids=["", "into-named"])
 @pytest.mark.parametrize("kwargs", torch_configs(skip=("differentiable",)))
-def test_a_loaded_state_dict_steps_in_lockstep_and_saves_the_same(kwargs, named):
+def test_a_loaded_state_dict_steps_in_lockstep_and_saves_the_same(kwargs, named_saving,
+                                                                  named_loading):
     """test_state_dict_deterministic: after ten steps, a copy of the parameters under a
     fresh optimizer that loads the state dict takes the same ten steps (equal parameters
-    after each), the two state dicts are equal, and param groups appended twice save
-    alike; with the parameters given with names too."""
-    opt, closure, (weight, bias), inputs = primed(kwargs, 10, named)
+    after each), the two state dicts are equal but for the parameter names, and param
+    groups appended twice save alike; each optimizer given its parameters with names or
+    without."""
+    opt, closure, (weight, bias), inputs = primed(kwargs, 10, named_saving)
     with torch.no_grad():
         weight_c, bias_c = Parameter(weight.clone()), Parameter(bias.clone())
-    opt_c = SGD(with_names([weight_c, bias_c], named), **fresh(kwargs))
+    opt_c = SGD(with_names([weight_c, bias_c], named_loading), **fresh(kwargs))
 
     def closure_c():
         opt_c.zero_grad()
@@ -249,9 +258,11 @@ def test_a_loaded_state_dict_steps_in_lockstep_and_saves_the_same(kwargs, named)
         opt.step(closure)
         opt_c.step(closure_c)
         assert torch.equal(weight, weight_c) and torch.equal(bias, bias_c)
-    assert_state_dicts_equal(opt_c.state_dict(), opt.state_dict())
+    assert_state_dicts_equal(without_param_names(opt_c.state_dict()),
+                             without_param_names(opt.state_dict()))
     opt_c.param_groups.extend(opt_c.param_groups)
-    assert opt.state_dict()["param_groups"][-1] == opt_c.state_dict()["param_groups"][-1]
+    assert (without_param_names(opt.state_dict())["param_groups"][-1]
+            == without_param_names(opt_c.state_dict())["param_groups"][-1])
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["", "named"])
@@ -448,9 +459,9 @@ def test_state_dict_hooks_return_values_and_prepend_as_torchs(kwargs):
 def test_named_and_unnamed_state_dicts_load_into_each_other_as_torchs(
         kwargs, named_saving, named_loading):
     """test_can_load_from_to_named_state_dict: an optimizer built from
-    named_parameters() or parameters() saves after three steps; a second one, built
-    either way, loads it; its state dict names the parameters exactly as torch's does
-    after the same load, and it steps as torch.optim.SGD's."""
+    named_parameters() or parameters() saves after three steps; a second one over the
+    same model, built either way, loads it; its state dict names the parameters exactly
+    as torch's does after the same load, and it steps as torch.optim.SGD's."""
     names, ends = [], []
     for cls in (SGD, torch.optim.SGD):
         model, inputs = conv_model()
@@ -460,18 +471,49 @@ def test_named_and_unnamed_state_dicts_load_into_each_other_as_torchs(
             opt.zero_grad()
             model(inputs).sum().backward()
             opt.step()
-        model2, _ = conv_model()
-        opt2 = cls(model2.named_parameters() if named_loading else model2.parameters(),
+        opt2 = cls(model.named_parameters() if named_loading else model.parameters(),
                    **fresh(kwargs))
         opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+        opt2.zero_grad()
+        model(inputs).sum().backward()
+        opt2.step()
         names.append([group.get("param_names")
                       for group in opt2.state_dict()["param_groups"]])
-        opt2.zero_grad()
-        model2(inputs).sum().backward()
-        opt2.step()
-        ends.append([p.detach().clone() for p in model2.parameters()])
+        ends.append([p.detach().clone() for p in model.parameters()])
     assert names[0] == names[1]
     if named_saving or named_loading:
         assert names[0] == [["0.weight", "0.bias", "1.weight", "1.bias"]]
+    for ours, torchs in zip(*ends):
+        assert_same_values(ours, torchs)
+
+
+def test_the_same_parameters_under_one_optimizer_after_another():
+    """How torch's suite reuses its tensors (test_state_dict_deterministic,
+    test_step_is_noop_for_zero_grads, test_non_empty_state): the same weight and bias
+    under a new optimizer for each of torch's configurations in turn, each stepping ten
+    times, then loaded into a twin that keeps in lockstep; the parameters end where
+    torch.optim.SGD's end after the same sequence."""
+    ends = []
+    for cls in (SGD, torch.optim.SGD):
+        torch.manual_seed(0)
+        weight, bias = Parameter(torch.randn(2, 3)), Parameter(torch.randn(2))
+        inputs = torch.randn(3)
+        for param in torch_configs(skip=("differentiable",)):
+            opt = cls([weight, bias], **fresh(param.values[0]))
+            for _ in range(10):
+                opt.zero_grad()
+                linear_loss(weight, bias, inputs).backward()
+                opt.step()
+            with torch.no_grad():
+                twin = [Parameter(weight.clone()), Parameter(bias.clone())]
+            opt_twin = cls(twin, **fresh(param.values[0]))
+            opt_twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+            for _ in range(3):
+                for o, (w, b) in ((opt, (weight, bias)), (opt_twin, twin)):
+                    o.zero_grad()
+                    linear_loss(w, b, inputs).backward()
+                    o.step()
+                assert torch.equal(weight, twin[0]) and torch.equal(bias, twin[1])
+        ends.append((weight.detach().clone(), bias.detach().clone()))
     for ours, torchs in zip(*ends):
         assert_same_values(ours, torchs)

@@ -62,13 +62,30 @@ def test_a_parameter_twice_in_one_group_warns_and_is_updated_once():
 
 # ---- directions: test_forloop_goes_right_direction, the param group tests -------------
 
+def scheduler_list_id(index):
+    return "+".join(make(torch.optim.SGD([torch.zeros(1)])).__class__.__name__
+                    for make in SGD_INFO.scheduler_inputs[index])
+
+
+def step_schedulers(schedulers, loss):
+    for scheduler in schedulers:
+        if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(loss)
+        else:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("schedulers", [None, *range(len(SGD_INFO.scheduler_inputs))],
+                         ids=lambda i: "no_lrsched" if i is None else scheduler_list_id(i))
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("kwargs", plain_configs())
-def test_the_for_loop_configurations_go_the_right_way_as_torchs(kwargs, contiguous):
+def test_the_for_loop_configurations_go_the_right_way_as_torchs(kwargs, contiguous,
+                                                                 schedulers):
     """test_forloop_goes_right_direction (foreach=False; strided parameters are views into
-    larger tensors): 20 closure steps lower the loss (raise it with maximize), ending
-    where torch.optim.SGD ends."""
+    larger tensors; with_lrsched: each of torch's SGD scheduler lists): 20 steps lower
+    the loss (raise it with maximize), ending where torch.optim.SGD ends."""
     ends, values = [], []
+    makers = [] if schedulers is None else SGD_INFO.scheduler_inputs[schedulers]
     for cls in (SGD, torch.optim.SGD):
         torch.manual_seed(0)
         if contiguous:
@@ -78,6 +95,7 @@ def test_the_for_loop_configurations_go_the_right_way_as_torchs(kwargs, contiguo
             bias = Parameter(torch.randn(10, 2)[..., 0])
         inputs = torch.randn(5)
         opt = cls([weight, bias], **fresh(kwargs), foreach=False)
+        made = [make(opt) for make in makers]
 
         def closure():
             opt.zero_grad()
@@ -87,7 +105,9 @@ def test_the_for_loop_configurations_go_the_right_way_as_torchs(kwargs, contiguo
 
         initial = closure().item()
         for _ in range(20):
-            opt.step(closure)
+            loss = closure()
+            opt.step()
+            step_schedulers(made, loss)
         values.append((initial, closure().item()))
         ends.append((weight.detach().clone(), bias.detach().clone()))
     (initial, final), _ = values
@@ -154,9 +174,7 @@ def test_a_group_with_a_tiny_lr_stays_put_beside_one_that_learns(kwargs):
 
 
 @pytest.mark.parametrize("schedulers", range(len(SGD_INFO.scheduler_inputs)),
-                         ids=lambda i: "+".join(
-                             s(torch.optim.SGD([torch.zeros(1)])).__class__.__name__
-                             for s in SGD_INFO.scheduler_inputs[i]))
+                         ids=scheduler_list_id)
 def test_param_groups_under_torchs_schedulers_go_the_right_way(schedulers):
     """test_param_group_with_lrscheduler_goes_right_direction: two groups (the default lr
     and 0.01) under each of torch's SGD scheduler combinations, 20 closure steps: the
@@ -177,12 +195,7 @@ def test_param_groups_under_torchs_schedulers_go_the_right_way(schedulers):
 
         initial = closure().item()
         for _ in range(20):
-            loss = opt.step(closure)
-            for scheduler in made:
-                if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(loss)
-                else:
-                    scheduler.step()
+            step_schedulers(made, opt.step(closure))
         assert closure().item() < initial
         ends.append((weight.detach().clone(), bias.detach().clone()))
     for ours, torchs in zip(*ends):
@@ -257,7 +270,8 @@ def derived_run(cls, kwargs, dtype, steps=7):
     """torch's _test_derived_optimizers run: a small model, then a 0-dim parameter (torch
     makes it with torch.empty, so only its dtype is compared there; here it holds 0.5)
     and a zero-size one, each with a gradient set once; seven steps after zero_grad, the
-    fourth without a backward. Returns the parameters and the optimizer."""
+    third without a backward, the second linear layer frozen (requires_grad False) for
+    the fourth and fifth. Returns the parameters and the optimizer."""
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sigmoid(),
                                 torch.nn.Linear(3, 1), torch.nn.Sigmoid()).to(dtype)
@@ -270,7 +284,9 @@ def derived_run(cls, kwargs, dtype, steps=7):
     inputs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=dtype).reshape(3, 2)
     for step in range(steps):
         opt.zero_grad()
-        if step != 3:
+        if step in (3, 5):
+            model[2].requires_grad_(step == 5)
+        if step != 2:
             model(inputs).sum().backward()
         opt.step()
     return params, opt
@@ -351,6 +367,30 @@ def test_fused_does_not_step_when_found_inf(kwargs, grad_scale):
     opt.step()
     assert all(torch.equal(p, torch.ones(1)) for p in params)
     assert all("momentum_buffer" not in opt.state.get(p, {}) for p in params)
+
+
+def test_fused_refuses_meta_parameters_as_torch_then_steps_after_to_empty():
+    """test_fused_error_on_params_on_meta: with fused=True, a step over meta parameters
+    with gradients raises torch's RuntimeError (ours: UnupdatableGradientError, also a
+    TypeError) and changes nothing; after zero_grad and model.to_empty() (which gives the
+    model new Parameters: the optimizer's stay on meta, without gradients) the step runs,
+    as torch's does."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sigmoid(),
+                                    torch.nn.Linear(3, 1), torch.nn.Sigmoid())
+    opt = SGD(model.parameters(), fused=True)
+    with torch.device("meta"):
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be "
+                                           "floating point Tensors") as refusal:
+        opt.step()
+    assert isinstance(refusal.value, TypeError) and not opt.state
+    opt.zero_grad(set_to_none=True)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.grad = torch.rand_like(p)
+    opt.step()
 
 
 # ---- tensor lr: test_tensor_lr ---------------------------------------------------------
