@@ -8,8 +8,11 @@ default dtype), found_inf, tensor lr, sparse gradients. Where torch checks only 
 direction (the loss went down), the parameters are also compared with torch.optim.SGD's
 under the same arguments. The suite's behaviour checks (hooks, state dicts, copies) are
 in tests/test_torch_optim_behaviours.py, its error inputs in tests/test_torch_sgd.py
-(test_torch_error_inputs_raise_what_torch_raises), TestDifferentiableOptimizer's
-gradcheck in tests/test_torch_differentiable.py."""
+(test_torch_error_inputs_raise_what_torch_raises). Of TestDifferentiableOptimizer
+(test/optim/test_optim.py), test_sgd's gradcheck is in tests/test_torch_differentiable.py;
+the checks over torch's inputs and through tensor hyperparameters are here. Deliberate
+differences (docs/pytorch.md, Differences) are asserted as documented: complex
+parameters and sparse gradients are taken where torch's fused SGD raises."""
 
 import numba  # noqa: F401  (numba before torch: two OpenMP runtimes in one process stall)
 import warnings
@@ -516,3 +519,71 @@ def test_a_sparse_gradient_steps_as_its_dense_equal_where_torch_refuses_too(kwar
     for _ in range(3):
         opt.step()
     assert_same_values(ends[0], param)
+
+
+# ---- TestDifferentiableOptimizer (test/optim/test_optim.py) ----------------------------
+
+def one_differentiable_step(p, grad, state, kwargs, *state_values):
+    """A fresh differentiable=True optimizer on a copy of p given `grad` and a copy of
+    `state`, one step: the new p and the state tensors that require grad."""
+    p = p.clone()
+    p.grad = grad
+    opt = SGD([p], **kwargs)
+    opt.state[p].update({k: v.clone() for k, v in state.items()})
+    opt.step()
+    return (p, *(v for v in opt.state[p].values() if v.requires_grad))
+
+
+@pytest.mark.parametrize("kwargs", plain_configs())
+def test_a_differentiable_step_from_a_fused_steps_state_passes_gradcheck(kwargs):
+    """test_optimizers_differentiable_wrt_params: the state one fused step leaves (from
+    state_dict(), none with momentum 0) feeds a differentiable=True step whose outputs
+    pass gradcheck with respect to the parameter, the gradient and that state."""
+    torch.manual_seed(9)
+    mock = torch.rand(10, dtype=torch.float64, requires_grad=True)
+    mock.grad = torch.rand_like(mock)
+    fused_opt = SGD([mock], **fresh(kwargs))
+    fused_opt.step()
+    state = fused_opt.state_dict()["state"].get(0, {})
+    assert set(state) == ({"momentum_buffer"} if kwargs.get("momentum") else set())
+    p, grad = (torch.rand(10, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    step_kwargs = {**fresh(kwargs), "differentiable": True}
+    assert torch.autograd.gradcheck(
+        lambda *inputs: one_differentiable_step(*inputs[:2], state, step_kwargs,
+                                                *inputs[2:]),
+        (p, grad, *state.values()))
+
+
+@pytest.mark.parametrize("names", [["lr"], ["weight_decay"], ["weight_decay", "lr"]],
+                         ids="+".join)
+def test_gradients_reach_tensor_hyperparameters_through_two_steps(names):
+    """test_differentiable_lr, _weight_decay, _weight_decay_and_lr: two steps of
+    differentiable=True (backward with create_graph, step, zero_grad) from a given
+    momentum buffer; the last loss, the state and the hyperparameters pass gradcheck
+    with respect to the parameter, the gradient, the buffer and the hyperparameters
+    (lr 0.001 and weight_decay 0.9 as tensors that require grad)."""
+    torch.manual_seed(10)
+    params, grad, buffer = (torch.rand(10, dtype=torch.float64, requires_grad=True)
+                            for _ in range(3))
+    values = [torch.tensor({"lr": 0.001, "weight_decay": 0.9}[name], dtype=torch.float64,
+                           requires_grad=True) for name in names]
+
+    def two_steps(params, grad, buffer, *hyperparameters):
+        params = params.clone()
+        params.grad = grad
+        hyperparameters = [h.clone() for h in hyperparameters]
+        opt = SGD([params], differentiable=True, **dict(zip(names, hyperparameters)))
+        opt.state[params]["momentum_buffer"] = buffer.clone()
+        x, y = torch.tensor([1.0], dtype=torch.float64), torch.tensor([2.0],
+                                                                       dtype=torch.float64)
+        for _ in range(2):
+            loss = torch.nn.functional.mse_loss(x * params.sum(), y)
+            loss.backward(inputs=(params,), create_graph=True)
+            opt.step()
+            opt.zero_grad()
+        loss.backward(inputs=tuple(hyperparameters), create_graph=True)
+        assert all(h.grad is not None for h in hyperparameters)
+        return (loss, *(v for v in opt.state[params].values() if v.requires_grad),
+                *hyperparameters)
+
+    assert torch.autograd.gradcheck(two_steps, (params, grad, buffer, *values))
