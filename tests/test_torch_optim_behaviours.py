@@ -11,7 +11,7 @@ deep copies and non-empty state; and, as torch's scheduler tests check, no refer
 cycles through the optimizer. The numerical checks of the same suite are in
 tests/test_torch_optim_suite.py."""
 
-import numba  # noqa: F401  (numba before torch: two OpenMP runtimes in one process stall)
+import numba  # (before torch: two OpenMP runtimes in one process stall)
 import copy
 import gc
 import io
@@ -31,6 +31,19 @@ from torch_optim_inputs import (SGD_INFO, assert_same_values, conv_model,  # noq
                                 fresh, linear_loss, torch_configs)
 
 IMPLEMENTATIONS = {"torch": torch.optim.SGD, "gpu_momentum": SGD}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread for torch and for Numba, as in test_torch_sgd.py: on a small shared
+    machine the idle workers of one OpenMP runtime, spinning after a parallel region,
+    slow the other's work down tenfold."""
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads[0])
+    numba.set_num_threads(threads[1])
 
 
 def outcome(function):

@@ -14,7 +14,8 @@ the checks over torch's inputs and through tensor hyperparameters are here. Deli
 differences (docs/pytorch.md, Differences) are asserted as documented: complex
 parameters and sparse gradients are taken where torch's fused SGD raises."""
 
-import numba  # noqa: F401  (numba before torch: two OpenMP runtimes in one process stall)
+import numba  # (before torch: two OpenMP runtimes in one process stall)
+import functools
 import warnings
 
 import pytest
@@ -31,6 +32,20 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
 from gpu_momentum.torch import SGD  # noqa: E402
 from torch_optim_inputs import (SGD_INFO, assert_same_values, fresh,  # noqa: E402
                                 linear_loss, plain_configs, torch_configs)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread for torch and for Numba, as in test_torch_sgd.py: on a small shared
+    machine the idle workers of one OpenMP runtime, spinning after a parallel region,
+    slow the other's work down tenfold (the closures here run a backward before each
+    step)."""
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads[0])
+    numba.set_num_threads(threads[1])
 
 
 def configs(dtype=torch.float32):
@@ -456,11 +471,12 @@ def coordinate_gradient(param, sparse, x_only):
 @pytest.mark.parametrize("with_scheduler", [False, True], ids=["", "with_lrsched"])
 @pytest.mark.parametrize("kwargs", sparse_configs())
 def test_sparse_gradients_descend_as_dense_ones(kwargs, with_scheduler):
-    """test_rosenbrock_sparse (and _with_lrsched, torch's StepLR for sparse SGD): cyclic
-    coordinate descent on Rosenbrock's function with uncoalesced sparse gradients keeps
-    the parameters within 5e-6 of the same descent with dense gradients and ends nearer
-    the solution. (torch's 1800 steps shortened to 600.) foreach=True brings a second
-    parameter, as in torch."""
+    """test_rosenbrock_sparse (and _with_lrsched, torch's StepLR for sparse SGD): 1800
+    steps of cyclic coordinate descent on Rosenbrock's function, each step's closure
+    running a backward and then replacing the gradient with an uncoalesced sparse one,
+    keep the parameters within 5e-6 of the same descent with dense gradients and end
+    nearer the solution. As in torch's test, both closures zero the sparse optimizer's
+    gradients; foreach=True (only where torch has foreach kernels) adds a parameter."""
     _, scheduler_makers = SGD_INFO.metadata_for_sparse
     scheduler_makers = scheduler_makers if with_scheduler else []
     start = ([torch.tensor([1.5, 1.5])] * (2 if kwargs.get("foreach") else 1))
@@ -471,13 +487,18 @@ def test_sparse_gradients_descend_as_dense_ones(kwargs, with_scheduler):
     schedulers = [make(o) for o in (opt_sparse, opt_dense) for make in scheduler_makers]
     solution = torch.tensor([1.0, 1.0])
     initial = sum(p.detach().dist(solution) for p in sparse_params)
-    for step in range(600):
-        for opt, params, sparse in ((opt_sparse, sparse_params, True),
-                                    (opt_dense, dense_params, False)):
-            opt.zero_grad()
-            for p in params:
-                p.grad = coordinate_gradient(p, sparse, step % 2)
-            opt.step()
+
+    def closure(params, sparse, x_only):
+        opt_sparse.zero_grad()
+        loss = sum(rosenbrock(p) for p in params)
+        loss.backward()
+        for p in params:
+            p.grad = coordinate_gradient(p, sparse, x_only)
+        return loss
+
+    for step in range(1800):
+        opt_sparse.step(functools.partial(closure, sparse_params, True, step % 2))
+        opt_dense.step(functools.partial(closure, dense_params, False, step % 2))
         for scheduler in schedulers:
             scheduler.step()
         for s, d in zip(sparse_params, dense_params):
