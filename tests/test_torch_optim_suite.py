@@ -16,7 +16,6 @@ parameters and sparse gradients are taken where torch's fused SGD raises."""
 
 import numba  # (before torch: two OpenMP runtimes in one process stall)
 import functools
-import warnings
 
 import pytest
 
@@ -66,11 +65,14 @@ def test_a_parameter_twice_in_one_group_warns_and_is_updated_once():
     (docs/pytorch.md, Differences) updates the parameter once per step, as torch.optim.SGD
     updates a parameter given once."""
     ends = []
-    for cls, params_of in ((SGD, lambda p: [p, p]), (torch.optim.SGD, lambda p: [p])):
+    for twice in (True, False):
         param = Parameter(torch.ones(3))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            opt = cls(params_of(param), lr=0.1, momentum=0.9)
+        if twice:
+            with pytest.warns(UserWarning, match="a parameter group with duplicate "
+                                                 "parameters"):
+                opt = SGD([param, param], lr=0.1, momentum=0.9)
+        else:
+            opt = torch.optim.SGD([param], lr=0.1, momentum=0.9)
         for _ in range(3):
             param.grad = torch.full((3,), 0.5)
             opt.step()
@@ -337,16 +339,15 @@ def test_foreach_and_fused_match_torchs_for_loop(kwargs, flag):
     assert_derived_runs_agree(ours, torchs, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16,
+                                   torch.float16], ids=str)
 @pytest.mark.parametrize("kwargs", plain_configs())
 def test_fused_matches_torchs_fused_in_every_float_dtype(kwargs, dtype):
     """test_fused_matches_forloop on the CPU (torch's fused SGD runs there), for the
     dtypes torch runs it with: ours against torch.optim.SGD(fused=True), which computes
     16-bit parameters in float32 too, to torch's tolerance for the dtype."""
-    tolerance = dict(rtol=1e-3, atol=1e-5) if dtype == torch.float16 else {}
-    if dtype == torch.bfloat16:
-        tolerance = dict(rtol=1.6e-2, atol=1e-5)
+    tolerance = {torch.float16: dict(rtol=1e-3, atol=1e-5),
+                 torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}.get(dtype, {})
     ours = derived_run(SGD, {**fresh(kwargs), "fused": True}, dtype)
     torchs = derived_run(torch.optim.SGD, {**fresh(kwargs), "fused": True}, dtype)
     assert_derived_runs_agree(ours, torchs, **tolerance)
