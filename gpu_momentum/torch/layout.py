@@ -165,13 +165,29 @@ class Layout:
                 else:
                     zero_in_place(p.grad)
 
-    def check_kept_out(self):
+    def check_kept_out(self, param_groups):
+        """Raises UnupdatableGradientError if a tensor kept out of the buffers has a
+        gradient: with torch.optim.SGD(fused=True)'s message where its group asks for
+        fused=True (a meta parameter, say), else naming what can be updated."""
         for p in self.kept_out:
             if p.grad is not None:
-                raise TypeError(f"a {p.dtype} {p.layout} tensor on {p.device} has a "
-                                f"gradient, but gpu_momentum.torch.SGD cannot update it "
-                                f"(it updates strided bfloat16, float16, float32, float64 "
-                                f"and complex tensors)")
+                if any(group.get("fused") and any(q is p for q in group["params"])
+                       for group in param_groups):
+                    devices = sorted({b.device_type for b in REGISTRY.values()})
+                    raise UnupdatableGradientError(
+                        f"`fused=True` requires all the params to be floating point "
+                        f"Tensors of supported devices: {devices} but {p.dtype} and "
+                        f"{p.device.type}")
+                raise UnupdatableGradientError(
+                    f"a {p.dtype} {p.layout} tensor on {p.device} has a gradient, but "
+                    f"gpu_momentum.torch.SGD cannot update it (it updates strided "
+                    f"bfloat16, float16, float32, float64 and complex tensors)")
+
+
+class UnupdatableGradientError(TypeError, RuntimeError):
+    """A gradient at `step()` on a tensor no backend updates: a TypeError, as for any
+    tensor of the wrong kind, and a RuntimeError, what torch.optim.SGD(fused=True) raises
+    for a parameter its fused kernel cannot take."""
 
 
 def _check_disjoint(params, order):

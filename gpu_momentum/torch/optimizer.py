@@ -343,7 +343,7 @@ class SGD(Float8Surface, SavedState, Optimizer):
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         # Everything that can fail is checked before anything is written.
-        layout.check_kept_out()
+        layout.check_kept_out(self.param_groups)
         self._take_group_values(layout, capturing)
         # CUDA buffers read GradScaler's values on the device (see _reads_scaler_values).
         on_device = layout.on_cuda
