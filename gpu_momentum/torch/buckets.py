@@ -103,6 +103,11 @@ class Bucket(TableUpkeep):
         self.table_stale = True
         self.host_table = None
         self.device_table = None
+        self.lr_momentum_columns = {}  # {group: views of its rows' lr and momentum}
+        # Whether the table is in a CUDA device's memory, where a CUDA tensor lr is copied
+        # (bucket_table), and the torch view of its scalars that takes it.
+        self.reads_device_values = device.type == "cuda"
+        self._torch_scalars = None
         self.ptrs = None
         self._prepared_step = None  # the prepared step, and what it was prepared with
         self._launch_made_with, self._launch_context = (), None
