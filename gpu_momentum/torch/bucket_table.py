@@ -9,8 +9,6 @@ So the host does not check it: an lr the compute dtype cannot hold (1e39 on floa
 a decoupled lr * weight_decay past its largest value becomes inf in the table, as in
 torch's fused step, which does not check a tensor lr either."""
 
-import functools
-
 import numpy as np
 
 from ..backends import device_table
@@ -41,7 +39,7 @@ class TableUpkeep:
         """Raises ValueError, before anything changes, unless this bucket's compute dtype
         holds the table rows of the changed groups' values ({group: values}, GroupValues)
         that have parameters here (a CUDA tensor lr, copied on the device, unchecked)."""
-        largest = _largest(self.compute_dtype)
+        largest = self.largest
         for group, values in changes.items():
             if group not in self.group_rows:
                 continue
@@ -111,6 +109,17 @@ class TableUpkeep:
                                              table.group_flags[low:high], param)
         if self.reads_device_values:
             self._write_device_lrs()
+
+    def fill_columns(self, group):
+        """(lr column, momentum column): views of the host table's columns of `group`'s
+        rows, where the table is in host memory (the CPU's: no copy to the device) and
+        they are a slice, so that a change of lr or momentum alone is a fill of them
+        (GroupValues.changes); else None."""
+        columns = self.lr_momentum_columns.get(group)
+        if (columns is None or self.reads_device_values or self.device_table is None
+                or self.device_table.scalars is not self.host_table.scalars):
+            return None
+        return columns
 
     def _host_values(self, values):
         """`values` as the host's table row takes them: a CUDA tensor lr (DeviceValue)
@@ -200,7 +209,6 @@ class TableUpkeep:
             self._write_device_lrs()
 
 
-@functools.cache
-def _largest(dtype):
-    """The largest finite value of a compute dtype."""
+def largest_value(dtype):
+    """The largest finite value of a compute dtype, as a float."""
     return float(np.finfo(dtype).max)

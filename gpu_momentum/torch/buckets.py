@@ -14,7 +14,7 @@ from ..flat import aligned
 from ..groups import table_terms
 from ..kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT
 from ..precision import PRECISION_BUFFER_NAMES
-from .bucket_table import CAPTURE_REFUSED, TableUpkeep
+from .bucket_table import CAPTURE_REFUSED, TableUpkeep, largest_value
 from .grad_views import GradientViews, Reshaped
 from .storage import local_of, own_storage
 from .tensors import NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, segment
@@ -22,6 +22,7 @@ from .tensors import NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, seg
 
 
 _grad_of = operator.attrgetter("grad")
+NO_SCALING = {}  # (a step without GradScaler's tensors: never written)
 
 
 class Bucket(TableUpkeep):
@@ -53,6 +54,7 @@ class Bucket(TableUpkeep):
         self.param_dtype = dtype
         real = NUMPY_DTYPES[dtype]
         self.compute_dtype = compute_dtype(real)
+        self.largest = largest_value(self.compute_dtype)  # (what check_values allows)
         element = real.itemsize
         offsets, ends, end = [], [], 0
         for p in likes:
@@ -254,10 +256,11 @@ class Bucket(TableUpkeep):
         key stochastic rounding."""
         self.refresh(style, capturing)
         self._set_up_buffers(state, capturing)
-        scaling = {name: value if value.device == self.device else
-                   value.to(self.device, non_blocking=True)
-                   for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
-                   if value is not None}
+        scaling = NO_SCALING if grad_scale is None and found_inf is None else {
+            name: value if value.device == self.device else
+            value.to(self.device, non_blocking=True)
+            for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
+            if value is not None}
         with self.arrays.context():
             arrays = self.arrays.step_arrays()
             self._launcher(arrays, seed)(arrays[1], inv_grad_scale, None,
@@ -288,7 +291,7 @@ class Bucket(TableUpkeep):
         made_with = (self.device_table, *arrays, self.counters)
         context = (seed, self.arrays.stream())
         if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
-                or any(a is not b for a, b in zip(made_with, self._launch_made_with))):
+                or not all(map(operator.is_, made_with, self._launch_made_with))):
             self._prepared_step = self.backend.step_function(
                 arrays[0], arrays[2], self.device_table, self.counters,
                 self.check_nonfinite, precision=self.precision,

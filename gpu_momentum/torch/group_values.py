@@ -54,22 +54,32 @@ def read_on_device(tensor):
 
 
 class GroupValues:
-    """The values of each param group as the update tables last took them."""
+    """The values of each param group as the update tables last took them, for the
+    tables of `buckets` (Bucket, TableUpkeep) in `style`."""
 
-    def __init__(self):
+    def __init__(self, buckets=(), style="torch"):
         self._seen = []  # per group: the objects its dict held for KEYS
         self._tensors = []  # per group: ((tensor, its _version), ...) of those that are
         self.values = []  # per group: its values (floats, then bools), as accepted
         self._read = {}  # {group: the objects changes() read its values from}
+        self._buckets, self._torch_style = buckets, style == "torch"
+        self._fills = None  # per group: what _fill_targets says, once every table exists
 
-    def changes(self, param_groups):
+    def changes(self, param_groups, capturing=False):
         """{group index: its values} of the groups whose values differ from the accepted
         ones (every group the first time, or when groups were added); NO_CHANGES when none
         did. A tensor value changed in place (a scheduler's `fill_`) counts by its
         version; its value is read then (on the host: .item(), which on CUDA would wait
         for the device, so a CUDA tensor lr is kept as a DeviceValue instead). Raises
-        TypeError for a value that is not a number, a bool or a 1-element tensor."""
+        TypeError for a value that is not a number, a bool or a 1-element tensor.
+
+        What a scheduler changes at every step, a float lr or momentum alone, is taken
+        here (unless `capturing`) and left out of the changes where every table of the
+        group is in host memory: checked as check_values checks it, then filled into the
+        group's rows of the tables and their values (a scalar write; anything else, or a
+        value refused, is a change as any other)."""
         seen, tensors = self._seen, self._tensors
+        fills = None if capturing else self._fills or self._fill_targets()
         if len(param_groups) != len(seen):
             self._read = {index: tuple(map(group.get, KEYS))
                           for index, group in enumerate(param_groups)}
@@ -78,11 +88,31 @@ class GroupValues:
         changes = NO_CHANGES
         for index, group in enumerate(param_groups):
             objects = tuple(map(group.get, KEYS))
-            if all(map(operator.is_, objects, seen[index])) and not (
+            before = seen[index]
+            if all(map(operator.is_, objects, before)) and not (
                     tensors[index] and _moved(tensors[index])):
                 continue
-            values = read_values(objects, index)
             old = self.values[index]
+            lr, momentum = objects[0], objects[1]
+            if (type(lr) is float and type(momentum) is float and not tensors[index]
+                    and objects[2] is before[2] and objects[3] is before[3]
+                    and objects[4] is before[4] and objects[5] is before[5]
+                    and objects[6] is before[6] and objects[7] is before[7]):
+                values = (lr, momentum, *old[2:])  # what a scheduler changes: no reading
+                fill = fills and fills[index]
+                if (fill and abs(lr) <= fill[0] and abs(momentum) <= fill[0]
+                        and not (self._torch_style and (momentum == 0) != (old[1] == 0))
+                        and not (old[5] and old[3] != 0)):
+                    # Neither a change of whether the group keeps its velocity nor of a
+                    # decoupled decay (1 - lr * weight_decay): the two columns alone.
+                    for lr_column, momentum_column, bucket_values in fill[1]:
+                        lr_column.fill(lr)
+                        momentum_column.fill(momentum)
+                        bucket_values[index] = values
+                    seen[index], self.values[index] = objects, values
+                    continue
+            else:
+                values = read_values(objects, index)
             if values != old or _signs_differ(values, old):
                 if changes is NO_CHANGES:
                     changes, self._read = {}, {}
@@ -91,6 +121,24 @@ class GroupValues:
             else:  # the same values in other objects: nothing to write
                 self._remember(index, objects, values)
         return changes
+
+    def _fill_targets(self):
+        """Per group, (the largest value its compute dtypes hold, ((lr column, momentum
+        column, the table's values) of each table with its rows)) where every such table
+        takes a changed lr or momentum by a fill alone (TableUpkeep.fill_columns), else
+        None; None until every table exists (then kept: the tables stay in place)."""
+        buckets = self._buckets
+        if not buckets or any(bucket.host_table is None for bucket in buckets):
+            return None
+        fills = []
+        for group in range(len(self._seen)):
+            holding = [bucket for bucket in buckets if group in bucket.group_rows]
+            columns = [bucket.fill_columns(group) for bucket in holding]
+            fills.append(None if not holding or None in columns else (
+                min(bucket.largest for bucket in holding),
+                tuple((*pair, bucket.values) for pair, bucket in zip(columns, holding))))
+        self._fills = fills
+        return fills
 
     def accept(self, param_groups, changes):
         """The values of `changes` (from `changes`, checked) are the tables' from now on."""
