@@ -76,8 +76,9 @@ class GroupValues:
         What a scheduler changes at every step, a float lr or momentum alone, is taken
         here (unless `capturing`) and left out of the changes where every table of the
         group is in host memory: checked as check_values checks it, then filled into the
-        group's rows of the tables and their values (a scalar write; anything else, or a
-        value refused, is a change as any other)."""
+        group's rows of the tables and their values (a scalar write), once every group
+        is looked at and none changed otherwise (then they are changes as any other, so
+        that a refusal of one changes nothing)."""
         seen, tensors = self._seen, self._tensors
         fills = None if capturing else self._fills or self._fill_targets()
         if len(param_groups) != len(seen):
@@ -85,7 +86,7 @@ class GroupValues:
                           for index, group in enumerate(param_groups)}
             return {index: read_values(objects, index)
                     for index, objects in self._read.items()}
-        changes = NO_CHANGES
+        changes, filled = NO_CHANGES, None
         for index, group in enumerate(param_groups):
             objects = tuple(map(group.get, KEYS))
             before = seen[index]
@@ -105,11 +106,9 @@ class GroupValues:
                         and not (old[5] and old[3] != 0)):
                     # Neither a change of whether the group keeps its velocity nor of a
                     # decoupled decay (1 - lr * weight_decay): the two columns alone.
-                    for lr_column, momentum_column, bucket_values in fill[1]:
-                        lr_column.fill(lr)
-                        momentum_column.fill(momentum)
-                        bucket_values[index] = values
-                    seen[index], self.values[index] = objects, values
+                    if filled is None:
+                        filled = []
+                    filled.append((index, objects, values, fill[1]))
                     continue
             else:
                 values = read_values(objects, index)
@@ -120,7 +119,20 @@ class GroupValues:
                 self._read[index] = objects
             else:  # the same values in other objects: nothing to write
                 self._remember(index, objects, values)
-        return changes
+        if filled is None:
+            return changes
+        if changes:  # taken with the others, or refused with them
+            for index, objects, values, _ in filled:
+                changes[index], self._read[index] = values, objects
+            return changes
+        for index, objects, values, columns in filled:
+            lr, momentum = values[0], values[1]
+            for lr_column, momentum_column, bucket_values in columns:
+                lr_column.fill(lr)
+                momentum_column.fill(momentum)
+                bucket_values[index] = values
+            seen[index], self.values[index] = objects, values
+        return NO_CHANGES
 
     def _fill_targets(self):
         """Per group, (the largest value its compute dtypes hold, ((lr column, momentum
