@@ -60,19 +60,23 @@ class TableUpkeep:
         momentum alone: a fill of those columns; flags, if nesterov or maximize changed)
         on the host, then the span of rows that changed copied into the backend's table
         on the step's stream, without waiting (and a CUDA tensor lr copied into its rows
-        there); a change of whether a group keeps its velocity (momentum 0 in torch
+        there; a change of that lr alone is that copy alone); a change of whether a group keeps its velocity (momentum 0 in torch
         style) rewrites the table instead. No array is made and the prepared launch
         stays, unless the new rows use a term of the update it was not prepared for
         (table_terms)."""
         table = self.host_table
         low = high = None
-        flags_changed = False
+        flags_changed = device_lrs_changed = False
         for group, values in changes.items():
             spot = self.group_rows.get(group)
             if spot is None:
                 continue
             old, self.values[group] = self.values.get(group), values
             if table is None or self.table_stale:
+                continue
+            if (type(values[0]) is DeviceValue and type(old[0]) is DeviceValue
+                    and self.reads_device_values and values[1:] == old[1:]):
+                device_lrs_changed = True  # the host's row stays: the device's lr alone
                 continue
             if keeps_velocity(style, old[1]) != keeps_velocity(style, values[1]):
                 self.table_stale = True
@@ -97,10 +101,10 @@ class TableUpkeep:
                     flags_changed = True
             low = start if low is None or start < low else low
             high = stop if high is None or stop > high else high
-        if low is None or self.table_stale:
+        if (low is None and not device_lrs_changed) or self.table_stale:
             return
-        if self.device_table.scalars is not table.scalars:  # (else the CPU's: one table)
-            with self.arrays.context():
+        if low is not None and self.device_table.scalars is not table.scalars:
+            with self.arrays.context():  # (else the CPU's: one table)
                 param = self.arrays.step_arrays()[0]
                 self.backend.upload_into(self.device_table.scalars[low:high],
                                          table.scalars[low:high], param)
