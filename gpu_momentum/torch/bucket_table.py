@@ -60,10 +60,10 @@ class TableUpkeep:
         momentum alone: a fill of those columns; flags, if nesterov or maximize changed)
         on the host, then the span of rows that changed copied into the backend's table
         on the step's stream, without waiting (and a CUDA tensor lr copied into its rows
-        there; a change of that lr alone is that copy alone); a change of whether a group keeps its velocity (momentum 0 in torch
-        style) rewrites the table instead. No array is made and the prepared launch
-        stays, unless the new rows use a term of the update it was not prepared for
-        (table_terms)."""
+        there; a change of that lr alone is that copy alone); a change of whether a
+        group keeps its velocity (momentum 0 in torch style) rewrites the table instead.
+        No array is made and the prepared launch stays, unless the new rows use a term
+        of the update it was not prepared for (table_terms)."""
         table = self.host_table
         low = high = None
         flags_changed = device_lrs_changed = False
