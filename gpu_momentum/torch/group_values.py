@@ -19,7 +19,6 @@ from ..hyperparams import shown
 # (lr, momentum, dampening, weight_decay, l1, decoupled_weight_decay, nesterov, maximize).
 KEYS = ("lr", "momentum", "dampening", "weight_decay", "l1", "decoupled_weight_decay",
         "nesterov", "maximize")
-NUMBERS = 5  # the first five are numbers, the rest flags
 # l1 and decoupled_weight_decay are in a group only when given (SGD's EXTRA_GROUP_DEFAULTS).
 ABSENT = {"l1": 0.0, "decoupled_weight_decay": False}
 NO_CHANGES = {}
