@@ -126,7 +126,7 @@ def test_torch_sgd_scheduler_moves_only_scalars_and_matches_torch(counted_cpu, c
 
 @pytest.mark.parametrize("set_value", ["item", "update", "attribute-lr"])
 @pytest.mark.parametrize("key, value", [("lr", 1e39), ("weight_decay", 1e39),
-                                        ("l1", 1e300)])
+                                        ("l1", 1e300), ("momentum", 1e39)])
 def test_torch_sgd_refuses_values_float32_cannot_hold(set_value, key, value):
     model = _model()
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9, l1=0.0)
@@ -324,3 +324,153 @@ def test_lr_changed_every_step_moves_only_the_changed_rows(backend, monkeypatch,
     assert calls == dict.fromkeys(calls, 0)
     row = GROUP_COLUMNS * np.dtype(np.float32).itemsize
     assert copied == ([] if host_table else [row] * 12)
+
+
+def _model_and_sgd(seed, **options):
+    model = _model(seed)
+    decayed = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("weight")]
+    opt = SGD([{"params": decayed, "weight_decay": 0.01}, {"params": others}], lr=0.1,
+              momentum=0.9, **options)
+    return model, opt
+
+
+# (lr, momentum) set as new floats before each step, as a scheduler sets them; momentum 0
+# (the velocity left alone, torch style) and back, and a zero lr of either sign.
+LR_MOMENTUM_SCHEDULE = [(0.1, 0.9), (0.05, 0.85), (0.07, 0.0), (0.02, 0.5), (0.0, 0.95),
+                        (-0.0, 0.9), (0.3, 0.88), (0.011, 0.9)]
+
+
+def test_torch_sgd_lr_and_momentum_filled_equal_values_read_and_written():
+    """A float lr and momentum changed alone (a scheduler's step) are filled into the
+    table's columns (no write_values, but where the momentum turns 0 or back); the steps
+    equal, bit for bit, those of an optimizer that reads and writes every value (the
+    other values set again as new, equal objects)."""
+    x = torch.randn(4, 8)
+    runs = {}
+    for name in ("filled", "written"):
+        model, opt = _model_and_sgd(0)
+        runs[name] = model, opt, []
+    for name, (model, opt, taken) in runs.items():
+        for step, (lr, momentum) in enumerate(LR_MOMENTUM_SCHEDULE):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            for group in opt.param_groups:
+                group["lr"], group["momentum"] = lr + 0.0, momentum + 0.0
+                if name == "written":
+                    group["dampening"] = group["dampening"] + 0.0
+            opt.step()
+            taken.append([tuple(p.detach().clone() for p in model.parameters()),
+                            tuple(opt.state[p]["momentum_buffer"].clone()
+                                  for p in model.parameters())])
+    for step, (filled, written) in enumerate(zip(runs["filled"][2], runs["written"][2])):
+        for got, want in zip(filled, written):
+            for a, b in zip(got, want):
+                assert a.numpy().tobytes() == b.numpy().tobytes(), f"step {step + 1}"
+
+
+def test_torch_sgd_scheduled_step_skips_write_values(monkeypatch):
+    """After warm-up, a scheduler's lr and momentum reach the table without
+    check_values or write_values (only a momentum turning 0 or back goes through them)."""
+    from gpu_momentum.torch.bucket_table import TableUpkeep
+
+    calls = []
+    for method in ("check_values", "write_values"):
+        original = getattr(TableUpkeep, method)
+        monkeypatch.setattr(TableUpkeep, method,
+                            lambda self, *a, _original=original, _name=method: (
+                                calls.append(_name), _original(self, *a))[1])
+    model, opt = _model_and_sgd(0)
+    x = torch.randn(4, 8)
+    for step, (lr, momentum) in enumerate(LR_MOMENTUM_SCHEDULE):
+        if step == 2:
+            calls.clear()
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        for group in opt.param_groups:
+            group["lr"], group["momentum"] = lr + 0.0, momentum + 0.0
+        opt.step()
+    # steps 3 and 4 (momentum 0, then 0.5): the table is rewritten, once per change
+    assert calls == ["check_values", "write_values"] * 2
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
+def test_torch_sgd_cuda_tensor_lr_is_written_on_the_device(monkeypatch, decoupled):
+    """A CUDA tensor lr (faked: a CPU tensor taken as on the device, and CPU tables taken
+    as the device's) is never read on the host (.item()): each change (in place, as a
+    scheduler's fill_, or a new tensor) is written into the table by write_lr_on_device,
+    and the steps equal, bit for bit, those with the same lrs as floats (with decoupled
+    weight decay, the decay column 1 - lr * weight_decay too)."""
+    import gpu_momentum.torch.bucket_table as bucket_table_module
+    import gpu_momentum.torch.group_values as group_values_module
+
+    on_device = []
+    monkeypatch.setattr(group_values_module, "read_on_device",
+                        lambda tensor: any(tensor is t for t in on_device))
+    original_item = torch.Tensor.item
+
+    def item(tensor):
+        assert not any(tensor is t for t in on_device), "a device lr was read on the host"
+        return original_item(tensor)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    writes = []
+    original_write = bucket_table_module.write_lr_on_device
+    monkeypatch.setattr(bucket_table_module, "write_lr_on_device",
+                        lambda *a: (writes.append(a[2]), original_write(*a))[1])
+    original_init = buckets_module.Bucket.__init__
+
+    def init(bucket, *args, **kwargs):
+        original_init(bucket, *args, **kwargs)
+        bucket.reads_device_values = True
+    monkeypatch.setattr(buckets_module.Bucket, "__init__", init)
+
+    x = torch.randn(4, 8)
+    options = {"decoupled_weight_decay": decoupled}
+    (device_model, device_opt), (float_model, float_opt) = (
+        _model_and_sgd(0, **options), _model_and_sgd(0, **options))
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    on_device.append(lr)
+    for group in device_opt.param_groups:
+        group["lr"] = lr
+    schedule = [0.1, 0.05, 0.07, 0.013, 0.2]
+    for step, value in enumerate(schedule):
+        if step == 3:  # a new tensor in the group, as a user may set
+            lr = torch.tensor(value, dtype=torch.float64)
+            on_device.append(lr)
+            for group in device_opt.param_groups:
+                group["lr"] = lr
+        else:
+            lr.fill_(value)  # as a scheduler changes a tensor lr
+        for group in float_opt.param_groups:
+            group["lr"] = value
+        for model, opt in ((device_model, device_opt), (float_model, float_opt)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        for a, b in zip(device_model.parameters(), float_model.parameters()):
+            assert a.detach().numpy().tobytes() == b.detach().numpy().tobytes(), step
+        assert writes and writes[-1] is lr
+
+
+def test_torch_sgd_refusal_of_one_group_changes_no_other():
+    """A scheduler's lr for one group refused (float32 cannot hold it) beside another
+    group's new lr: the step changes no parameter, and the step after the fix takes both
+    groups' lrs, bit for bit as an optimizer given them together."""
+    model, opt = _model_and_sgd(0)
+    reference_model, reference = _model_and_sgd(0)
+    x = torch.randn(4, 8)
+    for m, o in ((model, opt), (reference_model, reference)):
+        o.zero_grad()
+        m(x).square().sum().backward()
+        o.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = 0.05, 1e39
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: Invalid lr value"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.param_groups[1]["lr"] = 0.02
+    reference.param_groups[0]["lr"], reference.param_groups[1]["lr"] = 0.05, 0.02
+    for o in (opt, reference):
+        o.step()
+    for a, b in zip(model.parameters(), reference_model.parameters()):
+        assert a.detach().numpy().tobytes() == b.detach().numpy().tobytes()

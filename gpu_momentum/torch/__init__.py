@@ -61,8 +61,8 @@ How it works:
 
 Devices: CPU tensors are updated by the "cpu" backend through NumPy views; CUDA tensors by
 "cupy" (or "numba-cuda" when asked), zero-copy, queued on torch's current CUDA stream,
-with no host synchronisation in `step()` (a CUDA tensor lr is read with `.item()`, as
-torch.optim.SGD's for-loop reads it).
+with no host synchronisation in `step()` (a CUDA tensor lr is copied into the device's
+update table on the step's stream, never read on the host, nor checked there).
 
 The package's modules: `optimizer` (SGD: torch.optim.SGD's signature, checks and
 methods), `layout` (which parameters go into which buffer), `buckets` (one buffer: its

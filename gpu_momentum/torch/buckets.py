@@ -14,7 +14,7 @@ from ..flat import aligned
 from ..groups import table_terms
 from ..kernels.layout import GROUP_SLOTS, LAST_STEP_SKIPPED, SKIPPED_STEPS, STEP_COUNT
 from ..precision import PRECISION_BUFFER_NAMES
-from .bucket_table import CAPTURE_REFUSED, TableUpkeep
+from .bucket_table import CAPTURE_REFUSED, TableUpkeep, largest_value
 from .grad_views import GradientViews, Reshaped
 from .storage import local_of, own_storage
 from .tensors import NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, segment
@@ -22,6 +22,7 @@ from .tensors import NUMPY_DTYPES, TORCH_DTYPES, ArraysFor, data_ptr, dense, seg
 
 
 _grad_of = operator.attrgetter("grad")
+NO_SCALING = {}  # (a step without GradScaler's tensors: never written)
 
 
 class Bucket(TableUpkeep):
@@ -53,6 +54,7 @@ class Bucket(TableUpkeep):
         self.param_dtype = dtype
         real = NUMPY_DTYPES[dtype]
         self.compute_dtype = compute_dtype(real)
+        self.largest = largest_value(self.compute_dtype)  # (what check_values allows)
         element = real.itemsize
         offsets, ends, end = [], [], 0
         for p in likes:
@@ -101,6 +103,11 @@ class Bucket(TableUpkeep):
         self.table_stale = True
         self.host_table = None
         self.device_table = None
+        self.lr_momentum_columns = {}  # {group: views of its rows' lr and momentum}
+        # Whether the table is in a CUDA device's memory, where a CUDA tensor lr is copied
+        # (bucket_table), and the torch view of its scalars that takes it.
+        self.reads_device_values = device.type == "cuda"
+        self._torch_scalars = None
         self.ptrs = None
         self._prepared_step = None  # the prepared step, and what it was prepared with
         self._launch_made_with, self._launch_context = (), None
@@ -270,10 +277,11 @@ class Bucket(TableUpkeep):
         key stochastic rounding."""
         self.refresh(style, capturing)
         self._set_up_buffers(state, capturing)
-        scaling = {name: value if value.device == self.device else
-                   value.to(self.device, non_blocking=True)
-                   for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
-                   if value is not None}
+        scaling = NO_SCALING if grad_scale is None and found_inf is None else {
+            name: value if value.device == self.device else
+            value.to(self.device, non_blocking=True)
+            for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
+            if value is not None}
         with self.arrays.context():
             arrays = self.arrays.step_arrays()
             self._launcher(arrays, seed)(arrays[1], inv_grad_scale, None,
@@ -304,7 +312,7 @@ class Bucket(TableUpkeep):
         made_with = (self.device_table, *arrays, self.counters)
         context = (seed, self.arrays.stream())
         if (context != self._launch_context or len(made_with) != len(self._launch_made_with)
-                or any(a is not b for a, b in zip(made_with, self._launch_made_with))):
+                or not all(map(operator.is_, made_with, self._launch_made_with))):
             self._prepared_step = self.backend.step_function(
                 arrays[0], arrays[2], self.device_table, self.counters,
                 self.check_nonfinite, precision=self.precision,

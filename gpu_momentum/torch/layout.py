@@ -149,9 +149,12 @@ class Layout:
             current = group["params"]
             if len(current) != len(packed) or not all(map(operator.is_, current, packed)):
                 return False
-        if list(map(data_ptr, self.kept_out)) != self.kept_out_ptrs:
+        if self.kept_out and list(map(data_ptr, self.kept_out)) != self.kept_out_ptrs:
             return False  # e.g. meta parameters given storage by model.to_empty()
-        return all(bucket.in_place() for bucket in self.buckets)
+        for bucket in self.buckets:
+            if not bucket.in_place():
+                return False
+        return True
 
     def zero_grad(self, set_to_none, adopt, capturing=False):
         """Each bucket's GradientViews.zero_grad (Reshaped: nothing kept out was

@@ -393,7 +393,7 @@ class SGD(Float8Surface, SavedState, Optimizer):
         """The param groups' values that changed since the update tables took them,
         checked against every buffer's compute dtype (nothing changes on a refusal, and
         the next step refuses them again), then written into the tables' rows in place."""
-        changes = self._group_values.changes(self.param_groups)
+        changes = self._group_values.changes(self.param_groups, capturing)
         if changes and capturing:
             raise RuntimeError(CAPTURE_REFUSED.format(
                 "the update table must be written (call opt.prepare() after changing a "
@@ -434,7 +434,8 @@ class SGD(Float8Surface, SavedState, Optimizer):
             bucket.device for bucket in layout.buckets)
         if layout.moved:
             self._pack_count = self.pack_count + 1
-        self._group_values = GroupValues()  # the new buffers' tables take every group's
+        # The new buffers' tables take every group's values.
+        self._group_values = GroupValues(layout.buckets, self._style)
         return layout
 
     def _settle(self):

@@ -5,6 +5,8 @@ that make a parameter's tensors segments of a flat buffer."""
 import numpy as np
 import torch
 
+from ..kernels.layout import DECAY, LR
+
 NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
                 torch.float64: np.dtype(np.float64)}
 try:  # torch.bfloat16 as NumPy knows it: ml_dtypes' (the "bf16" extra)
@@ -83,3 +85,23 @@ def to_float(value):
     """A group value as a Python float (a tensor's item: on CUDA that waits for it)."""
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
+
+def as_torch(array, device):
+    """A torch tensor over the memory of a backend's array on `device`, no copy (CUDA
+    arrays through __cuda_array_interface__, host arrays through NumPy's)."""
+    return torch.as_tensor(array, device=device)
+
+
+def write_lr_on_device(scalars, rows, lr, decoupled_weight_decay=None):
+    """Writes the 1-element tensor `lr` into the lr column of rows `rows` (a slice, or
+    their indices) of `scalars` (a torch view of an update table's scalars on lr's
+    device), cast to their dtype as table_row casts it (to the nearest); with
+    `decoupled_weight_decay` (a nonzero float) also the decay column, 1 - lr *
+    weight_decay worked out there in that dtype. Queued on torch's current stream: the
+    value is never read on the host, and nothing waits."""
+    if not isinstance(rows, slice):
+        rows = torch.from_numpy(rows).to(scalars.device, non_blocking=True)
+    lr = lr.detach().reshape(()).to(scalars.dtype, non_blocking=True)
+    scalars[rows, LR] = lr
+    if decoupled_weight_decay is not None:  # (a Python float: cast to the dtype first)
+        scalars[rows, DECAY] = 1 - lr * decoupled_weight_decay
