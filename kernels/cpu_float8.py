@@ -25,8 +25,8 @@ import functools
 import numba
 import numpy as np
 
-from .cpu import (CHUNK, FORMAT_NAMES, SERIAL_BELOW, STORAGE, count_step_cpu,
-                  group_hyperparameters_cpu, kernels as wide_kernels,
+from .cpu import (ALL_PIECES, CHUNK, FORMAT_NAMES, PIECES, SERIAL_BELOW, STORAGE,
+                  count_step_cpu, group_hyperparameters_cpu, kernels as wide_kernels,
                   mark_velocities_initialized_cpu, seek_range_cpu)
 from .elementwise import NATIVE, specialized
 from .float8 import LARGEST, float8_functions, float8_update, velocity_random_bits
@@ -44,7 +44,8 @@ r16_cpu = velocity_random_bits(STORAGE, _inline, key_per_element=False)
 f32_from_bits_cpu = STORAGE.f32_from_bits
 
 
-# Templates (kernels.elementwise.specialized): `update`, `stochastic`, `piece`,
+# Templates (kernels.elementwise.specialized): `update`, `stochastic`, `finish_block`,
+# `plain`, `with_l1`, `with_decay`, `with_both` (the pieces, as kernels.cpu's PIECES),
 # `chunk_of` and `step` name one kind's compiled functions and constants.
 
 BLOCK = np.uint64(FLOAT8_BLOCK)  # unsigned, as the indices it meets
@@ -126,11 +127,18 @@ def _chunk(chunk, param, grad, codes, scales, precision_buffer, scalars, group_f
         (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
          initialized) = group_hyperparameters_cpu(scalars, group_flags, counters,
                                                   0 if padding else k, read_counters)
-        absmax, writes = piece(  # noqa: F821
-            param, grad, codes, scales, precision_buffer, values, numba.uint64(start),
-            numba.uint64(end), padding, absmax, writes, key_of_block, lr, momentum,
-            grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic, nesterov,
-            maximize, initialized)
+        piece = (param, grad, codes, scales, precision_buffer, values, numba.uint64(start),
+                 numba.uint64(end), padding, absmax, writes, key_of_block, lr, momentum,
+                 grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic, nesterov,
+                 maximize, initialized)
+        if l1 == 0 and decay == 1:
+            absmax, writes = plain(*piece)  # noqa: F821
+        elif decay == 1:
+            absmax, writes = with_l1(*piece)  # noqa: F821
+        elif l1 == 0:
+            absmax, writes = with_decay(*piece)  # noqa: F821
+        else:
+            absmax, writes = with_both(*piece)  # noqa: F821
         start = end
         r += 1
 
@@ -171,21 +179,35 @@ def _find_nonfinite(param, grad, codes, scales, precision_buffer, scalars, group
 
 
 @functools.cache
-def float8_kernels(param_format=NATIVE, precision=NEAREST, parallel=True):
-    """(step, find_nonfinite, update_unless_skipped) for params stored as `param_format`
-    (NATIVE float32, BFLOAT16, FLOAT16) with an FP8 velocity and `precision`
-    (kernels.layout.PRECISIONS), compiled on first use; arguments in the module
-    docstring. find_nonfinite calls kernels.cpu's, with codes as its velocity (which it
-    does not read)."""
-    suffix = (f"{FORMAT_NAMES[param_format]}_float8_{PRECISION_NAMES[precision]}"
-              + ("" if parallel else "_serial"))
-    update = float8_update(STORAGE, _inline, param_format, precision)
+def _piece(param_format, precision, piece):
+    """The loop over one range's elements [start, end) of PIECES[piece]'s terms."""
+    terms, l1_term, decay_term = PIECES[piece]
+    suffix = f"{FORMAT_NAMES[param_format]}_float8_{PRECISION_NAMES[precision]}"
+    update = float8_update(STORAGE, _inline, param_format, precision, l1_term, decay_term)
     finish_block = _inline(specialized(_finish_block, f"_finish_block_{suffix}",
                                        stochastic=precision == STOCHASTIC))
-    piece = numba.njit(cache=True)(specialized(
-        _update_piece, f"_update_piece_{suffix}", update=update,
+    return numba.njit(cache=True)(specialized(
+        _update_piece, f"_update_{terms}_{suffix}", update=update,
         finish_block=finish_block))
-    chunk_of = _inline(specialized(_chunk, f"_chunk_{suffix}", piece=piece))
+
+
+@functools.cache
+def float8_kernels(param_format=NATIVE, precision=NEAREST, parallel=True,
+                   pieces=ALL_PIECES):
+    """(step, find_nonfinite, update_unless_skipped) for params stored as `param_format`
+    (NATIVE float32, BFLOAT16, FLOAT16) with an FP8 velocity and `precision`
+    (kernels.layout.PRECISIONS), with the piece loops `pieces` says (kernels.cpu's
+    pieces_needed of the table it will run), compiled on first use; arguments in the
+    module docstring. find_nonfinite calls kernels.cpu's, with codes as its velocity
+    (which it does not read)."""
+    suffix = (f"{FORMAT_NAMES[param_format]}_float8_{PRECISION_NAMES[precision]}_"
+              + "".join(str(int(p)) for p in pieces) + ("" if parallel else "_serial"))
+    compiled = {PIECES[k][0]: _piece(param_format, precision, k)
+                for k in range(len(PIECES)) if pieces[k]}
+    # the pieces no group uses are never called (padding runs in any): any stands in
+    stand_in = next(iter(compiled.values()))
+    compiled = {name: compiled.get(name, stand_in) for name, _, _ in PIECES}
+    chunk_of = _inline(specialized(_chunk, f"_chunk_{suffix}", **compiled))
     step = numba.njit(parallel=parallel, cache=True)(
         specialized(_step, f"momentum_step_{suffix}", chunk_of=chunk_of))
     update_unless_skipped = numba.njit(cache=True)(specialized(
@@ -196,6 +218,7 @@ def float8_kernels(param_format=NATIVE, precision=NEAREST, parallel=True):
     return step, find_nonfinite, update_unless_skipped
 
 
-def float8_kernels_for(size, param_format=NATIVE, precision=NEAREST):
+def float8_kernels_for(size, param_format=NATIVE, precision=NEAREST, pieces=ALL_PIECES):
     """`float8_kernels` of that kind for `size` elements: serial below SERIAL_BELOW."""
-    return float8_kernels(param_format, precision, parallel=size >= SERIAL_BELOW)
+    return float8_kernels(param_format, precision, parallel=size >= SERIAL_BELOW,
+                          pieces=pieces)

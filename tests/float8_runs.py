@@ -124,9 +124,11 @@ def run(problem_, backend, host=None, max_blocks=2, offsets=None):
                 compensation=buffer, master=buffer, seed=problem_.seed, step_count=step)
             buffer = new_buffer if buffer is not None else None
         elif backend == "cpu":
+            from gpu_momentum.kernels.cpu import pieces_needed
             from gpu_momentum.kernels.cpu_float8 import float8_kernels
 
-            kernel = float8_kernels(storage_format(param.dtype), mode, parallel=False)[0]
+            kernel = float8_kernels(storage_format(param.dtype), mode, parallel=False,
+                                    pieces=pieces_needed(table.scalars))[0]
             kernel(_bits(param), _bits(grad), codes, scales,
                    np.empty(0, np.float32) if buffer is None else _bits(buffer),
                    *table.arrays(), np.float32(1), np.uint32(table.launch_flags),
