@@ -94,7 +94,7 @@ FINISH_THREADS = 32  # finish_step_kernel's one block, striding over the groups
 # globals name that kind's compiled functions: `update` and `load_grad`.
 
 @cuda.jit(device=True, inline="always")
-def _inverse(inv_grad_scale, grad_scale):
+def inverse_loss_scale(inv_grad_scale, grad_scale):
     """1 / the loss scale: from grad_scale[0] in device memory, else inv_grad_scale."""
     if grad_scale.size != 0:
         return grad_scale.dtype.type(1) / grad_scale[0]
@@ -130,7 +130,7 @@ def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range
             step_count):
     if launch_flags & READ_COUNTERS != 0 and counters[LAST_STEP_SKIPPED] != 0:
         return  # a non-finite gradient: the step changes nothing
-    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
+    inv_grad_scale = inverse_loss_scale(inv_grad_scale, grad_scale)
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
     key = step_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
@@ -259,7 +259,7 @@ def _word_update(word, param_format, precision, step_values):
 def _find_nonfinite(grad, range_ends, range_groups, inv_grad_scale, grad_scale, counters):
     # Checked as the update computes it: widened to the compute dtype first; only where a
     # group updates (NO_GROUP ranges are neither read nor written).
-    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
+    inv_grad_scale = inverse_loss_scale(inv_grad_scale, grad_scale)
     r, end, k = -1, 0, NO_GROUP
     for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
         if i >= end:

@@ -41,8 +41,8 @@ from .float8 import (LARGEST, float8_functions, float8_step, float8_update,
 from .layout import (CLASSIC, FLOAT8_BLOCK, LAST_STEP_SKIPPED, NO_GROUP, PRECISION_NAMES,
                      READ_COUNTERS, STEP_COUNT, STOCHASTIC)
 from .numba_cuda import (FORMAT_NAMES, STORAGE, THREADS_PER_BLOCK, VECTORS,
-                         device_functions_built_for, group_hyperparameters_cuda, linked,
-                         seek_cursor, step_key_cuda)
+                         device_functions_built_for, group_hyperparameters_cuda,
+                         inverse_loss_scale, linked, seek_cursor, step_key_cuda)
 from .vector_memory import VECTOR_BYTES, elements_per_word
 
 _inline = cuda.jit(device=True, inline="always")  # see kernels.numba_cuda
@@ -57,14 +57,6 @@ WARP = 32
 PER_LANE = FLOAT8_BLOCK // WARP
 MOST_WARPS = THREADS_PER_BLOCK // WARP  # shared slots per set: launches use at most this
 SLOT_SETS = 3
-
-
-@cuda.jit(device=True, inline="always")
-def _inverse(inv_grad_scale, grad_scale):
-    """1 / the loss scale: from grad_scale[0] in device memory, else inv_grad_scale."""
-    if grad_scale.size != 0:
-        return grad_scale.dtype.type(1) / grad_scale[0]
-    return inv_grad_scale
 
 
 # A lane's eight new velocities live in a tuple, written and read through a chain of
@@ -133,7 +125,7 @@ def _update(param, grad, codes, scales, precision_buffer, scalars, group_flags, 
             step_count):
     if launch_flags & READ_COUNTERS != 0 and counters[LAST_STEP_SKIPPED] != 0:
         return  # a non-finite gradient: the step changes nothing (every thread alike)
-    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
+    inv_grad_scale = inverse_loss_scale(inv_grad_scale, grad_scale)
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
     key = step_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
