@@ -16,8 +16,11 @@ the velocity is two arrays:
 `step`, and the halves of a step that skips non-finite gradients, `find_nonfinite` (the
 check of kernels.cpu, which reads only the gradient) and `update_unless_skipped`, all
 with these arguments.
-Each task takes CHUNK elements (whole blocks); a block's new velocities wait in a
-FLOAT8_BLOCK-element scratch array (the cache, not memory) until its absmax is known.
+Each task takes CHUNK elements (whole blocks), one range piece at a time in one loop
+compiled for its group's l1 and decay terms (kernels.cpu's PIECES, so that LLVM
+vectorizes it): the update and the block's absmax in one pass, the new velocities waiting
+in a FLOAT8_BLOCK-element scratch array (the cache, not memory) until the block's last
+element is done; then its codes and scale.
 """
 
 import functools
