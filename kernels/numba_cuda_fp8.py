@@ -326,7 +326,7 @@ def _whole_block_functions(word, param_format, precision, step_values, element):
         "seek_cursor": seek_cursor, "element": element, "NO_GROUP": NO_GROUP,
         "WARP": WARP, "WORD": word, "zero": float32(0), "zero_bits": uint32(0)}
     exec(compile(update_source, f"<update_word {word}>", "exec"), namespace)
-    namespace["update_word"] = _inline(namespace["update_word"])
+    namespace["update_word"] = linked(namespace["update_word"])
     exec(compile(source, f"<whole_block {word}>", "exec"), namespace)
     return _inline(namespace["whole_block"]), _inline(namespace["write_whole_codes"])
 
@@ -341,7 +341,7 @@ def float8_update_kernel(param_format, precision):
                               key_per_element=True)
     update = float8_update(STORAGE, _inline, param_format, precision,
                            key_per_element=True, step_jit=linked)
-    element = _inline(specialized(_element, f"element_{suffix}", update=update))
+    element = linked(specialized(_element, f"element_{suffix}", update=update))
     word = _word_elements(param_format)
     whole_block, write_whole_codes = _whole_block_functions(
         word, param_format, precision, step_values, element)
