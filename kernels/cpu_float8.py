@@ -16,8 +16,11 @@ the velocity is two arrays:
 `step`, and the halves of a step that skips non-finite gradients, `find_nonfinite` (the
 check of kernels.cpu, which reads only the gradient) and `update_unless_skipped`, all
 with these arguments.
-Each task takes CHUNK elements (whole blocks); a block's new velocities wait in a
-FLOAT8_BLOCK-element scratch array (the cache, not memory) until its absmax is known.
+Each task takes CHUNK elements (whole blocks), one range piece at a time in one loop
+compiled for its group's l1 and decay terms (kernels.cpu's PIECES, so that LLVM
+vectorizes it): the update and the block's absmax in one pass, the new velocities waiting
+in a FLOAT8_BLOCK-element scratch array (the cache, not memory) until the block's last
+element is done; then its codes and scale.
 """
 
 import functools
@@ -25,8 +28,8 @@ import functools
 import numba
 import numpy as np
 
-from .cpu import (CHUNK, FORMAT_NAMES, SERIAL_BELOW, STORAGE, count_step_cpu,
-                  group_hyperparameters_cpu, kernels as wide_kernels,
+from .cpu import (ALL_PIECES, CHUNK, FORMAT_NAMES, PIECES, SERIAL_BELOW, STORAGE,
+                  count_step_cpu, group_hyperparameters_cpu, kernels as wide_kernels,
                   mark_velocities_initialized_cpu, seek_range_cpu)
 from .elementwise import NATIVE, specialized
 from .float8 import LARGEST, float8_functions, float8_update, velocity_random_bits
@@ -44,79 +47,103 @@ r16_cpu = velocity_random_bits(STORAGE, _inline, key_per_element=False)
 f32_from_bits_cpu = STORAGE.f32_from_bits
 
 
-# Templates (kernels.elementwise.specialized): `update`, `stochastic`, `block_of`,
+# Templates (kernels.elementwise.specialized): `update`, `stochastic`, `finish_block`,
+# `plain`, `with_l1`, `with_decay`, `with_both` (the pieces, as kernels.cpu's PIECES),
 # `chunk_of` and `step` name one kind's compiled functions and constants.
 
-def _update_piece(param, grad, codes, old_scale, precision_buffer, values, begin, start,
-                  end, key_of_block, lr, momentum, grad_coeff, weight_decay, l1, decay,
-                  inv_grad_scale, classic, nesterov, maximize, velocity_initialized):
-    """Elements [start, end) of the block from `begin`: updated, new velocities into
-    values[i - begin]."""
-    for i in range(start, end):
-        old = numba.float32(0)
-        if velocity_initialized or (not classic and momentum == 0):  # exists, or kept
-            old = from_code_cpu(codes[i]) * old_scale
-        values[i - begin] = update(  # noqa: F821
-            param, grad, precision_buffer, i, old, key_of_block, lr, momentum, grad_coeff,
-            weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
-            velocity_initialized)
+BLOCK = np.uint64(FLOAT8_BLOCK)  # unsigned, as the indices it meets
 
 
-def _block(b, param, grad, codes, scales, precision_buffer, scalars, group_flags,
-           range_ends, range_groups, inv_grad_scale, classic, read_counters, counters,
-           key_of_block, values, r):
-    """Block b: each range piece with its group's values (padding: velocity 0), then the
-    block's scale and codes, unless no group in it writes the velocity. Returns the range
-    of its last element, where the next block's walk starts."""
-    begin = b * FLOAT8_BLOCK
-    stop = min(param.size, begin + FLOAT8_BLOCK)
-    old_scale = scales[b]
-    writes = False
-    start = begin
-    while start < stop:
-        if r < 0 or start >= range_ends[r]:  # past range r (seek_range's premise)
-            r = seek_range_cpu(range_ends, start, r)
-        end = min(stop, range_ends[r])
-        k = range_groups[r]
-        if k == NO_GROUP:
-            for i in range(start, end):
-                values[i - begin] = numba.float32(0)
-        else:
-            (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
-             initialized) = group_hyperparameters_cpu(scalars, group_flags, counters, k,
-                                                      read_counters)
-            update_piece(param, grad, codes, old_scale, precision_buffer,  # noqa: F821
-                         values, begin, start, end, key_of_block, lr, momentum, grad_coeff,
-                         weight_decay, l1, decay, inv_grad_scale, classic, nesterov,
-                         maximize, initialized)
-            writes = writes or classic or momentum != 0
-        start = end
+def _finish_block(codes, scales, values, begin, stop, absmax, writes, key_of_block):
+    """The block [begin, stop) is updated, its new velocities in values[:stop - begin]
+    and their largest finite magnitude in absmax: its scale and codes, unless no group in
+    it writes the velocity."""
     if writes:
-        absmax = np.uint32(0)
-        for j in range(stop - begin):
-            absmax = max(absmax, magnitude_bits_cpu(values[j]))
         scale = f32_from_bits_cpu(absmax) / LARGEST
         for i in range(begin, stop):
             r16 = r16_cpu(key_of_block, i) if stochastic else np.uint32(0)  # noqa: F821
             codes[i] = to_code_cpu(values[i - begin], scale, r16,
                                    stochastic)  # noqa: F821
-        scales[b] = scale
-    return r
+        scales[begin // BLOCK] = scale
+
+
+def _update_piece(param, grad, codes, scales, precision_buffer, values, start, end,
+                  padding, absmax, writes, key_of_block, lr, momentum, grad_coeff,
+                  weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+                  velocity_initialized):
+    """Elements [start, end) of one range (unsigned indices: no wraparound checks, so
+    LLVM vectorizes the loops), updated with its group's values, or with `padding` left
+    alone as velocity 0. A block's new velocities wait in `values` until its last
+    element is updated, then _finish_block writes its codes. (absmax, writes): those of
+    the block holding `start` so far (it may have begun in an earlier range); returns
+    those of the block holding end - 1 where it goes on past `end`, else (0, False).
+    The old codes are decoded wherever they are read or not (branch-free): update ignores
+    them where the velocity does not exist yet."""
+    n = np.uint64(param.size)
+    reads = velocity_initialized or (not classic and momentum == 0)  # exists, or kept
+    group_writes = not padding and (classic or momentum != 0)
+    zero = numba.float32(0)
+    lo = start
+    while lo < end:
+        begin = lo - lo % BLOCK
+        stop = min(n, begin + BLOCK)
+        hi = min(end, stop)
+        if padding:
+            for i in range(lo, hi):
+                values[i - begin] = zero
+        else:
+            old_scale = scales[begin // BLOCK]
+            largest = np.uint32(0)
+            for i in range(lo, hi):
+                old = from_code_cpu(codes[i]) * old_scale
+                v = update(  # noqa: F821
+                    param, grad, precision_buffer, i, old if reads else zero,
+                    key_of_block, lr, momentum, grad_coeff, weight_decay, l1, decay,
+                    inv_grad_scale, classic, nesterov, maximize, velocity_initialized)
+                values[i - begin] = v
+                largest = max(largest, magnitude_bits_cpu(v))
+            absmax = max(absmax, largest)
+            writes = writes or group_writes
+        if hi == stop:
+            finish_block(codes, scales, values, begin, stop, absmax,  # noqa: F821
+                         writes, key_of_block)
+            absmax, writes = np.uint32(0), False
+        lo = hi
+    return absmax, writes
 
 
 def _chunk(chunk, param, grad, codes, scales, precision_buffer, scalars, group_flags,
            range_ends, range_groups, inv_grad_scale, launch_flags, counters, key):
+    """Task `chunk`'s elements (whole blocks), one range piece at a time."""
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
-    first = chunk * (CHUNK // FLOAT8_BLOCK)
-    last = min(scales.size, first + CHUNK // FLOAT8_BLOCK)
-    key_of_block = block_key_cpu(key, numba.uint64(chunk * CHUNK))
+    start = chunk * CHUNK
+    stop = min(param.size, start + CHUNK)
+    key_of_block = block_key_cpu(key, numba.uint64(start))
     values = np.empty(FLOAT8_BLOCK, np.float32)
-    r = -1
-    for b in range(first, last):
-        r = block_of(b, param, grad, codes, scales, precision_buffer,  # noqa: F821
-                     scalars, group_flags, range_ends, range_groups, inv_grad_scale,
-                     classic, read_counters, counters, key_of_block, values, r)
+    absmax, writes = np.uint32(0), False
+    r = seek_range_cpu(range_ends, start, -1)
+    while start < stop:
+        end = min(stop, range_ends[r])
+        k = range_groups[r]
+        padding = k == NO_GROUP
+        (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
+         initialized) = group_hyperparameters_cpu(scalars, group_flags, counters,
+                                                  0 if padding else k, read_counters)
+        piece = (param, grad, codes, scales, precision_buffer, values, numba.uint64(start),
+                 numba.uint64(end), padding, absmax, writes, key_of_block, lr, momentum,
+                 grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic, nesterov,
+                 maximize, initialized)
+        if l1 == 0 and decay == 1:
+            absmax, writes = plain(*piece)  # noqa: F821
+        elif decay == 1:
+            absmax, writes = with_l1(*piece)  # noqa: F821
+        elif l1 == 0:
+            absmax, writes = with_decay(*piece)  # noqa: F821
+        else:
+            absmax, writes = with_both(*piece)  # noqa: F821
+        start = end
+        r += 1
 
 
 def _step(param, grad, codes, scales, precision_buffer, scalars, group_flags, range_ends,
@@ -155,20 +182,35 @@ def _find_nonfinite(param, grad, codes, scales, precision_buffer, scalars, group
 
 
 @functools.cache
-def float8_kernels(param_format=NATIVE, precision=NEAREST, parallel=True):
+def _piece(param_format, precision, piece):
+    """The loop over one range's elements [start, end) of PIECES[piece]'s terms."""
+    terms, l1_term, decay_term = PIECES[piece]
+    suffix = f"{FORMAT_NAMES[param_format]}_float8_{PRECISION_NAMES[precision]}"
+    update = float8_update(STORAGE, _inline, param_format, precision, l1_term, decay_term)
+    finish_block = _inline(specialized(_finish_block, f"_finish_block_{suffix}",
+                                       stochastic=precision == STOCHASTIC))
+    return numba.njit(cache=True)(specialized(
+        _update_piece, f"_update_{terms}_{suffix}", update=update,
+        finish_block=finish_block))
+
+
+@functools.cache
+def float8_kernels(param_format=NATIVE, precision=NEAREST, parallel=True,
+                   pieces=ALL_PIECES):
     """(step, find_nonfinite, update_unless_skipped) for params stored as `param_format`
     (NATIVE float32, BFLOAT16, FLOAT16) with an FP8 velocity and `precision`
-    (kernels.layout.PRECISIONS), compiled on first use; arguments in the module
-    docstring. find_nonfinite calls kernels.cpu's, with codes as its velocity (which it
-    does not read)."""
-    suffix = (f"{FORMAT_NAMES[param_format]}_float8_{PRECISION_NAMES[precision]}"
-              + ("" if parallel else "_serial"))
-    update = float8_update(STORAGE, _inline, param_format, precision)
-    update_piece = _inline(specialized(_update_piece, f"_update_piece_{suffix}",
-                                       update=update))
-    block_of = _inline(specialized(_block, f"_block_{suffix}", update_piece=update_piece,
-                                   stochastic=precision == STOCHASTIC))
-    chunk_of = _inline(specialized(_chunk, f"_chunk_{suffix}", block_of=block_of))
+    (kernels.layout.PRECISIONS), with the piece loops `pieces` says (kernels.cpu's
+    pieces_needed of the table it will run), compiled on first use; arguments in the
+    module docstring. find_nonfinite calls kernels.cpu's, with codes as its velocity
+    (which it does not read)."""
+    suffix = (f"{FORMAT_NAMES[param_format]}_float8_{PRECISION_NAMES[precision]}_"
+              + "".join(str(int(p)) for p in pieces) + ("" if parallel else "_serial"))
+    compiled = {PIECES[k][0]: _piece(param_format, precision, k)
+                for k in range(len(PIECES)) if pieces[k]}
+    # the pieces no group uses are never called (padding runs in any): any stands in
+    stand_in = next(iter(compiled.values()))
+    compiled = {name: compiled.get(name, stand_in) for name, _, _ in PIECES}
+    chunk_of = _inline(specialized(_chunk, f"_chunk_{suffix}", **compiled))
     step = numba.njit(parallel=parallel, cache=True)(
         specialized(_step, f"momentum_step_{suffix}", chunk_of=chunk_of))
     update_unless_skipped = numba.njit(cache=True)(specialized(
@@ -179,6 +221,7 @@ def float8_kernels(param_format=NATIVE, precision=NEAREST, parallel=True):
     return step, find_nonfinite, update_unless_skipped
 
 
-def float8_kernels_for(size, param_format=NATIVE, precision=NEAREST):
+def float8_kernels_for(size, param_format=NATIVE, precision=NEAREST, pieces=ALL_PIECES):
     """`float8_kernels` of that kind for `size` elements: serial below SERIAL_BELOW."""
-    return float8_kernels(param_format, precision, parallel=size >= SERIAL_BELOW)
+    return float8_kernels(param_format, precision, parallel=size >= SERIAL_BELOW,
+                          pieces=pieces)

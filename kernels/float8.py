@@ -104,8 +104,64 @@ def float8_functions(functions, jit):
     return converted
 
 
+def float8_step(functions, jit, param_format, precision, l1_term=CHECKED,
+                decay_term=CHECKED, key_per_element=False):
+    """One element's update on values with an FP8 velocity, compiled by `jit` with
+    `functions` (its target's storage_functions), for params stored as `param_format` and
+    a precision mode (kernels.layout.PRECISIONS):
+
+        step_values(p, g, old_velocity, i, key, lr, momentum, grad_coeff, weight_decay,
+                    l1, decay, inv_grad_scale, classic, nesterov, maximize,
+                    velocity_initialized) -> (stored_param, new_velocity, stored_buffer)
+
+    p is the param in float32 as the precision mode reads it (the master copy, param +
+    compensation, or the widened param), g the widened gradient, old_velocity the
+    dequantized stored velocity (0 where it is not read). stored_param is p's new value
+    rounded to the param's format, stored_buffer the compensation (KAHAN) or master copy
+    (MASTER) to store (else p, not stored), new_velocity the new velocity in float32,
+    unrounded: the block quantizes it. Torch style with momentum 0 returns old_velocity.
+    STOCHASTIC rounds a 16-bit param with the high 16 of element i's random bits (key: its
+    block key, or with key_per_element the launch key). The kernels that move several
+    elements per memory instruction (kernels.numba_cuda_fp8) call this on each element of
+    a word; float8_update on one element of the arrays."""
+    from numba import float32, uint32
+
+    update = jit(element_update(l1_term, decay_term))
+    stochastic, kahan = precision == STOCHASTIC, precision == KAHAN
+    rounding = functions.round_stochastic if stochastic else functions.round_nearest
+    load_param, round_param = functions.load[param_format], rounding[param_format]
+    round_param_nearest = functions.round_nearest[param_format]
+    element_bits, block_key = functions.element_bits, functions.block_key
+    sixteen_bit_param = param_format != NATIVE
+
+    def step_values(p, g, old_velocity, i, key, lr, momentum, grad_coeff, weight_decay, l1,
+                    decay, inv_grad_scale, classic, nesterov, maximize,
+                    velocity_initialized):
+        p, v = update(p, g, old_velocity, lr, momentum, grad_coeff, weight_decay, l1,
+                      decay, inv_grad_scale, classic, nesterov, maximize,
+                      velocity_initialized)
+        if not (stochastic and sixteen_bit_param):
+            bits = U1
+        elif key_per_element:
+            bits = element_bits(block_key(key, i), i)
+        else:
+            bits = element_bits(key, i)
+        if sixteen_bit_param and p != p:
+            p = QUIET_NAN  # which NaN the arithmetic made is the hardware's
+        rounded = round_param(p, uint32(bits >> U16))
+        if kahan:
+            error = p - load_param(rounded)
+            buffer = round_param_nearest(error if error - error == float32(0) else
+                                         float32(0), U1)
+        else:
+            buffer = p
+        return rounded, v, buffer
+
+    return jit(step_values)
+
+
 def float8_update(functions, jit, param_format, precision, l1_term=CHECKED,
-                  decay_term=CHECKED, key_per_element=False):
+                  decay_term=CHECKED, key_per_element=False, step_jit=None):
     """One element's update with an FP8 velocity, compiled by `jit` with `functions` (its
     target's storage_functions), for params stored as `param_format` and a precision mode
     (kernels.layout.PRECISIONS):
@@ -118,19 +174,12 @@ def float8_update(functions, jit, param_format, precision, l1_term=CHECKED,
     updates param[i] (and the precision buffer) in place exactly as
     kernels.elementwise.storage_update does, from `old_velocity` (the dequantized stored
     one; the caller passes 0 where it is not read), and returns the new velocity in
-    float32, unrounded: the block quantizes it. Torch style with momentum 0 returns
-    old_velocity. STOCHASTIC rounds a 16-bit param with the high 16 bits of element i's
-    random bits (key: its block key, or with key_per_element the launch key)."""
-    from numba import float32, uint32
-
-    update = jit(element_update(l1_term, decay_term))
-    stochastic, kahan, master = (precision == STOCHASTIC, precision == KAHAN,
-                                 precision == MASTER)
-    rounding = functions.round_stochastic if stochastic else functions.round_nearest
-    load_param, round_param = functions.load[param_format], rounding[param_format]
-    round_param_nearest = functions.round_nearest[param_format]
-    element_bits, block_key = functions.element_bits, functions.block_key
-    sixteen_bit_param = param_format != NATIVE
+    float32, unrounded: the block quantizes it. The update is float8_step's (compiled by
+    `step_jit`, default `jit`)."""
+    kahan, master = precision == KAHAN, precision == MASTER
+    load_param = functions.load[param_format]
+    step_values = float8_step(functions, step_jit or jit, param_format, precision, l1_term,
+                              decay_term, key_per_element)
 
     def update_element(param, grad, precision_buffer, i, old_velocity, key, lr, momentum,
                        grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic,
@@ -141,25 +190,12 @@ def float8_update(functions, jit, param_format, precision, l1_term=CHECKED,
             p = load_param(param[i]) + load_param(precision_buffer[i])
         else:
             p = load_param(param[i])
-        p, v = update(p, load_param(grad[i]), old_velocity, lr, momentum, grad_coeff,
-                      weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
-                      velocity_initialized)
-        if not (stochastic and sixteen_bit_param):
-            bits = U1
-        elif key_per_element:
-            bits = element_bits(block_key(key, i), i)
-        else:
-            bits = element_bits(key, i)
-        if sixteen_bit_param and p != p:
-            p = QUIET_NAN  # which NaN the arithmetic made is the hardware's
-        rounded = round_param(p, uint32(bits >> U16))
-        param[i] = rounded
-        if kahan:
-            error = p - load_param(rounded)
-            precision_buffer[i] = round_param_nearest(
-                error if error - error == float32(0) else float32(0), U1)
-        elif master:
-            precision_buffer[i] = p
+        param[i], v, buffer = step_values(
+            p, load_param(grad[i]), old_velocity, i, key, lr, momentum, grad_coeff,
+            weight_decay, l1, decay, inv_grad_scale, classic, nesterov, maximize,
+            velocity_initialized)
+        if kahan or master:
+            precision_buffer[i] = buffer
         return v
 
     return jit(update_element)

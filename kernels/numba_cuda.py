@@ -69,8 +69,8 @@ _inline = cuda.jit(device=True, inline="always")
 # are compiled once and inlined by LLVM instead (forceinline: the PTX holds no calls);
 # compile_ptx supplies the compute capability numba-cuda asks the current device for.
 # (The simulator, which runs them as Python, takes no forceinline.)
-_linked = (_inline if config.ENABLE_CUDASIM else
-           cuda.jit(device=True, forceinline=True))
+linked = (_inline if config.ENABLE_CUDASIM else
+          cuda.jit(device=True, forceinline=True))
 seek_range_cuda = _inline(seek_range)
 group_hyperparameters_cuda = _inline(group_hyperparameters)
 scaled_gradient_is_finite_cuda = _inline(scaled_gradient_is_finite)
@@ -94,7 +94,7 @@ FINISH_THREADS = 32  # finish_step_kernel's one block, striding over the groups
 # globals name that kind's compiled functions: `update` and `load_grad`.
 
 @cuda.jit(device=True, inline="always")
-def _inverse(inv_grad_scale, grad_scale):
+def inverse_loss_scale(inv_grad_scale, grad_scale):
     """1 / the loss scale: from grad_scale[0] in device memory, else inv_grad_scale."""
     if grad_scale.size != 0:
         return grad_scale.dtype.type(1) / grad_scale[0]
@@ -102,8 +102,8 @@ def _inverse(inv_grad_scale, grad_scale):
 
 
 @cuda.jit(device=True, inline="always")
-def _seek(scalars, group_flags, counters, range_ends, range_groups, read_counters, i, r,
-          end, k, hyper):
+def seek_cursor(scalars, group_flags, counters, range_ends, range_groups, read_counters,
+                i, r, end, k, hyper):
     """The cursor (range r, its end, its group k, k's hyperparameters) at element i, moved
     from the cursor of a smaller index: a lookup only when i passes the range's end."""
     if i >= end:
@@ -130,7 +130,7 @@ def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range
             step_count):
     if launch_flags & READ_COUNTERS != 0 and counters[LAST_STEP_SKIPPED] != 0:
         return  # a non-finite gradient: the step changes nothing
-    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
+    inv_grad_scale = inverse_loss_scale(inv_grad_scale, grad_scale)
     classic = launch_flags & CLASSIC != 0
     read_counters = launch_flags & READ_COUNTERS != 0
     key = step_key_cuda(seed, counters[STEP_COUNT] if read_counters else step_count)
@@ -139,7 +139,7 @@ def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range
     # As kernels/momentum.cu: a scalar head up to the first element where every array
     # starts a 16-byte word, WORD elements per load and store from there, a scalar tail.
     # Each thread's indices only grow through the three loops: it looks its range up
-    # only when an index passes the current range's end (_seek); a NO_GROUP range's
+    # only when an index passes the current range's end (seek_cursor); a NO_GROUP range's
     # elements are left alone. Group 0's values until the first lookup (never the table
     # at NO_GROUP).
     # param.size is 64-bit, so i is too: buffers past 2**31 elements index correctly.
@@ -150,15 +150,16 @@ def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range
     r, end, k = -1, 0, NO_GROUP
     hyper = group_hyperparameters_cuda(scalars, group_flags, counters, 0, read_counters)
     for i in range(thread, start, stride):
-        r, end, k, hyper = _seek(scalars, group_flags, counters, range_ends, range_groups,
-                                 read_counters, i, r, end, k, hyper)
+        r, end, k, hyper = seek_cursor(scalars, group_flags, counters, range_ends,
+                                       range_groups, read_counters, i, r, end, k, hyper)
         if k != NO_GROUP:
             update_one(param, grad, velocity, precision_buffer, i, key,  # noqa: F821
                        hyper, inv_grad_scale, classic)
     for word in range(thread, words, stride):
         first = start + word * WORD  # noqa: F821
-        r, end, k, hyper = _seek(scalars, group_flags, counters, range_ends, range_groups,
-                                 read_counters, first, r, end, k, hyper)
+        r, end, k, hyper = seek_cursor(scalars, group_flags, counters, range_ends,
+                                       range_groups, read_counters, first, r, end, k,
+                                       hyper)
         if first + WORD <= end:  # noqa: F821
             if k != NO_GROUP:
                 (lr, momentum, grad_coeff, weight_decay, l1, decay, nesterov, maximize,
@@ -170,14 +171,15 @@ def _update(param, grad, velocity, precision_buffer, scalars, group_flags, range
             # The word holds a range end: each element with its own group's scalars (only
             # views whose ranges do not start on a word get here, once per range end).
             for i in range(first, first + WORD):  # noqa: F821
-                r, end, k, hyper = _seek(scalars, group_flags, counters, range_ends,
-                                         range_groups, read_counters, i, r, end, k, hyper)
+                r, end, k, hyper = seek_cursor(scalars, group_flags, counters,
+                                               range_ends, range_groups, read_counters,
+                                               i, r, end, k, hyper)
                 if k != NO_GROUP:
                     update_one(param, grad, velocity, precision_buffer,  # noqa: F821
                                i, key, hyper, inv_grad_scale, classic)
     for i in range(start + words * WORD + thread, n, stride):  # noqa: F821
-        r, end, k, hyper = _seek(scalars, group_flags, counters, range_ends, range_groups,
-                                 read_counters, i, r, end, k, hyper)
+        r, end, k, hyper = seek_cursor(scalars, group_flags, counters, range_ends,
+                                       range_groups, read_counters, i, r, end, k, hyper)
         if k != NO_GROUP:
             update_one(param, grad, velocity, precision_buffer, i, key,  # noqa: F821
                        hyper, inv_grad_scale, classic)
@@ -257,7 +259,7 @@ def _word_update(word, param_format, precision, step_values):
 def _find_nonfinite(grad, range_ends, range_groups, inv_grad_scale, grad_scale, counters):
     # Checked as the update computes it: widened to the compute dtype first; only where a
     # group updates (NO_GROUP ranges are neither read nor written).
-    inv_grad_scale = _inverse(inv_grad_scale, grad_scale)
+    inv_grad_scale = inverse_loss_scale(inv_grad_scale, grad_scale)
     r, end, k = -1, 0, NO_GROUP
     for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
         if i >= end:
@@ -276,9 +278,9 @@ def update_kernel(param_format, velocity_format, precision):
     `velocity_format` and `precision` (kernels.layout.PRECISIONS)."""
     suffix = (f"{FORMAT_NAMES[param_format]}_{FORMAT_NAMES[velocity_format]}_"
               f"{PRECISION_NAMES[precision]}")
-    update = storage_update(STORAGE, _linked, param_format, velocity_format, precision,
+    update = storage_update(STORAGE, linked, param_format, velocity_format, precision,
                             key_per_element=True)
-    step_values = storage_step(STORAGE, _linked, param_format, velocity_format, precision,
+    step_values = storage_step(STORAGE, linked, param_format, velocity_format, precision,
                                key_per_element=True)
     word = _word_elements(param_format)
     return cuda.jit(cache=True)(specialized(
@@ -429,7 +431,7 @@ def compile_ptx(param_dtype, cc, velocity_dtype=None, precision="nearest", names
 
     Needs the numba-cuda compiler (NVVM), not a GPU, and not the simulator.
     """
-    with _device_functions_built_for(cc):
+    with device_functions_built_for(cc):
         return {name: cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
                 for name, (kernel, signature) in kernel_signatures(
                     param_dtype, velocity_dtype, precision).items()
@@ -437,8 +439,8 @@ def compile_ptx(param_dtype, cc, velocity_dtype=None, precision="nearest", names
 
 
 @contextlib.contextmanager
-def _device_functions_built_for(cc):
-    """numba-cuda builds a device function that it does not inline itself (the _linked
+def device_functions_built_for(cc):
+    """numba-cuda builds a device function that it does not inline itself (the linked
     element updates) with the options of the current device's compute capability, and
     asks the driver for it, which fails without a GPU. Its LLVM IR is linked into the
     kernel and compiled with the kernel for the kernel's `cc`: meanwhile the dispatcher

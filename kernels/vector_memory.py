@@ -7,10 +7,12 @@ the `count` elements from `first` on, `store(array, first, values)` writes such 
 back, each as aligned LLVM vector loads and stores in the global address space, which
 LLVM's NVPTX back end emits as ld.global.v4.f32 / v2.f64 / v4.u32 (more than 16 bytes:
 several such instructions). 16-bit elements travel as <4 x i32> and are split and joined
-with shifts: LLVM would move an <8 x i16> as two 64-bit ld.global.v4.u16.
+with shifts: LLVM would move an <8 x i16> as two 64-bit ld.global.v4.u16; so do 8-bit
+elements (4 per lane: a word of 4 or 8 FP8 codes is one ld.global.u32 or v2.u32).
 
-The caller guarantees that `array`'s data + first elements lies on a 16-byte boundary
-(`address` gives the data's address): an unaligned vector access faults on the GPU.
+The caller guarantees that `array`'s data + first elements lies on a boundary of
+min(16, the word's bytes) (`address` gives the data's address): an unaligned vector
+access faults on the GPU.
 
 In the CUDA simulator the kernels run as Python: the same names are plain functions over
 the simulator's arrays (no alignment needed, `address` is the NumPy data pointer, so the
@@ -65,8 +67,9 @@ def _compiled():
     lane_index = ir.IntType(32)
 
     def lanes(context, dtype, count):
-        """(element type, elements per lane, vector type) of `count` elements: a 16-bit
-        element shares a 32-bit lane with its neighbour (lower index in the low half)."""
+        """(element type, elements per lane, vector type) of `count` elements: 16-bit and
+        8-bit elements share a 32-bit lane with their neighbours (lower index in the lower
+        bits)."""
         element = context.get_value_type(dtype)
         narrow = isinstance(element, ir.IntType) and element.width < 32
         per_lane = 32 // element.width if narrow else 1
@@ -79,6 +82,11 @@ def _compiled():
                                   vector.as_pointer())
         # Address space 1 (global): a generic ld.v4 would first test where it points.
         return builder.addrspacecast(pointer, vector.as_pointer(1))
+
+    def alignment(context, dtype, count):
+        """The word's alignment: its size, up to 16 bytes."""
+        return min(VECTOR_BYTES, count * context.get_abi_sizeof(
+            context.get_value_type(dtype)))
 
     @intrinsic
     def address(typingctx, array):
@@ -97,7 +105,7 @@ def _compiled():
                 element, per_lane, vector = lanes(context, array.dtype, count)
                 word = builder.load(global_pointer(context, builder, array, args[0],
                                                    args[1], vector),
-                                    align=VECTOR_BYTES)
+                                    align=alignment(context, array.dtype, count))
                 values = []
                 for k in range(vector.count):
                     lane = builder.extract_element(word, ir.Constant(lane_index, k))
@@ -131,7 +139,7 @@ def _compiled():
                 word = builder.insert_element(word, lane, ir.Constant(lane_index, k))
             builder.store(word, global_pointer(context, builder, array, args[0], args[1],
                                                vector),
-                          align=VECTOR_BYTES)
+                          align=alignment(context, array.dtype, count))
             return context.get_dummy_value()
         return types.void(array, first, values), codegen
 

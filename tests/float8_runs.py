@@ -105,9 +105,10 @@ def _bits(a):
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
 
-def run(problem_, backend, host=None, max_blocks=2):
+def run(problem_, backend, host=None, max_blocks=2, offsets=None):
     """The state after each step of `problem_` on `backend` (one of BACKENDS; "cuda-host"
-    needs `host`, a tests.host_kernel.HostKernel)."""
+    needs `host`, a tests.host_kernel.HostKernel). offsets (numba-cuda): {"param",
+    "grad", "codes", "buffer": elements} the device arrays start into larger ones."""
     param = problem_.param.copy()
     n = param.size
     codes = np.zeros(n, np.uint8)
@@ -123,16 +124,18 @@ def run(problem_, backend, host=None, max_blocks=2):
                 compensation=buffer, master=buffer, seed=problem_.seed, step_count=step)
             buffer = new_buffer if buffer is not None else None
         elif backend == "cpu":
+            from gpu_momentum.kernels.cpu import pieces_needed
             from gpu_momentum.kernels.cpu_float8 import float8_kernels
 
-            kernel = float8_kernels(storage_format(param.dtype), mode, parallel=False)[0]
+            kernel = float8_kernels(storage_format(param.dtype), mode, parallel=False,
+                                    pieces=pieces_needed(table.scalars))[0]
             kernel(_bits(param), _bits(grad), codes, scales,
                    np.empty(0, np.float32) if buffer is None else _bits(buffer),
                    *table.arrays(), np.float32(1), np.uint32(table.launch_flags),
                    np.empty(0, np.int64), np.uint64(problem_.seed), np.int64(step))
         elif backend == "numba-cuda":
             _numba_cuda_step(param, grad, codes, scales, buffer, table, mode,
-                             problem_.seed, step, max_blocks)
+                             problem_.seed, step, max_blocks, offsets or {})
         else:
             host.step_float8(param, grad, codes, scales, table,
                              precision=problem_.precision, precision_buffer=buffer,
@@ -143,8 +146,15 @@ def run(problem_, backend, host=None, max_blocks=2):
 
 
 def _numba_cuda_step(param, grad, codes, scales, buffer, table, mode, seed, step,
-                     max_blocks):
+                     max_blocks, offsets):
     from numba import cuda
+
+    def to_device(name, host):
+        """`host` on the device, offsets[name] elements into a larger array."""
+        offset = offsets.get(name, 0)
+        padded = np.zeros(host.size + 16, host.dtype)
+        padded[offset:offset + host.size] = host
+        return cuda.to_device(padded)[offset:offset + host.size]
 
     from gpu_momentum.kernels.numba_cuda_fp8 import (float8_launch_config,
                                                      float8_update_kernel)
@@ -152,10 +162,10 @@ def _numba_cuda_step(param, grad, codes, scales, buffer, table, mode, seed, step
     if param.size == 0:
         return
     kernel = float8_update_kernel(storage_format(param.dtype), mode)
-    arrays = [cuda.to_device(_bits(a)) for a in (param, grad)]
-    state = [cuda.to_device(a) for a in (codes, scales)]
-    device_buffer = cuda.to_device(np.empty(0, np.float32) if buffer is None
-                                   else _bits(buffer))
+    arrays = [to_device(name, _bits(a)) for name, a in (("param", param), ("grad", grad))]
+    state = [to_device("codes", codes), cuda.to_device(scales)]
+    device_buffer = (cuda.to_device(np.empty(0, np.float32)) if buffer is None
+                     else to_device("buffer", _bits(buffer)))
     blocks, threads = float8_launch_config(param.size, max_blocks)
     kernel[blocks, threads](*arrays, *state, device_buffer,
                             *[cuda.to_device(a) for a in table.arrays()], np.float32(1),

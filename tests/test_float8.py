@@ -208,6 +208,22 @@ def test_numba_cuda_groups_and_padding_equal_the_cpu(config):
     assert_same_states(run(p, "cpu"), run(p, "numba-cuda"), "numba-cuda")
 
 
+@pytest.mark.parametrize("kind, offsets", [
+    (("float32", "nearest"), {"param": 1, "grad": 1, "codes": 1}),
+    (("float32", "stochastic"), {"codes": 2}),
+    (("bfloat16", "master"), {"buffer": 1}),
+    (("float16", "kahan"), {"param": 3, "grad": 3, "codes": 3, "buffer": 3})],
+    ids=["float32-all-off", "float32-codes-off", "bfloat16-master-buffer-off",
+         "float16-kahan-all-off"])
+def test_numba_cuda_views_off_their_words_take_the_element_path_alike(kind, offsets):
+    """Arrays that do not start on a word (16 bytes; the codes on a lane word's 4 or 8
+    bytes): every block goes element by element, with the CPU's bits."""
+    require("numba.cuda")
+    p = single_group_problem(SIMULATED_CASES[0].values[0], 1300, *kind, 2)
+    assert_same_states(run(p, "cpu"), run(p, "numba-cuda", offsets=offsets),
+                       f"numba-cuda, offsets {offsets}")
+
+
 _PTX_SCRIPT = """
 import sys
 from gpu_momentum.kernels.numba_cuda_fp8 import FLOAT8_KINDS, compile_float8_ptx

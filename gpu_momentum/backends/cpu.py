@@ -108,11 +108,13 @@ class _CpuFloat8Kernels(_CpuKernels):
     the codes and scales where the others take the velocity."""
 
     def _kernels(self, param, velocity, table, precision):
+        from ..kernels.cpu import pieces_needed
         from ..kernels.cpu_float8 import float8_kernels_for
 
         self.velocity = (np.asarray(velocity.codes).reshape(-1),
                          np.asarray(velocity.scales).reshape(-1))
-        return float8_kernels_for(self.param.size, storage_format(param.dtype), precision)
+        return float8_kernels_for(self.param.size, storage_format(param.dtype), precision,
+                                  pieces_needed(table.scalars))
 
 
 def _reciprocal(scale):
