@@ -4,7 +4,7 @@ same: gradients replaced through `.data` or `set_`, scaled in place, assigned by
 momentum buffer assigned or scaled in place). After each, gpu_momentum.torch.SGD's
 parameters and reported state are torch.optim.SGD's."""
 
-import numba  # (before torch: two OpenMP runtimes in one process stall)
+import numba  # noqa: F401  (before torch: two OpenMP runtimes in one process stall)
 import collections
 import copy
 import io
@@ -14,6 +14,7 @@ import pytest
 from harness import require
 
 torch = require("torch")
+from torch_threads import one_thread  # noqa: E402,F401  (autouse: one thread each)
 from gpu_momentum.torch import SGD  # noqa: E402
 
 F = torch.nn.functional
@@ -22,18 +23,6 @@ STEPS = 6
 # float64 within a few roundings of torch's (the update's order of operations may
 # differ by one rounding per step)
 TOLERANCE = 1e-15
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for torch and for Numba (tiny models; two OpenMP runtimes' idle workers
-    slow each other down on a small machine)."""
-    threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads[0])
-    numba.set_num_threads(threads[1])
 
 
 def twins(**options):

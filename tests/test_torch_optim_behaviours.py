@@ -11,7 +11,7 @@ deep copies and non-empty state; and, as torch's scheduler tests check, no refer
 cycles through the optimizer. The numerical checks of the same suite are in
 tests/test_torch_optim_suite.py."""
 
-import numba  # (before torch: two OpenMP runtimes in one process stall)
+import numba  # noqa: F401  (before torch: two OpenMP runtimes in one process stall)
 import copy
 import gc
 import io
@@ -22,6 +22,7 @@ import pytest
 from harness import require
 
 torch = require("torch")
+from torch_threads import one_thread  # noqa: E402,F401  (autouse: one thread each)
 require("expecttest")  # torch.testing._internal imports it
 from torch.nn import Parameter  # noqa: E402
 from torch.optim import optimizer as optimizer_hooks  # noqa: E402
@@ -31,19 +32,6 @@ from torch_optim_inputs import (SGD_INFO, assert_same_values, conv_model,  # noq
                                 fresh, linear_loss, torch_configs)
 
 IMPLEMENTATIONS = {"torch": torch.optim.SGD, "gpu_momentum": SGD}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for torch and for Numba, as in test_torch_sgd.py: on a small shared
-    machine the idle workers of one OpenMP runtime, spinning after a parallel region,
-    slow the other's work down tenfold."""
-    threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads[0])
-    numba.set_num_threads(threads[1])
 
 
 def outcome(function):

@@ -14,7 +14,7 @@ the checks over torch's inputs and through tensor hyperparameters are here. Deli
 differences (docs/pytorch.md, Differences) are asserted as documented: complex
 parameters and sparse gradients are taken where torch's fused SGD raises."""
 
-import numba  # (before torch: two OpenMP runtimes in one process stall)
+import numba  # noqa: F401  (before torch: two OpenMP runtimes in one process stall)
 import functools
 
 import pytest
@@ -22,6 +22,7 @@ import pytest
 from harness import require
 
 torch = require("torch")
+from torch_threads import one_thread  # noqa: E402,F401  (autouse: one thread each)
 require("expecttest")  # torch.testing._internal imports it
 from torch.nn import Parameter  # noqa: E402
 from torch.optim import lr_scheduler  # noqa: E402
@@ -31,20 +32,6 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
 from gpu_momentum.torch import SGD  # noqa: E402
 from torch_optim_inputs import (SGD_INFO, assert_same_values, fresh,  # noqa: E402
                                 linear_loss, plain_configs, torch_configs)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for torch and for Numba, as in test_torch_sgd.py: on a small shared
-    machine the idle workers of one OpenMP runtime, spinning after a parallel region,
-    slow the other's work down tenfold (the closures here run a backward before each
-    step)."""
-    threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads[0])
-    numba.set_num_threads(threads[1])
 
 
 def configs(dtype=torch.float32):

@@ -3,7 +3,7 @@ torch's generic optimizer behaviours, parity on a real nn.Module (with param gro
 schedulers), gradients that arrive outside the flat buffer, moved parameters, state dicts
 both ways, GradScaler. DDP is in test_torch_ddp.py. CUDA tests are marked `gpu`."""
 
-import numba  # (before torch: two OpenMP runtimes in one process stall)
+import numba  # noqa: F401  (before torch: two OpenMP runtimes in one process stall)
 import copy
 import gc
 import io
@@ -19,6 +19,7 @@ from configs import TORCH_SGD_ACCEPTED, TORCH_SGD_ERRORS
 from harness import library_env, require
 
 torch = require("torch")
+from torch_threads import one_thread  # noqa: E402,F401  (autouse: one thread each)
 require("expecttest")  # torch.testing._internal imports it
 from torch.testing._internal.common_optimizers import (  # noqa: E402
     OptimizerErrorEnum, OptimizerInfo, _get_optim_inputs_including_global_cliquey_kwargs,
@@ -45,20 +46,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                         reason=f"torch {torch.__version__} has no usable "
                                                f"CUDA device")])]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models, one thread for torch and for Numba: an idle OpenMP worker spins for a
-    while after each parallel region, and on a small shared machine those of one runtime
-    slow the other's work down tenfold or more (slower, never wrong: README, With
-    PyTorch)."""
-    threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads[0])
-    numba.set_num_threads(threads[1])
 
 
 class Net(torch.nn.Module):
