@@ -224,21 +224,29 @@ def update_word(param, grad, velocity, precision_buffer, first, key, lr, momentu
 """
 
 
+def read_param_source(word, precision):
+    """The source lines of a word update that read its `word` parameters as values p0,
+    p1, ... in the compute dtype: from the master copy, as param + compensation (kahan),
+    or from param (load_param_word, load_buffer_word and load_param are the generated
+    function's names)."""
+    joined = lambda prefix: ", ".join(f"{prefix}{k}" for k in range(word))
+    if precision == MASTER:
+        return f"    {joined('b')} = load_buffer_word(precision_buffer, first)\n" + \
+            "\n".join(f"    p{k} = b{k}" for k in range(word))
+    if precision == KAHAN:
+        return (f"    {joined('q')} = load_param_word(param, first)\n"
+                f"    {joined('b')} = load_param_word(precision_buffer, first)\n" +
+                "\n".join(f"    p{k} = load_param(q{k}) + load_param(b{k})"
+                           for k in range(word)))
+    return (f"    {joined('q')} = load_param_word(param, first)\n" +
+            "\n".join(f"    p{k} = load_param(q{k})" for k in range(word)))
+
+
 def _word_update(word, param_format, precision, step_values):
     """update_word for `word` elements per word."""
     names = lambda prefix: [f"{prefix}{k}" for k in range(word)]
     joined = lambda prefix: ", ".join(names(prefix))
-    if precision == MASTER:
-        read_param = f"    {joined('b')} = load_buffer_word(precision_buffer, first)\n" + \
-            "\n".join(f"    p{k} = b{k}" for k in range(word))
-    elif precision == KAHAN:
-        read_param = (f"    {joined('q')} = load_param_word(param, first)\n"
-                      f"    {joined('b')} = load_param_word(precision_buffer, first)\n" +
-                      "\n".join(f"    p{k} = load_param(q{k}) + load_param(b{k})"
-                                 for k in range(word)))
-    else:
-        read_param = (f"    {joined('q')} = load_param_word(param, first)\n" +
-                      "\n".join(f"    p{k} = load_param(q{k})" for k in range(word)))
+    read_param = read_param_source(word, precision)
     steps = "\n".join(
         f"    r{k}, w{k}, c{k} = step_values(p{k}, load_param(g{k}), v{k}, first + {k}, "
         "key, lr, momentum, grad_coeff, weight_decay, l1, decay, inv_grad_scale, classic, "

@@ -42,7 +42,8 @@ from .layout import (CLASSIC, FLOAT8_BLOCK, LAST_STEP_SKIPPED, NO_GROUP, PRECISI
                      READ_COUNTERS, STEP_COUNT, STOCHASTIC)
 from .numba_cuda import (FORMAT_NAMES, STORAGE, THREADS_PER_BLOCK, VECTORS,
                          device_functions_built_for, group_hyperparameters_cuda,
-                         inverse_loss_scale, linked, seek_cursor, step_key_cuda)
+                         inverse_loss_scale, linked, read_param_source, seek_cursor,
+                         step_key_cuda)
 from .vector_memory import VECTOR_BYTES, elements_per_word
 
 _inline = cuda.jit(device=True, inline="always")  # see kernels.numba_cuda
@@ -282,17 +283,7 @@ def _whole_block_functions(word, param_format, precision, step_values, element):
     words = PER_LANE // word
     names = lambda prefix: [f"{prefix}{e}" for e in range(word)]
     joined = lambda prefix: ", ".join(names(prefix))
-    if precision == MASTER:
-        read_param = f"    {joined('b')} = load_buffer_word(precision_buffer, first)\n" + \
-            "\n".join(f"    p{e} = b{e}" for e in range(word))
-    elif precision == KAHAN:
-        read_param = (f"    {joined('q')} = load_param_word(param, first)\n"
-                      f"    {joined('b')} = load_param_word(precision_buffer, first)\n" +
-                      "\n".join(f"    p{e} = load_param(q{e}) + load_param(b{e})"
-                                 for e in range(word)))
-    else:
-        read_param = (f"    {joined('q')} = load_param_word(param, first)\n" +
-                      "\n".join(f"    p{e} = load_param(q{e})" for e in range(word)))
+    read_param = read_param_source(word, precision)
     steps = "\n".join(
         f"    o{e} = from_code(c{e}) * old_scale if reads else zero\n"
         f"    r{e}, v{e}, s{e} = step_values(p{e}, load_param(g{e}), o{e}, first + {e}, "
