@@ -194,7 +194,7 @@ SIMULATED_CASES = [pytest.param(config.values[0], id=config.id,
 @pytest.mark.parametrize("config", SIMULATED_CASES)
 def test_numba_cuda_equals_the_cpu_bit_for_bit(config, kind):
     require("numba.cuda")
-    for size in (0, 1, 3, 1023, 1300):  # 1300: 5 whole blocks and 20 over 2 warps
+    for size in (0, 3, 1300):  # 1300: 5 whole blocks and 20 elements over 2 warps
         p = single_group_problem(config, size, *kind, SIMULATED_STEPS)
         assert_same_states(run(p, "cpu"), run(p, "numba-cuda"),
                            f"numba-cuda, {size} elements")
